@@ -1,0 +1,92 @@
+"""Data: toy 2D / nD sets, shipped 8x8 digits, the user's image folders, and data checks.
+
+Scripts name a training set by string through :data:`DATASETS`:
+
+>>> x = load_dataset("8gaussians", n=256, generator=torch.Generator().manual_seed(0))
+>>> x.shape
+torch.Size([256, 2])
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, DataError
+from ..registry import Registry
+from .images import IMAGE_EXTENSIONS, ImageFolder, digits, digits_labels, image_folder
+from .toy import TOY, gmm_params, toy
+
+__all__ = [
+    "TOY", "toy", "gmm_params",
+    "digits", "digits_labels", "image_folder", "ImageFolder", "IMAGE_EXTENSIONS",
+    "check_finite", "DATASETS", "load_dataset",
+]  # fmt: skip
+
+DEFAULT_TOY_SIZE = 10_000
+
+DatasetLoader = Callable[..., Tensor]
+DATASETS: Registry[DatasetLoader] = Registry("data set")
+
+
+def check_finite(x: Tensor, what: str = "data") -> Tensor:
+    """Return ``x`` unchanged if every entry is finite, else raise :class:`DataError` with counts.
+
+    >>> check_finite(torch.ones(2, 3)).shape
+    torch.Size([2, 3])
+    """
+    if not torch.is_floating_point(x) and not torch.is_complex(x):
+        return x
+    bad = ~torch.isfinite(x)
+    n_bad = int(bad.sum())
+    if n_bad:
+        n_nan = int(torch.isnan(x).sum())
+        raise DataError(
+            f"{what} has {n_bad} non-finite entries ({n_nan} NaN, {n_bad - n_nan} inf) out of {x.numel()}; "
+            "clean the source, or drop bad rows with x[torch.isfinite(x).flatten(1).all(1)]"
+        )
+    return x
+
+
+def _register_toy(name: str) -> None:
+    def load(n: int | None = None, *, generator: torch.Generator | None = None, dim: int = 2) -> Tensor:
+        return toy(name, DEFAULT_TOY_SIZE if n is None else n, generator=generator, dim=dim)
+
+    load.__doc__ = f"``n`` (default {DEFAULT_TOY_SIZE}) samples ``[n, dim]`` of the toy set {name!r}."
+    DATASETS.register(name)(load)
+
+
+for _name in TOY.names():
+    _register_toy(_name)
+
+
+@DATASETS.register("digits")
+def _load_digits(n: int | None = None, *, generator: torch.Generator | None = None, split: str = "train") -> Tensor:
+    """The digits ``split`` ``[N, 1, 8, 8]``, or ``n`` of them drawn without replacement."""
+    x = digits(split)
+    if n is None:
+        return x
+    if not isinstance(n, int) or not 1 <= n <= x.shape[0]:
+        raise ConfigError(f"n must be an int in [1, {x.shape[0]}] for digits split {split!r}, got {n!r}")
+    return x[torch.randperm(x.shape[0], generator=generator)[:n]]
+
+
+def load_dataset(
+    name: str, n: int | None = None, *, generator: torch.Generator | None = None, **options: Any
+) -> Tensor:
+    """A training tensor ``[N, ...]`` for the data set ``name`` (see ``DATASETS.names()``).
+
+    ``n=None`` means the set's natural size (10 000 samples for toy sets, the
+    whole split for digits). ``options`` are set-specific (``dim`` for toy sets,
+    ``split`` for digits); an option the set does not take raises ConfigError.
+    """
+    loader = DATASETS.get(name)
+    accepted = {k for k, p in inspect.signature(loader).parameters.items() if p.kind is p.KEYWORD_ONLY} - {"generator"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(f"data set {name!r} takes no option(s) {unknown}; it accepts {sorted(accepted) or 'none'}")
+    return loader(n, generator=generator, **options)
+

@@ -1,0 +1,46 @@
+"""genkit's exception types: one small hierarchy, each message names the value seen and the fix."""
+
+from __future__ import annotations
+
+__all__ = [
+    "GenkitError",
+    "ShapeError",
+    "ConfigError",
+    "TimeGridError",
+    "DataError",
+    "NonFiniteLossError",
+    "CheckpointError",
+    "SolverError",
+]
+
+
+class GenkitError(Exception):
+    """Base class of every error genkit raises on purpose."""
+
+
+class ShapeError(GenkitError, ValueError):
+    """A tensor has the wrong shape, dtype or device."""
+
+
+class ConfigError(GenkitError, ValueError):
+    """An unknown name (path, solver, family, network, data set) or an invalid option value."""
+
+
+class TimeGridError(GenkitError, ValueError):
+    """A time grid is not monotone, leaves [0, 1], or has too few points."""
+
+
+class DataError(GenkitError, ValueError):
+    """Training or evaluation data is unusable (NaN/inf values, unreadable files, empty sets)."""
+
+
+class NonFiniteLossError(GenkitError, FloatingPointError):
+    """A training loss became NaN or inf and the policy is to stop."""
+
+
+class CheckpointError(GenkitError, OSError):
+    """A checkpoint is missing, truncated, of another family, or of an incompatible version."""
+
+
+class SolverError(GenkitError, ValueError):
+    """A solver cannot run as asked (too few steps, singular field at a grid time, ...)."""

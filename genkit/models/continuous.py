@@ -1,0 +1,96 @@
+"""What diffusion and flow-matching families share: a network read as a field through a path,
+sampling with any solver, and likelihoods through the ODE."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, ShapeError
+from ..paths import PREDICTIONS, Path, broadcast_time, get_path
+from ..solvers import Solution, Solver, TimeGrid, ode_log_prob, solve
+
+__all__ = ["ContinuousModel"]
+
+
+class ContinuousModel(nn.Module):
+    """Base of continuous-time families. A model is a field: ``model(x, t) -> prediction``.
+
+    Subclasses define ``loss(batch, generator=None) -> (loss, logs)``, ``family`` and extra config keys.
+    """
+
+    family = "continuous"
+
+    def __init__(self, net: nn.Module, path: Path | str, prediction: str, sample_shape: Sequence[int]):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ConfigError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+        if not hasattr(net, "config"):
+            raise ConfigError(f"the network {type(net).__name__} needs a config() method to be saved; use a "
+                              "genkit.nets network or add config()")
+        self.net = net
+        self.path = get_path(path)
+        self.prediction = prediction
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+
+    # --- the field -----------------------------------------------------------------------------------
+    def net_input(self, x: Tensor, t: Tensor) -> Tensor:
+        """What the network sees for ``x_t`` (identity here; diffusion rescales)."""
+        return x
+
+    def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+        if tuple(x.shape[1:]) != self.sample_shape:
+            raise ShapeError(f"{self.family} model expects inputs of shape [batch, {', '.join(map(str, self.sample_shape))}]"
+                             f"; got {tuple(x.shape)}")
+        t = broadcast_time(t, x)
+        return self.net(self.net_input(x, t), t, **cond)
+
+    def check_batch(self, batch: Any) -> Tensor:
+        if not torch.is_tensor(batch):
+            raise ShapeError(f"{self.family}.loss expects a tensor batch [batch, {self.sample_shape}]; got "
+                             f"{type(batch).__name__}. Unconditional families take data only, not (data, label).")
+        if tuple(batch.shape[1:]) != self.sample_shape:
+            raise ShapeError(f"batch has shape {tuple(batch.shape)} but the model was built for samples of shape "
+                             f"{self.sample_shape}; rebuild the model with sample_shape={tuple(batch.shape[1:])}")
+        return batch
+
+    # --- sampling and densities ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, *, solver: str | Solver = "heun", steps: int | None = 32,
+               grid: str | TimeGrid | Tensor | Sequence[float] = "uniform", generator: torch.Generator | None = None,
+               device: torch.device | str | None = None, return_solution: bool = False,
+               **cond: Any) -> Tensor | Solution:
+        """Draw ``n`` samples ``[n, *sample_shape]`` by solving from the prior at the grid's first time.
+
+        ``generator`` makes the prior draw (and any solver noise) reproducible; ``device`` defaults to the
+        model's. With ``return_solution=True`` the full :class:`~genkit.solvers.Solution` (NFE, trajectory
+        if asked through the solver) is returned.
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"n must be a positive integer; got {n!r}")
+        p = next(self.parameters())
+        device = torch.device(device) if device is not None else p.device
+        if generator is not None and generator.device.type != device.type:
+            raise ConfigError(f"the generator is on {generator.device} but sampling runs on {device}; create it with "
+                              f"torch.Generator(device={str(device)!r})")
+        x = self.path.sample_prior((n, *self.sample_shape), generator=generator, device=device, dtype=p.dtype)
+        sol = solve(self, x, solver, steps, self.default_grid(grid), generator=generator, **cond)
+        return sol if return_solution else sol.samples
+
+    def default_grid(self, grid):
+        return grid
+
+    def log_prob(self, x: Tensor, **kwargs: Any) -> Tensor:
+        """``log p(x)`` in nats through the probability-flow ODE; see :func:`genkit.solvers.ode_log_prob`."""
+        self.check_batch(x)
+        return ode_log_prob(self, x, **kwargs)
+
+    # --- config ---------------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {"family": self.family, "path": self.path.config(), "net": self.net.config(),
+                "prediction": self.prediction, "sample_shape": list(self.sample_shape), **self.extra_config()}
+
+    def extra_config(self) -> dict[str, Any]:
+        return {}

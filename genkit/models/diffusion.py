@@ -1,0 +1,130 @@
+"""Gaussian diffusion trained by denoising (Ho et al. 2020, arXiv 2006.11239; Kingma et al. 2021,
+arXiv 2107.00630), in any parametrization and with the common loss weightings.
+
+Training draws ``t ~ U[t_eps, t_max]``, ``x_t = alpha x_0 + sigma eps`` and regresses the network on the
+target of its parametrization (``eps``, ``x0``, ``v`` or ``velocity``). Weightings, all expressed per
+parametrization so that they mean the same thing whatever the network predicts:
+
+- ``uniform``: plain MSE in the network's own parametrization;
+- ``min_snr``: Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556): x0-space weight ``min(SNR, gamma)``;
+- ``edm``: EDM's ``lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2`` in x0 space (Karras et
+  al. 2022, arXiv 2206.00364) with ``sigma = sigma_t / alpha_t``.
+
+An x0-space weight ``W`` becomes ``W / k^2`` in a parametrization whose error is ``k`` times the x0 error
+(``k^2 = SNR`` for eps, ``(alpha^2 + sigma^2)^2 / sigma^2`` for v, ``(alpha sigma' - sigma alpha')^2 / sigma^2``
+for velocity). The network sees ``x_t / sqrt(alpha^2 sigma_data^2 + sigma^2)`` (EDM's ``c_in``), which is
+the identity on variance-preserving paths with ``sigma_data = 1``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..paths import Path, path_from_config
+from . import FAMILIES
+from .continuous import ContinuousModel
+
+__all__ = ["Diffusion", "WEIGHTINGS"]
+
+WEIGHTINGS = ("uniform", "min_snr", "edm")
+
+
+@FAMILIES.register("diffusion")
+class Diffusion(ContinuousModel):
+    """A diffusion model: ``Diffusion(net, path="cosine", prediction="eps", weighting="uniform")``.
+
+    Args:
+        net: ``net(x, t) -> Tensor`` shaped like x (a genkit network).
+        path: a Path or its name (``cosine``, ``ddpm``, ``ve``, ``linear``).
+        prediction: ``eps``, ``x0``, ``v`` or ``velocity``.
+        weighting: ``uniform``, ``min_snr`` or ``edm``.
+        sample_shape: shape of one sample, e.g. ``(2,)`` or ``(1, 8, 8)``.
+        sigma_data: data standard deviation (input scaling and EDM weighting).
+        min_snr_gamma: gamma of Min-SNR.
+        t_eps: smallest training time.
+        t_max: largest time used in training and the default start of sampling. Default 1, or 0.999 when
+            the path reaches alpha = 0 and the network predicts eps (eps carries no information on x_0
+            there, the zero-terminal-SNR problem of Lin et al. 2023, arXiv 2305.08891).
+
+    >>> import torch
+    >>> from genkit.nets import MLP
+    >>> model = Diffusion(MLP(2, hidden=32), "cosine", sample_shape=(2,))
+    >>> loss, _ = model.loss(torch.randn(8, 2), generator=torch.Generator().manual_seed(0))
+    >>> loss.ndim
+    0
+    """
+
+    family = "diffusion"
+
+    def __init__(self, net: nn.Module, path: Path | str = "cosine", prediction: str = "eps",
+                 weighting: str = "uniform", *, sample_shape: Sequence[int] = (2,), sigma_data: float = 1.0,
+                 min_snr_gamma: float = 5.0, t_eps: float = 1e-3, t_max: float | None = None):
+        super().__init__(net, path, prediction, sample_shape)
+        if prediction == "score":
+            raise ConfigError("Diffusion trains eps, x0, v or velocity predictions; a score network is an eps "
+                              "network scaled by -1/sigma, so use prediction='eps'")
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
+        if sigma_data <= 0 or min_snr_gamma <= 0:
+            raise ConfigError(f"sigma_data and min_snr_gamma must be positive; got {sigma_data}, {min_snr_gamma}")
+        if t_max is None:
+            t_max = 0.999 if (self.path.alpha_vanishes and prediction == "eps") else 1.0
+        if not 0 <= t_eps < t_max <= 1:
+            raise ConfigError(f"need 0 <= t_eps < t_max <= 1; got t_eps={t_eps}, t_max={t_max}")
+        self.weighting, self.sigma_data, self.min_snr_gamma = weighting, float(sigma_data), float(min_snr_gamma)
+        self.t_eps, self.t_max = float(t_eps), float(t_max)
+
+    def net_input(self, x: Tensor, t: Tensor) -> Tensor:
+        a, s, _, _ = self.path.coefficients(t, x)
+        return x * torch.rsqrt(a * a * self.sigma_data ** 2 + s * s)
+
+    def default_grid(self, grid):
+        from ..solvers import get_grid
+
+        if isinstance(grid, str) and self.t_max < 1:
+            return get_grid(grid, t_max=self.t_max)
+        return grid
+
+    def weight(self, t: Tensor, x: Tensor) -> Tensor:
+        """Per-sample loss weight in the network's parametrization, broadcastable to x."""
+        if self.weighting == "uniform":
+            return torch.ones_like(t).reshape((-1,) + (1,) * (x.ndim - 1))
+        a, s, da, ds = self.path.coefficients(t, x)
+        snr = (a / s) ** 2
+        if self.weighting == "min_snr":
+            w_x0 = torch.clamp(snr, max=self.min_snr_gamma)
+        else:
+            sig2 = 1 / snr
+            w_x0 = (sig2 + self.sigma_data ** 2) / (sig2 * self.sigma_data ** 2)
+        k2 = {"x0": torch.ones_like(snr), "eps": snr, "v": (a * a + s * s) ** 2 / (s * s),
+              "velocity": (a * ds - s * da) ** 2 / (s * s)}[self.prediction]
+        return w_x0 / k2
+
+    def loss(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Weighted denoising loss averaged over the batch; ``generator`` draws t and the noise."""
+        x0 = self.check_batch(batch)
+        u = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
+        t = self.t_eps + (self.t_max - self.t_eps) * u
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        xt = self.path.sample(x0, t, eps)
+        target = self.path.from_x0_eps(x0, eps, xt, t, self.prediction)
+        err = (self(xt, t) - target).pow(2)
+        loss = (self.weight(t, x0) * err).flatten(1).mean(1).mean()
+        return loss, {}
+
+    def extra_config(self) -> dict[str, Any]:
+        return {"weighting": self.weighting, "sigma_data": self.sigma_data, "min_snr_gamma": self.min_snr_gamma,
+                "t_eps": self.t_eps, "t_max": self.t_max}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Diffusion":
+        from ..nets import build as build_net
+
+        c = dict(config)
+        return cls(build_net(c["net"]), path_from_config(c["path"]), c["prediction"], c["weighting"],
+                   sample_shape=c["sample_shape"], sigma_data=c["sigma_data"], min_snr_gamma=c["min_snr_gamma"],
+                   t_eps=c["t_eps"], t_max=c["t_max"])

@@ -1,0 +1,195 @@
+"""Adapter from diffusers' ``UNet2DModel`` to genkit's ``net(x, t, **cond)`` convention.
+
+genkit does not hand-write a UNet: the backbone is diffusers' own, so a
+diffusers checkpoint can be wrapped (:meth:`UNet.from_unet2d`) and a genkit
+UNet exported (``net.unet.save_pretrained(folder)``). The only conversion is
+time: genkit's ``t in [0, 1]`` is fed to diffusers as ``t * time_scale``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+from torch import Tensor, nn
+
+from ..errors import ConfigError, ShapeError
+from ..paths import broadcast_time
+from .mlp import check_labels
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
+
+__all__ = ["UNet"]
+
+# UNet2DModel arguments that UNet names itself; every other one goes through ``unet2d_kwargs``.
+_OWN = {
+    "sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+    "down_block_types", "up_block_types", "norm_num_groups", "num_class_embeds",
+}  # fmt: skip
+
+
+def _unet2d_class() -> type["UNet2DModel"]:
+    # diffusers takes seconds to import, so only networks that use it pay for it.
+    from diffusers import UNet2DModel
+
+    return UNet2DModel
+
+
+def _unet2d_defaults() -> dict[str, Any]:
+    params = inspect.signature(_unet2d_class().__init__).parameters
+    return {k: p.default for k, p in params.items() if k != "self" and p.default is not p.empty}
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _tuple_or_int(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+class UNet(nn.Module):
+    """Image network ``net(x, t, y=None) -> [B, out_channels, H, W]`` backed by diffusers' ``UNet2DModel``.
+
+    ``x`` has shape ``[B, in_channels, H, W]`` with ``H`` and ``W`` divisible by
+    ``2 ** (len(block_out_channels) - 1)``; ``t`` has shape ``[B]`` in ``[0, 1]``.
+    The defaults (two levels, 32/64 channels, attention at the lowest level)
+    suit 8x8 digits and train a batch of 128 in about 0.2 s on two CPU cores.
+
+    Args:
+        sample_size: image side (int) or ``(H, W)``; diffusers keeps it as metadata.
+        in_channels, out_channels: image channels (``out_channels`` defaults to ``in_channels``).
+        block_out_channels: channels per resolution level; each divisible by ``norm_num_groups``.
+        layers_per_block: resnet layers per level.
+        down_block_types, up_block_types: diffusers block names; by default plain
+            blocks with attention at the lowest resolution only.
+        norm_num_groups: GroupNorm groups.
+        time_scale: diffusers receives ``t * time_scale`` (999 matches DDPM's integer timesteps).
+        num_classes: if set, ``y`` (integer labels ``[B]``) is required (diffusers' ``num_class_embeds``).
+        unet2d_kwargs: any other ``UNet2DModel`` argument (e.g. ``{"dropout": 0.1}``).
+
+    >>> import torch
+    >>> net = UNet(8)
+    >>> net(torch.randn(2, 1, 8, 8), torch.rand(2)).shape
+    torch.Size([2, 1, 8, 8])
+    """
+
+    name: ClassVar[str] = "unet"
+
+    def __init__(
+        self,
+        sample_size: int | Sequence[int],
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        block_out_channels: Sequence[int] = (32, 64),
+        layers_per_block: int = 1,
+        down_block_types: Sequence[str] | None = None,
+        up_block_types: Sequence[str] | None = None,
+        norm_num_groups: int = 8,
+        time_scale: float = 999.0,
+        num_classes: int | None = None,
+        unet2d_kwargs: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        levels = len(block_out_channels)
+        if not isinstance(norm_num_groups, int) or norm_num_groups < 1:
+            raise ConfigError(f"norm_num_groups must be a positive int, got {norm_num_groups!r}")
+        if levels < 1 or any(c % norm_num_groups for c in block_out_channels):
+            raise ConfigError(
+                f"block_out_channels={list(block_out_channels)} must be non-empty and each divisible by "
+                f"norm_num_groups={norm_num_groups}; change one of them"
+            )
+        down = tuple(down_block_types or ("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",))
+        up = tuple(up_block_types or ("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1))
+        if len(down) != levels or len(up) != levels:
+            raise ConfigError(
+                f"need one down and one up block type per level ({levels}), got {len(down)} and {len(up)}; "
+                "give as many block types as block_out_channels"
+            )
+        extra = dict(unet2d_kwargs or {})
+        bad = sorted((set(extra) - set(_unet2d_defaults())) | (set(extra) & _OWN))
+        if bad:
+            raise ConfigError(
+                f"unet2d_kwargs has keys {bad} that are not free UNet2DModel arguments; "
+                "pass UNet's own arguments directly and see diffusers.UNet2DModel for the rest"
+            )
+        try:
+            model = _unet2d_class()(
+                sample_size=_tuple_or_int(sample_size),
+                in_channels=in_channels,
+                out_channels=in_channels if out_channels is None else out_channels,
+                block_out_channels=tuple(block_out_channels),
+                layers_per_block=layers_per_block,
+                down_block_types=down,
+                up_block_types=up,
+                norm_num_groups=norm_num_groups,
+                num_class_embeds=num_classes,
+                **extra,
+            )
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"diffusers rejected this UNet configuration: {err}; fix the named argument") from err
+        self._attach(model, time_scale, extra)
+
+    def _attach(self, model: UNet2DModel, time_scale: float, extra: dict[str, Any]) -> None:
+        if not isinstance(time_scale, (int, float)) or time_scale <= 0:
+            raise ConfigError(f"time_scale must be a positive number, got {time_scale!r}")
+        self.unet = model
+        self.time_scale = float(time_scale)
+        self.unet2d_kwargs = {k: _jsonable(v) for k, v in extra.items()}
+
+    @classmethod
+    def from_unet2d(cls, model: UNet2DModel, time_scale: float = 999.0) -> "UNet":
+        """Wrap an existing diffusers ``UNet2DModel`` (weights shared, not copied).
+
+        Its non-default settings are kept in ``config()["unet2d_kwargs"]``, so
+        ``build(net.config())`` makes an identical architecture.
+        """
+        if not isinstance(model, _unet2d_class()):
+            raise ConfigError(f"from_unet2d expects a diffusers UNet2DModel, got {type(model).__name__}")
+        defaults = _unet2d_defaults()
+        extra = {
+            k: v
+            for k, v in model.config.items()
+            if not k.startswith("_") and k not in _OWN and k in defaults and _jsonable(v) != _jsonable(defaults[k])
+        }
+        net = cls.__new__(cls)
+        nn.Module.__init__(net)
+        net._attach(model, time_scale, extra)
+        return net
+
+    @property
+    def in_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        """``x``: ``[B, C, H, W]``, ``t``: ``[B]`` (or scalar), ``y``: ``[B]`` labels -> ``[B, C_out, H, W]``."""
+        factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % factor or x.shape[3] % factor:
+            raise ShapeError(
+                f"UNet expects x of shape [B, {self.in_channels}, H, W] with H and W divisible by {factor}, "
+                f"got {list(x.shape)}; resize or pad the images"
+            )
+        t = broadcast_time(t, x)
+        num_classes = self.unet.config.num_class_embeds
+        if self.unet.class_embedding is None or num_classes is not None:
+            check_labels(y, x, num_classes, "UNet")
+        return self.unet(x, t * self.time_scale, class_labels=y).sample
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments; ``genkit.nets.build(net.config())`` rebuilds the net."""
+        c = self.unet.config
+        return {
+            "name": self.name,
+            "sample_size": _jsonable(c.sample_size),
+            "in_channels": c.in_channels,
+            "out_channels": c.out_channels,
+            "block_out_channels": list(c.block_out_channels),
+            "layers_per_block": c.layers_per_block,
+            "down_block_types": list(c.down_block_types),
+            "up_block_types": list(c.up_block_types),
+            "norm_num_groups": c.norm_num_groups,
+            "time_scale": self.time_scale,
+            "num_classes": c.num_class_embeds,
+            "unet2d_kwargs": dict(self.unet2d_kwargs),
+        }

@@ -1,0 +1,405 @@
+"""Probability paths ``x_t = alpha(t) x_0 + sigma(t) eps`` and every parametrization conversion.
+
+Time runs over ``t in [0, 1]``: ``t = 0`` is data, ``t = 1`` is noise. A path knows ``alpha``, ``sigma``,
+their time derivatives, the log signal-to-noise ratio ``lambda(t) = 2 log(alpha / sigma)`` and its
+inverse, and converts a network output between the five parametrizations
+
+- ``eps``: the noise ``eps``;
+- ``x0``: the clean data ``x_0``;
+- ``velocity``: ``dx_t/dt = alpha' x_0 + sigma' eps`` (flow matching's target);
+- ``v``: Salimans & Ho's ``v = alpha eps - sigma x_0`` (diffusers' ``v_prediction``);
+- ``score``: ``grad log p_t(x) = -eps / sigma``.
+
+Conversions live here and nowhere else. Schedules are computed in float64 and cast to the input dtype.
+
+>>> import torch
+>>> p = get_path("linear")
+>>> x0, eps, t = torch.randn(4, 2), torch.randn(4, 2), torch.full((4,), 0.3)
+>>> xt = p.sample(x0, t, eps)
+>>> v = p.convert(eps, xt, t, "eps", "velocity")
+>>> torch.allclose(v, eps - x0, atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, ShapeError
+from .registry import Registry
+
+__all__ = [
+    "PREDICTIONS",
+    "Path",
+    "LinearPath",
+    "CosinePath",
+    "DDPMLinearPath",
+    "VEPath",
+    "PATHS",
+    "get_path",
+    "path_from_config",
+    "broadcast_time",
+]
+
+PREDICTIONS = ("eps", "x0", "velocity", "v", "score")
+PATHS: Registry = Registry("path")
+
+
+def broadcast_time(t: Tensor | float, x: Tensor) -> Tensor:
+    """Return ``t`` as a tensor of shape ``[batch]`` in ``x``'s dtype.
+
+    A Python float or a 0-d tensor is broadcast; a ``[batch]`` tensor is checked. Integer times
+    (diffusers-style timesteps) and times on another device are rejected, never silently converted.
+
+    >>> broadcast_time(0.5, torch.zeros(3, 2))
+    tensor([0.5000, 0.5000, 0.5000])
+    """
+    if not torch.is_tensor(t):
+        return torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+    if not t.is_floating_point():
+        raise ShapeError(
+            f"t must be a float tensor in [0, 1]; got dtype {t.dtype}. genkit time runs over [0, 1] (t=0 data, "
+            "t=1 noise): divide integer timesteps by the number of training steps."
+        )
+    if t.device != x.device:
+        raise ShapeError(f"t is on {t.device} but x is on {x.device}; move t with t.to(x.device)")
+    if t.ndim == 0:
+        return t.to(x.dtype).expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ShapeError(
+            f"t must be a float or a tensor of shape [batch]=[{x.shape[0]}]; got shape {tuple(t.shape)}. "
+            "Pass one time per sample, e.g. torch.full((x.shape[0],), t)."
+        )
+    return t.to(x.dtype)
+
+
+def _check_prediction(name: str) -> None:
+    if name not in PREDICTIONS:
+        raise ConfigError(f"unknown prediction {name!r}; choose one of {PREDICTIONS}")
+
+
+class Path:
+    """An affine path ``x_t = alpha(t) x_0 + sigma(t) eps``. Subclasses give the four schedule functions
+    in float64 (``_alpha``, ``_sigma``, ``_d_alpha``, ``_d_sigma``) and a ``config``."""
+
+    name: str = "path"
+    #: True when alpha(1) == 0, so eps/score predictions carry no information about x_0 at t = 1.
+    alpha_vanishes: bool = False
+    #: Smallest time where the velocity is finite; default end of sampling grids and start of likelihoods.
+    t_min: float = 0.0
+
+    # --- schedule in float64; subclasses override -------------------------------------------------
+    def _alpha(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _d_alpha(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _d_sigma(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Path) and self.config() == other.config()
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.config().items())))
+
+    # --- public schedule: same dtype/device as t ------------------------------------------------------
+    def _eval(self, fn, t: Tensor | float) -> Tensor:
+        t = torch.as_tensor(t)
+        dtype = t.dtype if t.is_floating_point() else torch.get_default_dtype()
+        return fn(t.to(torch.float64)).to(dtype)
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return self._eval(self._alpha, t)
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return self._eval(self._sigma, t)
+
+    def d_alpha(self, t: Tensor | float) -> Tensor:
+        return self._eval(self._d_alpha, t)
+
+    def d_sigma(self, t: Tensor | float) -> Tensor:
+        return self._eval(self._d_sigma, t)
+
+    def log_snr(self, t: Tensor | float) -> Tensor:
+        """``lambda(t) = 2 log(alpha / sigma)``, decreasing in t; +inf at t = 0."""
+        return self._eval(lambda s: 2 * (torch.log(self._alpha(s)) - torch.log(self._sigma(s))), t)
+
+    def t_from_log_snr(self, lam: Tensor | float) -> Tensor:
+        """Inverse of :meth:`log_snr` (bisection in float64 unless a subclass has a closed form)."""
+        lam = torch.as_tensor(lam)
+        dtype = lam.dtype if lam.is_floating_point() else torch.get_default_dtype()
+        lam64 = lam.to(torch.float64)
+        lo, hi = torch.zeros_like(lam64), torch.ones_like(lam64)
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            above = 2 * (torch.log(self._alpha(mid)) - torch.log(self._sigma(mid))) > lam64
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return (0.5 * (lo + hi)).to(dtype)
+
+    def g2(self, t: Tensor | float) -> Tensor:
+        """Squared diffusion coefficient of the forward SDE with these marginals:
+        ``g^2 = 2 sigma (alpha sigma' - sigma alpha') / alpha`` (infinite where alpha = 0)."""
+        return self._eval(
+            lambda s: 2 * self._sigma(s) * (self._alpha(s) * self._d_sigma(s) - self._sigma(s) * self._d_alpha(s))
+            / self._alpha(s),
+            t,
+        )
+
+    def prior_std(self) -> float:
+        """Standard deviation of the Gaussian the sampler starts from at t = 1."""
+        return float(self._sigma(torch.tensor(1.0, dtype=torch.float64)))
+
+    def sample_prior(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """Draw ``x_1 ~ N(0, sigma(1)^2 I)`` (alpha(1) x_0 is neglected where alpha(1) is tiny but not 0)."""
+        z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        return z * self.prior_std()
+
+    # --- path samples and conversions ------------------------------------------------------------------
+    def coefficients(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(alpha, sigma, alpha', sigma')`` at ``t``, shaped to broadcast against ``x``."""
+        t = broadcast_time(t, x)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        return tuple(self._eval(f, t).reshape(shape) for f in (self._alpha, self._sigma, self._d_alpha, self._d_sigma))
+
+    def sample(self, x0: Tensor, t: Tensor | float, eps: Tensor) -> Tensor:
+        """``x_t = alpha(t) x_0 + sigma(t) eps``."""
+        if x0.shape != eps.shape:
+            raise ShapeError(f"x0 and eps must have one shape; got {tuple(x0.shape)} and {tuple(eps.shape)}")
+        a, s, _, _ = self.coefficients(t, x0)
+        return a * x0 + s * eps
+
+    def to_x0_eps(self, out: Tensor, x: Tensor, t: Tensor | float, prediction: str) -> tuple[Tensor, Tensor]:
+        """Recover ``(x0_hat, eps_hat)`` from a network output ``out`` of kind ``prediction`` at ``(x, t)``.
+
+        Where sigma(t) = 0 (the data end) the noise cannot be read off an x0 prediction; there its
+        posterior mean, 0, is returned, which is also the limit for any data with a density.
+        """
+        _check_prediction(prediction)
+        if out.shape != x.shape:
+            raise ShapeError(f"prediction shape {tuple(out.shape)} differs from x shape {tuple(x.shape)}")
+        a, s, da, ds = self.coefficients(t, x)
+        if prediction == "eps":
+            return (x - s * out) / a, out
+        if prediction == "score":
+            eps = -s * out
+            return (x - s * eps) / a, eps
+        if prediction == "x0":
+            eps = torch.where(s > 0, (x - a * out) / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(x))
+            return out, eps
+        if prediction == "velocity":
+            det = a * ds - s * da
+            return (ds * x - s * out) / det, (a * out - da * x) / det
+        # Salimans' v = alpha eps - sigma x0
+        norm = a * a + s * s
+        return (a * x - s * out) / norm, (s * x + a * out) / norm
+
+    def from_x0_eps(self, x0: Tensor, eps: Tensor, x: Tensor, t: Tensor | float, prediction: str) -> Tensor:
+        """Express the pair ``(x0, eps)`` at ``(x, t)`` as a prediction of kind ``prediction``."""
+        _check_prediction(prediction)
+        a, s, da, ds = self.coefficients(t, x)
+        if prediction == "eps":
+            return eps
+        if prediction == "x0":
+            return x0
+        if prediction == "velocity":
+            return da * x0 + ds * eps
+        if prediction == "v":
+            return a * eps - s * x0
+        return -eps / s
+
+    def convert(self, out: Tensor, x: Tensor, t: Tensor | float, src: str, dst: str) -> Tensor:
+        """Convert a network output from parametrization ``src`` to ``dst`` (see module docstring)."""
+        _check_prediction(dst)
+        if src == dst:
+            _check_prediction(src)
+            return out
+        x0, eps = self.to_x0_eps(out, x, t, src)
+        return self.from_x0_eps(x0, eps, x, t, dst)
+
+
+@PATHS.register("linear")
+class LinearPath(Path):
+    """Rectified flow / conditional OT: ``alpha = 1 - t``, ``sigma = t``."""
+
+    name = "linear"
+    alpha_vanishes = True
+
+    def _alpha(self, t):
+        return 1 - t
+
+    def _sigma(self, t):
+        return t
+
+    def _d_alpha(self, t):
+        return -torch.ones_like(t)
+
+    def _d_sigma(self, t):
+        return torch.ones_like(t)
+
+    def t_from_log_snr(self, lam):
+        lam = torch.as_tensor(lam)
+        return torch.sigmoid(-lam.to(torch.float64) / 2).to(lam.dtype if lam.is_floating_point() else torch.float32)
+
+
+@PATHS.register("cosine")
+class CosinePath(Path):
+    """Variance-preserving cosine schedule (Nichol & Dhariwal 2021, arXiv 2102.09672):
+    ``alpha = cos(pi/2 (t + s)/(1 + s)) / cos(pi/2 s/(1 + s))``, ``sigma = sqrt(1 - alpha^2)``.
+    ``offset = 0`` (default) gives the trigonometric path ``alpha = cos(pi t/2)``, ``sigma = sin(pi t/2)``."""
+
+    name = "cosine"
+    alpha_vanishes = True
+
+    def __init__(self, offset: float = 0.0):
+        if not 0.0 <= offset < 1.0:
+            raise ConfigError(f"cosine offset must be in [0, 1); got {offset}. The usual value is 0.008.")
+        self.offset = float(offset)
+
+    def config(self):
+        return {"name": self.name, "offset": self.offset}
+
+    def _angle(self, t):
+        return (t + self.offset) / (1 + self.offset) * (math.pi / 2)
+
+    def _alpha(self, t):
+        return torch.cos(self._angle(t)) / math.cos(self.offset / (1 + self.offset) * math.pi / 2)
+
+    def _sigma(self, t):
+        return torch.sqrt(torch.clamp(1 - self._alpha(t) ** 2, min=0.0))
+
+    def _d_alpha(self, t):
+        k = (math.pi / 2) / (1 + self.offset)
+        return -k * torch.sin(self._angle(t)) / math.cos(self.offset / (1 + self.offset) * math.pi / 2)
+
+    def _d_sigma(self, t):
+        # d/dt sqrt(1 - alpha^2) = -alpha alpha' / sigma; at t = 0 with offset 0 it is pi/2.
+        s = self._sigma(t)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        return torch.where(s > 0, -self._alpha(t) * self._d_alpha(t) / safe, torch.full_like(t, math.pi / 2))
+
+
+@PATHS.register("ddpm")
+class DDPMLinearPath(Path):
+    """Variance preserving with DDPM's linear betas (Ho et al. 2020, arXiv 2006.11239).
+
+    ``alpha^2`` equals diffusers' ``DDPMScheduler(beta_schedule="linear").alphas_cumprod[i]`` at
+    ``t = (i + 1) / N`` exactly: with ``beta_j = b0 + d j`` the product ``prod_{j<=u} (1 - beta_j)`` is
+    ``d^(u+1) Gamma(c + 1) / Gamma(c - u)`` with ``c = (1 - b0) / d``, a smooth function of ``u = N t - 1``.
+    ``t = 0`` gives ``alpha = 1``. Integer step ``i`` of a diffusers model is ``t = (i + 1) / N``.
+    """
+
+    name = "ddpm"
+    # sigma ~ sqrt(beta_start N t) near 0, so sigma' diverges at t = 0: stop grids just above it.
+    t_min = 1e-5
+
+    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000):
+        if not (0 < beta_start < beta_end < 1) or num_steps < 2:
+            raise ConfigError(
+                f"ddpm path needs 0 < beta_start < beta_end < 1 and num_steps >= 2; got "
+                f"beta_start={beta_start}, beta_end={beta_end}, num_steps={num_steps}"
+            )
+        self.beta_start, self.beta_end, self.num_steps = float(beta_start), float(beta_end), int(num_steps)
+        self._d = (self.beta_end - self.beta_start) / (self.num_steps - 1)
+        self._c = (1 - self.beta_start) / self._d
+
+    def config(self):
+        return {"name": self.name, "beta_start": self.beta_start, "beta_end": self.beta_end,
+                "num_steps": self.num_steps}
+
+    def _log_abar(self, t):
+        u = self.num_steps * t - 1
+        c = torch.tensor(self._c, dtype=torch.float64, device=t.device)
+        return (u + 1) * math.log(self._d) + torch.lgamma(c + 1) - torch.lgamma(c - u)
+
+    def _d_log_abar(self, t):
+        u = self.num_steps * t - 1
+        return self.num_steps * (math.log(self._d) + torch.digamma(self._c - u))
+
+    def _alpha(self, t):
+        return torch.exp(0.5 * self._log_abar(t))
+
+    def _sigma(self, t):
+        return torch.sqrt(-torch.expm1(self._log_abar(t)))
+
+    def _d_alpha(self, t):
+        return 0.5 * self._d_log_abar(t) * self._alpha(t)
+
+    def _d_sigma(self, t):
+        # d sigma/dt = -abar' / (2 sigma) = -abar dlog(abar)/dt / (2 sigma); diverges like t^-1/2 at t = 0.
+        abar = torch.exp(self._log_abar(t))
+        s = self._sigma(t)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        return torch.where(s > 0, -abar * self._d_log_abar(t) / (2 * safe), torch.full_like(t, math.inf))
+
+    def timestep(self, t: Tensor) -> Tensor:
+        """genkit time -> diffusers' (continuous) integer timestep index ``N t - 1``."""
+        return self.num_steps * t - 1
+
+
+@PATHS.register("ve")
+class VEPath(Path):
+    """Variance exploding, EDM's choice ``sigma(t) = t`` rescaled to ``[0, 1]`` (Karras et al. 2022,
+    arXiv 2206.00364): ``alpha = 1``, ``sigma = sigma_max t``."""
+
+    name = "ve"
+
+    def __init__(self, sigma_max: float = 80.0):
+        if not sigma_max > 0:
+            raise ConfigError(f"ve sigma_max must be positive; got {sigma_max}. EDM uses 80.")
+        self.sigma_max = float(sigma_max)
+
+    def config(self):
+        return {"name": self.name, "sigma_max": self.sigma_max}
+
+    def _alpha(self, t):
+        return torch.ones_like(t)
+
+    def _sigma(self, t):
+        return self.sigma_max * t
+
+    def _d_alpha(self, t):
+        return torch.zeros_like(t)
+
+    def _d_sigma(self, t):
+        return torch.full_like(t, self.sigma_max)
+
+    def t_from_log_snr(self, lam):
+        lam = torch.as_tensor(lam)
+        return (torch.exp(-lam.to(torch.float64) / 2) / self.sigma_max).to(
+            lam.dtype if lam.is_floating_point() else torch.float32)
+
+
+def get_path(name: str | Path, **kwargs: Any) -> Path:
+    """A path by name (``linear``, ``cosine``, ``ddpm``, ``ve``) with its options, or a Path unchanged."""
+    if isinstance(name, Path):
+        if kwargs:
+            raise ConfigError(f"options {sorted(kwargs)} given with an already built path {name!r}")
+        return name
+    cls = PATHS.get(name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"bad options for path {name!r}: {e}") from None
+
+
+def path_from_config(config: dict[str, Any]) -> Path:
+    """Inverse of :meth:`Path.config`."""
+    config = dict(config)
+    return get_path(config.pop("name"), **config)

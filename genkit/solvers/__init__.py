@@ -1,0 +1,17 @@
+"""ODE and SDE solvers, time grids, likelihoods and flow maps over the common Field interface."""
+
+from .adaptive import Adaptive, Bosh3, Dopri5
+from .base import SOLVERS, Solution, Solver, get_solver, solve
+from .fixed import RK4, Euler, Heun, Midpoint, RungeKutta, Tableau
+from .flowmap import ODEFlowMap
+from .grids import GRIDS, Custom, Karras, LogSNR, TimeGrid, Uniform, get_grid, validate_grid
+from .likelihood import divergence, ode_log_prob
+from .sde import EulerMaruyama
+
+__all__ = [
+    "SOLVERS", "GRIDS", "Solution", "Solver", "get_solver", "solve",
+    "RungeKutta", "Tableau", "Euler", "Midpoint", "Heun", "RK4",
+    "Adaptive", "Dopri5", "Bosh3", "EulerMaruyama",
+    "TimeGrid", "Uniform", "Karras", "LogSNR", "Custom", "get_grid", "validate_grid",
+    "divergence", "ode_log_prob", "ODEFlowMap",
+]

@@ -1,0 +1,118 @@
+"""The solver contract, the registry, and ``solve``: one entry point for every sampler.
+
+A solver is a stateless object with a declared ``order`` and ``min_steps``; ``solver.solve(field, x,
+times)`` integrates from ``times[0]`` to ``times[-1]`` and returns a :class:`Solution`. Solvers see only
+fields and grids, never a family or a network class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, SolverError
+from ..fields import Field, check_field
+from ..registry import Registry
+from .grids import TimeGrid, get_grid, validate_grid
+
+__all__ = ["Solution", "Solver", "SOLVERS", "get_solver", "solve", "check_finite_result"]
+
+SOLVERS: Registry = Registry("solver")
+
+
+@dataclass
+class Solution:
+    """What a solve returns.
+
+    samples: the state at the last grid time, shaped like the initial state.
+    nfe: number of field evaluations.
+    times: the grid actually used (float64, ``[n + 1]``; for adaptive solvers the output times).
+    trajectory: ``[n + 1, *x.shape]`` states at the grid times when asked for, else ``None``.
+    """
+
+    samples: Tensor
+    nfe: int
+    times: Tensor
+    trajectory: Tensor | None = None
+
+
+class Solver:
+    """Base class. Subclasses set ``name``, ``order``, ``min_steps`` and implement ``solve``."""
+
+    name: str = "solver"
+    order: int = 1
+    min_steps: int = 1
+    stochastic: bool = False
+    fixed_step: bool = True
+
+    def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
+              trajectory: bool = False, **cond: Any) -> Solution:
+        raise NotImplementedError
+
+    def check_steps(self, times: Tensor) -> None:
+        if len(times) - 1 < self.min_steps:
+            raise SolverError(
+                f"solver {self.name!r} needs at least {self.min_steps} steps; the grid has {len(times) - 1}. "
+                "Ask for more steps."
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def check_finite_result(x: Tensor, solver: Solver, times: Tensor) -> Tensor:
+    """Raise SolverError when a solve produced NaN/inf (checked once, at the end)."""
+    if not torch.isfinite(x).all():
+        raise SolverError(
+            f"solver {solver.name!r} produced non-finite values on the grid from t={float(times[0]):.4g} to "
+            f"t={float(times[-1]):.4g}. The field is likely singular at an evaluated time (e.g. the 'ddpm' "
+            "path at t=0, or alpha=0 at t=1 for eps/score fields); end the grid at the path's t_min, start "
+            "it below 1, or use more steps."
+        )
+    return x
+
+
+def get_solver(solver: str | Solver, **kwargs: Any) -> Solver:
+    """A solver by registry name (``euler``, ``heun``, ``midpoint``, ``rk4``, ``dopri5``,
+    ``euler_maruyama``, ...) with its options, or a Solver unchanged."""
+    if isinstance(solver, Solver):
+        if kwargs:
+            raise ConfigError(f"options {sorted(kwargs)} given with an already built solver {solver!r}")
+        return solver
+    try:
+        return SOLVERS.get(solver)(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"bad options for solver {solver!r}: {e}") from None
+
+
+def solve(field: Field, x: Tensor, solver: str | Solver = "euler", steps: int | None = 10,
+          grid: str | TimeGrid | Tensor | Sequence[float] = "uniform", *,
+          generator: torch.Generator | None = None, trajectory: bool = False, **cond: Any) -> Solution:
+    """Integrate ``field`` from the first to the last time of ``grid`` starting at ``x``.
+
+    Args:
+        field: any genkit field (network, family, analytic field, wrapped function).
+        x: initial state ``[batch, ...]`` at the first grid time (the prior at t = 1 for sampling).
+        solver: a Solver or its registry name.
+        steps: number of steps (ignored by adaptive solvers, which take the grid's end points).
+        grid: a TimeGrid, its name, or explicit times (validated).
+        generator: randomness for stochastic solvers.
+        trajectory: also return the states at the grid times.
+
+    >>> import torch
+    >>> from genkit.paths import get_path
+    >>> from genkit.analytic import Gaussian
+    >>> g = Gaussian(torch.tensor([2.0]), torch.eye(1), get_path("linear"))
+    >>> sol = solve(g, torch.zeros(1, 1), "heun", steps=8)
+    >>> round(sol.samples.item(), 4), sol.nfe   # the prior's mean goes to the data's mean
+    (2.0, 16)
+    """
+    check_field(field)
+    solver = get_solver(solver)
+    g = get_grid(grid)
+    times = g.times(steps, field.path) if not torch.is_tensor(grid) else validate_grid(grid)
+    solver.check_steps(times)
+    return solver.solve(field, x, times, generator=generator, trajectory=trajectory, **cond)

@@ -1,0 +1,156 @@
+"""Time grids: decreasing sequences of times from ``t_max`` (noise) to ``t_min`` (data).
+
+A grid of ``n`` steps has ``n + 1`` points. Grids are objects (``Uniform()``, ``Karras(rho=7)``,
+``LogSNR()``, ``Custom(times)``) with ``times(n, path) -> Tensor[n + 1]`` in float64; strings name them
+in scripts (``get_grid("karras")``). Every grid, built-in or user-given, passes :func:`validate_grid`.
+
+>>> from genkit.paths import get_path
+>>> Uniform().times(4, get_path("linear")).tolist()
+[1.0, 0.75, 0.5, 0.25, 0.0]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, TimeGridError
+from ..paths import Path
+from ..registry import Registry
+
+__all__ = ["TimeGrid", "Uniform", "Karras", "LogSNR", "Custom", "GRIDS", "get_grid", "validate_grid"]
+
+GRIDS: Registry = Registry("time grid")
+
+
+def validate_grid(times: Tensor | Sequence[float], *, min_steps: int = 1) -> Tensor:
+    """Check a user grid: 1-D, at least ``min_steps + 1`` points, strictly monotone, inside ``[0, 1]``.
+    Returns it as a float64 tensor. Increasing grids (data -> noise) are allowed for encoding."""
+    t = torch.as_tensor(times, dtype=torch.float64).detach().cpu() if not torch.is_tensor(times) else times
+    if t.ndim != 1 or t.numel() < min_steps + 1:
+        raise TimeGridError(
+            f"a time grid must be 1-D with at least {min_steps + 1} points; got shape {tuple(t.shape)}"
+        )
+    if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
+        raise TimeGridError(f"grid times must lie in [0, 1] (0 = data, 1 = noise); got {t.tolist()}")
+    d = t[1:] - t[:-1]
+    if not ((d < 0).all() or (d > 0).all()):
+        raise TimeGridError(
+            f"a time grid must be strictly monotone (sampling runs from 1 down to 0); got {t.tolist()}"
+        )
+    return t
+
+
+def _check_n(n: int) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"the number of steps must be a positive integer; got {n!r}")
+
+
+class TimeGrid:
+    """Base class: ``times(n, path)`` returns ``n + 1`` decreasing times in float64."""
+
+    def times(self, n: int, path: Path) -> Tensor:
+        raise NotImplementedError
+
+    def _bounds(self, path: Path) -> tuple[float, float]:
+        t_min = path.t_min if self.t_min is None else self.t_min
+        if not 0 <= t_min < self.t_max <= 1:
+            raise TimeGridError(f"need 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={self.t_max}")
+        return t_min, self.t_max
+
+
+@GRIDS.register("uniform")
+class Uniform(TimeGrid):
+    """Equal steps in t from ``t_max`` to ``t_min`` (default: the path's ``t_min``, 0 for most paths)."""
+
+    def __init__(self, t_max: float = 1.0, t_min: float | None = None):
+        self.t_max, self.t_min = float(t_max), t_min
+
+    def times(self, n: int, path: Path) -> Tensor:
+        _check_n(n)
+        lo, hi = self._bounds(path)
+        return validate_grid(torch.linspace(hi, lo, n + 1, dtype=torch.float64))
+
+
+def _equiv_sigma(path: Path, t: Tensor) -> Tensor:
+    """Noise level of the equivalent VE process, ``sigma / alpha = exp(-lambda / 2)``."""
+    return torch.exp(-path.log_snr(t.to(torch.float64)) / 2)
+
+
+@GRIDS.register("karras")
+class Karras(TimeGrid):
+    """EDM's schedule (Karras et al. 2022, arXiv 2206.00364, eq. 5): steps uniform in
+    ``sigma^(1/rho)`` of the equivalent VE noise level ``sigma/alpha``, between
+    ``min(sigma_max, sigma(t_max))`` and ``sigma_min``, mapped back to t; the last step goes to ``t_min``.
+    The first point is always ``t_max`` itself."""
+
+    def __init__(self, rho: float = 7.0, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 t_max: float = 1.0, t_min: float | None = None):
+        if rho <= 0 or not 0 < sigma_min < sigma_max:
+            raise ConfigError(f"karras grid needs rho > 0 and 0 < sigma_min < sigma_max; got {rho}, "
+                              f"{sigma_min}, {sigma_max}")
+        self.rho, self.sigma_min, self.sigma_max = float(rho), float(sigma_min), float(sigma_max)
+        self.t_max, self.t_min = float(t_max), t_min
+
+    def times(self, n: int, path: Path) -> Tensor:
+        _check_n(n)
+        lo, hi = self._bounds(path)
+        s_hi = min(self.sigma_max, float(_equiv_sigma(path, torch.tensor(hi))))
+        s_lo = max(self.sigma_min, float(_equiv_sigma(path, torch.tensor(lo))) if lo > 0 else 0.0)
+        if n == 1 or s_lo >= s_hi:
+            return validate_grid(torch.tensor([hi, lo], dtype=torch.float64) if n == 1
+                                 else torch.linspace(hi, lo, n + 1, dtype=torch.float64))
+        r = torch.linspace(0, 1, n, dtype=torch.float64)
+        sig = (s_hi ** (1 / self.rho) + r * (s_lo ** (1 / self.rho) - s_hi ** (1 / self.rho))) ** self.rho
+        t = path.t_from_log_snr(-2 * torch.log(sig)).to(torch.float64)
+        t = torch.cat([t.new_tensor([hi]), t[1:], t.new_tensor([lo])])
+        return validate_grid(t)
+
+
+@GRIDS.register("logsnr")
+class LogSNR(TimeGrid):
+    """Steps uniform in log-SNR ``lambda = 2 log(alpha/sigma)`` (DPM-Solver's choice), clipped to
+    ``[lambda(t_max), lambda_max]``; the last step goes to ``t_min``."""
+
+    def __init__(self, lambda_max: float = 12.0, lambda_min: float = -12.0, t_max: float = 1.0,
+                 t_min: float | None = None):
+        self.lambda_max, self.lambda_min = float(lambda_max), float(lambda_min)
+        self.t_max, self.t_min = float(t_max), t_min
+
+    def times(self, n: int, path: Path) -> Tensor:
+        _check_n(n)
+        lo, hi = self._bounds(path)
+        l_hi = max(self.lambda_min, float(path.log_snr(torch.tensor(hi, dtype=torch.float64))))
+        l_lo = min(self.lambda_max, float(path.log_snr(torch.tensor(lo, dtype=torch.float64))))
+        lam = torch.linspace(l_hi, l_lo, n, dtype=torch.float64)
+        t = path.t_from_log_snr(lam).to(torch.float64)
+        t = torch.cat([t.new_tensor([hi]), t[1:], t.new_tensor([lo])])
+        return validate_grid(t)
+
+
+@GRIDS.register("custom")
+class Custom(TimeGrid):
+    """A user-given grid; ``n`` must equal its number of steps."""
+
+    def __init__(self, times: Tensor | Sequence[float]):
+        self._times = validate_grid(times)
+
+    def times(self, n: int | None, path: Path) -> Tensor:
+        if n is not None and n != len(self._times) - 1:
+            raise ConfigError(f"the custom grid has {len(self._times) - 1} steps but {n} were asked for; "
+                              "pass steps=None or the matching number")
+        return self._times
+
+
+def get_grid(grid: str | TimeGrid | Tensor | Sequence[float], **kwargs: Any) -> TimeGrid:
+    """A grid by name (``uniform``, ``karras``, ``logsnr``), a TimeGrid unchanged, or explicit times."""
+    if isinstance(grid, TimeGrid):
+        return grid
+    if isinstance(grid, str):
+        try:
+            return GRIDS.get(grid)(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"bad options for grid {grid!r}: {e}") from None
+    return Custom(grid)

@@ -1,0 +1,517 @@
+"""The generic trainer: anything with ``loss(batch, generator=None) -> (loss, logs)`` and ``config()``.
+
+Built on ``accelerate`` (one device or DDP, launched by ``python``, ``torchrun`` or ``accelerate launch``).
+Everything random is a pure function of ``(seed, step, rank)``: batch ``k`` of rank ``r`` is a slice of
+the epoch's permutation, and ``loss`` gets a generator seeded from ``(seed, k, r)``, so resuming from a
+checkpoint reproduces the uninterrupted run exactly.
+
+>>> # result = Trainer(model, TrainConfig(steps=1000, batch_size=256, out_dir="runs/x")).fit(data)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import numbers
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm import tqdm
+
+from . import checkpoint
+from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeError
+
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "LogRecord"]
+log = logging.getLogger(__name__)
+_NOISE, _GLOBAL, _PERM, _LOADER = 1, 2, 3, 4  # tags keep the derived seed streams apart
+
+
+def _derive_seed(*parts: int) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(int(p).to_bytes(16, "little", signed=True))
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def _bad(name: str, value: Any, need: str) -> ConfigError:
+    return ConfigError(f"TrainConfig.{name}={value!r} is invalid: {need}")
+
+
+@dataclass
+class TrainConfig:
+    """What to train for and how. Batch size is per process: the global batch is ``batch_size * world_size``.
+
+    The LR warms up linearly over ``warmup_steps`` (reaching ``lr`` at the last of them) then follows a cosine
+    down to ``lr * min_lr_ratio`` at the final step. Weight decay
+    applies to tensors with 2+ dimensions (not biases or norm gains). ``checkpoint_every=None`` saves only at
+    the end. ``num_workers`` feeds a ``Dataset`` through a DataLoader (Tensor data is indexed in place); its
+    transforms should be deterministic, randomness belongs in ``loss(batch, generator)``.
+    """
+
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: Optional[float] = 1.0
+    ema_decay: Optional[float] = 0.999
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    checkpoint_every: Optional[int] = 1000
+    log_every: int = 50
+    out_dir: Union[str, Path] = "runs/genkit"
+    nonfinite: Literal["stop", "skip"] = "stop"
+    num_workers: int = 0
+    progress: bool = True
+    cpu: bool = False
+
+    def __post_init__(self) -> None:
+        def integer(name: str, low: int, none_ok: bool = False) -> None:
+            v = getattr(self, name)
+            if (v is None and none_ok) or (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low):
+                return
+            raise _bad(name, v, f"use an integer >= {low}" + (" or None" if none_ok else ""))
+
+        def real(name: str, low: float, high: float, none_ok: bool = False, open_low: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and none_ok:
+                return
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            if not (ok and (v > low if open_low else v >= low) and v <= high):
+                span = f"{'(' if open_low else '['}{low}, {high}]"
+                raise _bad(name, v, f"use a finite number in {span}" + (" or None" if none_ok else ""))
+
+        for name in ("steps", "batch_size", "log_every"):
+            integer(name, 1)
+        for name in ("warmup_steps", "num_workers", "seed"):
+            integer(name, 0)
+        integer("checkpoint_every", 1, none_ok=True)
+        real("lr", 0.0, math.inf, open_low=True)
+        real("weight_decay", 0.0, math.inf)
+        real("min_lr_ratio", 0.0, 1.0)
+        real("grad_clip", 0.0, math.inf, none_ok=True, open_low=True)
+        real("ema_decay", 0.0, 1.0, none_ok=True, open_low=True)
+        if self.ema_decay == 1.0:
+            raise _bad("ema_decay", 1.0, "an EMA with decay 1 never moves; use e.g. 0.999, or None for no EMA")
+        if self.warmup_steps > self.steps:
+            raise _bad("warmup_steps", self.warmup_steps, f"it exceeds steps={self.steps}; lower it")
+        b = self.betas
+        if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(
+                isinstance(x, numbers.Real) and not isinstance(x, bool) and 0.0 <= x < 1.0 for x in b)):
+            raise _bad("betas", b, "use two numbers in [0, 1), e.g. (0.9, 0.999)")
+        self.betas = (float(b[0]), float(b[1]))
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise _bad("mixed_precision", self.mixed_precision, "use 'no', 'bf16' or 'fp16'")
+        if self.nonfinite not in ("stop", "skip"):
+            raise _bad("nonfinite", self.nonfinite, "use 'stop' (raise) or 'skip' (drop the step)")
+        for name in ("progress", "cpu"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "use True or False")
+        if not isinstance(self.out_dir, (str, Path)) or not str(self.out_dir):
+            raise _bad("out_dir", self.out_dir, "use a non-empty directory path")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from a plain dict (YAML/CLI); unknown keys are an error, not ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        return d
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """One logged point. ``loss`` is averaged over all ranks and the steps since the last log, ``logs`` (the
+    model's own) over this process's steps; ``lr`` and ``grad_norm`` are the last step's; ``skipped`` counts
+    all non-finite steps dropped so far."""
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    samples_per_s: float
+    skipped: int
+    logs: dict[str, float]
+    is_main_process: bool
+
+
+@dataclass
+class TrainResult:
+    """What ``fit`` returns: the final step, ``(step, loss)`` of every log in this call, the checkpoint, the EMA."""
+
+    step: int
+    losses: list[tuple[int, float]]
+    checkpoint: Optional[Path]
+    ema: Optional[dict[str, Tensor]]
+    skipped: int
+
+
+class _LossForward(nn.Module):
+    """Routes ``model.loss`` through ``forward``: DDP synchronises gradients and accelerate autocasts there."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any, generator: torch.Generator) -> Any:
+        return self.model.loss(batch, generator=generator)
+
+
+class _EMA:
+    """fp32 exponential moving average of a model's parameters (buffers are copied), with warm-up."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.state: dict[str, Tensor] = {}
+        self._pairs: list[tuple[Tensor, Tensor, bool]] = []
+        by_id: dict[int, Tensor] = {}
+        for key, live in model.state_dict(keep_vars=True).items():
+            if id(live) not in by_id:  # tied weights share one average
+                dtype = torch.float32 if live.is_floating_point() else live.dtype
+                by_id[id(live)] = live.detach().to(dtype=dtype, copy=True)
+                self._pairs.append((by_id[id(live)], live, isinstance(live, nn.Parameter) and live.is_floating_point()))
+            self.state[key] = by_id[id(live)]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, live, is_param in self._pairs:
+            avg.lerp_(live.detach().float(), 1.0 - d) if is_param else avg.copy_(live.detach())
+        self.updates += 1
+
+    def load(self, state: dict[str, Tensor], where: Path) -> None:
+        if set(state) != set(self.state):
+            raise CheckpointError(f"{where}/ema.safetensors keys differ from the model's: "
+                                  f"{sorted(set(state) ^ set(self.state))[:8]}; resume with the same model")
+        for key, value in state.items():
+            self.state[key].copy_(value)
+
+
+class _Batches:
+    """Batch ``k`` of rank ``r``: slice ``r`` of global batch ``k mod per_epoch`` of epoch ``k // per_epoch``."""
+
+    def __init__(self, data: Any, cfg: TrainConfig, world: int, rank: int):
+        if isinstance(data, Tensor):
+            if data.dim() == 0:
+                raise DataError("training data is a 0-d tensor; pass a tensor of samples [n, ...] or a Dataset")
+        elif isinstance(data, IterableDataset) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+            raise DataError(f"training data must be a Tensor [n, ...] or a map-style Dataset with __len__; "
+                            f"got {type(data).__name__}")
+        self.data, self.cfg, self.rank = data, cfg, rank
+        self.n, self.glob = len(data), cfg.batch_size * world
+        self.per_epoch = self.n // self.glob
+        if self.per_epoch == 0:
+            raise DataError(f"the data has {self.n} samples, fewer than one global batch of {self.glob} "
+                            f"(batch_size={cfg.batch_size} x {world} processes); lower batch_size or add data")
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, k: int) -> Tensor:
+        epoch, j = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(_derive_seed(self.cfg.seed, _PERM, epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        start = j * self.glob + self.rank * self.cfg.batch_size
+        return self._perm[start:start + self.cfg.batch_size]
+
+    def iterate(self, start: int, stop: int, device: torch.device) -> Iterator[Any]:
+        if isinstance(self.data, Tensor):
+            return (self.data[self.indices(k).to(self.data.device)] for k in range(start, stop))
+        steps = (self.indices(k).tolist() for k in range(start, stop))  # DataLoader iterates it once
+        loader = DataLoader(self.data, batch_sampler=steps, num_workers=self.cfg.num_workers,
+                            pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(_derive_seed(self.cfg.seed, _LOADER, start)))
+        return iter(loader)
+
+
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj if obj.device == device else obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _finite(batch: Any, device: torch.device) -> Tensor:
+    ok = torch.ones((), dtype=torch.bool, device=device)
+    for t in _tensors(batch):
+        if t.is_floating_point() or t.is_complex():
+            ok = ok & torch.isfinite(t).all().to(device)
+    return ok
+
+
+Callback = Callable[["Trainer", LogRecord], None]
+
+
+class Trainer:
+    """Trains ``model`` (an ``nn.Module`` with ``loss(batch, generator=None)`` and ``config()``) with AdamW.
+
+    ``callbacks`` run on every process at each log step as ``callback(trainer, record)``: they may use
+    collectives (e.g. sharded sampling) and should write files only when ``record.is_main_process``.
+    Supports one device and DDP; a loss that leaves parameters unused needs an ``accelerator`` built with
+    ``DistributedDataParallelKwargs(find_unused_parameters=True)``. ``trainer.model`` is the raw model.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, *, accelerator: Any = None,
+                 callbacks: Sequence[Callback] = ()):
+        if not isinstance(model, nn.Module) or not callable(getattr(model, "loss", None)):
+            raise ConfigError(f"Trainer needs an nn.Module with loss(batch, generator=None); got {type(model).__name__}")
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(f"config must be a TrainConfig; got {type(config).__name__} (use TrainConfig.from_dict)")
+        self.model = checkpoint.unwrap(model)
+        self.family = checkpoint.model_config(self.model)["family"]  # fail now, not at the first save
+        self.config, self.callbacks, self._fitted = config, list(callbacks), False
+        self.accelerator = accelerator if accelerator is not None else self._make_accelerator(config)
+        acc = self.accelerator
+        if acc.mixed_precision != config.mixed_precision:
+            raise ConfigError(f"the accelerator uses mixed_precision={acc.mixed_precision!r} but TrainConfig has "
+                              f"{config.mixed_precision!r}; make them agree")
+        if acc.gradient_accumulation_steps != 1:
+            raise ConfigError(f"gradient_accumulation_steps={acc.gradient_accumulation_steps} is not supported; "
+                              "use 1 and raise batch_size (or add processes)")
+        if acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+            raise ConfigError(f"Trainer supports one device and DDP; got distributed_type={acc.distributed_type.value}")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError(f"{type(self.model).__name__} has no parameters with requires_grad=True; nothing to train")
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
+        warmup, total, floor = config.warmup_steps, config.steps, config.min_lr_ratio
+
+        def factor(k: int) -> float:
+            if k < warmup:
+                return (k + 1) / warmup
+            progress = min(1.0, (k + 1 - warmup) / max(1, total - warmup))  # min_lr at the last step
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        self._forward, self.optimizer = acc.prepare(_LossForward(model), opt)
+        self.ema = _EMA(self.model, config.ema_decay) if config.ema_decay is not None else None
+        self._lr, self._last_grad_norm, self._clock = config.lr, math.nan, (time.perf_counter(), 0)
+
+    @staticmethod
+    def _make_accelerator(cfg: TrainConfig) -> Any:
+        from accelerate import Accelerator
+
+        try:
+            return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+        except ValueError as e:  # accelerate's state is a per-process singleton
+            raise ConfigError(f"cannot create an Accelerator with mixed_precision={cfg.mixed_precision!r} ({e}); "
+                              "pass the existing one as Trainer(accelerator=...) or restart the process") from e
+
+    def _check_data(self, data: Tensor) -> None:
+        bad = ~torch.isfinite(data) if (data.is_floating_point() or data.is_complex()) else None
+        count = bad.sum() if bad is not None else torch.zeros((), dtype=torch.long)
+        counts = self.accelerator.gather(count.reshape(1).to(self.accelerator.device)).tolist()  # all ranks decide
+        ranks = [r for r, c in enumerate(counts) if c]
+        if ranks:
+            first = bad.reshape(len(data), -1).any(1).nonzero()[0].item() if bad is not None and count else None
+            where = f"; first in sample {first}" if first is not None else ""
+            raise DataError(f"training data contains NaN/inf values (on rank(s) {ranks}: {int(count)} here{where}); "
+                            "clean or filter the data before training")
+
+    def fit(self, data: Union[Tensor, Dataset], *, resume: bool = True,
+            resume_from: Union[str, Path, None] = None) -> TrainResult:
+        """Train until ``config.steps`` and return a :class:`TrainResult`; puts the model in train mode.
+
+        Resumes from ``out_dir/checkpoint`` when it holds a resume state (``resume=False`` starts afresh and
+        overwrites it), or from ``resume_from``. Each log step appends to ``out_dir/metrics.jsonl``, then the
+        checkpoint (if due) is written, then the callbacks run.
+        """
+        if self._fitted:
+            raise ConfigError("Trainer.fit was already called; build a new Trainer for another run")
+        self._fitted = True
+        cfg, acc = self.config, self.accelerator
+        out = Path(cfg.out_dir)
+        ckpt = out / "checkpoint"
+        if isinstance(data, Tensor):
+            self._check_data(data)
+        batches = _Batches(data, cfg, acc.num_processes, acc.process_index)
+        run: dict[str, Any] = {"step": 0, "skipped": 0, "window": {"loss": 0.0, "n": 0, "logs": {}}}
+        source = Path(resume_from) if resume_from is not None else ckpt
+        if resume_from is not None and not checkpoint.has_resume_state(source):
+            raise CheckpointError(f"resume_from={str(source)!r} holds no checkpoint with a resume state; check the path")
+        if resume or resume_from is not None:
+            if checkpoint.has_resume_state(source):
+                run = self._restore(source)
+            elif source.exists():
+                raise ConfigError(f"{source} exists but holds no resume state; pass resume=False to overwrite it "
+                                  "or choose another out_dir")
+        start = run["step"]
+        if start > cfg.steps:
+            raise ConfigError(f"the checkpoint is at step {start}, past TrainConfig.steps={cfg.steps}; raise steps "
+                              "or start a fresh run (resume=False or another out_dir)")
+        if acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            self._trim_metrics(out / "metrics.jsonl", start)
+        log.info("training %s: steps %d..%d, global batch %d (%d x %d processes), precision %s, device %s",
+                 self.family, start, cfg.steps, batches.glob, cfg.batch_size,
+                 acc.num_processes, cfg.mixed_precision, acc.device)
+        self._forward.train()  # a family that keeps parts frozen in eval mode does so in its own train()
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True,
+                   disable=not (acc.is_main_process and cfg.progress))
+        losses: list[tuple[int, float]] = []
+        it = batches.iterate(start, cfg.steps, acc.device)
+        self._clock = (time.perf_counter(), start)
+        try:
+            for k in range(start, cfg.steps):
+                torch.manual_seed(_derive_seed(cfg.seed, _GLOBAL, k, acc.process_index))  # dropout etc.
+                self._step(k, _to_device(next(it), acc.device), run)
+                bar.update(1)
+                s = run["step"] = k + 1
+                record = None
+                if s % cfg.log_every == 0 or s == cfg.steps:
+                    record = self._log(s, run, batches.glob, out / "metrics.jsonl")
+                    losses.append((s, record.loss))
+                    bar.set_postfix(loss=f"{record.loss:.4g}", samples_s=f"{record.samples_per_s:.0f}")
+                if (cfg.checkpoint_every and s % cfg.checkpoint_every == 0) or s == cfg.steps:
+                    self._save(ckpt, run)
+                for callback in self.callbacks if record is not None else ():
+                    callback(self, record)
+        finally:
+            bar.close()
+        return TrainResult(step=run["step"], losses=losses, checkpoint=ckpt if start < cfg.steps else source,
+                           ema=self.ema.state if self.ema is not None else None, skipped=run["skipped"])
+
+    def _step(self, k: int, batch: Any, run: dict[str, Any]) -> None:
+        cfg, acc = self.config, self.accelerator
+        device = next(_tensors(batch), torch.empty(0, device=acc.device)).device
+        gen = torch.Generator(device=device).manual_seed(_derive_seed(cfg.seed, _NOISE, k, acc.process_index))
+        out = self._forward(batch, gen)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], dict)):
+            raise ShapeError(f"{type(self.model).__name__}.loss must return (loss, logs: dict); got {type(out).__name__}")
+        loss, logs = out
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ShapeError(f"{type(self.model).__name__}.loss must return a scalar tensor; got "
+                             f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
+        ok = _finite(batch, loss.device).float()
+        stats = acc.gather(torch.stack([loss.detach().float(), ok]))  # one collective decides for all ranks
+        per_rank, oks = stats[0::2].tolist(), stats[1::2].tolist()
+        if min(oks) < 1:
+            raise DataError(f"the batch of step {k + 1} contains NaN/inf values (rank(s) "
+                            f"{[r for r, o in enumerate(oks) if o < 1]}); clean or filter the data")
+        what, grad_norm = ("loss" if not all(map(math.isfinite, per_rank)) else None), math.nan
+        if what is None:
+            acc.backward(loss)
+            grad_norm = self._clip_grads()
+            if cfg.mixed_precision != "fp16" and not math.isfinite(grad_norm):  # fp16: the grad scaler skips
+                what = "gradient norm"
+        self._lr = self.optimizer.param_groups[0]["lr"]
+        if what is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            if cfg.nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite {what} at step {k + 1} (loss per rank: {per_rank}, grad norm {grad_norm}); "
+                    f"lower lr (now {self._lr:.3g}), check the data and the model, or set "
+                    "TrainConfig(nonfinite='skip') to drop such steps. The last checkpoint is intact")
+            run["skipped"] += 1
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None and not self.optimizer.step_was_skipped:
+                self.ema.update()
+            w = run["window"]
+            w["loss"] += sum(per_rank) / len(per_rank)
+            w["n"] += 1
+            for key, value in logs.items():
+                w["logs"][key] = w["logs"].get(key, 0.0) + float(value)
+            self._last_grad_norm = grad_norm
+        self.scheduler.step()  # the schedule is a function of the step, skipped or not
+
+    def _clip_grads(self) -> float:
+        """Clip (if configured) and return the global gradient norm; NaN when unknown (fp16 without clipping)."""
+        cfg = self.config
+        if cfg.grad_clip is not None:
+            return float(self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        if cfg.mixed_precision == "fp16":
+            return math.nan
+        grads = [p.grad.detach().float() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+    def _log(self, s: int, run: dict[str, Any], glob: int, path: Path) -> LogRecord:
+        w, acc = run["window"], self.accelerator
+        now, (then, since) = time.perf_counter(), self._clock
+        self._clock = (now, s)
+        n = max(w["n"], 1)
+        record = LogRecord(step=s, loss=w["loss"] / w["n"] if w["n"] else math.nan, lr=self._lr,
+                           grad_norm=self._last_grad_norm,
+                           samples_per_s=(s - since) * glob / max(now - then, 1e-9), skipped=run["skipped"],
+                           logs={k: v / n for k, v in w["logs"].items()}, is_main_process=acc.is_main_process)
+        run["window"] = {"loss": 0.0, "n": 0, "logs": {}}
+        if acc.is_main_process:
+            row = {k: v for k, v in dataclasses.asdict(record).items() if k not in ("logs", "is_main_process")}
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({**row, **record.logs}) + "\n")
+        return record
+
+    @staticmethod
+    def _trim_metrics(path: Path, start: int) -> None:
+        """Drop log lines past the resumed step (left by an interrupted run), or all of them for a fresh run."""
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines() if start else ():
+            try:
+                if json.loads(line)["step"] <= start:
+                    keep.append(line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                continue
+        path.write_text("".join(keep), encoding="utf-8")
+
+    def _save(self, ckpt: Path, run: dict[str, Any]) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            import accelerate
+
+            state = {**run, "ema_updates": self.ema.updates if self.ema is not None else 0,
+                     "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                     "world_size": acc.num_processes, "train_config": self.config.to_dict(),
+                     "accelerate_version": accelerate.__version__}
+            checkpoint.save(ckpt, self.model, ema=self.ema.state if self.ema is not None else None,
+                            optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state)
+        acc.wait_for_everyone()
+
+    def _restore(self, source: Path) -> dict[str, Any]:
+        state = checkpoint.load_training_state(source, self.model, self.optimizer, self.scheduler)
+        ema = state.pop("ema")
+        if self.ema is not None:
+            if ema is None:
+                raise CheckpointError(f"{source} has no EMA weights but ema_decay={self.config.ema_decay}; "
+                                      "resume with ema_decay=None or start a fresh run")
+            self.ema.load(ema, source)
+            self.ema.updates = int(state.get("ema_updates", 0))
+        if self.accelerator.scaler is not None and state.get("grad_scaler"):
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
+        if state.get("world_size") != self.accelerator.num_processes:
+            log.info("resuming a %s-process run on %d processes: batches from here on differ from the original run",
+                     state.get("world_size"), self.accelerator.num_processes)
+        return {"step": int(state["step"]), "skipped": int(state["skipped"]), "window": state["window"]}

@@ -1,0 +1,170 @@
+"""Solvers: measured convergence order equals declared order; samples and likelihoods match closed forms."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from genkit.analytic import Gaussian, GaussianMixture
+from genkit.errors import ConfigError, SolverError, TimeGridError
+from genkit.fields import FunctionField
+from genkit.paths import PATHS, get_path
+from genkit.solvers import (GRIDS, SOLVERS, Custom, EulerMaruyama, Karras, LogSNR, ODEFlowMap, Uniform,
+                            get_grid, get_solver, ode_log_prob, solve, validate_grid)
+
+FIXED = [n for n in SOLVERS.names() if get_solver(n).fixed_step and not get_solver(n).stochastic]
+ADAPTIVE = [n for n in SOLVERS.names() if not get_solver(n).fixed_step]
+ODE_SOLVERS = FIXED + ADAPTIVE
+
+
+def _measured_order(solver, errors_at):
+    ns = [8, 16, 32, 64]
+    errs = [errors_at(solver, n) for n in ns]
+    return -np.polyfit(np.log(ns), np.log(errs), 1)[0]
+
+
+@pytest.mark.parametrize("name", FIXED)
+def test_order_on_closed_form_ode(name):
+    """dx/dt = -cos(t) x  =>  x(s) = x(t) exp(sin t - sin s)."""
+    field = FunctionField(lambda x, t: -torch.cos(t)[:, None] * x, get_path("linear"), "velocity")
+    x1 = torch.tensor([[1.0], [-2.0]], dtype=torch.float64)
+    exact = x1 * math.exp(math.sin(1.0) - math.sin(0.0))
+
+    def err(solver, n):
+        return (solve(field, x1, solver, n).samples - exact).abs().max().item()
+
+    assert abs(_measured_order(name, err) - get_solver(name).order) < 0.3
+
+
+@pytest.mark.parametrize("name", FIXED)
+@pytest.mark.parametrize("path", ["cosine"])
+def test_order_on_gaussian_field(name, path):
+    """Against the exact flow of the probability-flow ODE of Gaussian data. (On the linear path the
+    midpoint rule superconverges, order 3, for this field, so the cosine path is the honest probe.)"""
+    g = Gaussian(torch.tensor([1.0, -0.5]), torch.tensor([[0.5, 0.2], [0.2, 0.3]]), get_path(path))
+    x1 = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = g.exact_flow(x1, 1.0, 0.0)
+
+    def err(solver, n):
+        return (solve(g, x1, solver, n).samples - exact).abs().max().item()
+
+    assert abs(_measured_order(name, err) - get_solver(name).order) < 0.3
+
+
+@pytest.mark.parametrize("name", ODE_SOLVERS)
+@pytest.mark.parametrize("path,prediction", [("linear", "velocity"), ("cosine", "x0"), ("ddpm", "eps"),
+                                             ("ve", "eps")])
+def test_samples_match_target_moments(name, path, prediction):
+    p = get_path(path)
+    mean, cov = torch.tensor([1.0, -2.0]), torch.tensor([[2.0, 0.5], [0.5, 1.0]])
+    g = Gaussian(mean, cov, p, prediction)
+    x1 = p.sample_prior((2000, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grid = Karras() if path == "ve" else Uniform()
+    sol = solve(g, x1, name, 64, grid)
+    exact = g.exact_flow(x1, 1.0, float(sol.times[-1]))
+    assert (sol.samples - exact).abs().max() < (0.05 if get_solver(name).order > 1 else 0.25)
+    # and the population matches the data distribution (sampling error of 2000 draws)
+    assert torch.allclose(sol.samples.mean(0), mean.double(), atol=0.15)
+    assert torch.allclose(torch.cov(sol.samples.T), cov.double(), atol=0.3)
+
+
+def test_euler_maruyama_matches_target_distribution():
+    p = get_path("ddpm")
+    mean, cov = torch.tensor([1.0, -2.0]), torch.tensor([[0.6, 0.2], [0.2, 0.3]])
+    g = Gaussian(mean, cov, p, "eps")
+    gen = torch.Generator().manual_seed(2)
+    x1 = p.sample_prior((6000, 2), generator=gen, dtype=torch.float64)
+    out = solve(g, x1, EulerMaruyama(), 200, generator=gen).samples
+    # standard errors: ~0.01 for the mean, ~0.01 for the covariance entries
+    torch.testing.assert_close(out.mean(0), mean.double(), atol=0.04, rtol=0)
+    torch.testing.assert_close(torch.cov(out.T), cov.double(), atol=0.04, rtol=0)
+    # reproducible with the same generator
+    again = solve(g, x1[:10], EulerMaruyama(), 20, generator=torch.Generator().manual_seed(5)).samples
+    assert torch.equal(again, solve(g, x1[:10], "euler_maruyama", 20, generator=torch.Generator().manual_seed(5)).samples)
+
+
+def test_euler_maruyama_eta_zero_is_euler():
+    g = Gaussian(torch.zeros(2), torch.eye(2) * 0.5, get_path("cosine"), "eps")
+    x1 = torch.randn(5, 2, dtype=torch.float64)
+    grid = Uniform(t_max=0.99)
+    torch.testing.assert_close(solve(g, x1, EulerMaruyama(eta=0.0), 10, grid).samples,
+                               solve(g, x1, "euler", 10, grid).samples)
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+@pytest.mark.parametrize("mode", ["exact", "hutchinson"])
+def test_ode_log_prob_matches_exact_density(path, mode):
+    p = get_path(path)
+    gm = GaussianMixture(torch.tensor([0.4, 0.6]), torch.tensor([[-1.0, 0.5], [1.0, -0.5]]),
+                         torch.stack([torch.eye(2) * 0.3, torch.tensor([[0.4, 0.1], [0.1, 0.2]])]), p)
+    x = gm.sample(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    if mode == "exact":
+        lp = ode_log_prob(gm, x, solver="rk4", steps=200)
+        torch.testing.assert_close(lp, gm.log_prob(x), atol=1e-3, rtol=0)
+        lp5 = ode_log_prob(gm, x, solver=get_solver("dopri5", rtol=1e-7, atol=1e-7))
+        torch.testing.assert_close(lp5, gm.log_prob(x), atol=1e-3, rtol=0)
+    else:  # unbiased: the average over probes converges to the exact value
+        xs = x.repeat(400, 1)
+        lp = ode_log_prob(gm, xs, solver="rk4", steps=50, divergence_mode="hutchinson",
+                          generator=torch.Generator().manual_seed(4)).reshape(400, 6).mean(0)
+        torch.testing.assert_close(lp, gm.log_prob(x), atol=0.1, rtol=0)
+
+
+def test_adaptive_reports_nfe_and_trajectory():
+    g = Gaussian(torch.tensor([2.0]), torch.eye(1), get_path("linear"))
+    sol = solve(g, torch.zeros(3, 1), "dopri5", 4, trajectory=True)
+    assert sol.nfe > 0 and sol.trajectory.shape == (5, 3, 1)
+    sol = solve(g, torch.zeros(3, 1), "rk4", 4, trajectory=True)
+    assert sol.nfe == 16 and sol.trajectory.shape == (5, 3, 1)
+    torch.testing.assert_close(sol.trajectory[0], torch.zeros(3, 1))
+
+
+@pytest.mark.parametrize("grid", GRIDS.names())
+@pytest.mark.parametrize("path", PATHS.names())
+def test_grids_are_valid(grid, path):
+    p = get_path(path)
+    if grid == "custom":
+        g, n, end = Custom([1.0, 0.5, 0.1, 0.0]), 3, 0.0
+    else:
+        g, n, end = get_grid(grid), 10, p.t_min
+    t = g.times(n, p)
+    assert len(t) == n + 1 and t[0] == 1.0 and t[-1] == end
+    assert (t[1:] < t[:-1]).all()
+
+
+def test_karras_and_logsnr_spacing():
+    p = get_path("ve")
+    t = Karras(rho=7.0).times(8, p)
+    sig = (80 * t[:-1]) ** (1 / 7)
+    d = sig[1:] - sig[:-1]
+    torch.testing.assert_close(d, d[0].expand_as(d))  # uniform in sigma^(1/rho)
+    lam = get_path("cosine").log_snr(LogSNR().times(8, get_path("cosine"))[1:-1])
+    d = lam[1:] - lam[:-1]
+    torch.testing.assert_close(d, d[0].expand_as(d))
+
+
+def test_flow_map_composes():
+    g = Gaussian(torch.tensor([1.0, 0.0]), torch.eye(2) * 0.5, get_path("linear"))
+    fm = ODEFlowMap(g, "rk4", steps=16)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    torch.testing.assert_close(fm(fm(x, 1.0, 0.5), 0.5, 0.0), g.exact_flow(x, 1.0, 0.0), atol=1e-6, rtol=0)
+
+
+def test_bad_input():
+    g = Gaussian(torch.zeros(2), torch.eye(2), get_path("linear"), "eps")
+    x = torch.zeros(2, 2)
+    with pytest.raises(TimeGridError, match="monotone"):
+        solve(g, x, "euler", None, [1.0, 0.3, 0.5, 0.0])
+    with pytest.raises(TimeGridError, match=r"\[0, 1\]"):
+        validate_grid([1.5, 0.0])
+    with pytest.raises(ConfigError, match="unknown solver 'eulr'.*euler"):
+        solve(g, x, "eulr", 4)
+    with pytest.raises(ConfigError, match="positive integer"):
+        solve(g, x, "euler", 0)
+    with pytest.raises(SolverError, match="non-finite"):  # eps field at alpha = 0
+        solve(g, x, "euler", 4)
+    with pytest.raises(SolverError, match="infinite diffusion"):
+        solve(g, x, "euler_maruyama", 4)
+    with pytest.raises(ConfigError, match="not a genkit Field"):
+        solve(lambda x, t: x, x, "euler", 4)

@@ -1,0 +1,282 @@
+"""genkit.train: exact resume, non-finite policies, data checks, config validation, and real 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from genkit import checkpoint
+from genkit.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from genkit.models import FAMILIES
+from genkit.train import LogRecord, TrainConfig, Trainer
+
+FAMILY = "test-train-denoiser"
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TinyDenoiser(nn.Module):
+    """Flow-matching style loss with dropout: uses both the step generator and the global RNG."""
+
+    def __init__(self, dim: int = 2, hidden: int = 16, nan_calls: tuple[int, ...] = (),
+                 nan_grad_calls: tuple[int, ...] = ()):
+        super().__init__()
+        self.dim, self.hidden, self.calls = dim, hidden, 0
+        self.nan_calls, self.nan_grad_calls = tuple(nan_calls), tuple(nan_grad_calls)
+        self.net = nn.Sequential(nn.Linear(dim + 1, hidden), nn.SiLU(), nn.Dropout(0.2), nn.Linear(hidden, dim))
+
+    def loss(self, batch: torch.Tensor, generator: torch.Generator | None = None):
+        self.calls += 1
+        eps = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        t = torch.rand(batch.shape[0], 1, generator=generator, device=batch.device, dtype=batch.dtype)
+        v = self.net(torch.cat([(1 - t) * batch + t * eps, t], dim=1))
+        loss = (v - (eps - batch)).pow(2).mean()
+        if self.calls in self.nan_calls:
+            loss = loss * float("nan")
+        if self.calls in self.nan_grad_calls:  # finite loss, NaN gradient: d/dw sqrt(w - w) = inf - inf
+            w = self.net[0].weight
+            loss = loss + torch.sqrt(w - w).sum()
+        return loss, {"t_mean": float(t.mean())}
+
+    def config(self) -> dict:
+        return {"family": FAMILY, "dim": self.dim, "hidden": self.hidden}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "TinyDenoiser":
+        return cls(config["dim"], config["hidden"])
+
+
+FAMILIES.register(FAMILY)(TinyDenoiser)
+DATA = torch.randn(40, 2, generator=torch.Generator().manual_seed(7)) * torch.tensor([1.0, 0.3])
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps per-process singletons; every test builds its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def make(seed: int = 0, **kwargs) -> TinyDenoiser:
+    torch.manual_seed(seed)
+    return TinyDenoiser(**kwargs)
+
+
+def cfg(out_dir: Path | str, **changes) -> TrainConfig:
+    base = dict(steps=12, batch_size=8, lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, grad_clip=1.0, ema_decay=0.9,
+                checkpoint_every=6, log_every=2, weight_decay=0.01, out_dir=str(out_dir), progress=False, cpu=True)
+    return TrainConfig(**{**base, **changes})
+
+
+def _reset() -> None:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_is_exactly_the_uninterrupted_run(tmp_path: Path) -> None:
+    full_model = make(0)
+    full = Trainer(full_model, cfg(tmp_path / "full")).fit(DATA)  # 40 samples / 8 = 5 steps per epoch
+    assert [s for s, _ in full.losses] == [2, 4, 6, 8, 10, 12]
+
+    seen: list[LogRecord] = []
+
+    def stop_at_6(trainer: Trainer, record: LogRecord) -> None:
+        seen.append(record)
+        if record.step == 6:
+            raise Interrupt  # after the step-6 checkpoint, like a preempted job
+
+    _reset()
+    with pytest.raises(Interrupt):
+        Trainer(make(0), cfg(tmp_path / "cut"), callbacks=[stop_at_6]).fit(DATA)
+    _reset()
+    resumed_model = make(3)  # different init: everything must come from the checkpoint
+    resumed = Trainer(resumed_model, cfg(tmp_path / "cut")).fit(DATA)
+
+    assert [(r.step, r.loss) for r in seen] + resumed.losses == full.losses
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert full.ema is not None and resumed.ema is not None
+    for key in full.ema:
+        assert full.ema[key].dtype == torch.float32 and torch.equal(full.ema[key], resumed.ema[key]), key
+    steps = [[json.loads(line)["step"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+             for d in ("full", "cut")]
+    assert steps[0] == steps[1] == [2, 4, 6, 8, 10, 12]
+    ema_model = checkpoint.load(tmp_path / "cut" / "checkpoint")
+    for key, value in ema_model.state_dict().items():
+        assert torch.equal(value, full.ema[key]), key
+
+
+def test_callback_log_record_and_schedule(tmp_path: Path) -> None:
+    records: list[LogRecord] = []
+    result = Trainer(make(), cfg(tmp_path, steps=10, log_every=1, checkpoint_every=None),
+                     callbacks=[lambda t, r: records.append(r)]).fit(DATA)
+    lrs = [r.lr for r in records]
+    assert lrs[0] == pytest.approx(5e-3) and lrs[1] == pytest.approx(1e-2)  # linear warm-up over 2 steps
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] == pytest.approx(1e-3)  # cosine to 0.1 * lr
+    assert all(r.is_main_process and "t_mean" in r.logs and r.samples_per_s > 0 for r in records)
+    assert result.step == 10 and result.checkpoint == tmp_path / "checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "metrics.jsonl"]
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
+    model = make(nan_calls=(8,))
+    with pytest.raises(NonFiniteLossError, match=r"step 8 .*lower lr.*nonfinite='skip'"):
+        Trainer(model, cfg(tmp_path)).fit(DATA)
+    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 6
+    loaded = checkpoint.load(tmp_path / "checkpoint", ema=False)
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "metrics.jsonl"]
+
+
+def test_nan_gradient_stops(tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm at step 2 "):
+        Trainer(make(nan_grad_calls=(2,)), cfg(tmp_path)).fit(DATA)
+
+
+def test_nan_loss_skip_counts_and_continues(tmp_path: Path) -> None:
+    model = make(nan_calls=(3, 5), nan_grad_calls=(9,))
+    result = Trainer(model, cfg(tmp_path, nonfinite="skip", grad_clip=None)).fit(DATA)
+    assert result.step == 12 and result.skipped == 3
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["skipped"] == 3
+
+
+def test_nan_in_tensor_data(tmp_path: Path) -> None:
+    data = DATA.clone()
+    data[17, 1] = float("inf")
+    with pytest.raises(DataError, match="first in sample 17"):
+        Trainer(make(), cfg(tmp_path)).fit(data)
+    assert not (tmp_path / "checkpoint").exists()
+
+
+class Rows(Dataset):
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+
+def test_dataset_path_matches_tensor_path_and_checks_batches(tmp_path: Path) -> None:
+    a, b = make(0), make(0)
+    ra = Trainer(a, cfg(tmp_path / "t", steps=4)).fit(DATA)
+    _reset()
+    rb = Trainer(b, cfg(tmp_path / "d", steps=4, num_workers=1)).fit(Rows(DATA))
+    assert ra.losses == rb.losses and all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    data = DATA.clone()
+    data[3, 0] = float("nan")
+    _reset()
+    with pytest.raises(DataError, match=r"batch of step \d+ contains NaN/inf"):
+        Trainer(make(), cfg(tmp_path / "bad", steps=12, nonfinite="skip")).fit(Rows(data))
+
+
+def test_too_little_data(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        Trainer(make(), cfg(tmp_path, batch_size=64)).fit(DATA)
+
+
+def test_bf16_keeps_ema_in_fp32(tmp_path: Path) -> None:
+    result = Trainer(make(), cfg(tmp_path, steps=4, mixed_precision="bf16", checkpoint_every=None)).fit(DATA)
+    assert all(v.dtype == torch.float32 for v in result.ema.values())
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("steps", 0), ("batch_size", -1), ("batch_size", 2.5), ("lr", 0.0), ("lr", float("nan")),
+    ("weight_decay", -0.1), ("betas", (0.9,)), ("betas", (1.0, 0.9)), ("warmup_steps", 100),
+    ("min_lr_ratio", 1.5), ("grad_clip", 0.0), ("ema_decay", 1.0), ("ema_decay", -0.5),
+    ("mixed_precision", "fp8"), ("seed", -1), ("checkpoint_every", 0), ("log_every", True),
+    ("out_dir", ""), ("nonfinite", "ignore"), ("num_workers", -2), ("progress", "yes"),
+])
+def test_bad_config_values(tmp_path: Path, field: str, value) -> None:
+    with pytest.raises(ConfigError, match=rf"TrainConfig\.{field}="):
+        cfg(**{"out_dir": tmp_path, field: value})
+
+
+def test_config_dict_round_trip_and_unknown_keys(tmp_path: Path) -> None:
+    c = cfg(tmp_path)
+    assert TrainConfig.from_dict(c.to_dict()) == TrainConfig(**{**c.to_dict(), "out_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="unknown TrainConfig keys"):
+        TrainConfig.from_dict({"step": 10})
+
+
+def test_misuse_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs an nn.Module with loss"):
+        Trainer(nn.Linear(2, 2), cfg(tmp_path))
+    checkpoint.save(tmp_path / "checkpoint", make())  # weights only: resuming from it is impossible
+    with pytest.raises(ConfigError, match="holds no resume state"):
+        Trainer(make(), cfg(tmp_path)).fit(DATA)
+
+
+def test_resume_from_another_directory(tmp_path: Path) -> None:
+    Trainer(make(), cfg(tmp_path / "a", steps=6)).fit(DATA)
+    _reset()
+    with pytest.raises(CheckpointError, match="holds no checkpoint with a resume state"):
+        Trainer(make(), cfg(tmp_path / "b")).fit(DATA, resume_from=tmp_path / "nowhere")
+    _reset()
+    result = Trainer(make(), cfg(tmp_path / "b")).fit(DATA, resume_from=tmp_path / "a" / "checkpoint")
+    assert [s for s, _ in result.losses] == [8, 10, 12] and result.checkpoint == tmp_path / "b" / "checkpoint"
+    assert json.loads((result.checkpoint / "trainer_state.json").read_text())["step"] == 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_keep_identical_parameters(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    import dist_train_script as script
+
+    out, params = tmp_path / "run", tmp_path / "params"
+    params.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(Path(script.__file__)), str(out), str(params)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (load_file(str(params / f"rank{r}.safetensors")) for r in (0, 1))
+    assert r0["seen"].item() != r1["seen"].item()  # each rank trained on different data...
+    for key in r0:
+        if key != "seen":
+            assert torch.equal(r0[key], r1[key]), key  # ...yet parameters, EMA, losses and skips agree
+    assert r0["skipped"].item() == 1  # rank 1's NaN made both ranks skip the same step
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "metrics.jsonl"]  # rank 0 only, no temp dirs
+
+    # The gradient really is the global-batch gradient: one process with the doubled batch lands on the same point.
+    _reset()
+    ref = script.make_model(nan_calls=(2,))
+    script_cfg = script.config(str(tmp_path / "single"), batch_size=8)
+    Trainer(ref, script_cfg).fit(script.make_data())
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(r0[f"param.{name}"], value, rtol=1e-5, atol=1e-6)
+    loaded = checkpoint.load(out / "checkpoint", ema=False)
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, r0[f"param.{name}"]), name
