@@ -27,11 +27,13 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from . import checkpoint
+from .ema import EMA
 from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeError
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "LogRecord"]
 log = logging.getLogger(__name__)
 _NOISE, _GLOBAL, _PERM, _LOADER = 1, 2, 3, 4  # tags keep the derived seed streams apart
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda") if torch.__version__ >= "2.4" else ("cuda",)
 
 
 def _derive_seed(*parts: int) -> int:
@@ -39,6 +41,16 @@ def _derive_seed(*parts: int) -> int:
     for p in parts:
         h.update(int(p).to_bytes(16, "little", signed=True))
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def _seed_global(seed: int, device: torch.device) -> None:
+    """``torch.manual_seed`` for the CPU and the training device only: the full call also re-queues the lazy
+    seeding of every uninitialised backend (with a captured stack trace), 0.3-2 ms a step on small models."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)  # CUDA is initialised by now, so this seeds directly
+    elif device.type != "cpu":
+        torch.manual_seed(seed)
 
 
 def _bad(name: str, value: Any, need: str) -> ConfigError:
@@ -173,36 +185,6 @@ class _LossForward(nn.Module):
         return self.model.loss(batch, generator=generator)
 
 
-class _EMA:
-    """fp32 exponential moving average of a model's parameters (buffers are copied), with warm-up."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay, self.updates = decay, 0
-        self.state: dict[str, Tensor] = {}
-        self._pairs: list[tuple[Tensor, Tensor, bool]] = []
-        by_id: dict[int, Tensor] = {}
-        for key, live in model.state_dict(keep_vars=True).items():
-            if id(live) not in by_id:  # tied weights share one average
-                dtype = torch.float32 if live.is_floating_point() else live.dtype
-                by_id[id(live)] = live.detach().to(dtype=dtype, copy=True)
-                self._pairs.append((by_id[id(live)], live, isinstance(live, nn.Parameter) and live.is_floating_point()))
-            self.state[key] = by_id[id(live)]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for avg, live, is_param in self._pairs:
-            avg.lerp_(live.detach().float(), 1.0 - d) if is_param else avg.copy_(live.detach())
-        self.updates += 1
-
-    def load(self, state: dict[str, Tensor], where: Path) -> None:
-        if set(state) != set(self.state):
-            raise CheckpointError(f"{where}/ema.safetensors keys differ from the model's: "
-                                  f"{sorted(set(state) ^ set(self.state))[:8]}; resume with the same model")
-        for key, value in state.items():
-            self.state[key].copy_(value)
-
-
 class _Batches:
     """Batch ``k`` of rank ``r``: slice ``r`` of global batch ``k mod per_epoch`` of epoch ``k // per_epoch``."""
 
@@ -304,7 +286,12 @@ class Trainer:
             raise ConfigError(f"{type(self.model).__name__} has no parameters with requires_grad=True; nothing to train")
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
+        # One fused AdamW kernel: the same update, ~3x faster than torch's CPU default. Not under fp16, where the
+        # grad scaler calls a fused step even on overflow and accelerate could not tell the EMA it was skipped.
+        self._fused = (config.mixed_precision != "fp16" and acc.device.type in _FUSED_ADAMW_DEVICES
+                       and all(p.is_floating_point() for p in params))
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas,
+                                fused=self._fused or None)
         warmup, total, floor = config.warmup_steps, config.steps, config.min_lr_ratio
 
         def factor(k: int) -> float:
@@ -315,7 +302,8 @@ class Trainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         self._forward, self.optimizer = acc.prepare(_LossForward(model), opt)
-        self.ema = _EMA(self.model, config.ema_decay) if config.ema_decay is not None else None
+        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay is not None else None
+        self._params = list(self.model.parameters())
         self._lr, self._last_grad_norm, self._clock = config.lr, math.nan, (time.perf_counter(), 0)
 
     @staticmethod
@@ -384,7 +372,7 @@ class Trainer:
         self._clock = (time.perf_counter(), start)
         try:
             for k in range(start, cfg.steps):
-                torch.manual_seed(_derive_seed(cfg.seed, _GLOBAL, k, acc.process_index))  # dropout etc.
+                _seed_global(_derive_seed(cfg.seed, _GLOBAL, k, acc.process_index), acc.device)  # dropout etc.
                 self._step(k, _to_device(next(it), acc.device), run)
                 bar.update(1)
                 s = run["step"] = k + 1
@@ -400,7 +388,7 @@ class Trainer:
         finally:
             bar.close()
         return TrainResult(step=run["step"], losses=losses, checkpoint=ckpt if start < cfg.steps else source,
-                           ema=self.ema.state if self.ema is not None else None, skipped=run["skipped"])
+                           ema=self.ema.state_dict() if self.ema is not None else None, skipped=run["skipped"])
 
     def _step(self, k: int, batch: Any, run: dict[str, Any]) -> None:
         cfg, acc = self.config, self.accelerator
@@ -413,9 +401,11 @@ class Trainer:
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ShapeError(f"{type(self.model).__name__}.loss must return a scalar tensor; got "
                              f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
-        ok = _finite(batch, loss.device).float()
-        stats = acc.gather(torch.stack([loss.detach().float(), ok]))  # one collective decides for all ranks
-        per_rank, oks = stats[0::2].tolist(), stats[1::2].tolist()
+        stats = torch.stack([loss.detach().float(), _finite(batch, loss.device).float()])
+        if acc.num_processes > 1:
+            stats = acc.gather(stats)  # one collective decides for all ranks
+        stats = stats.tolist()  # the one host sync before backward
+        per_rank, oks = stats[0::2], stats[1::2]
         if min(oks) < 1:
             raise DataError(f"the batch of step {k + 1} contains NaN/inf values (rank(s) "
                             f"{[r for r, o in enumerate(oks) if o < 1]}); clean or filter the data")
@@ -451,11 +441,13 @@ class Trainer:
         """Clip (if configured) and return the global gradient norm; NaN when unknown (fp16 without clipping)."""
         cfg = self.config
         if cfg.grad_clip is not None:
-            return float(self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            # accelerate's clip_grad_norm_ is unscale + torch's for the distributed types Trainer accepts
+            self.accelerator.unscale_gradients()
+            return float(torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip))
         if cfg.mixed_precision == "fp16":
             return math.nan
-        grads = [p.grad.detach().float() for p in self.model.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        grads = [p.grad.detach().float() for p in self._params if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
 
     def _log(self, s: int, run: dict[str, Any], glob: int, path: Path) -> LogRecord:
         w, acc = run["window"], self.accelerator
@@ -496,7 +488,7 @@ class Trainer:
                      "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                      "world_size": acc.num_processes, "train_config": self.config.to_dict(),
                      "accelerate_version": accelerate.__version__}
-            checkpoint.save(ckpt, self.model, ema=self.ema.state if self.ema is not None else None,
+            checkpoint.save(ckpt, self.model, ema=self.ema.state_dict() if self.ema is not None else None,
                             optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state)
         acc.wait_for_everyone()
 
@@ -507,8 +499,16 @@ class Trainer:
             if ema is None:
                 raise CheckpointError(f"{source} has no EMA weights but ema_decay={self.config.ema_decay}; "
                                       "resume with ema_decay=None or start a fresh run")
-            self.ema.load(ema, source)
-            self.ema.updates = int(state.get("ema_updates", 0))
+            try:
+                self.ema.load_state_dict(ema, int(state.get("ema_updates", 0)))
+            except CheckpointError as e:
+                raise CheckpointError(f"{source}/ema.safetensors: {e}") from e
+        for group in self.optimizer.param_groups:  # keep this run's AdamW implementation, not the saved one's
+            group["fused"] = True if self._fused else None
+            for p in group["params"]:
+                st = self.optimizer.state.get(p, {})
+                if "step" in st:  # where that implementation keeps its step counters
+                    st["step"] = st["step"].to(p.device, torch.float32) if self._fused else st["step"].cpu()
         if self.accelerator.scaler is not None and state.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         if state.get("world_size") != self.accelerator.num_processes:

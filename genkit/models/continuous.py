@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ShapeError
+from ..fields import as_x0
 from ..paths import PREDICTIONS, Path, broadcast_time, get_path
 from ..solvers import Solution, Solver, TimeGrid, ode_log_prob, solve
 
@@ -77,9 +78,17 @@ class ContinuousModel(nn.Module):
                               f"torch.Generator(device={str(device)!r})")
         x = self.path.sample_prior((n, *self.sample_shape), generator=generator, device=device, dtype=p.dtype)
         sol = solve(self, x, solver, steps, self.default_grid(grid), generator=generator, **cond)
+        t_end = float(sol.times[-1])
+        if t_end > 0 and self.denoise_end:
+            sol.samples = as_x0(self)(sol.samples, t_end, **cond)
+            sol.nfe += 1
         return sol if return_solution else sol.samples
 
+    #: Return E[x_0 | x_t] at the grid's last time when it ends above 0 (one extra evaluation).
+    denoise_end = False
+
     def default_grid(self, grid):
+        """Fill in the model's time range for a grid given by name (objects and explicit times are kept)."""
         return grid
 
     def log_prob(self, x: Tensor, **kwargs: Any) -> Tensor:

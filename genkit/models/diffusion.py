@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..paths import Path, path_from_config
+from ..solvers import get_grid
 from . import FAMILIES
 from .continuous import ContinuousModel
 
@@ -82,11 +83,14 @@ class Diffusion(ContinuousModel):
         a, s, _, _ = self.path.coefficients(t, x)
         return x * torch.rsqrt(a * a * self.sigma_data ** 2 + s * s)
 
-    def default_grid(self, grid):
-        from ..solvers import get_grid
+    denoise_end = True
 
-        if isinstance(grid, str) and self.t_max < 1:
-            return get_grid(grid, t_max=self.t_max)
+    def default_grid(self, grid):
+        """A grid given by name runs over the training range ``[t_eps, t_max]``: below ``t_eps`` the network
+        was never trained and the velocity of eps/x0 networks grows like ``1/sigma``. Sampling then returns
+        ``E[x_0 | x_{t_eps}]`` (the final denoising step of Song et al. 2021 and DDIM's last step)."""
+        if isinstance(grid, str):
+            return get_grid(grid, t_max=self.t_max, t_min=max(self.t_eps, self.path.t_min))
         return grid
 
     def weight(self, t: Tensor, x: Tensor) -> Tensor:

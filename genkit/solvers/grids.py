@@ -83,8 +83,8 @@ def _equiv_sigma(path: Path, t: Tensor) -> Tensor:
 class Karras(TimeGrid):
     """EDM's schedule (Karras et al. 2022, arXiv 2206.00364, eq. 5): steps uniform in
     ``sigma^(1/rho)`` of the equivalent VE noise level ``sigma/alpha``, between
-    ``min(sigma_max, sigma(t_max))`` and ``sigma_min``, mapped back to t; the last step goes to ``t_min``.
-    The first point is always ``t_max`` itself."""
+    ``min(sigma_max, sigma(t_max))`` and ``sigma(t_min)`` (or ``sigma_min`` followed by a last step to
+    ``t_min = 0``), mapped back to t. The first point is always ``t_max`` itself."""
 
     def __init__(self, rho: float = 7.0, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  t_max: float = 1.0, t_min: float | None = None):
@@ -98,21 +98,32 @@ class Karras(TimeGrid):
         _check_n(n)
         lo, hi = self._bounds(path)
         s_hi = min(self.sigma_max, float(_equiv_sigma(path, torch.tensor(hi))))
-        s_lo = max(self.sigma_min, float(_equiv_sigma(path, torch.tensor(lo))) if lo > 0 else 0.0)
-        if n == 1 or s_lo >= s_hi:
-            return validate_grid(torch.tensor([hi, lo], dtype=torch.float64) if n == 1
-                                 else torch.linspace(hi, lo, n + 1, dtype=torch.float64))
-        r = torch.linspace(0, 1, n, dtype=torch.float64)
+        # ending above 0, the last point is t_min itself; ending at 0, EDM's last step goes sigma_min -> 0
+        s_lo = float(_equiv_sigma(path, torch.tensor(lo))) if lo > 0 else self.sigma_min
+        k = n + 1 if lo > 0 else n
+        if k < 2 or s_lo >= s_hi:
+            return Uniform(hi, lo).times(n, path)
+        r = torch.linspace(0, 1, k, dtype=torch.float64)
         sig = (s_hi ** (1 / self.rho) + r * (s_lo ** (1 / self.rho) - s_hi ** (1 / self.rho))) ** self.rho
-        t = path.t_from_log_snr(-2 * torch.log(sig)).to(torch.float64)
-        t = torch.cat([t.new_tensor([hi]), t[1:], t.new_tensor([lo])])
-        return validate_grid(t)
+        return _finish(path.t_from_log_snr(-2 * torch.log(sig)).to(torch.float64), hi, lo, k == n + 1)
+
+
+def _finish(t: Tensor, hi: float, lo: float, ends_at_lo: bool) -> Tensor:
+    """Pin the end points exactly (the inverse log-SNR is a bisection) and validate."""
+    t = t.clone()
+    t[0] = hi
+    if ends_at_lo:
+        t[-1] = lo
+    else:
+        t = torch.cat([t, t.new_tensor([lo])])
+    return validate_grid(t)
 
 
 @GRIDS.register("logsnr")
 class LogSNR(TimeGrid):
-    """Steps uniform in log-SNR ``lambda = 2 log(alpha/sigma)`` (DPM-Solver's choice), clipped to
-    ``[lambda(t_max), lambda_max]``; the last step goes to ``t_min``."""
+    """Steps uniform in log-SNR ``lambda = 2 log(alpha/sigma)`` (DPM-Solver's choice) between
+    ``lambda(t_max)`` and ``lambda(t_min)``, clipped to ``[lambda_min, lambda_max]``; when clipped at
+    ``lambda_max`` (always for ``t_min = 0``) a last step goes to ``t_min``."""
 
     def __init__(self, lambda_max: float = 12.0, lambda_min: float = -12.0, t_max: float = 1.0,
                  t_min: float | None = None):
@@ -124,10 +135,12 @@ class LogSNR(TimeGrid):
         lo, hi = self._bounds(path)
         l_hi = max(self.lambda_min, float(path.log_snr(torch.tensor(hi, dtype=torch.float64))))
         l_lo = min(self.lambda_max, float(path.log_snr(torch.tensor(lo, dtype=torch.float64))))
-        lam = torch.linspace(l_hi, l_lo, n, dtype=torch.float64)
-        t = path.t_from_log_snr(lam).to(torch.float64)
-        t = torch.cat([t.new_tensor([hi]), t[1:], t.new_tensor([lo])])
-        return validate_grid(t)
+        ends_at_lo = lo > 0 and l_lo < self.lambda_max
+        k = n + 1 if ends_at_lo else n
+        if k < 2 or l_lo <= l_hi:
+            return Uniform(hi, lo).times(n, path)
+        lam = torch.linspace(l_hi, l_lo, k, dtype=torch.float64)
+        return _finish(path.t_from_log_snr(lam).to(torch.float64), hi, lo, ends_at_lo)
 
 
 @GRIDS.register("custom")
