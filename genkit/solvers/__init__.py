@@ -1,6 +1,7 @@
 """ODE and SDE solvers, time grids, likelihoods and flow maps over the common Field interface."""
 
 from .adaptive import Adaptive, Bosh3, Dopri5
+from .exponential import DDIM, DEIS, DPMSolverPP2M, DPMSolverPP3M, ExponentialSolver, UniPC
 from .base import SOLVERS, Solution, Solver, get_solver, solve
 from .fixed import RK4, Euler, Heun, Midpoint, RungeKutta, Tableau
 from .flowmap import ODEFlowMap
@@ -12,6 +13,7 @@ __all__ = [
     "SOLVERS", "GRIDS", "Solution", "Solver", "get_solver", "solve",
     "RungeKutta", "Tableau", "Euler", "Midpoint", "Heun", "RK4",
     "Adaptive", "Dopri5", "Bosh3", "EulerMaruyama",
+    "ExponentialSolver", "DDIM", "DPMSolverPP2M", "DPMSolverPP3M", "UniPC", "DEIS",
     "TimeGrid", "Uniform", "Karras", "LogSNR", "Custom", "get_grid", "validate_grid",
     "divergence", "ode_log_prob", "ODEFlowMap",
 ]
