@@ -7,9 +7,9 @@ import torch
 from genkit.analytic import Gaussian
 from genkit.fields import FunctionField
 from genkit.paths import get_path
-from genkit.solvers import SOLVERS, DPMSolverPP2M, ExponentialSolver, LogSNR, UniPC, get_solver, solve
+from genkit.solvers import DEIS, SOLVERS, DPMSolverPP2M, ExponentialSolver, LogSNR, UniPC, get_solver, solve
 
-EXPONENTIAL = [n for n in SOLVERS.names() if n in ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis")]
+EXPONENTIAL = [n for n in SOLVERS.names() if isinstance(get_solver(n), (ExponentialSolver, DEIS))]
 
 
 def _exact_order_solver(name):

@@ -10,12 +10,22 @@ from genkit.analytic import Gaussian, GaussianMixture
 from genkit.errors import ConfigError, SolverError, TimeGridError
 from genkit.fields import FunctionField
 from genkit.paths import PATHS, get_path
-from genkit.solvers import (GRIDS, SOLVERS, Custom, EulerMaruyama, Karras, LogSNR, ODEFlowMap, Uniform,
+from genkit.solvers import (GRIDS, SOLVERS, Custom, EulerMaruyama, Karras, LogSNR, ODEFlowMap, RungeKutta, Uniform,
                             get_grid, get_solver, ode_log_prob, solve, validate_grid)
 
-FIXED = [n for n in SOLVERS.names() if get_solver(n).fixed_step and not get_solver(n).stochastic]
+FIXED = [n for n in SOLVERS.names() if isinstance(get_solver(n), RungeKutta)]
 ADAPTIVE = [n for n in SOLVERS.names() if not get_solver(n).fixed_step]
-ODE_SOLVERS = FIXED + ADAPTIVE
+ODE_SOLVERS = FIXED + ADAPTIVE  # the fast diffusion solvers have their own full-grid test
+
+
+def test_every_solver_is_in_an_order_suite():
+    """Runge-Kutta and adaptive solvers are measured here, the fast diffusion solvers in
+    test_fast_solvers.py, the stochastic ones by their distributions; nothing registered escapes."""
+    from test_fast_solvers import EXPONENTIAL
+
+    stochastic = [n for n in SOLVERS.names() if get_solver(n).stochastic]
+    covered = set(FIXED) | set(ADAPTIVE) | set(EXPONENTIAL) | set(stochastic)
+    assert covered == set(SOLVERS.names())
 
 
 def _measured_order(solver, errors_at):
