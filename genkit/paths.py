@@ -279,7 +279,8 @@ class CosinePath(Path):
         return (t + self.offset) / (1 + self.offset) * (math.pi / 2)
 
     def _alpha(self, t):
-        return torch.cos(self._angle(t)) / math.cos(self.offset / (1 + self.offset) * math.pi / 2)
+        # cos(angle) written as sin(pi/2 - angle) so that alpha(1) is exactly 0, not 6e-17
+        return torch.sin((1 - t) / (1 + self.offset) * (math.pi / 2)) / math.cos(self.offset / (1 + self.offset) * math.pi / 2)
 
     def _sigma(self, t):
         return torch.sqrt(torch.clamp(1 - self._alpha(t) ** 2, min=0.0))

@@ -7,7 +7,7 @@ import torch
 from genkit.analytic import Gaussian
 from genkit.fields import FunctionField
 from genkit.paths import get_path
-from genkit.solvers import DEIS, SOLVERS, DPMSolverPP2M, ExponentialSolver, LogSNR, UniPC, get_solver, solve
+from genkit.solvers import DEIS, SOLVERS, Ancestral, DPMSolverPP2M, EDMStochastic, Karras, ExponentialSolver, LogSNR, UniPC, get_solver, solve
 
 EXPONENTIAL = [n for n in SOLVERS.names() if isinstance(get_solver(n), (ExponentialSolver, DEIS))]
 
@@ -87,3 +87,37 @@ def test_reproduces_diffusers(which, steps):
         out = solve(field, x, ours, None, times).samples
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < 1e-4, rel
+
+
+STOCHASTIC = [n for n in SOLVERS.names() if get_solver(n).stochastic]
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+@pytest.mark.parametrize("path,prediction", [("ddpm", "eps"), ("ve", "eps"), ("cosine", "v")])
+def test_stochastic_samplers_hit_the_target_distribution(name, path, prediction):
+    p = get_path(path)
+    mean, cov = torch.tensor([1.0, -2.0]), torch.tensor([[0.6, 0.2], [0.2, 0.3]])
+    g = Gaussian(mean, cov, p, prediction)
+    gen = torch.Generator().manual_seed(2)
+    x1 = p.sample_prior((6000, 2), generator=gen, dtype=torch.float64)
+    grid = "karras" if path == "ve" else ("uniform" if name == "edm" else LogSNR(t_max=0.99))
+    if name == "euler_maruyama" and path == "cosine":
+        grid = LogSNR(t_max=0.99)
+    out = solve(g, x1, name, 200, grid, generator=gen).samples
+    # standard errors ~0.01 for the mean and the covariance entries of 6000 draws
+    torch.testing.assert_close(out.mean(0), mean.double(), atol=0.05, rtol=0)
+    torch.testing.assert_close(torch.cov(out.T), cov.double(), atol=0.05, rtol=0)
+    a = solve(g, x1[:5], name, 10, grid, generator=torch.Generator().manual_seed(9)).samples
+    b = solve(g, x1[:5], name, 10, grid, generator=torch.Generator().manual_seed(9)).samples
+    assert torch.equal(a, b)  # reproducible with a generator
+
+
+def test_ancestral_eta_zero_is_ddim_and_edm_churn_zero_is_heun():
+    p = get_path("ve")
+    g = Gaussian(torch.tensor([0.5]), torch.eye(1) * 0.4, p, "eps")
+    x1 = torch.randn(6, 1, dtype=torch.float64) * p.prior_std()
+    grid = Karras(t_min=0.01)
+    torch.testing.assert_close(solve(g, x1, Ancestral(eta=0.0), 12, grid).samples, solve(g, x1, "ddim", 12, grid).samples)
+    # on the ve path rho = 80 t, so EDM's Heun in rho is Heun in t
+    torch.testing.assert_close(solve(g, x1, EDMStochastic(churn=0.0), 12, grid).samples,
+                               solve(g, x1, "heun", 12, grid).samples, rtol=1e-10, atol=1e-10)

@@ -8,11 +8,12 @@ from .flowmap import ODEFlowMap
 from .grids import GRIDS, Custom, Karras, LogSNR, TimeGrid, Uniform, get_grid, validate_grid
 from .likelihood import divergence, ode_log_prob
 from .sde import EulerMaruyama
+from .stochastic import Ancestral, EDMStochastic
 
 __all__ = [
     "SOLVERS", "GRIDS", "Solution", "Solver", "get_solver", "solve",
     "RungeKutta", "Tableau", "Euler", "Midpoint", "Heun", "RK4",
-    "Adaptive", "Dopri5", "Bosh3", "EulerMaruyama",
+    "Adaptive", "Dopri5", "Bosh3", "EulerMaruyama", "Ancestral", "EDMStochastic",
     "ExponentialSolver", "DDIM", "DPMSolverPP2M", "DPMSolverPP3M", "UniPC", "DEIS",
     "TimeGrid", "Uniform", "Karras", "LogSNR", "Custom", "get_grid", "validate_grid",
     "divergence", "ode_log_prob", "ODEFlowMap",
