@@ -65,7 +65,8 @@ class UNet(nn.Module):
         down_block_types, up_block_types: diffusers block names; by default plain
             blocks with attention at the lowest resolution only.
         norm_num_groups: GroupNorm groups.
-        time_scale: diffusers receives ``t * time_scale`` (999 matches DDPM's integer timesteps).
+        time_scale, time_shift: diffusers receives ``t * time_scale + time_shift`` (999 and 0 by default;
+            a DDPM checkpoint trained on integer steps ``i = N t - 1`` uses ``N`` and ``-1``).
         num_classes: if set, ``y`` (integer labels ``[B]``) is required (diffusers' ``num_class_embeds``).
         unet2d_kwargs: any other ``UNet2DModel`` argument (e.g. ``{"dropout": 0.1}``).
 
@@ -90,6 +91,7 @@ class UNet(nn.Module):
         time_scale: float = 999.0,
         num_classes: int | None = None,
         unet2d_kwargs: dict[str, Any] | None = None,
+        time_shift: float = 0.0,
     ):
         super().__init__()
         levels = len(block_out_channels)
@@ -129,17 +131,20 @@ class UNet(nn.Module):
             )
         except (ValueError, TypeError) as err:
             raise ConfigError(f"diffusers rejected this UNet configuration: {err}; fix the named argument") from err
-        self._attach(model, time_scale, extra)
+        self._attach(model, time_scale, extra, time_shift)
 
-    def _attach(self, model: UNet2DModel, time_scale: float, extra: dict[str, Any]) -> None:
+    def _attach(self, model: UNet2DModel, time_scale: float, extra: dict[str, Any], time_shift: float = 0.0) -> None:
         if not isinstance(time_scale, (int, float)) or time_scale <= 0:
             raise ConfigError(f"time_scale must be a positive number, got {time_scale!r}")
+        if not isinstance(time_shift, (int, float)):
+            raise ConfigError(f"time_shift must be a number, got {time_shift!r}")
         self.unet = model
         self.time_scale = float(time_scale)
+        self.time_shift = float(time_shift)
         self.unet2d_kwargs = {k: _jsonable(v) for k, v in extra.items()}
 
     @classmethod
-    def from_unet2d(cls, model: UNet2DModel, time_scale: float = 999.0) -> "UNet":
+    def from_unet2d(cls, model: UNet2DModel, time_scale: float = 999.0, time_shift: float = 0.0) -> "UNet":
         """Wrap an existing diffusers ``UNet2DModel`` (weights shared, not copied).
 
         Its non-default settings are kept in ``config()["unet2d_kwargs"]``, so
@@ -155,7 +160,7 @@ class UNet(nn.Module):
         }
         net = cls.__new__(cls)
         nn.Module.__init__(net)
-        net._attach(model, time_scale, extra)
+        net._attach(model, time_scale, extra, time_shift)
         return net
 
     @property
@@ -174,7 +179,7 @@ class UNet(nn.Module):
         num_classes = self.unet.config.num_class_embeds
         if self.unet.class_embedding is None or num_classes is not None:
             check_labels(y, x, num_classes, "UNet")
-        return self.unet(x, t * self.time_scale, class_labels=y).sample
+        return self.unet(x, t * self.time_scale + self.time_shift, class_labels=y).sample
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments; ``genkit.nets.build(net.config())`` rebuilds the net."""
@@ -190,6 +195,7 @@ class UNet(nn.Module):
             "up_block_types": list(c.up_block_types),
             "norm_num_groups": c.norm_num_groups,
             "time_scale": self.time_scale,
+            "time_shift": self.time_shift,
             "num_classes": c.num_class_embeds,
             "unet2d_kwargs": dict(self.unet2d_kwargs),
         }
