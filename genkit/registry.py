@@ -43,6 +43,11 @@ class Registry(Generic[T]):
             raise ConfigError(f"unknown {self.kind} {name!r}; choose one of: {known}")
         return self._items[name]
 
+    def unregister(self, name: str) -> None:
+        if name not in self._items:
+            raise ConfigError(f"{self.kind} {name!r} is not registered")
+        del self._items[name]
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

@@ -8,6 +8,7 @@ from .flowmap import ODEFlowMap
 from .grids import GRIDS, Custom, Karras, LogSNR, TimeGrid, Uniform, get_grid, validate_grid
 from .likelihood import divergence, ode_log_prob
 from .sde import EulerMaruyama
+from .searched import SearchedSolver, load_searched_solver, register_searched, search_solver, unregister_searched
 from .stochastic import Ancestral, EDMStochastic
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "ExponentialSolver", "DDIM", "DPMSolverPP2M", "DPMSolverPP3M", "UniPC", "DEIS",
     "TimeGrid", "Uniform", "Karras", "LogSNR", "Custom", "get_grid", "validate_grid",
     "divergence", "ode_log_prob", "ODEFlowMap",
+    "SearchedSolver", "search_solver", "load_searched_solver", "register_searched", "unregister_searched",
 ]

@@ -7,6 +7,8 @@ fields and grids, never a family or a network class.
 
 from __future__ import annotations
 
+import os
+import pathlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -75,13 +77,20 @@ def check_finite_result(x: Tensor, solver: Solver, times: Tensor) -> Tensor:
     return x
 
 
-def get_solver(solver: str | Solver, **kwargs: Any) -> Solver:
+def get_solver(solver: str | os.PathLike | Solver, **kwargs: Any) -> Solver:
     """A solver by registry name (``euler``, ``heun``, ``midpoint``, ``rk4``, ``dopri5``,
-    ``euler_maruyama``, ...) with its options, or a Solver unchanged."""
+    ``euler_maruyama``, ...) with its options, a searched-solver artifact directory, or a Solver unchanged."""
     if isinstance(solver, Solver):
         if kwargs:
             raise ConfigError(f"options {sorted(kwargs)} given with an already built solver {solver!r}")
         return solver
+    if isinstance(solver, (str, os.PathLike)) and str(solver) not in SOLVERS \
+            and (pathlib.Path(solver) / "solver.json").is_file():
+        from .searched import load_searched_solver  # lazy: searched imports base
+
+        if kwargs:
+            raise ConfigError(f"options {sorted(kwargs)} given with a searched-solver artifact {solver}")
+        return load_searched_solver(solver)
     try:
         return SOLVERS.get(solver)(**kwargs)
     except TypeError as e:

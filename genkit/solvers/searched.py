@@ -1,0 +1,350 @@
+"""Searched solvers: Differentiable Solver Search (DSS; Wang et al., ICML 2025, arXiv 2505.21114).
+
+A searched solver of ``N`` steps has two learned parts (float64):
+- step logits ``a [N]``: steps ``softmax(a) * (t_start - t_end)``, positive and summing to the interval,
+  times ``t_i = t_start - cumsum(steps)`` (``torch.cumsum``; the official ``_timesteps`` sums in place);
+- a strictly lower-triangular coefficient matrix ``C [N, N]``.
+
+Step ``i`` evaluates the field once, ``d_i``, and combines it with the past evaluations,
+``D_i = sum_{j<i} C[i,j] d_j + (1 - sum_{j<i} C[i,j]) d_i``. Variant ``velocity`` (the paper's flow-matching
+form) uses the velocity: ``x_{i+1} = x_i + (t_{i+1} - t_i) D_i``. Variant ``data`` (its DDPM form) uses the
+data prediction in the DDIM step ``x_{i+1} = (s_{i+1}/s_i) x_i + (a_{i+1} - s_{i+1} a_i/s_i) D_i`` (``a`` alpha,
+``s`` sigma), without the official file's duplicated, uncombined second update. With ``C = 0`` and uniform
+steps it is Euler (DDIM) on the uniform grid. Every ``C[i, j<i]`` is searched (the official code restricts
+the last two rows when ``N <= 6``). :func:`search_solver` fits ``a`` and ``C`` to a reference solution of a
+frozen field; the artifact is ``solver.safetensors`` + ``solver.json``; :func:`register_searched` names it:
+
+>>> import torch
+>>> from genkit.analytic import Gaussian
+>>> from genkit.paths import get_path
+>>> from genkit.solvers import solve
+>>> g = Gaussian(torch.tensor([2.0]), torch.eye(1), get_path("linear"))
+>>> s = search_solver(g, 2, shape=(1,), iters=5, batch=8, pool=16, reference_steps=10)
+>>> solve(g, torch.zeros(3, 1), s, steps=2).samples.shape
+torch.Size([3, 1])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path as FsPath
+from typing import Any, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..checkpoint import _fsync_path, _genkit_version, _read_json, _write_json
+from ..errors import CheckpointError, ConfigError, SolverError
+from ..fields import Field, as_velocity, as_x0, check_field
+from ..paths import Path, broadcast_time, path_from_config
+from .base import SOLVERS, Solution, Solver, check_finite_result, get_solver
+from .grids import TimeGrid, Uniform, get_grid
+
+__all__ = ["SearchedSolver", "search_solver", "load_searched_solver", "register_searched", "unregister_searched",
+           "VARIANTS", "FORMAT_VERSION"]
+
+VARIANTS = ("velocity", "data")
+FORMAT_VERSION = 1
+_KIND = "genkit.searched_solver"
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _times(logits: Tensor, t_start: float, t_end: float) -> Tensor:
+    """``[N + 1]`` times from ``t_start`` to ``t_end`` (pinned exactly), differentiable in ``logits``."""
+    inner = t_start + (t_end - t_start) * torch.cumsum(torch.softmax(logits, 0), 0)[:-1]
+    return torch.cat([logits.new_tensor([t_start]), inner, logits.new_tensor([t_end])])
+
+
+def _integrate(field: Field, x: Tensor, times: Tensor, coeffs: Tensor, variant: str, keep: bool,
+               cond: dict[str, Any]) -> tuple[Tensor, list[Tensor]]:
+    """Run the searched update over ``times [N + 1]`` (float64) with ``coeffs [N, N]``; differentiable."""
+    ts, c = times.to(device=x.device, dtype=x.dtype), coeffs.to(device=x.device, dtype=x.dtype)
+    view = as_velocity(field) if variant == "velocity" else as_x0(field)
+    if variant == "data":  # schedule in float64, differentiable in the times
+        t64 = times.to(device=x.device, dtype=torch.float64)
+        a, s = field.path.alpha(t64), field.path.sigma(t64)
+        ratio, gain = (s[1:] / s[:-1]).to(x.dtype), (a[1:] - s[1:] * a[:-1] / s[:-1]).to(x.dtype)
+    hist: list[Tensor] = []
+    states = [x] if keep else []
+    for i in range(len(ts) - 1):
+        hist.append(view(x, broadcast_time(ts[i], x), **cond))
+        d = hist[-1]
+        if i:  # at C = 0 this is d exactly: 1 * d + 0 * d_j
+            d = (1 - c[i, :i].sum()) * d
+            for j in range(i):
+                d = d + c[i, j] * hist[j]
+        x = x + (ts[i + 1] - ts[i]) * d if variant == "velocity" else ratio[i] * x + gain[i] * d
+        if keep:
+            states.append(x)
+    return x, states
+
+
+class SearchedSolver(Solver):
+    """A solver of exactly ``N = len(logits)`` steps searched for ``path`` over ``[t_start, t_end]``.
+
+    Args:
+        logits: ``[N]`` step logits (``zeros`` = uniform steps).
+        coefficients: ``[N, N]`` strictly lower-triangular multistep coefficients (``zeros`` = Euler/DDIM).
+        path: the path of the fields it was searched for; fields of other paths are refused.
+        t_start, t_end: the interval (sampling runs from ``t_start`` down to ``t_end``).
+        variant: ``"velocity"`` or ``"data"`` (see the module docstring).
+        info: JSON metadata of the search, saved with the artifact.
+
+    The grid given to ``solve`` supplies only the step count (must be ``N``) and the end points (must be
+    the searched interval); the searched solver owns its interior times, ``solver.times``.
+    """
+
+    name, order, stochastic, fixed_step = "searched", 1, False, True
+
+    def __init__(self, logits: Tensor, coefficients: Tensor, path: Path, t_start: float = 1.0, t_end: float = 0.0,
+                 variant: str = "velocity", info: dict[str, Any] | None = None, name: str = "searched"):
+        logits = torch.as_tensor(logits).detach().to("cpu", torch.float64)
+        coeffs = torch.as_tensor(coefficients).detach().to("cpu", torch.float64)
+        n = logits.numel()
+        if logits.ndim != 1 or n < 1 or coeffs.shape != (n, n):
+            raise ConfigError(f"need logits [N] and coefficients [N, N] with N >= 1; got {tuple(logits.shape)} "
+                              f"and {tuple(coeffs.shape)}")
+        if not (torch.isfinite(logits).all() and torch.isfinite(coeffs).all()) or torch.triu(coeffs).any():
+            raise ConfigError("need finite logits and strictly lower-triangular coefficients (C[i, j] = 0 for j >= i);"
+                              f" got {logits.tolist()} and {coeffs.tolist()}. If a search gave NaN, lower its lr")
+        if variant not in VARIANTS or not isinstance(path, Path):
+            raise ConfigError(f"need a variant in {VARIANTS} and a genkit Path (genkit.get_path(name)); got "
+                              f"{variant!r} and {path!r}")
+        if not 0.0 <= float(t_end) < float(t_start) <= 1.0:
+            raise ConfigError(f"need 0 <= t_end < t_start <= 1 (sampling runs noise -> data); got "
+                              f"t_start={t_start}, t_end={t_end}")
+        self.logits, self.coefficients, self.path, self.variant, self.min_steps = logits, coeffs, path, variant, n
+        self.t_start, self.t_end, self.info, self.name = float(t_start), float(t_end), dict(info or {}), name
+
+    num_steps = property(lambda self: self.logits.numel(), doc="N, the number of steps and evaluations.")
+
+    @property
+    def times(self) -> Tensor:
+        """The searched grid ``[N + 1]`` (float64), from ``t_start`` to ``t_end``."""
+        return _times(self.logits, self.t_start, self.t_end)
+
+    @property
+    def steps(self) -> Tensor:
+        """Step sizes ``[N]``, positive, summing to ``t_start - t_end``."""
+        return self.times[:-1] - self.times[1:]
+
+    def grid(self) -> TimeGrid:
+        """The searched times as a TimeGrid: ``solve(field, x, solver, None, solver.grid())``."""
+        return get_grid(self.times)
+
+    def __repr__(self) -> str:
+        return (f"SearchedSolver(name={self.name!r}, steps={self.num_steps}, variant={self.variant!r}, "
+                f"path={self.path!r}, t=[{self.t_start:g}, {self.t_end:g}])")
+
+    def check_steps(self, times: Tensor) -> None:
+        if len(times) - 1 != self.num_steps:
+            raise SolverError(f"searched solver {self.name!r} was searched for {self.num_steps} steps; the grid has "
+                              f"{len(times) - 1}. Pass steps={self.num_steps}, or search again for this budget")
+        if abs(float(times[0]) - self.t_start) > 1e-7 or abs(float(times[-1]) - self.t_end) > 1e-7:
+            raise SolverError(f"searched solver {self.name!r} was searched for t from {self.t_start:g} to "
+                              f"{self.t_end:g}; the grid runs from {float(times[0]):g} to {float(times[-1]):g}. "
+                              "Use a grid with these end points, or search again for this interval")
+
+    def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
+              trajectory: bool = False, **cond: Any) -> Solution:
+        del generator  # deterministic
+        check_field(field)
+        if field.path != self.path:
+            raise SolverError(f"searched solver {self.name!r} was searched for path {self.path!r}, field uses "
+                              f"{field.path!r}; search again with this field")
+        self.check_steps(times)
+        grid = self.times
+        x, states = _integrate(field, x, grid, self.coefficients, self.variant, trajectory, cond)
+        check_finite_result(x, self, grid)
+        return Solution(x, self.num_steps, grid, torch.stack(states) if trajectory else None)
+
+    # ------------------------------------------------------------------------------------------ artifact
+    def save(self, directory: PathLike) -> FsPath:
+        """Write ``solver.safetensors`` + ``solver.json`` into ``directory`` atomically; returns it."""
+        directory = FsPath(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp, old = (directory.parent / f".{directory.name}.{kind}-{tag}" for kind in ("tmp", "old"))
+        tmp.mkdir()
+        try:
+            save_file({"logits": self.logits.contiguous(), "coefficients": self.coefficients.contiguous()},
+                      str(tmp / "solver.safetensors"), metadata={"format": "pt"})
+            _fsync_path(tmp / "solver.safetensors")
+            meta = {"kind": _KIND, "format": FORMAT_VERSION, "genkit_version": _genkit_version(),
+                    "torch_version": torch.__version__, "steps": self.num_steps, "variant": self.variant,
+                    "path": self.path.config(), "t_start": self.t_start, "t_end": self.t_end, "info": self.info,
+                    "files": {"solver.safetensors": (tmp / "solver.safetensors").stat().st_size}}
+            _write_json(tmp / "solver.json", meta, "solver.json", keep_tuples=False)
+            _fsync_path(tmp)
+            if directory.exists():
+                os.rename(directory, old)
+            os.rename(tmp, directory)
+            _fsync_path(directory.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+
+def load_searched_solver(directory: PathLike) -> SearchedSolver:
+    """Read an artifact written by :meth:`SearchedSolver.save`; CheckpointError if incomplete or corrupt."""
+    directory = FsPath(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"no searched solver at {directory}: the directory does not exist; check the path")
+    meta = _read_json(directory / "solver.json")
+    if not isinstance(meta, dict) or meta.get("kind") != _KIND or not isinstance(meta.get("format"), int):
+        raise CheckpointError(f"{directory / 'solver.json'} is not a genkit searched-solver artifact (kind "
+                              f"{meta.get('kind') if isinstance(meta, dict) else None!r}); save one with solver.save")
+    if meta["format"] > FORMAT_VERSION:
+        raise CheckpointError(f"{directory} has searched-solver format {meta['format']}; this genkit "
+                              f"({_genkit_version()}) reads format <= {FORMAT_VERSION}. Upgrade genkit")
+    file, hint = directory / "solver.safetensors", "search again or use another artifact"
+    expected = meta.get("files", {}).get(file.name)
+    if not file.is_file() or (expected is not None and file.stat().st_size != expected):
+        size = f"{file.stat().st_size} bytes, not {expected}" if file.is_file() else "missing"
+        raise CheckpointError(f"{file} is {size}: truncated, corrupt or incomplete; {hint}")
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        n, path = int(meta["steps"]), path_from_config(meta["path"])
+        if set(tensors) != {"logits", "coefficients"} or tensors["logits"].shape != (n,) \
+                or tensors["coefficients"].shape != (n, n):
+            raise CheckpointError(f"{file} holds {({k: tuple(v.shape) for k, v in tensors.items()})}, not logits "
+                                  f"[{n}] and coefficients [{n}, {n}]; {hint}")
+        return SearchedSolver(tensors["logits"], tensors["coefficients"], path, meta["t_start"], meta["t_end"],
+                              meta["variant"], meta.get("info"))
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError, missing JSON keys, invalid values
+        raise CheckpointError(f"{directory} is truncated or corrupt ({type(e).__name__}: {e}); {hint}") from e
+
+
+class _Registered:
+    """The registry entry of a searched solver: ``SOLVERS.get(name)()`` returns the solver itself (options
+    raise TypeError, which ``get_solver`` reports as a ConfigError)."""
+
+    def __init__(self, solver: SearchedSolver):
+        self.solver = solver
+
+    def __call__(self) -> SearchedSolver:
+        return self.solver
+
+
+def register_searched(name: str, solver: SearchedSolver | PathLike, *, replace: bool = False) -> SearchedSolver:
+    """Make ``get_solver(name)`` / ``solve(field, x, name, steps=N)`` use a searched solver (object or
+    artifact directory). ``replace=True`` replaces an earlier searched solver of that name."""
+    if not isinstance(solver, SearchedSolver):
+        solver = load_searched_solver(solver)
+    if name in SOLVERS:
+        if not (replace and isinstance(SOLVERS.get(name), _Registered)):
+            raise ConfigError(f"solver name {name!r} is taken; pick another name"
+                              + ("" if replace else " or pass replace=True to replace a searched solver"))
+        unregister_searched(name)
+    named = SearchedSolver(solver.logits, solver.coefficients, solver.path, solver.t_start, solver.t_end,
+                           solver.variant, solver.info, name)
+    SOLVERS.register(name)(_Registered(named))
+    return named
+
+
+def unregister_searched(name: str) -> None:
+    """Remove a solver added by :func:`register_searched` (built-in solvers cannot be removed)."""
+    if not isinstance(SOLVERS.get(name), _Registered):
+        raise ConfigError(f"{name!r} is a built-in solver, not a registered searched solver")
+    SOLVERS.unregister(name)
+
+
+def _interp(ref_t: Tensor, ref: Tensor, t: Tensor) -> Tensor:
+    """Linear interpolation of reference states ``ref [M + 1, B, ...]`` on decreasing ``ref_t`` at ``t [K]``."""
+    u = (ref_t[0] - t) / (ref_t[0] - ref_t[-1]) * (len(ref_t) - 1)  # fractional index on the uniform ref grid
+    k = u.floor().long().clamp(0, len(ref_t) - 2)
+    w = (u - k).clamp(0, 1).to(ref.dtype).reshape(-1, *[1] * (ref.ndim - 1))
+    return (1 - w) * ref[k] + w * ref[k + 1]
+
+
+def _optimiser_step(kind: str, params: list[Tensor], grads: tuple[Tensor, ...], state: list[list[Tensor]], lr: float,
+                    it: int) -> None:
+    """Adam (betas 0.9, 0.999) or Lion (the paper's choice; betas 0.9, 0.99), written out: torch.optim's first
+    step imports torch._dynamo, seconds on a CPU for a handful of parameters."""
+    with torch.no_grad():
+        for p, g, (m, v) in zip(params, grads, state):
+            if kind == "lion":
+                p -= lr * torch.sign(0.9 * m + 0.1 * g)
+                m.mul_(0.99).add_(0.01 * g)
+            else:
+                m.mul_(0.9).add_(0.1 * g)
+                v.mul_(0.999).add_(0.001 * g * g)
+                p -= lr * (m / (1 - 0.9 ** (it + 1))) / ((v / (1 - 0.999 ** (it + 1))).sqrt() + 1e-8)
+
+
+def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: str = "velocity",
+                  reference_solver: str | Solver = "rk4", reference_steps: int = 100, iters: int = 300,
+                  batch: int = 64, pool: int = 1024, lr: float = 1e-2, optimiser: str = "adam",
+                  trajectory_weight: float = 0.0, grid: str | TimeGrid = "uniform", cond: dict[str, Any] | None = None,
+                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> SearchedSolver:
+    """Search a solver of ``nfe`` steps (= evaluations) for ``field`` (DSS, arXiv 2505.21114).
+
+    Draws ``pool`` prior samples ``[pool, *shape]``, solves them with ``reference_solver`` on ``reference_steps``
+    uniform steps (adaptive solvers: output times), then takes ``iters`` steps of ``optimiser`` (``adam`` or
+    ``lion``) on minibatches of ``batch``. Loss: endpoint MSE to the reference, plus ``trajectory_weight`` times
+    the mean MSE of the intermediate states to the reference trajectory interpolated at the current searched
+    times (the official trainer's per-step term, where times are rounded to the teacher grid). Gradients reach
+    only the step logits and coefficients: ``torch.autograd.grad`` leaves the field's ``.grad`` alone.
+    ``grid`` gives the interval and the initial steps (``uniform``: exactly Euler/DDIM at the start).
+    ``cond``: conditioning for the field, tensors with first dimension ``pool`` (sliced with the noise).
+    ``device``/``dtype`` default to the field's parameters' (CPU and the default dtype for other fields).
+    """
+    check_field(field)
+    if not isinstance(nfe, int) or nfe < 2:
+        raise SolverError(f"nfe must be an integer >= 2 (one step has nothing to search: it is Euler); got {nfe!r}")
+    if variant not in VARIANTS or optimiser not in ("adam", "lion"):
+        raise ConfigError(f"variant must be one of {VARIANTS} and optimiser 'adam' or 'lion'; got {variant!r}, "
+                          f"{optimiser!r}")
+    counts = {"iters": iters, "batch": batch, "pool": pool, "reference_steps": reference_steps}
+    if any(not isinstance(v, int) or v < 1 for v in counts.values()) or not (lr > 0 and math.isfinite(lr)) \
+            or not trajectory_weight >= 0:
+        raise ConfigError(f"need positive integers {counts}, lr > 0 and trajectory_weight >= 0; got lr={lr}, "
+                          f"trajectory_weight={trajectory_weight}")
+    params = list(field.parameters()) if isinstance(field, torch.nn.Module) else []
+    device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    dtype = dtype or (params[0].dtype if params else torch.get_default_dtype())
+    g = get_grid(grid)
+    init = g.times(nfe, field.path)
+    t_start, t_end = float(init[0]), float(init[-1])
+    logits = torch.zeros(nfe, dtype=torch.float64) if isinstance(g, Uniform) else torch.log(init[:-1] - init[1:])
+    coeffs, mask = torch.zeros(nfe, nfe, dtype=torch.float64), torch.tril(torch.ones(nfe, nfe, dtype=torch.float64), -1)
+    unknowns = [logits.requires_grad_(True), coeffs.requires_grad_(True)]
+    state = [[torch.zeros_like(u), torch.zeros_like(u)] for u in unknowns]
+    x_pool = field.path.sample_prior((pool, *shape), generator=generator, device=device, dtype=dtype)
+    cond, keep = dict(cond or {}), trajectory_weight > 0
+    reference = get_solver(reference_solver)
+    ref_t = Uniform(t_start, t_end).times(reference_steps, field.path)
+    with torch.no_grad():  # the reference is a constant target
+        ref = reference.solve(field, x_pool, ref_t, trajectory=keep, **cond)
+    order, losses = torch.empty(0, dtype=torch.long, device=device), []
+    for it in range(iters):
+        if len(order) < batch:  # a fresh permutation of the pool each epoch
+            on = generator.device if generator is not None else None  # randperm draws on the generator's device
+            order = torch.randperm(pool, generator=generator, device=on).to(device)
+        idx, order = order[:batch], order[batch:]
+        sub = {k: v[idx.to(v.device)] if torch.is_tensor(v) else v for k, v in cond.items()}
+        times = _times(logits, t_start, t_end)
+        out, states = _integrate(field, x_pool[idx], times, coeffs * mask, variant, keep, sub)
+        loss = (out - ref.samples[idx]).pow(2).mean()
+        if keep:
+            target = _interp(ref_t.to(device), ref.trajectory[:, idx], times[1:-1].detach().to(device))
+            loss = loss + trajectory_weight * (torch.stack(states[1:-1]) - target).pow(2).mean()
+        if not torch.isfinite(loss):
+            raise SolverError(f"the solver search diverged at iteration {it} (loss {loss.item()}); lower lr={lr}")
+        _optimiser_step(optimiser, unknowns, torch.autograd.grad(loss, unknowns), state, lr, it)
+        losses.append(loss.item())
+    info = {"nfe": nfe, "iters": iters, "batch": batch, "pool": pool, "lr": lr, "optimiser": optimiser,
+            "trajectory_weight": trajectory_weight, "reference": repr(reference), "reference_steps": reference_steps,
+            "first_loss": losses[0], "last_loss": losses[-1]}
+    return SearchedSolver(logits.detach(), (coeffs * mask).detach(), field.path, t_start, t_end, variant, info)

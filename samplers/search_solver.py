@@ -1,0 +1,124 @@
+"""Search a few-step solver for a genkit checkpoint (Differentiable Solver Search, arXiv 2505.21114).
+
+Learns the step sizes and multistep coefficients of an NFE-step solver so that it lands where a
+high-accuracy reference solver lands from the same prior noise, saves it as OUT/solver.safetensors +
+OUT/solver.json, and prints the endpoint error (mean squared error to the reference, at the end of the
+sampling interval, before any final denoising step) on held-out noise for the searched solver and for
+euler, heun (as many whole steps as fit in the NFE), ddim, dpmpp_2m and unipc at the same NFE on the
+uniform and log-SNR grids.
+
+Use the artifact from Python with genkit.solvers.searched.load_searched_solver(OUT), or by name after
+register_searched("my_solver", OUT): solve(model, x, "my_solver", steps=NFE).
+
+examples:
+  python samplers/search_solver.py --checkpoint runs/default --nfe 5
+  python samplers/search_solver.py --checkpoint runs/ddpm/checkpoint --nfe 6 --variant data --iters 500 --out s6
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import genkit
+from genkit.errors import ConfigError, GenkitError
+from genkit.solvers import solve
+from genkit.solvers.searched import VARIANTS, search_solver
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the description's line breaks."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="search_solver.py", description=__doc__, formatter_class=_Formatter)
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a checkpoint folder, or a train.py run folder holding checkpoint/")
+    p.add_argument("--nfe", type=int, required=True, help="number of steps = network evaluations (>= 2)")
+    p.add_argument("--variant", default="velocity", choices=VARIANTS,
+                   help="velocity: combine velocities, Euler steps; data: combine x0 predictions, DDIM steps")
+    p.add_argument("--iters", type=int, default=300, help="optimiser steps")
+    p.add_argument("--batch", type=int, default=64, help="noise samples per optimiser step")
+    p.add_argument("--pool", type=int, default=1024, help="noise samples solved by the reference and searched on")
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate")
+    p.add_argument("--optimiser", default="adam", choices=("adam", "lion"), help="the paper uses lion")
+    p.add_argument("--reference-solver", default="rk4", help="high-accuracy solver, e.g. rk4 or dopri5")
+    p.add_argument("--reference-steps", type=int, default=100, help="steps of the reference solver")
+    p.add_argument("--trajectory-weight", type=float, default=0.0,
+                   help="weight of the intermediate-state loss (0: endpoint loss only)")
+    p.add_argument("--eval", type=int, default=1024, help="held-out noise samples for the error table")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search noise (held-out noise uses seed + 1)")
+    p.add_argument("--out", metavar="DIR", help="artifact folder (default: searched_nfeN/ next to the checkpoint)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    return p.parse_args(argv)
+
+
+def checkpoint_dir(path: str) -> Path:
+    """Accept a run folder (``--out`` of train.py) for its ``checkpoint/``."""
+    p = Path(path)
+    return p / "checkpoint" if not (p / "config.json").exists() and (p / "checkpoint").is_dir() else p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.eval < 1:
+        raise ConfigError(f"--eval must be a positive integer; got {args.eval}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device} asked for a GPU but CUDA is not available here; use --device cpu")
+    ckpt = checkpoint_dir(args.checkpoint)
+    model = genkit.load(ckpt, ema=not args.raw_weights, map_location=device)
+    if not hasattr(model, "path") or not hasattr(model, "sample_shape"):
+        raise ConfigError(f"{ckpt} holds a {type(model).__name__}, not a continuous-time model with a path; "
+                          "searched solvers need a diffusion or flow-matching checkpoint")
+    model.requires_grad_(False)  # frozen: the search differentiates through the model, never into it
+    shape, dtype = tuple(model.sample_shape), next(model.parameters()).dtype
+    t0 = time.perf_counter()
+    solver = search_solver(model, args.nfe, shape=shape, variant=args.variant,
+                           reference_solver=args.reference_solver, reference_steps=args.reference_steps,
+                           iters=args.iters, batch=args.batch, pool=args.pool, lr=args.lr, optimiser=args.optimiser,
+                           trajectory_weight=args.trajectory_weight, grid=model.default_grid("uniform"),
+                           generator=torch.Generator(device=device).manual_seed(args.seed), device=device,
+                           dtype=dtype)
+    seconds = time.perf_counter() - t0
+    out = solver.save(Path(args.out) if args.out else ckpt.parent / f"searched_nfe{args.nfe}")
+    print(f"searched {args.nfe}-step {args.variant} solver for {ckpt} in {seconds:.1f} s "
+          f"(loss {solver.info['first_loss']:.3g} -> {solver.info['last_loss']:.3g}): {out}")
+    print("steps:", " ".join(f"{s:.4f}" for s in solver.steps.tolist()))
+
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    x = model.path.sample_prior((args.eval, *shape), generator=gen, device=device, dtype=dtype)
+    with torch.no_grad():
+        grid = model.default_grid("uniform")
+        ref = solve(model, x, args.reference_solver, args.reference_steps, grid).samples
+        rows = [("searched", "searched", solve(model, x, solver, args.nfe, grid))]
+        for name, steps in (("euler", args.nfe), ("heun", args.nfe // 2)):
+            rows.append((name, "uniform", solve(model, x, name, steps, grid)))
+        for name in ("ddim", "dpmpp_2m", "unipc"):
+            for grid_name in ("uniform", "logsnr"):
+                rows.append((name, grid_name, solve(model, x, name, args.nfe, model.default_grid(grid_name))))
+    errors = [(name, g, sol.nfe, (sol.samples - ref).pow(2).mean().item()) for name, g, sol in rows]
+    euler = errors[1][3]
+    print(f"\nendpoint MSE to {args.reference_solver} ({args.reference_steps} steps) on {args.eval} held-out samples")
+    print(f"{'solver':<10} {'grid':<9} {'NFE':>4} {'MSE':>11} {'/ euler':>8}")
+    for name, g, nfe, err in errors:
+        print(f"{name:<10} {g:<9} {nfe:>4} {err:>11.4g} {err / euler if euler > 0 else float('nan'):>8.3f}")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """``main`` with genkit errors reported as one ``error: ...`` line and exit status 2."""
+    try:
+        main(argv)
+    except GenkitError as e:
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
