@@ -13,6 +13,7 @@ from .interop import DiffusersScheduler, from_diffusers
 from .models import Diffusion, FlowMatching
 from .paths import get_path
 from .solvers import ODEFlowMap, get_grid, get_solver, ode_log_prob, solve
+from .teleport import GaussianFit, fit_gaussian, steps_saved, teleport, teleport_solve
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "solve", "get_solver", "get_grid", "ode_log_prob", "ODEFlowMap",
     "load", "save",
     "from_diffusers", "DiffusersScheduler",
+    "GaussianFit", "fit_gaussian", "teleport", "teleport_solve", "steps_saved",
 ]

@@ -310,6 +310,8 @@ def load(directory: PathLike, *, ema: bool = True, map_location: Union[str, torc
         model = build(model_config)
     except Exception as e:
         raise CheckpointError(f"cannot rebuild the model of {path / 'config.json'}: {e}") from e
+    device = torch.device(map_location)
+    map_location = "cpu" if device.type == "cpu" else str(device)  # safetensors rejects "cpu:0"
     model.to(map_location)
     name = "ema.safetensors" if ema and (path / "ema.safetensors").is_file() else "model.safetensors"
     state = _read_tensors(path / name, config, map_location)

@@ -176,6 +176,9 @@ class Path:
         """``(alpha, sigma, alpha', sigma')`` at ``t``, shaped to broadcast against ``x``."""
         t = broadcast_time(t, x)
         shape = (-1,) + (1,) * (x.ndim - 1)
+        if t.ndim == 1 and t.stride(0) == 0:  # one time for the whole batch (solvers): evaluate once
+            return tuple(self._eval(f, t[:1]).reshape((1,) + shape[1:]).expand((t.shape[0],) + shape[1:])
+                         for f in (self._alpha, self._sigma, self._d_alpha, self._d_sigma))
         return tuple(self._eval(f, t).reshape(shape) for f in (self._alpha, self._sigma, self._d_alpha, self._d_sigma))
 
     def sample(self, x0: Tensor, t: Tensor | float, eps: Tensor) -> Tensor:

@@ -92,9 +92,17 @@ class ContinuousModel(nn.Module):
         return grid
 
     def log_prob(self, x: Tensor, **kwargs: Any) -> Tensor:
-        """``log p(x)`` in nats through the probability-flow ODE; see :func:`genkit.solvers.ode_log_prob`."""
+        """``log p(x)`` in nats through the probability-flow ODE over the model's time range (see
+        :meth:`time_range` and :func:`genkit.solvers.ode_log_prob`)."""
         self.check_batch(x)
+        t_min, t_max = self.time_range()
+        kwargs.setdefault("t_min", t_min)
+        kwargs.setdefault("t_max", t_max)
         return ode_log_prob(self, x, **kwargs)
+
+    def time_range(self) -> tuple[float, float]:
+        """``(t_min, t_max)`` the model was trained on and samples over."""
+        return self.path.t_min, 1.0
 
     # --- config ---------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

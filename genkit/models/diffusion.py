@@ -41,15 +41,17 @@ class Diffusion(ContinuousModel):
     Args:
         net: ``net(x, t) -> Tensor`` shaped like x (a genkit network).
         path: a Path or its name (``cosine``, ``ddpm``, ``ve``, ``linear``).
-        prediction: ``eps``, ``x0``, ``v`` or ``velocity``.
+        prediction: ``v`` (default), ``eps``, ``x0`` or ``velocity``. ``v`` stays well conditioned where
+            alpha -> 0 (Salimans & Ho 2022, arXiv 2202.00512); ``eps`` does not (below).
         weighting: ``uniform``, ``min_snr`` or ``edm``.
         sample_shape: shape of one sample, e.g. ``(2,)`` or ``(1, 8, 8)``.
         sigma_data: data standard deviation (input scaling and EDM weighting).
         min_snr_gamma: gamma of Min-SNR.
         t_eps: smallest training time.
-        t_max: largest time used in training and the default start of sampling. Default 1, or 0.999 when
-            the path reaches alpha = 0 and the network predicts eps (eps carries no information on x_0
-            there, the zero-terminal-SNR problem of Lin et al. 2023, arXiv 2305.08891).
+        t_max: largest time used in training and the default start of sampling. Default 1; when the path
+            reaches alpha = 0 and the network predicts eps, the time of log-SNR -5 (alpha/sigma = 0.08):
+            eps carries no information on x_0 near alpha = 0 and errors in it are amplified by
+            1/alpha (the zero-terminal-SNR problem of Lin et al. 2023, arXiv 2305.08891).
 
     >>> import torch
     >>> from genkit.nets import MLP
@@ -61,7 +63,7 @@ class Diffusion(ContinuousModel):
 
     family = "diffusion"
 
-    def __init__(self, net: nn.Module, path: Path | str = "cosine", prediction: str = "eps",
+    def __init__(self, net: nn.Module, path: Path | str = "cosine", prediction: str = "v",
                  weighting: str = "uniform", *, sample_shape: Sequence[int] = (2,), sigma_data: float = 1.0,
                  min_snr_gamma: float = 5.0, t_eps: float = 1e-3, t_max: float | None = None):
         super().__init__(net, path, prediction, sample_shape)
@@ -73,7 +75,7 @@ class Diffusion(ContinuousModel):
         if sigma_data <= 0 or min_snr_gamma <= 0:
             raise ConfigError(f"sigma_data and min_snr_gamma must be positive; got {sigma_data}, {min_snr_gamma}")
         if t_max is None:
-            t_max = 0.999 if (self.path.alpha_vanishes and prediction == "eps") else 1.0
+            t_max = float(self.path.t_from_log_snr(-5.0)) if (self.path.alpha_vanishes and prediction == "eps") else 1.0
         if not 0 <= t_eps < t_max <= 1:
             raise ConfigError(f"need 0 <= t_eps < t_max <= 1; got t_eps={t_eps}, t_max={t_max}")
         self.weighting, self.sigma_data, self.min_snr_gamma = weighting, float(sigma_data), float(min_snr_gamma)
@@ -90,8 +92,12 @@ class Diffusion(ContinuousModel):
         was never trained and the velocity of eps/x0 networks grows like ``1/sigma``. Sampling then returns
         ``E[x_0 | x_{t_eps}]`` (the final denoising step of Song et al. 2021 and DDIM's last step)."""
         if isinstance(grid, str):
-            return get_grid(grid, t_max=self.t_max, t_min=max(self.t_eps, self.path.t_min))
+            t_min, t_max = self.time_range()
+            return get_grid(grid, t_max=t_max, t_min=t_min)
         return grid
+
+    def time_range(self) -> tuple[float, float]:
+        return max(self.t_eps, self.path.t_min), self.t_max
 
     def weight(self, t: Tensor, x: Tensor) -> Tensor:
         """Per-sample loss weight in the network's parametrization, broadcastable to x."""

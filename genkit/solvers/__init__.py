@@ -7,14 +7,15 @@ from .fixed import RK4, Euler, Heun, Midpoint, RungeKutta, Tableau
 from .flowmap import ODEFlowMap
 from .grids import GRIDS, Custom, Karras, LogSNR, TimeGrid, Uniform, get_grid, validate_grid
 from .likelihood import divergence, ode_log_prob
-from .sde import EulerMaruyama
+from .sde import EulerMaruyama, brownian_tree
+from .sde_torchsde import TorchSDE
 from .searched import SearchedSolver, load_searched_solver, register_searched, search_solver, unregister_searched
 from .stochastic import Ancestral, EDMStochastic
 
 __all__ = [
     "SOLVERS", "GRIDS", "Solution", "Solver", "get_solver", "solve",
     "RungeKutta", "Tableau", "Euler", "Midpoint", "Heun", "RK4",
-    "Adaptive", "Dopri5", "Bosh3", "EulerMaruyama", "Ancestral", "EDMStochastic",
+    "Adaptive", "Dopri5", "Bosh3", "EulerMaruyama", "TorchSDE", "brownian_tree", "Ancestral", "EDMStochastic",
     "ExponentialSolver", "DDIM", "DPMSolverPP2M", "DPMSolverPP3M", "UniPC", "DEIS",
     "TimeGrid", "Uniform", "Karras", "LogSNR", "Custom", "get_grid", "validate_grid",
     "divergence", "ode_log_prob", "ODEFlowMap",

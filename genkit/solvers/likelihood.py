@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SolverError
 from ..fields import Field, FunctionField, as_velocity, check_field
 from ..paths import broadcast_time
 from .base import Solver, get_solver
@@ -40,7 +40,7 @@ def divergence(v: Tensor, x: Tensor, *, noise: Tensor | None = None, create_grap
 
 
 def ode_log_prob(field: Field, x: Tensor, *, solver: str | Solver = "dopri5", steps: int = 100,
-                 divergence_mode: str = "exact", t_min: float | None = None,
+                 divergence_mode: str = "exact", t_min: float | None = None, t_max: float = 1.0,
                  generator: torch.Generator | None = None, **cond: Any) -> Tensor:
     """``log p_0(x)`` under the probability-flow ODE of ``field``, shape ``[batch]`` (nats).
 
@@ -49,8 +49,9 @@ def ode_log_prob(field: Field, x: Tensor, *, solver: str | Solver = "dopri5", st
         x: data ``[batch, ...]``.
         solver: an ODE solver (adaptive ``dopri5`` by default; a fixed-step one uses ``steps``).
         divergence_mode: ``"exact"`` or ``"hutchinson"``.
-        t_min: start time (default: the path's ``t_min``); ``t = 1`` is the end, where the prior is
-            ``N(0, sigma(1)^2 I)``.
+        t_min: start time (default: the path's ``t_min``).
+        t_max: end time, where the prior is taken as ``N(0, sigma(t_max)^2 I)`` (exact at 1 when alpha(1) = 0;
+            the same approximation the sampler makes when it starts below 1).
         generator: draws the Hutchinson probe.
     """
     check_field(field)
@@ -62,7 +63,7 @@ def ode_log_prob(field: Field, x: Tensor, *, solver: str | Solver = "dopri5", st
     v = as_velocity(field)
     path = field.path
     t0 = path.t_min if t_min is None else float(t_min)
-    times = validate_grid(torch.linspace(t0, 1.0, (steps if solver.fixed_step else 1) + 1, dtype=torch.float64))
+    times = validate_grid(torch.linspace(t0, float(t_max), (steps if solver.fixed_step else 1) + 1, dtype=torch.float64))
     shape, d = x.shape, x[0].numel()
     probe = None
     if divergence_mode == "hutchinson":
@@ -77,8 +78,12 @@ def ode_log_prob(field: Field, x: Tensor, *, solver: str | Solver = "dopri5", st
 
     state = torch.cat([x.flatten(1), x.new_zeros(x.shape[0], 1)], dim=1)
     aug = FunctionField(lambda s, t: augmented(s, broadcast_time(t, s)), path, "velocity")
-    end = solver.solve(aug, state, times).samples
+    try:
+        end = solver.solve(aug, state, times).samples
+    except AssertionError as e:  # torchdiffeq's step-size underflow
+        raise SolverError(f"the likelihood ODE could not be integrated with {solver!r} ({e}); the field is likely "
+                          "singular on [t_min, t_max]: narrow the range or use a fixed-step solver") from None
     x1, integral = end[:, :d], end[:, d]
-    std = path.prior_std()
+    std = float(path.sigma(torch.tensor(float(t_max), dtype=torch.float64)))
     log_prior = -0.5 * (x1 / std).pow(2).sum(1) - d * (math.log(std) + 0.5 * math.log(2 * math.pi))
     return log_prior + integral

@@ -42,18 +42,24 @@ from ..fields import Field
 from ..paths import Path, broadcast_time
 from .base import SOLVERS, Solution, Solver, check_finite_result
 
-__all__ = ["NOISES", "EulerMaruyama", "seed_from_generator", "brownian_tree", "check_noise", "reverse_drift", "diffusion_g2"]
+__all__ = ["NOISES", "EulerMaruyama", "seed_from_generator", "brownian_tree", "check_noise", "reverse_drift",
+           "diffusion_g2"]
 
 NOISES = ("fresh", "brownian_tree")
 
 
-def check_noise(noise: str, tol: float) -> None:
-    """Validate the ``noise`` and ``tol`` options shared by the SDE solvers."""
+def check_noise(noise: str, tol: float | None) -> float:
+    """Validate the ``noise`` and ``tol`` options shared by the SDE solvers; return the tree tolerance."""
     if noise not in NOISES:
         raise ConfigError(f"unknown noise {noise!r}; choose one of {NOISES} ('brownian_tree' gives the same "
                           "Brownian path on every grid for one generator)")
+    if tol is not None and noise != "brownian_tree":
+        raise ConfigError(f"tol={tol} sets the Brownian tree's resolution; it needs noise='brownian_tree'")
+    tol = 1e-6 if tol is None else float(tol)
     if not 0 < tol < 1e-3:
-        raise ConfigError(f"the Brownian tree tolerance must be in (0, 1e-3); got {tol}. 1e-8 is a good default.")
+        raise ConfigError(f"the Brownian tree tolerance must be in (0, 1e-3); got {tol}. torchsde's default 1e-6 "
+                          "is a good choice.")
+    return tol
 
 
 def seed_from_generator(generator: torch.Generator | None) -> int:
@@ -63,7 +69,7 @@ def seed_from_generator(generator: torch.Generator | None) -> int:
 
 
 def brownian_tree(shape: tuple[int, ...], *, generator: torch.Generator | None, dtype: torch.dtype,
-                  device: torch.device | str, tol: float = 1e-8):
+                  device: torch.device | str, tol: float = 1e-6):
     """A ``torchsde.BrownianInterval`` in dyadic-tree mode over reverse time ``s = 1 - t in [0, 1]``.
 
     ``bm(s_a, s_b) -> [*shape]`` is ``W(s_b) - W(s_a)``; its values depend only on the seed drawn
@@ -115,15 +121,14 @@ class EulerMaruyama(Solver):
     """Euler-Maruyama, strong order 1/2 in general and 1 here (the noise does not depend on ``x``), weak
     order 1; velocity and score both come from one network evaluation per step. The last step adds no
     noise when it ends at t = 0. ``noise="brownian_tree"`` draws the increments from
-    :func:`brownian_tree` (resolved to ``tol``) instead of fresh per-step noise."""
+    :func:`brownian_tree` (resolved to ``tol``, default 1e-6) instead of fresh per-step noise."""
 
     name, order, stochastic = "euler_maruyama", 1, True
 
-    def __init__(self, eta: float = 1.0, noise: str = "fresh", tol: float = 1e-8):
+    def __init__(self, eta: float = 1.0, noise: str = "fresh", tol: float | None = None):
         if eta < 0:
             raise ConfigError(f"eta (noise scale) must be >= 0; got {eta}. eta=1 is the reverse diffusion.")
-        check_noise(noise, tol)
-        self.eta, self.noise, self.tol = float(eta), noise, float(tol)
+        self.eta, self.noise, self.tol = float(eta), noise, check_noise(noise, tol)
 
     def __repr__(self) -> str:
         if self.noise == "fresh":

@@ -97,16 +97,21 @@ class TorchSDE(Solver):
     stochastic = True
 
     def __init__(self, method: str = "srk", eta: float = 1.0, noise: str = "fresh", adaptive: bool = False,
-                 rtol: float = 1e-3, atol: float = 1e-3, dt_min: float = 1e-5, tol: float = 1e-6):
+                 rtol: float | None = None, atol: float | None = None, dt_min: float | None = None,
+                 tol: float | None = None):
         if method not in SDE_METHODS:
             raise ConfigError(f"unknown torchsde method {method!r}; choose one of {sorted(SDE_METHODS)}")
         if eta < 0:
             raise ConfigError(f"eta (noise scale) must be >= 0; got {eta}. eta=1 is the reverse diffusion.")
-        check_noise(noise, tol)
-        if rtol <= 0 or atol <= 0 or not 0 < dt_min < 1:
-            raise ConfigError(f"need rtol > 0, atol > 0 and 0 < dt_min < 1; got {rtol}, {atol}, {dt_min}")
         self.method, self.eta, self.noise, self.adaptive = method, float(eta), noise, bool(adaptive)
-        self.rtol, self.atol, self.dt_min, self.tol = float(rtol), float(atol), float(dt_min), float(tol)
+        self.tol = check_noise(noise, tol)
+        given = {k: v for k, v in (("rtol", rtol), ("atol", atol), ("dt_min", dt_min)) if v is not None}
+        if given and not self.adaptive:
+            raise ConfigError(f"{sorted(given)} control adaptive stepping; pass adaptive=True or drop them")
+        self.rtol, self.atol, self.dt_min = (float(d if v is None else v)
+                                             for v, d in ((rtol, 1e-3), (atol, 1e-3), (dt_min, 1e-5)))
+        if self.rtol <= 0 or self.atol <= 0 or not 0 < self.dt_min < 1:
+            raise ConfigError(f"need rtol > 0, atol > 0 and 0 < dt_min < 1; got {rtol}, {atol}, {dt_min}")
         self.name = f"sde_{method}"
         _, self.order, self.strong_order = SDE_METHODS[method]
         self.fixed_step = not self.adaptive

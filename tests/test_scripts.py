@@ -1,0 +1,186 @@
+"""End-to-end runs of the scripts at tiny size: train (vectors and images, fresh and resumed), sample,
+evaluate; their --help; and bad flag values, which must exit 2 with one `error:` line naming the problem.
+
+Heavy runs go through subprocesses exactly as a user types them; --help and bad flags, which stop
+before any work, run the scripts' ``__main__`` in this process (same code path, no interpreter start).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN, SAMPLE, EVALUATE = ROOT / "train" / "train.py", ROOT / "samplers" / "sample.py", ROOT / "eval" / "evaluate.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+FAST_SAMPLING = ["--n-samples", 200, "--sample-steps", 4, "--no-progress"]
+
+
+_STARTED: list[subprocess.Popen] = []
+
+
+def start(script: Path, *args) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    _STARTED.append(proc)
+    return proc
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """Wait for a script; return its stdout, failing with its output if it did not exit 0."""
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"{' '.join(proc.args[1:])} failed:\n{stdout}\n{stderr}"
+    return stdout
+
+
+def finite_numbers(obj) -> list[float]:
+    """Every number in a JSON object (nested), checked finite."""
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in finite_numbers(v)]
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        assert math.isfinite(obj), obj
+        return [obj]
+    return []
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """All end-to-end runs, in two rounds of processes that run side by side (each interpreter spends
+    seconds importing torch; overlapping them keeps the file fast):
+
+    1. a default-like run (30 steps) on moons, and diffusion with a tiny UNet on digits that writes a
+       sample picture every 2 steps;
+    2. the moons command again with --steps 40 (a resume), and on a copy of the 30-step run sample.py
+       (given the run folder) and evaluate.py (given the checkpoint folder, with --nll).
+
+    The digits run covers UNet sampling and image pictures through train.py's own final sampling; the
+    standalone scripts run on the MLP checkpoint, which spares two seconds-long diffusers imports.
+    """
+    base = tmp_path_factory.mktemp("scripts")
+    try:
+        return _run_all(base)
+    finally:
+        for proc in _STARTED:  # a failed round leaves nothing running behind it
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+def _run_all(base: Path) -> dict:
+    moons, digits = base / "moons", base / "digits"
+    moons_run = start(TRAIN, "--steps", 30, "--out", moons, *FAST_SAMPLING)
+    digits_run = start(TRAIN, "--data", "digits", "--family", "diffusion", "--channels", "8,16", "--steps", 4,
+                       "--batch-size", 16, "--sample-every", 2, "--n-samples", 32, "--sample-steps", 2,
+                       "--out", digits, "--no-progress")
+    r = {"moons": moons, "digits": digits, "sampled": base / "sampled", "eval": base / "eval.json",
+         "fresh_stdout": finish(moons_run)}
+    finish(digits_run)
+    r["fresh_metrics"] = json.loads((moons / "metrics.json").read_text())
+    r["fresh_log"] = (moons / "metrics.jsonl").read_text().splitlines()
+    shutil.copytree(moons, base / "moons30")
+    procs = [start(TRAIN, "--steps", 40, "--out", moons, *FAST_SAMPLING),
+             start(SAMPLE, "--checkpoint", base / "moons30", "--n", 6, "--solver", "euler", "--steps", 3, "--grid",
+                   "karras", "--seed", 1, "--out", r["sampled"], "--device", "cpu"),
+             start(EVALUATE, "--checkpoint", base / "moons30" / "checkpoint", "--data", "moons", "--n", 300,
+                   "--solver", "rk4", "--steps", 2, "--seed", 0, "--out", r["eval"], "--nll", "--nll-n", 50,
+                   "--nll-solver", "heun", "--nll-steps", 8)]
+    r["resumed_stdout"], r["sample_stdout"], _ = [finish(p) for p in procs]
+    return r
+
+
+def test_train_default_like_run_writes_checkpoint_picture_and_metrics(runs):
+    out, metrics = runs["moons"], runs["fresh_metrics"]
+    assert (out / "checkpoint" / "config.json").is_file() and (out / "samples.png").stat().st_size > 1000
+    assert metrics["family"] == "flow_matching" and metrics["data"] == "moons" and metrics["step"] == 30
+    assert metrics["nfe"] == 8  # heun: two evaluations per step
+    assert metrics["train_steps_this_run"] == 30 and metrics["train_steps_per_s"] > 0
+    for key in ("sliced_w2", "energy_distance"):
+        assert 0 <= metrics["noise_floor"][key] < metrics[key]  # 30 steps cannot beat two draws of the data
+    assert len(finite_numbers(metrics)) >= 10
+    assert str(out / "metrics.json") in runs["fresh_stdout"] and str(out / "samples.png") in runs["fresh_stdout"]
+
+
+def test_rerun_with_same_out_resumes_from_the_checkpoint(runs):
+    assert "resuming" in runs["resumed_stdout"] and "from step 30" in runs["resumed_stdout"]
+    metrics = json.loads((runs["moons"] / "metrics.json").read_text())
+    assert metrics["step"] == 40 and metrics["train_steps_this_run"] == 10
+    log = (runs["moons"] / "metrics.jsonl").read_text().splitlines()
+    assert log[: len(runs["fresh_log"])] == runs["fresh_log"] and json.loads(log[-1])["step"] == 40
+
+
+def test_train_on_digits_with_a_unet(runs):
+    digits = runs["digits"]
+    metrics = json.loads((digits / "metrics.json").read_text())
+    assert metrics["n_samples"] == 32 and math.isfinite(metrics["frechet_digits"])
+    assert math.isfinite(metrics["noise_floor"]["frechet_digits"])
+    config = json.loads((digits / "checkpoint" / "config.json").read_text())
+    assert config["family"] == "diffusion"
+    assert config["net"]["name"] == "unet" and config["net"]["block_out_channels"] == [8, 16]
+    assert sorted(p.name for p in (digits / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+
+
+def test_sample_script(runs):
+    out = runs["sampled"]
+    samples = load_file(str(out / "samples.safetensors"))["samples"]
+    assert samples.shape == (6, 2) and torch.isfinite(samples).all()
+    assert (out / "samples.png").is_file()
+    assert "NFE 3" in runs["sample_stdout"] and str(out / "samples.png") in runs["sample_stdout"]  # 3 euler steps
+
+
+def test_evaluate_script_with_exact_nll(runs):
+    metrics = json.loads(runs["eval"].read_text())
+    assert metrics["nfe"] == 8 and metrics["weights"] == "ema"  # rk4: four evaluations per step
+    for key in ("sliced_w2", "energy_distance", "mmd"):
+        assert metrics[key] > 0 and key in metrics["noise_floor"]
+    nll = metrics["nll"]
+    assert nll["divergence"] == "exact" and nll["n"] == 50
+    assert nll["bits_per_dim"] == pytest.approx(nll["nats"] / (2 * math.log(2)))
+    finite_numbers(metrics)
+
+
+def run_main(script: Path, *args: str):
+    """Run a script's ``__main__`` in this process (output goes to capsys); return its exit code."""
+    argv = sys.argv
+    sys.argv = [str(script), *args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return e.code
+    finally:
+        sys.argv = argv
+
+
+@pytest.mark.parametrize("script", [TRAIN, SAMPLE, EVALUATE], ids=lambda p: p.name)
+def test_help(script, capsys):
+    assert run_main(script, "--help") == 0
+    text = capsys.readouterr().out
+    assert "--out" in text and "--seed" in text and "default" in text
+
+
+@pytest.mark.parametrize("script, args, named", [
+    (TRAIN, ["--path", "nope"], "'nope'"),
+    (TRAIN, ["--prediction", "v"], "--prediction"),
+    (TRAIN, ["--family", "diffusion", "--coupling", "ot"], "--coupling"),
+    (TRAIN, ["--solver", "nope"], "solver 'nope'"),
+    (TRAIN, ["--data", "moons", "--channels", "32,64"], "--channels"),
+    (SAMPLE, ["--checkpoint", "/no/such/run"], "/no/such/run"),
+    (EVALUATE, ["--checkpoint", "/no/such/run", "--data", "moons"], "/no/such/run"),
+], ids=["path", "prediction-with-fm", "coupling-with-diffusion", "solver", "channels-for-vectors",
+        "sample-missing-checkpoint", "evaluate-missing-checkpoint"])
+def test_bad_flag_values_exit_2_with_one_error_line(script, args, named, capsys, tmp_path):
+    assert run_main(script, *args, "--out", str(tmp_path / "out")) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], captured.err
+    assert not (tmp_path / "out").exists()  # nothing written before the error

@@ -1,0 +1,332 @@
+"""Train a flow-matching or diffusion model, then sample from its checkpoint and measure the samples.
+
+With no arguments it runs the embedded default: flow matching (linear path, MLP 128 x 3) on the 2-D
+`moons` set, 1500 steps of batch 256 (well under a minute on a laptop CPU), then 2000 samples with
+heun at 32 steps. The out dir (--out) ends up holding:
+
+  checkpoint/     safetensors weights + EMA + JSON config (resume state included)
+  metrics.jsonl   training log (loss, lr, grad norm, throughput)
+  samples.png     samples next to held-out data (scatter for vectors, image grid for images)
+  metrics.json    sample quality against held-out data, with the noise floor of a second held-out draw
+  samples/        step_XXXXXXX.png every --sample-every steps (when asked)
+
+Re-running with the same --out RESUMES from its checkpoint (raise --steps to train longer); use a new
+--out to start afresh. Multi-GPU / multi-process: `accelerate launch train/train.py ...` or
+`torchrun --nproc_per_node N train/train.py ...` (--batch-size is per process; only the main process
+samples and writes files).
+
+examples:
+  python train/train.py
+  python train/train.py --data checkerboard --coupling ot --out runs/checker
+  python train/train.py --family diffusion --path cosine --prediction v --weighting min_snr --data spirals
+  python train/train.py --family diffusion --data digits --channels 32,64 --steps 4000 --batch-size 128
+  accelerate launch train/train.py --image-folder ~/faces --image-size 64 --channels 64,128,256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import genkit
+from genkit import checkpoint, metrics
+from genkit.data import DATASETS, image_folder, load_dataset
+from genkit.errors import ConfigError, GenkitError
+from genkit.models import Diffusion, FlowMatching, build
+from genkit.models.diffusion import WEIGHTINGS
+from genkit.models.flow_matching import COUPLINGS
+from genkit.nets import MLP, UNet
+from genkit.paths import PATHS
+from genkit.plotting import MAX_IMAGES, save_samples_png
+from genkit.solvers import GRIDS, SOLVERS
+from genkit.train import LogRecord, TrainConfig, Trainer
+
+FAMILIES = ("flow_matching", "diffusion")
+NAMED_GRIDS = [name for name in GRIDS.names() if name != "custom"]  # a custom grid needs explicit times
+FAMILY_DEFAULTS = {"flow_matching": {"path": "linear", "coupling": "independent"},
+                   "diffusion": {"path": "cosine", "prediction": "v", "weighting": "uniform"}}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults, but not the None/False placeholders of flags whose default depends on others."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "off") else float(text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=_Formatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--family", default="flow_matching", help=f"one of {', '.join(FAMILIES)}")
+    g.add_argument("--path", help=f"probability path, one of {', '.join(PATHS.names())} "
+                                  "(default: linear for flow_matching, cosine for diffusion)")
+    g.add_argument("--prediction", help="diffusion only: what the network predicts, eps, x0, v or velocity "
+                                        "(default: v, which stays accurate near t = 1, where eps predictions on "
+                                        "the cosine path are amplified ~1/alpha; flow matching always predicts "
+                                        "the velocity)")
+    g.add_argument("--weighting", help=f"diffusion only: loss weighting, one of {', '.join(WEIGHTINGS)} "
+                                       "(default: uniform)")
+    g.add_argument("--coupling", help=f"flow_matching only: noise-data pairing, one of {', '.join(COUPLINGS)} "
+                                      "(default: independent)")
+    g.add_argument("--hidden", type=int, help="vector data: MLP width (default: 128)")
+    g.add_argument("--depth", type=int, help="vector data: MLP residual blocks (default: 3)")
+    g.add_argument("--channels", help="image data: UNet block_out_channels, comma separated, each a multiple "
+                                      "of 8 (default: 32,64)")
+    g = p.add_argument_group("data (vectors get an MLP, images a diffusers UNet)")
+    g.add_argument("--data", help=f"a named data set, one of {', '.join(DATASETS.names())} (default: moons)")
+    g.add_argument("--image-folder", metavar="PATH", help="train on your own images instead: a folder of images "
+                                                          "or of one subfolder per class (every file is checked first)")
+    g.add_argument("--image-size", type=int, metavar="N", help="with --image-folder: resize and centre-crop to N x N")
+    g.add_argument("--image-channels", type=int, default=3, help="with --image-folder: 1 (grey) or 3 (RGB)")
+    g.add_argument("--num-workers", type=int, default=0, help="data-loading processes for --image-folder")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=1500, help="total optimizer steps (a resumed run continues to it)")
+    g.add_argument("--batch-size", type=int, default=256, help="per process")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
+    g.add_argument("--warmup", type=int, help="linear warm-up steps (default: min(100, steps // 10))")
+    g.add_argument("--ema-decay", type=optional_float, default=0.999, help="EMA decay, or 'none'")
+    g.add_argument("--grad-clip", type=optional_float, default=1.0, help="max gradient norm, or 'none'")
+    g.add_argument("--mixed-precision", default="no", help="no, bf16 or fp16")
+    g.add_argument("--nonfinite", default="stop", help="on a NaN/inf loss: stop, or skip the step")
+    g.add_argument("--seed", type=int, default=0, help="seeds data, initialisation, training noise and sampling")
+    g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (and at the end)")
+    g.add_argument("--sample-every", type=int, default=0, metavar="N",
+                   help="write out/samples/step_N.png every N steps (0: never)")
+    g.add_argument("--out", default="runs/default", help="run directory; an existing one is resumed")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for vector data, whose small MLP "
+                                               "only loses time to threading; torch's own choice for images)")
+    g = p.add_argument_group("final sampling and metrics")
+    g.add_argument("--solver", default="heun", help=f"one of {', '.join(SOLVERS.names())}")
+    g.add_argument("--sample-steps", type=int, default=32, help="solver steps")
+    g.add_argument("--grid", default="uniform", help=f"time grid, one of {', '.join(NAMED_GRIDS)}")
+    g.add_argument("--n-samples", type=int, help="samples drawn at the end (default: 2000 for vectors, 256 for images)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------- settings
+def resolve_model_flags(args: argparse.Namespace) -> None:
+    """Family-specific flags: reject those the family would ignore, then fill the family's defaults."""
+    if args.family not in FAMILIES:
+        raise ConfigError(f"unknown --family {args.family!r}; choose one of {', '.join(FAMILIES)}")
+    for flag, family in (("prediction", "diffusion"), ("weighting", "diffusion"), ("coupling", "flow_matching")):
+        if getattr(args, flag) is not None and args.family != family:
+            raise ConfigError(f"--{flag} {getattr(args, flag)} does not apply to --family {args.family}; "
+                              f"drop --{flag} or use --family {family}")
+    for key, value in FAMILY_DEFAULTS[args.family].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    genkit.get_path(args.path)  # an unknown name fails now, not after loading data
+    genkit.get_solver(args.solver)
+    genkit.get_grid(args.grid)
+    for flag in ("sample_steps", "n_samples"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer; got {value}")
+    if args.sample_every < 0:
+        raise ConfigError(f"--sample-every must be >= 0 (0 turns it off); got {args.sample_every}")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    warmup = min(100, args.steps // 10) if args.warmup is None else args.warmup
+    log_every = 50 if not args.sample_every else math.gcd(50, args.sample_every)  # callbacks run at log steps
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=warmup,
+                       ema_decay=args.ema_decay, grad_clip=args.grad_clip, mixed_precision=args.mixed_precision,
+                       seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=log_every,
+                       out_dir=args.out, nonfinite=args.nonfinite, num_workers=args.num_workers,
+                       progress=not args.no_progress)
+
+
+def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
+    """The training set (a tensor, or a Dataset for image folders, not yet verified) and one sample's shape."""
+    if args.image_folder is not None:
+        if args.data is not None:
+            raise ConfigError(f"--data {args.data} and --image-folder both name the training data; keep one")
+        if args.image_size is None:
+            raise ConfigError("--image-folder needs --image-size N (images are resized and centre-cropped to N x N)")
+        data = image_folder(args.image_folder, args.image_size, channels=args.image_channels)
+        return data, data[0].shape
+    if args.image_size is not None:
+        raise ConfigError("--image-size applies to --image-folder only; drop it or add --image-folder PATH")
+    args.data = args.data or "moons"
+    data = load_dataset(args.data, generator=torch.Generator().manual_seed(args.seed))
+    return data, data.shape[1:]
+
+
+def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
+    """MLP for vectors, UNet for images, read through the chosen family."""
+    if len(shape) == 1:
+        if args.channels is not None:
+            raise ConfigError("--channels sets the UNet of image data; this data is vectors, use --hidden/--depth")
+        net = MLP(shape[0], hidden=args.hidden or 128, depth=args.depth or 3)
+    elif len(shape) == 3:
+        for flag in ("hidden", "depth"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag} sets the MLP of vector data; this data is images, use --channels")
+        try:
+            channels = [int(c) for c in (args.channels or "32,64").split(",")]
+        except ValueError:
+            raise ConfigError(f"--channels must be comma-separated integers like 32,64; got {args.channels!r}"
+                              ) from None
+        net = UNet(shape[-1], in_channels=shape[0], block_out_channels=channels)
+    else:
+        raise ConfigError(f"samples of shape {tuple(shape)} are neither vectors nor images [C, H, W]")
+    if args.family == "flow_matching":
+        return FlowMatching(net, args.path, args.coupling, sample_shape=shape)
+    return Diffusion(net, args.path, args.prediction, args.weighting, sample_shape=shape)
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def check_resume(args: argparse.Namespace, model: torch.nn.Module) -> int:
+    """The step a resumed run starts from (0 when fresh); a run of another model in --out is an error."""
+    ckpt = Path(args.out) / "checkpoint"
+    if not checkpoint.has_resume_state(ckpt):
+        return 0
+    saved = _flat(checkpoint.read_config(ckpt))
+    mine = _flat(json.loads(json.dumps(checkpoint.model_config(model))))  # tuples -> lists, as saved
+    differ = [f"{key}: {saved.get(key)!r} there, {value!r} now"
+              for key, value in mine.items() if saved.get(key) != value]
+    if differ:
+        raise ConfigError(f"{ckpt} holds a different model ({'; '.join(differ[:4])}); re-run with that run's flags "
+                          "to resume it, or pick a new --out to start afresh")
+    return int(json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["step"])
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def held_out(args: argparse.Namespace, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Two reference sets never trained on: ``(reference, floor)``; the floor's distance to the reference
+    is what a perfect model would score. Named sets with a test split use it (floor: a train subset)."""
+    if args.image_folder is not None:
+        return None, None
+    try:
+        ref = load_dataset(args.data, split="test")
+        floor = load_dataset(args.data, n=min(len(ref), n), generator=torch.Generator().manual_seed(args.seed + 1))
+        return ref, floor
+    except ConfigError:  # an unlimited (toy) set: two fresh draws with seeds the training data did not use
+        def draw(k: int) -> torch.Tensor:
+            return load_dataset(args.data, n=n, generator=torch.Generator().manual_seed(args.seed + 1000 + k))
+        return draw(0), draw(1)
+
+
+def quality(x: torch.Tensor, ref: torch.Tensor, features: Callable | None) -> dict[str, float]:
+    if x.ndim == 2:
+        g = torch.Generator().manual_seed(0)
+        return {"sliced_w2": metrics.sliced_wasserstein(x, ref, generator=g),
+                "energy_distance": metrics.energy_distance(x, ref)}
+    return {"frechet_digits": metrics.fid(x.clamp(-1, 1), ref, features)}
+
+
+def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device, start: int, step: int,
+                       train_time: float) -> dict[str, Any]:
+    out = Path(args.out)
+    model = genkit.load(out / "checkpoint", map_location=device)  # EMA weights when saved
+    is_image = len(model.sample_shape) == 3
+    n = args.n_samples or (256 if is_image else 2000)
+    t0 = time.perf_counter()
+    sol = model.sample(n, solver=args.solver, steps=args.sample_steps, grid=args.grid, return_solution=True,
+                       generator=torch.Generator(device=device).manual_seed(args.seed))
+    x = sol.samples.float().cpu()
+    sample_time = time.perf_counter() - t0
+    ref, floor = held_out(args, n)
+    report: dict[str, Any] = {
+        "data": args.image_folder or args.data, "family": args.family, "step": step, "n_samples": n,
+        "solver": args.solver, "sample_steps": args.sample_steps, "grid": args.grid, "nfe": sol.nfe,
+        "sample_time_s": sample_time, "train_time_s": train_time, "train_steps_this_run": step - start,
+        "train_steps_per_s": (step - start) / train_time if step > start else None,
+    }
+    if ref is None or (is_image and args.data != "digits"):
+        report["note"] = ("no sample-quality metric for these images: a Frechet distance needs a feature network "
+                          "for them (genkit.metrics.fid with inception_features); only digits have a built-in one")
+    else:
+        features = (metrics.train_digits_classifier(generator=torch.Generator().manual_seed(0)).features
+                    if is_image else None)
+        report.update(quality(x, ref, features))
+        report["noise_floor"] = quality(floor, ref, features)
+    if ref is None:  # an image folder: show training images next to the samples
+        ref = torch.stack([data[i] for i in range(min(MAX_IMAGES, len(data)))])
+    save_samples_png(x, out / "samples.png", reference=ref,
+                     title=f"{args.family} on {report['data']}: {args.solver}, {args.sample_steps} steps "
+                           f"(NFE {sol.nfe}), step {step}")
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def sample_callback(args: argparse.Namespace) -> Callable[[Trainer, LogRecord], None]:
+    """Every --sample-every steps the main process draws a picture from the current EMA weights."""
+    def callback(trainer: Trainer, record: LogRecord) -> None:
+        if not record.is_main_process or record.step % args.sample_every:
+            return
+        live = trainer.model
+        device = next(live.parameters()).device
+        model = build(live.config()).to(device)
+        model.load_state_dict(trainer.ema.state_dict() if trainer.ema is not None else live.state_dict())
+        x = model.eval().sample(64, solver=args.solver, steps=args.sample_steps, grid=args.grid,
+                                generator=torch.Generator(device=device).manual_seed(args.seed))
+        save_samples_png(x, Path(args.out) / "samples" / f"step_{record.step:07d}.png", title=f"step {record.step}")
+    return callback
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    resolve_model_flags(args)
+    config = train_config(args)
+    data, shape = load_data(args)
+    threads = args.threads if args.threads is not None else (1 if len(shape) == 1 else None)
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be a positive integer; got {threads}")
+        torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)  # the initial weights: the same on every rank and every re-run
+    model = build_model(args, shape)  # every model flag is checked before the slow file check below
+    if args.image_folder is not None:
+        data.verify()  # open every image now: a corrupt file fails here, not hours into training
+    start = check_resume(args, model)
+    trainer = Trainer(model, config, callbacks=[sample_callback(args)] if args.sample_every else ())
+    main_process = trainer.accelerator.is_main_process
+    if main_process:
+        logging.basicConfig(format="%(message)s", stream=sys.stdout)
+        logging.getLogger("genkit").setLevel(logging.INFO)  # the trainer says which steps it runs
+        if start:
+            print(f"resuming {args.out}/checkpoint from step {start} (use a new --out to start afresh)")
+    t0 = time.perf_counter()
+    result = trainer.fit(data)
+    train_time = time.perf_counter() - t0
+    if not main_process:
+        return
+    device = trainer.accelerator.device
+    device = torch.device("cpu") if device.type == "cpu" else device  # accelerate's "cpu:0" under torchrun
+    report = sample_and_measure(args, data, device, start, result.step, train_time)
+    out = Path(args.out)
+    scores = ", ".join(f"{k} {v:.4g} (floor {report['noise_floor'][k]:.4g})" for k, v in report.items()
+                       if k in ("sliced_w2", "energy_distance", "frechet_digits"))
+    print(f"trained to step {result.step} in {train_time:.1f} s; sampled {report['n_samples']} with {args.solver} "
+          f"(NFE {report['nfe']}) in {report['sample_time_s']:.2f} s" + (f"; {scores}" if scores else ""))
+    print(f"checkpoint: {out / 'checkpoint'}\nsamples:    {out / 'samples.png'}\nmetrics:    {out / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except GenkitError as e:
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
+        sys.exit(2)
