@@ -21,5 +21,6 @@ def build(config: dict[str, Any]):
 from .continuous import ContinuousModel  # noqa: E402  (FAMILIES must exist before families register)
 from .diffusion import Diffusion  # noqa: E402
 from .flow_matching import FlowMatching, ot_pairing  # noqa: E402
+from .secant import Secant  # noqa: E402
 
-__all__ = ["FAMILIES", "build", "ContinuousModel", "Diffusion", "FlowMatching", "ot_pairing"]
+__all__ = ["FAMILIES", "build", "ContinuousModel", "Diffusion", "FlowMatching", "Secant", "ot_pairing"]

@@ -51,3 +51,6 @@ def build(config: Mapping[str, Any]) -> nn.Module:
     if missing:
         raise ConfigError(f"network {name!r} needs option(s) {missing}; add them to the config")
     return cls(**kwargs)
+from .two_time import TWO_TIME_NETS, TwoTimeMLP, TwoTimeUNet, to_two_time  # noqa: E402  (two-time nets keep their own registry)
+
+__all__ += ["TWO_TIME_NETS", "TwoTimeMLP", "TwoTimeUNet", "to_two_time"]
