@@ -44,8 +44,8 @@ def _derive_seed(*parts: int) -> int:
 
 
 def _seed_global(seed: int, device: torch.device) -> None:
-    """``torch.manual_seed`` for the CPU and the training device only: the full call also re-queues the lazy
-    seeding of every uninitialised backend (with a captured stack trace), 0.3-2 ms a step on small models."""
+    """``torch.manual_seed`` for the CPU and the training device only (the full call re-queues lazy seeding of
+    every uninitialised backend, with a captured stack trace: 0.3-2 ms a step)."""
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(seed)  # CUDA is initialised by now, so this seeds directly
@@ -304,6 +304,9 @@ class Trainer:
         self._forward, self.optimizer = acc.prepare(_LossForward(model), opt)
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay is not None else None
         self._params = list(self.model.parameters())
+        # Without a grad scaler accelerate's optimizer wrapper only forwards step/zero_grad (after per-call
+        # package look-ups and signature inspection); call the optimizer itself then.
+        self._raw_opt = self.optimizer.optimizer if acc.scaler is None else self.optimizer
         self._lr, self._last_grad_norm, self._clock = config.lr, math.nan, (time.perf_counter(), 0)
 
     @staticmethod
@@ -417,7 +420,7 @@ class Trainer:
                 what = "gradient norm"
         self._lr = self.optimizer.param_groups[0]["lr"]
         if what is not None:
-            self.optimizer.zero_grad(set_to_none=True)
+            self._raw_opt.zero_grad(set_to_none=True)
             if cfg.nonfinite == "stop":
                 raise NonFiniteLossError(
                     f"non-finite {what} at step {k + 1} (loss per rank: {per_rank}, grad norm {grad_norm}); "
@@ -425,8 +428,8 @@ class Trainer:
                     "TrainConfig(nonfinite='skip') to drop such steps. The last checkpoint is intact")
             run["skipped"] += 1
         else:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._raw_opt.step()
+            self._raw_opt.zero_grad(set_to_none=True)
             if self.ema is not None and not self.optimizer.step_was_skipped:
                 self.ema.update()
             w = run["window"]
@@ -503,12 +506,8 @@ class Trainer:
                 self.ema.load_state_dict(ema, int(state.get("ema_updates", 0)))
             except CheckpointError as e:
                 raise CheckpointError(f"{source}/ema.safetensors: {e}") from e
-        for group in self.optimizer.param_groups:  # keep this run's AdamW implementation, not the saved one's
-            group["fused"] = True if self._fused else None
-            for p in group["params"]:
-                st = self.optimizer.state.get(p, {})
-                if "step" in st:  # where that implementation keeps its step counters
-                    st["step"] = st["step"].to(p.device, torch.float32) if self._fused else st["step"].cpu()
+        for group in self.optimizer.param_groups if not self._fused else ():  # e.g. a fused run resumed under
+            group["fused"] = None  # fp16: the loaded param groups would keep the fused kernel the scaler can't use
         if self.accelerator.scaler is not None and state.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         if state.get("world_size") != self.accelerator.num_processes:

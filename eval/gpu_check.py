@@ -1,0 +1,197 @@
+"""GPU check (CUDA): bf16 training of a digits ``Diffusion`` model with ``genkit.nets.UNet`` through genkit's
+``Trainer``, an exact-resume check on the device, and 10-step sampling on CUDA, with timings.
+
+What it runs:
+
+1. ``Trainer(Diffusion(UNet(8), "cosine", "eps", sample_shape=(1, 8, 8)), TrainConfig(mixed_precision="bf16"))``
+   on the digits train split (on the GPU), ``--windows`` timed windows of ``--window`` steps after one warm-up
+   window; time per step is the median over windows (from the trainer's own throughput log, which excludes the
+   final checkpoint write). Checks: finite losses, parameters and EMA stay float32, fused AdamW in use.
+2. Resume on the device: the same run cut after its first checkpoint and resumed from it must end on the
+   uninterrupted run's parameters and EMA (reported as the max abs difference; bit-exact unless a CUDA
+   kernel is non-deterministic).
+3. ``model.sample(64, steps=10)`` with the Euler and Heun solvers on CUDA: median of ``--repeats`` timed runs
+   (``torch.cuda.synchronize`` around each), and finite samples.
+
+Prints a summary and writes ``eval/results/gpu_check.json``. Exit status: 0 when every check passes, 1 when
+one fails, 77 (the usual "skipped") when there is no CUDA device. ``--allow-cpu`` runs the same steps on the
+CPU to test this script itself (timings meaningless; writes ``gpu_check_cpu_dryrun.json``).
+
+Usage: ``python eval/gpu_check.py [--window 20 --windows 5 --batch-size 128 --repeats 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import RESULTS, machine_info, median  # noqa: E402
+
+SKIPPED = 77
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps per-process singletons
+    GradientState._reset_state()
+
+
+def _model(seed: int) -> Any:
+    from genkit.models import Diffusion
+    from genkit.nets import UNet
+
+    torch.manual_seed(seed)
+    return Diffusion(UNet(8), "cosine", "eps", sample_shape=(1, 8, 8))
+
+
+def _config(out: str, steps: int, args: argparse.Namespace, **changes: Any) -> Any:
+    from genkit.train import TrainConfig
+
+    base = dict(steps=steps, batch_size=args.batch_size, lr=2e-4, warmup_steps=min(10, steps), seed=args.seed,
+                mixed_precision="bf16", log_every=args.window, checkpoint_every=None, out_dir=out,
+                progress=False, cpu=args.allow_cpu and not torch.cuda.is_available())
+    return TrainConfig(**{**base, **changes})
+
+
+def train_timing(data: torch.Tensor, args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    from genkit.train import Trainer
+
+    _reset_accelerate()
+    model = _model(args.seed)
+    steps = args.window * (args.windows + 1)
+    records: list = []
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model, _config(out, steps, args), callbacks=[lambda t, r: records.append(r)])
+        start = time.perf_counter()
+        result = trainer.fit(data)
+        wall = time.perf_counter() - start
+    window_ms = [1e3 * args.batch_size / r.samples_per_s for r in records[1:]]  # ms per step in each window
+    params = [p for p in model.parameters()]
+    return {
+        "device": str(trainer.accelerator.device), "steps": steps, "batch_size": args.batch_size,
+        "ms_per_step_median": median(window_ms), "ms_per_step_windows": window_ms,
+        "wall_s_including_setup_and_final_checkpoint": wall,
+        "losses": [loss for _, loss in result.losses],
+        "checks": {
+            "losses_finite": all(math.isfinite(loss) for _, loss in result.losses),
+            "params_fp32": all(p.dtype == torch.float32 for p in params),
+            "params_finite": all(bool(torch.isfinite(p).all()) for p in params),
+            "ema_fp32": all(v.dtype == torch.float32 for v in result.ema.values() if v.is_floating_point()),
+            "fused_adamw": bool(trainer._fused),
+            "autocast_bf16": trainer.accelerator.mixed_precision == "bf16",
+        },
+        "max_memory_allocated_mb": (torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
+    }, model
+
+
+def resume_check(data: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    from genkit.train import Trainer
+
+    steps, cut = 2 * args.window, args.window
+    with tempfile.TemporaryDirectory() as root:
+        _reset_accelerate()
+        full_model = _model(args.seed)
+        full = Trainer(full_model, _config(f"{root}/full", steps, args)).fit(data)
+
+        def stop(trainer: Any, record: Any) -> None:
+            if record.step == cut:
+                raise _Interrupt  # after the checkpoint of step `cut`, like a preempted job
+
+        _reset_accelerate()
+        try:
+            Trainer(_model(args.seed), _config(f"{root}/cut", steps, args, checkpoint_every=cut),
+                    callbacks=[stop]).fit(data)
+        except _Interrupt:
+            pass
+        _reset_accelerate()
+        resumed_model = _model(args.seed + 1)  # different init: everything must come from the checkpoint
+        resumed = Trainer(resumed_model, _config(f"{root}/cut", steps, args, checkpoint_every=cut)).fit(data)
+    param_diff = max(float((a.detach() - b.detach()).abs().max())
+                     for a, b in zip(full_model.parameters(), resumed_model.parameters()))
+    ema_diff = max(float((full.ema[k].float() - resumed.ema[k].float()).abs().max()) for k in full.ema)
+    return {"steps": steps, "cut_at": cut, "max_abs_param_diff": param_diff, "max_abs_ema_diff": ema_diff,
+            "bit_exact": param_diff == 0.0 and ema_diff == 0.0,
+            "final_loss_full": full.losses[-1][1], "final_loss_resumed": resumed.losses[-1][1]}
+
+
+def sample_timing(model: Any, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    model = model.to(device).eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out: dict[str, Any] = {}
+    for solver in ("euler", "heun"):
+        times, finite = [], True
+        for r in range(args.repeats + 1):  # the first run warms up and is not counted
+            gen = torch.Generator(device=device).manual_seed(args.seed + r)
+            sync()
+            start = time.perf_counter()
+            x = model.sample(args.sample_n, solver=solver, steps=10, generator=gen, device=device)
+            sync()
+            if r:
+                times.append(1e3 * (time.perf_counter() - start))
+            finite = finite and bool(torch.isfinite(x).all())
+        out[solver] = {"n": args.sample_n, "steps": 10, "ms_median": median(times), "ms_repeats": times,
+                       "shape": list(x.shape), "device": str(x.device), "finite": finite}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--window", type=int, default=20, help="steps per timed window (and warm-up)")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--sample-n", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="timed sampling runs per solver")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allow-cpu", action="store_true", help="test this script on a CPU (timings meaningless)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False; torch "
+              f"{torch.__version__}, built for CUDA {torch.version.cuda}). Run it on a machine with an NVIDIA GPU; "
+              "nothing was checked. (--allow-cpu runs the same steps on the CPU to test the script.)")
+        return SKIPPED
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from genkit.data import digits
+
+    data = digits("train").to(device)
+    train, model = train_timing(data, args)
+    resume = resume_check(data, args)
+    sampling = sample_timing(model, args, device)
+    checks = {**train["checks"], "resume_completed": math.isfinite(resume["final_loss_resumed"]),
+              "resume_max_abs_param_diff_below_1e-5": resume["max_abs_param_diff"] < 1e-5,
+              **{f"sample_{k}_finite": v["finite"] for k, v in sampling.items()},
+              **{f"sample_{k}_on_device": v["device"].startswith(device.type) for k, v in sampling.items()}}
+    record = {"benchmark": "gpu_check", "command": "python " + " ".join(["eval/gpu_check.py", *sys.argv[1:]]),
+              "machine": machine_info(), "settings": vars(args), "train_bf16": train, "resume": resume,
+              "sampling": sampling, "checks": checks, "passed": all(checks.values())}
+    name = "gpu_check" if device.type == "cuda" else "gpu_check_cpu_dryrun"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(f"device {record['machine'].get('gpu', device)}; torch {torch.__version__}")
+    print(f"train bf16: {train['ms_per_step_median']:.2f} ms/step (median of {len(train['ms_per_step_windows'])} "
+          f"windows of {args.window} steps, batch {args.batch_size}); final loss {train['losses'][-1]:.4f}")
+    print(f"resume: max |param diff| {resume['max_abs_param_diff']:.3g}, "
+          f"max |EMA diff| {resume['max_abs_ema_diff']:.3g}")
+    for solver, s in sampling.items():
+        print(f"sample {solver}: {s['ms_median']:.2f} ms for {s['n']} samples x 10 steps (median of {args.repeats})")
+    for key, ok in checks.items():
+        print(f"  {'ok  ' if ok else 'FAIL'} {key}")
+    print(f"wrote {RESULTS / f'{name}.json'}")
+    return 0 if record["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
