@@ -91,6 +91,8 @@ class Path:
     alpha_vanishes: bool = False
     #: Smallest time where the velocity is finite; default end of sampling grids and start of likelihoods.
     t_min: float = 0.0
+    #: True when alpha^2 + sigma^2 = 1 at every t.
+    variance_preserving: bool = False
 
     # --- schedule in float64; subclasses override -------------------------------------------------
     def _alpha(self, t: Tensor) -> Tensor:
@@ -172,14 +174,18 @@ class Path:
         return z * self.prior_std()
 
     # --- path samples and conversions ------------------------------------------------------------------
+    def _coefficients64(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(alpha, sigma, alpha', sigma')`` of a float64 tensor, in one pass (paths may share work)."""
+        return self._alpha(t), self._sigma(t), self._d_alpha(t), self._d_sigma(t)
+
     def coefficients(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(alpha, sigma, alpha', sigma')`` at ``t``, shaped to broadcast against ``x``."""
+        """``(alpha, sigma, alpha', sigma')`` at ``t``, shaped to broadcast against ``x``, in x's dtype."""
         t = broadcast_time(t, x)
         shape = (-1,) + (1,) * (x.ndim - 1)
-        if t.ndim == 1 and t.stride(0) == 0:  # one time for the whole batch (solvers): evaluate once
-            return tuple(self._eval(f, t[:1]).reshape((1,) + shape[1:]).expand((t.shape[0],) + shape[1:])
-                         for f in (self._alpha, self._sigma, self._d_alpha, self._d_sigma))
-        return tuple(self._eval(f, t).reshape(shape) for f in (self._alpha, self._sigma, self._d_alpha, self._d_sigma))
+        if t.ndim == 1 and t.shape[0] > 1 and t.stride(0) == 0:  # one time for the batch (solvers): once
+            full = (t.shape[0],) + shape[1:]
+            return tuple(v.to(t.dtype).reshape(shape).expand(full) for v in self._coefficients64(t[:1].to(torch.float64)))
+        return tuple(v.to(t.dtype).reshape(shape) for v in self._coefficients64(t.to(torch.float64)))
 
     def sample(self, x0: Tensor, t: Tensor | float, eps: Tensor) -> Tensor:
         """``x_t = alpha(t) x_0 + sigma(t) eps``."""
@@ -197,35 +203,18 @@ class Path:
         _check_prediction(prediction)
         if out.shape != x.shape:
             raise ShapeError(f"prediction shape {tuple(out.shape)} differs from x shape {tuple(x.shape)}")
-        a, s, da, ds = self.coefficients(t, x)
-        if prediction == "eps":
-            return (x - s * out) / a, out
-        if prediction == "score":
-            eps = -s * out
-            return (x - s * eps) / a, eps
-        if prediction == "x0":
-            eps = torch.where(s > 0, (x - a * out) / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(x))
-            return out, eps
-        if prediction == "velocity":
-            det = a * ds - s * da
-            return (ds * x - s * out) / det, (a * out - da * x) / det
-        # Salimans' v = alpha eps - sigma x0
-        norm = a * a + s * s
-        return (a * x - s * out) / norm, (s * x + a * out) / norm
+        p1, p2, q1, q2 = _reading(*self.coefficients(t, x), prediction)
+        return p1 * x + p2 * out, q1 * x + q2 * out
 
     def from_x0_eps(self, x0: Tensor, eps: Tensor, x: Tensor, t: Tensor | float, prediction: str) -> Tensor:
         """Express the pair ``(x0, eps)`` at ``(x, t)`` as a prediction of kind ``prediction``."""
         _check_prediction(prediction)
-        a, s, da, ds = self.coefficients(t, x)
         if prediction == "eps":
             return eps
         if prediction == "x0":
             return x0
-        if prediction == "velocity":
-            return da * x0 + ds * eps
-        if prediction == "v":
-            return a * eps - s * x0
-        return -eps / s
+        r1, r2 = _writing(*self.coefficients(t, x), prediction)
+        return r1 * x0 + r2 * eps
 
     def convert(self, out: Tensor, x: Tensor, t: Tensor | float, src: str, dst: str) -> Tensor:
         """Convert a network output from parametrization ``src`` to ``dst`` (see module docstring)."""
@@ -235,6 +224,44 @@ class Path:
             return out
         x0, eps = self.to_x0_eps(out, x, t, src)
         return self.from_x0_eps(x0, eps, x, t, dst)
+
+    def conversion_coefficients(self, t: Tensor, src: str, dst: str) -> tuple[Tensor, Tensor]:
+        """``(cx, cout)`` with ``convert(out, x, t, src, dst) == cx * x + cout * out``: every conversion is
+        affine in ``(x, out)`` with coefficients depending on t only. ``t`` is any float tensor; the result
+        is float64 of its shape. Solvers precompute these once per solve."""
+        _check_prediction(src)
+        _check_prediction(dst)
+        t64 = torch.as_tensor(t).to(torch.float64)
+        if src == dst:
+            return torch.zeros_like(t64), torch.ones_like(t64)
+        abar = self._coefficients64(t64)
+        p1, p2, q1, q2 = _reading(*abar, src)
+        r1, r2 = _writing(*abar, dst)
+        return r1 * p1 + r2 * q1, r1 * p2 + r2 * q2
+
+
+def _reading(a: Tensor, s: Tensor, da: Tensor, ds: Tensor, src: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``x0 = p1 x + p2 out`` and ``eps = q1 x + q2 out`` for an output of kind ``src`` (x = a x0 + s eps)."""
+    one, zero = torch.ones_like(a), torch.zeros_like(a)
+    if src == "eps":
+        return 1 / a, -s / a, zero, one
+    if src == "score":  # eps = -s score
+        return 1 / a, s * s / a, zero, -s
+    if src == "x0":  # eps = (x - a x0) / s, and 0 (its posterior mean) where s = 0
+        inv = torch.where(s > 0, 1 / torch.where(s > 0, s, one), zero)
+        return zero, one, inv, -a * inv
+    if src == "velocity":  # velocity = a' x0 + s' eps
+        det = a * ds - s * da
+        return ds / det, -s / det, -da / det, a / det
+    norm = a * a + s * s  # Salimans' v = a eps - s x0
+    return a / norm, -s / norm, s / norm, a / norm
+
+
+def _writing(a: Tensor, s: Tensor, da: Tensor, ds: Tensor, dst: str) -> tuple[Tensor, Tensor]:
+    """``out = r1 x0 + r2 eps`` for an output of kind ``dst``."""
+    one, zero = torch.ones_like(a), torch.zeros_like(a)
+    return {"eps": lambda: (zero, one), "x0": lambda: (one, zero), "velocity": lambda: (da, ds),
+            "v": lambda: (-s, a), "score": lambda: (zero, -1 / s)}[dst]()
 
 
 @PATHS.register("linear")
@@ -269,6 +296,7 @@ class CosinePath(Path):
 
     name = "cosine"
     alpha_vanishes = True
+    variance_preserving = True
 
     def __init__(self, offset: float = 0.0):
         if not 0.0 <= offset < 1.0:
@@ -312,6 +340,7 @@ class DDPMLinearPath(Path):
     name = "ddpm"
     # sigma ~ sqrt(beta_start N t) near 0, so sigma' diverges at t = 0: stop grids just above it.
     t_min = 1e-5
+    variance_preserving = True
 
     def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000):
         if not (0 < beta_start < beta_end < 1) or num_steps < 2:
@@ -322,6 +351,7 @@ class DDPMLinearPath(Path):
         self.beta_start, self.beta_end, self.num_steps = float(beta_start), float(beta_end), int(num_steps)
         self._d = (self.beta_end - self.beta_start) / (self.num_steps - 1)
         self._c = (1 - self.beta_start) / self._d
+        self._lgamma_c1 = float(torch.lgamma(torch.tensor(self._c + 1, dtype=torch.float64)))
 
     def config(self):
         return {"name": self.name, "beta_start": self.beta_start, "beta_end": self.beta_end,
@@ -329,8 +359,7 @@ class DDPMLinearPath(Path):
 
     def _log_abar(self, t):
         u = self.num_steps * t - 1
-        c = torch.tensor(self._c, dtype=torch.float64, device=t.device)
-        return (u + 1) * math.log(self._d) + torch.lgamma(c + 1) - torch.lgamma(c - u)
+        return (u + 1) * math.log(self._d) + self._lgamma_c1 - torch.lgamma(self._c - u)
 
     def _d_log_abar(self, t):
         u = self.num_steps * t - 1
@@ -351,6 +380,13 @@ class DDPMLinearPath(Path):
         s = self._sigma(t)
         safe = torch.where(s > 0, s, torch.ones_like(s))
         return torch.where(s > 0, -abar * self._d_log_abar(t) / (2 * safe), torch.full_like(t, math.inf))
+
+    def _coefficients64(self, t):
+        la, dla = self._log_abar(t), self._d_log_abar(t)
+        alpha, sigma = torch.exp(0.5 * la), torch.sqrt(-torch.expm1(la))
+        safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+        d_sigma = torch.where(sigma > 0, -torch.exp(la) * dla / (2 * safe), torch.full_like(t, math.inf))
+        return alpha, sigma, 0.5 * dla * alpha, d_sigma
 
     def timestep(self, t: Tensor) -> Tensor:
         """genkit time -> diffusers' (continuous) integer timestep index ``N t - 1``."""

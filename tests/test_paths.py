@@ -29,6 +29,19 @@ def test_conversions_round_trip(name, src, dst):
 
 
 @pytest.mark.parametrize("name", PATH_NAMES)
+def test_conversion_coefficients_are_the_conversion(name):
+    """Solvers precompute convert() as the affine map cx * x + cout * out; it must be the same map."""
+    p = get_path(name)
+    g = torch.Generator().manual_seed(1)
+    x, out = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    for src in PREDICTIONS:
+        for dst in PREDICTIONS:
+            cx, cout = p.conversion_coefficients(T, src, dst)
+            torch.testing.assert_close(cx[:, None] * x + cout[:, None] * out, p.convert(out, x, T, src, dst),
+                                       rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", PATH_NAMES)
 def test_derivatives_match_finite_differences(name):
     p = get_path(name)
     t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)

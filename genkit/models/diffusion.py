@@ -82,6 +82,8 @@ class Diffusion(ContinuousModel):
         self.t_eps, self.t_max = float(t_eps), float(t_max)
 
     def net_input(self, x: Tensor, t: Tensor) -> Tensor:
+        if self.path.variance_preserving and self.sigma_data == 1.0:
+            return x  # c_in = 1 / sqrt(alpha^2 + sigma^2) = 1
         a, s, _, _ = self.path.coefficients(t, x)
         return x * torch.rsqrt(a * a * self.sigma_data ** 2 + s * s)
 

@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, SolverError
-from ..fields import Field, check_field
+from ..fields import Field, FieldView, check_field
 from ..registry import Registry
 from .grids import TimeGrid, get_grid, validate_grid
 
-__all__ = ["Solution", "Solver", "SOLVERS", "get_solver", "solve", "check_finite_result"]
+__all__ = ["Solution", "Solver", "SOLVERS", "get_solver", "solve", "check_finite_result", "prepared", "apply_map"]
 
 SOLVERS: Registry = Registry("solver")
 
@@ -63,6 +63,22 @@ class Solver:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def prepared(field: Field, dst: str, times: Tensor) -> tuple[Field, list[float], list[float]]:
+    """The field to call in its own parametrization and, for each time in ``times`` (float64), the affine map
+    ``(cx, cout)`` to ``dst``: ``dst = cx * x + cout * out``. Computed once per solve, so a step costs the
+    network call plus one fused op, not a schedule evaluation."""
+    base = field.base if isinstance(field, FieldView) else field
+    cx, cout = base.path.conversion_coefficients(times.to(torch.float64).cpu(), base.prediction, dst)
+    return base, cx.tolist(), cout.tolist()
+
+
+def apply_map(out: Tensor, x: Tensor, cx: float, cout: float) -> Tensor:
+    """``cx * x + cout * out`` with the trivial cases skipped."""
+    if cx == 0.0:
+        return out if cout == 1.0 else out * cout
+    return torch.add(out * cout, x, alpha=cx)
 
 
 def check_finite_result(x: Tensor, solver: Solver, times: Tensor) -> Tensor:

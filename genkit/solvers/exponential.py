@@ -34,7 +34,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..fields import Field, as_eps, as_x0
 from ..paths import broadcast_time
-from .base import SOLVERS, Solution, Solver, check_finite_result
+from .base import SOLVERS, Solution, Solver, apply_map, check_finite_result, prepared
 
 __all__ = ["ExponentialSolver", "DDIM", "DPMSolverPP2M", "DPMSolverPP3M", "UniPC", "DEIS"]
 
@@ -73,14 +73,14 @@ class ExponentialSolver(Solver):
         del generator
         self.check_steps(times)
         a, s, lam = _schedule(field, times)
-        denoise = as_x0(field)
+        base, cx, cout = prepared(field, "x0", times[:-1])
         ts = times.to(device=x.device, dtype=x.dtype)
         hist: list[Tensor] = []
         traj = [x] if trajectory else None
         num = len(times) - 1
         nfe = 0
         for n in range(num):
-            hist.append(denoise(x, broadcast_time(ts[n], x), **cond))
+            hist.append(apply_map(base(x, broadcast_time(ts[n], x), **cond), x, cx[n], cout[n]))
             nfe += 1
             hist = hist[-self.max_order:]
             x = self.update(x, hist, n, a, s, lam, self.step_order(n, num, lam))
@@ -226,14 +226,14 @@ class UniPC(ExponentialSolver):
         del generator
         self.check_steps(times)
         a, s, lam = _schedule(field, times)
-        denoise = as_x0(field)
+        base, cx, cout = prepared(field, "x0", times[:-1])
         ts = times.to(device=x.device, dtype=x.dtype)
         num = len(times) - 1
         hist: list[Tensor] = []
         traj = [x] if trajectory else None
         prev: tuple[Tensor, int] | None = None  # (x before the last step, its order)
         for n in range(num):
-            m = denoise(x, broadcast_time(ts[n], x), **cond)
+            m = apply_map(base(x, broadcast_time(ts[n], x), **cond), x, cx[n], cout[n])
             if prev is not None:
                 x = self._correct(prev[0], x, m, hist, n - 1, a, s, lam, prev[1])
                 if traj is not None:

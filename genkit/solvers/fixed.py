@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..fields import Field, as_velocity
+from ..fields import Field
 from ..paths import broadcast_time
-from .base import SOLVERS, Solution, Solver, check_finite_result
+from .base import SOLVERS, Solution, Solver, apply_map, check_finite_result, prepared
 
 __all__ = ["Tableau", "RungeKutta", "Euler", "Midpoint", "Heun", "RK4"]
 
@@ -49,29 +49,38 @@ class RungeKutta(Solver):
               trajectory: bool = False, **cond: Any) -> Solution:
         del generator  # deterministic
         self.check_steps(times)
-        v = as_velocity(field)
         tab = self.tableau
-        ts = times.to(device=x.device, dtype=x.dtype)
-        steps = ts[1:] - ts[:-1]
+        t64 = times.to(torch.float64).cpu()
+        h64 = t64[1:] - t64[:-1]
+        stage_t = (t64[:-1, None] + torch.tensor(tab.c, dtype=torch.float64)[None, :] * h64[:, None]).flatten()
+        base, cx, cout = prepared(field, "velocity", stage_t)
+        stage_dev = stage_t.to(device=x.device, dtype=x.dtype)
+        hs = h64.tolist()
         traj = [x] if trajectory else None
-        for n in range(len(ts) - 1):
-            t, h = ts[n], steps[n]
+        k_idx = 0
+        for n in range(len(hs)):
+            h = hs[n]
             ks: list[Tensor] = []
             for i in range(len(tab.b)):
                 xi = x
                 for j, aij in enumerate(tab.a[i]):
                     if aij:
                         xi = xi + (h * aij) * ks[j]
-                ks.append(v(xi, broadcast_time(t + tab.c[i] * h, x), **cond))
-            incr = ks[0] * tab.b[0] if tab.b[0] else 0
-            for bi, k in zip(tab.b[1:], ks[1:]):
-                if bi:
-                    incr = incr + bi * k
-            x = x + h * incr
+                out = base(xi, broadcast_time(stage_dev[k_idx], x), **cond)
+                ks.append(apply_map(out, xi, cx[k_idx], cout[k_idx]))
+                k_idx += 1
+            if len(ks) == 1:
+                x = torch.add(x, ks[0], alpha=h)
+            else:
+                incr = None
+                for bi, k in zip(tab.b, ks):
+                    if bi:
+                        incr = k * bi if incr is None else torch.add(incr, k, alpha=bi)
+                x = torch.add(x, incr, alpha=h)
             if traj is not None:
                 traj.append(x)
         check_finite_result(x, self, times)
-        return Solution(x, (len(ts) - 1) * len(tab.b), times, torch.stack(traj) if traj is not None else None)
+        return Solution(x, len(hs) * len(tab.b), times, torch.stack(traj) if traj is not None else None)
 
 
 @SOLVERS.register("euler")
