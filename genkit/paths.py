@@ -68,13 +68,13 @@ def broadcast_time(t: Tensor | float, x: Tensor) -> Tensor:
     if t.device != x.device:
         raise ShapeError(f"t is on {t.device} but x is on {x.device}; move t with t.to(x.device)")
     if t.ndim == 0:
-        return t.to(x.dtype).expand(x.shape[0])
+        return (t if t.dtype == x.dtype else t.to(x.dtype)).expand(x.shape[0])
     if t.shape != (x.shape[0],):
         raise ShapeError(
             f"t must be a float or a tensor of shape [batch]=[{x.shape[0]}]; got shape {tuple(t.shape)}. "
             "Pass one time per sample, e.g. torch.full((x.shape[0],), t)."
         )
-    return t.to(x.dtype)
+    return t if t.dtype == x.dtype else t.to(x.dtype)
 
 
 def _check_prediction(name: str) -> None:

@@ -14,7 +14,6 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..fields import Field
-from ..paths import broadcast_time
 from .base import SOLVERS, Solution, Solver, apply_map, check_finite_result, prepared
 
 __all__ = ["Tableau", "RungeKutta", "Euler", "Midpoint", "Heun", "RK4"]
@@ -55,6 +54,7 @@ class RungeKutta(Solver):
         stage_t = (t64[:-1, None] + torch.tensor(tab.c, dtype=torch.float64)[None, :] * h64[:, None]).flatten()
         base, cx, cout = prepared(field, "velocity", stage_t)
         stage_dev = stage_t.to(device=x.device, dtype=x.dtype)
+        t_batch = [stage_dev[k].expand(x.shape[0]) for k in range(len(stage_t))]  # built once per solve
         hs = h64.tolist()
         traj = [x] if trajectory else None
         k_idx = 0
@@ -66,11 +66,15 @@ class RungeKutta(Solver):
                 for j, aij in enumerate(tab.a[i]):
                     if aij:
                         xi = xi + (h * aij) * ks[j]
-                out = base(xi, broadcast_time(stage_dev[k_idx], x), **cond)
+                out = base(xi, t_batch[k_idx], **cond)
+                if len(tab.b) == 1:  # Euler: fold the conversion into the update, x <- (1 + h cx) x + h cout out
+                    ks.append(out)
+                    break
                 ks.append(apply_map(out, xi, cx[k_idx], cout[k_idx]))
                 k_idx += 1
-            if len(ks) == 1:
-                x = torch.add(x, ks[0], alpha=h)
+            if len(tab.b) == 1:
+                x = torch.add(ks[0] * (h * cout[k_idx]), x, alpha=1 + h * cx[k_idx])
+                k_idx += 1
             else:
                 incr = None
                 for bi, k in zip(tab.b, ks):
