@@ -40,9 +40,10 @@ def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 def test_end_to_end(checkpoint, tmp_path):
     out = tmp_path / "cmp"
-    proc = subprocess.run([sys.executable, str(COMPARE), "--checkpoint", str(checkpoint), "--solvers",
-                           "euler,heun,rk4,dpmpp_2m", "--nfe", "4,8,16", "--grid", "uniform", "--n", "32", "--reference-steps", "64",
-                           "--out", str(out)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    args = ["--checkpoint", checkpoint, "--solvers", "euler,heun,rk4,dpmpp_2m", "--nfe", "4,8,16", "--grid", "uniform",
+            "--n", 32, "--reference-steps", 64, "--out", out]
+    proc = subprocess.run([sys.executable, str(COMPARE), *map(str, args)], capture_output=True, text=True, env=ENV,
+                          cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "compare.json").read_text())
     assert {p.name for p in out.iterdir()} >= {"compare.json", "compare.md", "compare.png"}
