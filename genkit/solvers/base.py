@@ -7,6 +7,7 @@ fields and grids, never a family or a network class.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 from dataclasses import dataclass
@@ -70,8 +71,16 @@ def prepared(field: Field, dst: str, times: Tensor) -> tuple[Field, list[float],
     ``(cx, cout)`` to ``dst``: ``dst = cx * x + cout * out``. Computed once per solve, so a step costs the
     network call plus one fused op, not a schedule evaluation."""
     base = field.base if isinstance(field, FieldView) else field
-    cx, cout = base.path.conversion_coefficients(times.to(torch.float64).cpu(), base.prediction, dst)
-    return base, cx.tolist(), cout.tolist()
+    cx, cout = _maps(base.path, tuple(times.to(torch.float64).cpu().tolist()), base.prediction, dst)
+    return base, cx, cout
+
+
+@functools.lru_cache(maxsize=256)
+def _maps(path: Any, times: tuple[float, ...], src: str, dst: str) -> tuple[list[float], list[float]]:
+    """Memoised: a pure function of an immutable path, the times and the two parametrizations, so sampling
+    again on the same grid skips the schedule evaluation."""
+    cx, cout = path.conversion_coefficients(torch.tensor(times, dtype=torch.float64), src, dst)
+    return cx.tolist(), cout.tolist()
 
 
 def apply_map(out: Tensor, x: Tensor, cx: float, cout: float) -> Tensor:

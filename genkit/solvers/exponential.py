@@ -39,11 +39,12 @@ from .base import SOLVERS, Solution, Solver, apply_map, check_finite_result, pre
 __all__ = ["ExponentialSolver", "DDIM", "DPMSolverPP2M", "DPMSolverPP3M", "UniPC", "DEIS"]
 
 
-def _schedule(field: Field, times: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``alpha``, ``sigma`` and ``lambda = log(alpha/sigma)`` at the grid times, float64 on the CPU."""
+def _schedule(field: Field, times: Tensor) -> tuple[list[float], list[float], list[float]]:
+    """``alpha``, ``sigma`` and ``lambda = log(alpha/sigma)`` at the grid times (float64, as Python floats:
+    the per-step arithmetic is scalar)."""
     t = times.to(torch.float64).cpu()
     a, s = field.path.alpha(t), field.path.sigma(t)
-    return a, s, torch.log(a) - torch.log(s)
+    return a.tolist(), s.tolist(), (torch.log(a) - torch.log(s)).tolist()
 
 
 class ExponentialSolver(Solver):
@@ -57,12 +58,12 @@ class ExponentialSolver(Solver):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(lower_order_final={self.lower_order_final})"
 
-    def step_order(self, n: int, num_steps: int, lam: Tensor) -> int:
+    def step_order(self, n: int, num_steps: int, lam: list[float]) -> int:
         """Order of step ``n``: warm-up from order 1, lower near the end like diffusers."""
         order = min(self.max_order, n + 1)
         if math.isinf(float(lam[n + 1])):
             return 1
-        while order > 1 and not torch.isfinite(lam[n - order + 1: n + 1]).all():
+        while order > 1 and not all(math.isfinite(v) for v in lam[n - order + 1: n + 1]):
             order -= 1  # a past point at alpha = 0 (lambda = -inf) carries no curvature information
         if self.lower_order_final and num_steps < 15:
             order = min(order, num_steps - n)
@@ -285,7 +286,7 @@ class DEIS(Solver):
         del generator
         self.check_steps(times)
         a, s, _ = _schedule(field, times)
-        rho = (s / a).tolist()
+        rho = [si / ai if ai > 0 else math.inf for ai, si in zip(a, s)]
         eps_view, x0_view = as_eps(field), as_x0(field)
         ts = times.to(device=x.device, dtype=x.dtype)
         hist: list[Tensor] = []

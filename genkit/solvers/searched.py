@@ -78,7 +78,10 @@ def _integrate(field: Field, x: Tensor, times: Tensor, coeffs: Tensor, variant: 
             d = (1 - c[i, :i].sum()) * d
             for j in range(i):
                 d = d + c[i, j] * hist[j]
-        x = x + (ts[i + 1] - ts[i]) * d if variant == "velocity" else ratio[i] * x + gain[i] * d
+        if variant == "velocity":  # the step is rounded from float64 exactly as Euler rounds it
+            x = x + (times[i + 1] - times[i]).to(device=x.device, dtype=x.dtype) * d
+        else:
+            x = ratio[i] * x + gain[i] * d
         if keep:
             states.append(x)
     return x, states
