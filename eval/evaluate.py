@@ -28,10 +28,11 @@ from typing import Any, Callable
 
 import torch
 
+from genkit.cli import checkpoint_dir, run_main
 import genkit
 from genkit import metrics
 from genkit.data import DATASETS, load_dataset
-from genkit.errors import ConfigError, GenkitError, ShapeError
+from genkit.errors import ConfigError, ShapeError
 from genkit.solvers import GRIDS, SOLVERS
 
 
@@ -62,12 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--nll-steps", type=int, default=100, help="steps of a fixed-step --nll-solver")
     g.add_argument("--nll-batch-size", type=int, default=500, help="held-out samples per likelihood solve")
     return p.parse_args(argv)
-
-
-def checkpoint_dir(path: str) -> Path:
-    """Accept a run folder (``--out`` of train.py) for its ``checkpoint/``."""
-    p = Path(path)
-    return p / "checkpoint" if not (p / "config.json").exists() and (p / "checkpoint").is_dir() else p
 
 
 def held_out(name: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,8 +143,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except GenkitError as e:
-        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from genkit.cli import checkpoint_dir, run_main
 import genkit
-from genkit.errors import ConfigError, GenkitError
+from genkit.errors import ConfigError
 from genkit.plotting import save_samples_png
 from genkit.solvers import GRIDS, SOLVERS
 
@@ -45,12 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     return p.parse_args(argv)
-
-
-def checkpoint_dir(path: str) -> Path:
-    """Accept a run folder (``--out`` of train.py) for its ``checkpoint/``."""
-    p = Path(path)
-    return p / "checkpoint" if not (p / "config.json").exists() and (p / "checkpoint").is_dir() else p
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,8 +74,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except GenkitError as e:
-        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from genkit.cli import checkpoint_dir, run_main
 import genkit
-from genkit.errors import ConfigError, GenkitError
+from genkit.errors import ConfigError
 from genkit.solvers import solve
 from genkit.solvers.searched import VARIANTS, search_solver
 
@@ -56,12 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     return p.parse_args(argv)
-
-
-def checkpoint_dir(path: str) -> Path:
-    """Accept a run folder (``--out`` of train.py) for its ``checkpoint/``."""
-    p = Path(path)
-    return p / "checkpoint" if not (p / "config.json").exists() and (p / "checkpoint").is_dir() else p
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,12 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     """``main`` with genkit errors reported as one ``error: ...`` line and exit status 2."""
-    try:
-        main(argv)
-    except GenkitError as e:
-        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
-        return 2
-    return 0
+    return run_main(main, argv)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,11 @@ from typing import Any, NoReturn
 
 import torch
 
+from genkit.cli import run_main
 import genkit
 from genkit import checkpoint
 from genkit.data import DATASETS, load_dataset
-from genkit.errors import ConfigError, GenkitError
+from genkit.errors import ConfigError
 from genkit.fields import check_field
 from genkit.models.secant import LOSSES, Secant
 from genkit.nets import MLP, UNet
@@ -236,8 +237,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except GenkitError as e:
-        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

@@ -36,10 +36,11 @@ from typing import Any, Callable
 
 import torch
 
+from genkit.cli import run_main
 import genkit
 from genkit import checkpoint, metrics
 from genkit.data import DATASETS, image_folder, load_dataset
-from genkit.errors import ConfigError, GenkitError
+from genkit.errors import ConfigError
 from genkit.models import Diffusion, FlowMatching, build
 from genkit.models.diffusion import WEIGHTINGS
 from genkit.models.flow_matching import COUPLINGS
@@ -325,8 +326,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except GenkitError as e:
-        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

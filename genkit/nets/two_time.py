@@ -27,7 +27,6 @@ from __future__ import annotations
 import inspect
 from typing import Any, ClassVar, Mapping
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

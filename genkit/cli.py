@@ -1,0 +1,34 @@
+"""What the scripts in train/, samplers/ and eval/ share: finding a checkpoint and reporting genkit errors
+as one line. The library itself never imports this module."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import GenkitError
+
+__all__ = ["checkpoint_dir", "run_main"]
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (``--out`` of train/train.py) holding ``checkpoint/``."""
+    p = Path(path)
+    return p / "checkpoint" if not (p / "config.json").exists() and (p / "checkpoint").is_dir() else p
+
+
+def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
+    """Run a script's ``main``; a genkit error becomes one ``error: ...`` line on stderr and status 2.
+
+    >>> def main(argv):
+    ...     raise GenkitError("bad --steps 0; use a positive integer")
+    >>> run_main(main, [])
+    2
+    """
+    try:
+        main(argv)
+    except GenkitError as e:
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
+        return 2
+    return 0
