@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, ClassVar, Mapping
 
+import torch  # noqa: F401  (the class doctests use it)
 import torch.nn.functional as F
 from torch import Tensor, nn
 
