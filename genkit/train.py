@@ -496,6 +496,14 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _restore(self, source: Path) -> dict[str, Any]:
+        saved = {k: v for k, v in checkpoint.read_config(source).items() if k not in checkpoint._RESERVED}
+        ours = checkpoint.model_config(self.model)
+        if saved != ours:  # same weight shapes can hide another path, weighting or family
+            diff = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+            raise CheckpointError(
+                f"{source} holds a different model (config differs in {diff}); resume it with the same model, "
+                "or choose a new out_dir / resume=False to start a fresh run"
+            )
         state = checkpoint.load_training_state(source, self.model, self.optimizer, self.scheduler)
         ema = state.pop("ema")
         if self.ema is not None:

@@ -167,3 +167,15 @@ def test_bad_input(tmp_path):
     genkit.save(tmp_path / "fm", model)
     with pytest.raises(CheckpointError):
         genkit.load(tmp_path / "fm", expect_family="diffusion")
+
+
+def test_resuming_another_model_with_the_same_weight_shapes_is_refused(tmp_path):
+    """A flow-matching checkpoint must not silently resume as a diffusion model (same MLP, same shapes)."""
+    data = torch.randn(64, 2)
+    cfg = TrainConfig(steps=2, batch_size=16, out_dir=str(tmp_path), cpu=True, checkpoint_every=None, progress=False)
+    Trainer(FlowMatching(MLP(2, hidden=8), sample_shape=(2,)), cfg).fit(data)
+    cfg = TrainConfig(steps=4, batch_size=16, out_dir=str(tmp_path), cpu=True, checkpoint_every=None, progress=False)
+    with pytest.raises(CheckpointError, match=r"different model.*family"):
+        Trainer(Diffusion(MLP(2, hidden=8), sample_shape=(2,)), cfg).fit(data)
+    # the refused run left the checkpoint as it was
+    assert genkit.load(tmp_path / "checkpoint").family == "flow_matching"
