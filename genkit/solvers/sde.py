@@ -104,15 +104,9 @@ def reverse_drift(field: Field, x: Tensor, t: Tensor, eta: float, **cond: Any) -
     tb = broadcast_time(t, x)
     x0, eps = path.to_x0_eps(field(x, tb, **cond), x, tb, field.prediction)
     drift = path.from_x0_eps(x0, eps, x, tb, "velocity")
-    if eta > 0:
-        if torch.is_tensor(t) and t.ndim > 0:
-            a, s, da, ds = path.coefficients(tb, x)
-            c = (a * ds - s * da) / a
-        else:  # one time for the whole batch: evaluate the schedule once, not per sample
-            t64 = torch.as_tensor(float(t), dtype=torch.float64)
-            a, s, da, ds = (float(f(t64)) for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma))
-            c = (a * ds - s * da) / a
-        drift = drift + (eta * c) * eps
+    if eta > 0:  # Path.coefficients evaluates the schedule once when t is one time for the batch
+        a, s, da, ds = path.coefficients(tb, x)
+        drift = drift + (eta * (a * ds - s * da) / a) * eps
     return drift
 
 
