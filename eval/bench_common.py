@@ -94,6 +94,7 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, out_dir: Pa
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     json_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     head = (f"# {name}\n\nCommand: `{command}`\n\nMachine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, "
+            f"{('GPU ' + machine['gpu'] + ', ') if machine.get('gpu') else ''}"
             f"torch {machine['torch']} ({machine['torch_threads']} thread(s)), genkit {machine['versions']['genkit']}, "
             f"git {machine['git_commit']}{' (dirty)' if machine['git_dirty'] else ''}, {machine['date_utc']}.\n\n")
     md_path.write_text(head + markdown.rstrip() + "\n", encoding="utf-8")

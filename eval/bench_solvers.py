@@ -29,8 +29,18 @@ final step; every endpoint is the t = 0 (denoised) state. The DSS search is skip
 1000-step reference on the search pool alone would cost ~5 min); teleportation uses
 ``genkit.teleport.fit_gaussian`` on the digits training set.
 
-  python eval/bench_solvers.py            # ~5 min on 1 CPU thread -> results/bench_solvers.{json,md,png}
-  python eval/bench_solvers.py --digits-steps 0   # analytic fields only
+A trained checkpoint can stand in for the in-script training (--digits-checkpoint, EMA weights; any
+``train/train.py`` run of a ddpm-path eps ``Diffusion`` on digits), and --digits-search runs the DSS search on it
+too. --fields picks the analytic fields, the digits model or both; each choice writes its own results file
+(``bench_solvers``, ``bench_solvers_analytic``, ``bench_solvers_digits``). --device runs the digits model there
+(the analytic fields stay float64 on the CPU); on CUDA, TF32 is turned off so the 1000-step reference is a float32
+reference.
+
+  python eval/bench_solvers.py --fields analytic   # ~5 min on 1 CPU thread -> results/bench_solvers_analytic.*
+  python train/train.py --family diffusion --path ddpm --prediction eps --data digits --steps 20000 \
+      --out runs/digits_vp_eps                     # the trained model of part (b); minutes on a GPU
+  python eval/bench_solvers.py --fields digits --digits-checkpoint runs/digits_vp_eps/checkpoint \
+      --digits-search --digits-n 256 --device cuda   # -> results/bench_solvers_digits.*
   python eval/bench_solvers.py --quick    # smaller sizes, to test the script
 """
 
@@ -50,10 +60,12 @@ from bench_common import RESULTS, markdown_table, write_results  # noqa: E402
 
 import genkit.data  # noqa: E402
 import genkit.nets  # noqa: E402
+from genkit import checkpoint  # noqa: E402
 from genkit import DiffusersScheduler, Diffusion, GaussianMixture, get_path  # noqa: E402
 from genkit.solvers import EDMStochastic, LogSNR, Solution, Solver, solve  # noqa: E402
 from genkit.solvers.searched import search_solver  # noqa: E402
 from genkit.teleport import GaussianFit, fit_gaussian, steps_saved  # noqa: E402
+from genkit.errors import ConfigError  # noqa: E402
 from genkit.train import TrainConfig, Trainer  # noqa: E402
 
 GENKIT = ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "euler", "heun"]
@@ -62,6 +74,7 @@ DIFFUSERS = ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepSched
 TWIN = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmpp_2m",
         "UniPCMultistepScheduler": "unipc"}
 EQUALITY_TARGETS = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+FIELDS = ("all", "analytic", "digits")
 TOLERANCE = 0.03
 
 
@@ -85,29 +98,59 @@ def mixture(dim: int, path_name: str, prediction: str) -> GaussianMixture:
     return GaussianMixture(w, means, covs, get_path(path_name), prediction)
 
 
+def _check_digits_model(model: Any, source: str) -> None:
+    """The diffusers contenders are built for diffusers' DDPM schedule and eps prediction: the model must match."""
+    path = getattr(model, "path", None)
+    ok = (isinstance(model, Diffusion) and getattr(path, "name", None) == "ddpm" and model.prediction == "eps"
+          and (path.beta_start, path.beta_end, path.num_steps) == (1e-4, 0.02, 1000)
+          and tuple(model.sample_shape) == (1, 8, 8))
+    if not ok:
+        raise ConfigError(f"{source} is not an eps-prediction Diffusion on the default ddpm path (beta 1e-4..0.02, "
+                          f"1000 steps) for 8x8 digits (got {model!r}); train one with train/train.py --family "
+                          "diffusion --path ddpm --prediction eps --data digits")
+
+
 def digits_model(args: argparse.Namespace) -> tuple[Diffusion, torch.Tensor, dict[str, Any]]:
-    """Train the small VP-eps digits model (EMA weights) and return it in eval mode with its data."""
+    """The VP-eps digits model (EMA weights) in eval mode on --device, with its training data: loaded from
+    --digits-checkpoint, or trained here for --digits-steps steps."""
     import tempfile
 
     data = genkit.data.load_dataset("digits")
-    torch.manual_seed(args.seed)
-    model = Diffusion(genkit.nets.UNet(8, in_channels=1, block_out_channels=(16, 32), norm_num_groups=8),
-                      path="ddpm", prediction="eps", sample_shape=(1, 8, 8))
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(steps=args.digits_steps, batch_size=64, lr=args.digits_lr, warmup_steps=20,
-                          ema_decay=0.99, cpu=True, progress=False, checkpoint_every=None, out_dir=tmp,
-                          log_every=max(1, args.digits_steps // 10), seed=args.seed)
-        result = Trainer(model, cfg).fit(data)
-    if result.ema is not None:
-        model.load_state_dict(result.ema)
-    model.eval().requires_grad_(False)
-    info = {"steps": args.digits_steps, "batch": 64, "lr": args.digits_lr, "ema_decay": 0.99,
-            "train_seconds": time.perf_counter() - t0, "losses": result.losses, "data": list(data.shape),
-            "params": sum(p.numel() for p in model.parameters()), "time_range": list(model.time_range())}
-    print(f"digits model: {args.digits_steps} steps in {info['train_seconds']:.1f} s, "
-          f"final loss {result.losses[-1][1]:.4f}", flush=True)
+    device = torch.device(args.device)
+    if args.digits_checkpoint is not None:
+        model = checkpoint.load(args.digits_checkpoint, map_location=device)
+        _check_digits_model(model, str(args.digits_checkpoint))
+        config = checkpoint.read_config(args.digits_checkpoint)
+        state_file = Path(args.digits_checkpoint) / "trainer_state.json"
+        state = json_load(state_file) if state_file.is_file() else {}
+        info = {"source": "checkpoint", "checkpoint": str(args.digits_checkpoint), "config": config,
+                "steps": state.get("step"), "train_config": state.get("train_config")}
+    else:
+        torch.manual_seed(args.seed)
+        model = Diffusion(genkit.nets.UNet(8, in_channels=1, block_out_channels=(16, 32), norm_num_groups=8),
+                          path="ddpm", prediction="eps", sample_shape=(1, 8, 8))
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = TrainConfig(steps=args.digits_steps, batch_size=64, lr=args.digits_lr, warmup_steps=20,
+                              ema_decay=0.99, cpu=device.type == "cpu", progress=False, checkpoint_every=None,
+                              out_dir=tmp, log_every=max(1, args.digits_steps // 10), seed=args.seed)
+            result = Trainer(model, cfg).fit(data)
+        if result.ema is not None:
+            model.load_state_dict(result.ema)
+        info = {"source": "trained here", "steps": args.digits_steps, "batch": 64, "lr": args.digits_lr,
+                "ema_decay": 0.99, "train_seconds": time.perf_counter() - t0, "losses": result.losses}
+        print(f"digits model: {args.digits_steps} steps in {info['train_seconds']:.1f} s, "
+              f"final loss {result.losses[-1][1]:.4f}", flush=True)
+    model = model.to(device).eval().requires_grad_(False)
+    info.update({"data": list(data.shape), "params": sum(p.numel() for p in model.parameters()),
+                 "time_range": list(model.time_range()), "device": str(device)})
     return model, data, info
+
+
+def json_load(path: Path) -> Any:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def diffusers_scheduler(name: str) -> Any:
@@ -157,7 +200,8 @@ def bench_field(label: str, field: Any, args: argparse.Namespace, *, n: int | No
     trained = isinstance(field, Diffusion)
     shape = tuple(field.sample_shape) if trained else (field.dim,)
     dtype = torch.float32 if trained else torch.float64
-    x = path.sample_prior((n, *shape), generator=torch.Generator().manual_seed(args.seed), dtype=dtype)
+    device = next(field.parameters()).device if trained else torch.device("cpu")
+    x = path.sample_prior((n, *shape), generator=torch.Generator().manual_seed(args.seed), dtype=dtype, device=device)
     if trained:
         t_eps, t_max = field.time_range()
         lam_max = float(path.log_snr(torch.tensor(t_eps, dtype=torch.float64)))
@@ -173,6 +217,7 @@ def bench_field(label: str, field: Any, args: argparse.Namespace, *, n: int | No
                            "n": n, "dtype": str(dtype).replace("torch.", ""), "grid": grid_text,
                            "reference": f"unipc, {args.reference_steps} {grid_text}",
                            "reference_error": rms(check, ref), "reference_norm": rms(ref, torch.zeros_like(ref)),
+                           "reference_max_abs": float(ref.abs().max()), "device": str(device),
                            "genkit": {}, "diffusers": {},
                            "genkit_on_diffusers_times": {}, **(extra or {})}
     for name in GENKIT:
@@ -297,15 +342,24 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], args: argparse
                f"RMS norm of the reference samples {r['reference_norm']:.3g}); {r['seconds']:.0f} s.", ""]
         if "model" in r:
             m = r["model"]
-            md += [f"Model: `genkit.nets.UNet(8, block_out_channels=(16, 32))`, {m['params']} parameters, trained "
-                   f"{m['steps']} steps (batch {m['batch']}, lr {m['lr']:g}, EMA {m['ema_decay']}) on digits "
-                   f"{m['data']} in {m['train_seconds']:.0f} s, final loss {m['losses'][-1][1]:.4f}; evaluated on "
-                   f"`time_range()` = {m['time_range']}. All endpoints are at t = 0: genkit's last step goes from "
-                   "t_eps to 0 evaluating only at t_eps; diffusers' schedulers evaluate at timesteps >= 0 "
-                   "(t >= 1e-3) and finish with their own step to alpha = 1. The model is briefly trained: its "
-                   f"reference samples have RMS norm {r['reference_norm']:.3g} where any image in [-1, 1] has at most "
-                   f"{math.sqrt(math.prod(m['data'][1:])):.0f}, i.e. they leave the data range; the rows measure solver "
-                   "accuracy on this trained field, not sample quality.", ""]
+            if m["source"] == "checkpoint":
+                cfg, tc = m["config"], m.get("train_config") or {}
+                trained = (f"loaded from `{m['checkpoint']}` (EMA weights; {m['steps']} training steps, batch "
+                           f"{tc.get('batch_size')}, lr {tc.get('lr')}, EMA {tc.get('ema_decay')}; UNet "
+                           f"block_out_channels {cfg.get('net', {}).get('block_out_channels')})")
+            else:
+                trained = (f"trained here {m['steps']} steps (batch {m['batch']}, lr {m['lr']:g}, EMA {m['ema_decay']}) "
+                           f"in {m['train_seconds']:.0f} s, final loss {m['losses'][-1][1]:.4f}")
+            bound = math.sqrt(math.prod(m["data"][1:]))
+            inside = r["reference_max_abs"] <= 1.05
+            md += [f"Model: a ddpm-path eps `Diffusion` with a `genkit.nets.UNet`, {m['params']} parameters, {trained}; "
+                   f"run on {m['device']}, evaluated on `time_range()` = {m['time_range']}. All endpoints are at t = 0: "
+                   "genkit's last step goes from t_eps to 0 evaluating only at t_eps; diffusers' schedulers evaluate "
+                   "at timesteps >= 0 (t >= 1e-3) and finish with their own step to alpha = 1. Its reference samples "
+                   f"have RMS norm {r['reference_norm']:.3g} (an image in [-1, 1] has at most {bound:.0f}) and max "
+                   f"|pixel| {r['reference_max_abs']:.3g}: "
+                   + ("they stay in the data range." if inside else "they leave the data range [-1, 1]; the rows "
+                      "measure solver accuracy on this trained field, not sample quality."), ""]
         md += [f"RMS error to the reference (genkit: {r['grid']}; diffusers: their own timesteps; "
                "`= times`: the genkit twin on the diffusers scheduler's exact times).", ""]
         header = ["solver"] + [str(n) for n in args.nfe]
@@ -337,54 +391,60 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], args: argparse
                       for t, lam, er, sa in zip(tp["t_skips"], tp["log_snr_skips"], tp["errors"], tp["saved"])]
             md += [f"Teleportation with {solver} ({fit_text}): error (steps saved at equal error) per step budget; first row "
                    "no teleport.", "", markdown_table(["t_skip"] + [str(n) for n in tp["steps"]], t_rows), ""]
-    md += ["## Not measured", "", "The DSS searched solver on the trained digits model: `search_solver` needs a "
-           "1000-step reference solve of its whole search pool plus backpropagation through the UNet at every "
-           "iteration (~5 min on the shared CPU at ~35 ms per 64-image evaluation), so it is left out to keep the run "
-           "under ~8 min. A digits model trained for a few hundred CPU steps is a small, under-trained network: "
-           "its errors measure solver accuracy on that field, not sample quality.", "",
-           "## Notes", "",
-           "- Digits: the reference and every genkit row stay on the model's training range (no network call below "
-           "t_eps = 1e-3, the t of diffusers' timestep 0); the analytic ddpm fields are exact everywhere and keep "
-           "the grid to log-SNR 12. Both end at t = 0, as diffusers' schedulers do, so all endpoints compare the "
-           "same (denoised) state.",
-           "- Digits errors at few NFE are large next to the reference samples' norm: with eps prediction on the "
-           "ddpm path the data prediction at t = 1 is (x - sigma eps_hat) / alpha with 1 / alpha ~ 156, so the "
-           "small, briefly trained network's eps error is amplified in the first steps (diffusers' schedulers start "
-           "at the same t = 1). EDM's Heun is unstable here until 16 NFE, as on the analytic ddpm fields.",
-           "- Digits teleportation: the Gaussian is fitted to the training data, not to the model's distribution; "
-           "teleported solves level off at an error floor (the model's high-noise flow differs from the Gaussian's), "
-           "so they save steps only at the smallest budgets.",
-           "- genkit's own rows use `LogSNR(t_min=0)`: uniform in log-SNR from t = 1 to log-SNR 12, then one step "
-           "to t = 0. At <= 10 NFE that grid loses to diffusers' timestep spacing (compare genkit dpmpp_2m / unipc "
-           "with the diffusers rows), because one of few steps is spent above log-SNR ~8 where little happens; on the "
-           "diffusers scheduler's own times genkit's solvers give the same error (`= times` rows, ratio 1.0000).",
-           "- `= times` for DDIMScheduler differs by up to ~3% at some NFE: diffusers' DDIM steps to "
+    digits = [r for r in results.values() if "model" in r]
+    analytic = [r for r in results.values() if "model" not in r]
+    if digits and digits[0]["searched"] is None:
+        md += ["## Not measured", "", "The DSS searched solver on the trained digits model (add --digits-search): "
+               "`search_solver` needs a 1000-step reference solve of its whole search pool plus backpropagation "
+               "through the UNet at every iteration, minutes on a CPU.", ""]
+    md += ["## Notes", "",
+           "- genkit's own rows use a uniform log-SNR grid (analytic fields: from t = 1 to log-SNR 12, then one step "
+           "to t = 0). At <= 10 NFE that grid can lose to diffusers' timestep spacing (compare genkit dpmpp_2m / "
+           "unipc with the diffusers rows), because one of few steps is spent at high log-SNR where little happens; "
+           "on the diffusers scheduler's own times genkit's solvers give the same error (`= times` rows).",
+           "- `= times` for DDIMScheduler can differ by a few % at some NFE: diffusers' DDIM steps to "
            "`t - 1000 // n`, which is not always the next timestep of its own `trailing` schedule.",
            "- euler/heun run on the same log-SNR grid, which is not their best grid (Runge-Kutta in t prefers a "
-           "uniform or Karras grid); EDM's Heun on the ddpm path is unstable at 2-3 steps there.",
-           "- dpmpp_3m is non-monotone at 4-8 NFE on these grids (third-order extrapolation over long log-SNR steps).",
-           "- On the linear path diffusers' schedules start at the SNR of step 999 (t = 0.994), not at t = 1, "
-           "which puts a floor under their error; the `= times` rows start genkit there too, so the equality check "
-           "is unaffected. diffusers keeps alphas_cumprod in float32.",
+           "uniform or Karras grid); EDM's Heun on the ddpm path is unstable at few steps there.",
            "- Teleportation: the best t_skip is chosen after the fact among 4 (log-SNR -6, -4, -2, 0); the 'best "
-           "cell' is the single best (t_skip, budget) and is optimistic. The Gaussian is the mixture's exact mean "
-           "and covariance.",
+           "cell' is the single best (t_skip, budget) and is optimistic.",
            "- The searched solver is searched on other noise (seed + 1) than it is scored on."]
+    if analytic:
+        md += ["- Analytic fields: exact everywhere, so the grid runs to log-SNR 12; the Gaussian of teleportation "
+               "is the mixture's exact mean and covariance. dpmpp_3m is non-monotone at 4-8 NFE on these grids "
+               "(third-order extrapolation over long log-SNR steps). On the linear path diffusers' schedules start "
+               "at the SNR of step 999 (t = 0.994), not at t = 1, which puts a floor under their error; the "
+               "`= times` rows start genkit there too, so the equality check is unaffected. diffusers keeps "
+               "alphas_cumprod in float32."]
+    if digits:
+        md += ["- Digits: the reference and every genkit row stay on the model's training range (no network call "
+               "below t_eps = 1e-3, the t of diffusers' timestep 0) and end at t = 0, as diffusers' schedulers do, so "
+               "all endpoints compare the same (denoised) state. With eps prediction on the ddpm path the data "
+               "prediction at t = 1 is (x - sigma eps_hat) / alpha with 1 / alpha ~ 156, so the network's eps error "
+               "is amplified in the first steps of every solver (diffusers' schedulers start at the same t = 1).",
+               "- Digits teleportation: the Gaussian is fitted to the training data (`fit_gaussian`), not to the "
+               "model's distribution; the better the model, the closer its high-noise flow is to that Gaussian's."]
     return "\n".join(md)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nfe", default="3,4,5,6,8,10,16", help="comma-separated NFE budgets")
+    p.add_argument("--fields", default="all", choices=FIELDS, help="analytic mixtures, the digits model, or both")
     p.add_argument("--n", type=int, default=512, help="noise samples per field")
     p.add_argument("--reference-steps", type=int, default=1000)
     p.add_argument("--search-nfe", type=int, default=5)
     p.add_argument("--search-iters", type=int, default=200)
     p.add_argument("--search-pool", type=int, default=512)
     p.add_argument("--search-lr", type=float, default=2e-2)
-    p.add_argument("--digits-steps", type=int, default=500, help="training steps of the digits model (0: skip it)")
+    p.add_argument("--digits-checkpoint", type=Path, help="a trained ddpm-path eps Diffusion on digits (EMA weights "
+                   "used); without it the model is trained here for --digits-steps steps")
+    p.add_argument("--digits-steps", type=int, default=500, help="training steps of the digits model trained here")
     p.add_argument("--digits-n", type=int, default=64, help="noise samples for the digits model")
     p.add_argument("--digits-lr", type=float, default=2e-3)
+    p.add_argument("--digits-search", action="store_true", help="also run the DSS search on the digits model "
+                   "(a 1000-step reference of the search pool plus backprop through the network: minutes on a CPU)")
+    p.add_argument("--device", default="cpu", help="where the digits model runs (cpu, cuda, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny sizes to test the script (results not written to "
@@ -392,25 +452,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args(argv)
     args.nfe = sorted({int(v) for v in args.nfe.split(",")})
+    if args.fields != "analytic" and args.digits_checkpoint is None and args.digits_steps < 1:
+        raise ConfigError(f"--digits-steps {args.digits_steps}: the digits model needs >= 1 training step or "
+                          "--digits-checkpoint; for the analytic fields alone use --fields analytic")
     if args.quick:
         args.n, args.reference_steps, args.search_iters, args.search_pool = 64, 100, 10, 64
         args.digits_steps, args.digits_n = min(args.digits_steps, 20), min(args.digits_n, 16)
     torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda":  # a float32 reference, not a TF32 one
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     t0 = time.perf_counter()
-    fields = {"gmm2d ddpm eps": mixture(2, "ddpm", "eps"), "gmm16d ddpm eps": mixture(16, "ddpm", "eps"),
-              "gmm2d linear velocity": mixture(2, "linear", "velocity"),
-              "gmm16d linear velocity": mixture(16, "linear", "velocity")}
-    results = {label: bench_field(label, f, args) for label, f in fields.items()}
-    if args.digits_steps > 0:
+    results: dict[str, Any] = {}
+    if args.fields in ("all", "analytic"):
+        fields = {"gmm2d ddpm eps": mixture(2, "ddpm", "eps"), "gmm16d ddpm eps": mixture(16, "ddpm", "eps"),
+                  "gmm2d linear velocity": mixture(2, "linear", "velocity"),
+                  "gmm16d linear velocity": mixture(16, "linear", "velocity")}
+        results.update({label: bench_field(label, f, args) for label, f in fields.items()})
+    if args.fields in ("all", "digits"):
         model, data, info = digits_model(args)
-        results["digits UNet ddpm eps (trained)"] = bench_field(
-            "digits UNet ddpm eps (trained)", model, args, n=args.digits_n, fit=fit_gaussian(data), search=False,
-            extra={"model": info})
+        label = "digits UNet ddpm eps (trained)"
+        results[label] = bench_field(label, model, args, n=args.digits_n, fit=fit_gaussian(data).to(args.device),
+                                     search=args.digits_search, extra={"model": info})
     rows = targets(results, args.nfe, args.search_nfe)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    payload = {"settings": settings, "targets": rows, "results": results, "seconds": time.perf_counter() - t0,
-               "not_measured": "DSS searched solver on the trained digits model (time budget)"}
-    name = "bench_solvers_quick" if args.quick else "bench_solvers"
+    payload = {"settings": settings, "targets": rows, "results": results, "seconds": time.perf_counter() - t0}
+    name = "bench_solvers" + ("" if args.fields == "all" else f"_{args.fields}") + ("_quick" if args.quick else "")
     json_path, md_path = write_results(name, payload, markdown(results, rows, args)
                                        + f"\n\nTotal {payload['seconds']:.0f} s.", args.out)
     plot(results, args.out / f"{name}.png")

@@ -169,8 +169,15 @@ class Path:
 
     def sample_prior(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
                      device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
-        """Draw ``x_1 ~ N(0, sigma(1)^2 I)`` (alpha(1) x_0 is neglected where alpha(1) is tiny but not 0)."""
-        z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        """Draw ``x_1 ~ N(0, sigma(1)^2 I)`` (alpha(1) x_0 is neglected where alpha(1) is tiny but not 0).
+
+        A ``generator`` on another device than ``device`` (a CPU generator for CUDA samples, say) draws on its
+        own device and the noise is moved, so one CPU seed gives the same noise on every device.
+        """
+        on = generator.device if generator is not None else device
+        z = torch.randn(shape, generator=generator, device=on, dtype=dtype)
+        if device is not None and z.device != torch.device(device):
+            z = z.to(device)
         return z * self.prior_std()
 
     # --- path samples and conversions ------------------------------------------------------------------

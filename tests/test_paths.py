@@ -67,6 +67,17 @@ def test_endpoints_and_config(name):
     assert path_from_config(p.config()) == p
 
 
+@pytest.mark.parametrize("name", PATH_NAMES)
+def test_sample_prior_seeds_across_devices(name):
+    """A CPU generator drives noise for another device: drawn on the CPU and moved, so one seed gives the same
+    prior on every device (``meta`` stands in for CUDA here; torch refuses a CPU generator for it directly)."""
+    p = get_path(name)
+    cpu = p.sample_prior((5, 3), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert cpu.std() > 0 and torch.equal(cpu, p.prior_std() * torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    moved = p.sample_prior((5, 3), generator=torch.Generator().manual_seed(7), device="meta", dtype=torch.float64)
+    assert moved.device.type == "meta" and moved.shape == (5, 3)
+
+
 def test_named_closed_forms():
     t = T
     lin, cos, ve = get_path("linear"), get_path("cosine"), get_path("ve", sigma_max=80.0)
