@@ -285,6 +285,12 @@ def _optimiser_step(kind: str, params: list[Tensor], grads: tuple[Tensor, ...], 
                 p -= lr * (m / (1 - 0.9 ** (it + 1))) / ((v / (1 - 0.999 ** (it + 1))).sqrt() + 1e-8)
 
 
+def _curve(losses: list[float], points: int = 20) -> list[float]:
+    """The search's loss history in at most ``points`` chunk means (to judge convergence from the artifact)."""
+    k = max(1, math.ceil(len(losses) / points))
+    return [sum(losses[i:i + k]) / len(losses[i:i + k]) for i in range(0, len(losses), k)]
+
+
 def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: str = "velocity",
                   reference_solver: str | Solver = "rk4", reference_steps: int = 100, iters: int = 300,
                   batch: int = 64, pool: int = 1024, lr: float = 1e-2, optimiser: str = "adam",
@@ -349,5 +355,5 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
         losses.append(loss.item())
     info = {"nfe": nfe, "iters": iters, "batch": batch, "pool": pool, "lr": lr, "optimiser": optimiser,
             "trajectory_weight": trajectory_weight, "reference": repr(reference), "reference_steps": reference_steps,
-            "first_loss": losses[0], "last_loss": losses[-1]}
+            "first_loss": losses[0], "last_loss": losses[-1], "loss_curve": _curve(losses)}
     return SearchedSolver(logits.detach(), (coeffs * mask).detach(), field.path, t_start, t_end, variant, info)
