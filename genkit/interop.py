@@ -7,6 +7,8 @@
   timestep the adapter finds the genkit time with the same signal-to-noise ratio on the field's path,
   rescales the scheduler's sample onto that path (``x_f = x * alpha_f / alpha_vp``), evaluates the
   field and hands back the scheduler's ``prediction_type`` (eps, x0 and v read through the path).
+- :class:`KDiffusionSampler` lets any k-diffusion sampler function (``sample_euler``, ``sample_heun``,
+  ``sample_dpmpp_2m``, ...) drive any genkit field on any genkit grid, through its denoiser convention.
 
 >>> # model = from_diffusers("ddpm-folder"); x = model.sample(16, solver="dpmpp_2m", steps=10)
 >>> # solve(field, x1, DiffusersScheduler(EulerDiscreteScheduler(...)), steps=20)
@@ -28,7 +30,7 @@ from .fields import Field
 from .paths import DDPMLinearPath, broadcast_time
 from .solvers.base import Solution, Solver, check_finite_result
 
-__all__ = ["from_diffusers", "DiffusersScheduler", "PREDICTION_FROM_DIFFUSERS"]
+__all__ = ["from_diffusers", "DiffusersScheduler", "KDiffusionSampler", "PREDICTION_FROM_DIFFUSERS"]
 
 PREDICTION_FROM_DIFFUSERS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 
@@ -140,3 +142,73 @@ class DiffusersScheduler(Solver):
         check_finite_result(x, self, times)
         return Solution(x, nfe, torch.tensor(visited, dtype=torch.float64),
                         torch.stack(traj) if traj is not None else None)
+
+
+class KDiffusionSampler(Solver):
+    """A k-diffusion sampler as a genkit solver: ``solve(field, x, KDiffusionSampler(sample_dpmpp_2m), grid=...)``.
+
+    k-diffusion's samplers (``k_diffusion.sampling.sample_euler``, ``sample_heun``, ``sample_dpmpp_2m``,
+    ``sample_lms``, ...) integrate the variance-exploding ODE in ``x_ve = x / alpha`` over noise levels
+    ``sigma_ve = sigma / alpha``, calling a denoiser ``D(x_ve, sigma_ve) = E[x_0 | x]``. The adapter turns the
+    genkit grid into those noise levels (``t = 0`` -> ``sigma_ve = 0``), hands the sampler ``x / alpha(t_0)``,
+    and answers each denoiser call at the genkit time with the same log-SNR, with the state put back on the
+    field's path (``x_f = alpha(t) x_ve``) and the field's output read as ``x_0``. Any genkit grid and path
+    work (a ``karras`` grid gives k-diffusion's usual schedule); the grid must start where ``alpha > 0``
+    (flow-matching paths: below t = 1). The sampler function is passed in, so k-diffusion is not a genkit
+    dependency; ``sampler_kwargs`` go to it (``disable=True`` is added to silence its progress bar).
+    ``Solution.nfe`` counts the denoiser calls; ``fixed_step`` samplers only (``sample_dpm_adaptive`` is not).
+    """
+
+    name, order, fixed_step = "k-diffusion", 1, True
+
+    def __init__(self, sampler: Any, **sampler_kwargs: Any):
+        if not callable(sampler):
+            raise ConfigError(f"KDiffusionSampler needs a k-diffusion sampler function such as "
+                              f"k_diffusion.sampling.sample_euler; got {sampler!r}")
+        self.sampler, self.sampler_kwargs = sampler, {"disable": True, **sampler_kwargs}
+        self.stochastic = any(k in sampler.__code__.co_varnames for k in ("noise_sampler", "eta"))
+
+    def __repr__(self) -> str:
+        return f"KDiffusionSampler({getattr(self.sampler, '__name__', self.sampler)!r})"
+
+    def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
+              trajectory: bool = False, **cond: Any) -> Solution:
+        self.check_steps(times)
+        if trajectory:
+            raise ConfigError("KDiffusionSampler returns endpoints only (k-diffusion reports states through its "
+                              "callback); call solve(..., trajectory=False)")
+        if generator is not None and self.stochastic:
+            raise ConfigError("k-diffusion's stochastic samplers draw from the global RNG (or their own "
+                              "noise_sampler); seed with torch.manual_seed, or pass noise_sampler=..., and drop "
+                              "generator")
+        from .fields import as_x0
+
+        path = field.path
+        t64 = times.to(torch.float64).cpu()
+        a, s = path.alpha(t64), path.sigma(t64)
+        if float(a[0]) <= 0.0:
+            raise ConfigError(f"the grid starts at t={float(t64[0]):.4g} where alpha = 0 (sigma_ve infinite); "
+                              "start it below t = 1 (e.g. a karras grid, or t_max < 1)")
+        sig = torch.where(t64 == 0, torch.zeros_like(a), s / a)
+        denoise, calls = as_x0(field), [0]
+
+        sigmas = sig.to(device=x.device, dtype=x.dtype)
+        on_grid = dict(zip(sigmas.tolist(), t64.tolist()))  # grid levels map back to the grid's exact times
+
+        def model(x_ve: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
+            level = float(sigma.reshape(-1)[0])
+            if not bool((sigma == sigma.reshape(-1)[0]).all()):
+                raise ConfigError("KDiffusionSampler evaluates one noise level per call; the sampler asked for "
+                                  "several in one batch")
+            t = on_grid.get(level)
+            if t is None:  # a level between grid points (e.g. DPM-2's midpoints)
+                t = float(path.t_from_log_snr(torch.tensor(-2 * math.log(level), dtype=torch.float64)))
+            a_t = float(path.alpha(torch.tensor(t, dtype=torch.float64)))
+            calls[0] += 1
+            return denoise(x_ve * a_t, broadcast_time(torch.tensor(t, dtype=x_ve.dtype, device=x_ve.device), x_ve),
+                           **extra)
+
+        out = self.sampler(model, x / float(a[0]), sigmas, extra_args=dict(cond), **self.sampler_kwargs)
+        out = out * float(a[-1])
+        check_finite_result(out, self, times)
+        return Solution(out, calls[0], t64)

@@ -8,7 +8,7 @@ import genkit
 from genkit.analytic import Gaussian
 from genkit.errors import ConfigError
 from genkit.interop import DiffusersScheduler, from_diffusers
-from genkit.paths import get_path
+from genkit.paths import PATHS, get_path
 from genkit.solvers import solve
 
 
@@ -91,3 +91,74 @@ def test_bad_input(tmp_path):
     unet, _ = _tiny_pipeline(tmp_path)
     with pytest.raises(ConfigError, match="beta_schedule"):
         from_diffusers(unet, DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+
+
+# --- k-diffusion convention: sampler(model, x_ve, sigmas, extra_args=..., disable=...) with a denoiser model(x, sigma)
+def _k_euler(model, x, sigmas, extra_args=None, disable=None):
+    """Euler in the VE ODE dx/dsigma = (x - D(x, sigma)) / sigma, as k-diffusion's samplers are written."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **(extra_args or {}))
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def _k_heun(model, x, sigmas, extra_args=None, disable=None):
+    """Heun in the same ODE, Euler on the last step to sigma = 0 (EDM's Algorithm 2 without churn)."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        d = (x - model(x, sigmas[i] * s_in)) / sigmas[i]
+        h = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * h
+        else:
+            x_e = x + d * h
+            d2 = (x_e - model(x_e, sigmas[i + 1] * s_in)) / sigmas[i + 1]
+            x = x + (d + d2) / 2 * h
+    return x
+
+
+@pytest.mark.parametrize("name", PATHS.names())
+def test_k_diffusion_convention_equals_genkit_twins(name):
+    """Euler in the VE ODE is DDIM and EDM's Heun is EDMStochastic(churn=0), on any path and grid: the adapter's
+    time/scale conversion is exact (to float64 round-off), NFE included."""
+    from genkit.interop import KDiffusionSampler
+    from genkit.solvers import EDMStochastic, Karras
+
+    path = get_path(name)
+    g = Gaussian(torch.tensor([1.0, -0.5], dtype=torch.float64), torch.tensor([[0.3, 0.1], [0.1, 0.2]],
+                 dtype=torch.float64), path, "eps" if path.variance_preserving else "velocity")
+    times = Karras(t_max=0.9, t_min=0.0).times(6, path)
+    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for sampler, twin in ((_k_euler, "ddim"), (_k_heun, EDMStochastic(churn=0.0))):
+        ours, theirs = solve(g, x, twin, None, times), solve(g, x, KDiffusionSampler(sampler), None, times)
+        assert theirs.nfe == ours.nfe
+        torch.testing.assert_close(theirs.samples, ours.samples, rtol=1e-10, atol=1e-10)
+
+
+def test_k_diffusion_sampler_library_if_installed():
+    """The real k-diffusion (a benchmark dependency, not a test one): its dpmpp_2m equals genkit's."""
+    sampling = pytest.importorskip("k_diffusion.sampling")
+    from genkit.interop import KDiffusionSampler
+    from genkit.solvers import Karras
+
+    path = get_path("ddpm")
+    g = Gaussian(torch.tensor([1.0, -0.5], dtype=torch.float64), torch.eye(2, dtype=torch.float64) * 0.2, path, "eps")
+    times = Karras(sigma_max=150.0, t_min=0.0).times(8, path)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours = solve(g, x, "dpmpp_2m", None, times)
+    theirs = solve(g, x, KDiffusionSampler(sampling.sample_dpmpp_2m), None, times)
+    torch.testing.assert_close(theirs.samples, ours.samples, rtol=1e-10, atol=1e-10)
+
+
+def test_k_diffusion_bad_input():
+    from genkit.interop import KDiffusionSampler
+
+    with pytest.raises(ConfigError, match="sampler function"):
+        KDiffusionSampler("sample_euler")
+    g = Gaussian(torch.zeros(2), torch.eye(2), get_path("linear"))
+    with pytest.raises(ConfigError, match="alpha = 0"):  # sigma_ve is infinite at t = 1 of a flow-matching path
+        solve(g, torch.randn(4, 2), KDiffusionSampler(_k_euler), 4)
+    with pytest.raises(ConfigError, match="endpoints only"):
+        solve(g, torch.randn(4, 2), KDiffusionSampler(_k_euler), None, torch.tensor([0.9, 0.5, 0.0]),
+              trajectory=True)
