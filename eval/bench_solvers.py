@@ -47,6 +47,7 @@ reference.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -61,7 +62,7 @@ from bench_common import RESULTS, markdown_table, write_results  # noqa: E402
 import genkit.data  # noqa: E402
 import genkit.nets  # noqa: E402
 from genkit import checkpoint  # noqa: E402
-from genkit import DiffusersScheduler, Diffusion, GaussianMixture, get_path  # noqa: E402
+from genkit import DiffusersScheduler, Diffusion, GaussianMixture, KDiffusionSampler, get_path  # noqa: E402
 from genkit.solvers import EDMStochastic, LogSNR, Solution, Solver, solve  # noqa: E402
 from genkit.solvers.searched import search_solver  # noqa: E402
 from genkit.teleport import GaussianFit, fit_gaussian, steps_saved  # noqa: E402
@@ -75,6 +76,33 @@ TWIN = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "ddim", "DPMSolverMul
         "UniPCMultistepScheduler": "unipc"}
 EQUALITY_TARGETS = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
 FIELDS = ("all", "analytic", "digits")
+#: k-diffusion samplers on their Karras sigmas, with genkit's twin on the same times where one exists
+KDIFF = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_lms", "sample_dpm_2"]
+KTWIN = {"sample_euler": "ddim", "sample_heun": "edm_heun", "sample_dpmpp_2m": "dpmpp_2m"}
+KTWO = ("sample_heun", "sample_dpm_2")  # two evaluations per step, one on the last (to sigma = 0)
+
+
+@functools.lru_cache(maxsize=1)
+def k_diffusion_sampling() -> tuple[Any, str]:
+    """``k_diffusion.sampling`` and its version, or (None, why not). Only that module is loaded: the package's
+    ``__init__`` also imports its training stack (CLIP, wandb, kornia, ...), which the samplers do not use."""
+    import importlib.metadata
+    import importlib.util
+    import types
+
+    try:
+        spec = importlib.util.find_spec("k_diffusion")
+        if spec is None or not spec.submodule_search_locations:
+            return None, "k-diffusion is not installed (pip install k-diffusion --no-deps torchsde)"
+        if "k_diffusion" not in sys.modules:
+            pkg = types.ModuleType("k_diffusion")
+            pkg.__path__, pkg.__spec__ = list(spec.submodule_search_locations), spec
+            sys.modules["k_diffusion"] = pkg
+        import k_diffusion.sampling as sampling
+
+        return sampling, importlib.metadata.version("k-diffusion")
+    except Exception as e:  # any import failure leaves the k-diffusion rows out, with the reason reported
+        return None, f"k_diffusion.sampling failed to import: {type(e).__name__}: {e}"
 TOLERANCE = 0.03
 
 
@@ -245,6 +273,43 @@ def bench_field(label: str, field: Any, args: argparse.Namespace, *, n: int | No
                 mine = solve(field, x / path.prior_std() * scale, TWIN[name], None, sol.times)
             same[str(nfe)] = {"solver": TWIN[name], "nfe": mine.nfe, "error": rms(mine.samples, ref),
                               "max_abs_diff_to_diffusers": float((mine.samples - sol.samples).abs().max())}
+    out["kdiffusion"], out["genkit_on_kdiffusion_times"], out["kdiffusion_version"] = None, None, None
+    sampling, version = k_diffusion_sampling()
+    if sampling is None:
+        out["kdiffusion_missing"] = version
+    else:
+        out["kdiffusion"], out["genkit_on_kdiffusion_times"], out["kdiffusion_version"] = {}, {}, version
+        t_lo = field.time_range()[0] if trained else 1e-3  # diffusers' timestep 0 / CompVisDenoiser's sigma_min
+        ve = lambda t: float(path.sigma(torch.tensor(t, dtype=torch.float64)) / path.alpha(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
+        if path.alpha_vanishes:  # flow matching: EDM's range; the prior is taken as the noise at sigma_max
+            s_min, s_max = 0.002, 80.0
+        else:
+            s_min, s_max = ve(t_lo), ve(1.0)
+        for name in KDIFF:
+            rows = out["kdiffusion"][name] = {}
+            same = out["genkit_on_kdiffusion_times"][name] = {} if name in KTWIN else None
+            for nfe in args.nfe:
+                steps = (nfe + 1) // 2 if name in KTWO else nfe
+                if name == "sample_lms" and steps < 2 or steps < 1:
+                    continue
+                sig = sampling.get_sigmas_karras(steps, s_min, s_max).to(torch.float64)
+                times = path.t_from_log_snr(-2 * torch.log(sig[:-1]))
+                times = torch.cat([times, times.new_zeros(1)])
+                if not path.alpha_vanishes:
+                    times[0] = 1.0
+                t_first = times[:1]
+                scale = float(torch.sqrt(path.alpha(t_first) ** 2 + path.sigma(t_first) ** 2))
+                x_start = x if not path.alpha_vanishes else x / path.prior_std() * scale
+                with torch.no_grad():
+                    sol = solve(field, x_start, KDiffusionSampler(getattr(sampling, name)), None, times)
+                rows[str(nfe)] = {"nfe": sol.nfe, "steps": steps, "error": rms(sol.samples, ref),
+                                  "t_first": float(times[0])}
+                if same is not None:
+                    twin = EDMStochastic(churn=0.0) if KTWIN[name] == "edm_heun" else KTWIN[name]
+                    with torch.no_grad():
+                        mine = solve(field, x_start, twin, None, times)
+                    same[str(nfe)] = {"solver": KTWIN[name], "nfe": mine.nfe, "error": rms(mine.samples, ref),
+                                      "max_abs_diff_to_kdiffusion": float((mine.samples - sol.samples).abs().max())}
     # DSS searched solver at NFE 5 (data variant: combines x0 predictions in DDIM steps)
     out["searched"] = None
     if search:
@@ -290,14 +355,27 @@ def targets(results: dict[str, Any], nfes: list[int], search_nfe: int) -> list[d
             rows.append({"field": label, "target": f"genkit {TWIN[name]} = diffusers {name} (same times, every NFE, "
                          f"error ratio within {TOLERANCE:.0%})", "value": f"worst ratio {worst:.4f}",
                          "pass": all(abs(v - 1) <= TOLERANCE for v in ratios.values())})
+        if r.get("genkit_on_kdiffusion_times"):
+            for name, same in r["genkit_on_kdiffusion_times"].items():
+                if same is None:
+                    continue
+                ratios = {n: same[k]["error"] / r["kdiffusion"][name][k]["error"] for k, n in
+                          ((str(n), n) for n in nfes) if k in same}
+                worst = max(ratios.values(), key=lambda v: abs(v - 1))
+                rows.append({"field": label, "target": f"genkit {same[next(iter(same))]['solver']} = k-diffusion "
+                             f"{name} (same sigmas, every NFE, error ratio within {TOLERANCE:.0%})",
+                             "value": f"worst ratio {worst:.4f}", "pass": all(abs(v - 1) <= TOLERANCE for v in ratios.values())})
         best = min((r["diffusers"][d]["10"]["error"], d) for d in DIFFUSERS) if 10 in nfes else (math.nan, "-")
+        kbest = (min((v["10"]["error"], k) for k, v in r["kdiffusion"].items() if "10" in v)
+                 if r.get("kdiffusion") and 10 in nfes else None)
         if r["searched"] is None:
             rows.append({"field": label, "target": f"searched @ {search_nfe} NFE <= best diffusers @ 10 NFE",
                          "value": "not run (time budget)", "pass": None})
         else:
             s = r["searched"]["error"]
+            also = f"; best k-diffusion @ 10: {kbest[0]:.3g} ({kbest[1]})" if kbest else ""
             rows.append({"field": label, "target": f"searched @ {search_nfe} NFE <= best diffusers @ 10 NFE",
-                         "value": f"{s:.3g} vs {best[0]:.3g} ({best[1]})", "pass": bool(s <= best[0])})
+                         "value": f"{s:.3g} vs {best[0]:.3g} ({best[1]}){also}", "pass": bool(s <= best[0])})
         tp = r["teleport"]["dpmpp_2m"]
         rows.append({"field": label, "target": "teleportation saves >= 20% of dpmpp_2m steps at equal error (median "
                      "over budgets, best t_skip)", "value": f"{tp['best_median_saved']:.0%} at log-SNR "
@@ -320,6 +398,9 @@ def plot(results: dict[str, Any], out: Path) -> None:
         for name, rows in r["diffusers"].items():
             pts = sorted((v["nfe"], v["error"]) for v in rows.values())
             ax.plot(*zip(*pts), ls="--", marker="x", ms=4, label=f"diffusers {name.replace('Scheduler', '')}")
+        for name, rows in (r.get("kdiffusion") or {}).items():
+            pts = sorted((v["nfe"], v["error"]) for v in rows.values())
+            ax.plot(*zip(*pts), ls=":", marker="+", ms=5, label=f"k-diffusion {name.replace('sample_', '')}")
         if r["searched"] is not None:
             ax.plot([r["searched"]["nfe"]], [r["searched"]["error"]], "k*", ms=12, label="searched (DSS)")
         ax.set_xscale("log")
@@ -380,9 +461,21 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], args: argparse
             same = r["genkit_on_diffusers_times"][name]
             table.append([f"  = times: genkit {TWIN[name]}"] + [f"{same[str(n)]['error']:.3g} "
                          f"(x{same[str(n)]['error'] / v[str(n)]['error']:.4f})" for n in args.nfe])
+        if r.get("kdiffusion"):
+            for name, v in r["kdiffusion"].items():
+                table.append([f"k-diffusion {name}"] + [f"{v[str(n)]['error']:.3g}" + ("" if v[str(n)]["nfe"] == n else
+                             f" ({v[str(n)]['nfe']})") if str(n) in v else "-" for n in args.nfe])
+                same = r["genkit_on_kdiffusion_times"][name]
+                if same is not None:
+                    table.append([f"  = sigmas: genkit {KTWIN[name]}"] + [f"{same[str(n)]['error']:.3g} "
+                                 f"(x{same[str(n)]['error'] / v[str(n)]['error']:.4f})" if str(n) in same else "-"
+                                 for n in args.nfe])
         md += [markdown_table(header, table), "",
                "(n) = the NFE actually used where the budget does not fit (heun: 2 per step; EDM's Heun on the ddpm "
-               "path: 2 per step, 1 on the last).", ""]
+               "path: 2 per step, 1 on the last; k-diffusion heun / dpm_2: 2 per step, 1 on the last)."
+               + (f" k-diffusion {r['kdiffusion_version']} rows: its samplers on `get_sigmas_karras` (rho 7) through "
+                  "`genkit.interop.KDiffusionSampler`; `= sigmas`: genkit's twin on the same times."
+                  if r.get("kdiffusion") else f" k-diffusion: not run ({r.get('kdiffusion_missing')})."), ""]
         s = r["searched"]
         if s is None:
             md += ["Searched (DSS): not run for this field (its 1000-step reference on the search pool would cost "
