@@ -12,8 +12,11 @@ EDM's Heun, whose last step is Euler, since the ddpm velocity is singular at t =
 t = 0; diffusers DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler (dpmsolver++, order 2)
 and UniPCMultistepScheduler (bh2, order 2) through ``genkit.interop.DiffusersScheduler`` (beta 1e-4..0.02
 linear, clip_sample=False); genkit's matching solvers re-run on the exact times each diffusers scheduler
-visited (equality check); a DSS searched solver at NFE 5; and analytic teleportation (Gaussian fit of the
-mixture) with ``genkit.teleport.steps_saved``.
+visited (equality check); k-diffusion's sample_euler, sample_heun, sample_dpmpp_2m, sample_lms and
+sample_dpm_2 on its Karras sigmas through ``genkit.interop.KDiffusionSampler``, with genkit's twins (DDIM,
+EDM Heun, DPM-Solver++(2M)) on the same sigmas (when k-diffusion is installed: ``pip install k-diffusion
+--no-deps torchsde``; only ``k_diffusion.sampling`` is imported); a DSS searched solver at NFE 5; and analytic
+teleportation (Gaussian fit of the mixture) with ``genkit.teleport.steps_saved``.
 
 Targets (PASS/FAIL in the .md): genkit DPM-Solver++(2M) and UniPC within 3% of diffusers' error at every
 NFE on the same timesteps; the 5-NFE searched solver at least as accurate as the best diffusers
@@ -37,10 +40,12 @@ too. --fields picks the analytic fields, the digits model or both; each choice w
 reference.
 
   python eval/bench_solvers.py --fields analytic   # ~5 min on 1 CPU thread -> results/bench_solvers_analytic.*
-  python train/train.py --family diffusion --path ddpm --prediction eps --data digits --steps 20000 \
-      --out runs/digits_vp_eps                     # the trained model of part (b); minutes on a GPU
-  python eval/bench_solvers.py --fields digits --digits-checkpoint runs/digits_vp_eps/checkpoint \
-      --digits-search --digits-n 256 --device cuda   # -> results/bench_solvers_digits.*
+  python train/train.py --family diffusion --path ddpm --prediction eps --data digits --channels 32,64 \
+      --batch-size 256 --lr 1e-3 --steps 8000 --checkpoint-every 1000 --out runs/digits_vp_eps
+      # the trained model of part (b): ~4 min on an H200
+  python eval/bench_solvers.py --fields digits --digits-checkpoint runs/digits_vp_eps/checkpoint --digits-search \
+      --digits-n 256 --search-iters 1000 --search-pool 2048 --search-batch 256 --device cuda
+      # -> results/bench_solvers_digits.* (~2.5 min on an H200; eval/gpu_run.sh runs both)
   python eval/bench_solvers.py --quick    # smaller sizes, to test the script
 """
 
@@ -388,7 +393,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.2 * len(results), 4.2))
+    fig = Figure(figsize=(4.2 * len(results) + 1.6, 4.2))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(results), squeeze=False)[0]
     for ax, (label, r) in zip(axes, results.items()):
@@ -405,12 +410,16 @@ def plot(results: dict[str, Any], out: Path) -> None:
             ax.plot([r["searched"]["nfe"]], [r["searched"]["error"]], "k*", ms=12, label="searched (DSS)")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # unstable rows (EDM Heun at few steps) would hide the rest: cap the axis at 5x the worst diffusers error
+        cap = 5 * max(v["error"] for rows in r["diffusers"].values() for v in rows.values())
+        ax.set_ylim(top=min(ax.get_ylim()[1], cap))
         ax.set_xlabel("NFE")
         ax.set_title(label, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("RMS error to reference")
-    axes[-1].legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=6, loc="center right")
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / (4.2 * len(results) + 1.6), 1))
     fig.savefig(out, dpi=100)
 
 
@@ -519,7 +528,9 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], args: argparse
                "(third-order extrapolation over long log-SNR steps). On the linear path diffusers' schedules start "
                "at the SNR of step 999 (t = 0.994), not at t = 1, which puts a floor under their error; the "
                "`= times` rows start genkit there too, so the equality check is unaffected. diffusers keeps "
-               "alphas_cumprod in float32."]
+               "alphas_cumprod in float32. k-diffusion's rows on the linear path start at sigma 80 (EDM's "
+               "sigma_max, t < 1) with the prior taken as the noise there, the same kind of floor; on the ddpm "
+               "path they run from sigma(t = 1) to sigma(t = 1e-3) and then to 0."]
     if digits:
         md += ["- Digits: the reference and every genkit row stay on the model's training range (no network call "
                "below t_eps = 1e-3, the t of diffusers' timestep 0) and end at t = 0, as diffusers' schedulers do, so "

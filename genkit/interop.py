@@ -166,7 +166,9 @@ class KDiffusionSampler(Solver):
             raise ConfigError(f"KDiffusionSampler needs a k-diffusion sampler function such as "
                               f"k_diffusion.sampling.sample_euler; got {sampler!r}")
         self.sampler, self.sampler_kwargs = sampler, {"disable": True, **sampler_kwargs}
-        self.stochastic = any(k in sampler.__code__.co_varnames for k in ("noise_sampler", "eta"))
+        code = getattr(sampler, "__code__", None)
+        self.stochastic = (any(k in getattr(code, "co_varnames", ()) for k in ("noise_sampler", "eta"))
+                           or float(sampler_kwargs.get("s_churn", 0.0)) > 0)
 
     def __repr__(self) -> str:
         return f"KDiffusionSampler({getattr(self.sampler, '__name__', self.sampler)!r})"
