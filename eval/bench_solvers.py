@@ -202,17 +202,19 @@ def diffusers_scheduler(name: str) -> Any:
 
 class OnLogSNR(Solver):
     """A reference solver for ``search_solver``: ``inner`` with ``steps`` log-SNR steps between the given
-    grid's end points (the search's own uniform reference grid would put rk4 on the singular t = 0)."""
+    grid's end points, clipped at ``lambda_max`` as the scoring reference is (the search's own uniform reference
+    grid would put rk4 on the singular t = 0)."""
 
-    def __init__(self, inner: str, steps: int):
-        self.inner, self.steps, self.name = inner, steps, f"{inner}@logsnr{steps}"
+    def __init__(self, inner: str, steps: int, lambda_max: float = 12.0):
+        self.inner, self.steps, self.lambda_max = inner, steps, lambda_max
+        self.name = f"{inner}@logsnr{steps}"
 
     def solve(self, field, x, times, *, generator=None, trajectory=False, **cond) -> Solution:
-        grid = LogSNR(t_max=float(times[0]), t_min=float(times[-1]))
+        grid = LogSNR(lambda_max=self.lambda_max, t_max=float(times[0]), t_min=float(times[-1]))
         return solve(field, x, self.inner, self.steps, grid, **cond)
 
     def __repr__(self) -> str:
-        return f"OnLogSNR({self.inner!r}, {self.steps})"
+        return f"OnLogSNR({self.inner!r}, {self.steps}, lambda_max={self.lambda_max:g})"
 
 
 def genkit_run(field: GaussianMixture, x: torch.Tensor, name: str, nfe: int, grid: LogSNR) -> Solution | None:
@@ -320,7 +322,8 @@ def bench_field(label: str, field: Any, args: argparse.Namespace, *, n: int | No
     if search:
         t0 = time.perf_counter()
         searched = search_solver(field, args.search_nfe, shape=shape, variant=args.search_variant,
-                                 reference_solver=OnLogSNR("unipc", args.reference_steps), reference_steps=1,
+                                 reference_solver=OnLogSNR("unipc", args.reference_steps, grid.lambda_max),
+                                 reference_steps=1,
                                  iters=args.search_iters, batch=args.search_batch, pool=args.search_pool, lr=args.search_lr,
                                  grid=grid, generator=torch.Generator().manual_seed(args.seed + 1), dtype=dtype)
         with torch.no_grad():
