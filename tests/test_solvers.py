@@ -154,6 +154,16 @@ def test_karras_and_logsnr_spacing():
     torch.testing.assert_close(d, d[0].expand_as(d))
 
 
+def test_logsnr_grid_refuses_repeated_log_snr():
+    """Past what float64 resolves near t = 0 (ddpm: log-SNR ~19), steps would repeat log-SNR values and exponential
+    integrators divide by zero; the grid says so instead."""
+    p = get_path("ddpm")
+    with pytest.raises(TimeGridError, match="lambda_max <= 1[0-9]"):
+        LogSNR(lambda_max=20.0, t_min=0.0).times(1000, p)
+    lam = p.log_snr(LogSNR(lambda_max=16.0, t_min=0.0).times(1000, p)[:-1])
+    assert (lam[1:] > lam[:-1]).all()
+
+
 def test_flow_map_composes():
     g = Gaussian(torch.tensor([1.0, 0.0]), torch.eye(2) * 0.5, get_path("linear"))
     fm = ODEFlowMap(g, "rk4", steps=16)

@@ -11,6 +11,7 @@ in scripts (``get_grid("karras")``). Every grid, built-in or user-given, passes 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -140,7 +141,17 @@ class LogSNR(TimeGrid):
         if k < 2 or l_lo <= l_hi:
             return Uniform(hi, lo).times(n, path)
         lam = torch.linspace(l_hi, l_lo, k, dtype=torch.float64)
-        return _finish(path.t_from_log_snr(lam).to(torch.float64), hi, lo, ends_at_lo)
+        times = _finish(path.t_from_log_snr(lam).to(torch.float64), hi, lo, ends_at_lo)
+        reached = path.log_snr(times[times > 0])
+        flat = (reached[1:] <= reached[:-1]).nonzero()
+        if len(flat):
+            top = float(reached[int(flat[0])])
+            raise TimeGridError(
+                f"logsnr grid: {n} steps up to lambda_max={self.lambda_max:g} repeat log-SNR values on the "
+                f"{type(path).__name__} path: in float64 its log-SNR stops resolving such steps near {top:.3g} "
+                f"(equal log-SNR makes exponential-integrator steps divide by zero). Use lambda_max <= "
+                f"{math.floor(top) - 1} or fewer steps")
+        return times
 
 
 @GRIDS.register("custom")
