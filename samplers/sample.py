@@ -8,6 +8,10 @@ examples:
   python samplers/sample.py --checkpoint runs/default
   python samplers/sample.py --checkpoint runs/default/checkpoint --solver euler --steps 8 --grid karras
   python samplers/sample.py --checkpoint runs/digits --n 64 --device cuda --out runs/digits/heun32
+  python samplers/sample.py --checkpoint runs/secant --steps 4   # a train/secant.py model: its 4 learned jumps
+
+Models with learned jumps (train/secant.py) sample with them by default (--solver jumps, NFE = steps, default
+their first trained step count); any ODE solver still integrates their velocity view (--solver heun ...).
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="a checkpoint folder, or a train.py run folder holding checkpoint/")
     p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--solver", default="heun", help=f"one of {', '.join(SOLVERS.names())}")
-    p.add_argument("--steps", type=int, default=32, help="solver steps (adaptive solvers choose their own)")
-    p.add_argument("--grid", default="uniform",
-                   help=f"time grid, one of {', '.join(n for n in GRIDS.names() if n != 'custom')}")
+    p.add_argument("--solver", help=f"one of {', '.join(SOLVERS.names())}, or jumps (the learned jumps of a secant "
+                                    "model) (default: jumps for models that have them, else heun)")
+    p.add_argument("--steps", type=int, help="solver steps (adaptive solvers choose their own) or jumps (default: 32 "
+                                             "solver steps; a jump model's first trained step count)")
+    p.add_argument("--grid", help=f"time grid of a solver, one of {', '.join(n for n in GRIDS.names() if n != 'custom')}"
+                                  " (default: uniform; jumps are uniform in t by construction)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior draw and solver noise")
     p.add_argument("--out", metavar="DIR",
                    help="output folder (default: samples_SOLVERSTEPS_GRID/ next to the checkpoint folder)")
@@ -55,21 +61,40 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device} asked for a GPU but CUDA is not available here; use --device cpu")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be a positive integer; got {args.steps}")
     ckpt = checkpoint_dir(args.checkpoint)
     model = genkit.load(ckpt, ema=not args.raw_weights, map_location=device)
+    jumps = callable(getattr(model, "integrate", None))  # models with learned jumps (Secant)
+    args.solver = args.solver or ("jumps" if jumps else "heun")
+    if args.solver == "jumps":
+        if not jumps:
+            raise ConfigError(f"--solver jumps needs a model with learned jumps (train/secant.py); {ckpt} holds a "
+                              f"{model.family!r} model: pick an ODE solver such as heun")
+        if args.grid is not None:
+            raise ConfigError(f"--grid {args.grid} applies to ODE solvers; learned jumps are uniform in t. Drop --grid "
+                              "or pick a solver")
+        args.steps = args.steps or model.steps[0]
+        args.grid = "jumps"
+    else:
+        args.steps, args.grid = args.steps or 32, args.grid or "uniform"
     out = Path(args.out) if args.out else ckpt.parent / f"samples_{args.solver}{args.steps}_{args.grid}"
     t0 = time.perf_counter()
-    sol = model.sample(args.n, solver=args.solver, steps=args.steps, grid=args.grid, return_solution=True,
-                       generator=torch.Generator(device=device).manual_seed(args.seed))
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    if args.solver == "jumps":
+        sol = model.sample(args.n, steps=args.steps, return_solution=True, generator=gen)
+    else:
+        sol = model.sample(args.n, solver=args.solver, steps=args.steps, grid=args.grid, return_solution=True,
+                           generator=gen)
     samples = sol.samples.float().cpu().contiguous()  # .cpu() waits for the GPU, so the time is honest
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     save_file({"samples": samples}, str(out / "samples.safetensors"))
     weights = "EMA" if not args.raw_weights and (ckpt / "ema.safetensors").is_file() else "raw"
-    save_samples_png(samples, out / "samples.png",
-                     title=f"{model.family}: {args.solver}, {args.steps} steps, {args.grid} grid (NFE {sol.nfe})")
-    print(f"{args.n} samples {tuple(samples.shape[1:])} from {ckpt} ({weights} weights) with {args.solver}, "
-          f"{args.steps} steps, {args.grid} grid on {device}: NFE {sol.nfe}, {seconds:.2f} s")
+    how = f"{args.steps} learned jumps" if args.solver == "jumps" else f"{args.solver}, {args.steps} steps, {args.grid} grid"
+    save_samples_png(samples, out / "samples.png", title=f"{model.family}: {how} (NFE {sol.nfe})")
+    print(f"{args.n} samples {tuple(samples.shape[1:])} from {ckpt} ({weights} weights) with {how} on {device}: "
+          f"NFE {sol.nfe}, {seconds:.2f} s")
     print(f"samples: {out / 'samples.safetensors'}\npicture: {out / 'samples.png'}")
 
 

@@ -216,6 +216,38 @@ def test_save_load_round_trip_and_field_view(sdei, tmp_path):
     torch.testing.assert_close(loaded.flow_map(x, 1.0, 0.0, steps=2), loaded.integrate(x, 2).samples)
 
 
+def test_sample_script_uses_the_learned_jumps(sdei, tmp_path, capsys):
+    """samplers/sample.py on a secant checkpoint: its learned jumps by default (NFE = the first trained step
+    count, same samples as model.sample), any ODE solver on request, and clear errors for what cannot apply."""
+    from safetensors.torch import load_file
+
+    from genkit.cli import run_main as cli_main
+
+    sample = ROOT / "samplers" / "sample.py"
+
+    main = runpy.run_path(str(sample), run_name="not_main")["main"]
+
+    def run(*args: str) -> int:
+        return cli_main(main, list(args))
+
+    genkit.save(tmp_path / "ckpt", sdei)
+    assert run("--checkpoint", str(tmp_path / "ckpt"), "--n", "5", "--device", "cpu", "--out", str(tmp_path / "a")) == 0
+    out = capsys.readouterr().out
+    assert "1 learned jumps" in out and "NFE 1" in out  # steps=(1, 2, 4): the first is the default
+    assert run("--checkpoint", str(tmp_path / "ckpt"), "--n", "5", "--steps", "4", "--device", "cpu",
+               "--out", str(tmp_path / "b")) == 0
+    got = load_file(str(tmp_path / "b" / "samples.safetensors"))["samples"]
+    torch.testing.assert_close(got, sdei.sample(5, steps=4, generator=torch.Generator().manual_seed(0)))
+    assert run("--checkpoint", str(tmp_path / "ckpt"), "--n", "5", "--solver", "heun", "--steps", "2",
+               "--device", "cpu", "--out", str(tmp_path / "c")) == 0
+    assert "NFE 4" in capsys.readouterr().out
+    assert run("--checkpoint", str(tmp_path / "ckpt"), "--grid", "karras", "--out", str(tmp_path / "d")) == 2
+    assert "--grid karras" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    genkit.save(tmp_path / "fm", FlowMatching(MLP(2, hidden=8, depth=1), sample_shape=(2,)))
+    assert run("--checkpoint", str(tmp_path / "fm"), "--solver", "jumps", "--out", str(tmp_path / "e")) == 2
+    assert "learned jumps" in capsys.readouterr().err
+
+
 def test_from_teacher_copies_a_flow_matching_network_and_keeps_it_frozen():
     teacher = FlowMatching(MLP(2, hidden=16, depth=1), sample_shape=(2,))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
