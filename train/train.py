@@ -11,9 +11,10 @@ heun at 32 steps. The out dir (--out) ends up holding:
   samples/        step_XXXXXXX.png every --sample-every steps (when asked)
 
 Re-running with the same --out RESUMES from its checkpoint (raise --steps to train longer); use a new
---out to start afresh. Multi-GPU / multi-process: `accelerate launch train/train.py ...` or
-`torchrun --nproc_per_node N train/train.py ...` (--batch-size is per process; only the main process
-samples and writes files).
+--out to start afresh. Multi-GPU / multi-process: `accelerate launch --multi_gpu --num_processes N
+train/train.py ...` or `torchrun --nproc_per_node N train/train.py ...`; on a machine without a GPU both run N
+CPU processes over gloo (`accelerate launch --cpu --num_processes N` starts only one). --batch-size is per
+process; only the main process samples and writes files.
 
 examples:
   python train/train.py
