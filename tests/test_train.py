@@ -249,7 +249,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_keep_identical_parameters(tmp_path: Path) -> None:
+LAUNCHERS = {  # the two launch lines README.md and train/train.py give; both start 2 CPU processes over gloo here
+    "torchrun": lambda port: ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port],
+    "accelerate": lambda port: ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                                "--main_process_port", port],
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_processes_keep_identical_parameters(tmp_path: Path, launcher: str) -> None:
     from safetensors.torch import load_file
 
     import dist_train_script as script
@@ -258,8 +266,7 @@ def test_two_processes_keep_identical_parameters(tmp_path: Path) -> None:
     params.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(Path(script.__file__)), str(out), str(params)]
+    cmd = [sys.executable, *LAUNCHERS[launcher](str(_free_port())), str(Path(script.__file__)), str(out), str(params)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (load_file(str(params / f"rank{r}.safetensors")) for r in (0, 1))
