@@ -9,7 +9,7 @@ from .analytic import Gaussian, GaussianMixture
 from .checkpoint import load, save
 from .errors import GenkitError
 from .fields import FunctionField, as_eps, as_score, as_velocity, as_x0
-from .interop import DiffusersScheduler, KDiffusionSampler, from_diffusers
+from .interop import DiffusersScheduler, KDiffusionSampler, from_diffusers, to_diffusers
 from .models import Diffusion, FlowMatching
 from .paths import get_path
 from .solvers import ODEFlowMap, get_grid, get_solver, ode_log_prob, solve
@@ -24,6 +24,6 @@ __all__ = [
     "Diffusion", "FlowMatching",
     "solve", "get_solver", "get_grid", "ode_log_prob", "ODEFlowMap",
     "load", "save",
-    "from_diffusers", "DiffusersScheduler", "KDiffusionSampler",
+    "from_diffusers", "to_diffusers", "DiffusersScheduler", "KDiffusionSampler",
     "GaussianFit", "fit_gaussian", "teleport", "teleport_solve", "steps_saved",
 ]

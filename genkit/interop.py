@@ -1,7 +1,8 @@
 """diffusers interoperability, both ways, converted at the edge.
 
 - :func:`from_diffusers` loads a diffusers ``UNet2DModel`` + scheduler folder (or objects) as a genkit
-  :class:`~genkit.models.Diffusion` model: every genkit solver, likelihood and trainer works on it.
+  :class:`~genkit.models.Diffusion` model: every genkit solver, likelihood and trainer works on it;
+  :func:`to_diffusers` saves a genkit ddpm-path ``Diffusion`` with a UNet back as a ``DDPMPipeline`` folder.
   Integer step ``i`` of a DDPM schedule is genkit time ``t = (i + 1) / N`` on the ``ddpm`` path.
 - :class:`DiffusersScheduler` lets any diffusers scheduler drive any genkit field. At each scheduler
   timestep the adapter finds the genkit time with the same signal-to-noise ratio on the field's path,
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path as FsPath
 from typing import Any
@@ -30,7 +32,7 @@ from .fields import Field
 from .paths import DDPMLinearPath, broadcast_time
 from .solvers.base import Solution, Solver, check_finite_result
 
-__all__ = ["from_diffusers", "DiffusersScheduler", "KDiffusionSampler", "PREDICTION_FROM_DIFFUSERS"]
+__all__ = ["from_diffusers", "to_diffusers", "DiffusersScheduler", "KDiffusionSampler", "PREDICTION_FROM_DIFFUSERS"]
 
 PREDICTION_FROM_DIFFUSERS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 
@@ -83,6 +85,61 @@ def from_diffusers(unet: Any, scheduler: Any = None):
     size = unet.config.sample_size
     hw = (size, size) if isinstance(size, int) else tuple(size)
     return Diffusion(net, path, pred, sample_shape=(unet.config.in_channels, *hw), t_eps=1.0 / path.num_steps)
+
+
+PREDICTION_TO_DIFFUSERS = {v: k for k, v in PREDICTION_FROM_DIFFUSERS.items()}
+
+
+def to_diffusers(model: Any, folder: str | FsPath, *, approximate_time: bool = False) -> FsPath:
+    """Save a genkit ``Diffusion`` model on the ``ddpm`` path with a ``genkit.nets.UNet`` as a diffusers
+    ``DDPMPipeline`` folder (``unet/``, ``scheduler/``, ``model_index.json``); returns the folder.
+
+    diffusers calls the UNet with integer steps ``i``, genkit time ``t = (i + 1) / N``; the export is exact
+    when the network was built with diffusers' convention ``UNet(..., time_scale=N, time_shift=-1)`` (as
+    :func:`from_diffusers` models are). A UNet with another time map (genkit's default feeds ``999 t``) is refused
+    unless ``approximate_time=True``: diffusers then feeds it ``i`` where it was trained on ``time_scale * t +
+    time_shift``, an offset of up to ``max |time_scale t + time_shift - (N t - 1)|`` steps, which the folder's
+    ``genkit_export.json`` records. ``from_diffusers(folder)`` loads it back.
+    """
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from .checkpoint import unwrap
+    from .models import Diffusion
+    from .nets import UNet
+
+    model = unwrap(model)
+    if not isinstance(model, Diffusion) or not isinstance(model.path, DDPMLinearPath):
+        raise ConfigError(f"to_diffusers exports Diffusion models on the 'ddpm' path (diffusers' DDPM schedule); got "
+                          f"{type(model).__name__} on {getattr(model, 'path', None)!r}")
+    net = model.net
+    if not isinstance(net, UNet):
+        raise ConfigError(f"to_diffusers needs a genkit.nets.UNet network (a diffusers UNet2DModel); got "
+                          f"{type(net).__name__}")
+    if net.unet.config.num_class_embeds is not None:
+        raise ConfigError("to_diffusers exports unconditional models (DDPMPipeline passes no class labels); this "
+                          f"UNet has num_classes={net.unet.config.num_class_embeds}")
+    if model.sigma_data != 1.0:
+        raise ConfigError(f"this model scales the network input by sigma_data={model.sigma_data:g}, which diffusers' "
+                          "pipelines do not do; only sigma_data=1 models export")
+    kind = PREDICTION_TO_DIFFUSERS.get(model.prediction)
+    if kind is None:
+        raise ConfigError(f"diffusers schedulers read eps, x0 or v predictions; this model predicts "
+                          f"{model.prediction!r}")
+    n = model.path.num_steps
+    offset = max(abs(net.time_scale * t + net.time_shift - (n * t - 1)) for t in (1.0 / n, 1.0))  # affine: ends
+    if offset > 1e-9 and not approximate_time:
+        raise ConfigError(
+            f"the UNet maps time as {net.time_scale:g} t + {net.time_shift:g} but diffusers feeds step i = {n} t - 1: "
+            f"an offset of up to {offset:.3g} steps. Build the net with UNet(..., time_scale={n}, time_shift=-1) for "
+            "an exact export, or pass approximate_time=True to export with that offset")
+    scheduler = DDPMScheduler(num_train_timesteps=n, beta_start=model.path.beta_start, beta_end=model.path.beta_end,
+                              beta_schedule="linear", prediction_type=kind, clip_sample=False)
+    folder = FsPath(folder)
+    DDPMPipeline(unet=net.unet, scheduler=scheduler).save_pretrained(folder)
+    (folder / "genkit_export.json").write_text(json.dumps({
+        "genkit_config": model.config(), "time_offset_steps": offset, "exact": offset <= 1e-9,
+    }, indent=2) + "\n", encoding="utf-8")
+    return folder
 
 
 class DiffusersScheduler(Solver):

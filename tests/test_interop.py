@@ -162,3 +162,60 @@ def test_k_diffusion_bad_input():
     with pytest.raises(ConfigError, match="endpoints only"):
         solve(g, torch.randn(4, 2), KDiffusionSampler(_k_euler), None, torch.tensor([0.9, 0.5, 0.0]),
               trajectory=True)
+
+
+# --- export: genkit -> diffusers folder
+def _ddpm_model(time_scale=1000.0, time_shift=-1.0, prediction="eps"):
+    from genkit.models import Diffusion
+    from genkit.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(8, block_out_channels=(8, 16), norm_num_groups=8, time_scale=time_scale, time_shift=time_shift)
+    return Diffusion(net, "ddpm", prediction, sample_shape=(1, 8, 8)).eval()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_to_diffusers_round_trips_exactly(tmp_path, prediction):
+    """The exported folder loads in diffusers (DDPMPipeline) and back through from_diffusers; its UNet at integer step
+    i is the genkit field at t = (i + 1) / N, and the re-imported model is the same field."""
+    import diffusers
+
+    from genkit.interop import PREDICTION_FROM_DIFFUSERS, to_diffusers
+
+    model = _ddpm_model(prediction=prediction)
+    folder = to_diffusers(model, tmp_path / "pipe")
+    pipe = diffusers.DDPMPipeline.from_pretrained(folder)
+    assert PREDICTION_FROM_DIFFUSERS[pipe.scheduler.config.prediction_type] == prediction
+    x = torch.randn(3, 1, 8, 8)
+    steps = torch.tensor([0, 499, 999])
+    with torch.no_grad():
+        theirs = pipe.unet(x, steps).sample
+        ours = model(x, (steps + 1).double() / 1000)
+        back = from_diffusers(folder)(x, (steps + 1).double() / 1000)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(back, ours, rtol=0, atol=0)
+    # diffusers' own DDPM schedule is genkit's ddpm path
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod.double(), model.path.alpha((torch.arange(1000) + 1).double() / 1000) ** 2,
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_to_diffusers_refuses_what_would_not_match(tmp_path):
+    import json
+
+    from genkit.interop import to_diffusers
+    from genkit.models import Diffusion, FlowMatching
+    from genkit.nets import MLP
+
+    default_time = _ddpm_model(time_scale=999.0, time_shift=0.0)  # genkit's default UNet time map
+    with pytest.raises(ConfigError, match="time_scale=1000, time_shift=-1"):
+        to_diffusers(default_time, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    folder = to_diffusers(default_time, tmp_path / "b", approximate_time=True)
+    record = json.loads((folder / "genkit_export.json").read_text())
+    assert not record["exact"] and 0 < record["time_offset_steps"] <= 1.0
+    with pytest.raises(ConfigError, match="'ddpm' path"):
+        to_diffusers(Diffusion(_ddpm_model().net, "cosine", "v", sample_shape=(1, 8, 8)), tmp_path / "c")
+    with pytest.raises(ConfigError, match="'ddpm' path"):
+        to_diffusers(FlowMatching(MLP(2), sample_shape=(2,)), tmp_path / "d")
+    with pytest.raises(ConfigError, match="UNet"):
+        to_diffusers(Diffusion(MLP(2), "ddpm", "eps", sample_shape=(2,)), tmp_path / "e")

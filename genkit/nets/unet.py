@@ -2,8 +2,9 @@
 
 genkit does not hand-write a UNet: the backbone is diffusers' own, so a
 diffusers checkpoint can be wrapped (:meth:`UNet.from_unet2d`) and a genkit
-UNet exported (``net.unet.save_pretrained(folder)``). The only conversion is
-time: genkit's ``t in [0, 1]`` is fed to diffusers as ``t * time_scale``.
+UNet exported (``net.unet.save_pretrained(folder)``; a whole ddpm-path model with
+``genkit.interop.to_diffusers``). The only conversion is time: genkit's ``t in [0, 1]`` is fed
+to diffusers as ``t * time_scale + time_shift``.
 """
 
 from __future__ import annotations
