@@ -184,3 +184,22 @@ def test_bad_flag_values_exit_2_with_one_error_line(script, args, named, capsys,
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], captured.err
     assert not (tmp_path / "out").exists()  # nothing written before the error
+
+
+def test_ddpm_unet_from_train_py_exports_exactly(tmp_path):
+    """train.py builds ddpm-path UNets with diffusers' time map, so genkit.to_diffusers exports them exactly."""
+    import diffusers
+
+    import genkit
+
+    script = runpy.run_path(str(TRAIN), run_name="not_main")
+    args = script["parse_args"](["--family", "diffusion", "--path", "ddpm", "--prediction", "eps", "--data", "digits",
+                                 "--channels", "8,16"])
+    script["resolve_model_flags"](args)
+    model = script["build_model"](args, torch.Size([1, 8, 8])).eval()
+    assert (model.net.time_scale, model.net.time_shift) == (1000.0, -1.0)
+    pipe = diffusers.DDPMPipeline.from_pretrained(genkit.to_diffusers(model, tmp_path / "pipe"))
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, torch.tensor([3, 700])).sample,
+                                   model(x, torch.tensor([4.0, 701.0], dtype=torch.float64) / 1000), rtol=1e-5, atol=1e-5)

@@ -184,7 +184,10 @@ def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
         except ValueError:
             raise ConfigError(f"--channels must be comma-separated integers like 32,64; got {args.channels!r}"
                               ) from None
-        net = UNet(shape[-1], in_channels=shape[0], block_out_channels=channels)
+        # on the ddpm path, diffusers' time map (step i = N t - 1) makes the model export exactly (to_diffusers)
+        time_map = ({"time_scale": float(genkit.get_path(args.path).num_steps), "time_shift": -1.0}
+                    if args.family == "diffusion" and args.path == "ddpm" else {})
+        net = UNet(shape[-1], in_channels=shape[0], block_out_channels=channels, **time_map)
     else:
         raise ConfigError(f"samples of shape {tuple(shape)} are neither vectors nor images [C, H, W]")
     if args.family == "flow_matching":
