@@ -31,7 +31,7 @@ import torch
 from genkit.cli import checkpoint_dir, run_main
 import genkit
 from genkit import metrics
-from genkit.data import DATASETS, load_dataset
+from genkit.data import DATASETS, held_out
 from genkit.errors import ConfigError, ShapeError
 from genkit.solvers import GRIDS, SOLVERS
 
@@ -63,18 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--nll-steps", type=int, default=100, help="steps of a fixed-step --nll-solver")
     g.add_argument("--nll-batch-size", type=int, default=500, help="held-out samples per likelihood solve")
     return p.parse_args(argv)
-
-
-def held_out(name: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two reference sets never trained on: ``(reference, floor)``. Sets with a test split use it (the
-    floor is a train subset); unlimited toy sets get two fresh draws with seeds training does not use."""
-    try:
-        ref = load_dataset(name, split="test")
-        return ref, load_dataset(name, n=min(len(ref), n), generator=torch.Generator().manual_seed(seed + 1))
-    except ConfigError:
-        def draw(k: int) -> torch.Tensor:
-            return load_dataset(name, n=n, generator=torch.Generator().manual_seed(seed + 1000 + k))
-        return draw(0), draw(1)
 
 
 def distances(x: torch.Tensor, ref: torch.Tensor, features: Callable | None, seed: int) -> dict[str, float]:

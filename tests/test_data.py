@@ -187,3 +187,17 @@ def test_load_dataset_options():
         load_dataset("moons", n=10, split="train")
     with pytest.raises(ConfigError, match="1438"):
         load_dataset("digits", n=5000)
+
+
+def test_held_out_sets_are_never_the_training_draw():
+    """Digits: the test split and a train subset; toy sets: two draws with seeds the training draw does not use."""
+    from genkit.data import held_out
+
+    ref, floor = held_out("digits", 100)
+    torch.testing.assert_close(ref, load_dataset("digits", split="test"))
+    train = load_dataset("digits")
+    assert len(floor) == 100 and all((train == f).all(dim=(1, 2, 3)).any() for f in floor)  # floor: train images
+    ref, floor = held_out("moons", 500, seed=3)
+    training = load_dataset("moons", n=500, generator=torch.Generator().manual_seed(3))
+    assert ref.shape == floor.shape == (500, 2)
+    assert not torch.equal(ref, floor) and not torch.equal(ref, training) and not torch.equal(floor, training)

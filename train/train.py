@@ -40,7 +40,7 @@ import torch
 from genkit.cli import run_main
 import genkit
 from genkit import checkpoint, metrics
-from genkit.data import DATASETS, image_folder, load_dataset
+from genkit.data import DATASETS, held_out, image_folder, load_dataset
 from genkit.errors import ConfigError
 from genkit.models import Diffusion, FlowMatching, build
 from genkit.models.diffusion import WEIGHTINGS
@@ -218,19 +218,9 @@ def check_resume(args: argparse.Namespace, model: torch.nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-def held_out(args: argparse.Namespace, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Two reference sets never trained on: ``(reference, floor)``; the floor's distance to the reference
-    is what a perfect model would score. Named sets with a test split use it (floor: a train subset)."""
-    if args.image_folder is not None:
-        return None, None
-    try:
-        ref = load_dataset(args.data, split="test")
-        floor = load_dataset(args.data, n=min(len(ref), n), generator=torch.Generator().manual_seed(args.seed + 1))
-        return ref, floor
-    except ConfigError:  # an unlimited (toy) set: two fresh draws with seeds the training data did not use
-        def draw(k: int) -> torch.Tensor:
-            return load_dataset(args.data, n=n, generator=torch.Generator().manual_seed(args.seed + 1000 + k))
-        return draw(0), draw(1)
+def held_out_sets(args: argparse.Namespace, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``genkit.data.held_out`` for a named set; image folders have none."""
+    return (None, None) if args.image_folder is not None else held_out(args.data, n, args.seed)
 
 
 def quality(x: torch.Tensor, ref: torch.Tensor, features: Callable | None) -> dict[str, float]:
@@ -252,7 +242,7 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
                        generator=torch.Generator(device=device).manual_seed(args.seed))
     x = sol.samples.float().cpu()
     sample_time = time.perf_counter() - t0
-    ref, floor = held_out(args, n)
+    ref, floor = held_out_sets(args, n)
     report: dict[str, Any] = {
         "data": args.image_folder or args.data, "family": args.family, "step": step, "n_samples": n,
         "solver": args.solver, "sample_steps": args.sample_steps, "grid": args.grid, "nfe": sol.nfe,

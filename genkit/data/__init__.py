@@ -23,7 +23,7 @@ from .toy import TOY, gmm_params, toy
 __all__ = [
     "TOY", "toy", "gmm_params",
     "digits", "digits_labels", "image_folder", "ImageFolder", "IMAGE_EXTENSIONS",
-    "check_finite", "DATASETS", "load_dataset",
+    "check_finite", "DATASETS", "load_dataset", "held_out",
 ]  # fmt: skip
 
 DEFAULT_TOY_SIZE = 10_000
@@ -90,3 +90,22 @@ def load_dataset(
         raise ConfigError(f"data set {name!r} takes no option(s) {unknown}; it accepts {sorted(accepted) or 'none'}")
     return loader(n, generator=generator, **options)
 
+
+
+def held_out(name: str, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Two reference sets of ``name`` that training never sees: ``(reference, floor)``. A model's distance to
+    ``reference`` is judged against ``floor``'s, what a perfect model would score. Sets with a test split use it
+    (the floor is a train subset of ``min(len(reference), n)``); unlimited toy sets get two fresh draws of ``n``
+    with seeds ``seed + 1000`` and ``seed + 1001``, which the training draw (``seed``) does not use.
+
+    >>> ref, floor = held_out("moons", 100)
+    >>> ref.shape, floor.shape, bool((ref != floor).any())
+    (torch.Size([100, 2]), torch.Size([100, 2]), True)
+    """
+    try:
+        ref = load_dataset(name, split="test")
+    except ConfigError:  # no test split: an unlimited toy set
+        def draw(k: int) -> Tensor:
+            return load_dataset(name, n=n, generator=torch.Generator().manual_seed(seed + 1000 + k))
+        return draw(0), draw(1)
+    return ref, load_dataset(name, n=min(len(ref), n), generator=torch.Generator().manual_seed(seed + 1))
