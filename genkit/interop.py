@@ -20,6 +20,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
+import uuid
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -135,10 +137,17 @@ def to_diffusers(model: Any, folder: str | FsPath, *, approximate_time: bool = F
     scheduler = DDPMScheduler(num_train_timesteps=n, beta_start=model.path.beta_start, beta_end=model.path.beta_end,
                               beta_schedule="linear", prediction_type=kind, clip_sample=False)
     folder = FsPath(folder)
-    DDPMPipeline(unet=net.unet, scheduler=scheduler).save_pretrained(folder)
-    (folder / "genkit_export.json").write_text(json.dumps({
-        "genkit_config": model.config(), "time_offset_steps": offset, "exact": offset <= 1e-9,
-    }, indent=2) + "\n", encoding="utf-8")
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"  # written whole, then moved into place
+    try:
+        DDPMPipeline(unet=net.unet, scheduler=scheduler).save_pretrained(tmp)
+        (tmp / "genkit_export.json").write_text(json.dumps({
+            "genkit_config": model.config(), "time_offset_steps": offset, "exact": offset <= 1e-9,
+        }, indent=2) + "\n", encoding="utf-8")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -213,6 +213,9 @@ def test_to_diffusers_refuses_what_would_not_match(tmp_path):
     folder = to_diffusers(default_time, tmp_path / "b", approximate_time=True)
     record = json.loads((folder / "genkit_export.json").read_text())
     assert not record["exact"] and 0 < record["time_offset_steps"] <= 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # written aside and moved: no temp folder left
+    to_diffusers(_ddpm_model(), folder)  # exporting again replaces the folder
+    assert json.loads((folder / "genkit_export.json").read_text())["exact"]
     with pytest.raises(ConfigError, match="'ddpm' path"):
         to_diffusers(Diffusion(_ddpm_model().net, "cosine", "v", sample_shape=(1, 8, 8)), tmp_path / "c")
     with pytest.raises(ConfigError, match="'ddpm' path"):
