@@ -287,11 +287,10 @@ def bench_field(label: str, field: Any, args: argparse.Namespace, *, n: int | No
     else:
         out["kdiffusion"], out["genkit_on_kdiffusion_times"], out["kdiffusion_version"] = {}, {}, version
         t_lo = field.time_range()[0] if trained else 1e-3  # diffusers' timestep 0 / CompVisDenoiser's sigma_min
-        ve = lambda t: float(path.sigma(torch.tensor(t, dtype=torch.float64)) / path.alpha(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
         if path.alpha_vanishes:  # flow matching: EDM's range; the prior is taken as the noise at sigma_max
             s_min, s_max = 0.002, 80.0
         else:
-            s_min, s_max = ve(t_lo), ve(1.0)
+            s_min, s_max = (float(path.ve_sigma(torch.tensor(t, dtype=torch.float64))) for t in (t_lo, 1.0))
         for name in KDIFF:
             rows = out["kdiffusion"][name] = {}
             same = out["genkit_on_kdiffusion_times"][name] = {} if name in KTWIN else None
@@ -300,8 +299,7 @@ def bench_field(label: str, field: Any, args: argparse.Namespace, *, n: int | No
                 if name == "sample_lms" and steps < 2 or steps < 1:
                     continue
                 sig = sampling.get_sigmas_karras(steps, s_min, s_max).to(torch.float64)
-                times = path.t_from_log_snr(-2 * torch.log(sig[:-1]))
-                times = torch.cat([times, times.new_zeros(1)])
+                times = path.t_from_ve_sigma(sig)  # k-diffusion's last sigma is 0: t = 0
                 if not path.alpha_vanishes:
                     times[0] = 1.0
                 t_first = times[:1]

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from genkit.cli import checkpoint_dir, run_main
+from genkit.cli import checkpoint_dir, run_main, script_device
 import genkit
 from genkit import metrics
 from genkit.data import DATASETS, held_out
@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("n", "steps", "nll_n", "nll_steps", "nll_batch_size"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer; got {getattr(args, flag)}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device} asked for a GPU but CUDA is not available here; use --device cpu")
+    device = script_device(args.device)
     if args.nll and genkit.get_solver(args.nll_solver).stochastic:
         raise ConfigError(f"--nll-solver {args.nll_solver} is stochastic; likelihoods need an ODE solver, "
                           "e.g. dopri5")

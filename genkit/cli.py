@@ -7,9 +7,23 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import GenkitError
+from .errors import ConfigError, GenkitError
 
-__all__ = ["checkpoint_dir", "run_main"]
+__all__ = ["checkpoint_dir", "script_device", "run_main"]
+
+
+def script_device(name: str):
+    """The ``--device`` of a script as a ``torch.device``; a GPU asked for where CUDA is missing is a ConfigError.
+
+    >>> script_device("cpu")
+    device(type='cpu')
+    """
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for a GPU but CUDA is not available here; use --device cpu")
+    return device
 
 
 def checkpoint_dir(path: str | Path) -> Path:

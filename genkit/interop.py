@@ -253,11 +253,10 @@ class KDiffusionSampler(Solver):
 
         path = field.path
         t64 = times.to(torch.float64).cpu()
-        a, s = path.alpha(t64), path.sigma(t64)
+        a, sig = path.alpha(t64), path.ve_sigma(t64)
         if float(a[0]) <= 0.0:
             raise ConfigError(f"the grid starts at t={float(t64[0]):.4g} where alpha = 0 (sigma_ve infinite); "
                               "start it below t = 1 (e.g. a karras grid, or t_max < 1)")
-        sig = torch.where(t64 == 0, torch.zeros_like(a), s / a)
         denoise, calls = as_x0(field), [0]
 
         sigmas = sig.to(device=x.device, dtype=x.dtype)
@@ -270,7 +269,7 @@ class KDiffusionSampler(Solver):
                                   "several in one batch")
             t = on_grid.get(level)
             if t is None:  # a level between grid points (e.g. DPM-2's midpoints)
-                t = float(path.t_from_log_snr(torch.tensor(-2 * math.log(level), dtype=torch.float64)))
+                t = float(path.t_from_ve_sigma(torch.tensor(level, dtype=torch.float64)))
             a_t = float(path.alpha(torch.tensor(t, dtype=torch.float64)))
             calls[0] += 1
             return denoise(x_ve * a_t, broadcast_time(torch.tensor(t, dtype=x_ve.dtype, device=x_ve.device), x_ve),

@@ -154,6 +154,19 @@ class Path:
             lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
         return (0.5 * (lo + hi)).to(dtype)
 
+    def ve_sigma(self, t: Tensor | float) -> Tensor:
+        """Noise level of the equivalent variance-exploding process, ``sigma / alpha = exp(-lambda / 2)``
+        (EDM's and k-diffusion's sigma): 0 at t = 0, infinite where alpha = 0."""
+        return torch.exp(-self.log_snr(t) / 2)
+
+    def t_from_ve_sigma(self, ve_sigma: Tensor | float) -> Tensor:
+        """Inverse of :meth:`ve_sigma` (``ve_sigma = 0`` gives t = 0)."""
+        s = torch.as_tensor(ve_sigma)
+        dtype = s.dtype if s.is_floating_point() else torch.get_default_dtype()
+        s64 = s.to(torch.float64)
+        t = self.t_from_log_snr(torch.where(s64 > 0, -2 * torch.log(s64), torch.zeros_like(s64)))
+        return torch.where(s64 > 0, t.to(torch.float64), torch.zeros_like(s64)).to(dtype)
+
     def g2(self, t: Tensor | float) -> Tensor:
         """Squared diffusion coefficient of the forward SDE with these marginals:
         ``g^2 = 2 sigma (alpha sigma' - sigma alpha') / alpha`` (infinite where alpha = 0)."""

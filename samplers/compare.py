@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from genkit.cli import checkpoint_dir, run_main
+from genkit.cli import checkpoint_dir, run_main, script_device
 import genkit
 from genkit.errors import ConfigError
 from genkit.solvers import GRIDS, SOLVERS, RungeKutta, Solver, get_solver, solve
@@ -155,9 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                           f"{', '.join(n for n in GRIDS.names() if n != 'custom')}")
     if args.n < 1 or args.reference_steps < 2:
         raise ConfigError(f"--n must be >= 1 and --reference-steps >= 2; got {args.n} and {args.reference_steps}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device} asked for a GPU but CUDA is not available here; use --device cpu")
+    device = script_device(args.device)
     ckpt = checkpoint_dir(args.checkpoint)
     model = genkit.load(ckpt, ema=not args.raw_weights, map_location=device)
     if not hasattr(model, "path") or not hasattr(model, "default_grid"):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from genkit.cli import checkpoint_dir, run_main
+from genkit.cli import checkpoint_dir, run_main, script_device
 import genkit
 from genkit.errors import ConfigError
 from genkit.plotting import save_samples_png
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.n < 1:
         raise ConfigError(f"--n must be a positive integer; got {args.n}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device} asked for a GPU but CUDA is not available here; use --device cpu")
+    device = script_device(args.device)
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be a positive integer; got {args.steps}")
     ckpt = checkpoint_dir(args.checkpoint)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from genkit.cli import checkpoint_dir, run_main
+from genkit.cli import checkpoint_dir, run_main, script_device
 import genkit
 from genkit.errors import ConfigError
 from genkit.solvers import solve
@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.eval < 1:
         raise ConfigError(f"--eval must be a positive integer; got {args.eval}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device} asked for a GPU but CUDA is not available here; use --device cpu")
+    device = script_device(args.device)
     ckpt = checkpoint_dir(args.checkpoint)
     model = genkit.load(ckpt, ema=not args.raw_weights, map_location=device)
     if not hasattr(model, "path") or not hasattr(model, "sample_shape"):

@@ -78,6 +78,17 @@ def test_sample_prior_seeds_across_devices(name):
     assert moved.device.type == "meta" and moved.shape == (5, 3)
 
 
+@pytest.mark.parametrize("name", PATH_NAMES)
+def test_ve_sigma_is_sigma_over_alpha_and_inverts(name):
+    """EDM / k-diffusion noise level: sigma / alpha, 0 at data, and t_from_ve_sigma undoes it (0 -> t = 0)."""
+    p = get_path(name)
+    t = torch.linspace(0.02, 0.98, 25, dtype=torch.float64)
+    torch.testing.assert_close(p.ve_sigma(t), p.sigma(t) / p.alpha(t), rtol=1e-12, atol=0)
+    torch.testing.assert_close(p.t_from_ve_sigma(p.ve_sigma(t)), t, rtol=0, atol=1e-10)
+    assert p.ve_sigma(torch.tensor(0.0, dtype=torch.float64)) == 0
+    assert p.t_from_ve_sigma(torch.tensor([0.0, 1.0], dtype=torch.float64))[0] == 0
+
+
 def test_named_closed_forms():
     t = T
     lin, cos, ve = get_path("linear"), get_path("cosine"), get_path("ve", sigma_max=80.0)

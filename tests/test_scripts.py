@@ -203,3 +203,15 @@ def test_ddpm_unet_from_train_py_exports_exactly(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, torch.tensor([3, 700])).sample,
                                    model(x, torch.tensor([4.0, 701.0], dtype=torch.float64) / 1000), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("script", [SAMPLE, EVALUATE, ROOT / "samplers" / "compare.py",
+                                    ROOT / "samplers" / "search_solver.py"], ids=lambda p: p.name)
+def test_device_cuda_without_a_gpu_is_one_error_line(script, capsys, tmp_path):
+    """Every script with --device shares genkit.cli.script_device: asking for CUDA here names the fix."""
+    args = ["--checkpoint", str(tmp_path), "--device", "cuda", "--out", str(tmp_path / "out")]
+    args += {EVALUATE.name: ["--data", "moons"], "search_solver.py": ["--nfe", "5"]}.get(script.name, [])
+    assert run_main(script, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda" in err[0] and "--device cpu" in err[0]

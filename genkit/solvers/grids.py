@@ -75,11 +75,6 @@ class Uniform(TimeGrid):
         return validate_grid(torch.linspace(hi, lo, n + 1, dtype=torch.float64))
 
 
-def _equiv_sigma(path: Path, t: Tensor) -> Tensor:
-    """Noise level of the equivalent VE process, ``sigma / alpha = exp(-lambda / 2)``."""
-    return torch.exp(-path.log_snr(t.to(torch.float64)) / 2)
-
-
 @GRIDS.register("karras")
 class Karras(TimeGrid):
     """EDM's schedule (Karras et al. 2022, arXiv 2206.00364, eq. 5): steps uniform in
@@ -98,15 +93,15 @@ class Karras(TimeGrid):
     def times(self, n: int, path: Path) -> Tensor:
         _check_n(n)
         lo, hi = self._bounds(path)
-        s_hi = min(self.sigma_max, float(_equiv_sigma(path, torch.tensor(hi))))
+        s_hi = min(self.sigma_max, float(path.ve_sigma(torch.tensor(hi, dtype=torch.float64))))
         # ending above 0, the last point is t_min itself; ending at 0, EDM's last step goes sigma_min -> 0
-        s_lo = float(_equiv_sigma(path, torch.tensor(lo))) if lo > 0 else self.sigma_min
+        s_lo = float(path.ve_sigma(torch.tensor(lo, dtype=torch.float64))) if lo > 0 else self.sigma_min
         k = n + 1 if lo > 0 else n
         if k < 2 or s_lo >= s_hi:
             return Uniform(hi, lo).times(n, path)
         r = torch.linspace(0, 1, k, dtype=torch.float64)
         sig = (s_hi ** (1 / self.rho) + r * (s_lo ** (1 / self.rho) - s_hi ** (1 / self.rho))) ** self.rho
-        return _finish(path.t_from_log_snr(-2 * torch.log(sig)).to(torch.float64), hi, lo, k == n + 1)
+        return _finish(path.t_from_ve_sigma(sig).to(torch.float64), hi, lo, k == n + 1)
 
 
 def _finish(t: Tensor, hi: float, lo: float, ends_at_lo: bool) -> Tensor:
