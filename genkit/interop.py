@@ -260,17 +260,19 @@ class KDiffusionSampler(Solver):
         denoise, calls = as_x0(field), [0]
 
         sigmas = sig.to(device=x.device, dtype=x.dtype)
-        on_grid = dict(zip(sigmas.tolist(), t64.tolist()))  # grid levels map back to the grid's exact times
+        # grid levels map back to the grid's exact times, with alpha there evaluated once per solve
+        on_grid = dict(zip(sigmas.tolist(), zip(t64.tolist(), a.tolist())))
 
         def model(x_ve: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
             level = float(sigma.reshape(-1)[0])
             if not bool((sigma == sigma.reshape(-1)[0]).all()):
                 raise ConfigError("KDiffusionSampler evaluates one noise level per call; the sampler asked for "
                                   "several in one batch")
-            t = on_grid.get(level)
-            if t is None:  # a level between grid points (e.g. DPM-2's midpoints)
-                t = float(path.t_from_ve_sigma(torch.tensor(level, dtype=torch.float64)))
-            a_t = float(path.alpha(torch.tensor(t, dtype=torch.float64)))
+            if level in on_grid:
+                t, a_t = on_grid[level]
+            else:  # a level between grid points (e.g. DPM-2's midpoints)
+                t64_mid = path.t_from_ve_sigma(torch.tensor(level, dtype=torch.float64))
+                t, a_t = float(t64_mid), float(path.alpha(t64_mid))
             calls[0] += 1
             return denoise(x_ve * a_t, broadcast_time(torch.tensor(t, dtype=x_ve.dtype, device=x_ve.device), x_ve),
                            **extra)
