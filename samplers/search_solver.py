@@ -1,7 +1,9 @@
 """Search a few-step solver for a genkit checkpoint (Differentiable Solver Search, arXiv 2505.21114).
 
 Learns the step sizes and multistep coefficients of an NFE-step solver so that it lands where a
-high-accuracy reference solver lands from the same prior noise, saves it as OUT/solver.safetensors +
+high-accuracy reference solver lands from the same prior noise (with --eval-times, --step-scales and
+--teleport also genkit's extensions: shifted evaluation times, a factor per update and a free first jump
+along the Gaussian of the reference samples; see genkit.solvers.searched), saves it as OUT/solver.safetensors +
 OUT/solver.json, and prints the endpoint error (mean squared error to the reference, at the end of the
 sampling interval, before any final denoising step) on held-out noise for the searched solver and for
 euler, heun (as many whole steps as fit in the NFE), ddim, dpmpp_2m and unipc at the same NFE on the
@@ -13,6 +15,8 @@ register_searched("my_solver", OUT): solve(model, x, "my_solver", steps=NFE).
 examples:
   python samplers/search_solver.py --checkpoint runs/default --nfe 5
   python samplers/search_solver.py --checkpoint runs/ddpm/checkpoint --nfe 6 --variant data --iters 500 --out s6
+  python samplers/search_solver.py --checkpoint runs/ddpm/checkpoint --nfe 5 --variant data --lr 2e-2 \
+      --lr-schedule cosine --iters 600 --eval-times --step-scales --teleport reference   # genkit's extensions
 """
 
 from __future__ import annotations
@@ -47,6 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool", type=int, default=1024, help="noise samples solved by the reference and searched on")
     p.add_argument("--lr", type=float, default=1e-2, help="learning rate")
     p.add_argument("--optimiser", default="adam", choices=("adam", "lion"), help="the paper uses lion")
+    p.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
+                   help="constant, or decayed to 0 on a cosine")
+    p.add_argument("--eval-times", action="store_true",
+                   help="genkit extension: also search a shift of each evaluation time")
+    p.add_argument("--step-scales", action="store_true",
+                   help="genkit extension: also search a factor on each update")
+    p.add_argument("--teleport", default="none", choices=("none", "reference"),
+                   help="genkit extension: first segment a free closed-form jump along the Gaussian fitted to the "
+                        "reference endpoints")
     p.add_argument("--reference-solver", default="rk4", help="high-accuracy solver, e.g. rk4 or dopri5")
     p.add_argument("--reference-steps", type=int, default=100, help="steps of the reference solver")
     p.add_argument("--trajectory-weight", type=float, default=0.0,
@@ -75,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     solver = search_solver(model, args.nfe, shape=shape, variant=args.variant,
                            reference_solver=args.reference_solver, reference_steps=args.reference_steps,
                            iters=args.iters, batch=args.batch, pool=args.pool, lr=args.lr, optimiser=args.optimiser,
+                           lr_schedule=args.lr_schedule, eval_times=args.eval_times, step_scales=args.step_scales,
+                           teleport=None if args.teleport == "none" else args.teleport,
                            trajectory_weight=args.trajectory_weight, grid=model.default_grid("uniform"),
                            generator=torch.Generator(device=device).manual_seed(args.seed), device=device,
                            dtype=dtype)
@@ -82,7 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     out = solver.save(Path(args.out) if args.out else ckpt.parent / f"searched_nfe{args.nfe}")
     print(f"searched {args.nfe}-step {args.variant} solver for {ckpt} in {seconds:.1f} s "
           f"(loss {solver.info['first_loss']:.3g} -> {solver.info['last_loss']:.3g}): {out}")
-    print("steps:", " ".join(f"{s:.4f}" for s in solver.steps.tolist()))
+    print("times:", " ".join(f"{t:.4f}" for t in solver.times.tolist())
+          + (" (the first step is the closed-form jump)" if solver.teleport is not None else ""))
+    if solver.eval_shift is not None:
+        print("evaluated at:", " ".join(f"{t:.4f}" for t in solver.eval_times.tolist()))
 
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     x = model.path.sample_prior((args.eval, *shape), generator=gen, device=device, dtype=dtype)

@@ -12,7 +12,18 @@ data prediction in the DDIM step ``x_{i+1} = (s_{i+1}/s_i) x_i + (a_{i+1} - s_{i
 ``s`` sigma), without the official file's duplicated, uncombined second update. With ``C = 0`` and uniform
 steps it is Euler (DDIM) on the uniform grid. Every ``C[i, j<i]`` is searched (the official code restricts
 the last two rows when ``N <= 6``). :func:`search_solver` fits ``a`` and ``C`` to a reference solution of a
-frozen field; the artifact is ``solver.safetensors`` + ``solver.json``; :func:`register_searched` names it:
+frozen field; the artifact is ``solver.safetensors`` + ``solver.json``; :func:`register_searched` names it.
+
+Beyond the paper (genkit extensions, each off by default, so the default search space is the paper's):
+- ``eval_times``: the field is evaluated at ``t'_i = sigmoid(logit(t_i) + e_i)`` with a learned shift ``e_i``
+  per step, decoupled from the integration times ``t_i`` (time-shifted evaluation, as in the time-shift
+  samplers of Li et al., ICLR 2024, here searched rather than set by a rule);
+- ``step_scales``: a learned factor ``s_i`` on each combined update (``D_i -> s_i D_i``), so the
+  coefficients of a step need not sum to one;
+- ``teleport``: a Gaussian fit (:mod:`genkit.teleport`) replaces the first step by its closed-form flow from
+  ``t_start`` to a searched ``t_jump`` at no evaluation (the analytic first step of Zhou et al., CVPR 2024,
+  and Wang & Vastola's teleportation); the ``N`` evaluations then run from ``t_jump``. The jump is one more
+  softmax segment: ``a`` has ``N + 1`` entries.
 
 >>> import torch
 >>> from genkit.analytic import Gaussian
@@ -31,7 +42,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path as FsPath
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from safetensors import safe_open
@@ -45,11 +56,15 @@ from ..paths import Path, broadcast_time, path_from_config
 from .base import SOLVERS, Solution, Solver, check_finite_result, get_solver
 from .grids import TimeGrid, Uniform, get_grid
 
+if TYPE_CHECKING:
+    from ..teleport import GaussianFit
+
 __all__ = ["SearchedSolver", "search_solver", "load_searched_solver", "register_searched", "unregister_searched",
            "VARIANTS", "FORMAT_VERSION"]
 
 VARIANTS = ("velocity", "data")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional evaluation-time shifts, step scales and a teleport Gaussian
+_TELEPORT_KEYS = ("teleport_mean", "teleport_eigvals", "teleport_eigvecs")
 _KIND = "genkit.searched_solver"
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -61,23 +76,41 @@ def _times(logits: Tensor, t_start: float, t_end: float) -> Tensor:
 
 
 def _integrate(field: Field, x: Tensor, times: Tensor, coeffs: Tensor, variant: str, keep: bool,
-               cond: dict[str, Any]) -> tuple[Tensor, list[Tensor]]:
-    """Run the searched update over ``times [N + 1]`` (float64) with ``coeffs [N, N]``; differentiable."""
+               cond: dict[str, Any], shift: Tensor | None = None, scales: Tensor | None = None,
+               teleport: GaussianFit | None = None) -> tuple[Tensor, list[Tensor]]:
+    """Run the searched update over ``times`` (float64; ``[N + 1]``, or ``[N + 2]`` with a teleport jump first)
+    with ``coeffs [N, N]`` and the optional extensions (module docstring); differentiable."""
+    states = [x] if keep else []
+    if teleport is not None:  # closed-form first segment, differentiable in its end time
+        # lazy: teleport imports the solvers package
+        from ..teleport import GaussianFlowMap
+
+        x = GaussianFlowMap(teleport.to(x.device), field.path)(x, times[0], times[1])
+        times = times[1:]
+        if keep:
+            states.append(x)
     ts, c = times.to(device=x.device, dtype=x.dtype), coeffs.to(device=x.device, dtype=x.dtype)
+    if shift is not None:  # evaluation times decoupled from the integration times
+        shift64 = shift.to(device=x.device, dtype=torch.float64)
+        t_eval = torch.sigmoid(torch.logit(times[:-1].to(device=x.device)) + shift64).to(x.dtype)
+    else:
+        t_eval = ts[:-1]
+    gain_scale = scales.to(device=x.device, dtype=x.dtype) if scales is not None else None
     view = as_velocity(field) if variant == "velocity" else as_x0(field)
     if variant == "data":  # schedule in float64, differentiable in the times
         t64 = times.to(device=x.device, dtype=torch.float64)
         a, s = field.path.alpha(t64), field.path.sigma(t64)
         ratio, gain = (s[1:] / s[:-1]).to(x.dtype), (a[1:] - s[1:] * a[:-1] / s[:-1]).to(x.dtype)
     hist: list[Tensor] = []
-    states = [x] if keep else []
     for i in range(len(ts) - 1):
-        hist.append(view(x, broadcast_time(ts[i], x), **cond))
+        hist.append(view(x, broadcast_time(t_eval[i], x), **cond))
         d = hist[-1]
         if i:  # at C = 0 this is d exactly: 1 * d + 0 * d_j
             d = (1 - c[i, :i].sum()) * d
             for j in range(i):
                 d = d + c[i, j] * hist[j]
+        if gain_scale is not None:
+            d = gain_scale[i] * d
         if variant == "velocity":  # the step is rounded from float64 exactly as Euler rounds it
             x = x + (times[i + 1] - times[i]).to(device=x.device, dtype=x.dtype) * d
         else:
@@ -88,15 +121,19 @@ def _integrate(field: Field, x: Tensor, times: Tensor, coeffs: Tensor, variant: 
 
 
 class SearchedSolver(Solver):
-    """A solver of exactly ``N = len(logits)`` steps searched for ``path`` over ``[t_start, t_end]``.
+    """A solver of exactly ``N`` evaluations searched for ``path`` over ``[t_start, t_end]``.
 
     Args:
-        logits: ``[N]`` step logits (``zeros`` = uniform steps).
+        logits: ``[N]`` step logits (``zeros`` = uniform steps); ``[N + 1]`` with ``teleport``, the first entry
+            being the closed-form jump.
         coefficients: ``[N, N]`` strictly lower-triangular multistep coefficients (``zeros`` = Euler/DDIM).
         path: the path of the fields it was searched for; fields of other paths are refused.
         t_start, t_end: the interval (sampling runs from ``t_start`` down to ``t_end``).
         variant: ``"velocity"`` or ``"data"`` (see the module docstring).
         info: JSON metadata of the search, saved with the artifact.
+        eval_shift: ``[N]`` shifts of the evaluation times in logit(t) (None: evaluate at the step times).
+        scales: ``[N]`` factors on the combined updates (None: 1).
+        teleport: a :class:`~genkit.teleport.GaussianFit` whose flow makes the first, free segment.
 
     The grid given to ``solve`` supplies only the step count (must be ``N``) and the end points (must be
     the searched interval); the searched solver owns its interior times, ``solver.times``.
@@ -105,13 +142,31 @@ class SearchedSolver(Solver):
     name, order, stochastic, fixed_step = "searched", 1, False, True
 
     def __init__(self, logits: Tensor, coefficients: Tensor, path: Path, t_start: float = 1.0, t_end: float = 0.0,
-                 variant: str = "velocity", info: dict[str, Any] | None = None, name: str = "searched"):
+                 variant: str = "velocity", info: dict[str, Any] | None = None, name: str = "searched", *,
+                 eval_shift: Tensor | None = None, scales: Tensor | None = None,
+                 teleport: GaussianFit | None = None):
+        # lazy: teleport imports the solvers package
+        from ..teleport import GaussianFit
+
         logits = torch.as_tensor(logits).detach().to("cpu", torch.float64)
         coeffs = torch.as_tensor(coefficients).detach().to("cpu", torch.float64)
-        n = logits.numel()
-        if logits.ndim != 1 or n < 1 or coeffs.shape != (n, n):
-            raise ConfigError(f"need logits [N] and coefficients [N, N] with N >= 1; got {tuple(logits.shape)} "
-                              f"and {tuple(coeffs.shape)}")
+        if teleport is not None and not isinstance(teleport, GaussianFit):
+            raise ConfigError(f"teleport must be a genkit.teleport.GaussianFit (fit_gaussian(data)) or None; got "
+                              f"{type(teleport).__name__}")
+        n = coeffs.shape[0] if coeffs.ndim == 2 else 0
+        segments = n + (teleport is not None)
+        if logits.ndim != 1 or n < 1 or coeffs.shape != (n, n) or logits.numel() != segments:
+            jump = " (N + 1 logits: a teleport jump comes first)" if teleport is not None else ""
+            raise ConfigError(f"need logits [N]{jump} and coefficients [N, N] with N >= 1; got "
+                              f"{tuple(logits.shape)} and {tuple(coeffs.shape)}")
+        extra = {}
+        for key, value in (("eval_shift", eval_shift), ("scales", scales)):
+            if value is not None:
+                value = torch.as_tensor(value).detach().to("cpu", torch.float64)
+                if value.shape != (n,) or not torch.isfinite(value).all():
+                    raise ConfigError(f"{key} must hold {n} finite numbers (one per evaluation); got "
+                                      f"{value.tolist()}")
+            extra[key] = value
         if not (torch.isfinite(logits).all() and torch.isfinite(coeffs).all()) or torch.triu(coeffs).any():
             raise ConfigError("need finite logits and strictly lower-triangular coefficients (C[i, j] = 0 for j >= i);"
                               f" got {logits.tolist()} and {coeffs.tolist()}. If a search gave NaN, lower its lr")
@@ -122,27 +177,47 @@ class SearchedSolver(Solver):
             raise ConfigError(f"need 0 <= t_end < t_start <= 1 (sampling runs noise -> data); got "
                               f"t_start={t_start}, t_end={t_end}")
         self.logits, self.coefficients, self.path, self.variant, self.min_steps = logits, coeffs, path, variant, n
+        self.eval_shift, self.scales = extra["eval_shift"], extra["scales"]
+        self.teleport = teleport.to("cpu") if teleport is not None else None
         self.t_start, self.t_end, self.info, self.name = float(t_start), float(t_end), dict(info or {}), name
 
-    num_steps = property(lambda self: self.logits.numel(), doc="N, the number of steps and evaluations.")
+    num_steps = property(lambda self: self.coefficients.shape[0],
+                         doc="N, the number of evaluations (= steps after the teleport jump, if any).")
 
     @property
     def times(self) -> Tensor:
-        """The searched grid ``[N + 1]`` (float64), from ``t_start`` to ``t_end``."""
+        """The searched grid (float64) from ``t_start`` to ``t_end``: ``[N + 1]``, or ``[N + 2]`` with the
+        teleport jump's end as the second entry."""
         return _times(self.logits, self.t_start, self.t_end)
 
     @property
     def steps(self) -> Tensor:
-        """Step sizes ``[N]``, positive, summing to ``t_start - t_end``."""
+        """Segment lengths (``N``, or ``N + 1`` with the jump first), positive, summing to ``t_start - t_end``."""
         return self.times[:-1] - self.times[1:]
 
+    @property
+    def eval_times(self) -> Tensor:
+        """The ``N`` times at which the field is evaluated (the step starts unless ``eval_shift`` moves them)."""
+        starts = self.times[:-1][1 if self.teleport is not None else 0:]
+        return starts if self.eval_shift is None else torch.sigmoid(torch.logit(starts) + self.eval_shift)
+
     def grid(self) -> TimeGrid:
-        """The searched times as a TimeGrid: ``solve(field, x, solver, None, solver.grid())``."""
-        return get_grid(self.times)
+        """A grid of ``N`` steps over the searched interval for ``solve(field, x, solver, None, solver.grid())``:
+        the searched times (with a teleport jump, those after it)."""
+        times = self.times
+        return get_grid(times if self.teleport is None else torch.cat([times[:1], times[2:]]))
+
+    def with_name(self, name: str) -> SearchedSolver:
+        """The same solver under another name."""
+        return SearchedSolver(self.logits, self.coefficients, self.path, self.t_start, self.t_end, self.variant,
+                              self.info, name, eval_shift=self.eval_shift, scales=self.scales, teleport=self.teleport)
 
     def __repr__(self) -> str:
+        ext = [k for k, v in (("eval_shift", self.eval_shift), ("scales", self.scales), ("teleport", self.teleport))
+               if v is not None]
         return (f"SearchedSolver(name={self.name!r}, steps={self.num_steps}, variant={self.variant!r}, "
-                f"path={self.path!r}, t=[{self.t_start:g}, {self.t_end:g}])")
+                f"path={self.path!r}, t=[{self.t_start:g}, {self.t_end:g}]"
+                + (f", extensions={ext}" if ext else "") + ")")
 
     def check_steps(self, times: Tensor) -> None:
         if len(times) - 1 != self.num_steps:
@@ -162,7 +237,8 @@ class SearchedSolver(Solver):
                               f"{field.path!r}; search again with this field")
         self.check_steps(times)
         grid = self.times
-        x, states = _integrate(field, x, grid, self.coefficients, self.variant, trajectory, cond)
+        x, states = _integrate(field, x, grid, self.coefficients, self.variant, trajectory, cond, self.eval_shift,
+                               self.scales, self.teleport)
         check_finite_result(x, self, grid)
         return Solution(x, self.num_steps, grid, torch.stack(states) if trajectory else None)
 
@@ -175,13 +251,19 @@ class SearchedSolver(Solver):
         tmp, old = (directory.parent / f".{directory.name}.{kind}-{tag}" for kind in ("tmp", "old"))
         tmp.mkdir()
         try:
-            save_file({"logits": self.logits.contiguous(), "coefficients": self.coefficients.contiguous()},
+            tensors = {"logits": self.logits, "coefficients": self.coefficients, "eval_shift": self.eval_shift,
+                       "scales": self.scales}
+            fit, teleport = self.teleport, None
+            if fit is not None:
+                tensors.update(zip(_TELEPORT_KEYS, (fit.mean, fit.eigvals, fit.eigvecs)))
+                teleport = {"residual": fit.residual, "event_shape": list(fit.event_shape)}
+            save_file({k: v.contiguous() for k, v in tensors.items() if v is not None},
                       str(tmp / "solver.safetensors"), metadata={"format": "pt"})
             _fsync_path(tmp / "solver.safetensors")
             meta = {"kind": _KIND, "format": FORMAT_VERSION, "genkit_version": _genkit_version(),
                     "torch_version": torch.__version__, "steps": self.num_steps, "variant": self.variant,
-                    "path": self.path.config(), "t_start": self.t_start, "t_end": self.t_end, "info": self.info,
-                    "files": {"solver.safetensors": (tmp / "solver.safetensors").stat().st_size}}
+                    "path": self.path.config(), "t_start": self.t_start, "t_end": self.t_end, "teleport": teleport,
+                    "info": self.info, "files": {"solver.safetensors": (tmp / "solver.safetensors").stat().st_size}}
             _write_json(tmp / "solver.json", meta, "solver.json", keep_tuples=False)
             _fsync_path(tmp)
             if directory.exists():
@@ -215,13 +297,24 @@ def load_searched_solver(directory: PathLike) -> SearchedSolver:
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        n, path = int(meta["steps"]), path_from_config(meta["path"])
-        if set(tensors) != {"logits", "coefficients"} or tensors["logits"].shape != (n,) \
-                or tensors["coefficients"].shape != (n, n):
+        n, path, tele = int(meta["steps"]), path_from_config(meta["path"]), meta.get("teleport")
+        segments = n + (tele is not None)
+        wanted = {"logits", "coefficients"} | (set(_TELEPORT_KEYS) if tele is not None else set())
+        if not wanted <= set(tensors) <= wanted | {"eval_shift", "scales"} \
+                or tensors["logits"].shape != (segments,) or tensors["coefficients"].shape != (n, n):
             raise CheckpointError(f"{file} holds {({k: tuple(v.shape) for k, v in tensors.items()})}, not logits "
-                                  f"[{n}] and coefficients [{n}, {n}]; {hint}")
+                                  f"[{segments}] and coefficients [{n}, {n}]"
+                                  + (" with a teleport Gaussian" if tele is not None else "") + f"; {hint}")
+        fit = None
+        if tele is not None:
+            # lazy: teleport imports the solvers package
+            from ..teleport import GaussianFit
+
+            fit = GaussianFit(*(tensors[k] for k in _TELEPORT_KEYS), float(tele["residual"]),
+                              tuple(tele["event_shape"]))
         return SearchedSolver(tensors["logits"], tensors["coefficients"], path, meta["t_start"], meta["t_end"],
-                              meta["variant"], meta.get("info"))
+                              meta["variant"], meta.get("info"), eval_shift=tensors.get("eval_shift"),
+                              scales=tensors.get("scales"), teleport=fit)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors' SafetensorError, missing JSON keys, invalid values
@@ -249,8 +342,7 @@ def register_searched(name: str, solver: SearchedSolver | PathLike, *, replace: 
             raise ConfigError(f"solver name {name!r} is taken; pick another name"
                               + ("" if replace else " or pass replace=True to replace a searched solver"))
         unregister_searched(name)
-    named = SearchedSolver(solver.logits, solver.coefficients, solver.path, solver.t_start, solver.t_end,
-                           solver.variant, solver.info, name)
+    named = solver.with_name(name)
     SOLVERS.register(name)(_Registered(named))
     return named
 
@@ -294,27 +386,42 @@ def _curve(losses: list[float], points: int = 20) -> list[float]:
 def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: str = "velocity",
                   reference_solver: str | Solver = "rk4", reference_steps: int = 100, iters: int = 300,
                   batch: int = 64, pool: int = 1024, lr: float = 1e-2, optimiser: str = "adam",
-                  trajectory_weight: float = 0.0, grid: str | TimeGrid = "uniform", cond: dict[str, Any] | None = None,
-                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None) -> SearchedSolver:
+                  lr_schedule: str = "constant", trajectory_weight: float = 0.0, eval_times: bool = False,
+                  step_scales: bool = False, teleport: GaussianFit | str | None = None,
+                  teleport_to: float | None = None, grid: str | TimeGrid = "uniform",
+                  cond: dict[str, Any] | None = None, generator: torch.Generator | None = None,
+                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SearchedSolver:
     """Search a solver of ``nfe`` steps (= evaluations) for ``field`` (DSS, arXiv 2505.21114).
 
     Draws ``pool`` prior samples ``[pool, *shape]``, solves them with ``reference_solver`` on ``reference_steps``
     uniform steps (adaptive solvers: output times), then takes ``iters`` steps of ``optimiser`` (``adam`` or
-    ``lion``) on minibatches of ``batch``. Loss: endpoint MSE to the reference, plus ``trajectory_weight`` times
+    ``lion``) on minibatches of ``batch``, at a ``constant`` learning rate or one decayed to 0 on a ``cosine``.
+    Loss: endpoint MSE to the reference, plus ``trajectory_weight`` times
     the mean MSE of the intermediate states to the reference trajectory interpolated at the current searched
     times (the official trainer's per-step term, where times are rounded to the teacher grid). Gradients reach
-    only the step logits and coefficients: ``torch.autograd.grad`` leaves the field's ``.grad`` alone.
+    only the solver's parameters: ``torch.autograd.grad`` leaves the field's ``.grad`` alone.
     ``grid`` gives the interval and the initial steps (``uniform``: exactly Euler/DDIM at the start).
     ``cond``: conditioning for the field, tensors with first dimension ``pool`` (sliced with the noise).
     ``device``/``dtype`` default to the field's parameters' (CPU and the default dtype for other fields).
+
+    genkit extensions (module docstring; all off by default, which is the paper's search space):
+    ``eval_times`` searches a shift of each evaluation time; ``step_scales`` a factor on each update;
+    ``teleport`` makes the first segment a closed-form jump of a :class:`~genkit.teleport.GaussianFit`, or of
+    the Gaussian fitted to the pool's reference endpoints (``"reference"``: the field's own samples, no data
+    needed), starting at ``teleport_to`` (default: the time of log-SNR -4) with the grid's steps after it.
     """
+    # lazy: teleport imports the solvers package
+    from ..teleport import GaussianFit, fit_gaussian
+
     check_field(field)
     if not isinstance(nfe, int) or nfe < 2:
         raise SolverError(f"nfe must be an integer >= 2 (one step has nothing to search: it is Euler); got {nfe!r}")
-    if variant not in VARIANTS or optimiser not in ("adam", "lion"):
-        raise ConfigError(f"variant must be one of {VARIANTS} and optimiser 'adam' or 'lion'; got {variant!r}, "
-                          f"{optimiser!r}")
+    if variant not in VARIANTS or optimiser not in ("adam", "lion") or lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"variant must be one of {VARIANTS}, optimiser 'adam' or 'lion' and lr_schedule "
+                          f"'constant' or 'cosine'; got {variant!r}, {optimiser!r}, {lr_schedule!r}")
+    if not (teleport is None or teleport == "reference" or isinstance(teleport, GaussianFit)):
+        raise ConfigError(f"teleport must be None, 'reference' (fit the reference endpoints) or a GaussianFit "
+                          f"(genkit.teleport.fit_gaussian(data)); got {teleport!r}")
     counts = {"iters": iters, "batch": batch, "pool": pool, "reference_steps": reference_steps}
     if any(not isinstance(v, int) or v < 1 for v in counts.values()) or not (lr > 0 and math.isfinite(lr)) \
             or not trajectory_weight >= 0:
@@ -324,11 +431,22 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
     dtype = dtype or (params[0].dtype if params else torch.get_default_dtype())
     g = get_grid(grid)
-    init = g.times(nfe, field.path)
+    init = g.times(nfe, field.path).to(torch.float64)
     t_start, t_end = float(init[0]), float(init[-1])
-    logits = torch.zeros(nfe, dtype=torch.float64) if isinstance(g, Uniform) else torch.log(init[:-1] - init[1:])
+    if teleport is None:
+        logits = torch.zeros(nfe, dtype=torch.float64) if isinstance(g, Uniform) else torch.log(init[:-1] - init[1:])
+    else:  # the jump to t_jump, then the grid's steps rescaled onto [t_end, t_jump]
+        t_jump = float(field.path.t_from_log_snr(torch.tensor(-4.0, dtype=torch.float64))) \
+            if teleport_to is None else float(teleport_to)
+        if not t_end < t_jump < t_start:
+            raise ConfigError(f"teleport_to must lie inside the searched interval ({t_end:g}, {t_start:g}); got "
+                              f"{t_jump:g}")
+        after = t_end + (init - t_end) * (t_jump - t_end) / (t_start - t_end)
+        logits = torch.log(torch.cat([init.new_tensor([t_start - t_jump]), after[:-1] - after[1:]]))
     coeffs, mask = torch.zeros(nfe, nfe, dtype=torch.float64), torch.tril(torch.ones(nfe, nfe, dtype=torch.float64), -1)
-    unknowns = [logits.requires_grad_(True), coeffs.requires_grad_(True)]
+    shift = torch.zeros(nfe, dtype=torch.float64) if eval_times else None
+    scales = torch.ones(nfe, dtype=torch.float64) if step_scales else None
+    unknowns = [u.requires_grad_(True) for u in (logits, coeffs, shift, scales) if u is not None]
     state = [[torch.zeros_like(u), torch.zeros_like(u)] for u in unknowns]
     x_pool = field.path.sample_prior((pool, *shape), generator=generator, device=device, dtype=dtype)
     cond, keep = dict(cond or {}), trajectory_weight > 0
@@ -336,6 +454,11 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     ref_t = Uniform(t_start, t_end).times(reference_steps, field.path)
     with torch.no_grad():  # the reference is a constant target
         ref = reference.solve(field, x_pool, ref_t, trajectory=keep, **cond)
+    fit = fit_gaussian(ref.samples.cpu()) if teleport == "reference" else teleport
+    if fit is not None and fit.dim != math.prod(shape):
+        raise ConfigError(f"the teleport Gaussian has dimension {fit.dim}, the samples {math.prod(shape)} "
+                          f"(shape {shape}); fit it to data of this shape")
+    fit_on = fit.to(device) if fit is not None else None
     order, losses = torch.empty(0, dtype=torch.long, device=device), []
     for it in range(iters):
         if len(order) < batch:  # a fresh permutation of the pool each epoch
@@ -344,16 +467,21 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
         idx, order = order[:batch], order[batch:]
         sub = {k: v[idx.to(v.device)] if torch.is_tensor(v) else v for k, v in cond.items()}
         times = _times(logits, t_start, t_end)
-        out, states = _integrate(field, x_pool[idx], times, coeffs * mask, variant, keep, sub)
+        out, states = _integrate(field, x_pool[idx], times, coeffs * mask, variant, keep, sub, shift, scales, fit_on)
         loss = (out - ref.samples[idx]).pow(2).mean()
         if keep:
             target = _interp(ref_t.to(device), ref.trajectory[:, idx], times[1:-1].detach().to(device))
             loss = loss + trajectory_weight * (torch.stack(states[1:-1]) - target).pow(2).mean()
         if not torch.isfinite(loss):
             raise SolverError(f"the solver search diverged at iteration {it} (loss {loss.item()}); lower lr={lr}")
-        _optimiser_step(optimiser, unknowns, torch.autograd.grad(loss, unknowns), state, lr, it)
+        step_lr = lr if lr_schedule == "constant" else 0.5 * lr * (1 + math.cos(math.pi * it / iters))
+        _optimiser_step(optimiser, unknowns, torch.autograd.grad(loss, unknowns), state, step_lr, it)
         losses.append(loss.item())
     info = {"nfe": nfe, "iters": iters, "batch": batch, "pool": pool, "lr": lr, "optimiser": optimiser,
-            "trajectory_weight": trajectory_weight, "reference": repr(reference), "reference_steps": reference_steps,
+            "lr_schedule": lr_schedule, "trajectory_weight": trajectory_weight, "reference": repr(reference),
+            "reference_steps": reference_steps, "eval_times": eval_times, "step_scales": step_scales,
+            "teleport": None if fit is None else ("reference" if teleport == "reference" else "given"),
             "first_loss": losses[0], "last_loss": losses[-1], "loss_curve": _curve(losses)}
-    return SearchedSolver(logits.detach(), (coeffs * mask).detach(), field.path, t_start, t_end, variant, info)
+    return SearchedSolver(logits.detach(), (coeffs * mask).detach(), field.path, t_start, t_end, variant, info,
+                          eval_shift=None if shift is None else shift.detach(),
+                          scales=None if scales is None else scales.detach(), teleport=fit)
