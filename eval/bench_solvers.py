@@ -15,7 +15,9 @@ linear, clip_sample=False); genkit's matching solvers re-run on the exact times 
 visited (equality check); k-diffusion's sample_euler, sample_heun, sample_dpmpp_2m, sample_lms and
 sample_dpm_2 on its Karras sigmas through ``genkit.interop.KDiffusionSampler``, with genkit's twins (DDIM,
 EDM Heun, DPM-Solver++(2M)) on the same sigmas (when k-diffusion is installed: ``pip install k-diffusion
---no-deps torchsde``; only ``k_diffusion.sampling`` is imported); a DSS searched solver at NFE 5; and analytic
+--no-deps torchsde``; only ``k_diffusion.sampling`` is imported); two searched solvers at NFE 5, DSS in the
+paper's search space and with genkit's extensions (``search_solver(..., teleport="reference", eval_times=True,
+step_scales=True)``), searched on the same pool, reference and optimiser settings; and analytic
 teleportation (Gaussian fit of the mixture) with ``genkit.teleport.steps_saved``.
 
 Targets (PASS/FAIL in the .md): genkit DPM-Solver++(2M) and UniPC within 3% of diffusers' error at every
@@ -28,9 +30,9 @@ samples (float32). The network is evaluated only on its training range ``model.t
 genkit's grid is ``LogSNR(lambda_max=log-SNR(t_eps), t_min=0)`` (uniform in log-SNR from t = 1 to t_eps, then
 the solver's own last step to t = 0, which evaluates at t_eps only), the reference the same grid at 1000 steps,
 and diffusers' schedulers also evaluate at timestep >= 0 (t >= 1e-3 = t_eps) and end at t = 0 with their
-final step; every endpoint is the t = 0 (denoised) state. The DSS search is skipped for digits (its
-1000-step reference on the search pool alone would cost ~5 min); teleportation uses
-``genkit.teleport.fit_gaussian`` on the digits training set.
+final step; every endpoint is the t = 0 (denoised) state. The searches run on digits with --digits-search
+only (a 1000-step reference of the search pool plus backpropagation through the UNet: ~30 min on 2 CPU
+cores); teleportation uses ``genkit.teleport.fit_gaussian`` on the digits training set.
 
 A trained checkpoint can stand in for the in-script training (--digits-checkpoint, EMA weights; any
 ``train/train.py`` run of a ddpm-path eps ``Diffusion`` on digits), and --digits-search runs the DSS search on it
@@ -44,8 +46,9 @@ reference.
       --batch-size 256 --lr 1e-3 --steps 8000 --checkpoint-every 1000 --out runs/digits_vp_eps
       # the trained model of part (b): ~4 min on an H200
   python eval/bench_solvers.py --fields digits --digits-checkpoint runs/digits_vp_eps/checkpoint --digits-search \
-      --digits-n 256 --search-iters 1000 --search-pool 2048 --search-batch 256 --device cuda
-      # -> results/bench_solvers_digits.* (~2.5 min on an H200; eval/gpu_run.sh runs both)
+      --digits-n 256 --search-iters 600 --search-pool 1024 --search-batch 64 --search-init uniform --threads 2
+      # -> results/bench_solvers_digits.* (~35 min on 2 CPU cores; on a GPU eval/gpu_run.sh trains and runs both
+      # with a larger search: --search-iters 1000 --search-pool 2048 --search-batch 256 --device cuda)
   python eval/bench_solvers.py --quick    # smaller sizes, to test the script
 """
 

@@ -54,8 +54,9 @@ tar czf "$OUT/digits_run.tar.gz" -C "$(dirname "$RUN")" "$(basename "$RUN")" 2>>
 
 stamp "3. bench_solvers digits on $DEVICE"
 mkdir -p /tmp/bench
-timeout 300 $PY eval/bench_solvers.py --fields digits --digits-checkpoint "$RUN/checkpoint" --digits-search \
-  --digits-n 256 --search-iters 1000 --search-pool 2048 --search-batch 256 --device "$DEVICE" $BENCH_ARGS \
+timeout 420 $PY eval/bench_solvers.py --fields digits --digits-checkpoint "$RUN/checkpoint" --digits-search \
+  --digits-n 256 --search-iters 1000 --search-pool 2048 --search-batch 256 --search-init uniform \
+  --device "$DEVICE" $BENCH_ARGS \
   --out /tmp/bench >>"$LOG" 2>&1; echo "bench exit $?" >>"$LOG"
 tar czf "$OUT/bench_solvers_digits.tar.gz" -C /tmp/bench . 2>>"$LOG"
 stamp "done"
