@@ -22,10 +22,7 @@ is the median over repeats of these paired differences.
 A second measurement swaps the MLP for a network that costs almost nothing (``x * 0.5``): the whole run
 time is then overhead, without the noise of subtracting two large numbers.
 
-``--prototype`` adds rows for ``eval/proto_fast_solve.py``, a prototype of proposed changes to
-``genkit/paths.py``, ``genkit/solvers/fixed.py`` and ``Diffusion.net_input`` (see that file).
-
-Usage: ``python eval/bench_sampling_overhead.py [--repeats 7 --batch 64 4096 --steps 10 50 --prototype]``.
+Usage: ``python eval/bench_sampling_overhead.py [--repeats 7 --batch 64 4096 --steps 10 50]``.
 """
 
 from __future__ import annotations
@@ -44,7 +41,7 @@ from bench_common import markdown_table, median, write_results  # noqa: E402
 
 from genkit.models import Diffusion  # noqa: E402
 from genkit.nets import MLP  # noqa: E402
-from genkit.solvers import get_grid, get_solver, solve  # noqa: E402
+from genkit.solvers import solve  # noqa: E402
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                 prediction_type="epsilon")
@@ -71,7 +68,7 @@ def diffusers_loop(scheduler: Any, net: nn.Module, x: Tensor, steps: int) -> Ten
     return sample
 
 
-def contenders(net: nn.Module, x: Tensor, steps: int, prototype: bool) -> dict[str, tuple[Callable[[], Tensor], int]]:
+def contenders(net: nn.Module, x: Tensor, steps: int) -> dict[str, tuple[Callable[[], Tensor], int]]:
     """name -> (run, number of network evaluations per run)."""
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
@@ -86,18 +83,6 @@ def contenders(net: nn.Module, x: Tensor, steps: int, prototype: bool) -> dict[s
         "diffusers EulerDiscrete": (lambda: diffusers_loop(euler, net, x, steps), steps),
         "diffusers DPMSolverMultistep": (lambda: diffusers_loop(dpm, net, x, steps), steps),
     }
-    if prototype:
-        from proto_fast_solve import FastDDPMPath, FastDiffusion, fast_rk_solve
-
-        fast = FastDiffusion(net, FastDDPMPath(), "eps", sample_shape=(x.shape[1],)).eval()
-        for name in ("euler", "heun"):
-            solver = get_solver(name)
-
-            def run(s=solver) -> Tensor:  # what solve() does around the solver: grid times, validated
-                times = get_grid(fast.default_grid("uniform")).times(steps, fast.path)
-                return fast_rk_solve(s, fast, x, times).samples
-
-            runs[f"prototype {name}"] = (run, steps * len(solver.tableau.b))
     return runs
 
 
@@ -126,7 +111,7 @@ def measure(net: nn.Module, args: argparse.Namespace) -> list[dict[str, Any]]:
     for batch in args.batch:
         x = torch.randn(batch, 2, generator=torch.Generator().manual_seed(args.seed))
         for steps in args.steps:
-            runs = contenders(net, x, steps, args.prototype)
+            runs = contenders(net, x, steps)
             for name, (run, _) in runs.items():  # warm up, and check every sampler returns finite samples
                 if not torch.isfinite(run()).all():
                     raise RuntimeError(f"{name} returned non-finite values at batch {batch}, {steps} steps")
@@ -175,7 +160,6 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--prototype", action="store_true", help="add rows for eval/proto_fast_solve.py")
     parser.add_argument("--name", default="bench_sampling_overhead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -187,9 +171,6 @@ def main() -> None:
     pairs = [("euler", "genkit euler", "diffusers EulerDiscrete"),
              ("2nd order", "genkit heun", "diffusers DPMSolverMultistep"),
              ("DPM-Solver++(2M) both", "genkit dpmpp_2m", "diffusers DPMSolverMultistep")]
-    if args.prototype:
-        pairs += [("euler, prototype", "prototype euler", "diffusers EulerDiscrete"),
-                  ("2nd order, prototype", "prototype heun", "diffusers DPMSolverMultistep")]
     payload: dict[str, Any] = {
         "settings": {**vars(args), "net": f"genkit.nets.MLP(2, hidden={args.hidden}, depth={args.depth})",
                      "schedule": SCHEDULE, "genkit_model": "Diffusion(net, 'ddpm', 'eps'), uniform grid",
