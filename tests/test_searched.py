@@ -167,6 +167,18 @@ def test_extended_search_beats_the_paper_space_on_held_out_noise(searched, refer
                                                                    reference)
 
 
+def test_reference_fit_in_many_dimensions_is_low_rank():
+    """teleport='reference' above 256 dimensions (or with fewer samples than dimensions) keeps the top
+    directions and spreads the remaining variance over the rest."""
+    dim = 300
+    g = Gaussian(torch.zeros(dim), torch.diag(torch.linspace(0.1, 2.0, dim)), get_path("linear"))
+    s = search_solver(g, 2, shape=(dim,), iters=2, batch=8, pool=64, reference_steps=4, teleport="reference",
+                      generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert s.teleport.rank == 63 and s.teleport.dim == dim and s.teleport.residual > 0
+    x = g.path.sample_prior((4, dim), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.isfinite(solve(g, x, s, 2).samples).all()
+
+
 def test_extended_artifact_round_trip(tmp_path):
     g, _ = gaussian_and_fit("linear", "velocity")
     fit = fit_gaussian(torch.randn(500, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64), rank=2)
@@ -210,6 +222,8 @@ def test_extension_misuse_raises_clear_errors():
         search_solver(g, 3, shape=(3,), teleport=fit, teleport_to=1.0)
     with pytest.raises(ConfigError, match="dimension 3, the samples 2"):
         search_solver(GM, 3, shape=(2,), teleport=fit, iters=1, pool=8, batch=8, reference_steps=4)
+    with pytest.raises(ConfigError, match="need pool >= 2"):
+        search_solver(g, 3, shape=(3,), teleport="reference", pool=1)
     with pytest.raises(ConfigError, match="lr_schedule"):
         search_solver(g, 3, shape=(3,), lr_schedule="step")
 

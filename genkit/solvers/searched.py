@@ -65,6 +65,7 @@ __all__ = ["SearchedSolver", "search_solver", "load_searched_solver", "register_
 VARIANTS = ("velocity", "data")
 FORMAT_VERSION = 2  # 2: optional evaluation-time shifts, step scales and a teleport Gaussian
 _TELEPORT_KEYS = ("teleport_mean", "teleport_eigvals", "teleport_eigvecs")
+REFERENCE_FIT_RANK = 256  # teleport="reference": at most this many principal directions (artifact <= D x 256)
 _KIND = "genkit.searched_solver"
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -408,7 +409,8 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     ``eval_times`` searches a shift of each evaluation time; ``step_scales`` a factor on each update;
     ``teleport`` makes the first segment a closed-form jump of a :class:`~genkit.teleport.GaussianFit`, or of
     the Gaussian fitted to the pool's reference endpoints (``"reference"``: the field's own samples, no data
-    needed), starting at ``teleport_to`` (default: the time of log-SNR -4) with the grid's steps after it.
+    needed; full covariance up to 256 dimensions, else the top ``min(256, pool - 1)`` directions and the mean
+    remaining variance), starting at ``teleport_to`` (default: the time of log-SNR -4) with the grid's steps after it.
     """
     # lazy: teleport imports the solvers package
     from ..teleport import GaussianFit, fit_gaussian
@@ -422,6 +424,9 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     if not (teleport is None or teleport == "reference" or isinstance(teleport, GaussianFit)):
         raise ConfigError(f"teleport must be None, 'reference' (fit the reference endpoints) or a GaussianFit "
                           f"(genkit.teleport.fit_gaussian(data)); got {teleport!r}")
+    if teleport == "reference" and not (isinstance(pool, int) and pool >= 2):
+        raise ConfigError(f"teleport='reference' fits a Gaussian to the pool's reference endpoints: need pool >= 2, "
+                          f"got {pool!r}")
     counts = {"iters": iters, "batch": batch, "pool": pool, "reference_steps": reference_steps}
     if any(not isinstance(v, int) or v < 1 for v in counts.values()) or not (lr > 0 and math.isfinite(lr)) \
             or not trajectory_weight >= 0:
@@ -454,7 +459,11 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     ref_t = Uniform(t_start, t_end).times(reference_steps, field.path)
     with torch.no_grad():  # the reference is a constant target
         ref = reference.solve(field, x_pool, ref_t, trajectory=keep, **cond)
-    fit = fit_gaussian(ref.samples.cpu()) if teleport == "reference" else teleport
+    fit = teleport
+    if teleport == "reference":  # full covariance where it fits; else the top directions plus an isotropic rest
+        dim = math.prod(shape)
+        rank = None if dim <= REFERENCE_FIT_RANK and pool > dim else min(REFERENCE_FIT_RANK, pool - 1, dim)
+        fit = fit_gaussian(ref.samples.cpu(), rank=rank)
     if fit is not None and fit.dim != math.prod(shape):
         raise ConfigError(f"the teleport Gaussian has dimension {fit.dim}, the samples {math.prod(shape)} "
                           f"(shape {shape}); fit it to data of this shape")
