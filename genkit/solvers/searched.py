@@ -16,13 +16,15 @@ frozen field; the artifact is ``solver.safetensors`` + ``solver.json``; :func:`r
 
 Beyond the paper (genkit extensions, each off by default, so the default search space is the paper's):
 - ``eval_times``: the field is evaluated at ``t'_i = sigmoid(logit(t_i) + e_i)`` with a learned shift ``e_i``
-  per step, decoupled from the integration times ``t_i`` (time-shifted evaluation, as in the time-shift
-  samplers of Li et al., ICLR 2024, here searched rather than set by a rule);
+  per step, decoupled from the integration times ``t_i`` (time-shifted evaluation as in the time-shift
+  sampler of Li et al., ICLR 2024, arXiv 2305.15583, here searched rather than set by a rule);
 - ``step_scales``: a learned factor ``s_i`` on each combined update (``D_i -> s_i D_i``), so the
-  coefficients of a step need not sum to one;
+  coefficients of a step need not sum to one (akin to the epsilon scaling of Ning et al., arXiv 2308.15321,
+  here searched per step);
 - ``teleport``: a Gaussian fit (:mod:`genkit.teleport`) replaces the first step by its closed-form flow from
-  ``t_start`` to a searched ``t_jump`` at no evaluation (the analytic first step of Zhou et al., CVPR 2024,
-  and Wang & Vastola's teleportation); the ``N`` evaluations then run from ``t_jump``. The jump is one more
+  ``t_start`` to a searched ``t_jump`` at no evaluation (cf. the analytical first step of AMED, Zhou et al.,
+  CVPR 2024, arXiv 2312.00094, and Wang & Vastola's teleportation); the ``N`` evaluations then run from
+  ``t_jump``. The jump is one more
   softmax segment: ``a`` has ``N + 1`` entries.
 
 >>> import torch
