@@ -12,6 +12,9 @@ What it runs:
    kernel is non-deterministic).
 3. ``model.sample(64, steps=10)`` with the Euler and Heun solvers on CUDA: median of ``--repeats`` timed runs
    (``torch.cuda.synchronize`` around each), and finite samples.
+4. A 5-iteration ``search_solver`` with every genkit extension (teleport jump fitted to the reference, searched
+   evaluation times and step scales) on the device; the solver must give finite samples there and the same
+   samples after a save and load.
 
 Prints a summary and writes ``eval/results/gpu_check.json``. Exit status: 0 when every check passes, 1 when
 one fails, 77 (the usual "skipped") when there is no CUDA device. ``--allow-cpu`` runs the same steps on the
@@ -148,6 +151,30 @@ def sample_timing(model: Any, args: argparse.Namespace, device: torch.device) ->
     return out
 
 
+def searched_check(model: Any, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """A short DSS search with every genkit extension (teleport jump fitted to the reference, evaluation-time
+    shifts, step scales) on the device, saved, loaded and solved again there."""
+    from genkit.solvers import solve
+    from genkit.solvers.searched import load_searched_solver, search_solver
+
+    model = model.to(device).eval()
+    start = time.perf_counter()
+    s = search_solver(model, 3, shape=tuple(model.sample_shape), variant="data", iters=5, batch=16, pool=32,
+                      reference_steps=20, eval_times=True, step_scales=True, teleport="reference",
+                      lr_schedule="cosine", grid=model.default_grid("uniform"),
+                      generator=torch.Generator(device=device).manual_seed(args.seed),
+                      device=device)
+    seconds = time.perf_counter() - start
+    x = model.path.sample_prior((8, *model.sample_shape), generator=torch.Generator(device=device).manual_seed(1),
+                                device=device)
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        grid = model.default_grid("uniform")
+        out = solve(model, x, s, 3, grid).samples
+        again = solve(model, x, load_searched_solver(s.save(Path(tmp) / "s")), 3, grid).samples
+    return {"search_seconds": seconds, "device": str(out.device), "finite": bool(torch.isfinite(out).all()),
+            "loaded_equal": bool(torch.equal(out, again)), "times": s.times.tolist()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--window", type=int, default=20, help="steps per timed window (and warm-up)")
@@ -170,13 +197,16 @@ def main() -> int:
     train, model = train_timing(data, args)
     resume = resume_check(data, args)
     sampling = sample_timing(model, args, device)
+    searched = searched_check(model, args, device)
     checks = {**train["checks"], "resume_completed": math.isfinite(resume["final_loss_resumed"]),
               "resume_max_abs_param_diff_below_1e-5": resume["max_abs_param_diff"] < 1e-5,
               **{f"sample_{k}_finite": v["finite"] for k, v in sampling.items()},
-              **{f"sample_{k}_on_device": v["device"].startswith(device.type) for k, v in sampling.items()}}
+              **{f"sample_{k}_on_device": v["device"].startswith(device.type) for k, v in sampling.items()},
+              "searched_extended_finite_on_device": searched["finite"] and searched["device"].startswith(device.type),
+              "searched_extended_reloads_exactly": searched["loaded_equal"]}
     record = {"benchmark": "gpu_check", "command": "python " + " ".join(["eval/gpu_check.py", *sys.argv[1:]]),
               "machine": machine_info(), "settings": vars(args), "train_bf16": train, "resume": resume,
-              "sampling": sampling, "checks": checks, "passed": all(checks.values())}
+              "sampling": sampling, "searched": searched, "checks": checks, "passed": all(checks.values())}
     name = "gpu_check" if device.type == "cuda" else "gpu_check_cpu_dryrun"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

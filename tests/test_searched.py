@@ -107,13 +107,15 @@ def test_data_variant_search_beats_ddim():
     assert mse(solve(g, x, s, 3).samples, ref) < 0.5 * mse(solve(g, x, "ddim", 3).samples, ref)
 
 
-def test_extensions_at_their_initial_values_are_euler():
-    """Zero evaluation-time shifts and unit step scales leave Euler (to the rounding of sigmoid(logit(t)))."""
+@pytest.mark.parametrize("variant,twin", [("velocity", "euler"), ("data", "ddim")])
+def test_extensions_at_their_initial_values_are_euler(variant, twin):
+    """Zero evaluation-time shifts and unit step scales leave Euler / DDIM (to the rounding of
+    sigmoid(logit(t)))."""
     x = HELD_OUT[:64]
-    s = SearchedSolver(torch.zeros(4), torch.zeros(4, 4), GM.path, 1.0, GM.path.t_min, eval_shift=torch.zeros(4),
-                       scales=torch.ones(4))
+    s = SearchedSolver(torch.zeros(4), torch.zeros(4, 4), GM.path, 1.0, GM.path.t_min, variant,
+                       eval_shift=torch.zeros(4), scales=torch.ones(4))
     torch.testing.assert_close(s.eval_times, s.times[:-1], rtol=0, atol=1e-15)
-    torch.testing.assert_close(solve(GM, x, s, 4).samples, solve(GM, x, "euler", 4).samples, rtol=1e-12,
+    torch.testing.assert_close(solve(GM, x, s, 4).samples, solve(GM, x, twin, 4).samples, rtol=1e-12,
                                atol=1e-12)
 
 
@@ -133,9 +135,10 @@ def test_teleport_segment_is_the_gaussian_flow_then_the_steps(variant):
     assert s.num_steps == n and len(s.times) == n + 2 and abs(float(s.times[1]) - t_jump) < 1e-15
     after = torch.linspace(t_jump, 0.0, n + 1, dtype=torch.float64)
     expected = solve(g, teleport(fit, g.path, x, t_jump), "euler" if variant == "velocity" else "ddim", None, after)
-    out = solve(g, x, s, n)
-    assert out.nfe == n
+    out = solve(g, x, s, n, trajectory=True)
+    assert out.nfe == n and out.trajectory.shape == (n + 2, 32, 3) and len(out.times) == n + 2
     torch.testing.assert_close(out.samples, expected.samples, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.trajectory[1], teleport(fit, g.path, x, t_jump), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s.grid().times(None, g.path), torch.cat([s.times[:1], s.times[2:]]))
 
 
@@ -174,9 +177,22 @@ def test_reference_fit_in_many_dimensions_is_low_rank():
     g = Gaussian(torch.zeros(dim), torch.diag(torch.linspace(0.1, 2.0, dim)), get_path("linear"))
     s = search_solver(g, 2, shape=(dim,), iters=2, batch=8, pool=64, reference_steps=4, teleport="reference",
                       generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert s.teleport.rank == 63 and s.teleport.dim == dim and s.teleport.residual > 0
+    # half the 63 sampled directions are kept; the rest of the variance (mean 1.05) is spread over the others
+    assert s.teleport.rank == 31 and s.teleport.dim == dim and 0.3 < s.teleport.residual < 1.05
     x = g.path.sample_prior((4, dim), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     assert torch.isfinite(solve(g, x, s, 2).samples).all()
+
+
+def test_reference_fit_at_a_positive_end_time_is_mapped_to_the_data():
+    """Reference endpoints at t_end > 0 are noisy data: the fit is mapped back to t = 0, so on a Gaussian field
+    the jump matches the exact flow."""
+    g, fit = gaussian_and_fit("linear", "velocity")
+    grid = genkit.get_grid("uniform", t_min=0.3)
+    s = search_solver(g, 2, shape=(3,), iters=1, lr=1e-12, batch=8, pool=4000, reference_solver="rk4",
+                      reference_steps=20, teleport="reference", teleport_to=0.6, grid=grid,
+                      generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    torch.testing.assert_close(s.teleport.covariance(), fit.covariance(), atol=0.06, rtol=0)
+    torch.testing.assert_close(s.teleport.mean, fit.mean, atol=0.04, rtol=0)
 
 
 def test_extended_artifact_round_trip(tmp_path):
@@ -190,25 +206,32 @@ def test_extended_artifact_round_trip(tmp_path):
     assert loaded.teleport.residual == fit.residual and torch.equal(loaded.teleport.eigvecs, fit.eigvecs)
     expected = solve(g, x, s, 3).samples
     assert torch.equal(solve(g, x, loaded, 3).samples, expected)
+    named = register_searched("test_ext3", tmp_path / "ext")
     try:
-        assert torch.equal(solve(g, x, register_searched("test_ext3", tmp_path / "ext"), 3).samples, expected)
+        assert torch.equal(solve(g, x, named, 3).samples, expected)
     finally:
         unregister_searched("test_ext3")
+    assert json.loads((tmp_path / "ext" / "solver.json").read_text())["format"] == 2
     old = uniform_init(3).save(tmp_path / "v1")  # a format-1 artifact (no extensions) still loads
     _edit_json(old, format=1)
     meta = json.loads((old / "solver.json").read_text())
     del meta["teleport"]
     (old / "solver.json").write_text(json.dumps(meta))
+    assert json.loads((old / "solver.json").read_text())["format"] == 1  # plain DSS: readable by older genkit
     v1 = load_searched_solver(old)
     assert torch.equal(solve(GM, HELD_OUT, v1, 3).samples, solve(GM, HELD_OUT, "euler", None, v1.times).samples)
     _edit_json(s.save(tmp_path / "lost_fit"), teleport=None)  # logits [N + 1] without the Gaussian: refused
     with pytest.raises(CheckpointError, match="not logits"):
         load_searched_solver(tmp_path / "lost_fit")
+    bad = s.save(tmp_path / "bad_fit")  # a Gaussian whose parts do not fit together: refused at load
+    _edit_json(bad, teleport={"residual": fit.residual, "event_shape": [4]})
+    with pytest.raises(CheckpointError, match="inconsistent teleport Gaussian"):
+        load_searched_solver(bad)
 
 
 def test_extension_misuse_raises_clear_errors():
     g, fit = gaussian_and_fit()
-    with pytest.raises(ConfigError, match="N \\+ 1 logits"):
+    with pytest.raises(ConfigError, match="logits \\[N \\+ 1\\]"):
         SearchedSolver(torch.zeros(3), torch.zeros(3, 3), g.path, teleport=fit)
     with pytest.raises(ConfigError, match="eval_shift must hold 3"):
         SearchedSolver(torch.zeros(3), torch.zeros(3, 3), g.path, eval_shift=torch.zeros(4))
@@ -220,6 +243,15 @@ def test_extension_misuse_raises_clear_errors():
         search_solver(g, 3, shape=(3,), teleport="data")
     with pytest.raises(ConfigError, match="teleport_to must lie inside"):
         search_solver(g, 3, shape=(3,), teleport=fit, teleport_to=1.0)
+    with pytest.raises(ConfigError, match="default jump end .* Pass teleport_to"):
+        search_solver(g, 3, shape=(3,), teleport=fit, grid=genkit.get_grid("uniform", t_max=0.5))
+    with pytest.raises(ConfigError, match="teleport_to must be a time"):
+        search_solver(g, 3, shape=(3,), teleport=fit, teleport_to="0.5")
+    with pytest.raises(ConfigError, match="applies only with a teleport"):
+        search_solver(g, 3, shape=(3,), teleport_to=0.5)
+    with pytest.raises(ConfigError, match="inconsistent teleport Gaussian"):
+        SearchedSolver(torch.zeros(4), torch.zeros(3, 3), g.path,
+                       teleport=GaussianFit(fit.mean, -fit.eigvals, fit.eigvecs, 0.0, (3,)))
     with pytest.raises(ConfigError, match="dimension 3, the samples 2"):
         search_solver(GM, 3, shape=(2,), teleport=fit, iters=1, pool=8, batch=8, reference_steps=4)
     with pytest.raises(ConfigError, match="need pool >= 2"):

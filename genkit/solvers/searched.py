@@ -17,14 +17,15 @@ frozen field; the artifact is ``solver.safetensors`` + ``solver.json``; :func:`r
 Beyond the paper (genkit extensions, each off by default, so the default search space is the paper's):
 - ``eval_times``: the field is evaluated at ``t'_i = sigmoid(logit(t_i) + e_i)`` with a learned shift ``e_i``
   per step, decoupled from the integration times ``t_i`` (time-shifted evaluation as in the time-shift
-  sampler of Li et al., ICLR 2024, arXiv 2305.15583, here searched rather than set by a rule);
+  sampler of Li et al., ICLR 2024, arXiv 2305.15583, here searched rather than set by a rule). An evaluation
+  at ``t_start = 1`` stays there (``logit(1)`` is infinite): without a teleport jump the first shift is inert;
 - ``step_scales``: a learned factor ``s_i`` on each combined update (``D_i -> s_i D_i``), so the
   coefficients of a step need not sum to one (akin to the epsilon scaling of Ning et al., arXiv 2308.15321,
   here searched per step);
 - ``teleport``: a Gaussian fit (:mod:`genkit.teleport`) replaces the first step by its closed-form flow from
   ``t_start`` to a searched ``t_jump`` at no evaluation (cf. the analytical first step of AMED, Zhou et al.,
   CVPR 2024, arXiv 2312.00094, and Wang & Vastola's teleportation); the ``N`` evaluations then run from
-  ``t_jump``. The jump is one more
+  ``t_jump``. The jump is one Gaussian for all conditioning (``cond`` reaches the field only). The jump is one more
   softmax segment: ``a`` has ``N + 1`` entries.
 
 >>> import torch
@@ -88,7 +89,7 @@ def _integrate(field: Field, x: Tensor, times: Tensor, coeffs: Tensor, variant: 
         # lazy: teleport imports the solvers package
         from ..teleport import GaussianFlowMap
 
-        x = GaussianFlowMap(teleport.to(x.device), field.path)(x, times[0], times[1])
+        x = GaussianFlowMap(teleport.to(x.device), field.path)(x, times[0].to(x.device), times[1].to(x.device))
         times = times[1:]
         if keep:
             states.append(x)
@@ -123,6 +124,38 @@ def _integrate(field: Field, x: Tensor, times: Tensor, coeffs: Tensor, variant: 
     return x, states
 
 
+def _checked_fit(fit: Any) -> GaussianFit:
+    """``fit`` as a consistent float64 GaussianFit on the CPU; ConfigError otherwise."""
+    # lazy: teleport imports the solvers package
+    from ..teleport import GaussianFit
+
+    if not isinstance(fit, GaussianFit):
+        raise ConfigError(f"teleport must be a genkit.teleport.GaussianFit (fit_gaussian(data)) or None; got "
+                          f"{type(fit).__name__}")
+    mean, lam, vecs = (torch.as_tensor(v).detach().to("cpu", torch.float64) for v in (fit.mean, fit.eigvals,
+                                                                                    fit.eigvecs))
+    d, k = mean.shape[0] if mean.ndim == 1 else -1, lam.shape[0] if lam.ndim == 1 else -1
+    ok = d >= 1 and 1 <= k <= d and vecs.shape == (d, k) and math.prod(fit.event_shape) == d
+    finite = all(torch.isfinite(v).all() for v in (mean, lam, vecs)) and math.isfinite(fit.residual)
+    if not (ok and finite and (lam >= 0).all() and fit.residual >= 0):
+        raise ConfigError(f"inconsistent teleport Gaussian: mean {tuple(mean.shape)}, eigvals {tuple(lam.shape)}, "
+                          f"eigvecs {tuple(vecs.shape)}, event shape {fit.event_shape}, residual {fit.residual} "
+                          "(need mean [D], eigvals [k] >= 0, eigvecs [D, k], residual >= 0, all finite); build it "
+                          "with genkit.teleport.fit_gaussian")
+    return GaussianFit(mean, lam, vecs, float(fit.residual), tuple(fit.event_shape))
+
+
+def _fit_at_data(fit: GaussianFit, path: Path, t: float) -> GaussianFit:
+    """The data (t = 0) Gaussian whose marginal at ``t`` is ``fit``: mean / alpha, (variance - sigma^2) / alpha^2
+    (clamped at 0). The identity at t = 0."""
+    if t == 0.0:
+        return fit
+    t64 = torch.tensor(t, dtype=torch.float64)
+    a, s2 = float(path.alpha(t64)), float(path.sigma(t64)) ** 2
+    return type(fit)(fit.mean / a, ((fit.eigvals - s2) / a ** 2).clamp_min(0.0), fit.eigvecs,
+                     max(fit.residual - s2, 0.0) / a ** 2, fit.event_shape)
+
+
 class SearchedSolver(Solver):
     """A solver of exactly ``N`` evaluations searched for ``path`` over ``[t_start, t_end]``.
 
@@ -153,15 +186,14 @@ class SearchedSolver(Solver):
 
         logits = torch.as_tensor(logits).detach().to("cpu", torch.float64)
         coeffs = torch.as_tensor(coefficients).detach().to("cpu", torch.float64)
-        if teleport is not None and not isinstance(teleport, GaussianFit):
-            raise ConfigError(f"teleport must be a genkit.teleport.GaussianFit (fit_gaussian(data)) or None; got "
-                              f"{type(teleport).__name__}")
+        if teleport is not None:
+            teleport = _checked_fit(teleport)
         n = coeffs.shape[0] if coeffs.ndim == 2 else 0
         segments = n + (teleport is not None)
         if logits.ndim != 1 or n < 1 or coeffs.shape != (n, n) or logits.numel() != segments:
-            jump = " (N + 1 logits: a teleport jump comes first)" if teleport is not None else ""
-            raise ConfigError(f"need logits [N]{jump} and coefficients [N, N] with N >= 1; got "
-                              f"{tuple(logits.shape)} and {tuple(coeffs.shape)}")
+            want = "logits [N + 1] (the teleport jump, then N steps)" if teleport is not None else "logits [N]"
+            raise ConfigError(f"need {want} and coefficients [N, N] with N >= 1; got logits {tuple(logits.shape)} "
+                              f"and coefficients {tuple(coeffs.shape)}")
         extra = {}
         for key, value in (("eval_shift", eval_shift), ("scales", scales)):
             if value is not None:
@@ -181,7 +213,7 @@ class SearchedSolver(Solver):
                               f"t_start={t_start}, t_end={t_end}")
         self.logits, self.coefficients, self.path, self.variant, self.min_steps = logits, coeffs, path, variant, n
         self.eval_shift, self.scales = extra["eval_shift"], extra["scales"]
-        self.teleport = teleport.to("cpu") if teleport is not None else None
+        self.teleport = teleport
         self.t_start, self.t_end, self.info, self.name = float(t_start), float(t_end), dict(info or {}), name
 
     num_steps = property(lambda self: self.coefficients.shape[0],
@@ -263,7 +295,8 @@ class SearchedSolver(Solver):
             save_file({k: v.contiguous() for k, v in tensors.items() if v is not None},
                       str(tmp / "solver.safetensors"), metadata={"format": "pt"})
             _fsync_path(tmp / "solver.safetensors")
-            meta = {"kind": _KIND, "format": FORMAT_VERSION, "genkit_version": _genkit_version(),
+            extended = fit is not None or self.eval_shift is not None or self.scales is not None
+            meta = {"kind": _KIND, "format": FORMAT_VERSION if extended else 1, "genkit_version": _genkit_version(),
                     "torch_version": torch.__version__, "steps": self.num_steps, "variant": self.variant,
                     "path": self.path.config(), "t_start": self.t_start, "t_end": self.t_end, "teleport": teleport,
                     "info": self.info, "files": {"solver.safetensors": (tmp / "solver.safetensors").stat().st_size}}
@@ -411,8 +444,9 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     ``eval_times`` searches a shift of each evaluation time; ``step_scales`` a factor on each update;
     ``teleport`` makes the first segment a closed-form jump of a :class:`~genkit.teleport.GaussianFit`, or of
     the Gaussian fitted to the pool's reference endpoints (``"reference"``: the field's own samples, no data
-    needed; full covariance up to 256 dimensions, else the top ``min(256, pool - 1)`` directions and the mean
-    remaining variance), starting at ``teleport_to`` (default: the time of log-SNR -4) with the grid's steps after it.
+    needed; full covariance up to 256 dimensions with more samples than dimensions, else the top 256 directions,
+    or half the pool's, and the mean remaining variance; endpoints at ``t_end > 0`` are mapped back to t = 0),
+    starting at ``teleport_to`` (default: the time of log-SNR -4) with the grid's steps after it.
     """
     # lazy: teleport imports the solvers package
     from ..teleport import GaussianFit, fit_gaussian
@@ -441,13 +475,21 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     init = g.times(nfe, field.path).to(torch.float64)
     t_start, t_end = float(init[0]), float(init[-1])
     if teleport is None:
+        if teleport_to is not None:
+            raise ConfigError(f"teleport_to={teleport_to!r} applies only with a teleport Gaussian; pass "
+                              "teleport='reference' or a GaussianFit, or drop teleport_to")
         logits = torch.zeros(nfe, dtype=torch.float64) if isinstance(g, Uniform) else torch.log(init[:-1] - init[1:])
     else:  # the jump to t_jump, then the grid's steps rescaled onto [t_end, t_jump]
-        t_jump = float(field.path.t_from_log_snr(torch.tensor(-4.0, dtype=torch.float64))) \
-            if teleport_to is None else float(teleport_to)
+        if teleport_to is None:
+            t_jump, given = float(field.path.t_from_log_snr(torch.tensor(-4.0, dtype=torch.float64))), False
+        elif isinstance(teleport_to, (int, float)) and not isinstance(teleport_to, bool):
+            t_jump, given = float(teleport_to), True
+        else:
+            raise ConfigError(f"teleport_to must be a time in ({t_end:g}, {t_start:g}) or None; got {teleport_to!r}")
         if not t_end < t_jump < t_start:
-            raise ConfigError(f"teleport_to must lie inside the searched interval ({t_end:g}, {t_start:g}); got "
-                              f"{t_jump:g}")
+            what = "teleport_to" if given else "the default jump end (log-SNR -4)"
+            raise ConfigError(f"{what} must lie inside the searched interval ({t_end:g}, {t_start:g}); got "
+                              f"{t_jump:g}. Pass teleport_to=t inside it")
         after = t_end + (init - t_end) * (t_jump - t_end) / (t_start - t_end)
         logits = torch.log(torch.cat([init.new_tensor([t_start - t_jump]), after[:-1] - after[1:]]))
     coeffs, mask = torch.zeros(nfe, nfe, dtype=torch.float64), torch.tril(torch.ones(nfe, nfe, dtype=torch.float64), -1)
@@ -464,8 +506,11 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     fit = teleport
     if teleport == "reference":  # full covariance where it fits; else the top directions plus an isotropic rest
         dim = math.prod(shape)
-        rank = None if dim <= REFERENCE_FIT_RANK and pool > dim else min(REFERENCE_FIT_RANK, pool - 1, dim)
-        fit = fit_gaussian(ref.samples.cpu(), rank=rank)
+        if dim <= REFERENCE_FIT_RANK and pool > dim:
+            rank = None
+        else:  # fewer samples than dimensions: keep half the sampled directions, so the rest has variance left
+            rank = max(1, min(REFERENCE_FIT_RANK, dim - 1 if pool > dim else (pool - 1) // 2))
+        fit = _fit_at_data(fit_gaussian(ref.samples.cpu(), rank=rank), field.path, t_end)
     if fit is not None and fit.dim != math.prod(shape):
         raise ConfigError(f"the teleport Gaussian has dimension {fit.dim}, the samples {math.prod(shape)} "
                           f"(shape {shape}); fit it to data of this shape")
