@@ -178,7 +178,7 @@ def test_reference_fit_in_many_dimensions_is_low_rank():
     s = search_solver(g, 2, shape=(dim,), iters=2, batch=8, pool=64, reference_steps=4, teleport="reference",
                       generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     # half the 63 sampled directions are kept; the rest of the variance (mean 1.05) is spread over the others
-    assert s.teleport.rank == 31 and s.teleport.dim == dim and 0.3 < s.teleport.residual < 1.05
+    assert s.teleport.rank == 31 and s.teleport.dim == dim and 0.2 < s.teleport.residual < 1.05  # measured 0.35
     x = g.path.sample_prior((4, dim), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     assert torch.isfinite(solve(g, x, s, 2).samples).all()
 
