@@ -195,6 +195,17 @@ def test_reference_fit_at_a_positive_end_time_is_mapped_to_the_data():
     torch.testing.assert_close(s.teleport.mean, fit.mean, atol=0.04, rtol=0)
 
 
+def test_a_float32_fit_is_searched_in_float64():
+    """A GaussianFit built from float32 tensors is taken in float64 (the flow map's precision) for the search."""
+    g, fit = gaussian_and_fit()
+    fit32 = GaussianFit(fit.mean.float(), fit.eigvals.float(), fit.eigvecs.float(), fit.residual, (3,))
+    s = search_solver(g, 2, shape=(3,), iters=2, batch=8, pool=8, reference_solver="unipc", reference_steps=20,
+                      teleport=fit32,
+                      grid=genkit.get_grid("logsnr", t_min=0.0), generator=torch.Generator().manual_seed(0),
+                      dtype=torch.float64)
+    assert s.teleport.eigvecs.dtype == torch.float64 and math.isfinite(s.info["last_loss"])
+
+
 def test_extended_artifact_round_trip(tmp_path):
     g, _ = gaussian_and_fit("linear", "velocity")
     fit = fit_gaussian(torch.randn(500, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64), rank=2)
@@ -254,6 +265,8 @@ def test_extension_misuse_raises_clear_errors():
                        teleport=GaussianFit(fit.mean, -fit.eigvals, fit.eigvecs, 0.0, (3,)))
     with pytest.raises(ConfigError, match="dimension 3, the samples 2"):
         search_solver(GM, 3, shape=(2,), teleport=fit, iters=1, pool=8, batch=8, reference_steps=4)
+    with pytest.raises(ConfigError, match="GaussianFit"):
+        search_solver(g, 3, shape=(3,), teleport=torch.zeros(3))
     with pytest.raises(ConfigError, match="need pool >= 2"):
         search_solver(g, 3, shape=(3,), teleport="reference", pool=1)
     with pytest.raises(ConfigError, match="lr_schedule"):

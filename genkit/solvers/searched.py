@@ -79,6 +79,13 @@ def _times(logits: Tensor, t_start: float, t_end: float) -> Tensor:
     return torch.cat([logits.new_tensor([t_start]), inner, logits.new_tensor([t_end])])
 
 
+def _shifted(starts: Tensor, shift: Tensor | None) -> Tensor:
+    """Evaluation times ``sigmoid(logit(t) + shift)`` of the step starts ``t`` (``starts`` when no shift)."""
+    if shift is None:
+        return starts
+    return torch.sigmoid(torch.logit(starts) + shift.to(device=starts.device, dtype=torch.float64))
+
+
 def _integrate(field: Field, x: Tensor, times: Tensor, coeffs: Tensor, variant: str, keep: bool,
                cond: dict[str, Any], shift: Tensor | None = None, scales: Tensor | None = None,
                teleport: GaussianFit | None = None) -> tuple[Tensor, list[Tensor]]:
@@ -94,11 +101,8 @@ def _integrate(field: Field, x: Tensor, times: Tensor, coeffs: Tensor, variant: 
         if keep:
             states.append(x)
     ts, c = times.to(device=x.device, dtype=x.dtype), coeffs.to(device=x.device, dtype=x.dtype)
-    if shift is not None:  # evaluation times decoupled from the integration times
-        shift64 = shift.to(device=x.device, dtype=torch.float64)
-        t_eval = torch.sigmoid(torch.logit(times[:-1].to(device=x.device)) + shift64).to(x.dtype)
-    else:
-        t_eval = ts[:-1]
+    # evaluation times, decoupled from the integration times when shifted
+    t_eval = _shifted(times[:-1].to(device=x.device), shift).to(x.dtype)
     gain_scale = scales.to(device=x.device, dtype=x.dtype) if scales is not None else None
     view = as_velocity(field) if variant == "velocity" else as_x0(field)
     if variant == "data":  # schedule in float64, differentiable in the times
@@ -181,9 +185,6 @@ class SearchedSolver(Solver):
                  variant: str = "velocity", info: dict[str, Any] | None = None, name: str = "searched", *,
                  eval_shift: Tensor | None = None, scales: Tensor | None = None,
                  teleport: GaussianFit | None = None):
-        # lazy: teleport imports the solvers package
-        from ..teleport import GaussianFit
-
         logits = torch.as_tensor(logits).detach().to("cpu", torch.float64)
         coeffs = torch.as_tensor(coefficients).detach().to("cpu", torch.float64)
         if teleport is not None:
@@ -233,8 +234,7 @@ class SearchedSolver(Solver):
     @property
     def eval_times(self) -> Tensor:
         """The ``N`` times at which the field is evaluated (the step starts unless ``eval_shift`` moves them)."""
-        starts = self.times[:-1][1 if self.teleport is not None else 0:]
-        return starts if self.eval_shift is None else torch.sigmoid(torch.logit(starts) + self.eval_shift)
+        return _shifted(self.times[:-1][1 if self.teleport is not None else 0:], self.eval_shift)
 
     def grid(self) -> TimeGrid:
         """A grid of ``N`` steps over the searched interval for ``solve(field, x, solver, None, solver.grid())``:
@@ -449,7 +449,7 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     starting at ``teleport_to`` (default: the time of log-SNR -4) with the grid's steps after it.
     """
     # lazy: teleport imports the solvers package
-    from ..teleport import GaussianFit, fit_gaussian
+    from ..teleport import fit_gaussian
 
     check_field(field)
     if not isinstance(nfe, int) or nfe < 2:
@@ -457,9 +457,10 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     if variant not in VARIANTS or optimiser not in ("adam", "lion") or lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"variant must be one of {VARIANTS}, optimiser 'adam' or 'lion' and lr_schedule "
                           f"'constant' or 'cosine'; got {variant!r}, {optimiser!r}, {lr_schedule!r}")
-    if not (teleport is None or teleport == "reference" or isinstance(teleport, GaussianFit)):
+    if isinstance(teleport, str) and teleport != "reference":
         raise ConfigError(f"teleport must be None, 'reference' (fit the reference endpoints) or a GaussianFit "
                           f"(genkit.teleport.fit_gaussian(data)); got {teleport!r}")
+    fit = None if teleport is None or teleport == "reference" else _checked_fit(teleport)
     if teleport == "reference" and not (isinstance(pool, int) and pool >= 2):
         raise ConfigError(f"teleport='reference' fits a Gaussian to the pool's reference endpoints: need pool >= 2, "
                           f"got {pool!r}")
@@ -503,7 +504,6 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     ref_t = Uniform(t_start, t_end).times(reference_steps, field.path)
     with torch.no_grad():  # the reference is a constant target
         ref = reference.solve(field, x_pool, ref_t, trajectory=keep, **cond)
-    fit = teleport
     if teleport == "reference":  # full covariance where it fits; else the top directions plus an isotropic rest
         dim = math.prod(shape)
         if dim <= REFERENCE_FIT_RANK and pool > dim:
