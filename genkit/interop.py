@@ -274,8 +274,7 @@ class KDiffusionSampler(Solver):
                 t64_mid = path.t_from_ve_sigma(torch.tensor(level, dtype=torch.float64))
                 t, a_t = float(t64_mid), float(path.alpha(t64_mid))
             calls[0] += 1
-            return denoise(x_ve * a_t, broadcast_time(torch.tensor(t, dtype=x_ve.dtype, device=x_ve.device), x_ve),
-                           **extra)
+            return denoise(x_ve * a_t, broadcast_time(t, x_ve), **extra)
 
         out = self.sampler(model, x / float(a[0]), sigmas, extra_args=dict(cond), **self.sampler_kwargs)
         out = out * float(a[-1])
