@@ -69,12 +69,18 @@ from bench_common import RESULTS, markdown_table, write_results  # noqa: E402
 
 import genkit.data  # noqa: E402
 import genkit.nets  # noqa: E402
-from genkit import checkpoint  # noqa: E402
-from genkit import DiffusersScheduler, Diffusion, GaussianMixture, KDiffusionSampler, get_path  # noqa: E402
+from genkit import (  # noqa: E402
+    DiffusersScheduler,
+    Diffusion,
+    GaussianMixture,
+    KDiffusionSampler,
+    checkpoint,  # noqa: E402
+    get_path,
+)
+from genkit.errors import ConfigError  # noqa: E402
 from genkit.solvers import EDMStochastic, LogSNR, Solution, Solver, Uniform, solve  # noqa: E402
 from genkit.solvers.searched import search_solver  # noqa: E402
 from genkit.teleport import GaussianFit, fit_gaussian, steps_saved  # noqa: E402
-from genkit.errors import ConfigError  # noqa: E402
 from genkit.train import TrainConfig, Trainer  # noqa: E402
 
 GENKIT = ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "euler", "heun"]
@@ -402,7 +408,8 @@ def targets(results: dict[str, Any], nfes: list[int], search_nfe: int) -> list[d
                 worst = max(ratios.values(), key=lambda v: abs(v - 1))
                 rows.append({"field": label, "target": f"genkit {same[next(iter(same))]['solver']} = k-diffusion "
                              f"{name} (same sigmas, every NFE, error ratio within {TOLERANCE:.0%})",
-                             "value": f"worst ratio {worst:.4f}", "pass": all(abs(v - 1) <= TOLERANCE for v in ratios.values())})
+                             "value": f"worst ratio {worst:.4f}",
+                             "pass": all(abs(v - 1) <= TOLERANCE for v in ratios.values())})
         best = min((r["diffusers"][d]["10"]["error"], d) for d in DIFFUSERS) if 10 in nfes else (math.nan, "-")
         kbest = (min((v["10"]["error"], k) for k, v in r["kdiffusion"].items() if "10" in v)
                  if r.get("kdiffusion") and 10 in nfes else None)
@@ -465,7 +472,8 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], args: argparse
                                             for t in rows]), ""]
     for label, r in results.items():
         md += [f"## {label}", "", f"`{r['field']}`, {r['n']} samples ({r['dtype']}), reference {r['reference']} (its "
-               f"distance to a {args.reference_steps}-step dpmpp_3m solve on the same grid: {r['reference_error']:.2e}; "
+               f"distance to a {args.reference_steps}-step dpmpp_3m solve on the same grid: "
+               f"{r['reference_error']:.2e}; "
                f"RMS norm of the reference samples {r['reference_norm']:.3g}); {r['seconds']:.0f} s.", ""]
         if "model" in r:
             m = r["model"]
@@ -480,12 +488,14 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], args: argparse
                                 f"frechet_digits {sm['frechet_digits']:.1f} against held-out digits, whose own noise "
                                 f"floor is {sm['noise_floor']['frechet_digits']:.1f}")
             else:
-                trained = (f"trained here {m['steps']} steps (batch {m['batch']}, lr {m['lr']:g}, EMA {m['ema_decay']}) "
+                trained = (f"trained here {m['steps']} steps (batch {m['batch']}, lr {m['lr']:g}, "
+                           f"EMA {m['ema_decay']}) "
                            f"in {m['train_seconds']:.0f} s, final loss {m['losses'][-1][1]:.4f}")
             bound = math.sqrt(math.prod(m["data"][1:]))
             near = r["reference_max_abs"] <= 1.25  # unclipped samples overshoot [-1, 1] a little
-            md += [f"Model: a ddpm-path eps `Diffusion` with a `genkit.nets.UNet`, {m['params']} parameters, {trained}; "
-                   f"run on {m['device']}, evaluated on `time_range()` = {m['time_range']}. All endpoints are at t = 0: "
+            md += [f"Model: a ddpm-path eps `Diffusion` with a `genkit.nets.UNet`, {m['params']} parameters, "
+                   f"{trained}; run on {m['device']}, evaluated on `time_range()` = {m['time_range']}. "
+                   "All endpoints are at t = 0: "
                    "genkit's last step goes from t_eps to 0 evaluating only at t_eps; diffusers' schedulers evaluate "
                    "at timesteps >= 0 (t >= 1e-3) and finish with their own step to alpha = 1. Its reference samples "
                    f"(unclipped) have RMS norm {r['reference_norm']:.3g} (an image in [-1, 1] has at most {bound:.0f}) "
@@ -531,8 +541,9 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], args: argparse
                 "; evaluated at " + ", ".join(f"{t:.3g}" for t in s["eval_times"]) + "; step scales "
                 + ", ".join(f"{v:.3g}" for v in s["scales"]))
             init = "uniform in t" if args.search_init == "uniform" else "the log-SNR grid"
-            md += [f"Searched ({what}; {args.search_variant} variant, initial steps {init}, {s['info']['iters']} iters of batch "
-                   f"{s['info']['batch']}, pool {s['info']['pool']}, lr {s['info']['lr']:g} "
+            md += [f"Searched ({what}; {args.search_variant} variant, initial steps {init}, "
+                   f"{s['info']['iters']} iters of batch {s['info']['batch']}, pool {s['info']['pool']}, "
+                   f"lr {s['info']['lr']:g} "
                    f"{s['info'].get('lr_schedule', 'constant')}): NFE {s['nfe']}, error {s['error']:.3g}, search "
                    f"{s['search_seconds']:.0f} s; times " + ", ".join(f"{t:.3g}" for t in s["times"]) + extra
                    + f". Search loss (endpoint MSE on the pool, chunk means): {curve}.", ""]
@@ -542,8 +553,9 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], args: argparse
             t_rows = [[f"{t:.4g}" + ("" if lam is None else f" (log-SNR {lam:g})")]
                       + [f"{e:.3g} ({sv:+.0%})" if not math.isnan(sv) else f"{e:.3g}" for e, sv in zip(er, sa)]
                       for t, lam, er, sa in zip(tp["t_skips"], tp["log_snr_skips"], tp["errors"], tp["saved"])]
-            md += [f"Teleportation with {solver} ({fit_text}): error (steps saved at equal error) per step budget; first row "
-                   "no teleport.", "", markdown_table(["t_skip"] + [str(n) for n in tp["steps"]], t_rows), ""]
+            md += [f"Teleportation with {solver} ({fit_text}): error (steps saved at equal error) per step "
+                   "budget; first row no teleport.", "",
+                   markdown_table(["t_skip"] + [str(n) for n in tp["steps"]], t_rows), ""]
     digits = [r for r in results.values() if "model" in r]
     analytic = [r for r in results.values() if "model" not in r]
     if digits and digits[0]["searched"] is None:
@@ -647,7 +659,8 @@ def main(argv: list[str] | None = None) -> None:
                                        + f"\n\nTotal {payload['seconds']:.0f} s.", args.out)
     plot(results, args.out / f"{name}.png")
     for t in rows:
-        print(f"{'-' if t['pass'] is None else 'PASS' if t['pass'] else 'FAIL'}  {t['field']}: {t['target']}: {t['value']}")
+        verdict = "-" if t["pass"] is None else "PASS" if t["pass"] else "FAIL"
+        print(f"{verdict}  {t['field']}: {t['target']}: {t['value']}")
     print(f"{json_path}\n{md_path}\n{args.out / (name + '.png')}\ntotal {payload['seconds']:.0f} s")
 
 

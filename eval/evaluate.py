@@ -23,14 +23,15 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from genkit.cli import checkpoint_dir, run_main, script_device
 import genkit
 from genkit import metrics
+from genkit.cli import checkpoint_dir, run_main, script_device
 from genkit.data import DATASETS, held_out
 from genkit.errors import ConfigError, ShapeError
 from genkit.solvers import GRIDS, SOLVERS

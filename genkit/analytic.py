@@ -60,7 +60,7 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
-    def with_prediction(self, prediction: str) -> "GaussianMixture":
+    def with_prediction(self, prediction: str) -> GaussianMixture:
         """The same mixture seen as another parametrization."""
         return GaussianMixture(self.weights, self.means, self.covs, self.path, prediction)
 
@@ -139,7 +139,8 @@ class GaussianMixture:
         return (as_ * m + (y * scale) @ U.T).to(x.dtype)
 
     def __repr__(self) -> str:
-        return f"GaussianMixture(K={len(self.weights)}, D={self.dim}, path={self.path!r}, prediction={self.prediction!r})"
+        return (f"GaussianMixture(K={len(self.weights)}, D={self.dim}, path={self.path!r}, "
+                f"prediction={self.prediction!r})")
 
 
 def Gaussian(mean: Tensor, cov: Tensor, path: Path, prediction: str = "velocity") -> GaussianMixture:

@@ -24,7 +24,7 @@ import shutil
 import uuid
 from importlib import metadata as _metadata
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from safetensors import safe_open
@@ -151,9 +151,9 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     return dict(config)
 
 
-def save(directory: PathLike, model: nn.Module, *, ema: Optional[dict[str, Tensor]] = None,
-         optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Optional[Any] = None,
-         trainer_state: Optional[dict[str, Any]] = None) -> Path:
+def save(directory: PathLike, model: nn.Module, *, ema: dict[str, Tensor] | None = None,
+         optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None,
+         trainer_state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint of ``model`` (and optionally EMA weights and a resume state) atomically.
 
     ``ema`` maps state_dict keys to tensors (stored float32). ``optimizer`` / ``scheduler`` are saved
@@ -255,7 +255,7 @@ def read_config(directory: PathLike) -> dict[str, Any]:
     return config
 
 
-def _read_tensors(path: Path, config: dict[str, Any], device: Union[str, torch.device] = "cpu") -> dict[str, Tensor]:
+def _read_tensors(path: Path, config: dict[str, Any], device: str | torch.device = "cpu") -> dict[str, Tensor]:
     hint = "re-save the checkpoint or use an earlier one"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; {hint}")
@@ -282,15 +282,16 @@ def _check_keys(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
     shapes = [f"{k}: saved {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
-        parts = [f"missing keys {missing[:8]}" if missing else "", f"unexpected keys {unexpected[:8]}" if unexpected else "",
+        parts = [f"missing keys {missing[:8]}" if missing else "",
+                 f"unexpected keys {unexpected[:8]}" if unexpected else "",
                  f"shape mismatches {shapes[:8]}" if shapes else ""]
         raise CheckpointError(f"{path} does not match the {type(model).__name__} model: "
                               + "; ".join(p for p in parts if p)
                               + ". Build the model with the checkpoint's config.json (genkit.checkpoint.load does)")
 
 
-def load(directory: PathLike, *, ema: bool = True, map_location: Union[str, torch.device] = "cpu",
-         expect_family: Optional[str] = None) -> nn.Module:
+def load(directory: PathLike, *, ema: bool = True, map_location: str | torch.device = "cpu",
+         expect_family: str | None = None) -> nn.Module:
     """Rebuild the model with ``genkit.models.build(config)`` and load its weights; returned in eval mode.
 
     EMA weights are loaded when saved and ``ema=True``; otherwise the raw weights. ``expect_family``
@@ -325,8 +326,8 @@ def has_resume_state(directory: PathLike) -> bool:
     return (_resolve(Path(directory)) / "trainer_state.json").is_file()
 
 
-def load_training_state(directory: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                        scheduler: Optional[Any] = None) -> dict[str, Any]:
+def load_training_state(directory: PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                        scheduler: Any | None = None) -> dict[str, Any]:
     """Load raw weights, optimizer and scheduler state in place; return ``trainer_state`` plus ``"ema"``.
 
     ``"ema"`` is the saved EMA state dict (float32 tensors on the CPU) or None.

@@ -4,8 +4,8 @@ as one line. The library itself never imports this module."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .errors import ConfigError, GenkitError
 

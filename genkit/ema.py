@@ -17,8 +17,6 @@ True
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -75,7 +73,7 @@ class EMA:
         """The averaged tensors by the model's ``state_dict`` keys (the live averages, not copies)."""
         return dict(self._state)
 
-    def load_state_dict(self, state: dict[str, Tensor], updates: Optional[int] = None) -> None:
+    def load_state_dict(self, state: dict[str, Tensor], updates: int | None = None) -> None:
         """Copy saved averages in place (keys must match the model's); ``updates`` restores the warm-up."""
         if set(state) != set(self._state):
             diff = sorted(set(state) ^ set(self._state))[:8]

@@ -13,7 +13,8 @@ solver is one (:class:`genkit.solvers.ODEFlowMap`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 

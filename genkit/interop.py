@@ -173,7 +173,8 @@ class DiffusersScheduler(Solver):
 
     def _vp(self, sched: Any, timestep: Tensor) -> tuple[float, float]:
         """(alpha, sigma) of the scheduler's VP process at a (possibly fractional) timestep."""
-        ac = sched.alphas_cumprod.detach().cpu().to(torch.float64).numpy()  # some schedulers move it to the model's device
+        # some schedulers move alphas_cumprod to the model's device
+        ac = sched.alphas_cumprod.detach().cpu().to(torch.float64).numpy()
         ve = np.sqrt((1 - ac) / ac)
         s = float(np.interp(float(timestep), np.arange(len(ac)), ve))
         return 1 / math.sqrt(1 + s * s), s / math.sqrt(1 + s * s)

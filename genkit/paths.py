@@ -204,7 +204,8 @@ class Path:
         shape = (-1,) + (1,) * (x.ndim - 1)
         if t.ndim == 1 and t.shape[0] > 1 and t.stride(0) == 0:  # one time for the batch (solvers): once
             full = (t.shape[0],) + shape[1:]
-            return tuple(v.to(t.dtype).reshape(shape).expand(full) for v in self._coefficients64(t[:1].to(torch.float64)))
+            coefficients = self._coefficients64(t[:1].to(torch.float64))
+            return tuple(v.to(t.dtype).reshape(shape).expand(full) for v in coefficients)
         return tuple(v.to(t.dtype).reshape(shape) for v in self._coefficients64(t.to(torch.float64)))
 
     def sample(self, x0: Tensor, t: Tensor | float, eps: Tensor) -> Tensor:
@@ -331,7 +332,8 @@ class CosinePath(Path):
 
     def _alpha(self, t):
         # cos(angle) written as sin(pi/2 - angle) so that alpha(1) is exactly 0, not 6e-17
-        return torch.sin((1 - t) / (1 + self.offset) * (math.pi / 2)) / math.cos(self.offset / (1 + self.offset) * math.pi / 2)
+        s = self.offset
+        return torch.sin((1 - t) / (1 + s) * (math.pi / 2)) / math.cos(s / (1 + s) * math.pi / 2)
 
     def _sigma(self, t):
         return torch.sqrt(torch.clamp(1 - self._alpha(t) ** 2, min=0.0))

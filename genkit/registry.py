@@ -5,7 +5,8 @@ Test matrices are generated from these registries, so nothing registered can ski
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from .errors import ConfigError
 

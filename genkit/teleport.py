@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -75,7 +76,7 @@ class GaussianFit:
     def rank(self) -> int:
         return self.eigvals.shape[0]
 
-    def to(self, device: torch.device | str) -> "GaussianFit":
+    def to(self, device: torch.device | str) -> GaussianFit:
         """The same fit on ``device`` (statistics stay float64)."""
         return GaussianFit(self.mean.to(device), self.eigvals.to(device), self.eigvecs.to(device), self.residual,
                            self.event_shape)
@@ -92,7 +93,7 @@ class GaussianFit:
 
     @classmethod
     def from_moments(cls, mean: Tensor, cov: Tensor, *, rank: int | None = None, residual: float | None = None,
-                     data_range: tuple[float, float] | None = None) -> "GaussianFit":
+                     data_range: tuple[float, float] | None = None) -> GaussianFit:
         """A fit from a known mean ``[D]`` and covariance ``[D, D]`` (options as in :func:`fit_gaussian`)."""
         mean, cov = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(cov, dtype=torch.float64)
         if mean.ndim != 1 or cov.shape != (mean.shape[0], mean.shape[0]):
@@ -261,8 +262,8 @@ def teleport_solve(field: Field, gaussian: GaussianFit, x1: Tensor, t_skip: floa
     check_field(field)
     t_skip = _check_skip(t_skip, float(t_start))
     x = teleport(gaussian, field.path, x1, t_skip, t_start)
-    return solve(field, x, solver, steps, _grid_from(grid, t_skip, field.path), generator=generator, trajectory=trajectory,
-                 **cond)
+    return solve(field, x, solver, steps, _grid_from(grid, t_skip, field.path), generator=generator,
+                 trajectory=trajectory, **cond)
 
 
 def _rms(x: Tensor, ref: Tensor) -> float:

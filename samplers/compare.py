@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from genkit.cli import checkpoint_dir, run_main, script_device
 import genkit
+from genkit.cli import checkpoint_dir, run_main, script_device
 from genkit.errors import ConfigError
 from genkit.solvers import GRIDS, SOLVERS, RungeKutta, Solver, get_solver, solve
 from genkit.solvers.searched import SearchedSolver

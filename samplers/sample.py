@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from genkit.cli import checkpoint_dir, run_main, script_device
 import genkit
+from genkit.cli import checkpoint_dir, run_main, script_device
 from genkit.errors import ConfigError
 from genkit.plotting import save_samples_png
 from genkit.solvers import GRIDS, SOLVERS
@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                     "model) (default: jumps for models that have them, else heun)")
     p.add_argument("--steps", type=int, help="solver steps (adaptive solvers choose their own) or jumps (default: 32 "
                                              "solver steps; a jump model's first trained step count)")
-    p.add_argument("--grid", help=f"time grid of a solver, one of {', '.join(n for n in GRIDS.names() if n != 'custom')}"
+    grids = ", ".join(n for n in GRIDS.names() if n != "custom")
+    p.add_argument("--grid", help=f"time grid of a solver, one of {grids}"
                                   " (default: uniform; jumps are uniform in t by construction)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior draw and solver noise")
     p.add_argument("--out", metavar="DIR",
@@ -89,7 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file({"samples": samples}, str(out / "samples.safetensors"))
     weights = "EMA" if not args.raw_weights and (ckpt / "ema.safetensors").is_file() else "raw"
-    how = f"{args.steps} learned jumps" if args.solver == "jumps" else f"{args.solver}, {args.steps} steps, {args.grid} grid"
+    if args.solver == "jumps":
+        how = f"{args.steps} learned jumps"
+    else:
+        how = f"{args.solver}, {args.steps} steps, {args.grid} grid"
     save_samples_png(samples, out / "samples.png", title=f"{model.family}: {how} (NFE {sol.nfe})")
     print(f"{args.n} samples {tuple(samples.shape[1:])} from {ckpt} ({weights} weights) with {how} on {device}: "
           f"NFE {sol.nfe}, {seconds:.2f} s")

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from genkit.cli import checkpoint_dir, run_main, script_device
 import genkit
+from genkit.cli import checkpoint_dir, run_main, script_device
 from genkit.errors import ConfigError
 from genkit.solvers import solve
 from genkit.solvers.searched import VARIANTS, search_solver

@@ -43,7 +43,7 @@ class LinReg(nn.Module):
         return {"family": FAMILY, "dim": self.dim}
 
     @classmethod
-    def from_config(cls, config: dict) -> "LinReg":
+    def from_config(cls, config: dict) -> LinReg:
         return cls(config["dim"])
 
 

@@ -41,7 +41,7 @@ class TinyMLP(nn.Module):
         return {"family": FAMILY, "dim": self.dim, "hidden": self.hidden}
 
     @classmethod
-    def from_config(cls, config: dict) -> "TinyMLP":
+    def from_config(cls, config: dict) -> TinyMLP:
         return cls(config["dim"], config["hidden"])
 
 
@@ -54,7 +54,8 @@ def make(seed: int = 0) -> TinyMLP:
 
 
 def ema_of(model: nn.Module, shift: float) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float() + shift if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().float() + shift if v.is_floating_point() else v.clone()
+            for k, v in model.state_dict().items()}
 
 
 X = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))

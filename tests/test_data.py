@@ -9,7 +9,15 @@ import torch
 from PIL import Image
 
 from genkit.data import (
-    DATASETS, TOY, check_finite, digits, digits_labels, gmm_params, image_folder, load_dataset, toy,
+    DATASETS,
+    TOY,
+    check_finite,
+    digits,
+    digits_labels,
+    gmm_params,
+    image_folder,
+    load_dataset,
+    toy,
 )  # fmt: skip
 from genkit.errors import ConfigError, DataError
 

@@ -7,7 +7,19 @@ import torch
 from genkit.analytic import Gaussian
 from genkit.fields import FunctionField
 from genkit.paths import get_path
-from genkit.solvers import DEIS, SOLVERS, Ancestral, DPMSolverPP2M, EDMStochastic, Karras, ExponentialSolver, LogSNR, UniPC, get_solver, solve
+from genkit.solvers import (
+    DEIS,
+    SOLVERS,
+    Ancestral,
+    DPMSolverPP2M,
+    EDMStochastic,
+    ExponentialSolver,
+    Karras,
+    LogSNR,
+    UniPC,
+    get_solver,
+    solve,
+)
 
 EXPONENTIAL = [n for n in SOLVERS.names() if isinstance(get_solver(n), (ExponentialSolver, DEIS))]
 
@@ -117,7 +129,8 @@ def test_ancestral_eta_zero_is_ddim_and_edm_churn_zero_is_heun():
     g = Gaussian(torch.tensor([0.5]), torch.eye(1) * 0.4, p, "eps")
     x1 = torch.randn(6, 1, dtype=torch.float64) * p.prior_std()
     grid = Karras(t_min=0.01)
-    torch.testing.assert_close(solve(g, x1, Ancestral(eta=0.0), 12, grid).samples, solve(g, x1, "ddim", 12, grid).samples)
+    torch.testing.assert_close(solve(g, x1, Ancestral(eta=0.0), 12, grid).samples,
+                               solve(g, x1, "ddim", 12, grid).samples)
     # on the ve path rho = 80 t, so EDM's Heun in rho is Heun in t
     torch.testing.assert_close(solve(g, x1, EDMStochastic(churn=0.0), 12, grid).samples,
                                solve(g, x1, "heun", 12, grid).samples, rtol=1e-10, atol=1e-10)

@@ -195,8 +195,8 @@ def test_to_diffusers_round_trips_exactly(tmp_path, prediction):
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(back, ours, rtol=0, atol=0)
     # diffusers' own DDPM schedule is genkit's ddpm path
-    torch.testing.assert_close(pipe.scheduler.alphas_cumprod.double(), model.path.alpha((torch.arange(1000) + 1).double() / 1000) ** 2,
-                               rtol=1e-6, atol=1e-7)
+    t = (torch.arange(1000) + 1).double() / 1000
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod.double(), model.path.alpha(t) ** 2, rtol=1e-6, atol=1e-7)
 
 
 def test_to_diffusers_refuses_what_would_not_match(tmp_path):

@@ -14,8 +14,16 @@ import torch
 from genkit.data import digits, digits_labels
 from genkit.errors import ConfigError, DataError, ShapeError
 from genkit.metrics import (
-    DigitsClassifier, energy_distance, fid, frechet_distance, frechet_gaussians, inception_features, mmd, nll,
-    sliced_wasserstein, train_digits_classifier,
+    DigitsClassifier,
+    energy_distance,
+    fid,
+    frechet_distance,
+    frechet_gaussians,
+    inception_features,
+    mmd,
+    nll,
+    sliced_wasserstein,
+    train_digits_classifier,
 )  # fmt: skip
 
 

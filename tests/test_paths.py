@@ -73,7 +73,8 @@ def test_sample_prior_seeds_across_devices(name):
     prior on every device (``meta`` stands in for CUDA here; torch refuses a CPU generator for it directly)."""
     p = get_path(name)
     cpu = p.sample_prior((5, 3), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    assert cpu.std() > 0 and torch.equal(cpu, p.prior_std() * torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    expected = p.prior_std() * torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert cpu.std() > 0 and torch.equal(cpu, expected)
     moved = p.sample_prior((5, 3), generator=torch.Generator().manual_seed(7), device="meta", dtype=torch.float64)
     assert moved.device.type == "meta" and moved.shape == (5, 3)
 

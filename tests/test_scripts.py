@@ -202,7 +202,8 @@ def test_ddpm_unet_from_train_py_exports_exactly(tmp_path):
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, torch.tensor([3, 700])).sample,
-                                   model(x, torch.tensor([4.0, 701.0], dtype=torch.float64) / 1000), rtol=1e-5, atol=1e-5)
+                                   model(x, torch.tensor([4.0, 701.0], dtype=torch.float64) / 1000),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -19,8 +19,13 @@ from genkit.errors import CheckpointError, ConfigError, SolverError
 from genkit.nets import MLP
 from genkit.paths import get_path
 from genkit.solvers import SOLVERS, get_solver, solve
-from genkit.solvers.searched import (SearchedSolver, load_searched_solver, register_searched, search_solver,
-                                     unregister_searched)
+from genkit.solvers.searched import (
+    SearchedSolver,
+    load_searched_solver,
+    register_searched,
+    search_solver,
+    unregister_searched,
+)
 from genkit.teleport import GaussianFit, fit_gaussian, teleport
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ from genkit.errors import ConfigError, ShapeError
 from genkit.models import Diffusion, FlowMatching
 from genkit.models.secant import LOSSES, Secant
 from genkit.nets import MLP, UNet
-from genkit.nets.two_time import TWO_TIME_NETS, TwoTimeMLP, build as build_net, to_two_time
+from genkit.nets.two_time import TWO_TIME_NETS, TwoTimeMLP, to_two_time
+from genkit.nets.two_time import build as build_net
 from genkit.paths import get_path
 from genkit.train import TrainConfig, Trainer
 

@@ -10,8 +10,22 @@ from genkit.analytic import Gaussian, GaussianMixture
 from genkit.errors import ConfigError, SolverError, TimeGridError
 from genkit.fields import FunctionField
 from genkit.paths import PATHS, get_path
-from genkit.solvers import (GRIDS, SOLVERS, Custom, EulerMaruyama, Karras, LogSNR, ODEFlowMap, RungeKutta, Uniform,
-                            get_grid, get_solver, ode_log_prob, solve, validate_grid)
+from genkit.solvers import (
+    GRIDS,
+    SOLVERS,
+    Custom,
+    EulerMaruyama,
+    Karras,
+    LogSNR,
+    ODEFlowMap,
+    RungeKutta,
+    Uniform,
+    get_grid,
+    get_solver,
+    ode_log_prob,
+    solve,
+    validate_grid,
+)
 
 FIXED = [n for n in SOLVERS.names() if isinstance(get_solver(n), RungeKutta)]
 ADAPTIVE = [n for n in SOLVERS.names() if not get_solver(n).fixed_step]
@@ -91,7 +105,8 @@ def test_euler_maruyama_matches_target_distribution():
     torch.testing.assert_close(torch.cov(out.T), cov.double(), atol=0.04, rtol=0)
     # reproducible with the same generator
     again = solve(g, x1[:10], EulerMaruyama(), 20, generator=torch.Generator().manual_seed(5)).samples
-    assert torch.equal(again, solve(g, x1[:10], "euler_maruyama", 20, generator=torch.Generator().manual_seed(5)).samples)
+    same = solve(g, x1[:10], "euler_maruyama", 20, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(again, same.samples)
 
 
 def test_euler_maruyama_eta_zero_is_euler():

@@ -12,8 +12,15 @@ from genkit.metrics import mmd
 from genkit.paths import get_path
 from genkit.solvers.base import solve
 from genkit.solvers.grids import Karras
-from genkit.teleport import (GaussianFit, GaussianFlowMap, StepsSaved, fit_gaussian, steps_saved, teleport,
-                             teleport_solve)
+from genkit.teleport import (
+    GaussianFit,
+    GaussianFlowMap,
+    StepsSaved,
+    fit_gaussian,
+    steps_saved,
+    teleport,
+    teleport_solve,
+)
 
 
 def _gen(seed):

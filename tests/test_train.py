@@ -50,7 +50,7 @@ class TinyDenoiser(nn.Module):
         return {"family": FAMILY, "dim": self.dim, "hidden": self.hidden}
 
     @classmethod
-    def from_config(cls, config: dict) -> "TinyDenoiser":
+    def from_config(cls, config: dict) -> TinyDenoiser:
         return cls(config["dim"], config["hidden"])
 
 
@@ -258,9 +258,8 @@ LAUNCHERS = {  # the two launch lines README.md and train/train.py give; both st
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_two_processes_keep_identical_parameters(tmp_path: Path, launcher: str) -> None:
-    from safetensors.torch import load_file
-
     import dist_train_script as script
+    from safetensors.torch import load_file
 
     out, params = tmp_path / "run", tmp_path / "params"
     params.mkdir()

@@ -34,9 +34,9 @@ from typing import Any, NoReturn
 
 import torch
 
-from genkit.cli import run_main
 import genkit
 from genkit import checkpoint
+from genkit.cli import run_main
 from genkit.data import DATASETS, load_dataset
 from genkit.errors import ConfigError
 from genkit.fields import check_field
@@ -81,8 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of flow matching on f(x, t, t) (default: 1 for stei, else 0)")
     g.add_argument("--init", default="auto", metavar="HOW",
                    help="auto (the teacher's weights when they are a velocity net), teacher, or scratch")
-    g.add_argument("--hidden", type=int, metavar="N", help="--init scratch, vectors: MLP width (default: the teacher's)")
-    g.add_argument("--depth", type=int, metavar="N", help="--init scratch, vectors: MLP blocks (default: the teacher's)")
+    g.add_argument("--hidden", type=int, metavar="N",
+                   help="--init scratch, vectors: MLP width (default: the teacher's)")
+    g.add_argument("--depth", type=int, metavar="N",
+                   help="--init scratch, vectors: MLP blocks (default: the teacher's)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="teacher", metavar="NAME",
                    help=f"'teacher' (samples of the teacher) or a data set: {', '.join(DATASETS.names())}")

@@ -32,14 +32,15 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from genkit.cli import run_main
 import genkit
 from genkit import checkpoint, metrics
+from genkit.cli import run_main
 from genkit.data import DATASETS, held_out, image_folder, load_dataset
 from genkit.errors import ConfigError
 from genkit.models import Diffusion, FlowMatching, build

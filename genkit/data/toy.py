@@ -12,7 +12,7 @@ torch.Size([100, 2])
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

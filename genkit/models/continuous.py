@@ -3,7 +3,8 @@ sampling with any solver, and likelihoods through the ODE."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,8 +44,8 @@ class ContinuousModel(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
         if tuple(x.shape[1:]) != self.sample_shape:
-            raise ShapeError(f"{self.family} model expects inputs of shape [batch, {', '.join(map(str, self.sample_shape))}]"
-                             f"; got {tuple(x.shape)}")
+            shape = ", ".join(map(str, self.sample_shape))
+            raise ShapeError(f"{self.family} model expects inputs of shape [batch, {shape}]; got {tuple(x.shape)}")
         t = broadcast_time(t, x)
         return self.net(self.net_input(x, t), t, **cond)
 

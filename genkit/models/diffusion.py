@@ -18,7 +18,8 @@ the identity on variance-preserving paths with ``sigma_data = 1``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -133,7 +134,7 @@ class Diffusion(ContinuousModel):
                 "t_eps": self.t_eps, "t_max": self.t_max}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "Diffusion":
+    def from_config(cls, config: dict[str, Any]) -> Diffusion:
         from ..nets import build as build_net
 
         c = dict(config)

@@ -10,7 +10,8 @@ With the linear path this is rectified flow / conditional OT flow matching, torc
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,7 +80,7 @@ class FlowMatching(ContinuousModel):
         return {"coupling": self.coupling}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "FlowMatching":
+    def from_config(cls, config: dict[str, Any]) -> FlowMatching:
         from ..nets import build as build_net
 
         return cls(build_net(config["net"]), path_from_config(config["path"]), config["coupling"],

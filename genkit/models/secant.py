@@ -31,7 +31,8 @@ torch.Size([8, 2])
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -137,7 +138,7 @@ class Secant(ContinuousModel):
         self._teacher[:] = [teacher, as_velocity(teacher), module if isinstance(module, nn.Module) else None]
 
     @classmethod
-    def from_teacher(cls, teacher: Field, net: nn.Module | None = None, **kwargs: Any) -> "Secant":
+    def from_teacher(cls, teacher: Field, net: nn.Module | None = None, **kwargs: Any) -> Secant:
         """A secant model of ``teacher``'s path, sample shape and time range, distilling it (a teacher-free loss
         like ``stee`` only starts from it). Without ``net`` the network is a copy of the teacher's, which needs
         a velocity network on unscaled inputs (flow matching); other keyword arguments go to :class:`Secant`."""
@@ -309,7 +310,7 @@ class Secant(ContinuousModel):
                 "t_min": self.t_min, "t_max": self.t_max}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "Secant":
+    def from_config(cls, config: dict[str, Any]) -> Secant:
         """Rebuild without a teacher (attach one with :meth:`set_teacher` to train further)."""
         c = dict(config)
         return cls(build_net(c["net"]), path_from_config(c["path"]), sample_shape=c["sample_shape"], loss=c["loss"],

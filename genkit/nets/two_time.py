@@ -25,7 +25,8 @@ True
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch  # noqa: F401  (the class doctests use it)
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ class TwoTimeMLP(nn.Module):
         nn.init.zeros_(self.gap_embed[-1].bias)
 
     @classmethod
-    def from_net(cls, net: MLP) -> "TwoTimeMLP":
+    def from_net(cls, net: MLP) -> TwoTimeMLP:
         """A two-time copy of a trained ``MLP``: equal to it for every ``s`` until trained."""
         if not isinstance(net, MLP):
             raise ConfigError(f"TwoTimeMLP.from_net needs a genkit MLP; got {type(net).__name__}")
@@ -128,7 +129,7 @@ class TwoTimeUNet(nn.Module):
         nn.init.zeros_(last.bias)
 
     @classmethod
-    def from_net(cls, net: UNet) -> "TwoTimeUNet":
+    def from_net(cls, net: UNet) -> TwoTimeUNet:
         """A two-time copy of a trained unconditional ``UNet``: equal to it for every ``s`` until trained."""
         if not isinstance(net, UNet):
             raise ConfigError(f"TwoTimeUNet.from_net needs a genkit UNet; got {type(net).__name__}")

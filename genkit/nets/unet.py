@@ -10,7 +10,8 @@ to diffusers as ``t * time_scale + time_shift``.
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -30,7 +31,7 @@ _OWN = {
 }  # fmt: skip
 
 
-def _unet2d_class() -> type["UNet2DModel"]:
+def _unet2d_class() -> type[UNet2DModel]:
     # diffusers takes seconds to import, so only networks that use it pay for it.
     from diffusers import UNet2DModel
 
@@ -145,7 +146,7 @@ class UNet(nn.Module):
         self.unet2d_kwargs = {k: _jsonable(v) for k, v in extra.items()}
 
     @classmethod
-    def from_unet2d(cls, model: UNet2DModel, time_scale: float = 999.0, time_shift: float = 0.0) -> "UNet":
+    def from_unet2d(cls, model: UNet2DModel, time_scale: float = 999.0, time_shift: float = 0.0) -> UNet:
         """Wrap an existing diffusers ``UNet2DModel`` (weights shared, not copied).
 
         Its non-default settings are kept in ``config()["unet2d_kwargs"]``, so

@@ -1,8 +1,8 @@
 """ODE and SDE solvers, time grids, likelihoods and flow maps over the common Field interface."""
 
 from .adaptive import Adaptive, Bosh3, Dopri5
-from .exponential import DDIM, DEIS, DPMSolverPP2M, DPMSolverPP3M, ExponentialSolver, UniPC
 from .base import SOLVERS, Solution, Solver, get_solver, solve
+from .exponential import DDIM, DEIS, DPMSolverPP2M, DPMSolverPP3M, ExponentialSolver, UniPC
 from .fixed import RK4, Euler, Heun, Midpoint, RungeKutta, Tableau
 from .flowmap import ODEFlowMap
 from .grids import GRIDS, Custom, Karras, LogSNR, TimeGrid, Uniform, get_grid, validate_grid

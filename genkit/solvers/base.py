@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -185,7 +185,9 @@ class UniPC(ExponentialSolver):
         return f"UniPC(order={self.max_order}, lower_order_final={self.lower_order_final})"
 
     @staticmethod
-    def _coefficients(lam: Tensor, n: int, order: int) -> tuple[float, float, float, list[float], np.ndarray, np.ndarray]:
+    def _coefficients(
+        lam: Tensor, n: int, order: int
+    ) -> tuple[float, float, float, list[float], np.ndarray, np.ndarray]:
         """Step n -> n+1 of the given order: ratio, h_phi_1, B(h), r_k of past points, R and b (float64)."""
         h = float(lam[n + 1] - lam[n])
         hh = -h

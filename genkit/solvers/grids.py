@@ -12,7 +12,8 @@ in scripts (``get_grid("karras")``). Every grid, built-in or user-given, passes 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

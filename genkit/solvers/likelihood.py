@@ -63,7 +63,8 @@ def ode_log_prob(field: Field, x: Tensor, *, solver: str | Solver = "dopri5", st
     v = as_velocity(field)
     path = field.path
     t0 = path.t_min if t_min is None else float(t_min)
-    times = validate_grid(torch.linspace(t0, float(t_max), (steps if solver.fixed_step else 1) + 1, dtype=torch.float64))
+    n = steps if solver.fixed_step else 1
+    times = validate_grid(torch.linspace(t0, float(t_max), n + 1, dtype=torch.float64))
     shape, d = x.shape, x[0].numel()
     probe = None
     if divergence_mode == "hutchinson":

@@ -96,7 +96,8 @@ class EDMStochastic(Solver):
         t64 = times.to(torch.float64).cpu()
         a, s = path.alpha(t64), path.sigma(t64)
         rho = (s / a).tolist()
-        rho_cap = float(path.sigma(torch.tensor(1.0, dtype=torch.float64)) / path.alpha(torch.tensor(1.0, dtype=torch.float64)))
+        one = torch.tensor(1.0, dtype=torch.float64)
+        rho_cap = float(path.sigma(one) / path.alpha(one))
         denoise = as_x0(field)
         num = len(times) - 1
         gamma_max = min(self.churn / num, math.sqrt(2) - 1)
@@ -120,7 +121,10 @@ class EDMStochastic(Solver):
             r, r_next = rho[n], rho[n + 1]
             gamma = gamma_max if self.s_tmin <= r <= self.s_tmax else 0.0
             r_hat = min(r * (1 + gamma), rho_cap)
-            t_hat = float(times[n]) if r_hat == r else float(path.t_from_log_snr(torch.tensor(-2 * math.log(r_hat), dtype=torch.float64)))
+            if r_hat == r:
+                t_hat = float(times[n])
+            else:
+                t_hat = float(path.t_from_log_snr(torch.tensor(-2 * math.log(r_hat), dtype=torch.float64)))
             if r_hat > r:
                 y = y + math.sqrt(r_hat ** 2 - r ** 2) * self.s_noise * _noise(y, generator)
             d = d_at(y, r_hat, t_hat)
