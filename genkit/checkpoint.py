@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["FORMAT_VERSION", "save", "load", "load_training_state", "has_resume_state", "read_config", "model_config",
-           "unwrap"]
+__all__ = ["FORMAT_VERSION", "save", "load", "load_training_state", "read_trainer_state", "has_resume_state",
+           "read_config", "model_config", "unwrap"]
 
 FORMAT_VERSION = 1
 _RESERVED = ("format", "genkit_version", "torch_version", "genkit_files")
@@ -324,6 +324,11 @@ def load(directory: PathLike, *, ema: bool = True, map_location: str | torch.dev
 def has_resume_state(directory: PathLike) -> bool:
     """Whether ``directory`` holds a checkpoint with a trainer resume state."""
     return (_resolve(Path(directory)) / "trainer_state.json").is_file()
+
+
+def read_trainer_state(directory: PathLike) -> dict[str, Any]:
+    """The checkpoint's ``trainer_state.json`` (step, the run's ``train_config``, ...) without loading weights."""
+    return _read_json(_resolve(Path(directory)) / "trainer_state.json")
 
 
 def load_training_state(directory: PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -11,6 +11,7 @@ __all__ = [
     "NonFiniteLossError",
     "CheckpointError",
     "SolverError",
+    "TrainingInterrupted",
 ]
 
 
@@ -44,3 +45,12 @@ class CheckpointError(GenkitError, OSError):
 
 class SolverError(GenkitError, ValueError):
     """A solver cannot run as asked (too few steps, singular field at a grid time, ...)."""
+
+
+class TrainingInterrupted(GenkitError):
+    """Training stopped on SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) after saving a checkpoint at
+    the step it had reached; ``step`` and ``checkpoint`` say which. Re-running the same command resumes."""
+
+    def __init__(self, message: str, step: int, checkpoint: object):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint

@@ -16,6 +16,8 @@ import json
 import logging
 import math
 import numbers
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,9 +31,9 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .ema import EMA
-from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeError
+from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeError, TrainingInterrupted
 
-__all__ = ["TrainConfig", "Trainer", "TrainResult", "LogRecord"]
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "LogRecord", "resume_changes"]
 log = logging.getLogger(__name__)
 _NOISE, _GLOBAL, _PERM, _LOADER = 1, 2, 3, 4  # tags keep the derived seed streams apart
 _FUSED_ADAMW_DEVICES = ("cpu", "cuda") if torch.__version__ >= "2.4" else ("cuda",)
@@ -67,6 +69,8 @@ class TrainConfig:
     applies to tensors with 2+ dimensions (not biases or norm gains). ``checkpoint_every=None`` saves only at
     the end. ``num_workers`` feeds a ``Dataset`` through a DataLoader (Tensor data is indexed in place); its
     transforms should be deterministic, randomness belongs in ``loss(batch, generator)``.
+    ``nonfinite="skip"`` drops a step whose loss or gradient is NaN/inf, and still stops (NonFiniteLossError)
+    after ``nonfinite_patience`` such steps in a row: a run that only skips has diverged.
     """
 
     steps: int = 1000
@@ -84,6 +88,7 @@ class TrainConfig:
     log_every: int = 50
     out_dir: str | Path = "runs/genkit"
     nonfinite: Literal["stop", "skip"] = "stop"
+    nonfinite_patience: int = 100
     num_workers: int = 0
     progress: bool = True
     cpu: bool = False
@@ -104,7 +109,7 @@ class TrainConfig:
                 span = f"{'(' if open_low else '['}{low}, {high}]"
                 raise _bad(name, v, f"use a finite number in {span}" + (" or None" if none_ok else ""))
 
-        for name in ("steps", "batch_size", "log_every"):
+        for name in ("steps", "batch_size", "log_every", "nonfinite_patience"):
             integer(name, 1)
         for name in ("warmup_steps", "num_workers", "seed"):
             integer(name, 0)
@@ -113,9 +118,9 @@ class TrainConfig:
         real("weight_decay", 0.0, math.inf)
         real("min_lr_ratio", 0.0, 1.0)
         real("grad_clip", 0.0, math.inf, none_ok=True, open_low=True)
-        real("ema_decay", 0.0, 1.0, none_ok=True, open_low=True)
-        if self.ema_decay == 1.0:
-            raise _bad("ema_decay", 1.0, "an EMA with decay 1 never moves; use e.g. 0.999, or None for no EMA")
+        d = self.ema_decay
+        if d is not None and not (isinstance(d, numbers.Real) and not isinstance(d, bool) and 0.0 < d < 1.0):
+            raise _bad("ema_decay", d, "use a number in (0, 1), e.g. 0.999 (1 would never move), or None for no EMA")
         if self.warmup_steps > self.steps:
             raise _bad("warmup_steps", self.warmup_steps, f"it exceeds steps={self.steps}; lower it")
         b = self.betas
@@ -146,6 +151,52 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["out_dir"] = str(self.out_dir)
         return d
+
+
+# What a resumed run may change without changing what it computes step by step: when it stops (``steps``: the
+# LR schedule is then recomputed, which fit() logs), how often it logs and saves, where it runs and how it
+# treats non-finite steps. Every other setting must match the checkpoint's (see resume_changes).
+_RESUME_FREE = frozenset({"steps", "checkpoint_every", "log_every", "out_dir", "nonfinite", "nonfinite_patience",
+                          "num_workers", "progress", "cpu"})
+
+
+def resume_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{name: (saved value, new value)}`` for the settings of ``config`` that differ from a checkpoint's saved
+    ``train_config`` and would make the resumed run differ from the uninterrupted one (lr, batch size, seed,
+    EMA, ...). Settings the checkpoint predates are not compared.
+
+    >>> resume_changes(TrainConfig(lr=1e-3).to_dict(), TrainConfig(lr=5e-4, steps=2000))
+    {'lr': (0.001, 0.0005)}
+    """
+    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(config.to_dict()))  # tuples as lists
+    return {k: (saved[k], v) for k, v in now.items() if k not in _RESUME_FREE and k in saved and saved[k] != v}
+
+
+class _Interrupt:
+    """While training, SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) only set ``signum``; the loop
+    reads it after the step it is in (all ranks agree through that step's one collective), saves a checkpoint
+    and raises TrainingInterrupted. A second signal acts as it would without the trainer. Handlers are installed
+    only in the main thread (Python allows no other)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        self.__exit__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old = {}
 
 
 @dataclass(frozen=True)
@@ -220,6 +271,11 @@ class _Batches:
                             pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(_derive_seed(self.cfg.seed, _LOADER, start)))
         return iter(loader)
+
+
+def _short(v: float) -> str:
+    """A rate for the progress bar: 3 significant digits, never in exponent notation."""
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
 
 
 def _tensors(obj: Any) -> Iterator[Tensor]:
@@ -303,6 +359,7 @@ class Trainer:
             progress = min(1.0, (k + 1 - warmup) / max(1, total - warmup))  # min_lr at the last step
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+        self._lr_factor = factor
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         self._forward, self.optimizer = acc.prepare(_LossForward(model), opt)
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay is not None else None
@@ -311,6 +368,7 @@ class Trainer:
         # package look-ups and signature inspection); call the optimizer itself then.
         self._raw_opt = self.optimizer.optimizer if acc.scaler is None else self.optimizer
         self._lr, self._last_grad_norm, self._clock = config.lr, math.nan, (time.perf_counter(), 0)
+        self._interrupt, self._stop, self._skipped_logged = _Interrupt(), False, 0
 
     @staticmethod
     def _make_accelerator(cfg: TrainConfig) -> Any:
@@ -333,13 +391,17 @@ class Trainer:
             raise DataError(f"training data contains NaN/inf values (on rank(s) {ranks}: {int(count)} here{where}); "
                             "clean or filter the data before training")
 
-    def fit(self, data: Tensor | Dataset, *, resume: bool = True,
-            resume_from: str | Path | None = None) -> TrainResult:
+    def fit(self, data: Tensor | Dataset, *, resume: bool = True, resume_from: str | Path | None = None,
+            allow_new_settings: bool = False) -> TrainResult:
         """Train until ``config.steps`` and return a :class:`TrainResult`; puts the model in train mode.
 
         Resumes from ``out_dir/checkpoint`` when it holds a resume state (``resume=False`` starts afresh and
-        overwrites it), or from ``resume_from``. Each log step appends to ``out_dir/metrics.jsonl``, then the
-        checkpoint (if due) is written, then the callbacks run.
+        overwrites it), or from ``resume_from``. A resumed run continues the saved one exactly; settings that
+        would change that (:func:`resume_changes`) are a ConfigError unless ``allow_new_settings=True``. Raising
+        ``steps`` is allowed and recomputes the LR schedule for the new total (logged with the LR jump). Each
+        log step appends to ``out_dir/metrics.jsonl``, then the checkpoint (if due) is written, then the
+        callbacks run. SIGINT / SIGTERM save a checkpoint after the current step and raise
+        :class:`~genkit.errors.TrainingInterrupted`.
         """
         if self._fitted:
             raise ConfigError("Trainer.fit was already called; build a new Trainer for another run")
@@ -357,7 +419,7 @@ class Trainer:
                 f"resume_from={str(source)!r} holds no checkpoint with a resume state; check the path")
         if resume or resume_from is not None:
             if checkpoint.has_resume_state(source):
-                run = self._restore(source)
+                run = self._restore(source, allow_new_settings)
             elif source.exists():
                 raise ConfigError(f"{source} exists but holds no resume state; pass resume=False to overwrite it "
                                   "or choose another out_dir")
@@ -376,24 +438,34 @@ class Trainer:
                    disable=not (acc.is_main_process and cfg.progress))
         losses: list[tuple[int, float]] = []
         it = batches.iterate(start, cfg.steps, acc.device)
-        self._clock = (time.perf_counter(), start)
+        self._clock, self._skipped_logged = (time.perf_counter(), start), run["skipped"]
         try:
-            for k in range(start, cfg.steps):
-                _seed_global(_derive_seed(cfg.seed, _GLOBAL, k, acc.process_index), acc.device)  # dropout etc.
-                self._step(k, _to_device(next(it), acc.device), run)
-                bar.update(1)
-                s = run["step"] = k + 1
-                record = None
-                if s % cfg.log_every == 0 or s == cfg.steps:
-                    record = self._log(s, run, batches.glob, out / "metrics.jsonl")
-                    losses.append((s, record.loss))
-                    bar.set_postfix(loss=f"{record.loss:.4g}", samples_s=f"{record.samples_per_s:.0f}")
-                if (cfg.checkpoint_every and s % cfg.checkpoint_every == 0) or s == cfg.steps:
-                    self._save(ckpt, run)
-                for callback in self.callbacks if record is not None else ():
-                    callback(self, record)
+            with self._interrupt:
+                for k in range(start, cfg.steps):
+                    _seed_global(_derive_seed(cfg.seed, _GLOBAL, k, acc.process_index), acc.device)  # dropout etc.
+                    self._step(k, _to_device(next(it), acc.device), run)
+                    bar.update(1)
+                    s = run["step"] = k + 1
+                    record = None
+                    if s % cfg.log_every == 0 or s == cfg.steps:
+                        record = self._log(s, run, batches.glob, out / "metrics.jsonl")
+                        losses.append((s, record.loss))
+                        bar.set_postfix(loss=f"{record.loss:.4g}", samples_s=_short(record.samples_per_s))
+                    saved = (cfg.checkpoint_every and s % cfg.checkpoint_every == 0) or s == cfg.steps
+                    if saved or self._stop:
+                        self._save(ckpt, run)
+                    if self._stop:
+                        break
+                    for callback in self.callbacks if record is not None else ():
+                        callback(self, record)
         finally:
             bar.close()
+        if self._stop or self._interrupt.signum is not None:  # a signal during the last step's save counts too
+            name = signal.Signals(self._interrupt.signum).name if self._interrupt.signum is not None else "a signal"
+            step = run["step"]
+            raise TrainingInterrupted(f"training stopped by {name} (on some rank) at step {step} of {cfg.steps}; "
+                                      f"the checkpoint {ckpt} holds step {step}: run the same command (or fit "
+                                      "again) to resume", step, ckpt)
         return TrainResult(step=run["step"], losses=losses, checkpoint=ckpt if start < cfg.steps else source,
                            ema=self.ema.state_dict() if self.ema is not None else None, skipped=run["skipped"])
 
@@ -409,11 +481,16 @@ class Trainer:
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ShapeError(f"{type(self.model).__name__}.loss must return a scalar tensor; got "
                              f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
-        stats = torch.stack([loss.detach().float(), _finite(batch, loss.device).float()])
-        if acc.num_processes > 1:
-            stats = acc.gather(stats)  # one collective decides for all ranks
-        stats = stats.tolist()  # the one host sync before backward
-        per_rank, oks = stats[0::2], stats[1::2]
+        parts = [loss.detach().float(), _finite(batch, loss.device).float()]
+        if acc.num_processes > 1:  # one collective decides for all ranks, a pending signal included
+            parts.append(torch.full((), float(self._interrupt.signum is not None), device=loss.device))
+            stats = acc.gather(torch.stack(parts)).tolist()
+            self._stop = any(stats[2::3])
+        else:
+            stats = torch.stack(parts).tolist()
+            self._stop = self._interrupt.signum is not None
+        n = len(parts)  # the one host sync before backward
+        per_rank, oks = stats[0::n], stats[1::n]
         if min(oks) < 1:
             raise DataError(f"the batch of step {k + 1} contains NaN/inf values (rank(s) "
                             f"{[r for r, o in enumerate(oks) if o < 1]}); clean or filter the data")
@@ -426,13 +503,22 @@ class Trainer:
         self._lr = self.optimizer.param_groups[0]["lr"]
         if what is not None:
             self._raw_opt.zero_grad(set_to_none=True)
-            if cfg.nonfinite == "stop":
+            streak = run["streak"] = run.get("streak", 0) + 1
+            if cfg.nonfinite == "stop" or streak >= cfg.nonfinite_patience:
+                ckpt = Path(cfg.out_dir) / "checkpoint"
+                kept = (f"the checkpoint {ckpt} (step {run['step']} or earlier) is intact"
+                        if checkpoint.has_resume_state(ckpt) else "no checkpoint had been written yet")
+                why = ("" if cfg.nonfinite == "stop" else
+                       f", {streak} such steps in a row (nonfinite_patience={cfg.nonfinite_patience}): "
+                       "the run has diverged")
                 raise NonFiniteLossError(
-                    f"non-finite {what} at step {k + 1} (loss per rank: {per_rank}, grad norm {grad_norm}); "
-                    f"lower lr (now {self._lr:.3g}), check the data and the model, or set "
-                    "TrainConfig(nonfinite='skip') to drop such steps. The last checkpoint is intact")
+                    f"non-finite {what} at step {k + 1}{why} (loss per rank: {per_rank}, grad norm {grad_norm}); "
+                    f"lower lr (now {self._lr:.3g}), check the data and the model"
+                    + (", or drop such steps with TrainConfig(nonfinite='skip') (train/train.py: --nonfinite skip)"
+                       if cfg.nonfinite == "stop" else "") + f"; {kept}")
             run["skipped"] += 1
         else:
+            run["streak"] = 0
             self._raw_opt.step()
             self._raw_opt.zero_grad(set_to_none=True)
             if self.ema is not None and not self.optimizer.step_was_skipped:
@@ -467,10 +553,16 @@ class Trainer:
                            samples_per_s=(s - since) * glob / max(now - then, 1e-9), skipped=run["skipped"],
                            logs={k: v / n for k, v in w["logs"].items()}, is_main_process=acc.is_main_process)
         run["window"] = {"loss": 0.0, "n": 0, "logs": {}}
+        if run["skipped"] > self._skipped_logged and acc.is_main_process:
+            log.warning("skipped %d non-finite step(s) of the last %d (%d in all); lower lr if this goes on",
+                        run["skipped"] - self._skipped_logged, s - since, run["skipped"])
+        self._skipped_logged = run["skipped"]
         if acc.is_main_process:
             row = {k: v for k, v in dataclasses.asdict(record).items() if k not in ("logs", "is_main_process")}
+            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v  # NaN is not JSON: null
+                   for k, v in {**row, **record.logs}.items()}
             with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({**row, **record.logs}) + "\n")
+                f.write(json.dumps(row) + "\n")
         return record
 
     @staticmethod
@@ -500,7 +592,7 @@ class Trainer:
                             optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state)
         acc.wait_for_everyone()
 
-    def _restore(self, source: Path) -> dict[str, Any]:
+    def _restore(self, source: Path, allow_new_settings: bool = False) -> dict[str, Any]:
         saved = {k: v for k, v in checkpoint.read_config(source).items() if k not in checkpoint._RESERVED}
         ours = checkpoint.model_config(self.model)
         if saved != ours:  # same weight shapes can hide another path, weighting or family
@@ -510,6 +602,17 @@ class Trainer:
                 "or choose a new out_dir / resume=False to start a fresh run"
             )
         state = checkpoint.load_training_state(source, self.model, self.optimizer, self.scheduler)
+        saved_config = state.get("train_config") or {}
+        changes = resume_changes(saved_config, self.config)
+        listing = "; ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in changes.items())
+        if changes and not allow_new_settings:
+            raise ConfigError(
+                f"{source} was trained with other settings ({listing}); resume with that run's settings to continue "
+                "it exactly, or pass fit(allow_new_settings=True) (train/train.py: --allow-new-settings) to go on "
+                "with the new ones"
+            )
+        if changes:
+            log.warning("resuming %s with new settings: %s", source, listing)
         ema = state.pop("ema")
         if self.ema is not None:
             if ema is None:
@@ -523,7 +626,14 @@ class Trainer:
             group["fused"] = None  # fp16: the loaded param groups would keep the fused kernel the scaler can't use
         if self.accelerator.scaler is not None and state.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
+        old_steps, step = saved_config.get("steps", self.config.steps), int(state["step"])
+        if old_steps != self.config.steps and step < self.config.steps:
+            log.warning("steps changed from %d to %d: the LR schedule (warm-up, then cosine to the final step) is "
+                        "recomputed for %d steps, so after step %d the LR moves from %.3g to %.3g",
+                        old_steps, self.config.steps, self.config.steps, step, self.optimizer.param_groups[0]["lr"],
+                        self.config.lr * self._lr_factor(step))
         if state.get("world_size") != self.accelerator.num_processes:
             log.info("resuming a %s-process run on %d processes: batches from here on differ from the original run",
                      state.get("world_size"), self.accelerator.num_processes)
-        return {"step": int(state["step"]), "skipped": int(state["skipped"]), "window": state["window"]}
+        return {"step": step, "skipped": int(state["skipped"]), "window": state["window"],
+                "streak": int(state.get("streak", 0))}

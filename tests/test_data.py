@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -167,6 +168,31 @@ def test_image_folder_corrupt_files(tmp_path):
         ds[names.index("truncated.png")]
     assert ds[names.index("good.png")].shape == ds[names.index("noise.png")].shape == (3, 8, 8)
     with pytest.raises(DataError, match=r"(?s)2 of 4 images.*bad\.png.*truncated\.png"):
+        image_folder(tmp_path, 8, verify=True)
+
+
+def test_image_folder_keeps_16_bit_and_float_images(tmp_path):
+    """Pillow's convert() clips 16-bit values at 255 and rounds floats to 0/1; genkit reads them on their scale."""
+    ramp = np.linspace(0.0, 1.0, 16 * 16).reshape(16, 16)
+    Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(tmp_path / "a16.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "b_float.tif")
+    Image.fromarray(np.round(ramp * 255).astype(np.uint8)).save(tmp_path / "c8.png")
+    for channels in (1, 3):
+        ds = image_folder(tmp_path, 8, channels=channels, verify=True)
+        deep, flt, eight = (ds[i] for i in range(3))
+        assert deep.shape == eight.shape == (channels, 8, 8)
+        torch.testing.assert_close(deep, flt, rtol=0, atol=1e-4)
+        torch.testing.assert_close(deep, eight, rtol=0, atol=2 / 255)  # 8-bit rounding, then resampling
+        assert deep.min() < -0.8 and deep.max() > 0.8  # the whole range, not clipped to white
+    Image.fromarray((ramp * 3).astype(np.float32)).save(tmp_path / "d_bright.tif")
+    with pytest.raises(DataError, match=r"d_bright\.tif .*values in \[0, 3\], outside the \[0, 1\]"):
+        image_folder(tmp_path, 8, verify=True)
+
+
+def test_image_folder_names_an_image_too_large_to_open(tmp_path, monkeypatch):
+    _png(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # Pillow's decompression-bomb guard: 2x this raises
+    with pytest.raises(DataError, match=r"(?s)big\.png.*MAX_IMAGE_PIXELS"):
         image_folder(tmp_path, 8, verify=True)
 
 

@@ -110,6 +110,15 @@ def test_train_default_like_run_writes_checkpoint_picture_and_metrics(runs):
     assert str(out / "metrics.json") in runs["fresh_stdout"] and str(out / "samples.png") in runs["fresh_stdout"]
 
 
+def test_rerun_with_other_flags_or_data_is_refused(runs, tmp_path, capsys):
+    run = tmp_path / "moons"
+    shutil.copytree(runs["moons"], run)
+    assert run_main(TRAIN, "--steps", "40", "--out", str(run), "--lr", "0.1", "--data", "rings") == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.002 there, 0.1 now" in err and "--data 'moons' there, 'rings' now" in err
+    assert "--allow-new-settings" in err
+
+
 def test_rerun_with_same_out_resumes_from_the_checkpoint(runs):
     assert "resuming" in runs["resumed_stdout"] and "from step 30" in runs["resumed_stdout"]
     metrics = json.loads((runs["moons"] / "metrics.json").read_text())
@@ -174,10 +183,19 @@ def test_help(script, capsys):
     (TRAIN, ["--family", "diffusion", "--coupling", "ot"], "--coupling"),
     (TRAIN, ["--solver", "nope"], "solver 'nope'"),
     (TRAIN, ["--data", "moons", "--channels", "32,64"], "--channels"),
+    (TRAIN, ["--hidden", "0"], "--hidden must be a positive integer; got 0"),
+    (TRAIN, ["--image-channels", "1"], "--image-channels applies to --image-folder only"),
+    (TRAIN, ["--num-workers", "2"], "--num-workers 2 applies to --image-folder only"),
+    (TRAIN, ["--steps", "-5"], "--steps -5 is invalid"),
+    (TRAIN, ["--ema-decay", "1.5"], "--ema-decay 1.5 is invalid: use a number in (0, 1)"),
+    (TRAIN, ["--data", "digits", "--family", "diffusion", "--channels", "8,8,8,8,8"],
+     "side 8 is not divisible by 16"),
+    (TRAIN, ["--sample-every", "10", "--log-every", "7"], "multiple of --log-every 7"),
     (SAMPLE, ["--checkpoint", "/no/such/run"], "/no/such/run"),
     (EVALUATE, ["--checkpoint", "/no/such/run", "--data", "moons"], "/no/such/run"),
-], ids=["path", "prediction-with-fm", "coupling-with-diffusion", "solver", "channels-for-vectors",
-        "sample-missing-checkpoint", "evaluate-missing-checkpoint"])
+], ids=["path", "prediction-with-fm", "coupling-with-diffusion", "solver", "channels-for-vectors", "hidden-0",
+        "image-channels-without-folder", "workers-without-folder", "negative-steps", "ema-decay", "unet-levels",
+        "log-every", "sample-missing-checkpoint", "evaluate-missing-checkpoint"])
 def test_bad_flag_values_exit_2_with_one_error_line(script, args, named, capsys, tmp_path):
     assert run_main(script, *args, "--out", str(tmp_path / "out")) == 2
     captured = capsys.readouterr()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from genkit import checkpoint
-from genkit.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from genkit.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, TrainingInterrupted
 from genkit.models import FAMILIES
 from genkit.train import LogRecord, TrainConfig, Trainer
 
@@ -124,6 +125,55 @@ def test_resume_is_exactly_the_uninterrupted_run(tmp_path: Path) -> None:
         assert torch.equal(value, full.ema[key]), key
 
 
+class SignalledDenoiser(TinyDenoiser):
+    """Sends this process ``signum`` during loss call ``at``, as a scheduler's preemption would mid-step."""
+
+    def __init__(self, at: int, signum: int):
+        super().__init__()
+        self.at, self.signum = at, signum
+
+    def loss(self, batch: torch.Tensor, generator: torch.Generator | None = None):
+        if self.calls + 1 == self.at:
+            os.kill(os.getpid(), self.signum)
+        return super().loss(batch, generator)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_the_step_reached_and_resume_is_exact(tmp_path: Path, signum: int) -> None:
+    full_model = make(0)
+    full = Trainer(full_model, cfg(tmp_path / "full")).fit(DATA)
+    _reset()
+    before = signal.getsignal(signum)
+    torch.manual_seed(0)
+    cut_model = SignalledDenoiser(at=7, signum=signum)  # step 7: no checkpoint is due (every 6)
+    with pytest.raises(TrainingInterrupted, match=rf"{signal.Signals(signum).name} .*at step 7 of 12") as err:
+        Trainer(cut_model, cfg(tmp_path / "cut")).fit(DATA)
+    assert err.value.step == 7 and checkpoint.read_trainer_state(err.value.checkpoint)["step"] == 7
+    assert signal.getsignal(signum) is before  # the trainer's handler is gone
+    _reset()
+    resumed_model = make(3)
+    resumed = Trainer(resumed_model, cfg(tmp_path / "cut")).fit(DATA)
+    assert resumed.losses == full.losses[3:]  # the step-8 log averages steps 7 (before the signal) and 8
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_with_other_settings_is_an_error_unless_allowed(tmp_path: Path, caplog) -> None:
+    Trainer(make(0), cfg(tmp_path, steps=6)).fit(DATA)
+    _reset()
+    with pytest.raises(ConfigError, match=r"other settings \(lr 0.01 there, 0.02 now; seed 0 there, 1 now\).*"
+                                          r"allow_new_settings=True"):
+        Trainer(make(0), cfg(tmp_path, steps=8, lr=2e-2, seed=1)).fit(DATA)
+    _reset()
+    with pytest.raises(ConfigError, match=r"ema_decay 0.9 there, None now"):  # would drop the saved EMA
+        Trainer(make(0), cfg(tmp_path, steps=8, ema_decay=None)).fit(DATA)
+    _reset()
+    with caplog.at_level("WARNING", logger="genkit.train"):
+        result = Trainer(make(0), cfg(tmp_path, steps=8, lr=2e-2)).fit(DATA, allow_new_settings=True)
+    assert result.step == 8 and "new settings: lr 0.01 there, 0.02 now" in caplog.text
+    assert "steps changed from 6 to 8" in caplog.text  # the LR schedule is recomputed: said, not silent
+
+
 def test_callback_log_record_and_schedule(tmp_path: Path) -> None:
     records: list[LogRecord] = []
     result = Trainer(make(), cfg(tmp_path, steps=10, log_every=1, checkpoint_every=None),
@@ -160,6 +210,15 @@ def test_nan_loss_skip_counts_and_continues(tmp_path: Path) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["skipped"] == 3
+
+
+def test_skip_stops_after_patience_and_logs_json_null(tmp_path: Path) -> None:
+    model = make(nan_calls=tuple(range(5, 40)))
+    with pytest.raises(NonFiniteLossError, match=r"step 7, 3 such steps in a row \(nonfinite_patience=3\): the run "
+                                                 r"has diverged.*checkpoint .* is intact"):
+        Trainer(model, cfg(tmp_path, nonfinite="skip", nonfinite_patience=3, log_every=1)).fit(DATA)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]  # strict JSON
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["loss"] is None and rows[-1]["skipped"] == 2
 
 
 def test_nan_in_tensor_data(tmp_path: Path) -> None:

@@ -10,8 +10,12 @@ heun at 32 steps. The out dir (--out) ends up holding:
   metrics.json    sample quality against held-out data, with the noise floor of a second held-out draw
   samples/        step_XXXXXXX.png every --sample-every steps (when asked)
 
-Re-running with the same --out RESUMES from its checkpoint (raise --steps to train longer); use a new
---out to start afresh. Multi-GPU / multi-process: `accelerate launch --multi_gpu --num_processes N
+Re-running with the same --out RESUMES from its checkpoint and continues the run exactly (raise --steps to
+train longer: the LR schedule is then recomputed for the new total); flags that would change the run (lr,
+batch size, seed, EMA, data, ...) are an error there unless --allow-new-settings; use a new --out to start
+afresh. Ctrl-C or SIGTERM (a cluster's preemption) saves a checkpoint after the current step before exiting.
+
+Multi-GPU / multi-process: `accelerate launch --multi_gpu --num_processes N
 train/train.py ...` or `torchrun --nproc_per_node N train/train.py ...`; on a machine without a GPU both run N
 CPU processes over gloo (`accelerate launch --cpu --num_processes N` starts only one). --batch-size is per
 process; only the main process samples and writes files.
@@ -30,6 +34,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -50,7 +55,7 @@ from genkit.nets import MLP, UNet
 from genkit.paths import PATHS
 from genkit.plotting import MAX_IMAGES, save_samples_png
 from genkit.solvers import GRIDS, SOLVERS
-from genkit.train import LogRecord, TrainConfig, Trainer
+from genkit.train import LogRecord, TrainConfig, Trainer, resume_changes
 
 FAMILIES = ("flow_matching", "diffusion")
 NAMED_GRIDS = [name for name in GRIDS.names() if name != "custom"]  # a custom grid needs explicit times
@@ -62,7 +67,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     """Show defaults, but not the None/False placeholders of flags whose default depends on others."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or "default:" in (action.help or ""):
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -94,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--image-folder", metavar="PATH", help="train on your own images instead: a folder of images "
                                                           "or of one subfolder per class (every file is checked first)")
     g.add_argument("--image-size", type=int, metavar="N", help="with --image-folder: resize and centre-crop to N x N")
-    g.add_argument("--image-channels", type=int, default=3, help="with --image-folder: 1 (grey) or 3 (RGB)")
+    g.add_argument("--image-channels", type=int, help="with --image-folder: 1 (grey) or 3 (RGB) (default: 3)")
     g.add_argument("--num-workers", type=int, default=0, help="data-loading processes for --image-folder")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=1500, help="total optimizer steps (a resumed run continues to it)")
@@ -109,7 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (and at the end)")
     g.add_argument("--sample-every", type=int, default=0, metavar="N",
                    help="write out/samples/step_N.png every N steps (0: never)")
+    g.add_argument("--log-every", type=int, metavar="N", help="steps between log lines in metrics.jsonl and the "
+                                                              "progress bar (default: 50, or a divisor of "
+                                                              "--sample-every)")
     g.add_argument("--out", default="runs/default", help="run directory; an existing one is resumed")
+    g.add_argument("--allow-new-settings", action="store_true",
+                   help="resume a run in --out even though flags that change the run (lr, batch size, seed, EMA, "
+                        "data, ...) differ from its own")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for vector data, whose small MLP "
                                                "only loses time to threading; torch's own choice for images)")
@@ -142,16 +153,42 @@ def resolve_model_flags(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer; got {value}")
     if args.sample_every < 0:
         raise ConfigError(f"--sample-every must be >= 0 (0 turns it off); got {args.sample_every}")
+    for flag in ("hidden", "depth", "log_every"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer; got {value}")
+    if args.log_every and args.sample_every and args.sample_every % args.log_every:
+        raise ConfigError(f"--sample-every {args.sample_every} must be a multiple of --log-every {args.log_every} "
+                          "(pictures are drawn at log steps)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file, not a run directory; pick another --out")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--out {args.out}: cannot write under {existing}; pick a writable --out")
+
+
+# TrainConfig fields as train.py's flags, for error messages
+FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "warmup_steps": "--warmup",
+         "ema_decay": "--ema-decay", "grad_clip": "--grad-clip", "mixed_precision": "--mixed-precision",
+         "seed": "--seed", "checkpoint_every": "--checkpoint-every", "log_every": "--log-every",
+         "nonfinite": "--nonfinite", "num_workers": "--num-workers"}
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    warmup = min(100, args.steps // 10) if args.warmup is None else args.warmup
-    log_every = 50 if not args.sample_every else math.gcd(50, args.sample_every)  # callbacks run at log steps
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=warmup,
-                       ema_decay=args.ema_decay, grad_clip=args.grad_clip, mixed_precision=args.mixed_precision,
-                       seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=log_every,
-                       out_dir=args.out, nonfinite=args.nonfinite, num_workers=args.num_workers,
-                       progress=not args.no_progress)
+    warmup = min(100, max(args.steps, 0) // 10) if args.warmup is None else args.warmup
+    log_every = args.log_every or (50 if not args.sample_every else math.gcd(50, args.sample_every))
+    try:
+        return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=warmup,
+                           ema_decay=args.ema_decay, grad_clip=args.grad_clip, mixed_precision=args.mixed_precision,
+                           seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=log_every,
+                           out_dir=args.out, nonfinite=args.nonfinite, num_workers=args.num_workers,
+                           progress=not args.no_progress)
+    except ConfigError as e:  # name the flag, not the dataclass field
+        text = str(e)
+        for field, flag in FLAGS.items():
+            text = text.replace(f"TrainConfig.{field}=", f"{flag} ").replace(f"{field}=", f"{flag} ")
+        raise ConfigError(text.replace(" or None", " or 'none'")) from None
 
 
 def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
@@ -161,10 +198,16 @@ def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
             raise ConfigError(f"--data {args.data} and --image-folder both name the training data; keep one")
         if args.image_size is None:
             raise ConfigError("--image-folder needs --image-size N (images are resized and centre-cropped to N x N)")
-        data = image_folder(args.image_folder, args.image_size, channels=args.image_channels)
-        return data, data[0].shape
-    if args.image_size is not None:
-        raise ConfigError("--image-size applies to --image-folder only; drop it or add --image-folder PATH")
+        channels = 3 if args.image_channels is None else args.image_channels
+        data = image_folder(args.image_folder, args.image_size, channels=channels)
+        return data, torch.Size([channels, args.image_size, args.image_size])  # no file is opened before verify
+    for flag in ("image_size", "image_channels"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')} applies to --image-folder only; drop it or add "
+                              "--image-folder PATH")
+    if args.num_workers:
+        raise ConfigError(f"--num-workers {args.num_workers} applies to --image-folder only (named data sets are "
+                          "tensors, indexed in place); drop it")
     args.data = args.data or "moons"
     data = load_dataset(args.data, generator=torch.Generator().manual_seed(args.seed))
     return data, data.shape[1:]
@@ -175,7 +218,8 @@ def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
     if len(shape) == 1:
         if args.channels is not None:
             raise ConfigError("--channels sets the UNet of image data; this data is vectors, use --hidden/--depth")
-        net = MLP(shape[0], hidden=args.hidden or 128, depth=args.depth or 3)
+        net = MLP(shape[0], hidden=128 if args.hidden is None else args.hidden,
+                  depth=3 if args.depth is None else args.depth)
     elif len(shape) == 3:
         for flag in ("hidden", "depth"):
             if getattr(args, flag) is not None:
@@ -185,6 +229,12 @@ def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
         except ValueError:
             raise ConfigError(f"--channels must be comma-separated integers like 32,64; got {args.channels!r}"
                               ) from None
+        factor = 2 ** (len(channels) - 1)  # the UNet halves the image once per level after the first
+        if shape[-1] % factor or shape[-2] % factor:
+            side = "--image-size" if args.image_folder is not None else f"the {args.data} images'"
+            raise ConfigError(f"{side} side {shape[-1]} is not divisible by {factor}, which --channels "
+                              f"{','.join(map(str, channels))} ({len(channels)} levels) needs; use a size divisible "
+                              f"by {factor} or fewer levels")
         # on the ddpm path, diffusers' time map (step i = N t - 1) makes the model export exactly (to_diffusers)
         time_map = ({"time_scale": float(genkit.get_path(args.path).num_steps), "time_shift": -1.0}
                     if args.family == "diffusion" and args.path == "ddpm" else {})
@@ -203,8 +253,17 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume(args: argparse.Namespace, model: torch.nn.Module) -> int:
-    """The step a resumed run starts from (0 when fresh); a run of another model in --out is an error."""
+def data_identity(args: argparse.Namespace) -> dict[str, Any]:
+    """What the run trains on, kept in out/train_data.json so a resume on other data is caught."""
+    if args.image_folder is not None:
+        return {"image_folder": str(Path(args.image_folder).expanduser().absolute()), "image_size": args.image_size,
+                "image_channels": 3 if args.image_channels is None else args.image_channels}
+    return {"data": args.data}
+
+
+def check_resume(args: argparse.Namespace, model: torch.nn.Module, config: TrainConfig) -> int:
+    """The step a resumed run starts from (0 when fresh). A run of another model in --out is an error; so are
+    training flags or data that differ from that run's (unless --allow-new-settings)."""
     ckpt = Path(args.out) / "checkpoint"
     if not checkpoint.has_resume_state(ckpt):
         return 0
@@ -215,7 +274,21 @@ def check_resume(args: argparse.Namespace, model: torch.nn.Module) -> int:
     if differ:
         raise ConfigError(f"{ckpt} holds a different model ({'; '.join(differ[:4])}); re-run with that run's flags "
                           "to resume it, or pick a new --out to start afresh")
-    return int(json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["step"])
+    state = checkpoint.read_trainer_state(ckpt)
+    saved = state.get("train_config") or {}
+    if args.warmup is None and isinstance(saved.get("warmup_steps"), int):
+        config.warmup_steps = min(saved["warmup_steps"], config.steps)  # the default follows --steps: keep the run's
+    changes = [f"{FLAGS.get(k, k)} {a!r} there, {b!r} now" for k, (a, b) in resume_changes(saved, config).items()]
+    data_file = Path(args.out) / "train_data.json"
+    if data_file.is_file():
+        saved_data = json.loads(data_file.read_text(encoding="utf-8"))
+        changes += [f"--{k.replace('_', '-')} {saved_data.get(k)!r} there, {v!r} now"
+                    for k, v in data_identity(args).items() if saved_data.get(k) != v]
+    if changes and not args.allow_new_settings:
+        raise ConfigError(f"{args.out} holds a run with other settings ({'; '.join(changes)}); re-run with that "
+                          "run's flags to resume it exactly, add --allow-new-settings to go on with the new ones, or "
+                          "pick a new --out to start afresh")
+    return int(state["step"])
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -294,9 +367,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(threads)
     torch.manual_seed(args.seed)  # the initial weights: the same on every rank and every re-run
     model = build_model(args, shape)  # every model flag is checked before the slow file check below
+    start = check_resume(args, model, config)
+    first = os.environ.get("RANK", "0") == "0"  # before accelerate starts: the launcher's rank
     if args.image_folder is not None:
+        if first:
+            print(f"checking all {len(data)} images under {args.image_folder} ...", flush=True)
         data.verify()  # open every image now: a corrupt file fails here, not hours into training
-    start = check_resume(args, model)
     trainer = Trainer(model, config, callbacks=[sample_callback(args)] if args.sample_every else ())
     main_process = trainer.accelerator.is_main_process
     if main_process:
@@ -304,8 +380,14 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("genkit").setLevel(logging.INFO)  # the trainer says which steps it runs
         if start:
             print(f"resuming {args.out}/checkpoint from step {start} (use a new --out to start afresh)")
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "train_data.json").write_text(json.dumps(data_identity(args)) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"--out {args.out}: cannot create the run directory ({e}); pick a writable --out"
+                              ) from e
     t0 = time.perf_counter()
-    result = trainer.fit(data)
+    result = trainer.fit(data, allow_new_settings=args.allow_new_settings)
     train_time = time.perf_counter() - t0
     if not main_process:
         return

@@ -59,17 +59,42 @@ def digits_labels(split: Split = "all") -> Tensor:
     return _digits_arrays()[1][_digits_index(split)].clone()
 
 
+_HIGH_BIT = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
 def _load_image(path: Path, mode: str):
+    """``path`` as a PIL image in ``mode`` ("L" or "RGB"), 8 bits a channel; or, for a 16-bit or float image,
+    as a float ("F") image on the same 0..255 scale, so no precision is lost (Pillow's own ``convert`` would
+    clip 16-bit values at 255 and round floats to 0 or 1). A float image must hold values in [0, 1]."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return img.convert(mode)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(
-            f"cannot read image {path} ({type(err).__name__}: {err}); remove or replace this file "
-            "(image_folder(..., verify=True) lists every unreadable file at once)"
-        ) from err
+            if img.mode not in _HIGH_BIT:
+                return img.convert(mode)
+            import numpy as np
+
+            full = _HIGH_BIT[img.mode]
+            pixels = np.asarray(img, dtype=np.float64)
+            low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+            if not (np.isfinite(low) and np.isfinite(high) and low >= 0 and high <= full):
+                kind = "float" if img.mode == "F" else "integer"
+                detail = (f"{kind} mode {img.mode!r} with values in [{low:g}, {high:g}], outside the [0, {full:g}] "
+                          "that genkit reads as black..white; rescale it or save it as an 8- or 16-bit image")
+                error = DataError(f"image {path}: {detail}")
+                error.detail = detail
+                raise error
+            return Image.fromarray((pixels * (255.0 / full)).astype(np.float32), mode="F")
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        detail = f"{type(err).__name__}: {err}"
+        if isinstance(err, Image.DecompressionBombError):
+            detail += "; downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+        error = DataError(f"cannot read image {path} ({detail}); remove or replace this file "
+                          "(image_folder(..., verify=True) lists every unreadable file at once)")
+        error.detail = detail  # what verify() lists
+        raise error from err
 
 
 class ImageFolder(Dataset):
@@ -128,7 +153,7 @@ class ImageFolder(Dataset):
             try:
                 _load_image(path, "L")
             except DataError as err:
-                bad.append(f"{path} ({err.__cause__})")
+                bad.append(f"{path} ({getattr(err, 'detail', err)})")
         if bad:
             listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
             raise DataError(f"{len(bad)} of {len(self.files)} images are unreadable; remove or replace:\n  {listing}")
@@ -142,7 +167,10 @@ class ImageFolder(Dataset):
 
         img = _load_image(self.files[index], "L" if self.channels == 1 else "RGB")
         img = TF.center_crop(TF.resize(img, self.size, antialias=True), [self.size, self.size])
-        return TF.pil_to_tensor(img).float() / 127.5 - 1.0
+        x = TF.pil_to_tensor(img).float() / 127.5 - 1.0
+        if x.shape[0] != self.channels:  # a 16-bit or float image is one grey channel
+            x = x.expand(self.channels, -1, -1).clone()
+        return x.clamp(-1.0, 1.0)  # resampling a float image can overshoot a little
 
 
 def image_folder(root: str | Path, size: int, *, channels: int = 3, verify: bool = False) -> ImageFolder:
