@@ -11,7 +11,9 @@ A checkpoint is a directory::
     trainer_state.json     step count and other JSON trainer state
 
 ``save`` writes into a hidden sibling directory, fsyncs, then swaps it into place (old one renamed
-aside, new one renamed in, old one removed), so a crash leaves either the old or the new checkpoint.
+aside, new one renamed in, old one removed), so a crash leaves either the old or the new checkpoint. It
+replaces a missing or empty folder or an earlier checkpoint, and refuses any other folder (whose files the
+swap would delete). ``load`` also takes a training run folder (``TrainConfig.out_dir``) holding ``checkpoint/``.
 
 >>> # save(out / "checkpoint", model, ema=ema_state)   then   model = load(out / "checkpoint")
 """
@@ -22,6 +24,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from importlib import metadata as _metadata
 from pathlib import Path
 from typing import Any, Union
@@ -40,6 +43,7 @@ FORMAT_VERSION = 1
 _RESERVED = ("format", "genkit_version", "torch_version", "genkit_files")
 _ALIASES = "genkit_aliases"  # safetensors metadata: tied keys dropped on save -> the key they share storage with
 PathLike = Union[str, "os.PathLike[str]"]
+_DIFFUSERS_MARKERS = ("model_index.json", "genkit_export.json", "unet")  # what a diffusers pipeline folder holds
 
 
 def _genkit_version() -> str:
@@ -72,6 +76,43 @@ def _fsync_path(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _is_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds a genkit checkpoint: a ``config.json`` with an integer format and a family."""
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("format"), int) and isinstance(config.get("family"), str)
+
+
+def _check_save_target(directory: Path, what: str, same_kind: Callable[[Path], bool], example: str) -> None:
+    """Refuse to save over ``directory`` unless it is missing, empty, or already a ``what`` (which is replaced).
+
+    Saving swaps a whole folder into place, so whatever else a non-empty folder holds would be deleted.
+    ``example`` names a subfolder to suggest instead (``runs/x`` -> ``runs/x/<example>``).
+    """
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise CheckpointError(f"cannot save the {what} to {directory}: it is a file, not a folder. Pick a new or "
+                              "empty folder")
+    entries = sorted(p.name for p in directory.iterdir())
+    if entries and not same_kind(directory):
+        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise CheckpointError(f"cannot save the {what} to {directory}: the folder holds other files ({shown}), which "
+                              f"saving would delete (it replaces the whole folder). Pick a new or empty folder "
+                              f"(e.g. {directory / example})")
+
+
+def _swap_in(tmp: Path, directory: Path, old: Path) -> None:
+    """Rename the fully written folder ``tmp`` to ``directory``. An existing ``directory`` is renamed aside to ``old``
+    first (the caller removes it), so a crash leaves the old or the new folder whole, never a mix."""
+    if directory.exists():
+        os.rename(directory, old)
+    os.rename(tmp, directory)
+    _fsync_path(directory.parent)
 
 
 def _write_tensors(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
@@ -159,12 +200,16 @@ def save(directory: PathLike, model: nn.Module, *, ema: dict[str, Tensor] | None
     ``ema`` maps state_dict keys to tensors (stored float32). ``optimizer`` / ``scheduler`` are saved
     through their ``state_dict()``; ``trainer_state`` must be JSON-able (tuples are kept). Call it on one
     process only. Returns the checkpoint path.
+
+    ``directory`` must be missing, empty or an earlier checkpoint (replaced whole); any other folder is a
+    CheckpointError, as saving would delete its files.
     """
     directory = Path(directory)
     model = unwrap(model)
     config = model_config(model)
     if trainer_state is not None and "ema" in trainer_state:
         raise ConfigError("trainer_state key 'ema' is reserved (load_training_state returns the EMA there); rename it")
+    _check_save_target(directory, "checkpoint", _is_checkpoint, "model")
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -196,13 +241,7 @@ def save(directory: PathLike, model: nn.Module, *, ema: dict[str, Tensor] | None
                 "torch_version": torch.__version__, "genkit_files": files}
         _write_json(tmp / "config.json", {**config, **meta}, "config", keep_tuples=False)
         _fsync_path(tmp)
-        if directory.exists():
-            old = parent / f".{directory.name}.old-{tag}"
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-        else:
-            os.rename(tmp, directory)
-        _fsync_path(parent)
+        _swap_in(tmp, directory, parent / f".{directory.name}.old-{tag}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -220,7 +259,12 @@ def _siblings(directory: Path, *kinds: str) -> list[Path]:
 
 
 def _resolve(directory: Path) -> Path:
-    """``directory``, or the previous checkpoint a crash left renamed aside during the swap."""
+    """``directory``, its ``checkpoint/`` if it is a training run folder, or the previous checkpoint a crash left
+    renamed aside during the swap."""
+    if directory.is_dir() and not (directory / "config.json").exists():
+        inner = directory / "checkpoint"  # a run folder (TrainConfig.out_dir), as genkit.cli.checkpoint_dir reads
+        if inner.is_dir() or _siblings(inner, ".old-"):
+            return _resolve(inner)
     if directory.is_dir():
         return directory
     asides = [p for p in _siblings(directory, ".old-") if (p / "config.json").is_file()]
@@ -244,8 +288,15 @@ def read_config(directory: PathLike) -> dict[str, Any]:
     path = _resolve(directory)
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint at {directory}: the directory does not exist; check the path")
+    if not (path / "config.json").exists() and any((path / name).exists() for name in _DIFFUSERS_MARKERS):
+        raise CheckpointError(f"{path} is a diffusers pipeline folder, not a genkit checkpoint; load it with "
+                              f"genkit.from_diffusers({str(path)!r})")
     config = _read_json(path / "config.json")
     fmt = config.get("format") if isinstance(config, dict) else None
+    if not isinstance(fmt, int) and isinstance(config, dict) and "_class_name" in config:
+        raise CheckpointError(f"{path} holds a diffusers {config['_class_name']}, not a genkit checkpoint; load it "
+                              f"with genkit.from_diffusers({str(path)!r}, scheduler) and the scheduler it was "
+                              "trained with")
     if not isinstance(fmt, int):
         raise CheckpointError(f"{path / 'config.json'} has no integer 'format' key (got {fmt!r}); "
                               "it was not written by genkit.checkpoint.save")
@@ -294,8 +345,10 @@ def load(directory: PathLike, *, ema: bool = True, map_location: str | torch.dev
          expect_family: str | None = None) -> nn.Module:
     """Rebuild the model with ``genkit.models.build(config)`` and load its weights; returned in eval mode.
 
-    EMA weights are loaded when saved and ``ema=True``; otherwise the raw weights. ``expect_family``
-    makes loading a checkpoint of another family an error.
+    ``directory`` is a checkpoint folder or a training run folder (``TrainConfig.out_dir``, ``--out`` of
+    train/train.py), whose ``checkpoint/`` is loaded. A diffusers folder is refused with a pointer to
+    ``genkit.from_diffusers``. EMA weights are loaded when saved and ``ema=True``; otherwise the raw weights.
+    ``expect_family`` makes loading a checkpoint of another family an error.
     """
     from .models import build  # the checkpoint module stays importable without any family
 

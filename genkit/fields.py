@@ -18,8 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from .errors import ConfigError
-from .paths import PREDICTIONS, Path, broadcast_time
+from .errors import ConfigError, ShapeError
+from .paths import PREDICTIONS, Path, broadcast_time, get_path
 
 __all__ = [
     "Field",
@@ -67,25 +67,57 @@ def check_field(field: Any) -> None:
 class FunctionField:
     """Wrap a plain callable ``fn(x, t, **cond)`` as a field.
 
+    ``path`` is a genkit Path or its name. Functions written for other conventions wrap with two flags:
+    ``time_first=True`` calls ``fn(t, x)`` with a 0-d ``t`` (torchdiffeq's ``func(t, y)``, torchdyn, torchcfm's
+    ``torch_wrapper``), and ``data_at=1`` reads a field whose time runs the other way (t = 0 noise, t = 1
+    data: torchcfm, Meta's flow_matching): it is called at ``1 - t``, and a velocity is negated. The output
+    must have the shape of ``x``.
+
     >>> import torch
-    >>> from genkit.paths import get_path
-    >>> f = FunctionField(lambda x, t: -x, get_path("linear"), "velocity")
+    >>> f = FunctionField(lambda x, t: -x, "linear", "velocity")
     >>> f(torch.ones(2, 3), 0.5).shape
     torch.Size([2, 3])
+    >>> g = FunctionField(lambda t, x: 2 - x, "linear", time_first=True, data_at=1)  # noise -> data at 2
+    >>> g(torch.zeros(1, 1), 0.5)   # genkit's velocity points from data to noise
+    tensor([[-2.]])
     """
 
-    def __init__(self, fn: Callable[..., Tensor], path: Path, prediction: str = "velocity"):
+    def __init__(self, fn: Callable[..., Tensor], path: Path | str, prediction: str = "velocity", *,
+                 time_first: bool = False, data_at: int = 0):
         if prediction not in PREDICTIONS:
             raise ConfigError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+        if isinstance(path, str):
+            path = get_path(path)
         if not isinstance(path, Path):
-            raise ConfigError(f"path must be a genkit Path (use genkit.get_path(name)); got {path!r}")
+            raise ConfigError(f"path must be a genkit Path or its name (e.g. 'linear'); got {path!r}")
+        if data_at not in (0, 1):
+            raise ConfigError(f"data_at must be 0 (genkit's convention: t = 0 data) or 1 (t = 1 data, as in "
+                              f"torchcfm and flow_matching); got {data_at!r}")
+        if not callable(fn):
+            raise ConfigError(f"fn must be callable; got {type(fn).__name__}")
         self.fn, self.path, self.prediction = fn, path, prediction
+        self.time_first, self.data_at = bool(time_first), data_at
 
     def __call__(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
-        return self.fn(x, broadcast_time(t, x), **cond)
+        t = broadcast_time(t, x)
+        if self.data_at == 1:
+            t = 1 - t
+        if self.time_first:
+            if t.numel() and not bool((t == t[0]).all()):
+                raise ShapeError(f"{self!r} calls fn(t, x) with one time for the batch, but the batch's times "
+                                 "differ; use a solver that steps all samples together")
+            out = self.fn(t[0] if t.numel() else t.new_zeros(()), x, **cond)
+        else:
+            out = self.fn(x, t, **cond)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ShapeError(f"{self!r} returned {got} for x of shape {tuple(x.shape)}; a field returns the "
+                             "shape of x")
+        return -out if self.data_at == 1 and self.prediction == "velocity" else out
 
     def __repr__(self) -> str:
-        return f"FunctionField({self.fn!r}, {self.path!r}, {self.prediction!r})"
+        flags = (", time_first=True" if self.time_first else "") + (", data_at=1" if self.data_at else "")
+        return f"FunctionField({self.fn!r}, {self.path!r}, {self.prediction!r}{flags})"
 
 
 class FieldView:

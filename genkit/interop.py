@@ -18,8 +18,11 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
+import os
+import re
 import shutil
 import uuid
 from pathlib import Path as FsPath
@@ -29,7 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from .checkpoint import _check_save_target, _fsync_path, _is_checkpoint, _swap_in
+from .errors import CheckpointError, ConfigError
 from .fields import Field
 from .paths import DDPMLinearPath, broadcast_time
 from .solvers.base import Solution, Solver, check_finite_result
@@ -50,6 +54,72 @@ def _path_of(config: Any) -> DDPMLinearPath:
                           config.get("num_train_timesteps", 1000))
 
 
+def _unet_folder(root: FsPath) -> FsPath:
+    """The folder holding the UNet of a pipeline folder (``unet/``) or of a UNet folder (``config.json``)."""
+    if not root.exists():
+        raise ConfigError(f"no diffusers folder at {root}; check the path")
+    if not root.is_dir():
+        raise ConfigError(f"{root} is a file, not a diffusers folder; pass a pipeline folder (unet/, scheduler/) or a "
+                          "UNet folder (config.json and its weights)")
+    if (root / "unet").is_dir():
+        return root / "unet"
+    if _is_checkpoint(root) or (root / "checkpoint").is_dir():
+        raise CheckpointError(f"{root} is a genkit checkpoint or run folder, not a diffusers one; load it with "
+                              f"genkit.load({str(root)!r})")
+    if not (root / "config.json").is_file():
+        found = ", ".join(sorted(p.name for p in root.iterdir())[:6]) or "nothing: the folder is empty"
+        raise CheckpointError(f"{root} holds no diffusers UNet (found {found}). Pass a pipeline folder with unet/ and "
+                              "scheduler/ (as to_diffusers and DDPMPipeline.save_pretrained write) or a UNet folder "
+                              "with config.json and its weights")
+    return root
+
+
+def _from_pretrained(cls: Any, folder: FsPath, what: str) -> Any:
+    try:
+        return cls.from_pretrained(folder)
+    except (OSError, ValueError) as e:  # diffusers raises OSError/EnvironmentError for missing or unreadable files
+        raise CheckpointError(f"cannot read the diffusers {what} in {folder}: {str(e).rstrip('.')}. Check that the "
+                              "folder is complete (re-export or re-download it)") from e
+
+
+def _export_record(root: FsPath) -> dict[str, Any] | None:
+    """The genkit model config that :func:`to_diffusers` recorded in ``genkit_export.json``, if any."""
+    file = root / "genkit_export.json"
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is unreadable or not valid JSON ({e}); re-export the model, or delete the file "
+                              "to load the UNet with diffusers' time map") from e
+    config = record.get("genkit_config") if isinstance(record, dict) else None
+    net = config.get("net") if isinstance(config, dict) else None
+    if not isinstance(net, dict) or not all(isinstance(net.get(k), (int, float)) for k in ("time_scale", "time_shift")):
+        raise CheckpointError(f"{file} records no genkit_config with the net's time_scale and time_shift; re-export "
+                              "the model, or delete the file to load the UNet with diffusers' time map")
+    return config
+
+
+def _restore_export(config: dict[str, Any], path: DDPMLinearPath, prediction: str, root: FsPath) -> dict[str, Any]:
+    """The UNet time map and ``Diffusion`` settings of the exported genkit model, checked against the scheduler."""
+    from .paths import path_from_config
+
+    try:
+        recorded = path_from_config(config["path"]).config()
+    except Exception as e:
+        raise CheckpointError(f"{root / 'genkit_export.json'} records an unreadable path {config.get('path')!r} "
+                              f"({e}); re-export the model") from e
+    if recorded != path.config() or config.get("prediction") != prediction:
+        raise ConfigError(f"{root / 'genkit_export.json'} records a {config.get('prediction')!r} model on "
+                          f"{recorded} but the scheduler is a {prediction!r} model on {path.config()}: the folder "
+                          "changed after the export. Delete genkit_export.json to load the UNet with diffusers' "
+                          "time map")
+    net = config["net"]
+    keys = ("weighting", "sigma_data", "min_snr_gamma", "t_eps", "t_max")
+    return {"time_scale": float(net["time_scale"]), "time_shift": float(net["time_shift"]),
+            **{k: config[k] for k in keys if k in config}}
+
+
 def from_diffusers(unet: Any, scheduler: Any = None):
     """A genkit ``Diffusion`` model from a diffusers ``UNet2DModel`` and the scheduler it was trained with.
 
@@ -59,22 +129,34 @@ def from_diffusers(unet: Any, scheduler: Any = None):
         scheduler: a diffusers scheduler, a folder with ``scheduler_config.json``, or None (pipeline folder).
 
     The UNet's weights are shared, not copied. Sampling returns ``E[x_0 | x]`` at step 0 after the last
-    step (as diffusers' final DDIM/DPM-Solver step does).
+    step (as diffusers' final DDIM/DPM-Solver step does). The UNet sees diffusers' time map, step
+    ``i = N t - 1``, except in a folder written by :func:`to_diffusers`: its ``genkit_export.json`` records the
+    exported model, whose network time map (``time_scale``, ``time_shift``) and training settings (``t_eps``,
+    ``weighting``, ...) are restored, so ``from_diffusers(to_diffusers(model, folder))`` is the same field as
+    ``model``, also after an ``approximate_time=True`` export (diffusers' own pipeline runs that folder with the
+    recorded offset). Delete ``genkit_export.json`` to load such a folder with diffusers' time map instead.
+
+    A missing, empty or incomplete folder, or a genkit checkpoint, raises ConfigError or CheckpointError.
     """
     from diffusers import DDPMScheduler, UNet2DModel
 
     from .models import Diffusion
     from .nets import UNet
 
+    record, folder = None, None
     if isinstance(unet, (str, FsPath)):
         root = FsPath(unet)
-        if not root.exists():
-            raise ConfigError(f"no diffusers folder at {root}; check the path")
+        folder = _unet_folder(root)
         if scheduler is None and (root / "scheduler").is_dir():
             scheduler = root / "scheduler"
-        unet = UNet2DModel.from_pretrained(root / "unet" if (root / "unet").is_dir() else root)
+        record = _export_record(root)
     if isinstance(scheduler, (str, FsPath)):
-        scheduler = DDPMScheduler.from_pretrained(scheduler)
+        if not (FsPath(scheduler) / "scheduler_config.json").is_file():
+            raise CheckpointError(f"{scheduler} holds no scheduler_config.json; pass the scheduler folder of the "
+                                  "pipeline (or a scheduler object)")
+        scheduler = _from_pretrained(DDPMScheduler, FsPath(scheduler), "scheduler")
+    if folder is not None:
+        unet = _from_pretrained(UNet2DModel, folder, "UNet")
     if scheduler is None:
         raise ConfigError("from_diffusers needs the scheduler the UNet was trained with (object or folder)")
     config = scheduler.config
@@ -83,10 +165,13 @@ def from_diffusers(unet: Any, scheduler: Any = None):
         raise ConfigError(f"unsupported prediction_type {config.get('prediction_type')!r}; genkit reads "
                           f"{sorted(PREDICTION_FROM_DIFFUSERS)}")
     path = _path_of(config)
-    net = UNet.from_unet2d(unet, time_scale=float(path.num_steps), time_shift=-1.0)
+    settings = {"time_scale": float(path.num_steps), "time_shift": -1.0, "t_eps": 1.0 / path.num_steps}
+    if record is not None:
+        settings = _restore_export(record, path, pred, root)
+    net = UNet.from_unet2d(unet, time_scale=settings.pop("time_scale"), time_shift=settings.pop("time_shift"))
     size = unet.config.sample_size
     hw = (size, size) if isinstance(size, int) else tuple(size)
-    return Diffusion(net, path, pred, sample_shape=(unet.config.in_channels, *hw), t_eps=1.0 / path.num_steps)
+    return Diffusion(net, path, pred, sample_shape=(unet.config.in_channels, *hw), **settings)
 
 
 PREDICTION_TO_DIFFUSERS = {v: k for k, v in PREDICTION_FROM_DIFFUSERS.items()}
@@ -101,7 +186,11 @@ def to_diffusers(model: Any, folder: str | FsPath, *, approximate_time: bool = F
     :func:`from_diffusers` models are). A UNet with another time map (genkit's default feeds ``999 t``) is refused
     unless ``approximate_time=True``: diffusers then feeds it ``i`` where it was trained on ``time_scale * t +
     time_shift``, an offset of up to ``max |time_scale t + time_shift - (N t - 1)|`` steps, which the folder's
-    ``genkit_export.json`` records. ``from_diffusers(folder)`` loads it back.
+    ``genkit_export.json`` records. ``from_diffusers(folder)`` loads it back, with the model's own time map.
+
+    The folder is written aside and moved into place whole. ``folder`` must be missing, empty or an earlier
+    diffusers export (``model_index.json`` or ``genkit_export.json``; replaced whole); any other folder (a training
+    run, say) is a CheckpointError, as the export would delete its files.
     """
     from diffusers import DDPMPipeline, DDPMScheduler
 
@@ -137,18 +226,42 @@ def to_diffusers(model: Any, folder: str | FsPath, *, approximate_time: bool = F
     scheduler = DDPMScheduler(num_train_timesteps=n, beta_start=model.path.beta_start, beta_end=model.path.beta_end,
                               beta_schedule="linear", prediction_type=kind, clip_sample=False)
     folder = FsPath(folder)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"  # written whole, then moved into place
-    try:
+    _check_save_target(folder, "diffusers export", _is_diffusers_export, "diffusers")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp, old = (folder.parent / f".{folder.name}.{kind}-{tag}" for kind in ("tmp", "old"))
+    try:  # written whole aside, then swapped in: a crash leaves the old or the new export, never a mix
         DDPMPipeline(unet=net.unet, scheduler=scheduler).save_pretrained(tmp)
         (tmp / "genkit_export.json").write_text(json.dumps({
             "genkit_config": model.config(), "time_offset_steps": offset, "exact": offset <= 1e-9,
         }, indent=2) + "\n", encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
+        for written in sorted(tmp.rglob("*"), reverse=True):  # files before their folders
+            _fsync_path(written)
+        _fsync_path(tmp)
+        _swap_in(tmp, folder, old)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _is_diffusers_export(folder: FsPath) -> bool:
+    return (folder / "model_index.json").is_file() or (folder / "genkit_export.json").is_file()
+
+
+_NOISE_DRAW = re.compile(r"\brandn|\brandint|\brand\(|noise_sampler|brownian", re.IGNORECASE)
+
+
+def _draws_noise(cls: type) -> bool:
+    """Whether a scheduler class's own code draws random numbers (read from its source; False where unavailable)."""
+    for klass in cls.__mro__[:-1]:
+        try:
+            if _NOISE_DRAW.search(inspect.getsource(klass)):
+                return True
+        except (OSError, TypeError):
+            continue
+    return False
 
 
 class DiffusersScheduler(Solver):
@@ -158,6 +271,12 @@ class DiffusersScheduler(Solver):
     sigmas, ... all apply); the genkit times actually visited are returned in ``Solution.times``. ``x``
     is the prior sample of the field's path at t = 1; it is rescaled to the scheduler's
     ``init_noise_sigma``. The scheduler object given is copied, never mutated.
+
+    Stochastic schedulers draw their noise from ``generator``: passed to ``step`` where it takes one; for
+    ``DPMSolverSDEScheduler`` (Brownian-tree noise seeded by an integer) the seed is drawn from ``generator``
+    (overriding the scheduler's ``noise_sampler_seed``), so equal generators give equal samples. A scheduler
+    that draws noise its ``step`` cannot be given a generator for is refused with a generator (ConfigError)
+    rather than silently irreproducible; without one it draws from the global RNG.
     """
 
     name, order, fixed_step = "diffusers", 1, True
@@ -166,7 +285,13 @@ class DiffusersScheduler(Solver):
         if not hasattr(scheduler, "set_timesteps") or not hasattr(scheduler, "alphas_cumprod"):
             raise ConfigError(f"{type(scheduler).__name__} is not a diffusers scheduler with alphas_cumprod")
         self.scheduler = scheduler
-        self.stochastic = "generator" in scheduler.step.__code__.co_varnames
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            self._noise: str | None = "generator"
+        elif "noise_sampler_seed" in getattr(scheduler, "config", {}):
+            self._noise = "seed"
+        else:
+            self._noise = "own" if _draws_noise(type(scheduler)) else None
+        self.stochastic = self._noise is not None
 
     def __repr__(self) -> str:
         return f"DiffusersScheduler({type(self.scheduler).__name__})"
@@ -189,7 +314,14 @@ class DiffusersScheduler(Solver):
             raise ConfigError(f"unsupported prediction_type {kind!r}")
         x = x / path.prior_std() * float(sched.init_noise_sigma)
         visited, traj, nfe = [], [x] if trajectory else None, 0
-        step_kw = {"generator": generator} if self.stochastic else {}
+        step_kw = {"generator": generator} if self._noise == "generator" else {}
+        if generator is not None and self._noise == "seed":
+            sched.noise_sampler_seed = int(torch.randint(0, 2**63 - 1, (), generator=generator,
+                                                         device=generator.device))
+        elif generator is not None and self._noise == "own":
+            raise ConfigError(f"{type(sched).__name__} draws its own noise and its step() takes no generator, so "
+                              "generator= cannot make its samples reproducible; drop generator and seed the global "
+                              "RNG with torch.manual_seed, or use a scheduler whose step() takes a generator")
         for ts in sched.timesteps:
             inp = sched.scale_model_input(x, ts)
             a_vp, s_vp = self._vp(sched, ts)

@@ -40,10 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="a checkpoint folder, or a train.py run folder holding checkpoint/")
     p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--solver", help=f"one of {', '.join(SOLVERS.names())}, or jumps (the learned jumps of a secant "
+    p.add_argument("--solver", help=f"one of {', '.join(SOLVERS.names())}, a searched-solver folder "
+                                    "(samplers/search_solver.py --out), or jumps (the learned jumps of a secant "
                                     "model) (default: jumps for models that have them, else heun)")
     p.add_argument("--steps", type=int, help="solver steps (adaptive solvers choose their own) or jumps (default: 32 "
-                                             "solver steps; a jump model's first trained step count)")
+                                             "solver steps; a searched solver's own; a jump model's first trained "
+                                             "step count)")
     grids = ", ".join(n for n in GRIDS.names() if n != "custom")
     p.add_argument("--grid", help=f"time grid of a solver, one of {grids}"
                                   " (default: uniform; jumps are uniform in t by construction)")
@@ -75,9 +77,13 @@ def main(argv: list[str] | None = None) -> None:
                               "or pick a solver")
         args.steps = args.steps or model.steps[0]
         args.grid = "jumps"
+        label = "jumps"
     else:
-        args.steps, args.grid = args.steps or 32, args.grid or "uniform"
-    out = Path(args.out) if args.out else ckpt.parent / f"samples_{args.solver}{args.steps}_{args.grid}"
+        solver = genkit.get_solver(args.solver)  # a name or a searched-solver artifact folder
+        label = solver.name if Path(args.solver).is_dir() else args.solver
+        args.steps = args.steps or solver.default_steps or 32  # a searched solver's own N
+        args.grid = args.grid or "uniform"
+    out = Path(args.out) if args.out else ckpt.parent / f"samples_{label}_{args.steps}steps_{args.grid}"
     t0 = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(args.seed)
     if args.solver == "jumps":

@@ -231,3 +231,58 @@ def test_bad_state_and_config_are_reported(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="reserved keys"):
         checkpoint.save(tmp_path / "ck", Reserved())
+
+
+def test_save_refuses_to_delete_a_folder_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    """Saving swaps a whole folder in: a run folder, a diffusers UNet folder (config.json of another format) or a
+    file must be refused untouched; a missing or empty folder and an earlier checkpoint are written."""
+    run = tmp_path / "run"
+    checkpoint.save(run / "checkpoint", make(0))
+    (run / "metrics.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"run: the folder holds other files \(checkpoint, metrics\.json\).*"
+                                              r"new or empty folder"):
+        checkpoint.save(run, make(1))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "metrics.json"]
+    assert torch.equal(checkpoint.load(run / "checkpoint")(X), make(0)(X))
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    (unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(CheckpointError, match="other files"):
+        checkpoint.save(unet, make(1))
+    assert json.loads((unet / "config.json").read_text()) == {"_class_name": "UNet2DModel"}
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
+        checkpoint.save(tmp_path / "afile", make(1))
+    assert (tmp_path / "afile").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    checkpoint.save(tmp_path / "empty", make(1))
+    checkpoint.save(run / "checkpoint", make(1))  # re-saving a checkpoint (the trainer's every N steps) replaces it
+    assert torch.equal(checkpoint.load(run / "checkpoint")(X), make(1)(X))
+    assert torch.equal(checkpoint.load(tmp_path / "empty")(X), make(1)(X))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty", "run", "unet"]  # no temporary siblings
+
+
+def test_load_takes_a_run_folder(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    model = make(2)
+    checkpoint.save(run / "checkpoint", model, trainer_state={"step": 7})
+    (run / "metrics.json").write_text("{}")
+    assert torch.equal(checkpoint.load(run)(X), model(X))
+    assert checkpoint.read_config(run)["family"] == FAMILY
+    assert checkpoint.has_resume_state(run) and checkpoint.read_trainer_state(run)["step"] == 7
+    os.rename(run / "checkpoint", run / ".checkpoint.old-1-deadbeef")  # a crash inside the trainer's swap
+    assert torch.equal(checkpoint.load(run)(X), model(X))
+
+
+def test_load_of_a_diffusers_folder_points_to_from_diffusers(tmp_path: Path) -> None:
+    pipe = tmp_path / "pipe"
+    (pipe / "unet").mkdir(parents=True)
+    (pipe / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    with pytest.raises(CheckpointError, match=r"diffusers pipeline folder.*genkit\.from_diffusers\("):
+        checkpoint.load(pipe)
+    (pipe / "model_index.json").unlink()  # a unet/ subfolder alone says the same
+    with pytest.raises(CheckpointError, match=r"genkit\.from_diffusers\("):
+        checkpoint.load(pipe)
+    with pytest.raises(CheckpointError, match=r"diffusers UNet2DModel.*genkit\.from_diffusers\(.*scheduler"):
+        checkpoint.load(pipe / "unet")

@@ -222,3 +222,119 @@ def test_to_diffusers_refuses_what_would_not_match(tmp_path):
         to_diffusers(FlowMatching(MLP(2), sample_shape=(2,)), tmp_path / "d")
     with pytest.raises(ConfigError, match="UNet"):
         to_diffusers(Diffusion(MLP(2), "ddpm", "eps", sample_shape=(2,)), tmp_path / "e")
+
+
+def test_to_diffusers_refuses_to_delete_a_folder_that_is_not_an_export(tmp_path):
+    """Exporting into a training run folder used to replace it whole (checkpoint, metrics and all)."""
+    from genkit.errors import CheckpointError
+    from genkit.interop import to_diffusers
+
+    model = _ddpm_model()
+    run = tmp_path / "run"
+    genkit.save(run / "checkpoint", model)
+    (run / "metrics.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"run: the folder holds other files \(checkpoint, metrics\.json\).*"
+                                              r"new or empty folder"):
+        to_diffusers(model, run)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "metrics.json"]
+    genkit.load(run / "checkpoint")
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(CheckpointError, match="afile: it is a file, not a folder"):
+        to_diffusers(model, tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    folder = to_diffusers(model, tmp_path / "empty")
+    (folder / "genkit_export.json").unlink()  # a plain diffusers pipeline folder (model_index.json) is replaced too
+    to_diffusers(model, folder)
+    assert (folder / "genkit_export.json").is_file() and (folder / "unet").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty", "run"]  # no temporary siblings
+
+
+def test_from_diffusers_bad_folders_raise_genkit_errors(tmp_path):
+    from genkit.errors import CheckpointError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty holds no diffusers UNet.*the folder is empty"):
+        from_diffusers(tmp_path / "empty")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="afile is a file, not a diffusers folder"):
+        from_diffusers(tmp_path / "afile")
+    genkit.save(tmp_path / "ck", _ddpm_model())
+    with pytest.raises(CheckpointError, match=r"genkit checkpoint.*genkit\.load"):
+        from_diffusers(tmp_path / "ck")
+    _tiny_pipeline(tmp_path / "pipe")
+    (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="cannot read the diffusers UNet"):
+        from_diffusers(tmp_path / "pipe")
+    with pytest.raises(CheckpointError, match="no scheduler_config.json"):
+        from_diffusers(tmp_path / "pipe" / "unet", tmp_path / "empty")
+
+
+def test_genkit_diffusers_genkit_round_trip_keeps_the_time_map(tmp_path):
+    """An approximate_time export (genkit's default UNet time map 999 t) comes back as the same genkit model: the
+    export records the time map and from_diffusers restores it, with the Diffusion settings."""
+    import json
+
+    from genkit.interop import to_diffusers
+    from genkit.models import Diffusion
+
+    base = _ddpm_model(time_scale=999.0, time_shift=0.0, prediction="v")
+    model = Diffusion(base.net, "ddpm", "v", "min_snr", sample_shape=(1, 8, 8), t_eps=0.01, t_max=0.9).eval()
+    folder = to_diffusers(model, tmp_path / "pipe", approximate_time=True)
+    back = from_diffusers(folder)
+    assert back.config() == model.config()
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.rand(6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, t), model(x, t), rtol=0, atol=1e-6)
+        # without the record it is diffusers' time map (step i = 1000 t - 1), up to one step off this network
+        (folder / "genkit_export.json").rename(tmp_path / "record.json")
+        plain = from_diffusers(folder)
+        assert (plain.net.time_scale, plain.net.time_shift) == (1000.0, -1.0)
+        assert not torch.allclose(plain(x, t), model(x, t), atol=1e-6)
+    record = json.loads((tmp_path / "record.json").read_text())
+    record["genkit_config"]["prediction"] = "eps"  # a record that no longer fits the folder's scheduler
+    (folder / "genkit_export.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="changed after the export.*Delete genkit_export.json"):
+        from_diffusers(folder)
+
+
+def test_dpm_solver_sde_scheduler_is_seeded_by_the_generator():
+    """DPMSolverSDEScheduler's step takes no generator (Brownian-tree noise seeded by noise_sampler_seed): the seed
+    is drawn from the generator, so equal generators give equal samples whatever the global RNG."""
+    from diffusers import DPMSolverSDEScheduler
+
+    g = Gaussian(torch.tensor([2.0, -1.0]), torch.tensor([[0.4, 0.1], [0.1, 0.2]]), get_path("ddpm"), "eps")
+    sched = DPMSolverSDEScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    x1 = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def run(seed, global_seed):
+        torch.manual_seed(global_seed)
+        return solve(g, x1, DiffusersScheduler(sched), 6, generator=torch.Generator().manual_seed(seed)).samples
+
+    first = run(0, global_seed=1)
+    assert torch.equal(run(0, global_seed=2), first)
+    assert (run(1, global_seed=1) - first).abs().max() > 0.01
+    assert sched.noise_sampler_seed is None  # the scheduler given is not mutated
+    assert DiffusersScheduler(sched).stochastic
+
+
+def test_a_scheduler_drawing_its_own_noise_refuses_a_generator():
+    from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler
+
+    class OwnNoise(EulerDiscreteScheduler):
+        def step(self, model_output, timestep, sample, return_dict=True):
+            out = super().step(model_output, timestep, sample, return_dict=True)
+            out.prev_sample = out.prev_sample + 1e-3 * torch.randn_like(sample)
+            return out
+
+    g = Gaussian(torch.tensor([2.0, -1.0]), torch.tensor([[0.4, 0.1], [0.1, 0.2]]), get_path("ddpm"), "eps")
+    x1 = torch.randn(8, 2, dtype=torch.float64)
+    solver = DiffusersScheduler(OwnNoise(num_train_timesteps=1000, beta_schedule="linear"))
+    assert solver.stochastic
+    with pytest.raises(ConfigError, match=r"OwnNoise draws its own noise.*torch\.manual_seed"):
+        solve(g, x1, solver, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(solve(g, x1, solver, 4).samples).all()  # without a generator it runs on the global RNG
+    heun = DiffusersScheduler(HeunDiscreteScheduler(num_train_timesteps=1000, beta_schedule="linear"))
+    assert not heun.stochastic  # deterministic: a generator (used for the prior draw by model.sample) is fine
+    solve(g, x1, heun, 4, generator=torch.Generator().manual_seed(0))

@@ -328,6 +328,27 @@ def test_damaged_artifacts_raise_checkpoint_error(tmp_path):
         load_searched_solver(tmp_path / "nowhere")
 
 
+def test_save_refuses_to_delete_a_folder_that_is_not_a_searched_solver(tmp_path):
+    """search_solver.py --out runs/x used to replace the run folder whole; now only an earlier artifact (solver.json)
+    or a missing or empty folder is written."""
+    run = tmp_path / "run"
+    genkit.save(run / "checkpoint", genkit.FlowMatching(MLP(2, hidden=8), sample_shape=(2,)))
+    (run / "metrics.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"run: the folder holds other files \(checkpoint, metrics\.json\).*"
+                                              r"new or empty folder"):
+        uniform_init(3).save(run)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "metrics.json"]
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
+        uniform_init(3).save(tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    out = uniform_init(3).save(tmp_path / "empty")
+    uniform_init(4).save(out)  # an earlier artifact is replaced
+    assert load_searched_solver(out).num_steps == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty", "run"]
+
+
 def _edit_json(directory, **changes):
     meta = json.loads((directory / "solver.json").read_text())
     (directory / "solver.json").write_text(json.dumps({**meta, **changes}))

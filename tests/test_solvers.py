@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from genkit.analytic import Gaussian, GaussianMixture
-from genkit.errors import ConfigError, SolverError, TimeGridError
+from genkit.errors import ConfigError, ShapeError, SolverError, TimeGridError
 from genkit.fields import FunctionField
 from genkit.paths import PATHS, get_path
 from genkit.solvers import (
@@ -203,3 +203,61 @@ def test_bad_input():
         solve(g, x, "euler_maruyama", 4)
     with pytest.raises(ConfigError, match="not a genkit Field"):
         solve(lambda x, t: x, x, "euler", 4)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_adaptive_solvers_never_evaluate_past_the_grid_end(name):
+    """torchdiffeq steps past the end time and interpolates back unless told to land on it; below t = 0 the
+    ddpm path is undefined, which crashed dopri5 on trained ddpm models ('underflow in dt')."""
+    g = Gaussian(torch.tensor([1.0, -1.0]), torch.eye(2) * 0.5, get_path("ddpm"), "eps")
+    seen: list[float] = []
+
+    def recorded(x, t):
+        seen.append(float(t.min()))
+        return g(x, t)
+
+    x1 = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    end = 1e-3
+    sol = solve(FunctionField(recorded, g.path, "eps"), x1, name, grid=Uniform(t_min=end))
+    assert min(seen) >= end - 1e-12
+    torch.testing.assert_close(sol.samples, g.exact_flow(x1, 1.0, end), atol=1e-3, rtol=0)
+
+
+def test_function_field_reads_other_conventions():
+    """A torchcfm / flow_matching style field (t = 0 noise, called f(t, x) with a 0-d t) wrapped with
+    time_first=True, data_at=1 is the genkit field it describes: same samples to rounding."""
+    g = Gaussian(torch.tensor([2.0, -1.0]), torch.tensor([[0.5, 0.1], [0.1, 0.3]]), get_path("linear"))
+
+    def cfm_velocity(t, x):  # noise at t = 0, data at t = 1, velocity towards the data
+        assert t.ndim == 0
+        return -g(x, 1 - t)
+
+    wrapped = FunctionField(cfm_velocity, "linear", time_first=True, data_at=1)
+    x1 = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for name in ("heun", "dopri5"):
+        torch.testing.assert_close(solve(wrapped, x1, name, 8).samples, solve(g, x1, name, 8).samples)
+    eps_view = FunctionField(lambda x, t: torch.zeros_like(x), "linear", "eps", data_at=1)
+    assert torch.equal(eps_view(x1, 0.3), torch.zeros_like(x1))  # only a velocity changes sign
+    with pytest.raises(ShapeError, match=r"returned \(32, 1\) for x of shape \(32, 2\)"):
+        FunctionField(lambda x, t: x[:, :1], "linear")(x1, 0.5)
+    with pytest.raises(ConfigError, match="data_at must be 0"):
+        FunctionField(cfm_velocity, "linear", data_at=2)
+
+
+def test_steps_grid_and_batch_arguments():
+    g = Gaussian(torch.zeros(2), torch.eye(2), get_path("linear"))
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = solve(g, x, "heun", 5).samples
+    for steps in (np.int64(5), torch.tensor(5)):
+        assert torch.equal(solve(g, x, "heun", steps).samples, ref)
+    for bad in (True, 0, 2.5, torch.tensor(5.0)):
+        with pytest.raises(ConfigError, match="steps must be a positive integer"):
+            solve(g, x, "heun", bad)
+    times = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    assert solve(g, x, "euler", grid=times).nfe == 2  # explicit times: their own count
+    with pytest.raises(ConfigError, match="custom grid has 2 steps but 5 were asked for"):
+        solve(g, x, "euler", 5, times)  # no longer silently ignored
+    with pytest.raises(ConfigError, match=r"batch \[n, \.\.\.\] with n >= 1"):
+        solve(g, x[:0], "heun", 4)
+    with pytest.raises(ConfigError, match="generator must be a torch.Generator"):
+        solve(g, x, "euler_maruyama", 4, generator=0)

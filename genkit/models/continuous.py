@@ -3,6 +3,7 @@ sampling with any solver, and likelihoods through the ODE."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, ShapeError
 from ..fields import as_x0
 from ..paths import PREDICTIONS, Path, broadcast_time, get_path
-from ..solvers import Solution, Solver, TimeGrid, ode_log_prob, solve
+from ..solvers import Custom, Solution, Solver, TimeGrid, get_grid, get_solver, ode_log_prob, solve
 
 __all__ = ["ContinuousModel"]
 
@@ -60,25 +61,31 @@ class ContinuousModel(nn.Module):
 
     # --- sampling and densities ---------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, *, solver: str | Solver = "heun", steps: int | None = 32,
+    def sample(self, n: int, *, solver: str | Solver = "heun", steps: int | None = None,
                grid: str | TimeGrid | Tensor | Sequence[float] = "uniform", generator: torch.Generator | None = None,
                device: torch.device | str | None = None, return_solution: bool = False,
                **cond: Any) -> Tensor | Solution:
         """Draw ``n`` samples ``[n, *sample_shape]`` by solving from the prior at the grid's first time.
 
+        ``steps`` defaults to 32 (a searched solver's own N; explicit grid times their own count).
         ``generator`` makes the prior draw (and any solver noise) reproducible; ``device`` defaults to the
         model's. With ``return_solution=True`` the full :class:`~genkit.solvers.Solution` (NFE, trajectory
         if asked through the solver) is returned.
         """
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ConfigError(f"n must be a positive integer; got {n!r}")
+        n = int(n)
         p = next(self.parameters())
         device = torch.device(device) if device is not None else p.device
         if generator is not None and generator.device.type != device.type:
             raise ConfigError(f"the generator is on {generator.device} but sampling runs on {device}; create it with "
                               f"torch.Generator(device={str(device)!r})")
         x = self.path.sample_prior((n, *self.sample_shape), generator=generator, device=device, dtype=p.dtype)
-        sol = solve(self, x, solver, steps, self.default_grid(grid), generator=generator, **cond)
+        solver = get_solver(solver)
+        grid = self.default_grid(grid)
+        if steps is None and solver.default_steps is None and not isinstance(get_grid(grid), Custom):
+            steps = 32
+        sol = solve(self, x, solver, steps, grid, generator=generator, **cond)
         t_end = float(sol.times[-1])
         if t_end > 0 and self.denoise_end:
             sol.samples = as_x0(self)(sol.samples, t_end, **cond)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SolverError
 from ..fields import Field, as_velocity
 from ..paths import broadcast_time
 from .base import SOLVERS, Solution, Solver, check_finite_result
@@ -48,8 +48,17 @@ class Adaptive(Solver):
             return v(y, broadcast_time(t, y), **cond)
 
         out_times = times.to(device=x.device, dtype=x.dtype)
-        ys = odeint(rhs, x, out_times, method=self.method, rtol=self.rtol, atol=self.atol,
-                    options={"max_num_steps": self.max_num_steps})
+        # step_t: the last step lands on the end time. Otherwise torchdiffeq steps past it and interpolates back,
+        # evaluating the field outside the grid (below t = 0, where the ddpm path is undefined).
+        options = {"max_num_steps": self.max_num_steps, "step_t": out_times[-1:]}
+        try:
+            ys = odeint(rhs, x, out_times, method=self.method, rtol=self.rtol, atol=self.atol, options=options)
+        except AssertionError as e:  # torchdiffeq's step-size underflow or step limit
+            raise SolverError(
+                f"solver {self.name!r} failed between t={float(times[0]):.4g} and t={float(times[-1]):.4g} "
+                f"({e}); the field is likely singular or non-finite there: end the grid at the model's "
+                "time_range(), or loosen rtol/atol, or use a fixed-step solver"
+            ) from None
         check_finite_result(ys[-1], self, times)
         return Solution(ys[-1], nfe, times, ys if trajectory else None)
 

@@ -8,6 +8,7 @@ fields and grids, never a family or a network class.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import pathlib
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from torch import Tensor
 from ..errors import ConfigError, SolverError
 from ..fields import Field, FieldView, check_field
 from ..registry import Registry
-from .grids import TimeGrid, get_grid, validate_grid
+from .grids import Custom, TimeGrid, get_grid
 
 __all__ = ["Solution", "Solver", "SOLVERS", "get_solver", "solve", "check_finite_result", "prepared", "apply_map"]
 
@@ -55,6 +56,13 @@ class Solver:
     def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
               trajectory: bool = False, **cond: Any) -> Solution:
         raise NotImplementedError
+
+    def default_grid(self) -> TimeGrid | None:
+        """The grid ``solve`` uses when none is given (None: the uniform grid); a searched solver's own."""
+        return None
+
+    #: The step count ``solve`` uses when none is given (None: 10, or the grid's own for explicit times).
+    default_steps: int | None = None
 
     def check_steps(self, times: Tensor) -> None:
         if len(times) - 1 < self.min_steps:
@@ -117,23 +125,45 @@ def get_solver(solver: str | os.PathLike | Solver, **kwargs: Any) -> Solver:
         if kwargs:
             raise ConfigError(f"options {sorted(kwargs)} given with a searched-solver artifact {solver}")
         return load_searched_solver(solver)
+    if isinstance(solver, os.PathLike) or (isinstance(solver, str) and solver not in SOLVERS
+                                           and ("/" in solver or os.sep in solver)):
+        where = pathlib.Path(solver)
+        raise ConfigError(f"solver {str(solver)!r} looks like a searched-solver folder, but "
+                          + (f"{where} holds no solver.json" if where.is_dir() else f"{where} does not exist")
+                          + f"; check the path, or use a registered solver: {', '.join(SOLVERS.names())}")
     try:
         return SOLVERS.get(solver)(**kwargs)
     except TypeError as e:
         raise ConfigError(f"bad options for solver {solver!r}: {e}") from None
 
 
-def solve(field: Field, x: Tensor, solver: str | Solver = "euler", steps: int | None = 10,
-          grid: str | TimeGrid | Tensor | Sequence[float] = "uniform", *,
+def steps_or_default(steps: Any, solver: Solver, grid: TimeGrid) -> int | None:
+    """``steps`` as a Python int (NumPy and 0-d integer tensors accepted), or the default when None: the
+    solver's own (a searched solver's N), else 10 for a named grid; explicit times keep their own count."""
+    if steps is None:
+        if isinstance(grid, Custom):
+            return None
+        return solver.default_steps if solver.default_steps is not None else 10
+    if torch.is_tensor(steps) and steps.ndim == 0 and not steps.is_floating_point() and steps.dtype != torch.bool:
+        steps = int(steps)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ConfigError(f"steps must be a positive integer; got {steps!r}")
+    return int(steps)
+
+
+def solve(field: Field, x: Tensor, solver: str | Solver = "euler", steps: int | None = None,
+          grid: str | TimeGrid | Tensor | Sequence[float] | None = None, *,
           generator: torch.Generator | None = None, trajectory: bool = False, **cond: Any) -> Solution:
     """Integrate ``field`` from the first to the last time of ``grid`` starting at ``x``.
 
     Args:
         field: any genkit field (network, family, analytic field, wrapped function).
         x: initial state ``[batch, ...]`` at the first grid time (the prior at t = 1 for sampling).
-        solver: a Solver or its registry name.
-        steps: number of steps (ignored by adaptive solvers, which take the grid's end points).
-        grid: a TimeGrid, its name, or explicit times (validated).
+        solver: a Solver, its registry name, or a searched-solver artifact folder.
+        steps: number of steps (adaptive solvers take only the grid's end points and pick their own). None: the
+            solver's own (a searched solver's N), else 10; explicit times must match it when it is given.
+        grid: a TimeGrid, its name, or explicit times (validated). None: the solver's own (a searched
+            solver's times), else ``"uniform"``.
         generator: randomness for stochastic solvers.
         trajectory: also return the states at the grid times.
 
@@ -147,7 +177,15 @@ def solve(field: Field, x: Tensor, solver: str | Solver = "euler", steps: int | 
     """
     check_field(field)
     solver = get_solver(solver)
+    if grid is None:  # a searched solver's own times, unless the steps asked for differ (its check says so)
+        own = solver.default_grid()
+        grid = own if own is not None and steps in (None, solver.default_steps) else "uniform"
     g = get_grid(grid)
-    times = g.times(steps, field.path) if not torch.is_tensor(grid) else validate_grid(grid)
+    times = g.times(steps_or_default(steps, solver, g), field.path)
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ConfigError(f"x must be a batch [n, ...] with n >= 1; got shape {tuple(x.shape)}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ConfigError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)); got "
+                          f"{generator!r}")
     solver.check_steps(times)
     return solver.solve(field, x, times, generator=generator, trajectory=trajectory, **cond)

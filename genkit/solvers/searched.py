@@ -52,7 +52,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..checkpoint import _fsync_path, _genkit_version, _read_json, _write_json
+from ..checkpoint import _check_save_target, _fsync_path, _genkit_version, _read_json, _swap_in, _write_json
 from ..errors import CheckpointError, ConfigError, SolverError
 from ..fields import Field, as_velocity, as_x0, check_field
 from ..paths import Path, broadcast_time, path_from_config
@@ -242,6 +242,13 @@ class SearchedSolver(Solver):
         times = self.times
         return get_grid(times if self.teleport is None else torch.cat([times[:1], times[2:]]))
 
+    def default_grid(self) -> TimeGrid:
+        return self.grid()
+
+    @property
+    def default_steps(self) -> int:
+        return self.num_steps
+
     def with_name(self, name: str) -> SearchedSolver:
         """The same solver under another name."""
         return SearchedSolver(self.logits, self.coefficients, self.path, self.t_start, self.t_end, self.variant,
@@ -279,8 +286,14 @@ class SearchedSolver(Solver):
 
     # ------------------------------------------------------------------------------------------ artifact
     def save(self, directory: PathLike) -> FsPath:
-        """Write ``solver.safetensors`` + ``solver.json`` into ``directory`` atomically; returns it."""
+        """Write ``solver.safetensors`` + ``solver.json`` into ``directory`` atomically; returns it.
+
+        ``directory`` must be missing, empty or an earlier searched solver (``solver.json``; replaced whole); any
+        other folder is a CheckpointError, as saving would delete its files.
+        """
         directory = FsPath(directory)
+        _check_save_target(directory, "searched solver", lambda d: (d / "solver.json").is_file(),
+                           f"searched_nfe{self.num_steps}")
         directory.parent.mkdir(parents=True, exist_ok=True)
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp, old = (directory.parent / f".{directory.name}.{kind}-{tag}" for kind in ("tmp", "old"))
@@ -302,10 +315,7 @@ class SearchedSolver(Solver):
                     "info": self.info, "files": {"solver.safetensors": (tmp / "solver.safetensors").stat().st_size}}
             _write_json(tmp / "solver.json", meta, "solver.json", keep_tuples=False)
             _fsync_path(tmp)
-            if directory.exists():
-                os.rename(directory, old)
-            os.rename(tmp, directory)
-            _fsync_path(directory.parent)
+            _swap_in(tmp, directory, old)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
