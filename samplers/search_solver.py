@@ -9,11 +9,14 @@ sampling interval, before any final denoising step) on held-out noise for the se
 euler, heun (as many whole steps as fit in the NFE), ddim, dpmpp_2m and unipc at the same NFE on the
 uniform and log-SNR grids.
 
-Use the artifact from Python with genkit.solvers.searched.load_searched_solver(OUT), or by name after
-register_searched("my_solver", OUT): solve(model, x, "my_solver", steps=NFE).
+Use the artifact by its folder (sample.py --solver OUT, solve(model, x, "OUT")), or give it a name with
+--name NAME: it is then also saved under genkit's solver home ($GENKIT_SOLVERS, else ~/.cache/genkit/solvers)
+and any later process uses it by that name: model.sample(64, solver="NAME"), sample.py --solver NAME. (In
+Python: genkit.solvers.searched.register_searched("NAME", OUT, persist=True).) The solver's own times and
+step count are the defaults wherever it is used.
 
 examples:
-  python samplers/search_solver.py --checkpoint runs/default --nfe 5
+  python samplers/search_solver.py --checkpoint runs/default --nfe 5 --name moons5
   python samplers/search_solver.py --checkpoint runs/ddpm/checkpoint --nfe 6 --variant data --iters 500 --out s6
   python samplers/search_solver.py --checkpoint runs/ddpm/checkpoint --nfe 5 --variant data --lr 2e-2 \
       --lr-schedule cosine --iters 600 --eval-times --step-scales --teleport reference   # genkit's extensions
@@ -31,8 +34,8 @@ import torch
 import genkit
 from genkit.cli import checkpoint_dir, run_main, script_device
 from genkit.errors import ConfigError
-from genkit.solvers import solve
-from genkit.solvers.searched import VARIANTS, search_solver
+from genkit.solvers import SOLVERS, solve
+from genkit.solvers.searched import VARIANTS, register_searched, search_solver, solver_home
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -67,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval", type=int, default=1024, help="held-out noise samples for the error table")
     p.add_argument("--seed", type=int, default=0, help="seed of the search noise (held-out noise uses seed + 1)")
     p.add_argument("--out", metavar="DIR", help="artifact folder (default: searched_nfeN/ next to the checkpoint)")
+    p.add_argument("--name", help="also save the solver under this name in genkit's solver home, so that any later "
+                                  "process uses it as solver=NAME")
+    p.add_argument("--replace", action="store_true", help="with --name: replace a solver saved under that name")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     return p.parse_args(argv)
@@ -77,6 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval < 1:
         raise ConfigError(f"--eval must be a positive integer; got {args.eval}")
     device = script_device(args.device)
+    if args.name is not None:  # before the search, not after it
+        if args.name in SOLVERS:
+            raise ConfigError(f"--name {args.name!r} is taken by a registered solver; pick another name")
+        if (solver_home() / args.name / "solver.json").is_file() and not args.replace:
+            raise ConfigError(f"--name {args.name!r}: a solver of that name is saved in {solver_home() / args.name}; "
+                              "pick another name or add --replace")
     ckpt = checkpoint_dir(args.checkpoint)
     model = genkit.load(ckpt, ema=not args.raw_weights, map_location=device)
     if not hasattr(model, "path") or not hasattr(model, "sample_shape"):
@@ -97,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     out = solver.save(Path(args.out) if args.out else ckpt.parent / f"searched_nfe{args.nfe}")
     print(f"searched {args.nfe}-step {args.variant} solver for {ckpt} in {seconds:.1f} s "
           f"(loss {solver.info['first_loss']:.3g} -> {solver.info['last_loss']:.3g}): {out}")
+    if args.name:
+        register_searched(args.name, solver, persist=True, replace=args.replace)
+        print(f"saved as {args.name!r} in {solver_home() / args.name}: any later process can use "
+              f"solver={args.name!r}")
     print("times:", " ".join(f"{t:.4f}" for t in solver.times.tolist())
           + (" (the first step is the closed-form jump)" if solver.teleport is not None else ""))
     if solver.eval_shift is not None:

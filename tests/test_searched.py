@@ -310,6 +310,33 @@ def test_artifact_round_trip_and_by_name(searched, tmp_path):
         unregister_searched("euler")
 
 
+def test_saved_by_name_in_the_solver_home(searched, tmp_path, monkeypatch):
+    monkeypatch.setenv("GENKIT_SOLVERS", str(tmp_path / "home"))
+    expected = solve(GM, HELD_OUT, searched[4], 4).samples
+    try:
+        register_searched("test_home4", searched[4], persist=True)
+        assert (tmp_path / "home" / "test_home4" / "solver.json").is_file()
+        unregister_searched("test_home4")  # as in a new process: only the saved folder is left
+        assert torch.equal(solve(GM, HELD_OUT, "test_home4").samples, expected)  # its own grid and steps
+        assert "test_home4" in SOLVERS  # found once, registered
+        register_searched("test_home4b", searched[3], persist=True)
+        unregister_searched("test_home4b")
+        with pytest.raises(ConfigError, match="already saved"):  # a saved solver is not replaced by accident
+            register_searched("test_home4b", searched[4], persist=True)
+        register_searched("test_home4b", searched[4], persist=True, replace=True)
+        assert load_searched_solver(tmp_path / "home" / "test_home4b").num_steps == 4
+    finally:
+        for name in ("test_home4", "test_home4b"):
+            if name in SOLVERS:
+                unregister_searched(name)
+    with pytest.raises(ConfigError, match=r"unknown solver 'nope'.*saved in .*home: test_home4, test_home4b"):
+        get_solver("nope")
+    with pytest.raises(ConfigError, match="letters, digits"):
+        register_searched("../evil", searched[3], persist=True)
+    with pytest.raises(ConfigError, match="holds no solver.json|does not exist"):
+        get_solver(str(tmp_path / "missing" / "solver"))
+
+
 def test_damaged_artifacts_raise_checkpoint_error(tmp_path):
     good = uniform_init(3).save(tmp_path / "good")
     data = (good / "solver.safetensors").read_bytes()
@@ -397,10 +424,19 @@ def test_script_searches_saves_and_reports(tmp_path, capsys):
     ckpt = genkit.save(tmp_path / "ckpt", model)
     args = ["--checkpoint", str(ckpt), "--nfe", "3", "--iters", "4", "--batch", "8", "--pool", "16",
             "--reference-steps", "8", "--eval", "16", "--out", str(tmp_path / "s3"), "--device", "cpu",
-            "--lr-schedule", "cosine", "--eval-times", "--step-scales", "--teleport", "reference"]
+            "--lr-schedule", "cosine", "--eval-times", "--step-scales", "--teleport", "reference", "--name", "tiny3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENKIT_SOLVERS": str(tmp_path / "home")}
     proc = subprocess.run([sys.executable, str(ROOT / "samplers" / "search_solver.py"), *args], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "home" / "tiny3" / "solver.json").is_file() and "saved as 'tiny3'" in proc.stdout
+    # a later process knows the name: the solver's own times and step count are the defaults
+    later = subprocess.run([sys.executable, "-c", "import sys, genkit, torch\n"
+                            f"m = genkit.load({str(ckpt)!r})\n"
+                            "s = m.sample(4, solver='tiny3', return_solution=True, generator=torch.Generator())\n"
+                            "print(s.nfe, genkit.solvers.get_solver('tiny3').name)"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert later.returncode == 0 and later.stdout.split() == ["3", "tiny3"], later.stderr
     for name in ("searched", "euler", "heun", "ddim", "dpmpp_2m", "unipc"):
         assert f"\n{name} " in proc.stdout, proc.stdout
     s3 = load_searched_solver(tmp_path / "s3")

@@ -131,6 +131,18 @@ def get_solver(solver: str | os.PathLike | Solver, **kwargs: Any) -> Solver:
         raise ConfigError(f"solver {str(solver)!r} looks like a searched-solver folder, but "
                           + (f"{where} holds no solver.json" if where.is_dir() else f"{where} does not exist")
                           + f"; check the path, or use a registered solver: {', '.join(SOLVERS.names())}")
+    if isinstance(solver, str) and solver not in SOLVERS:
+        from .searched import find_saved, saved_solver_names, solver_home
+
+        saved = find_saved(solver)  # a searched solver saved by name in an earlier process
+        if saved is not None:
+            if kwargs:
+                raise ConfigError(f"options {sorted(kwargs)} given with the saved searched solver {solver!r}")
+            return saved
+        names = saved_solver_names()
+        raise ConfigError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS.names())}"
+                          + (f"; searched solvers saved in {solver_home()}: {', '.join(names)}" if names else "")
+                          + "; a searched-solver folder is given by its path")
     try:
         return SOLVERS.get(solver)(**kwargs)
     except TypeError as e:

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from ..teleport import GaussianFit
 
 __all__ = ["SearchedSolver", "search_solver", "load_searched_solver", "register_searched", "unregister_searched",
-           "VARIANTS", "FORMAT_VERSION"]
+           "solver_home", "saved_solver_names", "find_saved", "VARIANTS", "FORMAT_VERSION"]
 
 VARIANTS = ("velocity", "data")
 FORMAT_VERSION = 2  # 2: optional evaluation-time shifts, step scales and a teleport Gaussian
@@ -378,19 +378,59 @@ class _Registered:
         return self.solver
 
 
-def register_searched(name: str, solver: SearchedSolver | PathLike, *, replace: bool = False) -> SearchedSolver:
-    """Make ``get_solver(name)`` / ``solve(field, x, name, steps=N)`` use a searched solver (object or
-    artifact directory). ``replace=True`` replaces an earlier searched solver of that name."""
+def solver_home() -> FsPath:
+    """Where searched solvers saved by name live: ``$GENKIT_SOLVERS``, else ``~/.cache/genkit/solvers``."""
+    return FsPath(os.environ.get("GENKIT_SOLVERS") or FsPath.home() / ".cache" / "genkit" / "solvers").expanduser()
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-." for c in name) \
+            or name.startswith("."):
+        raise ConfigError(f"a solver name is letters, digits, '_', '-' and '.' (not first); got {name!r}")
+
+
+def register_searched(name: str, solver: SearchedSolver | PathLike, *, replace: bool = False,
+                      persist: bool = False) -> SearchedSolver:
+    """Make ``get_solver(name)`` / ``solve(field, x, name)`` use a searched solver (object or artifact
+    directory) in this process. ``persist=True`` also saves it under :func:`solver_home` so that the name works
+    in any later process (``get_solver`` looks there for names it does not know). ``replace=True`` replaces an
+    earlier searched solver of that name (registered, and saved when persisting)."""
+    _check_name(name)
     if not isinstance(solver, SearchedSolver):
         solver = load_searched_solver(solver)
     if name in SOLVERS:
         if not (replace and isinstance(SOLVERS.get(name), _Registered)):
             raise ConfigError(f"solver name {name!r} is taken; pick another name"
                               + ("" if replace else " or pass replace=True to replace a searched solver"))
-        unregister_searched(name)
     named = solver.with_name(name)
+    if persist:
+        target = solver_home() / name
+        if (target / "solver.json").is_file() and not replace:
+            raise ConfigError(f"a searched solver named {name!r} is already saved in {target}; pick another name "
+                              "or pass replace=True")
+        named.save(target)
+    if name in SOLVERS:
+        unregister_searched(name)
     SOLVERS.register(name)(_Registered(named))
     return named
+
+
+def saved_solver_names() -> list[str]:
+    """Names of the searched solvers saved under :func:`solver_home` (``register_searched(..., persist=True)``)."""
+    home = solver_home()
+    return sorted(p.name for p in home.iterdir() if (p / "solver.json").is_file()) if home.is_dir() else []
+
+
+def find_saved(name: str) -> SearchedSolver | None:
+    """The searched solver saved as ``name`` under :func:`solver_home`, registered for this process; or None."""
+    try:
+        _check_name(name)
+    except ConfigError:
+        return None
+    folder = solver_home() / name
+    if not (folder / "solver.json").is_file():
+        return None
+    return register_searched(name, folder)
 
 
 def unregister_searched(name: str) -> None:
