@@ -179,3 +179,20 @@ def test_resuming_another_model_with_the_same_weight_shapes_is_refused(tmp_path)
         Trainer(Diffusion(MLP(2, hidden=8), sample_shape=(2,)), cfg).fit(data)
     # the refused run left the checkpoint as it was
     assert genkit.load(tmp_path / "checkpoint").family == "flow_matching"
+
+
+def test_sampling_misuse_gets_genkit_errors():
+    """Solver options given to sample(), a typo, a dtype mismatch and an upward grid: clear errors, not raw
+    TypeErrors/RuntimeErrors from deep inside the network."""
+    from genkit.solvers import solve
+
+    torch.manual_seed(0)
+    model = genkit.FlowMatching(MLP(2, hidden=8, depth=1, time_dim=4), sample_shape=(2,))
+    for kwargs in ({"eta": 0.5}, {"stpes": 5}):
+        with pytest.raises(ConfigError, match=r"solver options go to the solver: get_solver\(name, \*\*options\)"):
+            model.sample(2, solver="euler_maruyama", grid=genkit.solvers.Uniform(t_max=0.99), **kwargs)
+    with pytest.raises(ShapeError, match=r"x is torch.float64 but the flow_matching model's weights are "
+                                         r"torch.float32"):
+        solve(model, torch.zeros(2, 2, dtype=torch.float64), "euler", 2)
+    with pytest.raises(ConfigError, match="the grid runs up, from t=0 to t=1: reverse it"):
+        model.sample(2, grid=[0.0, 0.5, 1.0])

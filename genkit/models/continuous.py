@@ -47,6 +47,11 @@ class ContinuousModel(nn.Module):
         if tuple(x.shape[1:]) != self.sample_shape:
             shape = ", ".join(map(str, self.sample_shape))
             raise ShapeError(f"{self.family} model expects inputs of shape [batch, {shape}]; got {tuple(x.shape)}")
+        p = next(self.net.parameters(), None)
+        if p is not None and x.dtype != p.dtype and x.is_floating_point() and not torch.is_autocast_enabled(
+                x.device.type):
+            raise ShapeError(f"x is {x.dtype} but the {self.family} model's weights are {p.dtype}; convert one of "
+                             f"them (x.to({p.dtype}) or model.to({x.dtype}))")
         t = broadcast_time(t, x)
         return self.net(self.net_input(x, t), t, **cond)
 
@@ -82,6 +87,11 @@ class ContinuousModel(nn.Module):
                               f"torch.Generator(device={str(device)!r})")
         x = self.path.sample_prior((n, *self.sample_shape), generator=generator, device=device, dtype=p.dtype)
         solver = get_solver(solver)
+        if isinstance(grid, (list, tuple)) or torch.is_tensor(grid):
+            ends = [float(grid[0]), float(grid[-1])] if len(grid) else []
+            if len(ends) == 2 and ends[0] < ends[1]:
+                raise ConfigError(f"sampling runs from noise (t = 1) down to data (t = 0); the grid runs up, from "
+                                  f"t={ends[0]:g} to t={ends[1]:g}: reverse it")
         grid = self.default_grid(grid)
         if steps is None and solver.default_steps is None and not isinstance(get_grid(grid), Custom):
             steps = 32

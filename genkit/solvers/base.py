@@ -200,4 +200,12 @@ def solve(field: Field, x: Tensor, solver: str | Solver = "euler", steps: int | 
         raise ConfigError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)); got "
                           f"{generator!r}")
     solver.check_steps(times)
-    return solver.solve(field, x, times, generator=generator, trajectory=trajectory, **cond)
+    try:
+        return solver.solve(field, x, times, generator=generator, trajectory=trajectory, **cond)
+    except TypeError as e:
+        # e.g. sample(..., eta=0.5) or a typo such as stpes=5
+        if cond and ("keyword argument" in str(e) or "multiple values for argument" in str(e)):
+            raise ConfigError(f"solve()/sample() passed {sorted(cond)} to the field as conditioning, and it refused "
+                              f"them ({e}); solver options go to the solver: get_solver(name, **options), e.g. "
+                              "solver=get_solver('euler_maruyama', eta=0.5)") from e
+        raise
