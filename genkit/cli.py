@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import ConfigError, GenkitError
+from .errors import ConfigError, GenkitError, TrainingInterrupted
 
 __all__ = ["checkpoint_dir", "script_device", "run_main"]
 
@@ -44,5 +44,6 @@ def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
         main(argv)
     except GenkitError as e:
         print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
-        return 2
+        signum = getattr(e, "signum", None)  # TrainingInterrupted: the shell's status for that signal (130, 143)
+        return 128 + signum if isinstance(e, TrainingInterrupted) and signum is not None else 2
     return 0

@@ -51,6 +51,6 @@ class TrainingInterrupted(GenkitError):
     """Training stopped on SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) after saving a checkpoint at
     the step it had reached; ``step`` and ``checkpoint`` say which. Re-running the same command resumes."""
 
-    def __init__(self, message: str, step: int, checkpoint: object):
+    def __init__(self, message: str, step: int, checkpoint: object, signum: int | None = None):
         super().__init__(message)
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum

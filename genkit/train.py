@@ -36,7 +36,8 @@ from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError,
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "LogRecord", "resume_changes"]
 log = logging.getLogger(__name__)
 _NOISE, _GLOBAL, _PERM, _LOADER = 1, 2, 3, 4  # tags keep the derived seed streams apart
-_FUSED_ADAMW_DEVICES = ("cpu", "cuda") if torch.__version__ >= "2.4" else ("cuda",)
+_TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])  # "2.14.1+cu130" -> (2, 14)
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda") if _TORCH >= (2, 4) else ("cuda",)
 
 
 def _derive_seed(*parts: int) -> int:
@@ -268,9 +269,17 @@ class _Batches:
             return (self.data[self.indices(k).to(self.data.device)] for k in range(start, stop))
         steps = (self.indices(k).tolist() for k in range(start, stop))  # DataLoader iterates it once
         loader = DataLoader(self.data, batch_sampler=steps, num_workers=self.cfg.num_workers,
+                            worker_init_fn=_ignore_signals if self.cfg.num_workers else None,
                             pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(_derive_seed(self.cfg.seed, _LOADER, start)))
         return iter(loader)
+
+
+def _ignore_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT / SIGTERM to the training process, which saves a checkpoint and then
+    shuts them down (a terminal's Ctrl-C and a scheduler's preemption signal the whole process group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _short(v: float) -> str:
@@ -437,10 +446,10 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True,
                    disable=not (acc.is_main_process and cfg.progress))
         losses: list[tuple[int, float]] = []
-        it = batches.iterate(start, cfg.steps, acc.device)
         self._clock, self._skipped_logged = (time.perf_counter(), start), run["skipped"]
         try:
             with self._interrupt:
+                it = batches.iterate(start, cfg.steps, acc.device)
                 for k in range(start, cfg.steps):
                     _seed_global(_derive_seed(cfg.seed, _GLOBAL, k, acc.process_index), acc.device)  # dropout etc.
                     self._step(k, _to_device(next(it), acc.device), run)
@@ -460,12 +469,15 @@ class Trainer:
                         callback(self, record)
         finally:
             bar.close()
-        if self._stop or self._interrupt.signum is not None:  # a signal during the last step's save counts too
-            name = signal.Signals(self._interrupt.signum).name if self._interrupt.signum is not None else "a signal"
+        signum = self._interrupt.signum
+        if self._stop:
+            name = signal.Signals(signum).name if signum is not None else "a signal on another rank"
             step = run["step"]
-            raise TrainingInterrupted(f"training stopped by {name} (on some rank) at step {step} of {cfg.steps}; "
-                                      f"the checkpoint {ckpt} holds step {step}: run the same command (or fit "
-                                      "again) to resume", step, ckpt)
+            raise TrainingInterrupted(f"training stopped by {name} at step {step} of {cfg.steps}; the checkpoint "
+                                      f"{ckpt} holds step {step}: run the same command (or fit again) to resume",
+                                      step, ckpt, signum)
+        if signum is not None:  # it came after the last step was agreed on: the run is complete and saved, so
+            signal.raise_signal(signum)  # the signal now does what it would have done without the trainer
         return TrainResult(step=run["step"], losses=losses, checkpoint=ckpt if start < cfg.steps else source,
                            ema=self.ema.state_dict() if self.ema is not None else None, skipped=run["skipped"])
 
@@ -601,8 +613,7 @@ class Trainer:
                 f"{source} holds a different model (config differs in {diff}); resume it with the same model, "
                 "or choose a new out_dir / resume=False to start a fresh run"
             )
-        state = checkpoint.load_training_state(source, self.model, self.optimizer, self.scheduler)
-        saved_config = state.get("train_config") or {}
+        saved_config = checkpoint.read_trainer_state(source).get("train_config") or {}
         changes = resume_changes(saved_config, self.config)
         listing = "; ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in changes.items())
         if changes and not allow_new_settings:
@@ -611,8 +622,16 @@ class Trainer:
                 "it exactly, or pass fit(allow_new_settings=True) (train/train.py: --allow-new-settings) to go on "
                 "with the new ones"
             )
-        if changes:
+        state = checkpoint.load_training_state(source, self.model, self.optimizer, self.scheduler)
+        step = int(state["step"])
+        if changes:  # the loaded optimizer and schedule carry the old values: put the new ones in
             log.warning("resuming %s with new settings: %s", source, listing)
+            cfg = self.config
+            self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+            for group in self.optimizer.param_groups:
+                group["initial_lr"], group["lr"], group["betas"] = cfg.lr, cfg.lr * self._lr_factor(step), cfg.betas
+                decayed = all(p.dim() >= 2 for p in group["params"])
+                group["weight_decay"] = cfg.weight_decay if decayed else 0.0
         ema = state.pop("ema")
         if self.ema is not None:
             if ema is None:
@@ -622,11 +641,11 @@ class Trainer:
                 self.ema.load_state_dict(ema, int(state.get("ema_updates", 0)))
             except CheckpointError as e:
                 raise CheckpointError(f"{source}/ema.safetensors: {e}") from e
-        for group in self.optimizer.param_groups if not self._fused else ():  # e.g. a fused run resumed under
-            group["fused"] = None  # fp16: the loaded param groups would keep the fused kernel the scaler can't use
+        for group in self.optimizer.param_groups:  # the loaded groups keep the saving run's kernel choice: e.g. a
+            group["fused"] = True if self._fused else None  # fused run resumed under fp16, whose scaler can't use it
         if self.accelerator.scaler is not None and state.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
-        old_steps, step = saved_config.get("steps", self.config.steps), int(state["step"])
+        old_steps = saved_config.get("steps", self.config.steps)
         if old_steps != self.config.steps and step < self.config.steps:
             log.warning("steps changed from %d to %d: the LR schedule (warm-up, then cosine to the final step) is "
                         "recomputed for %d steps, so after step %d the LR moves from %.3g to %.3g",

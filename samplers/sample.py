@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         label = solver.name if Path(args.solver).is_dir() else args.solver
         args.steps = args.steps or solver.default_steps or 32  # a searched solver's own N
         args.grid = args.grid or "uniform"
-    out = Path(args.out) if args.out else ckpt.parent / f"samples_{label}_{args.steps}steps_{args.grid}"
+    out = Path(args.out) if args.out else ckpt.parent / f"samples_{label}{args.steps}_{args.grid}"
     t0 = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(args.seed)
     if args.solver == "jumps":

@@ -158,6 +158,30 @@ def test_a_signal_saves_the_step_reached_and_resume_is_exact(tmp_path: Path, sig
         assert torch.equal(a, b), name
 
 
+def test_dataloader_workers_leave_signals_to_the_trainer(tmp_path: Path) -> None:
+    """Ctrl-C / a scheduler signal the whole process group: workers must not die before the checkpoint is saved."""
+    from genkit.cli import run_main
+    from genkit.train import _Batches
+
+    class SignalState(Dataset):
+        def __len__(self) -> int:
+            return 16
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            ignored = [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)]
+            return torch.tensor([float(all(ignored)), float(os.getpid())])
+
+    batches = _Batches(SignalState(), cfg(tmp_path, batch_size=4, num_workers=1), world=1, rank=0)
+    got = torch.cat(list(batches.iterate(0, 4, torch.device("cpu"))))
+    assert (got[:, 0] == 1).all() and (got[:, 1] != os.getpid()).all()  # read in a worker that ignores them
+    assert signal.getsignal(signal.SIGINT) != signal.SIG_IGN  # the training process itself still hears them
+
+    def interrupted(argv):
+        raise TrainingInterrupted("stopped", 3, None, signal.SIGTERM)
+
+    assert run_main(interrupted, []) == 128 + signal.SIGTERM  # a script exits as the shell expects
+
+
 def test_resume_with_other_settings_is_an_error_unless_allowed(tmp_path: Path, caplog) -> None:
     Trainer(make(0), cfg(tmp_path, steps=6)).fit(DATA)
     _reset()
@@ -168,10 +192,17 @@ def test_resume_with_other_settings_is_an_error_unless_allowed(tmp_path: Path, c
     with pytest.raises(ConfigError, match=r"ema_decay 0.9 there, None now"):  # would drop the saved EMA
         Trainer(make(0), cfg(tmp_path, steps=8, ema_decay=None)).fit(DATA)
     _reset()
+    records: list[LogRecord] = []
     with caplog.at_level("WARNING", logger="genkit.train"):
-        result = Trainer(make(0), cfg(tmp_path, steps=8, lr=2e-2)).fit(DATA, allow_new_settings=True)
+        trainer = Trainer(make(0), cfg(tmp_path, steps=8, lr=2e-2, weight_decay=0.5),
+                          callbacks=[lambda t, r: records.append(r)])
+        result = trainer.fit(DATA, allow_new_settings=True)
     assert result.step == 8 and "new settings: lr 0.01 there, 0.02 now" in caplog.text
     assert "steps changed from 6 to 8" in caplog.text  # the LR schedule is recomputed: said, not silent
+    # the new settings are the ones used (the loaded optimizer state carried the old ones)
+    assert records[-1].lr == pytest.approx(2e-2 * 0.1)  # cosine down to min_lr_ratio * the new lr
+    assert trainer.scheduler.base_lrs == [2e-2] * len(trainer.optimizer.param_groups)
+    assert sorted(g["weight_decay"] for g in trainer.optimizer.param_groups) == [0.0, 0.5]
 
 
 def test_callback_log_record_and_schedule(tmp_path: Path) -> None:

@@ -18,6 +18,14 @@ from ..solvers import Custom, Solution, Solver, TimeGrid, get_grid, get_solver, 
 __all__ = ["ContinuousModel"]
 
 
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for this device type (torch < 2.4 knows only CUDA autocast by this call)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_enabled() or (device_type == "cpu" and torch.is_autocast_cpu_enabled())
+
+
 class ContinuousModel(nn.Module):
     """Base of continuous-time families. A model is a field: ``model(x, t) -> prediction``.
 
@@ -48,8 +56,7 @@ class ContinuousModel(nn.Module):
             shape = ", ".join(map(str, self.sample_shape))
             raise ShapeError(f"{self.family} model expects inputs of shape [batch, {shape}]; got {tuple(x.shape)}")
         p = next(self.net.parameters(), None)
-        if p is not None and x.dtype != p.dtype and x.is_floating_point() and not torch.is_autocast_enabled(
-                x.device.type):
+        if p is not None and x.dtype != p.dtype and x.is_floating_point() and not _autocast(x.device.type):
             raise ShapeError(f"x is {x.dtype} but the {self.family} model's weights are {p.dtype}; convert one of "
                              f"them (x.to({p.dtype}) or model.to({x.dtype}))")
         t = broadcast_time(t, x)
@@ -87,7 +94,7 @@ class ContinuousModel(nn.Module):
                               f"torch.Generator(device={str(device)!r})")
         x = self.path.sample_prior((n, *self.sample_shape), generator=generator, device=device, dtype=p.dtype)
         solver = get_solver(solver)
-        if isinstance(grid, (list, tuple)) or torch.is_tensor(grid):
+        if isinstance(grid, (list, tuple)) or (torch.is_tensor(grid) and grid.ndim == 1):
             ends = [float(grid[0]), float(grid[-1])] if len(grid) else []
             if len(ends) == 2 and ends[0] < ends[1]:
                 raise ConfigError(f"sampling runs from noise (t = 1) down to data (t = 0); the grid runs up, from "
