@@ -418,7 +418,10 @@ def register_searched(name: str, solver: SearchedSolver | PathLike, *, replace: 
 def saved_solver_names() -> list[str]:
     """Names of the searched solvers saved under :func:`solver_home` (``register_searched(..., persist=True)``)."""
     home = solver_home()
-    return sorted(p.name for p in home.iterdir() if (p / "solver.json").is_file()) if home.is_dir() else []
+    try:
+        return sorted(p.name for p in home.iterdir() if (p / "solver.json").is_file()) if home.is_dir() else []
+    except OSError:  # an unreadable solver home lists nothing rather than hiding the error being reported
+        return []
 
 
 def find_saved(name: str) -> SearchedSolver | None:
