@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -447,3 +448,19 @@ def test_script_searches_saves_and_reports(tmp_path, capsys):
     assert script.run(["--checkpoint", str(tmp_path / "missing"), "--nfe", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err), err
+
+
+def test_a_solver_searched_for_another_model_warns(tmp_path):
+    torch.manual_seed(0)
+    mine = genkit.FlowMatching(MLP(2, hidden=16, depth=1, time_dim=8), sample_shape=(2,)).requires_grad_(False)
+    other = genkit.FlowMatching(MLP(2, hidden=32, depth=1, time_dim=8), sample_shape=(2,)).requires_grad_(False)
+    s = search_solver(mine, 3, shape=(2,), iters=2, batch=8, pool=16, reference_steps=8,
+                      generator=torch.Generator().manual_seed(0))
+    loaded = load_searched_solver(s.save(tmp_path / "s"))
+    assert loaded.info["model"] == s.info["model"]  # kept in the artifact
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mine.sample(4, solver=loaded)  # its own model: silent
+        solve(GM, HELD_OUT, uniform_init(3), 3)  # a field without a config: nothing to compare
+    with pytest.warns(UserWarning, match="searched for another model.*Search again for this model"):
+        other.sample(4, solver=loaded)

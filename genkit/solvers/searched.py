@@ -40,10 +40,13 @@ torch.Size([3, 1])
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path as FsPath
 from typing import TYPE_CHECKING, Any, Union
 
@@ -278,6 +281,11 @@ class SearchedSolver(Solver):
             raise SolverError(f"searched solver {self.name!r} was searched for path {self.path!r}, field uses "
                               f"{field.path!r}; search again with this field")
         self.check_steps(times)
+        searched_for, this = (self.info or {}).get("model"), _model_fingerprint(field)
+        if searched_for is not None and this is not None and searched_for != this:
+            warnings.warn(f"searched solver {self.name!r} was searched for another model (its config differs: "
+                          f"{searched_for} there, {this} here); it runs, but not with the accuracy its search "
+                          "measured. Search again for this model", stacklevel=3)
         grid = self.times
         x, states = _integrate(field, x, grid, self.coefficients, self.variant, trajectory, cond, self.eval_shift,
                                self.scales, self.teleport)
@@ -443,6 +451,21 @@ def unregister_searched(name: str) -> None:
     SOLVERS.unregister(name)
 
 
+def _model_fingerprint(field: Any) -> str | None:
+    """A short hash of a model's ``config()`` (family, path, network, ...), or None for fields without one:
+    kept in a searched solver's info so that using it on another architecture warns. Weights are not hashed,
+    so two trainings of the same architecture look alike."""
+    base = getattr(field, "base", field)  # a FieldView's model
+    config = getattr(base, "config", None)
+    if not callable(config):
+        return None
+    try:
+        text = json.dumps(config(), sort_keys=True, default=str)
+    except Exception:  # a config that is not JSON: nothing to compare
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _interp(ref_t: Tensor, ref: Tensor, t: Tensor) -> Tensor:
     """Linear interpolation of reference states ``ref [M + 1, B, ...]`` on decreasing ``ref_t`` at ``t [K]``."""
     u = (ref_t[0] - t) / (ref_t[0] - ref_t[-1]) * (len(ref_t) - 1)  # fractional index on the uniform ref grid
@@ -591,6 +614,9 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
             "reference_steps": reference_steps, "eval_times": eval_times, "step_scales": step_scales,
             "teleport": None if fit is None else ("reference" if teleport == "reference" else "given"),
             "first_loss": losses[0], "last_loss": losses[-1], "loss_curve": _curve(losses)}
+    fingerprint = _model_fingerprint(field)
+    if fingerprint is not None:
+        info["model"] = fingerprint
     return SearchedSolver(logits.detach(), (coeffs * mask).detach(), field.path, t_start, t_end, variant, info,
                           eval_shift=None if shift is None else shift.detach(),
                           scales=None if scales is None else scales.detach(), teleport=fit)
