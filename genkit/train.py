@@ -36,8 +36,7 @@ from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError,
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "LogRecord", "resume_changes"]
 log = logging.getLogger(__name__)
 _NOISE, _GLOBAL, _PERM, _LOADER = 1, 2, 3, 4  # tags keep the derived seed streams apart
-_TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])  # "2.14.1+cu130" -> (2, 14)
-_FUSED_ADAMW_DEVICES = ("cpu", "cuda") if _TORCH >= (2, 4) else ("cuda",)
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda") if torch.__version__ >= "2.4" else ("cuda",)  # TorchVersion: a version compare
 
 
 def _derive_seed(*parts: int) -> int:
@@ -623,7 +622,7 @@ class Trainer:
                 "with the new ones"
             )
         state = checkpoint.load_training_state(source, self.model, self.optimizer, self.scheduler)
-        step = int(state["step"])
+        step, saved_lr = int(state["step"]), self.optimizer.param_groups[0]["lr"]
         if changes:  # the loaded optimizer and schedule carry the old values: put the new ones in
             log.warning("resuming %s with new settings: %s", source, listing)
             cfg = self.config
@@ -649,7 +648,7 @@ class Trainer:
         if old_steps != self.config.steps and step < self.config.steps:
             log.warning("steps changed from %d to %d: the LR schedule (warm-up, then cosine to the final step) is "
                         "recomputed for %d steps, so after step %d the LR moves from %.3g to %.3g",
-                        old_steps, self.config.steps, self.config.steps, step, self.optimizer.param_groups[0]["lr"],
+                        old_steps, self.config.steps, self.config.steps, step, saved_lr,
                         self.config.lr * self._lr_factor(step))
         if state.get("world_size") != self.accelerator.num_processes:
             log.info("resuming a %s-process run on %d processes: batches from here on differ from the original run",

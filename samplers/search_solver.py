@@ -34,8 +34,8 @@ import torch
 import genkit
 from genkit.cli import checkpoint_dir, run_main, script_device
 from genkit.errors import ConfigError
-from genkit.solvers import SOLVERS, solve
-from genkit.solvers.searched import VARIANTS, register_searched, search_solver, solver_home
+from genkit.solvers import solve
+from genkit.solvers.searched import VARIANTS, check_new_name, register_searched, search_solver, solver_home
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -84,11 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"--eval must be a positive integer; got {args.eval}")
     device = script_device(args.device)
     if args.name is not None:  # before the search, not after it
-        if args.name in SOLVERS:
-            raise ConfigError(f"--name {args.name!r} is taken by a registered solver; pick another name")
-        if (solver_home() / args.name / "solver.json").is_file() and not args.replace:
-            raise ConfigError(f"--name {args.name!r}: a solver of that name is saved in {solver_home() / args.name}; "
-                              "pick another name or add --replace")
+        check_new_name(args.name, replace=args.replace, persist=True)
     ckpt = checkpoint_dir(args.checkpoint)
     model = genkit.load(ckpt, ema=not args.raw_weights, map_location=device)
     if not hasattr(model, "path") or not hasattr(model, "sample_shape"):

@@ -162,3 +162,11 @@ def test_build_rejects_bad_configs():
         build({"name": "mlp", "dim": 2, "widht": 3})
     with pytest.raises(ConfigError, match=r"needs option\(s\) \['dim'\]"):
         build({"name": "mlp"})
+
+
+def test_unet_refuses_an_image_size_its_levels_cannot_halve():
+    UNet(sample_size=8, block_out_channels=(8, 8, 8, 8))  # halved 3 times: 8 -> 1
+    with pytest.raises(ConfigError, match=r"sample_size=12 must be positive and divisible by 8.*fewer levels"):
+        UNet(sample_size=12, block_out_channels=(8, 8, 8, 8))
+    with pytest.raises(ConfigError, match=r"sample_size=\(8, 6\) must be positive and divisible by 4"):
+        UNet(sample_size=(8, 6), block_out_channels=(8, 8, 8))

@@ -189,13 +189,14 @@ def test_help(script, capsys):
     (TRAIN, ["--steps", "-5"], "--steps -5 is invalid"),
     (TRAIN, ["--ema-decay", "1.5"], "--ema-decay 1.5 is invalid: use a number in (0, 1)"),
     (TRAIN, ["--data", "digits", "--family", "diffusion", "--channels", "8,8,8,8,8"],
-     "side 8 is not divisible by 16"),
+     "sample_size=8 must be positive and divisible by 16"),
+    (TRAIN, ["--warmup", "2000", "--steps", "100"], "--warmup 2000 is invalid: it exceeds --steps 100"),
     (TRAIN, ["--sample-every", "10", "--log-every", "7"], "multiple of --log-every 7"),
     (SAMPLE, ["--checkpoint", "/no/such/run"], "/no/such/run"),
     (EVALUATE, ["--checkpoint", "/no/such/run", "--data", "moons"], "/no/such/run"),
 ], ids=["path", "prediction-with-fm", "coupling-with-diffusion", "solver", "channels-for-vectors", "hidden-0",
         "image-channels-without-folder", "workers-without-folder", "negative-steps", "ema-decay", "unet-levels",
-        "log-every", "sample-missing-checkpoint", "evaluate-missing-checkpoint"])
+        "warmup-over-steps", "log-every", "sample-missing-checkpoint", "evaluate-missing-checkpoint"])
 def test_bad_flag_values_exit_2_with_one_error_line(script, args, named, capsys, tmp_path):
     assert run_main(script, *args, "--out", str(tmp_path / "out")) == 2
     captured = capsys.readouterr()

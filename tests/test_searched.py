@@ -446,8 +446,11 @@ def test_script_searches_saves_and_reports(tmp_path, capsys):
     script = _script()  # bad input: one error line, exit status 2 (in process, to spare a second interpreter)
     assert script.run(["--checkpoint", str(ckpt), "--nfe", "1", "--out", str(tmp_path / "s1")]) == 2
     assert script.run(["--checkpoint", str(tmp_path / "missing"), "--nfe", "3"]) == 2
+    assert script.run(["--checkpoint", str(ckpt), "--nfe", "3", "--name", "../evil", "--out", str(tmp_path / "s")]) == 2
+    assert not (tmp_path / "s").exists()  # a bad --name fails before the search, not after it
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error: ") for line in err), err
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+    assert "letters, digits" in err[2]
 
 
 def test_a_solver_searched_for_another_model_warns(tmp_path):

@@ -199,6 +199,7 @@ def test_resume_with_other_settings_is_an_error_unless_allowed(tmp_path: Path, c
         result = trainer.fit(DATA, allow_new_settings=True)
     assert result.step == 8 and "new settings: lr 0.01 there, 0.02 now" in caplog.text
     assert "steps changed from 6 to 8" in caplog.text  # the LR schedule is recomputed: said, not silent
+    assert "the LR moves from 0.001 to" in caplog.text  # from the saved run's last LR (0.1 x 0.01), not the new one
     # the new settings are the ones used (the loaded optimizer state carried the old ones)
     assert records[-1].lr == pytest.approx(2e-2 * 0.1)  # cosine down to min_lr_ratio * the new lr
     assert trainer.scheduler.base_lrs == [2e-2] * len(trainer.optimizer.param_groups)

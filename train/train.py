@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -185,9 +186,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                            out_dir=args.out, nonfinite=args.nonfinite, num_workers=args.num_workers,
                            progress=not args.no_progress)
     except ConfigError as e:  # name the flag, not the dataclass field
-        text = str(e)
-        for field, flag in FLAGS.items():
-            text = text.replace(f"TrainConfig.{field}=", f"{flag} ").replace(f"{field}=", f"{flag} ")
+        text = re.sub(r"(?:TrainConfig\.)?\b(\w+)=", lambda m: f"{FLAGS[m[1]]} " if m[1] in FLAGS else m[0], str(e))
         raise ConfigError(text.replace(" or None", " or 'none'")) from None
 
 
@@ -229,12 +228,6 @@ def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
         except ValueError:
             raise ConfigError(f"--channels must be comma-separated integers like 32,64; got {args.channels!r}"
                               ) from None
-        factor = 2 ** (len(channels) - 1)  # the UNet halves the image once per level after the first
-        if shape[-1] % factor or shape[-2] % factor:
-            side = "--image-size" if args.image_folder is not None else f"the {args.data} images'"
-            raise ConfigError(f"{side} side {shape[-1]} is not divisible by {factor}, which --channels "
-                              f"{','.join(map(str, channels))} ({len(channels)} levels) needs; use a size divisible "
-                              f"by {factor} or fewer levels")
         # on the ddpm path, diffusers' time map (step i = N t - 1) makes the model export exactly (to_diffusers)
         time_map = ({"time_scale": float(genkit.get_path(args.path).num_steps), "time_shift": -1.0}
                     if args.family == "diffusion" and args.path == "ddpm" else {})

@@ -104,6 +104,14 @@ class UNet(nn.Module):
                 f"block_out_channels={list(block_out_channels)} must be non-empty and each divisible by "
                 f"norm_num_groups={norm_num_groups}; change one of them"
             )
+        factor = 2 ** (levels - 1)  # every level but the last halves the image
+        sides = [sample_size] if isinstance(sample_size, int) else list(sample_size)
+        if any(not isinstance(s, int) or s < 1 or s % factor for s in sides):
+            raise ConfigError(
+                f"sample_size={sample_size!r} must be positive and divisible by {factor}: the {levels} levels of "
+                f"block_out_channels={list(block_out_channels)} halve the image {levels - 1} time(s); use a size "
+                f"divisible by {factor} or fewer levels"
+            )
         down = tuple(down_block_types or ("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",))
         up = tuple(up_block_types or ("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1))
         if len(down) != levels or len(up) != levels:

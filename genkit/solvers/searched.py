@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from ..teleport import GaussianFit
 
 __all__ = ["SearchedSolver", "search_solver", "load_searched_solver", "register_searched", "unregister_searched",
-           "solver_home", "saved_solver_names", "find_saved", "VARIANTS", "FORMAT_VERSION"]
+           "solver_home", "saved_solver_names", "find_saved", "check_new_name", "VARIANTS", "FORMAT_VERSION"]
 
 VARIANTS = ("velocity", "data")
 FORMAT_VERSION = 2  # 2: optional evaluation-time shifts, step scales and a teleport Gaussian
@@ -397,26 +397,31 @@ def _check_name(name: str) -> None:
         raise ConfigError(f"a solver name is letters, digits, '_', '-' and '.' (not first); got {name!r}")
 
 
+def check_new_name(name: str, *, replace: bool = False, persist: bool = False) -> None:
+    """Raise ConfigError unless ``register_searched(name, ..., replace=replace, persist=persist)`` would accept
+    ``name``: a valid name, not a built-in or (without ``replace``) registered or saved solver."""
+    _check_name(name)
+    if name in SOLVERS and not (replace and isinstance(SOLVERS.get(name), _Registered)):
+        raise ConfigError(f"solver name {name!r} is taken; pick another name"
+                          + ("" if replace else " or pass replace=True to replace a searched solver"))
+    target = solver_home() / name
+    if persist and not replace and (target / "solver.json").is_file():
+        raise ConfigError(f"a searched solver named {name!r} is already saved in {target}; pick another name "
+                          "or pass replace=True")
+
+
 def register_searched(name: str, solver: SearchedSolver | PathLike, *, replace: bool = False,
                       persist: bool = False) -> SearchedSolver:
     """Make ``get_solver(name)`` / ``solve(field, x, name)`` use a searched solver (object or artifact
     directory) in this process. ``persist=True`` also saves it under :func:`solver_home` so that the name works
     in any later process (``get_solver`` looks there for names it does not know). ``replace=True`` replaces an
     earlier searched solver of that name (registered, and saved when persisting)."""
-    _check_name(name)
+    check_new_name(name, replace=replace, persist=persist)
     if not isinstance(solver, SearchedSolver):
         solver = load_searched_solver(solver)
-    if name in SOLVERS:
-        if not (replace and isinstance(SOLVERS.get(name), _Registered)):
-            raise ConfigError(f"solver name {name!r} is taken; pick another name"
-                              + ("" if replace else " or pass replace=True to replace a searched solver"))
     named = solver.with_name(name)
     if persist:
-        target = solver_home() / name
-        if (target / "solver.json").is_file() and not replace:
-            raise ConfigError(f"a searched solver named {name!r} is already saved in {target}; pick another name "
-                              "or pass replace=True")
-        named.save(target)
+        named.save(solver_home() / name)
     if name in SOLVERS:
         unregister_searched(name)
     SOLVERS.register(name)(_Registered(named))
