@@ -18,14 +18,6 @@ from ..solvers import Custom, Solution, Solver, TimeGrid, get_grid, get_solver, 
 __all__ = ["ContinuousModel"]
 
 
-def _autocast(device_type: str) -> bool:
-    """Whether autocast is on for this device type (torch < 2.4 knows only CUDA autocast by this call)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:
-        return torch.is_autocast_enabled() or (device_type == "cpu" and torch.is_autocast_cpu_enabled())
-
-
 class ContinuousModel(nn.Module):
     """Base of continuous-time families. A model is a field: ``model(x, t) -> prediction``.
 
@@ -55,12 +47,15 @@ class ContinuousModel(nn.Module):
         if tuple(x.shape[1:]) != self.sample_shape:
             shape = ", ".join(map(str, self.sample_shape))
             raise ShapeError(f"{self.family} model expects inputs of shape [batch, {shape}]; got {tuple(x.shape)}")
-        p = next(self.net.parameters(), None)
-        if p is not None and x.dtype != p.dtype and x.is_floating_point() and not _autocast(x.device.type):
-            raise ShapeError(f"x is {x.dtype} but the {self.family} model's weights are {p.dtype}; convert one of "
-                             f"them (x.to({p.dtype}) or model.to({x.dtype}))")
         t = broadcast_time(t, x)
-        return self.net(self.net_input(x, t), t, **cond)
+        try:
+            return self.net(self.net_input(x, t), t, **cond)
+        except RuntimeError as e:  # explained here, at no cost to the calls that work (a sampling loop's)
+            p = next(self.net.parameters(), None)
+            if p is not None and x.is_floating_point() and x.dtype != p.dtype:
+                raise ShapeError(f"x is {x.dtype} but the {self.family} model's weights are {p.dtype}; convert one "
+                                 f"of them (x.to({p.dtype}) or model.to({x.dtype}))") from e
+            raise
 
     def check_batch(self, batch: Any) -> Tensor:
         if not torch.is_tensor(batch):
