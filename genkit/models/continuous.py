@@ -3,17 +3,18 @@ sampling with any solver, and likelihoods through the ODE."""
 
 from __future__ import annotations
 
+import argparse
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ShapeError
-from ..fields import as_x0
 from ..paths import PREDICTIONS, Path, broadcast_time, get_path
-from ..solvers import Custom, Solution, Solver, TimeGrid, get_grid, get_solver, ode_log_prob, solve
+from ..sampling import ODESampler, Sampler, get_sampler
+from ..solvers import Solution, Solver, TimeGrid, ode_log_prob
 
 __all__ = ["ContinuousModel"]
 
@@ -67,18 +68,72 @@ class ContinuousModel(nn.Module):
         return batch
 
     # --- sampling and densities ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, n: int, *, solver: str | Solver = "heun", steps: int | None = None,
-               grid: str | TimeGrid | Tensor | Sequence[float] = "uniform", generator: torch.Generator | None = None,
-               device: torch.device | str | None = None, return_solution: bool = False,
-               **cond: Any) -> Tensor | Solution:
-        """Draw ``n`` samples ``[n, *sample_shape]`` by solving from the prior at the grid's first time.
+    def samplers(self) -> tuple[str, ...]:
+        """Names (in :data:`genkit.sampling.SAMPLERS`) of the samplers this model supports, default first."""
+        return ("ode",)
 
-        ``steps`` defaults to 32 (a searched solver's own N; explicit grid times their own count).
+    def default_sampler(self) -> Sampler:
+        """What :meth:`sample` uses when given no sampler: heun on the uniform grid (32 steps)."""
+        return ODESampler("heun", None, "uniform")
+
+    def get_sampler(self, sampler: str | Sampler | None = None, *, solver: str | Solver | None = None,
+                    steps: int | None = None, grid: str | TimeGrid | Tensor | Sequence[float] | None = None) -> Sampler:
+        """The sampler :meth:`sample` runs, checked against :meth:`samplers`.
+
+        ``sampler`` is a Sampler or a registry name (``"ode"``, ``"jumps"``), built with whichever of ``solver``,
+        ``steps``, ``grid`` are given. Without one, the keywords keep their meaning: ``solver`` or ``grid`` ask
+        for an ODE solver (``ODESampler(solver or "heun", steps, grid or "uniform")``), ``steps`` alone sets the
+        default sampler's step count. A jump sampler without steps takes the default sampler's.
+        """
+        options = {k: v for k, v in (("solver", solver), ("steps", steps), ("grid", grid)) if v is not None}
+        if sampler is None:
+            if solver is not None or grid is not None:
+                sampler = ODESampler("heun" if solver is None else solver, steps, "uniform" if grid is None else grid)
+            else:
+                default = self.default_sampler()
+                sampler = default if steps is None else default.with_steps(steps)
+        else:
+            sampler = get_sampler(sampler, **options)
+        if sampler.name not in self.samplers():
+            raise ConfigError(f"the {self.family} model cannot sample with {sampler!r}, which needs {sampler.needs}; "
+                              f"its samplers are {self.samplers()}")
+        if sampler.steps is None and sampler.name != "ode":  # e.g. jumps: the model's own count
+            default = self.default_sampler()
+            if type(default) is type(sampler) and default.steps is not None:
+                sampler = sampler.with_steps(default.steps)
+        return sampler
+
+    @torch.no_grad()
+    def sample(self, n: int, *, sampler: str | Sampler | None = None, solver: str | Solver | None = None,
+               steps: int | None = None, grid: str | TimeGrid | Tensor | Sequence[float] | None = None,
+               generator: torch.Generator | None = None, device: torch.device | str | None = None,
+               return_solution: bool = False, **cond: Any) -> Tensor | Solution:
+        """Draw ``n`` samples ``[n, *sample_shape]`` from the prior through a sampler (no gradients).
+
+        ``sampler`` is a :class:`~genkit.sampling.Sampler` or its name (see :meth:`get_sampler` for how
+        ``solver``, ``steps`` and ``grid`` build one; by default :meth:`default_sampler`). ODE sampling takes
+        32 steps unless told otherwise (a searched solver's own N; explicit grid times their own count).
         ``generator`` makes the prior draw (and any solver noise) reproducible; ``device`` defaults to the
         model's. With ``return_solution=True`` the full :class:`~genkit.solvers.Solution` (NFE, trajectory
         if asked through the solver) is returned.
         """
+        return self._draw(n, self.get_sampler(sampler, solver=solver, steps=steps, grid=grid), generator, device,
+                          return_solution, cond)
+
+    def rsample(self, n: int, *, sampler: str | Sampler | None = None, solver: str | Solver | None = None,
+                steps: int | None = None, grid: str | TimeGrid | Tensor | Sequence[float] | None = None,
+                generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                return_solution: bool = False, **cond: Any) -> Tensor | Solution:
+        """:meth:`sample` with gradients kept: the samples are ``x = Phi_theta(z)`` with ``z`` from the fixed
+        Gaussian prior, a deterministic (reparameterised) map of the parameters for ODE solvers and jumps (SDE
+        solvers add noise that does not depend on the parameters), so ``loss(rsample(n)).backward()`` gives
+        pathwise gradients w.r.t. the parameters, as ``torch.distributions``' ``rsample`` does. Same values as
+        :meth:`sample` for the same generator; memory grows with the steps (every evaluation is recorded)."""
+        return self._draw(n, self.get_sampler(sampler, solver=solver, steps=steps, grid=grid), generator, device,
+                          return_solution, cond)
+
+    def _draw(self, n: int, sampler: Sampler, generator: torch.Generator | None, device: torch.device | str | None,
+              return_solution: bool, cond: dict[str, Any]) -> Tensor | Solution:
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ConfigError(f"n must be a positive integer; got {n!r}")
         n = int(n)
@@ -88,20 +143,7 @@ class ContinuousModel(nn.Module):
             raise ConfigError(f"the generator is on {generator.device} but sampling runs on {device}; create it with "
                               f"torch.Generator(device={str(device)!r})")
         x = self.path.sample_prior((n, *self.sample_shape), generator=generator, device=device, dtype=p.dtype)
-        solver = get_solver(solver)
-        if isinstance(grid, (list, tuple)) or (torch.is_tensor(grid) and grid.ndim == 1):
-            ends = [float(grid[0]), float(grid[-1])] if len(grid) else []
-            if len(ends) == 2 and ends[0] < ends[1]:
-                raise ConfigError(f"sampling runs from noise (t = 1) down to data (t = 0); the grid runs up, from "
-                                  f"t={ends[0]:g} to t={ends[1]:g}: reverse it")
-        grid = self.default_grid(grid)
-        if steps is None and solver.default_steps is None and not isinstance(get_grid(grid), Custom):
-            steps = 32
-        sol = solve(self, x, solver, steps, grid, generator=generator, **cond)
-        t_end = float(sol.times[-1])
-        if t_end > 0 and self.denoise_end:
-            sol.samples = as_x0(self)(sol.samples, t_end, **cond)
-            sol.nfe += 1
+        sol = sampler.sample(self, x, generator=generator, **cond)
         return sol if return_solution else sol.samples
 
     #: Return E[x_0 | x_t] at the grid's last time when it ends above 0 (one extra evaluation).
@@ -123,6 +165,36 @@ class ContinuousModel(nn.Module):
     def time_range(self) -> tuple[float, float]:
         """``(t_min, t_max)`` the model was trained on and samples over."""
         return self.path.t_min, 1.0
+
+    # --- registry hooks: a tiny example, and the flags of train/train.py ----------------------------------
+    @classmethod
+    def example(cls) -> tuple[ContinuousModel, Tensor]:
+        """A tiny model of this family and a data batch ``[B, *sample_shape]`` it trains on, the same on every
+        call (weights seeded): what the family property suite (tests/test_families.py) runs. Every registered
+        family must define it."""
+        raise NotImplementedError(f"family {cls.family!r} ({cls.__name__}) registers no example(); define the "
+                                  "classmethod example() -> (model, batch)")
+
+    #: Defaults of train/train.py's shared flags (e.g. ``{"path": "linear"}``) and of this family's own flags.
+    cli_defaults: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        """Add this family's own flags to ``group`` (train/train.py gives each family a group of its own). Every
+        flag's argparse default must be None: the script fills :attr:`cli_defaults`, and a flag set for another
+        family is an error naming that family."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, net: nn.Module, sample_shape: Sequence[int]) -> ContinuousModel:
+        """Build the family from train/train.py's parsed flags (``args.path`` and the family's own, defaults
+        filled in) around ``net``; bad values are ConfigErrors naming the flag. A family that cannot be trained
+        by train/train.py (it needs a teacher, say) raises a ConfigError pointing to its own script."""
+        raise NotImplementedError(f"family {cls.family!r} does not define from_args(); train it from Python")
+
+    @classmethod
+    def net_options(cls, args: argparse.Namespace, kind: str) -> dict[str, Any]:
+        """Extra keyword arguments of the network train/train.py builds (``kind`` is ``"mlp"`` or ``"unet"``)."""
+        return {}
 
     # --- config ---------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

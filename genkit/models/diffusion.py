@@ -18,14 +18,15 @@ the identity on variance-preserving paths with ``sigma_data = 1``.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..paths import Path, path_from_config
+from ..paths import Path, get_path, path_from_config
 from ..solvers import get_grid
 from . import FAMILIES
 from .continuous import ContinuousModel
@@ -132,6 +133,38 @@ class Diffusion(ContinuousModel):
     def extra_config(self) -> dict[str, Any]:
         return {"weighting": self.weighting, "sigma_data": self.sigma_data, "min_snr_gamma": self.min_snr_gamma,
                 "t_eps": self.t_eps, "t_max": self.t_max}
+
+    @classmethod
+    def example(cls) -> tuple[Diffusion, Tensor]:
+        """A 2-D v-prediction model on the cosine path (MLP 16 x 1, seeded) and 32 points of a Gaussian."""
+        from ..nets import MLP
+
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = cls(MLP(2, hidden=16, depth=1, time_dim=8), "cosine", "v", "min_snr", sample_shape=(2,))
+        g = torch.Generator().manual_seed(0)
+        return model, 0.5 * torch.randn(32, 2, generator=g) - 0.5
+
+    cli_defaults: ClassVar[dict[str, Any]] = {"path": "cosine", "prediction": "v", "weighting": "uniform"}
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--prediction", help="what the network predicts, eps, x0, v or velocity (default: v, "
+                                                "which stays accurate near t = 1, where eps predictions on the "
+                                                "cosine path are amplified ~1/alpha)")
+        group.add_argument("--weighting", help=f"loss weighting, one of {', '.join(WEIGHTINGS)} (default: uniform)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, net: nn.Module, sample_shape: Sequence[int]) -> Diffusion:
+        return cls(net, args.path, args.prediction, args.weighting, sample_shape=sample_shape)
+
+    @classmethod
+    def net_options(cls, args: argparse.Namespace, kind: str) -> dict[str, Any]:
+        """On the ddpm path a UNet gets diffusers' time map (step i = N t - 1), so the model exports exactly
+        (:func:`genkit.to_diffusers`)."""
+        if kind == "unet" and args.path == "ddpm":
+            return {"time_scale": float(get_path("ddpm").num_steps), "time_shift": -1.0}
+        return {}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Diffusion:

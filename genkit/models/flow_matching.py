@@ -10,8 +10,9 @@ With the linear path this is rectified flow / conditional OT flow matching, torc
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -78,6 +79,28 @@ class FlowMatching(ContinuousModel):
 
     def extra_config(self) -> dict[str, Any]:
         return {"coupling": self.coupling}
+
+    @classmethod
+    def example(cls) -> tuple[FlowMatching, Tensor]:
+        """A 2-D model (MLP 16 x 1, seeded) and 32 points of a shifted Gaussian."""
+        from ..nets import MLP
+
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = cls(MLP(2, hidden=16, depth=1, time_dim=8), sample_shape=(2,))
+        g = torch.Generator().manual_seed(0)
+        return model, 0.5 * torch.randn(32, 2, generator=g) + 1.0
+
+    cli_defaults: ClassVar[dict[str, Any]] = {"path": "linear", "coupling": "independent"}
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--coupling", help=f"noise-data pairing, one of {', '.join(COUPLINGS)} (default: "
+                                              "independent)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, net: nn.Module, sample_shape: Sequence[int]) -> FlowMatching:
+        return cls(net, args.path, args.coupling, sample_shape=sample_shape)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FlowMatching:

@@ -31,8 +31,9 @@ torch.Size([8, 2])
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,7 @@ from ..fields import Field, as_velocity, check_field
 from ..nets.two_time import build as build_net
 from ..nets.two_time import to_two_time
 from ..paths import Path, broadcast_time, path_from_config
+from ..sampling import JumpSampler, Sampler
 from ..solvers import Solution, Uniform, get_grid
 from . import FAMILIES
 from .continuous import ContinuousModel
@@ -204,36 +206,23 @@ class Secant(ContinuousModel):
             x = x + (b - a).reshape(shape) * self.net(x, a, b, **cond)
         return x
 
-    @torch.no_grad()
-    def sample(self, n: int, *, steps: int | None = None, solver: str | None = None,
-               generator: torch.Generator | None = None, device: torch.device | str | None = None,
-               return_solution: bool = False, **kw: Any) -> Tensor | Solution:
-        """``n`` samples ``[n, *sample_shape]``: ``steps`` uniform learned jumps from ``t_max`` to ``t_min``
-        (default the first trained step count; NFE = steps). With ``solver=`` the velocity view is integrated
-        instead (``ContinuousModel.sample``, default 32 steps)."""
-        if solver is not None:
-            return super().sample(n, solver=solver, steps=32 if steps is None else steps, generator=generator,
-                                  device=device, return_solution=return_solution, **kw)
-        if not isinstance(n, int) or n < 1:
-            raise ConfigError(f"n must be a positive integer; got {n!r}")
-        p = next(self.parameters())
-        device = torch.device(device) if device is not None else p.device
-        x = self.path.sample_prior((n, *self.sample_shape), generator=generator, device=device, dtype=p.dtype)
-        sol = self.integrate(x, steps, **kw)
-        return sol if return_solution else sol.samples
+    def samplers(self) -> tuple[str, ...]:
+        """Learned jumps first (the default), and any ODE solver on the velocity view."""
+        return ("jumps", "ode")
+
+    def default_sampler(self) -> Sampler:
+        """The learned jumps at the first trained step count, uniform over ``[t_min, t_max]`` (NFE = steps)."""
+        return JumpSampler(self.steps[0])
 
     @torch.no_grad()
     def integrate(self, x: Tensor, steps: int | None = None, **cond: Any) -> Solution:
         """``steps`` uniform learned jumps from ``t_max`` to ``t_min`` starting at ``x [B, *sample_shape]`` (noise
-        at ``t_max``); returns a :class:`~genkit.solvers.Solution` with ``nfe = steps`` and the trajectory."""
+        at ``t_max``); returns a :class:`~genkit.solvers.Solution` with ``nfe = steps`` and the trajectory.
+        The same as ``JumpSampler(steps).sample(model, x)``."""
         steps = self.steps[0] if steps is None else steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ConfigError(f"steps must be a positive integer; got {steps!r}")
-        times = torch.linspace(self.t_max, self.t_min, steps + 1, dtype=torch.float64)
-        traj = [x]
-        for k in range(steps):
-            traj.append(self.flow_map(traj[-1], float(times[k]), float(times[k + 1]), **cond))
-        return Solution(traj[-1], steps, times, torch.stack(traj))
+        return JumpSampler(steps).sample(self, x, **cond)
 
     def default_grid(self, grid):
         """A solver's ``"uniform"`` grid runs over the secant's range ``[t_min, t_max]``."""
@@ -315,3 +304,44 @@ class Secant(ContinuousModel):
         c = dict(config)
         return cls(build_net(c["net"]), path_from_config(c["path"]), sample_shape=c["sample_shape"], loss=c["loss"],
                    steps=c["steps"], tangent_weight=c["tangent_weight"], t_min=c["t_min"], t_max=c["t_max"])
+
+    # --- registry hooks ---------------------------------------------------------------------------------
+    @classmethod
+    def example(cls) -> tuple[Secant, Tensor]:
+        """A teacher-free (``stee``) 2-D model sized for 1 and 2 jumps (two-time MLP 16 x 1, seeded) and 32
+        points of a Gaussian."""
+        from ..nets import MLP
+
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = cls(MLP(2, hidden=16, depth=1, time_dim=8), sample_shape=(2,), loss="stee", steps=(1, 2))
+        g = torch.Generator().manual_seed(0)
+        return model, 0.5 * torch.randn(32, 2, generator=g) + 0.5
+
+    cli_defaults: ClassVar[dict[str, Any]] = {"path": "linear", "loss": "stee", "jumps": "4"}
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--loss", help=f"secant loss, one of {', '.join(LOSSES)} (default: stee, the only one "
+                                          "without a teacher; the others distil a checkpoint with train/secant.py)")
+        group.add_argument("--jumps", help="inference step counts the jumps are sized for, comma separated, e.g. "
+                                           "1,2,4 (default: 4)")
+        group.add_argument("--tangent-weight", type=float, help="weight of flow matching on f(x, t, t) (default: 0)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, net: nn.Module, sample_shape: Sequence[int]) -> Secant:
+        """A teacher-free secant model; a distillation loss is refused with a pointer to train/secant.py."""
+        if args.loss not in TEACHER_FREE:
+            if args.loss not in LOSSES:
+                raise ConfigError(f"unknown --loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
+            raise ConfigError(f"--loss {args.loss} distils a teacher, which train/train.py does not load: run "
+                              f"python train/secant.py --teacher CHECKPOINT --loss {args.loss}, or use --loss stee")
+        try:
+            jumps = [int(n) for n in str(args.jumps).split(",")]
+        except ValueError:
+            raise ConfigError(f"--jumps must be comma-separated positive integers like 1,2,4; got {args.jumps!r}"
+                              ) from None
+        if not all(n >= 1 for n in jumps):
+            raise ConfigError(f"--jumps must be comma-separated positive integers like 1,2,4; got {args.jumps!r}")
+        return cls(net, args.path, sample_shape=sample_shape, loss=args.loss, steps=jumps,
+                   tangent_weight=args.tangent_weight)

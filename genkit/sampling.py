@@ -1,0 +1,212 @@
+"""Samplers as objects: how a generative model turns prior noise into samples.
+
+A :class:`Sampler` takes a model (or any field / flow map) and a prior draw ``x [B, *shape]`` at the
+sampling start and returns a :class:`~genkit.solvers.Solution`. Models draw the prior and hand it over
+(``model.sample(n, sampler=...)``); scripts ask a model which samplers it supports (``model.samplers()``)
+and which is its default (``model.default_sampler()``) instead of testing its class.
+
+Registered in :data:`SAMPLERS` (strings name them in scripts and configs):
+
+- ``ode``: :class:`ODESampler`, an ODE/SDE solver with its step count and time grid, run on a field
+  through :func:`genkit.solve`;
+- ``jumps``: :class:`JumpSampler`, the jumps of any flow map ``flow_map(x, t, s)`` on a grid (a secant
+  model's learned jumps; MeanFlow; a one-step generator is one jump from 1 to 0).
+
+Room is kept for others (a masked ancestral sampler over tokens, a stochastic flow's MCMC): a sampler is
+anything with ``name``, ``needs``, ``sample(model, x, generator=None, **cond)`` and ``describe()``.
+
+>>> import torch
+>>> from genkit.analytic import Gaussian
+>>> from genkit.paths import get_path
+>>> from genkit.solvers import ODEFlowMap
+>>> g = Gaussian(torch.tensor([2.0]), torch.eye(1), get_path("linear"))
+>>> ODESampler("heun", steps=8).sample(g, torch.zeros(1, 1)).samples   # prior mean -> data mean
+tensor([[2.]])
+>>> JumpSampler(steps=2).sample(ODEFlowMap(g, "rk4", steps=4), torch.zeros(1, 1)).samples
+tensor([[2.]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .fields import as_x0
+from .registry import Registry
+from .solvers import Custom, Solution, Solver, TimeGrid, get_grid, get_solver, solve
+
+__all__ = ["SAMPLERS", "Sampler", "ODESampler", "JumpSampler", "get_sampler"]
+
+SAMPLERS: Registry = Registry("sampler")
+
+
+class Sampler:
+    """Base of samplers. Subclasses set ``name`` (their registry name), ``needs`` (what a model must provide,
+    for error messages) and implement :meth:`sample` and :meth:`describe`.
+
+    ``steps`` is the sampler's step count (None: chosen by the sampler or the model); ``label`` is the short
+    name scripts use on the command line and in file names.
+    """
+
+    name: ClassVar[str] = "sampler"
+    needs: ClassVar[str] = "a generative model"
+    steps: int | None = None
+
+    def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
+        """Carry the prior draw ``x [B, *shape]`` to samples; ``generator`` draws any noise of the sampler."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for logs and picture titles, e.g. ``"heun, 32 steps, uniform grid"``."""
+        return self.name
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def with_steps(self, steps: int | None) -> Sampler:
+        """A copy with another step count."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+
+def _check_steps(steps: Any) -> int | None:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"steps must be a positive integer or None; got {steps!r}")
+    return steps
+
+
+def _explicit(grid: Any) -> bool:
+    return isinstance(grid, (list, tuple)) or (torch.is_tensor(grid) and grid.ndim == 1)
+
+
+@SAMPLERS.register("ode")
+class ODESampler(Sampler):
+    """Integrate a field from the prior with an ODE (or SDE) solver: ``ODESampler(solver="heun", steps=None,
+    grid="uniform")``.
+
+    ``solver`` is a Solver, its registry name or a searched-solver folder; ``steps`` None means 32 (a searched
+    solver's own N; explicit grid times their own count); ``grid`` a TimeGrid, its name or explicit times
+    running down from noise to data. A model's ``default_grid(grid)`` fills in its time range for a named grid,
+    and a model with ``denoise_end`` returns ``E[x_0 | x_t]`` when the grid stops above ``t = 0``.
+    """
+
+    name = "ode"
+    needs = "a field (a network read through a path)"
+
+    def __init__(self, solver: str | Solver = "heun", steps: int | None = None,
+                 grid: str | TimeGrid | Tensor | Sequence[float] = "uniform"):
+        self.solver, self.steps, self.grid = solver, _check_steps(steps), grid
+        self._solver = get_solver(solver)  # an unknown name fails here, not at sampling time
+        if _explicit(grid):
+            ends = [float(grid[0]), float(grid[-1])] if len(grid) else []
+            if len(ends) == 2 and ends[0] < ends[1]:
+                raise ConfigError(f"sampling runs from noise (t = 1) down to data (t = 0); the grid runs up, from "
+                                  f"t={ends[0]:g} to t={ends[1]:g}: reverse it")
+
+    def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
+        grid = model.default_grid(self.grid) if callable(getattr(model, "default_grid", None)) else self.grid
+        steps = self.steps
+        if steps is None and self._solver.default_steps is None and not isinstance(get_grid(grid), Custom):
+            steps = 32
+        sol = solve(model, x, self._solver, steps, grid, generator=generator, **cond)
+        t_end = float(sol.times[-1])
+        if t_end > 0 and getattr(model, "denoise_end", False):
+            sol.samples = as_x0(model)(sol.samples, t_end, **cond)
+            sol.nfe += 1
+        return sol
+
+    def describe(self) -> str:
+        steps = "default" if self.steps is None else self.steps
+        grid = self.grid if isinstance(self.grid, str) else type(self.grid).__name__
+        return f"{self._solver.name}, {steps} steps, {grid} grid"
+
+    @property
+    def label(self) -> str:
+        return self._solver.name
+
+    def with_steps(self, steps: int | None) -> ODESampler:
+        return ODESampler(self.solver, steps, self.grid)
+
+
+@SAMPLERS.register("jumps")
+class JumpSampler(Sampler):
+    """Run a flow map ``flow_map(x, t, s)`` on a grid of jumps: ``JumpSampler(steps=None, grid=None)``.
+
+    The target is a model with a ``flow_map`` method (a secant model's learned jumps) or a flow map itself
+    (e.g. :class:`genkit.solvers.ODEFlowMap`; a one-step generator is ``JumpSampler(1)``). ``grid`` None (or
+    ``"uniform"``) jumps uniformly in ``t`` over the target's ``time_range()`` (``[0, 1]`` without one), from
+    its top down; explicit times (descending, ``[steps + 1]``) set their own count. ``steps`` None takes the
+    model's default sampler's (a secant model's first trained step count). NFE counts one evaluation per
+    jump, what a learned flow map costs.
+    """
+
+    name = "jumps"
+    needs = "a model with learned jumps (a flow map, e.g. a secant model from train/secant.py)"
+
+    def __init__(self, steps: int | None = None, grid: str | Tensor | Sequence[float] | None = None):
+        self.steps = _check_steps(steps)
+        if grid == "uniform":
+            grid = None
+        if grid is not None:
+            if not _explicit(grid):
+                raise ConfigError(f"jumps take grid=None (uniform in t) or explicit descending times; got {grid!r}. "
+                                  "Named solver grids (karras, logsnr) apply to ODE solvers: sampler='ode'")
+            grid = torch.as_tensor(grid, dtype=torch.float64).flatten()
+            if len(grid) < 2 or not bool((grid[1:] < grid[:-1]).all()):
+                raise ConfigError(f"jump times must decrease from noise to data, at least two; got {grid.tolist()}")
+            if self.steps is not None and self.steps != len(grid) - 1:
+                raise ConfigError(f"steps={self.steps} but the grid has {len(grid) - 1} jumps; drop one of them")
+            self.steps = len(grid) - 1
+        self.grid = grid
+
+    def times(self, model: Any) -> Tensor:
+        """The jump times ``[steps + 1]`` (float64) for ``model``."""
+        if self.grid is not None:
+            return self.grid
+        steps = self.steps
+        if steps is None:
+            default = model.default_sampler() if callable(getattr(model, "default_sampler", None)) else None
+            steps = getattr(default, "steps", None) if isinstance(default, JumpSampler) else None
+            if steps is None:
+                raise ConfigError(f"JumpSampler needs steps=: {type(model).__name__} has no default jump count")
+        t_min, t_max = model.time_range() if callable(getattr(model, "time_range", None)) else (0.0, 1.0)
+        return torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
+
+    def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
+        flow_map = getattr(model, "flow_map", model)
+        if not callable(flow_map):
+            raise ConfigError(f"jumps need {self.needs}; {type(model).__name__} has no flow_map")
+        times = self.times(model)
+        traj = [x]
+        for k in range(len(times) - 1):
+            traj.append(flow_map(traj[-1], float(times[k]), float(times[k + 1]), **cond))
+        return Solution(traj[-1], len(times) - 1, times, torch.stack(traj))
+
+    def describe(self) -> str:
+        return f"{'default' if self.steps is None else self.steps} learned jumps"
+
+    def with_steps(self, steps: int | None) -> JumpSampler:
+        return JumpSampler(steps) if self.grid is None else JumpSampler(steps, self.grid)
+
+
+def get_sampler(sampler: str | Sampler, **options: Any) -> Sampler:
+    """A Sampler, or one built from its registry name with ``options`` (e.g. ``get_sampler("ode",
+    solver="euler", steps=8)``). Options given with a Sampler object are an error: give them to it."""
+    if isinstance(sampler, Sampler):
+        if options:
+            raise ConfigError(f"{sorted(options)} were given beside the sampler object {sampler!r}; build the "
+                              "sampler with them instead (e.g. ODESampler('euler', steps=8))")
+        return sampler
+    cls = SAMPLERS.get(sampler)
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise ConfigError(f"sampler {sampler!r} does not take {sorted(options)} ({e}); see "
+                          f"help(genkit.sampling.{cls.__name__})") from None
