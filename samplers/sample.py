@@ -10,8 +10,9 @@ examples:
   python samplers/sample.py --checkpoint runs/digits --n 64 --device cuda --out runs/digits/heun32
   python samplers/sample.py --checkpoint runs/secant --steps 4   # a train/secant.py model: its 4 learned jumps
 
-Models with learned jumps (train/secant.py) sample with them by default (--solver jumps, NFE = steps, default
-their first trained step count); any ODE solver still integrates their velocity view (--solver heun ...).
+Each model samples with its own default sampler unless told otherwise (the model says which it supports):
+models with learned jumps (train/secant.py) use them (--solver jumps, NFE = steps, default their first trained
+step count); any ODE solver still integrates their velocity view (--solver heun ...).
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ import genkit
 from genkit.cli import checkpoint_dir, run_main, script_device
 from genkit.errors import ConfigError
 from genkit.plotting import save_samples_png
+from genkit.sampling import SAMPLERS
 from genkit.solvers import GRIDS, SOLVERS
+
+# --solver names an ODE solver (the "ode" sampler's) or one of the other samplers, e.g. jumps
+NAMED_SAMPLERS = [name for name in SAMPLERS.names() if name != "ode"]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -41,8 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a checkpoint folder, or a train.py run folder holding checkpoint/")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--solver", help=f"one of {', '.join(SOLVERS.names())}, a searched-solver folder "
-                                    "(samplers/search_solver.py --out), or jumps (the learned jumps of a secant "
-                                    "model) (default: jumps for models that have them, else heun)")
+                                    "(samplers/search_solver.py --out), or a sampler: "
+                                    f"{', '.join(NAMED_SAMPLERS)} (jumps: the learned jumps of a secant model) "
+                                    "(default: the model's default sampler: jumps for models that have them, "
+                                    "else heun)")
     p.add_argument("--steps", type=int, help="solver steps (adaptive solvers choose their own) or jumps (default: 32 "
                                              "solver steps; a searched solver's own; a jump model's first trained "
                                              "step count)")
@@ -66,40 +73,33 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"--steps must be a positive integer; got {args.steps}")
     ckpt = checkpoint_dir(args.checkpoint)
     model = genkit.load(ckpt, ema=not args.raw_weights, map_location=device)
-    jumps = callable(getattr(model, "integrate", None))  # models with learned jumps (Secant)
-    args.solver = args.solver or ("jumps" if jumps else "heun")
-    if args.solver == "jumps":
-        if not jumps:
-            raise ConfigError(f"--solver jumps needs a model with learned jumps (train/secant.py); {ckpt} holds a "
-                              f"{model.family!r} model: pick an ODE solver such as heun")
+    args.solver = args.solver or model.default_sampler().label  # e.g. jumps for a secant model, else heun
+    if args.solver in NAMED_SAMPLERS:
+        cls = SAMPLERS.get(args.solver)
+        if cls.name not in model.samplers():
+            raise ConfigError(f"--solver {args.solver} needs {cls.needs}; {ckpt} holds a {model.family!r} model, "
+                              f"whose samplers are {', '.join(model.samplers())}: pick an ODE solver such as heun")
         if args.grid is not None:
-            raise ConfigError(f"--grid {args.grid} applies to ODE solvers; learned jumps are uniform in t. Drop --grid "
+            raise ConfigError(f"--grid {args.grid} applies to ODE solvers; {cls.name} are uniform in t. Drop --grid "
                               "or pick a solver")
-        args.steps = args.steps or model.steps[0]
-        args.grid = "jumps"
-        label = "jumps"
+        sampler = model.get_sampler(cls.name, steps=args.steps)
+        args.steps, args.grid, label, how = sampler.steps, cls.name, cls.name, sampler.describe()
     else:
         solver = genkit.get_solver(args.solver)  # a name or a searched-solver artifact folder
         label = solver.name if Path(args.solver).is_dir() else args.solver
         args.steps = args.steps or solver.default_steps or 32  # a searched solver's own N
         args.grid = args.grid or "uniform"
+        sampler = model.get_sampler("ode", solver=args.solver, steps=args.steps, grid=args.grid)
+        how = f"{args.solver}, {args.steps} steps, {args.grid} grid"
     out = Path(args.out) if args.out else ckpt.parent / f"samples_{label}{args.steps}_{args.grid}"
     t0 = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    if args.solver == "jumps":
-        sol = model.sample(args.n, steps=args.steps, return_solution=True, generator=gen)
-    else:
-        sol = model.sample(args.n, solver=args.solver, steps=args.steps, grid=args.grid, return_solution=True,
-                           generator=gen)
+    sol = model.sample(args.n, sampler=sampler, return_solution=True, generator=gen)
     samples = sol.samples.float().cpu().contiguous()  # .cpu() waits for the GPU, so the time is honest
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     save_file({"samples": samples}, str(out / "samples.safetensors"))
     weights = "EMA" if not args.raw_weights and (ckpt / "ema.safetensors").is_file() else "raw"
-    if args.solver == "jumps":
-        how = f"{args.steps} learned jumps"
-    else:
-        how = f"{args.solver}, {args.steps} steps, {args.grid} grid"
     save_samples_png(samples, out / "samples.png", title=f"{model.family}: {how} (NFE {sol.nfe})")
     print(f"{args.n} samples {tuple(samples.shape[1:])} from {ckpt} ({weights} weights) with {how} on {device}: "
           f"NFE {sol.nfe}, {seconds:.2f} s")

@@ -1,4 +1,5 @@
-"""Train a flow-matching or diffusion model, then sample from its checkpoint and measure the samples.
+"""Train a model of any registered family (flow matching, diffusion, ...), then sample from its checkpoint and
+measure the samples.
 
 With no arguments it runs the embedded default: flow matching (linear path, MLP 128 x 3) on the 2-D
 `moons` set, 1500 steps of batch 256 (well under a minute on a laptop CPU), then 2000 samples with
@@ -15,6 +16,10 @@ train longer: the LR schedule is then recomputed for the new total); flags that 
 batch size, seed, EMA, data, ...) are an error there unless --allow-new-settings; use a new --out to start
 afresh. Ctrl-C or SIGTERM (a cluster's preemption) saves a checkpoint after the current step before exiting.
 
+Each family brings its own flags (listed in a group of their own below); a flag of another family is an error.
+All flags can come from a file too: --config run.json or run.toml holds {flag: value} with the flags' names
+(batch_size or batch-size); flags on the command line override the file, and an unknown key is an error.
+
 Multi-GPU / multi-process: `accelerate launch --multi_gpu --num_processes N
 train/train.py ...` or `torchrun --nproc_per_node N train/train.py ...`; on a machine without a GPU both run N
 CPU processes over gloo (`accelerate launch --cpu --num_processes N` starts only one). --batch-size is per
@@ -25,6 +30,8 @@ examples:
   python train/train.py --data checkerboard --coupling ot --out runs/checker
   python train/train.py --family diffusion --path cosine --prediction v --weighting min_snr --data spirals
   python train/train.py --family diffusion --data digits --channels 32,64 --steps 4000 --batch-size 128
+  python train/train.py --family secant --loss stee --jumps 1,2,4 --data moons
+  python train/train.py --config run.toml --steps 3000
   accelerate launch train/train.py --image-folder ~/faces --image-size 64 --channels 64,128,256
 """
 
@@ -42,6 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import torch
 
 import genkit
@@ -49,19 +57,17 @@ from genkit import checkpoint, metrics
 from genkit.cli import run_main
 from genkit.data import DATASETS, held_out, image_folder, load_dataset
 from genkit.errors import ConfigError
-from genkit.models import Diffusion, FlowMatching, build
-from genkit.models.diffusion import WEIGHTINGS
-from genkit.models.flow_matching import COUPLINGS
+from genkit.models import FAMILIES, build
 from genkit.nets import MLP, UNet
 from genkit.paths import PATHS
 from genkit.plotting import MAX_IMAGES, save_samples_png
+from genkit.sampling import SAMPLERS, Sampler
 from genkit.solvers import GRIDS, SOLVERS
 from genkit.train import LogRecord, TrainConfig, Trainer, resume_changes
 
-FAMILIES = ("flow_matching", "diffusion")
 NAMED_GRIDS = [name for name in GRIDS.names() if name != "custom"]  # a custom grid needs explicit times
-FAMILY_DEFAULTS = {"flow_matching": {"path": "linear", "coupling": "independent"},
-                   "diffusion": {"path": "cosine", "prediction": "v", "weighting": "uniform"}}
+NAMED_SAMPLERS = [name for name in SAMPLERS.names() if name != "ode"]  # --solver names these, or an ODE solver
+FAMILY_FLAGS: dict[str, list[str]] = {}  # family -> the dests of its own flags (filled by build_parser)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -77,20 +83,17 @@ def optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off") else float(text)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's flags: the shared ones, then one group per registered family with that family's own flags
+    (recorded in FAMILY_FLAGS, so that a flag given to another family is caught)."""
     p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=_Formatter)
+    p.add_argument("--config", metavar="FILE", help="read flags from a .json or .toml file ({flag: value}); "
+                                                    "command-line flags override it")
     g = p.add_argument_group("model")
-    g.add_argument("--family", default="flow_matching", help=f"one of {', '.join(FAMILIES)}")
-    g.add_argument("--path", help=f"probability path, one of {', '.join(PATHS.names())} "
-                                  "(default: linear for flow_matching, cosine for diffusion)")
-    g.add_argument("--prediction", help="diffusion only: what the network predicts, eps, x0, v or velocity "
-                                        "(default: v, which stays accurate near t = 1, where eps predictions on "
-                                        "the cosine path are amplified ~1/alpha; flow matching always predicts "
-                                        "the velocity)")
-    g.add_argument("--weighting", help=f"diffusion only: loss weighting, one of {', '.join(WEIGHTINGS)} "
-                                       "(default: uniform)")
-    g.add_argument("--coupling", help=f"flow_matching only: noise-data pairing, one of {', '.join(COUPLINGS)} "
-                                      "(default: independent)")
+    g.add_argument("--family", default="flow_matching", help=f"one of {', '.join(FAMILIES.names())}")
+    paths = ", ".join(f"{cls.cli_defaults['path']} for {name}" for name, cls in _families()
+                      if "path" in getattr(cls, "cli_defaults", {}))
+    g.add_argument("--path", help=f"probability path, one of {', '.join(PATHS.names())} (default: {paths})")
     g.add_argument("--hidden", type=int, help="vector data: MLP width (default: 128)")
     g.add_argument("--depth", type=int, help="vector data: MLP residual blocks (default: 3)")
     g.add_argument("--channels", help="image data: UNet block_out_channels, comma separated, each a multiple "
@@ -126,28 +129,99 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for vector data, whose small MLP "
                                                "only loses time to threading; torch's own choice for images)")
     g = p.add_argument_group("final sampling and metrics")
-    g.add_argument("--solver", default="heun", help=f"one of {', '.join(SOLVERS.names())}")
-    g.add_argument("--sample-steps", type=int, default=32, help="solver steps")
-    g.add_argument("--grid", default="uniform", help=f"time grid, one of {', '.join(NAMED_GRIDS)}")
+    g.add_argument("--solver", help=f"one of {', '.join(SOLVERS.names())}, or a sampler: "
+                                    f"{', '.join(NAMED_SAMPLERS)} (default: the model's default sampler: heun for "
+                                    "flow matching and diffusion, the learned jumps of a secant model)")
+    g.add_argument("--sample-steps", type=int, help="solver steps or jumps (default: 32 solver steps; a jump model's "
+                                                    "first trained step count)")
+    g.add_argument("--grid", help=f"time grid of an ODE solver, one of {', '.join(NAMED_GRIDS)} (default: uniform)")
     g.add_argument("--n-samples", type=int, help="samples drawn at the end (default: 2000 for vectors, 256 for images)")
+    FAMILY_FLAGS.clear()
+    for name, cls in _families():
+        group = p.add_argument_group(f"{name} (--family {name})")
+        try:
+            cls.add_arguments(group)
+        except argparse.ArgumentError as e:
+            raise ConfigError(f"family {name!r} declares a flag train.py or another family already has ({e}); "
+                              "rename it in its add_arguments") from None
+        FAMILY_FLAGS[name] = [action.dest for action in group._group_actions]
+        defaults = [a.dest for a in group._group_actions if a.default is not None]
+        if defaults:
+            raise ConfigError(f"family {name!r}'s flags {defaults} have argparse defaults; declare them in its "
+                              "cli_defaults, so that a flag set for another family can be caught")
+    return p
+
+
+def _families() -> list[tuple[str, Any]]:
+    """The registered families that declare train.py flags (``add_arguments``)."""
+    return [(name, FAMILIES.get(name)) for name in FAMILIES.names()
+            if callable(getattr(FAMILIES.get(name), "add_arguments", None))]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    first, _ = p.parse_known_args(argv)
+    if first.config is not None:
+        p.set_defaults(**read_config_file(first.config, p))
     return p.parse_args(argv)
+
+
+def read_config_file(file: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """``{dest: value}`` from a .json or .toml file of flags (``batch_size = 256`` or ``"batch-size": 256``),
+    each value checked by its flag's type; an unknown key is a ConfigError listing the known ones."""
+    path = Path(file)
+    try:
+        if path.suffix == ".toml":
+            with path.open("rb") as f:
+                raw = tomllib.load(f)
+        elif path.suffix == ".json":
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            raise ConfigError(f"--config {file}: use a .json or .toml file")
+    except (OSError, ValueError) as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ConfigError(f"--config {file}: cannot read it ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {file} must hold a table of flags {{flag: value}}; got {type(raw).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        dest = str(key).removeprefix("--").replace("-", "_")
+        if dest not in actions:
+            raise ConfigError(f"--config {file}: unknown key {key!r}; known keys: {', '.join(sorted(actions))}")
+        action = actions[dest]
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise ConfigError(f"--config {file}: {key} must be true or false; got {value!r}")
+        elif value is not None:
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            try:
+                value = action.type(text) if action.type is not None else text
+            except (TypeError, ValueError):
+                raise ConfigError(f"--config {file}: {key} = {value!r} is not a valid "
+                                  f"{getattr(action.type, '__name__', 'value')}") from None
+        values[dest] = value
+    return values
 
 
 # --------------------------------------------------------------------------------------------- settings
 def resolve_model_flags(args: argparse.Namespace) -> None:
     """Family-specific flags: reject those the family would ignore, then fill the family's defaults."""
-    if args.family not in FAMILIES:
-        raise ConfigError(f"unknown --family {args.family!r}; choose one of {', '.join(FAMILIES)}")
-    for flag, family in (("prediction", "diffusion"), ("weighting", "diffusion"), ("coupling", "flow_matching")):
-        if getattr(args, flag) is not None and args.family != family:
-            raise ConfigError(f"--{flag} {getattr(args, flag)} does not apply to --family {args.family}; "
-                              f"drop --{flag} or use --family {family}")
-    for key, value in FAMILY_DEFAULTS[args.family].items():
+    if args.family not in FAMILY_FLAGS:
+        raise ConfigError(f"unknown --family {args.family!r}; choose one of {', '.join(FAMILY_FLAGS)}")
+    for family, dests in FAMILY_FLAGS.items():
+        for dest in dests:
+            if family != args.family and getattr(args, dest) is not None:
+                flag = "--" + dest.replace("_", "-")
+                raise ConfigError(f"{flag} {getattr(args, dest)} does not apply to --family {args.family}; "
+                                  f"drop {flag} or use --family {family}")
+    for key, value in FAMILIES.get(args.family).cli_defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     genkit.get_path(args.path)  # an unknown name fails now, not after loading data
-    genkit.get_solver(args.solver)
-    genkit.get_grid(args.grid)
+    if args.solver is not None and args.solver not in NAMED_SAMPLERS:
+        genkit.get_solver(args.solver)
+    if args.grid is not None:
+        genkit.get_grid(args.grid)
     for flag in ("sample_steps", "n_samples"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -213,12 +287,13 @@ def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
 
 
 def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
-    """MLP for vectors, UNet for images, read through the chosen family."""
+    """MLP for vectors, UNet for images, read through the chosen family (which builds itself from the flags)."""
+    family = FAMILIES.get(args.family)
     if len(shape) == 1:
         if args.channels is not None:
             raise ConfigError("--channels sets the UNet of image data; this data is vectors, use --hidden/--depth")
         net = MLP(shape[0], hidden=128 if args.hidden is None else args.hidden,
-                  depth=3 if args.depth is None else args.depth)
+                  depth=3 if args.depth is None else args.depth, **family.net_options(args, "mlp"))
     elif len(shape) == 3:
         for flag in ("hidden", "depth"):
             if getattr(args, flag) is not None:
@@ -228,15 +303,10 @@ def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
         except ValueError:
             raise ConfigError(f"--channels must be comma-separated integers like 32,64; got {args.channels!r}"
                               ) from None
-        # on the ddpm path, diffusers' time map (step i = N t - 1) makes the model export exactly (to_diffusers)
-        time_map = ({"time_scale": float(genkit.get_path(args.path).num_steps), "time_shift": -1.0}
-                    if args.family == "diffusion" and args.path == "ddpm" else {})
-        net = UNet(shape[-1], in_channels=shape[0], block_out_channels=channels, **time_map)
+        net = UNet(shape[-1], in_channels=shape[0], block_out_channels=channels, **family.net_options(args, "unet"))
     else:
         raise ConfigError(f"samples of shape {tuple(shape)} are neither vectors nor images [C, H, W]")
-    if args.family == "flow_matching":
-        return FlowMatching(net, args.path, args.coupling, sample_shape=shape)
-    return Diffusion(net, args.path, args.prediction, args.weighting, sample_shape=shape)
+    return family.from_args(args, net, shape)
 
 
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -298,21 +368,30 @@ def quality(x: torch.Tensor, ref: torch.Tensor, features: Callable | None) -> di
     return {"frechet_digits": metrics.fid(x.clamp(-1, 1), ref, features)}
 
 
+def final_sampler(args: argparse.Namespace, model: torch.nn.Module) -> Sampler:
+    """--solver / --sample-steps / --grid as the model's sampler (its default sampler where they are not given)."""
+    named = args.solver if args.solver in NAMED_SAMPLERS else None
+    return model.get_sampler(named, solver=None if named else args.solver, steps=args.sample_steps, grid=args.grid)
+
+
 def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device, start: int, step: int,
                        train_time: float) -> dict[str, Any]:
     out = Path(args.out)
     model = genkit.load(out / "checkpoint", map_location=device)  # EMA weights when saved
     is_image = len(model.sample_shape) == 3
     n = args.n_samples or (256 if is_image else 2000)
+    sampler = final_sampler(args, model)
     t0 = time.perf_counter()
-    sol = model.sample(n, solver=args.solver, steps=args.sample_steps, grid=args.grid, return_solution=True,
+    sol = model.sample(n, sampler=sampler, return_solution=True,
                        generator=torch.Generator(device=device).manual_seed(args.seed))
     x = sol.samples.float().cpu()
     sample_time = time.perf_counter() - t0
     ref, floor = held_out_sets(args, n)
+    grid = getattr(sampler, "grid", None)
     report: dict[str, Any] = {
         "data": args.image_folder or args.data, "family": args.family, "step": step, "n_samples": n,
-        "solver": args.solver, "sample_steps": args.sample_steps, "grid": args.grid, "nfe": sol.nfe,
+        "solver": sampler.label, "sample_steps": sampler.steps if sampler.steps is not None else len(sol.times) - 1,
+        "grid": grid if isinstance(grid, str) else sampler.name, "nfe": sol.nfe,
         "sample_time_s": sample_time, "train_time_s": train_time, "train_steps_this_run": step - start,
         "train_steps_per_s": (step - start) / train_time if step > start else None,
     }
@@ -327,7 +406,7 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     if ref is None:  # an image folder: show training images next to the samples
         ref = torch.stack([data[i] for i in range(min(MAX_IMAGES, len(data)))])
     save_samples_png(x, out / "samples.png", reference=ref,
-                     title=f"{args.family} on {report['data']}: {args.solver}, {args.sample_steps} steps "
+                     title=f"{args.family} on {report['data']}: {report['solver']}, {report['sample_steps']} steps "
                            f"(NFE {sol.nfe}), step {step}")
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
@@ -342,7 +421,7 @@ def sample_callback(args: argparse.Namespace) -> Callable[[Trainer, LogRecord], 
         device = next(live.parameters()).device
         model = build(live.config()).to(device)
         model.load_state_dict(trainer.ema.state_dict() if trainer.ema is not None else live.state_dict())
-        x = model.eval().sample(64, solver=args.solver, steps=args.sample_steps, grid=args.grid,
+        x = model.eval().sample(64, sampler=final_sampler(args, model),
                                 generator=torch.Generator(device=device).manual_seed(args.seed))
         save_samples_png(x, Path(args.out) / "samples" / f"step_{record.step:07d}.png", title=f"step {record.step}")
     return callback
@@ -390,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     scores = ", ".join(f"{k} {v:.4g} (floor {report['noise_floor'][k]:.4g})" for k, v in report.items()
                        if k in ("sliced_w2", "energy_distance", "frechet_digits"))
-    print(f"trained to step {result.step} in {train_time:.1f} s; sampled {report['n_samples']} with {args.solver} "
+    print(f"trained to step {result.step} in {train_time:.1f} s; sampled {report['n_samples']} with {report['solver']} "
           f"(NFE {report['nfe']}) in {report['sample_time_s']:.2f} s" + (f"; {scores}" if scores else ""))
     print(f"checkpoint: {out / 'checkpoint'}\nsamples:    {out / 'samples.png'}\nmetrics:    {out / 'metrics.json'}")
 
