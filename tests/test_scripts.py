@@ -20,9 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import genkit
+from genkit.errors import ConfigError
+from genkit.models import FAMILIES, FlowMatching
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN, SAMPLE, EVALUATE = ROOT / "train" / "train.py", ROOT / "samplers" / "sample.py", ROOT / "eval" / "evaluate.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+       "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}  # this tree's genkit
 FAST_SAMPLING = ["--n-samples", 200, "--sample-steps", 4, "--no-progress"]
 
 
@@ -79,12 +84,16 @@ def runs(tmp_path_factory) -> dict:
 def _run_all(base: Path) -> dict:
     moons, digits = base / "moons", base / "digits"
     moons_run = start(TRAIN, "--steps", 30, "--out", moons, *FAST_SAMPLING)
+    secant_run = start(TRAIN, "--family", "secant", "--jumps", "1,2", "--steps", 10, "--out", base / "secant",
+                       "--n-samples", 100, "--no-progress")
     digits_run = start(TRAIN, "--data", "digits", "--family", "diffusion", "--channels", "8,16", "--steps", 4,
                        "--batch-size", 16, "--sample-every", 2, "--n-samples", 32, "--sample-steps", 2,
                        "--out", digits, "--no-progress")
     r = {"moons": moons, "digits": digits, "sampled": base / "sampled", "eval": base / "eval.json",
          "fresh_stdout": finish(moons_run)}
     finish(digits_run)
+    r["secant"] = base / "secant"
+    finish(secant_run)
     r["fresh_metrics"] = json.loads((moons / "metrics.json").read_text())
     r["fresh_log"] = (moons / "metrics.jsonl").read_text().splitlines()
     shutil.copytree(moons, base / "moons30")
@@ -138,6 +147,17 @@ def test_train_on_digits_with_a_unet(runs):
     assert sorted(p.name for p in (digits / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
 
 
+def test_train_builds_a_secant_model_from_the_registry(runs):
+    """--family secant: the family's own flags build it, and the final samples use its default sampler, the
+    learned jumps at the first trained count (one evaluation per jump)."""
+    metrics = json.loads((runs["secant"] / "metrics.json").read_text())
+    assert metrics["family"] == "secant" and metrics["solver"] == "jumps" and metrics["grid"] == "jumps"
+    assert metrics["sample_steps"] == 1 and metrics["nfe"] == 1
+    config = json.loads((runs["secant"] / "checkpoint" / "config.json").read_text())
+    assert config["family"] == "secant" and config["loss"] == "stee" and config["steps"] == [1, 2]
+    assert genkit.load(runs["secant"]).sample(3, steps=2).shape == (3, 2)
+
+
 def test_sample_script(runs):
     out = runs["sampled"]
     samples = load_file(str(out / "samples.safetensors"))["samples"]
@@ -181,6 +201,10 @@ def test_help(script, capsys):
     (TRAIN, ["--path", "nope"], "'nope'"),
     (TRAIN, ["--prediction", "v"], "--prediction"),
     (TRAIN, ["--family", "diffusion", "--coupling", "ot"], "--coupling"),
+    (TRAIN, ["--loss", "stee"], "--loss stee does not apply to --family flow_matching; drop --loss or use --family "
+                                "secant"),
+    (TRAIN, ["--family", "secant", "--loss", "sdei"], "train/secant.py --teacher"),
+    (TRAIN, ["--family", "nope"], "unknown --family 'nope'"),
     (TRAIN, ["--solver", "nope"], "solver 'nope'"),
     (TRAIN, ["--data", "moons", "--channels", "32,64"], "--channels"),
     (TRAIN, ["--hidden", "0"], "--hidden must be a positive integer; got 0"),
@@ -194,7 +218,8 @@ def test_help(script, capsys):
     (TRAIN, ["--sample-every", "10", "--log-every", "7"], "multiple of --log-every 7"),
     (SAMPLE, ["--checkpoint", "/no/such/run"], "/no/such/run"),
     (EVALUATE, ["--checkpoint", "/no/such/run", "--data", "moons"], "/no/such/run"),
-], ids=["path", "prediction-with-fm", "coupling-with-diffusion", "solver", "channels-for-vectors", "hidden-0",
+], ids=["path", "prediction-with-fm", "coupling-with-diffusion", "secant-flag-with-fm", "secant-needs-teacher",
+        "unknown-family", "solver", "channels-for-vectors", "hidden-0",
         "image-channels-without-folder", "workers-without-folder", "negative-steps", "ema-decay", "unet-levels",
         "warmup-over-steps", "log-every", "sample-missing-checkpoint", "evaluate-missing-checkpoint"])
 def test_bad_flag_values_exit_2_with_one_error_line(script, args, named, capsys, tmp_path):
@@ -235,3 +260,79 @@ def test_device_cuda_without_a_gpu_is_one_error_line(script, capsys, tmp_path):
     assert run_main(script, *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--device cuda" in err[0] and "--device cpu" in err[0]
+
+
+def test_help_groups_each_familys_flags(capsys):
+    assert run_main(TRAIN, "--help") == 0
+    text = capsys.readouterr().out
+    for name in ("flow_matching", "diffusion", "secant"):
+        assert f"{name} (--family {name}):" in text
+    groups = text.split("(--family ")
+    assert "--coupling" in text.split("flow_matching (--family")[1].split("secant (--family")[0]
+    assert len(groups) >= 4
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_config_file_sets_flags_and_the_command_line_overrides_it(suffix, tmp_path):
+    script = runpy.run_path(str(TRAIN), run_name="not_main")
+    file = tmp_path / f"run{suffix}"
+    if suffix == ".json":
+        file.write_text(json.dumps({"family": "diffusion", "batch-size": 64, "steps": 20, "prediction": "eps",
+                                    "ema_decay": None, "no_progress": True}))
+    else:
+        file.write_text('family = "diffusion"\nbatch-size = 64\nsteps = 20\nprediction = "eps"\n'
+                        'ema_decay = "none"\nno_progress = true\n')
+    args = script["parse_args"](["--config", str(file), "--steps", "7"])
+    assert (args.family, args.batch_size, args.steps, args.prediction) == ("diffusion", 64, 7, "eps")
+    assert args.ema_decay is None and args.no_progress is True and args.lr == 2e-3  # untouched flags keep defaults
+    script["resolve_model_flags"](args)
+    assert args.weighting == "uniform" and args.path == "cosine"  # the family's defaults fill the rest
+
+
+def test_config_file_errors_name_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("stpes = 3\n")
+    assert run_main(TRAIN, "--config", str(bad), "--out", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown key 'stpes'" in err[0] and "known keys:" in err[0] and "batch_size" in err[0]
+    bad.write_text('steps = "many"\n')
+    assert run_main(TRAIN, "--config", str(bad), "--out", str(tmp_path / "out")) == 2
+    assert "steps = 'many' is not a valid int" in capsys.readouterr().err
+    other = tmp_path / "run.json"
+    other.write_text(json.dumps({"coupling": "ot"}))
+    assert run_main(TRAIN, "--config", str(other), "--family", "diffusion", "--out", str(tmp_path / "out")) == 2
+    assert "--coupling ot does not apply to --family diffusion" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_new_family_plugs_into_train_py_without_editing_it():
+    """A family registered from outside (here, in the test) gets its flag group, its defaults and its
+    build in train.py; its flag given to another family is refused, naming it."""
+
+    class Tilted(FlowMatching):
+        family = "tilted_test_family"
+        cli_defaults = {"path": "linear", "tilt": 0.5}
+
+        @classmethod
+        def add_arguments(cls, group):
+            group.add_argument("--tilt", type=float, help="a made-up flag (default: 0.5)")
+
+        @classmethod
+        def from_args(cls, args, net, sample_shape):
+            model = cls(net, args.path, sample_shape=sample_shape)
+            model.tilt = args.tilt
+            return model
+
+    FAMILIES.register(Tilted.family)(Tilted)
+    try:
+        script = runpy.run_path(str(TRAIN), run_name="not_main")
+        args = script["parse_args"](["--family", Tilted.family, "--hidden", "8", "--depth", "1"])
+        script["resolve_model_flags"](args)
+        model = script["build_model"](args, torch.Size([2]))
+        assert type(model) is Tilted and model.tilt == 0.5 and model.net.config()["hidden"] == 8
+        args = script["parse_args"](["--tilt", "2"])
+        with pytest.raises(ConfigError, match=f"--tilt 2.0 does not apply to --family flow_matching; drop --tilt "
+                                              f"or use --family {Tilted.family}"):
+            script["resolve_model_flags"](args)
+    finally:
+        FAMILIES.unregister(Tilted.family)

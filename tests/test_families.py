@@ -1,0 +1,138 @@
+"""The family property suite, generated from the family registry (genkit.models.FAMILIES): every family
+registers a tiny ``example()`` and must pass, with each sampler it supports, the same contracts: config and
+checkpoint round trips (bitwise-identical samples), a finite loss with a gradient on every trainable
+parameter, sample shapes, determinism under a generator, and pathwise gradients from ``rsample``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import genkit
+from genkit.models import FAMILIES, ContinuousModel, build
+from genkit.sampling import SAMPLERS, Sampler
+from genkit.solvers import Solution
+
+# genkit's own families (other test modules register throw-away ones in the same registry)
+NAMES = [n for n in FAMILIES.names() if FAMILIES.get(n).__module__.startswith("genkit.")]
+STEPS = 2  # every sampler runs 2 steps here: the suite checks contracts, not quality
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def check_example(cls: type) -> tuple[ContinuousModel, torch.Tensor]:
+    """The completeness check: ``cls.example()`` exists and returns (a model of cls, a batch it trains on)."""
+    model, batch = cls.example()
+    assert type(model) is cls, f"{cls.__name__}.example() returned a {type(model).__name__}"
+    assert torch.is_tensor(batch) and batch.ndim >= 2 and tuple(batch.shape[1:]) == model.sample_shape
+    return model, batch
+
+
+@pytest.fixture(params=NAMES)
+def example(request):
+    return check_example(FAMILIES.get(request.param))
+
+
+def test_the_registry_holds_the_known_families():
+    assert {"flow_matching", "diffusion", "secant"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_family_registers_an_example(name):
+    a, batch_a = check_example(FAMILIES.get(name))
+    b, batch_b = check_example(FAMILIES.get(name))
+    assert torch.equal(batch_a, batch_b)  # seeded: the same example every time
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_a_family_without_an_example_fails_the_completeness_check():
+    class NoExample(ContinuousModel):
+        family = "no_example"
+
+    with pytest.raises(NotImplementedError, match="example"):
+        check_example(NoExample)
+
+
+def test_samplers_are_registered_and_the_default_is_first(example):
+    model, _ = example
+    names = model.samplers()
+    assert names and all(n in SAMPLERS for n in names)
+    default = model.default_sampler()
+    assert isinstance(default, Sampler) and default.name == names[0]
+
+
+def test_config_round_trip(example):
+    model, _ = example
+    config = model.config()
+    assert build(config).config() == config
+    assert build(json.loads(json.dumps(config))).config() == json.loads(json.dumps(config))  # as a checkpoint holds it
+
+
+def test_checkpoint_round_trip_gives_identical_samples(example, tmp_path):
+    model, _ = example
+    genkit.save(tmp_path / "ckpt", model)
+    loaded = genkit.load(tmp_path / "ckpt")
+    assert type(loaded) is type(model) and loaded.config() == model.config()
+    model.eval()
+    for name in model.samplers():
+        a = model.sample(16, sampler=name, steps=STEPS, generator=gen(0))
+        b = loaded.sample(16, sampler=name, steps=STEPS, generator=gen(0))
+        assert torch.equal(a, b), name
+    assert torch.equal(model.sample(16, generator=gen(1)), loaded.sample(16, generator=gen(1)))  # default sampler
+
+
+def test_loss_is_finite_and_reaches_every_trainable_parameter(example):
+    model, batch = example
+    loss, logs = model.loss(batch, generator=gen(0))
+    assert loss.ndim == 0 and torch.isfinite(loss) and isinstance(logs, dict)
+    again, _ = model.loss(batch, generator=gen(0))
+    assert torch.equal(loss, again)  # the generator draws all of the loss's randomness
+    loss.backward()
+    trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    for key, p in trainable:
+        assert p.grad is not None, f"{key} gets no gradient from the loss"
+        assert torch.isfinite(p.grad).all(), key
+    assert sum(float(p.grad.abs().sum()) for _, p in trainable) > 0
+
+
+def test_sample_shapes_for_every_sampler(example):
+    model, _ = example
+    for name in model.samplers():
+        x = model.sample(5, sampler=name, steps=STEPS, generator=gen(0))
+        assert x.shape == (5, *model.sample_shape) and torch.isfinite(x).all(), name
+        sol = model.sample(5, sampler=name, steps=STEPS, generator=gen(0), return_solution=True)
+        assert isinstance(sol, Solution) and torch.equal(sol.samples, x) and sol.nfe >= STEPS, name
+
+
+def test_sampling_is_deterministic_under_a_generator(example):
+    model, _ = example
+    for name in model.samplers():
+        a, b, c = (model.sample(8, sampler=name, steps=STEPS, generator=gen(seed)) for seed in (3, 3, 4))
+        assert torch.equal(a, b), name
+        assert not torch.isclose(a, c).any(), name  # another seed moves every coordinate
+
+
+def test_rsample_equals_sample_and_its_gradient_is_the_pathwise_derivative(example):
+    """``d mean(rsample) / d theta`` by autograd equals the central finite difference (float64, h = 1e-5)."""
+    model, _ = example
+    model = model.double().eval()
+    p = [q for q in model.parameters() if q.requires_grad][-1]  # the output layer's bias
+    x = model.rsample(6, steps=STEPS, generator=gen(0))
+    assert x.requires_grad and torch.equal(x.detach(), model.sample(6, steps=STEPS, generator=gen(0)))
+    (grad,) = torch.autograd.grad(x.mean(), p)
+    h = 1e-5
+    with torch.no_grad():
+        p[0] += h
+        up = model.sample(6, steps=STEPS, generator=gen(0)).mean()
+        p[0] -= 2 * h
+        down = model.sample(6, steps=STEPS, generator=gen(0)).mean()
+        p[0] += h
+    fd = float((up - down) / (2 * h))
+    assert abs(grad[0].item()) > 1e-3
+    assert grad[0].item() == pytest.approx(fd, rel=1e-6, abs=1e-9)
