@@ -205,6 +205,7 @@ def test_help(script, capsys):
                                 "secant"),
     (TRAIN, ["--family", "secant", "--loss", "sdei"], "train/secant.py --teacher"),
     (TRAIN, ["--family", "nope"], "unknown --family 'nope'"),
+    (TRAIN, ["--solver", "jumps"], "flow_matching model cannot sample with JumpSampler"),
     (TRAIN, ["--solver", "nope"], "solver 'nope'"),
     (TRAIN, ["--data", "moons", "--channels", "32,64"], "--channels"),
     (TRAIN, ["--hidden", "0"], "--hidden must be a positive integer; got 0"),
@@ -219,7 +220,7 @@ def test_help(script, capsys):
     (SAMPLE, ["--checkpoint", "/no/such/run"], "/no/such/run"),
     (EVALUATE, ["--checkpoint", "/no/such/run", "--data", "moons"], "/no/such/run"),
 ], ids=["path", "prediction-with-fm", "coupling-with-diffusion", "secant-flag-with-fm", "secant-needs-teacher",
-        "unknown-family", "solver", "channels-for-vectors", "hidden-0",
+        "unknown-family", "jumps-for-fm", "solver", "channels-for-vectors", "hidden-0",
         "image-channels-without-folder", "workers-without-folder", "negative-steps", "ema-decay", "unet-levels",
         "warmup-over-steps", "log-every", "sample-missing-checkpoint", "evaluate-missing-checkpoint"])
 def test_bad_flag_values_exit_2_with_one_error_line(script, args, named, capsys, tmp_path):
@@ -336,3 +337,20 @@ def test_a_new_family_plugs_into_train_py_without_editing_it():
             script["resolve_model_flags"](args)
     finally:
         FAMILIES.unregister(Tilted.family)
+
+
+def test_a_family_flag_that_clashes_is_refused_when_the_parser_is_built():
+    class Clash(FlowMatching):
+        family = "clash_test_family"
+
+        @classmethod
+        def add_arguments(cls, group):
+            group.add_argument("--steps", type=int)
+
+    FAMILIES.register(Clash.family)(Clash)
+    try:
+        script = runpy.run_path(str(TRAIN), run_name="not_main")
+        with pytest.raises(ConfigError, match="family 'clash_test_family' declares a flag .*--steps"):
+            script["parse_args"]([])
+    finally:
+        FAMILIES.unregister(Clash.family)

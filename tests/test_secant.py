@@ -217,6 +217,25 @@ def test_save_load_round_trip_and_field_view(sdei, tmp_path):
     torch.testing.assert_close(loaded.flow_map(x, 1.0, 0.0, steps=2), loaded.integrate(x, 2).samples)
 
 
+def test_samplers_are_the_learned_jumps_and_any_ode_solver(sdei):
+    """A secant model samples with its jumps by default and with any ODE solver on its velocity view, over
+    its own time range: sampler objects give exactly the explicit computations."""
+    from genkit.sampling import JumpSampler, ODESampler
+    from genkit.solvers import Uniform
+
+    model = sdei
+    assert model.samplers() == ("jumps", "ode") and model.default_sampler().steps == model.steps[0]
+    x1 = model.path.sample_prior((16, 2), generator=torch.Generator().manual_seed(0))
+    jumps = model.sample(16, sampler=JumpSampler(3), generator=torch.Generator().manual_seed(0))
+    times = torch.linspace(model.t_max, model.t_min, 4, dtype=torch.float64)
+    x = x1
+    for k in range(3):
+        x = model.flow_map(x, float(times[k]), float(times[k + 1]))
+    assert torch.equal(jumps, x)
+    ode = model.sample(16, sampler=ODESampler("heun", 4), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ode, genkit.solve(model, x1, "heun", 4, Uniform(model.t_max, model.t_min)).samples)
+
+
 def test_sample_script_uses_the_learned_jumps(sdei, tmp_path, capsys):
     """samplers/sample.py on a secant checkpoint: its learned jumps by default (NFE = the first trained step
     count, same samples as model.sample), any ODE solver on request, and clear errors for what cannot apply."""

@@ -439,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(threads)
     torch.manual_seed(args.seed)  # the initial weights: the same on every rank and every re-run
     model = build_model(args, shape)  # every model flag is checked before the slow file check below
+    final_sampler(args, model)  # and the final sampling's flags (a sampler the model lacks), before training
     start = check_resume(args, model, config)
     first = os.environ.get("RANK", "0") == "0"  # before accelerate starts: the launcher's rank
     if args.image_folder is not None:

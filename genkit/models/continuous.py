@@ -97,7 +97,7 @@ class ContinuousModel(nn.Module):
         if sampler.name not in self.samplers():
             raise ConfigError(f"the {self.family} model cannot sample with {sampler!r}, which needs {sampler.needs}; "
                               f"its samplers are {self.samplers()}")
-        if sampler.steps is None and sampler.name != "ode":  # e.g. jumps: the model's own count
+        if sampler.steps is None:  # e.g. jumps by name: the model's own count (an ODE sampler's None means 32)
             default = self.default_sampler()
             if type(default) is type(sampler) and default.steps is not None:
                 sampler = sampler.with_steps(default.steps)
