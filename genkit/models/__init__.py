@@ -1,5 +1,14 @@
-"""Model families. Each is an ``nn.Module`` with ``loss(batch, generator=None) -> (loss, logs)``,
-``config() -> dict`` (JSON, with a ``"family"`` key) and ``from_config(config)``."""
+"""Model families. Each is an ``nn.Module`` registered in :data:`FAMILIES` with
+
+- ``loss(batch, generator=None) -> (loss, logs)``, ``config() -> dict`` (JSON, with a ``"family"`` key) and
+  ``from_config(config)``;
+- sampling: ``sample(n, *, sampler=None, generator=None, device=None, return_solution=False, **cond)`` (and
+  ``rsample`` with gradients), ``samplers()`` (supported :data:`genkit.sampling.SAMPLERS` names, default
+  first) and ``default_sampler()``;
+- ``example() -> (model, batch)``: a tiny seeded instance, run by the registry-generated property suite;
+- train/train.py hooks: ``cli_defaults``, ``add_arguments(group)``, ``from_args(args, net, sample_shape)`` and
+  ``net_options(args, kind)`` (see :class:`ContinuousModel`).
+"""
 
 from __future__ import annotations
 
