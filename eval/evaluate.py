@@ -32,7 +32,7 @@ import torch
 import genkit
 from genkit import metrics
 from genkit.cli import checkpoint_dir, run_main, script_device
-from genkit.data import DATASETS, held_out
+from genkit.data import DATASETS, digits, digits_labels, held_out
 from genkit.errors import ConfigError, ShapeError
 from genkit.solvers import GRIDS, SOLVERS
 
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         report["note"] = ("no sample-quality metric for these images: only digits have a built-in feature network; "
                           "use genkit.metrics.fid with inception_features")
     else:
-        features = (metrics.train_digits_classifier(generator=torch.Generator().manual_seed(0)).features
+        features = (metrics.train_digits_classifier(digits("train"), digits_labels("train"),
+                                                    generator=torch.Generator().manual_seed(0)).features
                     if is_image else None)
         report.update(distances(x, ref, features, args.seed))
         report["noise_floor"] = distances(floor, ref, features, args.seed)

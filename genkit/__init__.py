@@ -6,14 +6,16 @@ takes ``generator=``. See README.md for the two commands that start everything.
 
 from . import errors
 from .analytic import Gaussian, GaussianMixture
-from .checkpoint import load, save
+from .checkpoint import save
 from .errors import GenkitError
 from .fields import FunctionField, as_eps, as_score, as_velocity, as_x0
+from .gaussian_fit import GaussianFit, GaussianFlowMap, fit_gaussian
 from .interop import DiffusersScheduler, KDiffusionSampler, from_diffusers, to_diffusers
+from .loading import load
 from .models import Diffusion, FlowMatching
 from .paths import get_path
 from .solvers import ODEFlowMap, get_grid, get_solver, ode_log_prob, solve
-from .teleport import GaussianFit, fit_gaussian, steps_saved, teleport, teleport_solve
+from .solvers.teleport import steps_saved, teleport, teleport_solve
 
 __version__ = "0.1.0"
 
@@ -25,5 +27,5 @@ __all__ = [
     "solve", "get_solver", "get_grid", "ode_log_prob", "ODEFlowMap",
     "load", "save",
     "from_diffusers", "to_diffusers", "DiffusersScheduler", "KDiffusionSampler",
-    "GaussianFit", "fit_gaussian", "teleport", "teleport_solve", "steps_saved",
+    "GaussianFit", "GaussianFlowMap", "fit_gaussian", "teleport", "teleport_solve", "steps_saved",
 ]

@@ -13,44 +13,36 @@ A checkpoint is a directory::
 ``save`` writes into a hidden sibling directory, fsyncs, then swaps it into place (old one renamed
 aside, new one renamed in, old one removed), so a crash leaves either the old or the new checkpoint. It
 replaces a missing or empty folder or an earlier checkpoint, and refuses any other folder (whose files the
-swap would delete). ``load`` also takes a training run folder (``TrainConfig.out_dir``) holding ``checkpoint/``.
+swap would delete). Readers also take a training run folder (``TrainConfig.out_dir``) holding ``checkpoint/``.
 
->>> # save(out / "checkpoint", model, ema=ema_state)   then   model = load(out / "checkpoint")
+This module knows the format only; rebuilding a model from its config (``genkit.load``) lives in
+:mod:`genkit.loading`, above the families.
+
+>>> # save(out / "checkpoint", model, ema=ema_state)   then   model = genkit.load(out / "checkpoint")
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Callable
-from importlib import metadata as _metadata
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from . import io
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["FORMAT_VERSION", "save", "load", "load_training_state", "read_trainer_state", "has_resume_state",
-           "read_config", "model_config", "unwrap"]
+__all__ = ["FORMAT_VERSION", "save", "load_weights", "load_training_state", "read_trainer_state", "has_resume_state",
+           "read_config", "split_config", "is_checkpoint", "resolve", "model_config", "unwrap"]
 
 FORMAT_VERSION = 1
 _RESERVED = ("format", "genkit_version", "torch_version", "genkit_files")
-_ALIASES = "genkit_aliases"  # safetensors metadata: tied keys dropped on save -> the key they share storage with
 PathLike = Union[str, "os.PathLike[str]"]
 _DIFFUSERS_MARKERS = ("model_index.json", "genkit_export.json", "unet")  # what a diffusers pipeline folder holds
-
-
-def _genkit_version() -> str:
-    try:
-        return _metadata.version("genkit")
-    except _metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -65,20 +57,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------- writing
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _is_checkpoint(directory: Path) -> bool:
+def is_checkpoint(directory: Path) -> bool:
     """Whether ``directory`` holds a genkit checkpoint: a ``config.json`` with an integer format and a family."""
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
@@ -87,92 +66,13 @@ def _is_checkpoint(directory: Path) -> bool:
     return isinstance(config, dict) and isinstance(config.get("format"), int) and isinstance(config.get("family"), str)
 
 
-def _check_save_target(directory: Path, what: str, same_kind: Callable[[Path], bool], example: str) -> None:
-    """Refuse to save over ``directory`` unless it is missing, empty, or already a ``what`` (which is replaced).
-
-    Saving swaps a whole folder into place, so whatever else a non-empty folder holds would be deleted.
-    ``example`` names a subfolder to suggest instead (``runs/x`` -> ``runs/x/<example>``).
-    """
-    if not directory.exists():
-        return
-    if not directory.is_dir():
-        raise CheckpointError(f"cannot save the {what} to {directory}: it is a file, not a folder. Pick a new or "
-                              "empty folder")
-    entries = sorted(p.name for p in directory.iterdir())
-    if entries and not same_kind(directory):
-        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
-        raise CheckpointError(f"cannot save the {what} to {directory}: the folder holds other files ({shown}), which "
-                              f"saving would delete (it replaces the whole folder). Pick a new or empty folder "
-                              f"(e.g. {directory / example})")
-
-
-def _swap_in(tmp: Path, directory: Path, old: Path) -> None:
-    """Rename the fully written folder ``tmp`` to ``directory``. An existing ``directory`` is renamed aside to ``old``
-    first (the caller removes it), so a crash leaves the old or the new folder whole, never a mix."""
-    if directory.exists():
-        os.rename(directory, old)
-    os.rename(tmp, directory)
-    _fsync_path(directory.parent)
-
-
-def _write_tensors(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
-    """Write one safetensors file and fsync it (tests patch this to simulate a crash mid-save)."""
-    save_file(tensors, str(path), metadata=meta)
-    _fsync_path(path)
-
-
-def _encode(obj: Any, where: str, keep_tuples: bool) -> Any:
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise CheckpointError(f"{where}: key {k!r} is not a string; JSON would turn it into {str(k)!r}. "
-                                      "Use string keys in state saved to a checkpoint")
-            out[k] = _encode(v, f"{where}.{k}", keep_tuples)
-        return out
-    if isinstance(obj, tuple) and keep_tuples:
-        return {"__tuple__": [_encode(v, f"{where}[{i}]", keep_tuples) for i, v in enumerate(obj)]}
-    if isinstance(obj, (list, tuple)):
-        return [_encode(v, f"{where}[{i}]", keep_tuples) for i, v in enumerate(obj)]
-    raise CheckpointError(f"{where} has type {type(obj).__name__}, which is not JSON-serialisable; "
-                          "store numbers, strings, lists and dicts only (tensors belong in safetensors files)")
-
-
-def _write_json(path: Path, obj: Any, where: str, keep_tuples: bool = True) -> None:
-    text = json.dumps(_encode(obj, where, keep_tuples), indent=2, sort_keys=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """safetensors refuses tensors that share storage: keep tied weights once and remember the aliases."""
-    tensors: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    storages: set[int] = set()
-    for key, t in state.items():
-        t = t.detach()
-        ptr = t.untyped_storage().data_ptr()
-        ident = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() and ident in seen:
-            aliases[key] = seen[ident]
-            continue
-        if t.numel() and ptr in storages:  # overlapping but different view: store a copy
-            t = t.clone()
-        else:
-            seen[ident] = key
-            storages.add(ptr)
-        tensors[key] = t.contiguous()
-    return tensors, aliases
+def _write_tensors(path: Path, tensors: dict[str, Tensor], meta: dict[str, str] | None = None) -> None:
+    """One safetensors file, fsynced (tests patch this to simulate a crash mid-save)."""
+    io.write_tensors(path, tensors, meta)
 
 
 def _write_state(path: Path, state: dict[str, Tensor]) -> None:
-    tensors, aliases = _dedupe(state)
-    _write_tensors(path, tensors, {"format": "pt", _ALIASES: json.dumps(aliases)})
+    _write_tensors(path, *io.shared_state(state))
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
@@ -186,7 +86,7 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     if clash:
         raise ConfigError(f"{type(model).__name__}.config() uses reserved keys {clash}; rename them")
     try:
-        _encode(config, f"{type(model).__name__}.config()", keep_tuples=False)
+        io.encode_json(config, f"{type(model).__name__}.config()", keep_tuples=False)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     return dict(config)
@@ -209,13 +109,7 @@ def save(directory: PathLike, model: nn.Module, *, ema: dict[str, Tensor] | None
     config = model_config(model)
     if trainer_state is not None and "ema" in trainer_state:
         raise ConfigError("trainer_state key 'ema' is reserved (load_training_state returns the EMA there); rename it")
-    _check_save_target(directory, "checkpoint", _is_checkpoint, "model")
-    parent = directory.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = parent / f".{directory.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
+    with io.atomic_folder(directory, "checkpoint", is_checkpoint, "model") as tmp:
         _write_state(tmp / "model.safetensors", model.state_dict())
         if ema is not None:
             _write_state(tmp / "ema.safetensors",
@@ -229,57 +123,37 @@ def save(directory: PathLike, model: nn.Module, *, ema: dict[str, Tensor] | None
                         tensors[f"{idx}/{name}"] = value.detach().contiguous()
                     else:
                         scalars.setdefault(str(idx), {})[name] = value
-            _write_tensors(tmp / "optimizer.safetensors", tensors, {"format": "pt"})
-            _write_json(tmp / "optimizer.json", {"param_groups": sd["param_groups"], "scalars": scalars,
-                                                 "ids": list(sd["state"])}, "optimizer")
+            _write_tensors(tmp / "optimizer.safetensors", tensors, {})
+            io.write_json(tmp / "optimizer.json", {"param_groups": sd["param_groups"], "scalars": scalars,
+                                                   "ids": list(sd["state"])}, "optimizer")
         if scheduler is not None:
-            _write_json(tmp / "scheduler.json", scheduler.state_dict(), "scheduler")
+            io.write_json(tmp / "scheduler.json", scheduler.state_dict(), "scheduler")
         if trainer_state is not None:
-            _write_json(tmp / "trainer_state.json", trainer_state, "trainer_state")
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        meta = {"format": FORMAT_VERSION, "genkit_version": _genkit_version(),
-                "torch_version": torch.__version__, "genkit_files": files}
-        _write_json(tmp / "config.json", {**config, **meta}, "config", keep_tuples=False)
-        _fsync_path(tmp)
-        _swap_in(tmp, directory, parent / f".{directory.name}.old-{tag}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for stale in _siblings(directory, ".old-", ".tmp-"):  # our old copy, and leftovers of crashed saves
-        shutil.rmtree(stale, ignore_errors=True)
+            io.write_json(tmp / "trainer_state.json", trainer_state, "trainer_state")
+        meta = {"format": FORMAT_VERSION, "genkit_version": io.genkit_version(),
+                "torch_version": torch.__version__, "genkit_files": io.file_sizes(tmp)}
+        io.write_json(tmp / "config.json", {**config, **meta}, "config", keep_tuples=False)
     return directory
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def _siblings(directory: Path, *kinds: str) -> list[Path]:
-    if not directory.parent.is_dir():
-        return []
-    prefixes = tuple(f".{directory.name}{kind}" for kind in kinds)
-    return [p for p in directory.parent.iterdir() if p.name.startswith(prefixes) and p.is_dir()]
-
-
 def _resolve(directory: Path) -> Path:
     """``directory``, its ``checkpoint/`` if it is a training run folder, or the previous checkpoint a crash left
     renamed aside during the swap."""
     if directory.is_dir() and not (directory / "config.json").exists():
         inner = directory / "checkpoint"  # a run folder (TrainConfig.out_dir), as genkit.cli.checkpoint_dir reads
-        if inner.is_dir() or _siblings(inner, ".old-"):
+        if inner.is_dir() or io.siblings(inner, ".old-"):
             return _resolve(inner)
     if directory.is_dir():
         return directory
-    asides = [p for p in _siblings(directory, ".old-") if (p / "config.json").is_file()]
+    asides = [p for p in io.siblings(directory, ".old-") if (p / "config.json").is_file()]
     return max(asides, key=lambda p: p.stat().st_mtime) if asides else directory
 
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete. Re-save it or use an earlier one")
-    try:
-        text = path.read_text(encoding="utf-8")
-        return json.loads(text, object_hook=lambda d: tuple(d["__tuple__"]) if set(d) == {"__tuple__"} else d)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable or not valid JSON ({e}); "
-                              "re-save the checkpoint or use an earlier one") from e
+    return io.read_json(path)
 
 
 def read_config(directory: PathLike) -> dict[str, Any]:
@@ -302,28 +176,12 @@ def read_config(directory: PathLike) -> dict[str, Any]:
                               "it was not written by genkit.checkpoint.save")
     if fmt > FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {fmt} (genkit {config.get('genkit_version')}); "
-                              f"this genkit ({_genkit_version()}) reads format <= {FORMAT_VERSION}. Upgrade genkit")
+                              f"this genkit ({io.genkit_version()}) reads format <= {FORMAT_VERSION}. Upgrade genkit")
     return config
 
 
 def _read_tensors(path: Path, config: dict[str, Any], device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    hint = "re-save the checkpoint or use an earlier one"
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; {hint}")
-    expected = config.get("genkit_files", {}).get(path.name)
-    size = path.stat().st_size
-    if expected is not None and size != expected:
-        raise CheckpointError(f"{path} is {size} bytes but was written with {expected}: truncated or corrupt; {hint}")
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        aliases = json.loads(meta.get(_ALIASES, "{}"))
-    except Exception as e:  # safetensors raises its own SafetensorError on bad headers and short files
-        raise CheckpointError(f"{path} is truncated or corrupt ({e}); {hint}") from e
-    for key, target in aliases.items():
-        state[key] = state[target]
-    return state
+    return io.read_tensors(path, config.get("genkit_files", {}).get(path.name), device)
 
 
 def _check_keys(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
@@ -338,32 +196,27 @@ def _check_keys(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
                  f"shape mismatches {shapes[:8]}" if shapes else ""]
         raise CheckpointError(f"{path} does not match the {type(model).__name__} model: "
                               + "; ".join(p for p in parts if p)
-                              + ". Build the model with the checkpoint's config.json (genkit.checkpoint.load does)")
+                              + ". Build the model with the checkpoint's config.json (genkit.load does)")
 
 
-def load(directory: PathLike, *, ema: bool = True, map_location: str | torch.device = "cpu",
-         expect_family: str | None = None) -> nn.Module:
-    """Rebuild the model with ``genkit.models.build(config)`` and load its weights; returned in eval mode.
+def resolve(directory: PathLike) -> Path:
+    """The checkpoint folder ``directory`` names: itself, the ``checkpoint/`` of a training run folder
+    (``TrainConfig.out_dir``), or the previous checkpoint a crash left renamed aside during a save."""
+    return _resolve(Path(directory))
 
-    ``directory`` is a checkpoint folder or a training run folder (``TrainConfig.out_dir``, ``--out`` of
-    train/train.py), whose ``checkpoint/`` is loaded. A diffusers folder is refused with a pointer to
-    ``genkit.from_diffusers``. EMA weights are loaded when saved and ``ema=True``; otherwise the raw weights.
-    ``expect_family`` makes loading a checkpoint of another family an error.
-    """
-    from .models import build  # the checkpoint module stays importable without any family
 
+def split_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The model's own ``config()`` out of a checkpoint's ``config.json`` (the format metadata dropped)."""
+    return {k: v for k, v in config.items() if k not in _RESERVED}
+
+
+def load_weights(directory: PathLike, model: nn.Module, *, ema: bool = True,
+                 map_location: str | torch.device = "cpu") -> nn.Module:
+    """Move ``model`` to ``map_location`` and load the checkpoint's EMA weights into it (``ema=True`` and saved),
+    else its raw weights; every key and shape is checked first. Returns the model (mode unchanged)."""
     directory = Path(directory)
     config = read_config(directory)
     path = _resolve(directory)
-    family = config.get("family")
-    if expect_family is not None and family != expect_family:
-        raise CheckpointError(f"{path} holds a {family!r} model but {expect_family!r} was expected; "
-                              "pass the right checkpoint or change expect_family")
-    model_config = {k: v for k, v in config.items() if k not in _RESERVED}
-    try:
-        model = build(model_config)
-    except Exception as e:
-        raise CheckpointError(f"cannot rebuild the model of {path / 'config.json'}: {e}") from e
     device = torch.device(map_location)
     map_location = "cpu" if device.type == "cpu" else str(device)  # safetensors rejects "cpu:0"
     model.to(map_location)
@@ -371,7 +224,17 @@ def load(directory: PathLike, *, ema: bool = True, map_location: str | torch.dev
     state = _read_tensors(path / name, config, map_location)
     _check_keys(model, state, path / name)
     model.load_state_dict(state)
-    return model.eval()
+    return model
+
+
+def __getattr__(name: str) -> Any:
+    # ``genkit.checkpoint.load`` moved to ``genkit.load`` (genkit/loading.py, above the families); kept one release.
+    # No import here: genkit/__init__ has imported genkit.loading before anyone can ask for this attribute.
+    if name == "load":
+        warnings.warn("genkit.checkpoint.load is deprecated; use genkit.load (genkit.loading.load)",
+                      DeprecationWarning, stacklevel=2)
+        return sys.modules["genkit.loading"].load
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def has_resume_state(directory: PathLike) -> bool:

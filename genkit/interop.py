@@ -21,10 +21,7 @@ import copy
 import inspect
 import json
 import math
-import os
 import re
-import shutil
-import uuid
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -32,9 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import _check_save_target, _fsync_path, _is_checkpoint, _swap_in
+from .checkpoint import is_checkpoint, unwrap
 from .errors import CheckpointError, ConfigError
 from .fields import Field
+from .io import atomic_folder
 from .paths import DDPMLinearPath, broadcast_time
 from .solvers.base import Solution, Solver, check_finite_result
 
@@ -63,7 +61,7 @@ def _unet_folder(root: FsPath) -> FsPath:
                           "UNet folder (config.json and its weights)")
     if (root / "unet").is_dir():
         return root / "unet"
-    if _is_checkpoint(root) or (root / "checkpoint").is_dir():
+    if is_checkpoint(root) or (root / "checkpoint").is_dir():
         raise CheckpointError(f"{root} is a genkit checkpoint or run folder, not a diffusers one; load it with "
                               f"genkit.load({str(root)!r})")
     if not (root / "config.json").is_file():
@@ -194,7 +192,6 @@ def to_diffusers(model: Any, folder: str | FsPath, *, approximate_time: bool = F
     """
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    from .checkpoint import unwrap
     from .models import Diffusion
     from .nets import UNet
 
@@ -226,23 +223,12 @@ def to_diffusers(model: Any, folder: str | FsPath, *, approximate_time: bool = F
     scheduler = DDPMScheduler(num_train_timesteps=n, beta_start=model.path.beta_start, beta_end=model.path.beta_end,
                               beta_schedule="linear", prediction_type=kind, clip_sample=False)
     folder = FsPath(folder)
-    _check_save_target(folder, "diffusers export", _is_diffusers_export, "diffusers")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp, old = (folder.parent / f".{folder.name}.{kind}-{tag}" for kind in ("tmp", "old"))
-    try:  # written whole aside, then swapped in: a crash leaves the old or the new export, never a mix
+    # written whole aside, then swapped in: a crash leaves the old or the new export, never a mix
+    with atomic_folder(folder, "diffusers export", _is_diffusers_export, "diffusers") as tmp:
         DDPMPipeline(unet=net.unet, scheduler=scheduler).save_pretrained(tmp)
         (tmp / "genkit_export.json").write_text(json.dumps({
             "genkit_config": model.config(), "time_offset_steps": offset, "exact": offset <= 1e-9,
         }, indent=2) + "\n", encoding="utf-8")
-        for written in sorted(tmp.rglob("*"), reverse=True):  # files before their folders
-            _fsync_path(written)
-        _fsync_path(tmp)
-        _swap_in(tmp, folder, old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 

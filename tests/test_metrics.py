@@ -150,7 +150,7 @@ def classifier() -> DigitsClassifier:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train_digits_classifier(generator=gen(0))
+        return train_digits_classifier(digits("train"), digits_labels("train"), generator=gen(0))
     finally:
         torch.set_num_threads(threads)
 

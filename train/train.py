@@ -55,7 +55,7 @@ import torch
 import genkit
 from genkit import checkpoint, metrics
 from genkit.cli import run_main
-from genkit.data import DATASETS, held_out, image_folder, load_dataset
+from genkit.data import DATASETS, digits, digits_labels, held_out, image_folder, load_dataset
 from genkit.errors import ConfigError
 from genkit.models import FAMILIES, build
 from genkit.nets import MLP, UNet
@@ -399,7 +399,8 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
         report["note"] = ("no sample-quality metric for these images: a Frechet distance needs a feature network "
                           "for them (genkit.metrics.fid with inception_features); only digits have a built-in one")
     else:
-        features = (metrics.train_digits_classifier(generator=torch.Generator().manual_seed(0)).features
+        features = (metrics.train_digits_classifier(digits("train"), digits_labels("train"),
+                                                    generator=torch.Generator().manual_seed(0)).features
                     if is_image else None)
         report.update(quality(x, ref, features))
         report["noise_floor"] = quality(floor, ref, features)

@@ -12,24 +12,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..errors import ConfigError
-from ..registry import Registry
-
-FAMILIES: Registry = Registry("model family")
-
-
-def build(config: dict[str, Any]):
-    """Rebuild a family (with freshly initialised weights) from its ``config()``."""
-    if not isinstance(config, dict) or "family" not in config:
-        raise ConfigError(f"a model config needs a 'family' key; got {config!r}")
-    return FAMILIES.get(config["family"]).from_config(config)
-
-
-from .continuous import ContinuousModel  # noqa: E402  (FAMILIES must exist before families register)
-from .diffusion import Diffusion  # noqa: E402
-from .flow_matching import FlowMatching, ot_pairing  # noqa: E402
-from .secant import Secant  # noqa: E402
+from .continuous import ContinuousModel
+from .diffusion import Diffusion
+from .flow_matching import FlowMatching, ot_pairing
+from .registry import FAMILIES, build
+from .secant import Secant
 
 __all__ = ["FAMILIES", "build", "ContinuousModel", "Diffusion", "FlowMatching", "Secant", "ot_pairing"]

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..paths import Path, get_path, path_from_config
 from ..solvers import get_grid
-from . import FAMILIES
 from .continuous import ContinuousModel
+from .registry import FAMILIES
 
 __all__ = ["Diffusion", "WEIGHTINGS"]
 

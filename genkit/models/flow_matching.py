@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..paths import Path, path_from_config
-from . import FAMILIES
 from .continuous import ContinuousModel
+from .registry import FAMILIES
 
 __all__ = ["FlowMatching", "ot_pairing", "COUPLINGS"]
 

@@ -45,8 +45,8 @@ from ..nets.two_time import to_two_time
 from ..paths import Path, broadcast_time, path_from_config
 from ..sampling import JumpSampler, Sampler
 from ..solvers import Solution, Uniform, get_grid
-from . import FAMILIES
 from .continuous import ContinuousModel
+from .registry import FAMILIES
 
 __all__ = ["Secant", "LOSSES", "TEACHER_FREE"]
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 import functools
 import numbers
 import os
-import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -23,7 +22,8 @@ from ..fields import Field, FieldView, check_field
 from ..registry import Registry
 from .grids import Custom, TimeGrid, get_grid
 
-__all__ = ["Solution", "Solver", "SOLVERS", "get_solver", "solve", "check_finite_result", "prepared", "apply_map"]
+__all__ = ["Solution", "Solver", "SOLVERS", "get_solver", "solve", "SolverResolver", "register_resolver",
+           "check_finite_result", "prepared", "apply_map"]
 
 SOLVERS: Registry = Registry("solver")
 
@@ -111,42 +111,53 @@ def check_finite_result(x: Tensor, solver: Solver, times: Tensor) -> Tensor:
     return x
 
 
+class SolverResolver(Protocol):
+    """Finds solvers that are not registry entries: folders, names saved by an earlier process, ...
+
+    ``resolve(spec)`` returns the solver ``spec`` names or None when it is not one of its own; ``explain(spec)``
+    adds a hint to the unknown-solver error (or None). Stores register one with :func:`register_resolver`, so
+    this module needs no import of them (the searched-solver store does, genkit/solvers/searched.py).
+    """
+
+    def resolve(self, spec: str | os.PathLike) -> Solver | None: ...
+
+    def explain(self, spec: str | os.PathLike) -> str | None: ...
+
+
+_RESOLVERS: list[SolverResolver] = []
+
+
+def register_resolver(resolver: SolverResolver) -> SolverResolver:
+    """Let :func:`get_solver` (and so ``solve`` / ``sample``) find solvers through ``resolver``; returns it."""
+    if resolver not in _RESOLVERS:
+        _RESOLVERS.append(resolver)
+    return resolver
+
+
 def get_solver(solver: str | os.PathLike | Solver, **kwargs: Any) -> Solver:
     """A solver by registry name (``euler``, ``heun``, ``midpoint``, ``rk4``, ``dopri5``,
-    ``euler_maruyama``, ...) with its options, a searched-solver artifact directory, or a Solver unchanged."""
+    ``euler_maruyama``, ...) with its options, one a registered resolver finds (a searched-solver artifact
+    directory, a searched solver saved by name), or a Solver unchanged."""
     if isinstance(solver, Solver):
         if kwargs:
             raise ConfigError(f"options {sorted(kwargs)} given with an already built solver {solver!r}")
         return solver
-    if isinstance(solver, (str, os.PathLike)) and str(solver) not in SOLVERS \
-            and (pathlib.Path(solver) / "solver.json").is_file():
-        from .searched import load_searched_solver  # lazy: searched imports base
-
-        if kwargs:
-            raise ConfigError(f"options {sorted(kwargs)} given with a searched-solver artifact {solver}")
-        return load_searched_solver(solver)
-    if isinstance(solver, os.PathLike) or (isinstance(solver, str) and solver not in SOLVERS
-                                           and ("/" in solver or os.sep in solver)):
-        where = pathlib.Path(solver)
-        raise ConfigError(f"solver {str(solver)!r} looks like a searched-solver folder, but "
-                          + (f"{where} holds no solver.json" if where.is_dir() else f"{where} does not exist")
-                          + f"; check the path, or use a registered solver: {', '.join(SOLVERS.names())}")
-    if isinstance(solver, str) and solver not in SOLVERS:
-        from .searched import find_saved, saved_solver_names, solver_home
-
-        saved = find_saved(solver)  # a searched solver saved by name in an earlier process
-        if saved is not None:
-            if kwargs:
-                raise ConfigError(f"options {sorted(kwargs)} given with the saved searched solver {solver!r}")
-            return saved
-        names = saved_solver_names()
-        raise ConfigError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS.names())}"
-                          + (f"; searched solvers saved in {solver_home()}: {', '.join(names)}" if names else "")
-                          + "; a searched-solver folder is given by its path")
-    try:
-        return SOLVERS.get(solver)(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"bad options for solver {solver!r}: {e}") from None
+    if isinstance(solver, str) and solver in SOLVERS:
+        try:
+            return SOLVERS.get(solver)(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"bad options for solver {solver!r}: {e}") from None
+    if isinstance(solver, (str, os.PathLike)):
+        for resolver in _RESOLVERS:
+            found = resolver.resolve(solver)
+            if found is not None:
+                if kwargs:
+                    raise ConfigError(f"options {sorted(kwargs)} given with the solver {str(solver)!r}, which "
+                                      f"is fixed ({found!r}); drop them")
+                return found
+    hints = [h for r in _RESOLVERS if isinstance(solver, (str, os.PathLike)) and (h := r.explain(solver))]
+    raise ConfigError(f"unknown solver {str(solver)!r}; choose one of: {', '.join(SOLVERS.names())}"
+                      + "".join(f"; {h}" for h in hints))
 
 
 def steps_or_default(steps: Any, solver: Solver, grid: TimeGrid) -> int | None:

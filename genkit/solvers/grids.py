@@ -29,8 +29,13 @@ GRIDS: Registry = Registry("time grid")
 
 def validate_grid(times: Tensor | Sequence[float], *, min_steps: int = 1) -> Tensor:
     """Check a user grid: 1-D, at least ``min_steps + 1`` points, strictly monotone, inside ``[0, 1]``.
-    Returns it as a float64 tensor. Increasing grids (data -> noise) are allowed for encoding."""
-    t = torch.as_tensor(times, dtype=torch.float64).detach().cpu() if not torch.is_tensor(times) else times
+    Returns it as a float64 CPU tensor (a copy when the input was not one). Increasing grids (data -> noise) are
+    allowed for encoding.
+
+    >>> validate_grid(torch.tensor([1.0, 0.5, 0.0], dtype=torch.float32)).dtype
+    torch.float64
+    """
+    t = torch.as_tensor(times).detach().to(device="cpu", dtype=torch.float64)
     if t.ndim != 1 or t.numel() < min_steps + 1:
         raise TimeGridError(
             f"a time grid must be 1-D with at least {min_steps + 1} points; got shape {tuple(t.shape)}"
@@ -165,12 +170,21 @@ class Custom(TimeGrid):
 
 
 def get_grid(grid: str | TimeGrid | Tensor | Sequence[float], **kwargs: Any) -> TimeGrid:
-    """A grid by name (``uniform``, ``karras``, ``logsnr``), a TimeGrid unchanged, or explicit times."""
-    if isinstance(grid, TimeGrid):
-        return grid
+    """A grid by name (``uniform``, ``karras``, ``logsnr``) built with ``kwargs``, a TimeGrid unchanged, or explicit
+    times. Options given with a built grid or explicit times would be ignored, so they are an error.
+
+    >>> get_grid("uniform", t_max=0.5).t_max
+    0.5
+    """
     if isinstance(grid, str):
         try:
             return GRIDS.get(grid)(**kwargs)
         except TypeError as e:
             raise ConfigError(f"bad options for grid {grid!r}: {e}") from None
+    if kwargs:
+        what = f"a built {type(grid).__name__} grid" if isinstance(grid, TimeGrid) else "explicit grid times"
+        raise ConfigError(f"options {sorted(kwargs)} given with {what}, which they cannot change; build the grid "
+                          "with them instead (e.g. Uniform(t_max=0.5), or get_grid('uniform', t_max=0.5))")
+    if isinstance(grid, TimeGrid):
+        return grid
     return Custom(grid)

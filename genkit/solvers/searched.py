@@ -44,26 +44,20 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import uuid
 import warnings
 from pathlib import Path as FsPath
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from ..checkpoint import _check_save_target, _fsync_path, _genkit_version, _read_json, _swap_in, _write_json
 from ..errors import CheckpointError, ConfigError, SolverError
 from ..fields import Field, as_velocity, as_x0, check_field
+from ..gaussian_fit import GaussianFit, GaussianFlowMap, fit_gaussian
+from ..io import atomic_folder, file_sizes, genkit_version, read_json, read_tensors, write_json, write_tensors
 from ..paths import Path, broadcast_time, path_from_config
-from .base import SOLVERS, Solution, Solver, check_finite_result, get_solver
+from .base import SOLVERS, Solution, Solver, check_finite_result, get_solver, register_resolver
 from .grids import TimeGrid, Uniform, get_grid
-
-if TYPE_CHECKING:
-    from ..teleport import GaussianFit
 
 __all__ = ["SearchedSolver", "search_solver", "load_searched_solver", "register_searched", "unregister_searched",
            "solver_home", "saved_solver_names", "find_saved", "check_new_name", "VARIANTS", "FORMAT_VERSION"]
@@ -96,9 +90,6 @@ def _integrate(field: Field, x: Tensor, times: Tensor, coeffs: Tensor, variant: 
     with ``coeffs [N, N]`` and the optional extensions (module docstring); differentiable."""
     states = [x] if keep else []
     if teleport is not None:  # closed-form first segment, differentiable in its end time
-        # lazy: teleport imports the solvers package
-        from ..teleport import GaussianFlowMap
-
         x = GaussianFlowMap(teleport.to(x.device), field.path)(x, times[0].to(x.device), times[1].to(x.device))
         times = times[1:]
         if keep:
@@ -133,11 +124,8 @@ def _integrate(field: Field, x: Tensor, times: Tensor, coeffs: Tensor, variant: 
 
 def _checked_fit(fit: Any) -> GaussianFit:
     """``fit`` as a consistent float64 GaussianFit on the CPU; ConfigError otherwise."""
-    # lazy: teleport imports the solvers package
-    from ..teleport import GaussianFit
-
     if not isinstance(fit, GaussianFit):
-        raise ConfigError(f"teleport must be a genkit.teleport.GaussianFit (fit_gaussian(data)) or None; got "
+        raise ConfigError(f"teleport must be a genkit.GaussianFit (fit_gaussian(data)) or None; got "
                           f"{type(fit).__name__}")
     mean, lam, vecs = (torch.as_tensor(v).detach().to("cpu", torch.float64) for v in (fit.mean, fit.eigvals,
                                                                                     fit.eigvecs))
@@ -300,34 +288,21 @@ class SearchedSolver(Solver):
         other folder is a CheckpointError, as saving would delete its files.
         """
         directory = FsPath(directory)
-        _check_save_target(directory, "searched solver", lambda d: (d / "solver.json").is_file(),
-                           f"searched_nfe{self.num_steps}")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp, old = (directory.parent / f".{directory.name}.{kind}-{tag}" for kind in ("tmp", "old"))
-        tmp.mkdir()
-        try:
+        with atomic_folder(directory, "searched solver", lambda d: (d / "solver.json").is_file(),
+                           f"searched_nfe{self.num_steps}") as tmp:
             tensors = {"logits": self.logits, "coefficients": self.coefficients, "eval_shift": self.eval_shift,
                        "scales": self.scales}
             fit, teleport = self.teleport, None
             if fit is not None:
                 tensors.update(zip(_TELEPORT_KEYS, (fit.mean, fit.eigvals, fit.eigvecs)))
                 teleport = {"residual": fit.residual, "event_shape": list(fit.event_shape)}
-            save_file({k: v.contiguous() for k, v in tensors.items() if v is not None},
-                      str(tmp / "solver.safetensors"), metadata={"format": "pt"})
-            _fsync_path(tmp / "solver.safetensors")
+            write_tensors(tmp / "solver.safetensors", {k: v for k, v in tensors.items() if v is not None})
             extended = fit is not None or self.eval_shift is not None or self.scales is not None
-            meta = {"kind": _KIND, "format": FORMAT_VERSION if extended else 1, "genkit_version": _genkit_version(),
+            meta = {"kind": _KIND, "format": FORMAT_VERSION if extended else 1, "genkit_version": genkit_version(),
                     "torch_version": torch.__version__, "steps": self.num_steps, "variant": self.variant,
                     "path": self.path.config(), "t_start": self.t_start, "t_end": self.t_end, "teleport": teleport,
-                    "info": self.info, "files": {"solver.safetensors": (tmp / "solver.safetensors").stat().st_size}}
-            _write_json(tmp / "solver.json", meta, "solver.json", keep_tuples=False)
-            _fsync_path(tmp)
-            _swap_in(tmp, directory, old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+                    "info": self.info, "files": file_sizes(tmp)}
+            write_json(tmp / "solver.json", meta, "solver.json", keep_tuples=False)
         return directory
 
 
@@ -336,21 +311,18 @@ def load_searched_solver(directory: PathLike) -> SearchedSolver:
     directory = FsPath(directory)
     if not directory.is_dir():
         raise CheckpointError(f"no searched solver at {directory}: the directory does not exist; check the path")
-    meta = _read_json(directory / "solver.json")
+    hint = "search again or use another artifact"
+    meta = read_json(directory / "solver.json", hint)
     if not isinstance(meta, dict) or meta.get("kind") != _KIND or not isinstance(meta.get("format"), int):
         raise CheckpointError(f"{directory / 'solver.json'} is not a genkit searched-solver artifact (kind "
                               f"{meta.get('kind') if isinstance(meta, dict) else None!r}); save one with solver.save")
     if meta["format"] > FORMAT_VERSION:
         raise CheckpointError(f"{directory} has searched-solver format {meta['format']}; this genkit "
-                              f"({_genkit_version()}) reads format <= {FORMAT_VERSION}. Upgrade genkit")
-    file, hint = directory / "solver.safetensors", "search again or use another artifact"
-    expected = meta.get("files", {}).get(file.name)
-    if not file.is_file() or (expected is not None and file.stat().st_size != expected):
-        size = f"{file.stat().st_size} bytes, not {expected}" if file.is_file() else "missing"
-        raise CheckpointError(f"{file} is {size}: truncated, corrupt or incomplete; {hint}")
+                              f"({genkit_version()}) reads format <= {FORMAT_VERSION}. Upgrade genkit")
+    file = directory / "solver.safetensors"
+    files = meta.get("files")
+    tensors = read_tensors(file, files.get(file.name) if isinstance(files, dict) else None, hint=hint)
     try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
         n, path, tele = int(meta["steps"]), path_from_config(meta["path"]), meta.get("teleport")
         segments = n + (tele is not None)
         wanted = {"logits", "coefficients"} | (set(_TELEPORT_KEYS) if tele is not None else set())
@@ -361,9 +333,6 @@ def load_searched_solver(directory: PathLike) -> SearchedSolver:
                                   + (" with a teleport Gaussian" if tele is not None else "") + f"; {hint}")
         fit = None
         if tele is not None:
-            # lazy: teleport imports the solvers package
-            from ..teleport import GaussianFit
-
             fit = GaussianFit(*(tensors[k] for k in _TELEPORT_KEYS), float(tele["residual"]),
                               tuple(tele["event_shape"]))
         return SearchedSolver(tensors["logits"], tensors["coefficients"], path, meta["t_start"], meta["t_end"],
@@ -456,6 +425,28 @@ def unregister_searched(name: str) -> None:
     SOLVERS.unregister(name)
 
 
+class _SearchedStore:
+    """How :func:`~genkit.solvers.base.get_solver` finds searched solvers: an artifact folder by its path, or a
+    name saved under :func:`solver_home` by an earlier process (``register_searched(..., persist=True)``)."""
+
+    def resolve(self, spec: str | os.PathLike) -> SearchedSolver | None:
+        if (FsPath(spec) / "solver.json").is_file():
+            return load_searched_solver(spec)
+        return find_saved(spec) if isinstance(spec, str) else None
+
+    def explain(self, spec: str | os.PathLike) -> str | None:
+        if isinstance(spec, os.PathLike) or "/" in spec or os.sep in spec:
+            where = FsPath(spec)
+            return (f"it looks like a searched-solver folder, but {where} "
+                    + ("holds no solver.json" if where.is_dir() else "does not exist") + "; check the path")
+        names = saved_solver_names()
+        saved = f"searched solvers saved in {solver_home()}: {', '.join(names)}; " if names else ""
+        return saved + "a searched-solver folder is given by its path"
+
+
+register_resolver(_SearchedStore())
+
+
 def _model_fingerprint(field: Any) -> str | None:
     """A short hash of a model's ``config()`` (family, path, network, ...), or None for fields without one:
     kept in a searched solver's info so that using it on another architecture warns. Weights are not hashed,
@@ -529,9 +520,6 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     or half the pool's, and the mean remaining variance; endpoints at ``t_end > 0`` are mapped back to t = 0),
     starting at ``teleport_to`` (default: the time of log-SNR -4) with the grid's steps after it.
     """
-    # lazy: teleport imports the solvers package
-    from ..teleport import fit_gaussian
-
     check_field(field)
     if not isinstance(nfe, int) or nfe < 2:
         raise SolverError(f"nfe must be an integer >= 2 (one step has nothing to search: it is Euler); got {nfe!r}")
