@@ -55,7 +55,7 @@ def _git(*args: str) -> str | None:
 def machine_info() -> dict[str, Any]:
     """The machine and software a result was measured on."""
     info: dict[str, Any] = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": _cpu_model(),

@@ -47,10 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a checkpoint folder, or a train.py run folder holding checkpoint/")
     p.add_argument("--data", required=True, help=f"the data the model learned, one of {', '.join(DATASETS.names())}")
     p.add_argument("--n", type=int, default=2000, help="samples to draw (and held-out size for toy sets)")
-    p.add_argument("--solver", default="heun", help=f"one of {', '.join(SOLVERS.names())}")
-    p.add_argument("--steps", type=int, default=32, help="solver steps")
-    p.add_argument("--grid", default="uniform",
-                   help=f"time grid, one of {', '.join(n for n in GRIDS.names() if n != 'custom')}")
+    p.add_argument("--solver", help=f"one of {', '.join(SOLVERS.names())}, a searched-solver folder, or jumps (a "
+                                    "flow-map model's learned jumps) (default: the model's own sampler: heun for "
+                                    "flow matching and diffusion, jumps for secant models)")
+    p.add_argument("--steps", type=int, help="solver steps or jumps (default: the sampler's own, 32 for ODE solvers)")
+    p.add_argument("--grid", help=f"time grid, one of {', '.join(n for n in GRIDS.names() if n != 'custom')} "
+                                  "(default: uniform)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, held-out draws and estimators")
     p.add_argument("--out", metavar="FILE",
                    help="metrics JSON (default: evaluation.json next to the checkpoint folder)")
@@ -76,7 +78,7 @@ def distances(x: torch.Tensor, ref: torch.Tensor, features: Callable | None, see
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for flag in ("n", "steps", "nll_n", "nll_steps", "nll_batch_size"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer; got {getattr(args, flag)}")
     device = script_device(args.device)
     if args.nll and genkit.get_solver(args.nll_solver).stochastic:
@@ -90,12 +92,16 @@ def main(argv: list[str] | None = None) -> None:
                          f"{tuple(ref.shape[1:])}; pass the data set the model was trained on")
     is_image = ref.ndim == 4
     t0 = time.perf_counter()
-    sol = model.sample(args.n, solver=args.solver, steps=args.steps, grid=args.grid, return_solution=True,
+    jumps = args.solver == "jumps"  # the model says which samplers it has (model.samplers()) and checks this one
+    sampler = model.get_sampler("jumps" if jumps else None, solver=None if jumps else args.solver, steps=args.steps,
+                                grid=args.grid)
+    sol = model.sample(args.n, sampler=sampler, return_solution=True,
                        generator=torch.Generator(device=device).manual_seed(args.seed))
     x = sol.samples.float().cpu()
     report: dict[str, Any] = {
-        "checkpoint": str(ckpt), "family": model.family, "data": args.data, "n": args.n, "solver": args.solver,
-        "steps": args.steps, "grid": args.grid, "nfe": sol.nfe, "sample_time_s": time.perf_counter() - t0,
+        "checkpoint": str(ckpt), "family": model.family, "data": args.data, "n": args.n, "solver": sampler.label,
+        "sampler": sampler.describe(), "steps": len(sol.times) - 1, "grid": args.grid or "uniform", "nfe": sol.nfe,
+        "sample_time_s": time.perf_counter() - t0,
         "weights": "raw" if args.raw_weights or not (ckpt / "ema.safetensors").is_file() else "ema",
     }
     if is_image and args.data != "digits":
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     shown = {k: v for k, v in report.items() if k in ("sliced_w2", "energy_distance", "mmd", "frechet_digits")}
-    print(f"{args.n} samples with {args.solver}, {args.steps} steps (NFE {sol.nfe}): "
+    print(f"{args.n} samples with {sampler.describe()} (NFE {sol.nfe}): "
           + ", ".join(f"{k} {v:.4g} (floor {report['noise_floor'][k]:.4g})" for k, v in shown.items()))
     if args.nll:
         print(f"NLL of {report['nll']['n']} held-out samples: {report['nll']['nats']:.4f} nats "

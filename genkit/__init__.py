@@ -12,8 +12,9 @@ from .fields import FunctionField, as_eps, as_score, as_velocity, as_x0
 from .gaussian_fit import GaussianFit, GaussianFlowMap, fit_gaussian
 from .interop import DiffusersScheduler, KDiffusionSampler, from_diffusers, to_diffusers
 from .loading import load
-from .models import Diffusion, FlowMatching
+from .models import Diffusion, FlowMatching, Secant
 from .paths import get_path
+from .sampling import SAMPLERS, JumpSampler, ODESampler, Sampler, get_sampler
 from .solvers import ODEFlowMap, get_grid, get_solver, ode_log_prob, solve
 from .solvers.teleport import steps_saved, teleport, teleport_solve
 
@@ -23,7 +24,8 @@ __all__ = [
     "errors", "GenkitError",
     "get_path", "FunctionField", "as_velocity", "as_score", "as_x0", "as_eps",
     "Gaussian", "GaussianMixture",
-    "Diffusion", "FlowMatching",
+    "Diffusion", "FlowMatching", "Secant",
+    "Sampler", "ODESampler", "JumpSampler", "SAMPLERS", "get_sampler",
     "solve", "get_solver", "get_grid", "ode_log_prob", "ODEFlowMap",
     "load", "save",
     "from_diffusers", "to_diffusers", "DiffusersScheduler", "KDiffusionSampler",

@@ -47,7 +47,8 @@ class Field(Protocol):
 
 @runtime_checkable
 class FlowMap(Protocol):
-    """``flow_map(x, t, s) -> x_s``: transports samples at time ``t`` to time ``s``."""
+    """``flow_map(x, t, s) -> x_s``: transports samples ``x [B, ...]`` at time ``t`` to time ``s``; ``t`` and ``s``
+    are floats or per-sample times ``[B]`` (any other shape is a ShapeError)."""
 
     def __call__(self, x: Tensor, t: Tensor | float, s: Tensor | float, **cond: Any) -> Tensor: ...
 

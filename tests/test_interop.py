@@ -139,6 +139,7 @@ def test_k_diffusion_convention_equals_genkit_twins(name):
 def test_k_diffusion_sampler_library():
     """The real k-diffusion (in the test extra, so this runs in CI): its dpmpp_2m equals genkit's."""
     import k_diffusion.sampling as sampling
+
     from genkit.interop import KDiffusionSampler
     from genkit.solvers import Karras
 

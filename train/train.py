@@ -45,11 +45,11 @@ import os
 import re
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 
 import genkit
