@@ -12,6 +12,7 @@ import logging
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,8 +269,10 @@ class Trainer:
             self._update(name)
             self._window(run, per_rank, logs, grad_norm)
         if self._multi:
-            for scheduler in self.schedulers.values():
-                scheduler.step()
+            with warnings.catch_warnings():  # an optimizer whose turn has not come yet is not a misordered step
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
+                for scheduler in self.schedulers.values():
+                    scheduler.step()
         else:
             self.scheduler.step()  # the schedule is a function of the step, skipped or not
 
