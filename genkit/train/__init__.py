@@ -12,12 +12,9 @@ groups, optimizers, LR schedule), ``resume`` (the resume policy), ``signals``, `
 >>> # result = Trainer(model, TrainConfig(steps=1000, batch_size=256, out_dir="runs/x")).fit(data)
 """
 
-from .batching import _Batches, _derive_seed
+from .batching import _Batches, _derive_seed  # noqa: F401  (private names importable as before the split)
 from .config import TrainConfig, resume_changes
 from .loop import LogRecord, Trainer, TrainResult
-from .signals import _ignore_signals, _Interrupt
+from .signals import _ignore_signals, _Interrupt  # noqa: F401
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "LogRecord", "resume_changes"]
-
-# private names kept importable from genkit.train, as before the split (tests and benchmarks use them)
-_PRIVATE = (_Batches, _derive_seed, _ignore_signals, _Interrupt)

@@ -27,10 +27,10 @@ from .. import checkpoint
 from ..ema import EMA
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeError, TrainingInterrupted
 from ..objective import BatchSource, model_of, objective_state
-from . import resume as _resume
 from .batching import GLOBAL, NOISE, derive_seed, finite, make_batches, seed_global, tensors, to_device
 from .config import TrainConfig
 from .optim import build_optimizers, lr_factor
+from .resume import frozen_records, restore
 from .signals import Interrupt
 
 __all__ = ["Trainer", "TrainResult", "LogRecord"]
@@ -199,7 +199,7 @@ class Trainer:
                 f"resume_from={str(source)!r} holds no checkpoint with a resume state; check the path")
         if resume or resume_from is not None:
             if checkpoint.has_resume_state(source):
-                run = _resume.restore(self, source, allow_new_settings, frozen_loader)
+                run = restore(self, source, allow_new_settings, frozen_loader)
             elif source.exists():
                 raise ConfigError(f"{source} exists but holds no resume state; pass resume=False to overwrite it "
                                   "or choose another out_dir")
@@ -422,7 +422,7 @@ class Trainer:
                      "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                      "world_size": acc.num_processes, "train_config": self.config.to_dict(),
                      "accelerate_version": accelerate.__version__,
-                     "frozen": _resume.frozen_records(*self._modules_with_parts())}
+                     "frozen": frozen_records(*self._modules_with_parts())}
             single = not self._multi
             checkpoint.save(ckpt, self.model, ema=self.ema.state_dict() if self.ema is not None else None,
                             optimizer=self.optimizer if single else self.optimizers,
