@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from ..errors import ConfigError
 
-__all__ = ["TrainConfig", "resume_changes"]
+__all__ = ["TrainConfig", "resume_changes", "check_accelerator", "make_accelerator"]
 
 
 def _bad(name: str, value: Any, need: str) -> ConfigError:
@@ -130,3 +132,26 @@ def resume_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, tupl
     """
     saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(config.to_dict()))  # tuples as lists
     return {k: (saved[k], v) for k, v in now.items() if k not in _RESUME_FREE and k in saved and saved[k] != v}
+
+
+def check_accelerator(acc: Any, config: TrainConfig) -> None:
+    """The accelerator must agree with ``config`` and be of a kind the trainer supports (one device or DDP)."""
+    if acc.mixed_precision != config.mixed_precision:
+        raise ConfigError(f"the accelerator uses mixed_precision={acc.mixed_precision!r} but TrainConfig has "
+                          f"{config.mixed_precision!r}; make them agree")
+    if acc.gradient_accumulation_steps != 1:
+        raise ConfigError(f"gradient_accumulation_steps={acc.gradient_accumulation_steps} is not supported; "
+                          "use 1 and raise batch_size (or add processes)")
+    if acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+        raise ConfigError(f"Trainer supports one device and DDP; got distributed_type={acc.distributed_type.value}")
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    """An Accelerator for ``cfg`` (the CPU when asked or without CUDA); a ConfigError when one exists already."""
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    except ValueError as e:  # accelerate's state is a per-process singleton
+        raise ConfigError(f"cannot create an Accelerator with mixed_precision={cfg.mixed_precision!r} ({e}); "
+                          "pass the existing one as Trainer(accelerator=...) or restart the process") from e

@@ -6,15 +6,12 @@ device or DDP, through ``accelerate``, with EMA, exact resume and a one-collecti
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import signal
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,40 +25,14 @@ from ..ema import EMA
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeError, TrainingInterrupted
 from ..objective import BatchSource, model_of, objective_state
 from .batching import GLOBAL, NOISE, derive_seed, finite, make_batches, seed_global, tensors, to_device
-from .config import TrainConfig
+from .config import TrainConfig, check_accelerator, make_accelerator
 from .optim import build_optimizers, lr_factor
+from .records import LogRecord, TrainResult, append_metrics, short, trim_metrics
 from .resume import frozen_records, restore
 from .signals import Interrupt
 
 __all__ = ["Trainer", "TrainResult", "LogRecord"]
 log = logging.getLogger("genkit.train")
-
-
-@dataclass(frozen=True)
-class LogRecord:
-    """One logged point. ``loss`` is averaged over all ranks and the steps since the last log, ``logs`` (the
-    model's own) over this process's steps; ``lr`` and ``grad_norm`` are the last step's; ``skipped`` counts
-    all non-finite steps dropped so far."""
-
-    step: int
-    loss: float
-    lr: float
-    grad_norm: float
-    samples_per_s: float
-    skipped: int
-    logs: dict[str, float]
-    is_main_process: bool
-
-
-@dataclass
-class TrainResult:
-    """What ``fit`` returns: the final step, ``(step, loss)`` of every log in this call, the checkpoint, the EMA."""
-
-    step: int
-    losses: list[tuple[int, float]]
-    checkpoint: Path | None
-    ema: dict[str, Tensor] | None
-    skipped: int
 
 
 class _LossForward(nn.Module):
@@ -78,11 +49,6 @@ class _LossForward(nn.Module):
         if update is None:
             return self.model.loss(batch, generator=generator)
         return self.model.loss(batch, generator=generator, update=update)
-
-
-def _short(v: float) -> str:
-    """A rate for the progress bar: 3 significant digits, never in exponent notation."""
-    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
 
 
 Callback = Callable[["Trainer", LogRecord], None]
@@ -113,16 +79,9 @@ class Trainer:
         self.model = checkpoint.unwrap(model_of(self.objective))
         self.family = checkpoint.model_config(self.model)["family"]  # fail now, not at the first save
         self.config, self.callbacks, self._fitted = config, list(callbacks), False
-        self.accelerator = accelerator if accelerator is not None else self._make_accelerator(config)
+        self.accelerator = accelerator if accelerator is not None else make_accelerator(config)
+        check_accelerator(self.accelerator, config)
         acc = self.accelerator
-        if acc.mixed_precision != config.mixed_precision:
-            raise ConfigError(f"the accelerator uses mixed_precision={acc.mixed_precision!r} but TrainConfig has "
-                              f"{config.mixed_precision!r}; make them agree")
-        if acc.gradient_accumulation_steps != 1:
-            raise ConfigError(f"gradient_accumulation_steps={acc.gradient_accumulation_steps} is not supported; "
-                              "use 1 and raise batch_size (or add processes)")
-        if acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
-            raise ConfigError(f"Trainer supports one device and DDP; got distributed_type={acc.distributed_type.value}")
         self._opts = build_optimizers(self.objective, self.model, config, acc.device)
         self._fused, self._lr_factor = self._opts.fused, lr_factor(config)
         names = list(self._opts.raw)
@@ -142,16 +101,6 @@ class Trainer:
         self._raw_opt = self._raw[names[0]]
         self._lr, self._last_grad_norm, self._clock = config.lr, math.nan, (time.perf_counter(), 0)
         self._interrupt, self._stop, self._skipped_logged = Interrupt(), False, 0
-
-    @staticmethod
-    def _make_accelerator(cfg: TrainConfig) -> Any:
-        from accelerate import Accelerator
-
-        try:
-            return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
-        except ValueError as e:  # accelerate's state is a per-process singleton
-            raise ConfigError(f"cannot create an Accelerator with mixed_precision={cfg.mixed_precision!r} ({e}); "
-                              "pass the existing one as Trainer(accelerator=...) or restart the process") from e
 
     def _modules_with_parts(self) -> tuple[nn.Module, ...]:
         return (self.objective,) if self.model is self.objective else (self.objective, self.model)
@@ -209,7 +158,7 @@ class Trainer:
                               "or start a fresh run (resume=False or another out_dir)")
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            self._trim_metrics(out / "metrics.jsonl", start)
+            trim_metrics(out / "metrics.jsonl", start)
         log.info("training %s: steps %d..%d, global batch %d (%d x %d processes), precision %s, device %s",
                  self.family, start, cfg.steps, batches.glob, cfg.batch_size,
                  acc.num_processes, cfg.mixed_precision, acc.device)
@@ -230,7 +179,7 @@ class Trainer:
                     if s % cfg.log_every == 0 or s == cfg.steps:
                         record = self._log(s, run, batches.glob, out / "metrics.jsonl")
                         losses.append((s, record.loss))
-                        bar.set_postfix(loss=f"{record.loss:.4g}", samples_s=_short(record.samples_per_s))
+                        bar.set_postfix(loss=f"{record.loss:.4g}", samples_s=short(record.samples_per_s))
                     saved = (cfg.checkpoint_every and s % cfg.checkpoint_every == 0) or s == cfg.steps
                     if saved or self._stop:
                         self._save(ckpt, run)
@@ -392,26 +341,8 @@ class Trainer:
                         run["skipped"] - self._skipped_logged, s - since, run["skipped"])
         self._skipped_logged = run["skipped"]
         if acc.is_main_process:
-            row = {k: v for k, v in dataclasses.asdict(record).items() if k not in ("logs", "is_main_process")}
-            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v  # NaN is not JSON: null
-                   for k, v in {**row, **record.logs}.items()}
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            append_metrics(path, record)
         return record
-
-    @staticmethod
-    def _trim_metrics(path: Path, start: int) -> None:
-        """Drop log lines past the resumed step (left by an interrupted run), or all of them for a fresh run."""
-        if not path.is_file():
-            return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines() if start else ():
-            try:
-                if json.loads(line)["step"] <= start:
-                    keep.append(line + "\n")
-            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
-                continue
-        path.write_text("".join(keep), encoding="utf-8")
 
     def _save(self, ckpt: Path, run: dict[str, Any]) -> None:
         acc = self.accelerator
