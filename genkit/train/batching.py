@@ -21,7 +21,7 @@ from ..objective import is_batch_source, is_data_free
 from .config import TrainConfig
 from .signals import ignore_signals
 
-__all__ = ["derive_seed", "seed_global", "make_batches", "TensorBatches", "SourceBatches", "NoBatches",
+__all__ = ["check_data", "derive_seed", "seed_global", "make_batches", "TensorBatches", "SourceBatches", "NoBatches",
            "to_device", "tensors", "finite"]
 
 NOISE, GLOBAL, PERM, LOADER, SOURCE = 1, 2, 3, 4, 5  # tags keep the derived seed streams apart
@@ -120,6 +120,19 @@ def make_batches(data: Any, objective: Any, cfg: TrainConfig, world: int, rank: 
     if is_batch_source(data):
         return SourceBatches(data, cfg, world, rank)
     return TensorBatches(data, cfg, world, rank)
+
+
+def check_data(data: Tensor, accelerator: Any) -> None:
+    """A DataError when a Tensor data set holds NaN/inf on any rank (all ranks decide together)."""
+    bad = ~torch.isfinite(data) if (data.is_floating_point() or data.is_complex()) else None
+    count = bad.sum() if bad is not None else torch.zeros((), dtype=torch.long)
+    counts = accelerator.gather(count.reshape(1).to(accelerator.device)).tolist()  # all ranks decide
+    ranks = [r for r, c in enumerate(counts) if c]
+    if ranks:
+        first = bad.reshape(len(data), -1).any(1).nonzero()[0].item() if bad is not None and count else None
+        where = f"; first in sample {first}" if first is not None else ""
+        raise DataError(f"training data contains NaN/inf values (on rank(s) {ranks}: {int(count)} here{where}); "
+                        "clean or filter the data before training")
 
 
 def tensors(obj: Any) -> Iterator[Tensor]:

@@ -24,7 +24,7 @@ from .. import checkpoint
 from ..ema import EMA
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeError, TrainingInterrupted
 from ..objective import BatchSource, model_of, objective_state
-from .batching import GLOBAL, NOISE, derive_seed, finite, make_batches, seed_global, tensors, to_device
+from .batching import GLOBAL, NOISE, check_data, derive_seed, finite, make_batches, seed_global, tensors, to_device
 from .config import TrainConfig, check_accelerator, make_accelerator
 from .optim import build_optimizers, lr_factor
 from .records import LogRecord, TrainResult, append_metrics, short, trim_metrics
@@ -105,17 +105,6 @@ class Trainer:
     def _modules_with_parts(self) -> tuple[nn.Module, ...]:
         return (self.objective,) if self.model is self.objective else (self.objective, self.model)
 
-    def _check_data(self, data: Tensor) -> None:
-        bad = ~torch.isfinite(data) if (data.is_floating_point() or data.is_complex()) else None
-        count = bad.sum() if bad is not None else torch.zeros((), dtype=torch.long)
-        counts = self.accelerator.gather(count.reshape(1).to(self.accelerator.device)).tolist()  # all ranks decide
-        ranks = [r for r, c in enumerate(counts) if c]
-        if ranks:
-            first = bad.reshape(len(data), -1).any(1).nonzero()[0].item() if bad is not None and count else None
-            where = f"; first in sample {first}" if first is not None else ""
-            raise DataError(f"training data contains NaN/inf values (on rank(s) {ranks}: {int(count)} here{where}); "
-                            "clean or filter the data before training")
-
     def fit(self, data: Tensor | Dataset | BatchSource | None = None, *, resume: bool = True,
             resume_from: str | Path | None = None, allow_new_settings: bool = False,
             frozen_loader: Callable[[str], Any] | None = None) -> TrainResult:
@@ -140,7 +129,7 @@ class Trainer:
         ckpt = out / "checkpoint"
         batches = make_batches(data, self.objective, cfg, acc.num_processes, acc.process_index)
         if isinstance(data, Tensor):
-            self._check_data(data)
+            check_data(data, acc)
         run: dict[str, Any] = {"step": 0, "skipped": 0, "window": {"loss": 0.0, "n": 0, "logs": {}}}
         source = Path(resume_from) if resume_from is not None else ckpt
         if resume_from is not None and not checkpoint.has_resume_state(source):
