@@ -466,10 +466,16 @@ def test_batch_source_and_alternating_optimizers_resume_exactly(tmp_path: Path) 
 def test_data_and_schedule_mistakes_are_named(tmp_path: Path) -> None:
     from dist_train_script import Game, NormalSource, ReverseKL, objective_config
 
+    from genkit.models import FlowMatching
+    from genkit.nets import MLP
     from genkit.objective import ParamGroup
 
-    with pytest.raises(DataError, match=r"TinyDenoiser needs training data: pass fit\(data\).*data_free = True"):
-        Trainer(make(), cfg(tmp_path / "a")).fit()
+    for objective in (make(), FlowMatching(MLP(2, hidden=8, depth=1), sample_shape=(2,))):
+        _reset()
+        with pytest.raises(DataError, match=rf"{type(objective).__name__} needs training data: pass fit\(data\) "
+                                            r"with a Tensor .*a batch source .*data_free = True"):
+            Trainer(objective, cfg(tmp_path / "a")).fit()
+    assert not (tmp_path / "a").exists()
     _reset()
     with pytest.raises(ConfigError, match=r"ReverseKL declares data_free = True .* call fit\(\) without data"):
         Trainer(ReverseKL(), objective_config(str(tmp_path / "b"))).fit(DATA)

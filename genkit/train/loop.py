@@ -220,12 +220,12 @@ class Trainer:
         device = acc.device if batch is None else next(tensors(batch), torch.empty(0, device=acc.device)).device
         gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, NOISE, k, acc.process_index))
         out = self._forward(batch, gen) if update is None else self._forward(batch, gen, update)
-        name = type(self.objective).__name__
         if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], dict)):
-            raise ShapeError(f"{name}.loss must return (loss, logs: dict); got {type(out).__name__}")
+            raise ShapeError(f"{type(self.objective).__name__}.loss must return (loss, logs: dict); got "
+                             f"{type(out).__name__}")
         loss, logs = out
         if not isinstance(loss, Tensor) or loss.dim() != 0:
-            raise ShapeError(f"{name}.loss must return a scalar tensor; got "
+            raise ShapeError(f"{type(self.objective).__name__}.loss must return a scalar tensor; got "
                              f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
         return loss, logs
 
