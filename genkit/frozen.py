@@ -104,9 +104,9 @@ def _module_of(part: Any) -> nn.Module | None:
 
 
 class Frozen(nn.Module):
-    """Holder of named frozen parts: ``Frozen(teacher=field)``, ``holder.set(name, part)``, ``holder.teacher`` or
-    ``holder.get(name)``, ``name in holder``, ``holder.records()``. See the module docstring for what it keeps
-    out (gradients, train mode, parameters, state_dict) and what it keeps in (``.to`` / ``.double``)."""
+    """Holder of named frozen parts: ``Frozen(teacher=field)``, ``holder.set(name, part)`` (or ``holder.teacher =
+    part``), ``holder.teacher`` or ``holder.get(name)``, ``name in holder``, ``holder.records()``. See the module
+    docstring for what it keeps out (gradients, train mode, parameters, state_dict) and in (``.to``, ``.double``)."""
 
     def __init__(self, **parts: Any):
         super().__init__()
@@ -132,6 +132,12 @@ class Frozen(nn.Module):
 
     def get(self, name: str, default: Any = None) -> Any:
         return self._parts.get(name, default)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_") or name == "training":  # nn.Module's own state
+            super().__setattr__(name, value)
+        else:  # holder.teacher = part means holder.set("teacher", part), never a submodule
+            self.set(name, value)
 
     def __getattr__(self, name: str) -> Any:
         try:

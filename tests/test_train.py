@@ -557,6 +557,9 @@ def test_frozen_part_is_held_out_of_training_and_moves_with_the_module() -> None
     assert trainer_params == {id(p) for p in student.net.parameters()}  # the optimizer never sees the teacher
     with pytest.raises(ConfigError, match="identifier"):
         Frozen().set("a teacher", teacher)
+    holder = Frozen()
+    holder.reward = make(2)  # attribute assignment attaches a part too, never a submodule
+    assert "reward" in holder and not list(holder.parameters()) and not holder.reward.net[0].weight.requires_grad
 
 
 def test_frozen_teacher_is_reloaded_by_reference_and_a_changed_one_refused(tmp_path: Path) -> None:
