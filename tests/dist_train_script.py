@@ -143,7 +143,7 @@ class Game(nn.Module):
         super().__init__()
         self.model = Gen()
         self.critic = nn.Linear(2, 1, bias=False)
-        self.seen, self.updates = 0.0, []
+        self.seen, self.updates, self.history = 0.0, [], []
 
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup("gen", list(self.model.parameters())), ParamGroup("critic", [self.critic.weight])]
@@ -160,8 +160,11 @@ class Game(nn.Module):
         fake = self.model(torch.randn(batch.shape, generator=generator))
         gap = self.critic(batch).mean() - self.critic(fake).mean()
         if update == "critic":
-            return -gap + self.critic.weight.pow(2).sum(), {"gap": float(gap.detach())}
-        return -self.critic(fake).mean(), {"gap": float(gap.detach())}
+            loss = -gap + self.critic.weight.pow(2).sum()
+        else:
+            loss = -self.critic(fake).mean()
+        self.history.append((update, float(loss.detach())))
+        return loss, {"gap": float(gap.detach()), f"{update}_loss": float(loss.detach())}
 
 
 def make_data(n: int = 64) -> torch.Tensor:

@@ -455,6 +455,15 @@ def test_batch_source_and_alternating_optimizers_resume_exactly(tmp_path: Path) 
     assert trainer.ema.updates == 4  # the EMA (of the generator, the model) moves when the generator does
     lr = {name: s.get_last_lr()[0] for name, s in trainer.schedulers.items()}
     assert lr["gen"] == lr["critic"] == pytest.approx(1e-3)  # both schedules follow the step: at the end, min_lr
+    # each logged key is averaged over the steps that reported it: the critic's over its 2 steps of every 3
+    _reset()
+    records: list[LogRecord] = []
+    game = Game()
+    Trainer(game, objective_config(str(tmp_path / "logs"), steps=6), callbacks=[lambda t, r: records.append(r)]).fit(
+        NormalSource())
+    for record, window in zip(records, (game.history[:3], game.history[3:])):
+        (_, c1), (_, c2), (_, g) = window
+        assert record.logs["critic_loss"] == (0.0 + c1 + c2) / 2 and record.logs["gen_loss"] == 0.0 + g
     # the batch of step k on rank r is the source's draw from a generator seeded by (seed, k, r) alone
     from genkit.train.batching import SOURCE, SourceBatches, derive_seed
 

@@ -54,6 +54,11 @@ class _LossForward(nn.Module):
 Callback = Callable[["Trainer", LogRecord], None]
 
 
+def _empty_window() -> dict[str, Any]:
+    """The log window: summed loss over ``n`` kept steps; each logged key's sum and how many steps gave it."""
+    return {"loss": 0.0, "n": 0, "logs": {}, "counts": {}}
+
+
 class Trainer:
     """Trains ``objective`` (an ``nn.Module`` with ``loss(batch, generator=None)``; its model has ``config()``).
 
@@ -130,7 +135,7 @@ class Trainer:
         batches = make_batches(data, self.objective, cfg, acc.num_processes, acc.process_index)
         if isinstance(data, Tensor):
             check_data(data, acc)
-        run: dict[str, Any] = {"step": 0, "skipped": 0, "window": {"loss": 0.0, "n": 0, "logs": {}}}
+        run: dict[str, Any] = {"step": 0, "skipped": 0, "window": _empty_window()}
         source = Path(resume_from) if resume_from is not None else ckpt
         if resume_from is not None and not checkpoint.has_resume_state(source):
             raise CheckpointError(
@@ -310,8 +315,10 @@ class Trainer:
         w = run["window"]
         w["loss"] += sum(per_rank) / len(per_rank)
         w["n"] += 1
+        sums, counts = w["logs"], w["counts"]
         for key, value in logs.items():
-            w["logs"][key] = w["logs"].get(key, 0.0) + float(value)
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
         self._last_grad_norm = grad_norm
 
     # --- logs and checkpoints -------------------------------------------------------------------------------
@@ -319,12 +326,12 @@ class Trainer:
         w, acc = run["window"], self.accelerator
         now, (then, since) = time.perf_counter(), self._clock
         self._clock = (now, s)
-        n = max(w["n"], 1)
         record = LogRecord(step=s, loss=w["loss"] / w["n"] if w["n"] else math.nan, lr=self._lr,
                            grad_norm=self._last_grad_norm,
                            samples_per_s=(s - since) * glob / max(now - then, 1e-9), skipped=run["skipped"],
-                           logs={k: v / n for k, v in w["logs"].items()}, is_main_process=acc.is_main_process)
-        run["window"] = {"loss": 0.0, "n": 0, "logs": {}}
+                           logs={k: v / w["counts"][k] for k, v in w["logs"].items()},
+                           is_main_process=acc.is_main_process)
+        run["window"] = _empty_window()
         if run["skipped"] > self._skipped_logged and acc.is_main_process:
             log.warning("skipped %d non-finite step(s) of the last %d (%d in all); lower lr if this goes on",
                         run["skipped"] - self._skipped_logged, s - since, run["skipped"])

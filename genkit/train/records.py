@@ -17,8 +17,8 @@ __all__ = ["LogRecord", "TrainResult", "append_metrics", "trim_metrics", "short"
 @dataclass(frozen=True)
 class LogRecord:
     """One logged point. ``loss`` is averaged over all ranks and the steps since the last log, ``logs`` (the
-    model's own) over this process's steps; ``lr`` and ``grad_norm`` are the last step's; ``skipped`` counts
-    all non-finite steps dropped so far."""
+    model's own) over this process's steps that reported each key (e.g. a critic's on critic steps); ``lr`` and
+    ``grad_norm`` are the last step's; ``skipped`` counts all non-finite steps dropped so far."""
 
     step: int
     loss: float

@@ -122,8 +122,9 @@ def restore(trainer: Any, source: Path, allow_new_settings: bool = False,
     if state.get("world_size") != trainer.accelerator.num_processes:
         log.info("resuming a %s-process run on %d processes: batches from here on differ from the original run",
                  state.get("world_size"), trainer.accelerator.num_processes)
-    return {"step": step, "skipped": int(state["skipped"]), "window": state["window"],
-            "streak": int(state.get("streak", 0))}
+    window = state["window"]
+    window.setdefault("counts", {k: window["n"] for k in window["logs"]})  # before counts: every step logged all
+    return {"step": step, "skipped": int(state["skipped"]), "window": window, "streak": int(state.get("streak", 0))}
 
 
 def _load_objective_state(trainer: Any, saved: dict[str, torch.Tensor] | None, source: Path) -> None:
