@@ -14,6 +14,8 @@ Everything else is optional and read by :class:`genkit.train.Trainer`:
 - ``optimizers() -> Mapping[str, Sequence[str]]``: several optimizers, by name, each over the named groups.
   Default: one optimizer over every group. With two or more, ``update(step) -> str`` names the optimizer step
   ``step`` (0-based) updates, and the trainer calls ``loss(batch, generator=..., update=name)``.
+- ``config() -> dict`` on an objective other than its model: its settings (JSON values), recorded with the
+  resume state; a resumed run with other settings is refused.
 - frozen parts (teacher, reference, reward) in a :class:`genkit.frozen.Frozen` holder attribute.
 
 A **batch source** replaces a dataset: ``source.batch(step, rank, generator) -> batch``, where ``generator``
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from .errors import ConfigError
 
 __all__ = ["ParamGroup", "BatchSource", "default_groups", "model_of", "is_data_free", "is_batch_source",
-           "objective_state"]
+           "objective_state", "objective_config"]
 
 
 @dataclass(frozen=True)
@@ -108,3 +110,14 @@ def objective_state(objective: nn.Module, model: nn.Module) -> dict[str, Tensor]
         return None
     prefixes = tuple(f"{name}." for name, m in objective.named_modules() if m is model and name)
     return {k: v for k, v in objective.state_dict().items() if not k.startswith(prefixes)}
+
+
+def objective_config(objective: nn.Module, model: nn.Module) -> dict[str, Any] | None:
+    """The settings of an objective other than its model (its ``config()``), or None (none, or it is the model,
+    whose config the checkpoint holds already)."""
+    if objective is model or not callable(getattr(objective, "config", None)):
+        return None
+    config = objective.config()
+    if not isinstance(config, dict):
+        raise ConfigError(f"{type(objective).__name__}.config() must return a dict of JSON values; got {config!r}")
+    return config

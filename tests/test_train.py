@@ -442,6 +442,23 @@ def test_data_free_objective_resumes_exactly(tmp_path: Path) -> None:
     assert list(own) == ["log_z"] and torch.equal(own["log_z"], full.log_z.detach())
 
 
+def test_resume_with_an_objective_of_other_settings_is_refused(tmp_path: Path) -> None:
+    from dist_train_script import ReverseKL, objective_config
+
+    class Sized(ReverseKL):
+        def config(self) -> dict:
+            return {"n": self.n}
+
+    Trainer(Sized(n=16), objective_config(str(tmp_path), steps=3)).fit()
+    assert checkpoint.read_trainer_state(tmp_path)["objective_config"] == {"n": 16}
+    _reset()
+    with pytest.raises(CheckpointError, match=r"trained by a Sized with other settings \(config differs in \['n'\]: "
+                                              r"\{'n': 16\} there, \{'n': 8\} now\)"):
+        Trainer(Sized(n=8), objective_config(str(tmp_path), steps=6)).fit()
+    _reset()
+    assert Trainer(Sized(n=16), objective_config(str(tmp_path), steps=6)).fit().step == 6
+
+
 def test_batch_source_and_alternating_optimizers_resume_exactly(tmp_path: Path) -> None:
     from dist_train_script import Game, NormalSource, objective_config
 

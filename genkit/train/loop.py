@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .. import checkpoint
 from ..ema import EMA
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeError, TrainingInterrupted
-from ..objective import BatchSource, model_of, objective_state
+from ..objective import BatchSource, model_of, objective_config, objective_state
 from .batching import GLOBAL, NOISE, check_data, derive_seed, finite, make_batches, seed_global, tensors, to_device
 from .config import TrainConfig, check_accelerator, make_accelerator
 from .optim import build_optimizers, lr_factor
@@ -349,7 +349,8 @@ class Trainer:
                      "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                      "world_size": acc.num_processes, "train_config": self.config.to_dict(),
                      "accelerate_version": accelerate.__version__,
-                     "frozen": frozen_records(*self._modules_with_parts())}
+                     "frozen": frozen_records(*self._modules_with_parts()),
+                     "objective_config": objective_config(self.objective, self.model)}
             single = not self._multi
             checkpoint.save(ckpt, self.model, ema=self.ema.state_dict() if self.ema is not None else None,
                             optimizer=self.optimizer if single else self.optimizers,

@@ -8,6 +8,7 @@ A frozen part recorded with a checkpoint folder and missing now is reloaded from
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from .. import checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..frozen import Frozen, holders, reload
-from ..objective import objective_state
+from ..objective import objective_config, objective_state
 from .config import resume_changes
 
 __all__ = ["restore", "check_frozen", "frozen_records"]
@@ -91,6 +92,14 @@ def restore(trainer: Any, source: Path, allow_new_settings: bool = False,
             "it exactly, or pass fit(allow_new_settings=True) (train/train.py: --allow-new-settings) to go on "
             "with the new ones"
         )
+    saved_objective = trainer_state.get("objective_config")
+    now = json.loads(json.dumps(objective_config(trainer.objective, trainer.model)))
+    if "objective_config" in trainer_state and saved_objective != now:
+        a, b = saved_objective or {}, now or {}
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise CheckpointError(f"{source} was trained by a {type(trainer.objective).__name__} with other settings "
+                              f"(config differs in {diff}: {saved_objective} there, {now} now); resume with the same "
+                              "objective, or choose a new out_dir / resume=False to start a fresh run")
     check_frozen(source, trainer_state.get("frozen"), trainer._modules_with_parts(), loader)
     opts = trainer._opts
     single = len(opts.raw) == 1
