@@ -672,11 +672,13 @@ class MaskedTokens(nn.Module):
         self.length = length
         self.emb = nn.Embedding(VOCAB + 1, 8)
         self.out = nn.Linear(9, VOCAB)
+        self.register_buffer("counts", torch.zeros(VOCAB, dtype=torch.long))  # integer state: tokens seen
 
     def loss(self, batch: torch.Tensor, generator: torch.Generator | None = None):
         from genkit.paths import broadcast_time
 
         assert batch.dtype == torch.long
+        self.counts += torch.bincount(batch.flatten(), minlength=VOCAB)
         t = broadcast_time(torch.rand((), generator=generator).item(), batch)  # [B] floats from integer x
         masked = torch.rand(batch.shape, generator=generator) < t[:, None]
         x = torch.where(masked, torch.full_like(batch, MASK), batch)
@@ -699,6 +701,17 @@ TOKENS = torch.randint(0, VOCAB, (40, 4), generator=torch.Generator().manual_see
 def test_token_tensors_train_resume_and_load_exactly(tmp_path: Path) -> None:
     (full, _, result), _ = _interrupted_then_resumed(MaskedTokens, lambda out: cfg(tmp_path / out), data=TOKENS)
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+    # 12 steps of 8 rows: 2 epochs (5 batches, every row once) and batches 10, 11 of the third epoch's permutation
+    from genkit.train.batching import TensorBatches
+
+    third = TensorBatches(TOKENS, cfg(tmp_path), world=1, rank=0)
+    extra = TOKENS[torch.cat([third.indices(10), third.indices(11)])]
+    assert torch.equal(full.counts, 2 * torch.bincount(TOKENS.flatten(), minlength=VOCAB)
+                       + torch.bincount(extra.flatten(), minlength=VOCAB))
+    assert result.ema["counts"].dtype == torch.long and torch.equal(result.ema["counts"], full.counts)  # copied
+    for ema in (False, True):
+        loaded = checkpoint.load(tmp_path / "cut", ema=ema)
+        assert loaded.counts.dtype == torch.long and torch.equal(loaded.counts, full.counts)
     loaded = checkpoint.load(tmp_path / "cut", ema=False)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), full.state_dict().values()))
 
