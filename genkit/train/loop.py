@@ -27,7 +27,7 @@ from ..objective import BatchSource, model_of, objective_config, objective_state
 from .batching import GLOBAL, NOISE, check_data, derive_seed, finite, make_batches, seed_global, tensors, to_device
 from .config import TrainConfig, check_accelerator, make_accelerator
 from .optim import build_optimizers, lr_factor
-from .records import LogRecord, TrainResult, append_metrics, short, trim_metrics
+from .records import LogRecord, TrainResult, append_metrics, empty_window, short, trim_metrics
 from .resume import frozen_records, restore
 from .signals import Interrupt
 
@@ -53,10 +53,6 @@ class _LossForward(nn.Module):
 
 Callback = Callable[["Trainer", LogRecord], None]
 
-
-def _empty_window() -> dict[str, Any]:
-    """The log window: summed loss over ``n`` kept steps; each logged key's sum and how many steps gave it."""
-    return {"loss": 0.0, "n": 0, "logs": {}, "counts": {}}
 
 
 class Trainer:
@@ -135,7 +131,7 @@ class Trainer:
         batches = make_batches(data, self.objective, cfg, acc.num_processes, acc.process_index)
         if isinstance(data, Tensor):
             check_data(data, acc)
-        run: dict[str, Any] = {"step": 0, "skipped": 0, "window": _empty_window()}
+        run: dict[str, Any] = {"step": 0, "skipped": 0, "window": empty_window()}
         source = Path(resume_from) if resume_from is not None else ckpt
         if resume_from is not None and not checkpoint.has_resume_state(source):
             raise CheckpointError(
@@ -331,7 +327,7 @@ class Trainer:
                            samples_per_s=(s - since) * glob / max(now - then, 1e-9), skipped=run["skipped"],
                            logs={k: v / w["counts"][k] for k, v in w["logs"].items()},
                            is_main_process=acc.is_main_process)
-        run["window"] = _empty_window()
+        run["window"] = empty_window()
         if run["skipped"] > self._skipped_logged and acc.is_main_process:
             log.warning("skipped %d non-finite step(s) of the last %d (%d in all); lower lr if this goes on",
                         run["skipped"] - self._skipped_logged, s - since, run["skipped"])

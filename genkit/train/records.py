@@ -8,10 +8,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
-__all__ = ["LogRecord", "TrainResult", "append_metrics", "trim_metrics", "short"]
+__all__ = ["LogRecord", "TrainResult", "empty_window", "append_metrics", "trim_metrics", "short"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class TrainResult:
     checkpoint: Path | None
     ema: dict[str, Tensor] | None
     skipped: int
+
+
+def empty_window() -> dict[str, Any]:
+    """The log window: summed loss over ``n`` kept steps; each logged key's sum and how many steps gave it."""
+    return {"loss": 0.0, "n": 0, "logs": {}, "counts": {}}
 
 
 def append_metrics(path: Path, record: LogRecord) -> None:
