@@ -8,7 +8,12 @@ A checkpoint is a directory::
     optimizer.safetensors  optimizer state tensors            } resume state (optional)
     optimizer.json         optimizer scalars and param_groups  }
     scheduler.json         LR scheduler ``state_dict()``       }
-    trainer_state.json     step count and other JSON trainer state
+    trainer_state.json     step count and other JSON trainer state (frozen parts' records included)
+    objective.safetensors  trained weights of an objective outside its model (e.g. a critic), optional
+
+With several named optimizers (``optimizer={"gen": ..., "critic": ...}``) each has its own
+``optimizer.<name>.safetensors``, ``optimizer.<name>.json`` and ``scheduler.<name>.json``; one optimizer keeps
+the plain names, so checkpoints of either kind written before still load.
 
 ``save`` writes into a hidden sibling directory, fsyncs, then swaps it into place (old one renamed
 aside, new one renamed in, old one removed), so a crash leaves either the old or the new checkpoint. It
@@ -35,14 +40,16 @@ from torch import Tensor, nn
 
 from . import io
 from .errors import CheckpointError, ConfigError
+from .frozen import FINGERPRINT_ATTR, SOURCE_ATTR, fingerprint_state
 
 __all__ = ["FORMAT_VERSION", "save", "load_weights", "load_training_state", "read_trainer_state", "has_resume_state",
-           "read_config", "split_config", "is_checkpoint", "resolve", "model_config", "unwrap"]
+           "read_config", "split_config", "is_checkpoint", "resolve", "model_config", "unwrap", "fingerprint", "tag"]
 
 FORMAT_VERSION = 1
 _RESERVED = ("format", "genkit_version", "torch_version", "genkit_files")
 PathLike = Union[str, "os.PathLike[str]"]
 _DIFFUSERS_MARKERS = ("model_index.json", "genkit_export.json", "unet")  # what a diffusers pipeline folder holds
+_STATE_KEYS = ("ema", "objective_state")  # what load_training_state adds to the trainer state it returns
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -92,13 +99,45 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     return dict(config)
 
 
+def _named(what: Any, kind: str) -> dict[str, Any]:
+    """One object (the plain file names) as ``{"": obj}``, or a dict of named ones; names checked."""
+    if what is None:
+        return {}
+    if not isinstance(what, dict):
+        return {"": what}
+    for name in what:
+        if not (isinstance(name, str) and name and name.replace("_", "a").replace("-", "a").isalnum()):
+            raise ConfigError(f"{kind} name {name!r} is invalid in a checkpoint: use letters, digits, _ and -")
+    return dict(what)
+
+
+def _file(stem: str, name: str, suffix: str) -> str:
+    return f"{stem}.{name}{suffix}" if name else f"{stem}{suffix}"
+
+
+def _write_optimizer(tmp: Path, name: str, optimizer: torch.optim.Optimizer) -> None:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, per_param in sd["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, Tensor):
+                tensors[f"{idx}/{key}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    _write_tensors(tmp / _file("optimizer", name, ".safetensors"), tensors, {})
+    io.write_json(tmp / _file("optimizer", name, ".json"), {"param_groups": sd["param_groups"], "scalars": scalars,
+                                                          "ids": list(sd["state"])}, "optimizer")
+
+
 def save(directory: PathLike, model: nn.Module, *, ema: dict[str, Tensor] | None = None,
-         optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None,
-         trainer_state: dict[str, Any] | None = None) -> Path:
+         optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None = None,
+         scheduler: Any | dict[str, Any] | None = None, trainer_state: dict[str, Any] | None = None,
+         objective_state: dict[str, Tensor] | None = None) -> Path:
     """Write a checkpoint of ``model`` (and optionally EMA weights and a resume state) atomically.
 
-    ``ema`` maps state_dict keys to tensors (stored float32). ``optimizer`` / ``scheduler`` are saved
-    through their ``state_dict()``; ``trainer_state`` must be JSON-able (tuples are kept). Call it on one
+    ``ema`` maps state_dict keys to tensors (stored float32). ``optimizer`` / ``scheduler`` (one each, or dicts
+    of named ones) are saved through their ``state_dict()``; ``trainer_state`` must be JSON-able (tuples are
+    kept); ``objective_state`` holds trained tensors of an objective outside ``model``. Call it on one
     process only. Returns the checkpoint path.
 
     ``directory`` must be missing, empty or an earlier checkpoint (replaced whole); any other folder is a
@@ -107,27 +146,21 @@ def save(directory: PathLike, model: nn.Module, *, ema: dict[str, Tensor] | None
     directory = Path(directory)
     model = unwrap(model)
     config = model_config(model)
-    if trainer_state is not None and "ema" in trainer_state:
-        raise ConfigError("trainer_state key 'ema' is reserved (load_training_state returns the EMA there); rename it")
+    clash = [k for k in _STATE_KEYS if trainer_state is not None and k in trainer_state]
+    if clash:
+        raise ConfigError(f"trainer_state key {clash[0]!r} is reserved (load_training_state returns it); rename it")
+    optimizers, schedulers = _named(optimizer, "optimizer"), _named(scheduler, "scheduler")
     with io.atomic_folder(directory, "checkpoint", is_checkpoint, "model") as tmp:
         _write_state(tmp / "model.safetensors", model.state_dict())
         if ema is not None:
             _write_state(tmp / "ema.safetensors",
                          {k: v.float() if v.is_floating_point() else v for k, v in ema.items()})
-        if optimizer is not None:
-            sd = optimizer.state_dict()
-            tensors, scalars = {}, {}
-            for idx, per_param in sd["state"].items():
-                for name, value in per_param.items():
-                    if isinstance(value, Tensor):
-                        tensors[f"{idx}/{name}"] = value.detach().contiguous()
-                    else:
-                        scalars.setdefault(str(idx), {})[name] = value
-            _write_tensors(tmp / "optimizer.safetensors", tensors, {})
-            io.write_json(tmp / "optimizer.json", {"param_groups": sd["param_groups"], "scalars": scalars,
-                                                   "ids": list(sd["state"])}, "optimizer")
-        if scheduler is not None:
-            io.write_json(tmp / "scheduler.json", scheduler.state_dict(), "scheduler")
+        if objective_state is not None:
+            _write_state(tmp / "objective.safetensors", objective_state)
+        for name, opt in optimizers.items():
+            _write_optimizer(tmp, name, opt)
+        for name, sched in schedulers.items():
+            io.write_json(tmp / _file("scheduler", name, ".json"), sched.state_dict(), "scheduler")
         if trainer_state is not None:
             io.write_json(tmp / "trainer_state.json", trainer_state, "trainer_state")
         meta = {"format": FORMAT_VERSION, "genkit_version": io.genkit_version(),
@@ -224,6 +257,7 @@ def load_weights(directory: PathLike, model: nn.Module, *, ema: bool = True,
     state = _read_tensors(path / name, config, map_location)
     _check_keys(model, state, path / name)
     model.load_state_dict(state)
+    tag(model, path, fingerprint_state(split_config(config), state))
     return model
 
 
@@ -237,6 +271,26 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def fingerprint(directory: PathLike, *, ema: bool = True) -> str:
+    """sha256 (hex) of a checkpoint's model config and of the weights ``load(directory, ema=ema)`` loads (EMA
+    when saved and ``ema``, else raw): what identifies a frozen part loaded from it, whatever device or dtype
+    it is later moved to. Equal for equal config and weights, whatever the folder."""
+    directory = Path(directory)
+    config = read_config(directory)
+    path = _resolve(directory)
+    name = "ema.safetensors" if ema and (path / "ema.safetensors").is_file() else "model.safetensors"
+    state = _read_tensors(path / name, config)
+    return fingerprint_state({k: v for k, v in config.items() if k not in _RESERVED}, state)
+
+
+def tag(module: nn.Module, directory: PathLike, fingerprint: str) -> nn.Module:
+    """Mark ``module`` as loaded from checkpoint ``directory`` with that folder's ``fingerprint``: a frozen part
+    is then recorded by reference (:mod:`genkit.frozen`). ``genkit.load`` calls it; returns ``module``."""
+    setattr(module, SOURCE_ATTR, str(Path(directory).resolve()))
+    setattr(module, FINGERPRINT_ATTR, str(fingerprint))
+    return module
+
+
 def has_resume_state(directory: PathLike) -> bool:
     """Whether ``directory`` holds a checkpoint with a trainer resume state."""
     return (_resolve(Path(directory)) / "trainer_state.json").is_file()
@@ -247,11 +301,31 @@ def read_trainer_state(directory: PathLike) -> dict[str, Any]:
     return _read_json(_resolve(Path(directory)) / "trainer_state.json")
 
 
-def load_training_state(directory: PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                        scheduler: Any | None = None) -> dict[str, Any]:
-    """Load raw weights, optimizer and scheduler state in place; return ``trainer_state`` plus ``"ema"``.
+def _load_optimizer(path: Path, name: str, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> None:
+    json_path = path / _file("optimizer", name, ".json")
+    info = _read_json(json_path)
+    tensors = _read_tensors(path / _file("optimizer", name, ".safetensors"), config)
+    per_param: dict[int, dict[str, Any]] = {int(i): {} for i in info["ids"]}
+    for key, value in tensors.items():
+        idx, entry = key.split("/", 1)
+        per_param[int(idx)][entry] = value
+    for idx, values in info["scalars"].items():
+        per_param[int(idx)].update(values)
+    try:
+        optimizer.load_state_dict({"state": per_param, "param_groups": list(info["param_groups"])})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{json_path} does not fit this optimizer ({e}); "
+                              "resume with the same parameters and optimizer") from e
 
-    ``"ema"`` is the saved EMA state dict (float32 tensors on the CPU) or None.
+
+def load_training_state(directory: PathLike, model: nn.Module,
+                        optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None = None,
+                        scheduler: Any | dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load raw weights, optimizer and scheduler state in place; return ``trainer_state`` plus ``"ema"`` and
+    ``"objective_state"``.
+
+    ``"ema"`` is the saved EMA state dict (float32 tensors on the CPU) or None; ``"objective_state"``, present
+    when saved, the objective's own tensors (CPU). ``optimizer`` / ``scheduler``: one each or dicts by name.
     """
     directory = Path(directory)
     config = read_config(directory)
@@ -265,22 +339,11 @@ def load_training_state(directory: PathLike, model: nn.Module, optimizer: torch.
     weights = _read_tensors(path / "model.safetensors", config)
     _check_keys(model, weights, path / "model.safetensors")
     model.load_state_dict(weights)
-    if optimizer is not None:
-        info = _read_json(path / "optimizer.json")
-        tensors = _read_tensors(path / "optimizer.safetensors", config)
-        per_param: dict[int, dict[str, Any]] = {int(i): {} for i in info["ids"]}
-        for key, value in tensors.items():
-            idx, name = key.split("/", 1)
-            per_param[int(idx)][name] = value
-        for idx, values in info["scalars"].items():
-            per_param[int(idx)].update(values)
-        try:
-            optimizer.load_state_dict({"state": per_param, "param_groups": list(info["param_groups"])})
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path / 'optimizer.json'} does not fit this optimizer ({e}); "
-                                  "resume with the same parameters and optimizer") from e
-    if scheduler is not None:
-        scheduler.load_state_dict(_read_json(path / "scheduler.json"))
-    ema_path = path / "ema.safetensors"
-    state["ema"] = _read_tensors(ema_path, config) if ema_path.is_file() else None
+    for name, opt in _named(optimizer, "optimizer").items():
+        _load_optimizer(path, name, opt, config)
+    for name, sched in _named(scheduler, "scheduler").items():
+        sched.load_state_dict(_read_json(path / _file("scheduler", name, ".json")))
+    state["ema"] = _read_tensors(path / "ema.safetensors", config) if (path / "ema.safetensors").is_file() else None
+    if (path / "objective.safetensors").is_file():
+        state["objective_state"] = _read_tensors(path / "objective.safetensors", config)
     return state

@@ -49,17 +49,30 @@ PREDICTIONS = ("eps", "x0", "velocity", "v", "score")
 PATHS: Registry = Registry("path")
 
 
-def broadcast_time(t: Tensor | float, x: Tensor) -> Tensor:
-    """Return ``t`` as a tensor of shape ``[batch]`` in ``x``'s dtype.
+def broadcast_time(t: Tensor | float, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Return ``t`` as a tensor of shape ``[batch]`` on ``x``'s device, in ``x``'s dtype when ``x`` is floating
+    point.
 
     A Python float or a 0-d tensor is broadcast; a ``[batch]`` tensor is checked. Integer times
     (diffusers-style timesteps) and times on another device are rejected, never silently converted.
+    The time's dtype comes from a float reference, never from an integer ``x`` (token tensors): ``dtype`` when
+    given, else ``x``'s dtype for floating-point ``x``, else a float tensor ``t``'s own dtype, else
+    ``torch.get_default_dtype()``.
 
     >>> broadcast_time(0.5, torch.zeros(3, 2))
     tensor([0.5000, 0.5000, 0.5000])
+    >>> broadcast_time(0.7, torch.zeros(2, 4, dtype=torch.long))
+    tensor([0.7000, 0.7000])
     """
+    if dtype is None:
+        if x.is_floating_point():
+            dtype = x.dtype
+        else:
+            dtype = t.dtype if torch.is_tensor(t) and t.is_floating_point() else torch.get_default_dtype()
+    elif not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ShapeError(f"broadcast_time: dtype={dtype!r} is not a floating-point dtype; pass e.g. torch.float32")
     if not torch.is_tensor(t):
-        return torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+        return torch.full((x.shape[0],), float(t), device=x.device, dtype=dtype)
     if not t.is_floating_point():
         raise ShapeError(
             f"t must be a float tensor in [0, 1]; got dtype {t.dtype}. genkit time runs over [0, 1] (t=0 data, "
@@ -68,13 +81,13 @@ def broadcast_time(t: Tensor | float, x: Tensor) -> Tensor:
     if t.device != x.device:
         raise ShapeError(f"t is on {t.device} but x is on {x.device}; move t with t.to(x.device)")
     if t.ndim == 0:
-        return (t if t.dtype == x.dtype else t.to(x.dtype)).expand(x.shape[0])
+        return (t if t.dtype == dtype else t.to(dtype)).expand(x.shape[0])
     if t.shape != (x.shape[0],):
         raise ShapeError(
             f"t must be a float or a tensor of shape [batch]=[{x.shape[0]}]; got shape {tuple(t.shape)}. "
             "Pass one time per sample, e.g. torch.full((x.shape[0],), t)."
         )
-    return t if t.dtype == x.dtype else t.to(x.dtype)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _check_prediction(name: str) -> None:

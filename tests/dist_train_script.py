@@ -3,7 +3,10 @@
 Usage: ``dist_train_script.py OUT_DIR PARAMS_DIR``. Trains a tiny linear regression with genkit's Trainer
 (gloo, CPU); rank 1 returns a NaN loss on its second call, so both ranks must skip that step together.
 Afterwards the harness (not the trainer) writes each rank's parameters, EMA and a digest of the data it saw
-to ``PARAMS_DIR/rank{r}.safetensors``.
+to ``PARAMS_DIR/rank{r}.safetensors``. In the same launch it trains the data-free objective
+:class:`ReverseKL` (into ``OUT_DIR-free``) and the alternating two-optimizer :class:`Game` fed by the batch
+source :class:`NormalSource` (into ``OUT_DIR-game``), written to ``PARAMS_DIR/{free,game}{r}.safetensors``.
+The test file uses these objectives too.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import torch
 from torch import nn
 
 from genkit.models import FAMILIES
+from genkit.objective import ParamGroup
 from genkit.train import TrainConfig, Trainer
 
 FAMILY = "test-dist-linreg"
+TARGET = (1.0, -0.5)  # ReverseKL's target mean; its unit-variance Gaussian has log Z = log(2 pi)
 
 
 class LinReg(nn.Module):
@@ -50,6 +55,118 @@ class LinReg(nn.Module):
 FAMILIES.register(FAMILY)(LinReg)
 
 
+class Gauss(nn.Module):
+    """A model: ``x = mu + exp(log_s) * z``, ``z ~ N(0, I)`` in 2-D."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mu, self.log_s = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+        self.lin = nn.Linear(2, 2)  # a 2-D weight, so default grouping (decay / no_decay) has both kinds
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mu + self.log_s.exp() * self.lin(z)
+
+    def config(self) -> dict:
+        return {"family": "test-dist-gauss"}
+
+    @classmethod
+    def from_config(cls, config: dict) -> Gauss:
+        return cls()
+
+
+FAMILIES.register("test-dist-gauss")(Gauss)
+
+
+class ReverseKL(nn.Module):
+    """Data-free: fits ``Gauss`` to ``exp(-|x - TARGET|^2 / 2)`` by the reparameterised reverse KL, and a log
+    normaliser ``log_z`` (the objective's own parameter, at 100x the LR) by regression on ``-E - log q``."""
+
+    data_free = True
+
+    def __init__(self, n: int = 16) -> None:
+        super().__init__()
+        self.model, self.n = Gauss(), n
+        self.log_z = nn.Parameter(torch.zeros(()))
+        self.seen = 0.0
+
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("model", list(self.model.parameters())),
+                ParamGroup("log_z", [self.log_z], lr_scale=100.0, weight_decay=0.0)]
+
+    def loss(self, batch: None, generator: torch.Generator | None = None):
+        assert batch is None
+        z = torch.randn(self.n, 2, generator=generator)
+        self.seen += float(z.double().sum())
+        x = self.model(z)
+        energy = 0.5 * (x - torch.tensor(TARGET)).pow(2).sum(1)
+        jac = torch.linalg.slogdet(self.model.lin.weight)[1] + self.model.log_s.sum()
+        log_q = -0.5 * z.pow(2).sum(1) - jac - torch.log(torch.tensor(2 * torch.pi))
+        kl = (log_q + energy).mean()
+        z_fit = (self.log_z - (-energy - log_q).detach()).pow(2).mean()
+        return kl + z_fit, {"kl": float(kl.detach())}
+
+
+class Gen(nn.Module):
+    """The generator model of :class:`Game`: ``x = a * z + b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.zeros(2))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.a * z + self.b
+
+    def config(self) -> dict:
+        return {"family": "test-dist-gen"}
+
+    @classmethod
+    def from_config(cls, config: dict) -> Gen:
+        return cls()
+
+
+FAMILIES.register("test-dist-gen")(Gen)
+
+
+class NormalSource:
+    """A batch source: 8 samples of N((2, -1), 0.25 I) per step, drawn with the trainer's generator only."""
+
+    def batch(self, step: int, rank: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.tensor([2.0, -1.0]) + 0.5 * torch.randn(8, 2, generator=generator)
+
+
+class Game(nn.Module):
+    """A generator / critic pair: ``critic`` steps twice for each ``gen`` step (steps 2, 5, 8, ... update the
+    generator). The linear critic ``w`` maximises ``w.(E x_real - E x_fake) - |w|^2``; the generator
+    maximises ``w.E x_fake``. Both losses reach both parameter sets (no unused parameters under DDP)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = Gen()
+        self.critic = nn.Linear(2, 1, bias=False)
+        self.seen, self.updates, self.history = 0.0, [], []
+
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("gen", list(self.model.parameters())), ParamGroup("critic", [self.critic.weight])]
+
+    def optimizers(self) -> dict[str, list[str]]:
+        return {"gen": ["gen"], "critic": ["critic"]}
+
+    def update(self, step: int) -> str:
+        return "gen" if step % 3 == 2 else "critic"
+
+    def loss(self, batch: torch.Tensor, generator: torch.Generator | None = None, update: str | None = None):
+        self.seen += float(batch.double().sum())
+        self.updates.append(update)
+        fake = self.model(torch.randn(batch.shape, generator=generator))
+        gap = self.critic(batch).mean() - self.critic(fake).mean()
+        if update == "critic":
+            loss = -gap + self.critic.weight.pow(2).sum()
+        else:
+            loss = -self.critic(fake).mean()
+        self.history.append((update, float(loss.detach())))
+        return loss, {"gap": float(gap.detach()), f"{update}_loss": float(loss.detach())}
+
+
 def make_data(n: int = 64) -> torch.Tensor:
     g = torch.Generator().manual_seed(123)
     x = torch.randn(n, 3, generator=g)
@@ -67,19 +184,38 @@ def config(out_dir: str, batch_size: int) -> TrainConfig:
                        grad_clip=None, nonfinite="skip", out_dir=out_dir, progress=False, cpu=True)
 
 
-def main() -> None:
+def objective_config(out_dir: str, **changes) -> TrainConfig:
+    """The settings of the ReverseKL and Game runs (here and in the test file)."""
+    base = dict(steps=9, batch_size=8, lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, ema_decay=0.9, checkpoint_every=3,
+                log_every=3, weight_decay=0.01, out_dir=out_dir, progress=False, cpu=True)
+    return TrainConfig(**{**base, **changes})
+
+
+def record(objective: nn.Module, result, path: Path) -> None:
+    """Every tensor of ``objective`` (model and own), the EMA, the losses and what this rank drew."""
     from safetensors.torch import save_file
 
+    tensors = {f"param.{k}": v.detach().clone() for k, v in objective.state_dict().items()}
+    tensors.update({f"ema.{k}": v.clone() for k, v in result.ema.items()})
+    tensors["seen"] = torch.tensor(objective.seen, dtype=torch.float64)
+    tensors["skipped"] = torch.tensor(result.skipped)
+    tensors["losses"] = torch.tensor([loss for _, loss in result.losses], dtype=torch.float64)
+    save_file(tensors, str(path))
+
+
+def main() -> None:
     out_dir, params_dir = sys.argv[1], Path(sys.argv[2])
     rank = int(os.environ["RANK"])
     model = make_model(nan_calls=(2,) if rank == 1 else ())
     result = Trainer(model, config(out_dir, batch_size=4)).fit(make_data())
-    tensors = {f"param.{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v.clone() for k, v in result.ema.items()})
-    tensors["seen"] = torch.tensor(model.seen, dtype=torch.float64)
-    tensors["skipped"] = torch.tensor(result.skipped)
-    tensors["losses"] = torch.tensor([loss for _, loss in result.losses], dtype=torch.float64)
-    save_file(tensors, str(params_dir / f"rank{rank}.safetensors"))
+    record(model, result, params_dir / f"rank{rank}.safetensors")
+    torch.manual_seed(0)
+    free = ReverseKL()
+    record(free, Trainer(free, objective_config(out_dir + "-free")).fit(), params_dir / f"free{rank}.safetensors")
+    torch.manual_seed(0)
+    game = Game()
+    result = Trainer(game, objective_config(out_dir + "-game")).fit(NormalSource())
+    record(game, result, params_dir / f"game{rank}.safetensors")
 
 
 if __name__ == "__main__":

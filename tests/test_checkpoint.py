@@ -286,3 +286,71 @@ def test_load_of_a_diffusers_folder_points_to_from_diffusers(tmp_path: Path) -> 
         checkpoint.load(pipe)
     with pytest.raises(CheckpointError, match=r"diffusers UNet2DModel.*genkit\.from_diffusers\(.*scheduler"):
         checkpoint.load(pipe / "unet")
+
+
+def _stepped(model: nn.Module, params, lr: float) -> tuple[torch.optim.Optimizer, object]:
+    opt = torch.optim.AdamW(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+    for _ in range(2):
+        model.loss(X)[0].backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return opt, sched
+
+
+def test_several_named_optimizers_and_objective_state_round_trip(tmp_path: Path) -> None:
+    model = make()
+    body = [p for n, p in model.named_parameters() if not n.startswith("out.")]
+    gen, gen_sched = _stepped(model, body, 1e-2)
+    critic, critic_sched = _stepped(model, model.out.parameters(), 3e-2)
+    own = {"log_z": torch.tensor(1.25), "critic.weight": torch.arange(6.0).reshape(2, 3)}
+    checkpoint.save(tmp_path / "ck", model, optimizer={"gen": gen, "critic": critic},
+                    scheduler={"gen": gen_sched, "critic": critic_sched}, trainer_state={"step": 2},
+                    objective_state=own)
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert names == ["config.json", "model.safetensors", "objective.safetensors", "optimizer.critic.json",
+                     "optimizer.critic.safetensors", "optimizer.gen.json", "optimizer.gen.safetensors",
+                     "scheduler.critic.json", "scheduler.gen.json", "trainer_state.json"]
+    model2 = make(5)
+    body2 = [p for n, p in model2.named_parameters() if not n.startswith("out.")]
+    opts = {"gen": torch.optim.AdamW(body2, lr=1e-2), "critic": torch.optim.AdamW(model2.out.parameters(), lr=3e-2)}
+    scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda k: 1.0 / (1 + k)) for k, o in opts.items()}
+    loaded = checkpoint.load_training_state(tmp_path / "ck", model2, opts, scheds)
+    assert torch.equal(model2(X), model(X)) and loaded["step"] == 2
+    assert set(loaded["objective_state"]) == set(own)
+    assert all(torch.equal(loaded["objective_state"][k], v) for k, v in own.items())
+    for name, opt in (("gen", gen), ("critic", critic)):
+        a, b = opt.state_dict(), opts[name].state_dict()
+        assert a["param_groups"] == b["param_groups"], name
+        assert all(torch.equal(v, b["state"][i][k]) for i in a["state"] for k, v in a["state"][i].items()), name
+    assert scheds["critic"].state_dict() == critic_sched.state_dict()
+    with pytest.raises(ConfigError, match=r"optimizer name 'a/b' is invalid"):
+        checkpoint.save(tmp_path / "ck2", model, optimizer={"a/b": gen})
+    with pytest.raises(ConfigError, match="trainer_state key 'objective_state' is reserved"):
+        checkpoint.save(tmp_path / "ck2", model, trainer_state={"objective_state": 1})
+    checkpoint.save(tmp_path / "plain", model, trainer_state={"step": 1})
+    assert "objective_state" not in checkpoint.load_training_state(tmp_path / "plain", make())
+
+
+def test_fingerprint_identifies_config_and_weights_and_load_tags_the_module(tmp_path: Path) -> None:
+    from genkit import frozen
+
+    model = make(0)
+    ema = ema_of(model, 0.5)
+    checkpoint.save(tmp_path / "a", model, ema=ema)
+    checkpoint.save(tmp_path / "b", model, ema=ema)  # the same model in another folder
+    fp = checkpoint.fingerprint(tmp_path / "a")
+    assert fp == checkpoint.fingerprint(tmp_path / "b") and len(fp) == 64
+    assert checkpoint.fingerprint(tmp_path / "a", ema=False) == frozen.fingerprint(model) != fp
+    loaded = checkpoint.load(tmp_path / "a")
+    assert frozen.fingerprint(loaded) == fp and frozen.source_of(loaded) == str((tmp_path / "a").resolve())
+    loaded.double()  # a move changes no tag: the part is the folder's
+    assert frozen.fingerprint(loaded) == fp
+    nudged = {k: v.clone() for k, v in ema.items()}
+    nudged["inp.bias"][0] += 1e-6
+    checkpoint.save(tmp_path / "c", model, ema=nudged)
+    assert checkpoint.fingerprint(tmp_path / "c") != fp  # one weight moved by 1e-6
+    checkpoint.save(tmp_path / "d", model, ema=ema)
+    _edit_config(tmp_path / "d", note="another run")  # equal weights, another config
+    assert checkpoint.fingerprint(tmp_path / "d") != fp

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -377,3 +378,361 @@ def test_two_processes_keep_identical_parameters(tmp_path: Path, launcher: str) 
     loaded = checkpoint.load(out / "checkpoint", ema=False)
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, r0[f"param.{name}"]), name
+
+    # The same launch trained the data-free objective and the alternating two-optimizer one (batch source).
+    for kind, run in (("free", "run-free"), ("game", "run-game")):
+        a, b = (load_file(str(params / f"{kind}{r}.safetensors")) for r in (0, 1))
+        assert a["seen"].item() != b["seen"].item(), kind  # each rank drew its own samples...
+        assert set(a) == set(b) and any(k.startswith("ema.") for k in a)
+        for key in a:
+            if key != "seen":
+                assert torch.equal(a[key], b[key]), (kind, key)  # ...yet every tensor agrees
+        assert sorted(p.name for p in (tmp_path / run).iterdir()) == ["checkpoint", "metrics.jsonl"], kind
+        state = checkpoint.read_trainer_state(tmp_path / run)
+        assert state["step"] == 9 and state["world_size"] == 2
+        weights = checkpoint.load(tmp_path / run, ema=False).state_dict()  # the model alone, as rank 0 had it
+        assert weights and all(torch.equal(v, a[f"param.model.{k}"]) for k, v in weights.items()), kind
+    game_ckpt = tmp_path / "run-game" / "checkpoint"
+    assert {"optimizer.gen.json", "optimizer.critic.json", "scheduler.gen.json", "objective.safetensors"} <= {
+        p.name for p in game_ckpt.iterdir()}
+
+
+# --- objectives: data-free, batch sources, several optimizers, frozen parts, token tensors -------------------
+def _interrupted_then_resumed(make_objective, config, data=None, stop: int = 6, **fit):
+    """Run ``config`` uninterrupted, and again cut after the step-``stop`` checkpoint then resumed from a fresh
+    objective of another init; returns both objectives and results."""
+    def run(out, callbacks=(), seed=0):
+        torch.manual_seed(seed)
+        objective = make_objective()
+        trainer = Trainer(objective, config(out), callbacks=callbacks)
+        return objective, trainer, trainer.fit(data, **fit)
+
+    full, full_trainer, full_result = run("full")
+
+    def cut(trainer: Trainer, record: LogRecord) -> None:
+        if record.step == stop:
+            raise Interrupt
+
+    _reset()
+    with pytest.raises(Interrupt):
+        run("cut", [cut])
+    _reset()
+    resumed, resumed_trainer, resumed_result = run("cut", seed=3)
+    assert resumed_result.losses == [x for x in full_result.losses if x[0] > stop]
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name  # the model and the objective's own tensors, bit for bit
+    assert set(full_result.ema) == set(full_trainer.model.state_dict())  # the EMA covers the model only
+    for key in full_result.ema:
+        assert torch.equal(full_result.ema[key], resumed_result.ema[key]), key
+    return (full, full_trainer, full_result), (resumed, resumed_trainer, resumed_result)
+
+
+def test_data_free_objective_resumes_exactly(tmp_path: Path) -> None:
+    from dist_train_script import ReverseKL, objective_config
+
+    (full, trainer, result), _ = _interrupted_then_resumed(
+        ReverseKL, lambda out: objective_config(str(tmp_path / out), steps=12), stop=6)
+    assert [s for s, _ in result.losses] == [3, 6, 9, 12]
+    lrs = [g["lr"] for g in trainer.optimizer.param_groups]  # model: decay, no_decay; log_z at 100x
+    assert len(lrs) == 2 and lrs[1] == 100 * lrs[0]
+    ckpt = tmp_path / "full" / "checkpoint"
+    assert sorted(checkpoint.load(ckpt, ema=False).state_dict()) == ["lin.bias", "lin.weight", "log_s", "mu"]
+    from safetensors.torch import load_file
+    own = load_file(str(ckpt / "objective.safetensors"))
+    assert list(own) == ["log_z"] and torch.equal(own["log_z"], full.log_z.detach())
+
+
+def test_resume_with_an_objective_of_other_settings_is_refused(tmp_path: Path) -> None:
+    from dist_train_script import ReverseKL, objective_config
+
+    class Sized(ReverseKL):
+        def config(self) -> dict:
+            return {"n": self.n}
+
+    Trainer(Sized(n=16), objective_config(str(tmp_path), steps=3)).fit()
+    assert checkpoint.read_trainer_state(tmp_path)["objective_config"] == {"n": 16}
+    _reset()
+    with pytest.raises(CheckpointError, match=r"trained by a Sized with other settings \(config differs in \['n'\]: "
+                                              r"\{'n': 16\} there, \{'n': 8\} now\)"):
+        Trainer(Sized(n=8), objective_config(str(tmp_path), steps=6)).fit()
+    _reset()
+    assert Trainer(Sized(n=16), objective_config(str(tmp_path), steps=6)).fit().step == 6
+
+
+def test_batch_source_and_alternating_optimizers_resume_exactly(tmp_path: Path) -> None:
+    from dist_train_script import Game, NormalSource, objective_config
+
+    (full, trainer, result), (resumed, _, _) = _interrupted_then_resumed(
+        Game, lambda out: objective_config(str(tmp_path / out), steps=12), data=NormalSource(), stop=6)
+    assert full.updates == ["critic", "critic", "gen"] * 4  # update(step) picks the optimizer, passed as update=
+    assert resumed.updates == ["critic", "critic", "gen"] * 2  # the resumed run did steps 7..12
+    steps = {name: [int(s["step"]) for s in opt.state_dict()["state"].values()]
+             for name, opt in trainer.optimizers.items()}
+    assert steps == {"gen": [4, 4], "critic": [8]}  # each optimizer stepped only on its own steps
+    assert trainer.ema.updates == 4  # the EMA (of the generator, the model) moves when the generator does
+    lr = {name: s.get_last_lr()[0] for name, s in trainer.schedulers.items()}
+    assert lr["gen"] == lr["critic"] == pytest.approx(1e-3)  # both schedules follow the step: at the end, min_lr
+    # each logged key is averaged over the steps that reported it: the critic's over its 2 steps of every 3
+    _reset()
+    records: list[LogRecord] = []
+    game = Game()
+    Trainer(game, objective_config(str(tmp_path / "logs"), steps=6), callbacks=[lambda t, r: records.append(r)]).fit(
+        NormalSource())
+    for record, window in zip(records, (game.history[:3], game.history[3:])):
+        (_, c1), (_, c2), (_, g) = window
+        assert record.logs["critic_loss"] == (0.0 + c1 + c2) / 2 and record.logs["gen_loss"] == 0.0 + g
+    # the batch of step k on rank r is the source's draw from a generator seeded by (seed, k, r) alone
+    from genkit.train.batching import SOURCE, SourceBatches, derive_seed
+
+    g = torch.Generator().manual_seed(derive_seed(0, SOURCE, 4, 1))
+    batches = SourceBatches(NormalSource(), objective_config(str(tmp_path)), world=2, rank=1)
+    assert torch.equal(next(batches.iterate(4, 5, torch.device("cpu"))), NormalSource().batch(4, 1, g))
+
+
+def test_data_and_schedule_mistakes_are_named(tmp_path: Path) -> None:
+    from dist_train_script import Game, NormalSource, ReverseKL, objective_config
+
+    from genkit.models import FlowMatching
+    from genkit.nets import MLP
+    from genkit.objective import ParamGroup
+
+    for objective in (make(), FlowMatching(MLP(2, hidden=8, depth=1), sample_shape=(2,))):
+        _reset()
+        with pytest.raises(DataError, match=rf"{type(objective).__name__} needs training data: pass fit\(data\) "
+                                            r"with a Tensor .*a batch source .*data_free = True"):
+            Trainer(objective, cfg(tmp_path / "a")).fit()
+    assert not (tmp_path / "a").exists()
+    _reset()
+    with pytest.raises(ConfigError, match=r"ReverseKL declares data_free = True .* call fit\(\) without data"):
+        Trainer(ReverseKL(), objective_config(str(tmp_path / "b"))).fit(DATA)
+
+    class UnknownGroup(Game):
+        def optimizers(self):
+            return {"gen": ["gen"], "critic": ["critc"]}
+
+    class UnknownOptimizer(Game):
+        def update(self, step):
+            return "disc"
+
+    class NoSchedule(Game):
+        update = None
+
+    class Orphan(Game):
+        def param_groups(self):
+            return [ParamGroup("gen", [self.model.a]), ParamGroup("critic", [self.critic.weight])]
+
+    _reset()
+    with pytest.raises(ConfigError, match=r"names unknown parameter group 'critc'; known groups: \['critic', 'gen'\]"):
+        Trainer(UnknownGroup(), objective_config(str(tmp_path / "c")))
+    _reset()
+    with pytest.raises(ConfigError, match=r"update\(0\) returned 'disc', not one of its optimizers "
+                                          r"\['critic', 'gen'\]"):
+        Trainer(UnknownOptimizer(), objective_config(str(tmp_path / "d"))).fit(NormalSource())
+    _reset()
+    with pytest.raises(ConfigError, match=r"declares optimizers \['critic', 'gen'\] but no update\(step\)"):
+        Trainer(NoSchedule(), objective_config(str(tmp_path / "e")))
+    _reset()
+    with pytest.raises(ConfigError, match=r"1 trainable parameter\(s\) of Orphan are in no group \(shapes \[\(2,\)\]"):
+        Trainer(Orphan(), objective_config(str(tmp_path / "f")))
+
+
+class Distill(TinyDenoiser):
+    """A student regressing a frozen teacher's output (no dropout: eval-mode teacher, deterministic)."""
+
+    def __init__(self, teacher: nn.Module | None = None, **kwargs):
+        super().__init__(**kwargs)
+        from genkit.frozen import Frozen
+
+        self.frozen = Frozen()
+        if teacher is not None:
+            self.frozen.set("teacher", teacher)
+
+    def loss(self, batch: torch.Tensor, generator: torch.Generator | None = None):
+        t = torch.rand(batch.shape[0], 1, generator=generator)
+        x = torch.cat([batch, t], dim=1)
+        with torch.no_grad():
+            target = self.frozen.teacher.net(x)
+        return (self.net(x) - target).pow(2).mean(), {}
+
+    def config(self) -> dict:
+        return {**super().config(), "family": FAMILY + "-distill"}
+
+
+FAMILIES.register(FAMILY + "-distill")(Distill)
+
+
+def distill(teacher: nn.Module | None = None) -> Distill:
+    torch.manual_seed(0)
+    return Distill(teacher)
+
+
+def test_frozen_part_is_held_out_of_training_and_moves_with_the_module() -> None:
+    from genkit.frozen import Frozen
+
+    teacher = make(1)
+    student = Distill(teacher)
+    assert student.frozen.teacher is teacher and "teacher" in student.frozen
+    assert not any(k.startswith("frozen") for k in student.state_dict())
+    assert {id(p) for p in student.parameters()}.isdisjoint(id(p) for p in teacher.parameters())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    student.train()
+    assert student.training and not teacher.training  # train() leaves the frozen part in eval mode
+    student.double()
+    assert all(p.dtype == torch.float64 for p in [*student.parameters(), *teacher.parameters()])
+    trainer_params = {id(p) for g in Trainer(student, cfg("unused")).optimizer.param_groups for p in g["params"]}
+    assert trainer_params == {id(p) for p in student.net.parameters()}  # the optimizer never sees the teacher
+    with pytest.raises(ConfigError, match="identifier"):
+        Frozen().set("a teacher", teacher)
+    holder = Frozen()
+    holder.reward = make(2)  # attribute assignment attaches a part too, never a submodule
+    assert "reward" in holder and not list(holder.parameters()) and not holder.reward.net[0].weight.requires_grad
+
+
+def test_frozen_teacher_is_reloaded_by_reference_and_a_changed_one_refused(tmp_path: Path) -> None:
+    from genkit import frozen
+
+    folder = tmp_path / "teacher"
+    checkpoint.save(folder, make(1))
+    teacher = checkpoint.load(folder)
+    fp = checkpoint.fingerprint(folder)
+    assert frozen.fingerprint(teacher) == fp and frozen.source_of(teacher) == str(folder.resolve())
+    assert frozen.fingerprint(make(1)) == fp  # config + weights, wherever they come from; not the folder
+    assert frozen.fingerprint(make(2)) != fp
+
+    (full, _, _), _ = _interrupted_then_resumed(
+        lambda: Distill(teacher), lambda out: cfg(tmp_path / out), data=DATA)
+    state = checkpoint.read_trainer_state(tmp_path / "cut")
+    assert state["frozen"] == {"frozen.teacher": {"source": str(folder.resolve()), "fingerprint": fp}}
+
+    # cut again at step 6; every refusal below leaves that checkpoint as it is
+    shutil.rmtree(tmp_path / "cut")
+    _reset()
+    with pytest.raises(Interrupt):
+        Trainer(distill(teacher), cfg(tmp_path / "cut"), callbacks=[_stop_at(6)]).fit(DATA)
+    other = make(2)
+    new = frozen.fingerprint(other)
+    refusals = [  # (objective, fit keywords, what the error says), each naming the part
+        (Distill(), {}, r"frozen part 'frozen.teacher' from .*teacher; attach it .*frozen_loader=genkit.load"),
+        (Distill(other), {}, rf"frozen part 'frozen.teacher' changed: .*fingerprint {fp} .*fingerprint {new}"),
+        (Distill(teacher), {}, None),  # with an extra part: below
+    ]
+    refusals[2][0].frozen.set("extra", make(3))
+    refusals[2] = (refusals[2][0], {}, r"trained without frozen part\(s\) \['frozen.extra'\]")
+    for objective, kwargs, message in refusals:
+        _reset()
+        with pytest.raises(CheckpointError, match=message):
+            Trainer(objective, cfg(tmp_path / "cut")).fit(DATA, **kwargs)
+    checkpoint.save(folder, other)  # the teacher's folder now holds another model
+    _reset()
+    with pytest.raises(CheckpointError, match=rf"'frozen.teacher': .*teacher now holds fingerprint {new}, but the "
+                                              rf"run was trained with fingerprint {fp}"):
+        Trainer(Distill(), cfg(tmp_path / "cut")).fit(DATA, frozen_loader=checkpoint.load)
+    checkpoint.save(folder, make(1))
+    assert checkpoint.read_trainer_state(tmp_path / "cut")["step"] == 6
+
+    # a resume given no teacher reloads it from the recorded folder: bit-exact with the uninterrupted run
+    _reset()
+    student = Distill()
+    Trainer(student, cfg(tmp_path / "cut")).fit(DATA, frozen_loader=checkpoint.load)
+    assert frozen.fingerprint(student.frozen.teacher) == fp
+    for (name, a), b in zip(full.state_dict().items(), student.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_frozen_part_not_from_a_checkpoint_is_recorded_by_fingerprint(tmp_path: Path) -> None:
+    from genkit import frozen
+    from genkit.analytic import Gaussian
+    from genkit.paths import get_path
+
+    g = Gaussian(torch.ones(2), torch.eye(2) * 0.25, get_path("linear"))
+    holder = frozen.Frozen(field=g)
+    same = Gaussian(torch.ones(2), torch.eye(2) * 0.25, get_path("linear"))
+    moved = Gaussian(torch.ones(2) * 1.5, torch.eye(2) * 0.25, get_path("linear"))
+    assert holder.records() == {"field": {"source": None, "fingerprint": frozen.fingerprint(same)}}
+    assert frozen.fingerprint(moved) != frozen.fingerprint(g)
+    with pytest.raises(CheckpointError, match=r"'field' was not loaded from a checkpoint .*attach the same part"):
+        frozen.reload({"source": None, "fingerprint": "ab"}, checkpoint.load, "field")
+
+
+def _stop_at(step: int):
+    def stop(trainer: Trainer, record: LogRecord) -> None:
+        if record.step == step:
+            raise Interrupt
+    return stop
+
+
+VOCAB, MASK = 11, 11
+
+
+class MaskedTokens(nn.Module):
+    """A tiny masked-token model on LongTensor data ``[B, L]``: each token is masked with probability ``t``."""
+
+    def __init__(self, length: int = 4):
+        super().__init__()
+        self.length = length
+        self.emb = nn.Embedding(VOCAB + 1, 8)
+        self.out = nn.Linear(9, VOCAB)
+        self.register_buffer("counts", torch.zeros(VOCAB, dtype=torch.long))  # integer state: tokens seen
+
+    def loss(self, batch: torch.Tensor, generator: torch.Generator | None = None):
+        from genkit.paths import broadcast_time
+
+        assert batch.dtype == torch.long
+        self.counts += torch.bincount(batch.flatten(), minlength=VOCAB)
+        t = broadcast_time(torch.rand((), generator=generator).item(), batch)  # [B] floats from integer x
+        masked = torch.rand(batch.shape, generator=generator) < t[:, None]
+        x = torch.where(masked, torch.full_like(batch, MASK), batch)
+        h = torch.cat([self.emb(x), t[:, None, None].expand(*x.shape, 1)], dim=-1)
+        ce = nn.functional.cross_entropy(self.out(h).flatten(0, 1), batch.flatten(), reduction="none")
+        return (ce * masked.flatten()).sum() / masked.sum().clamp(min=1), {}
+
+    def config(self) -> dict:
+        return {"family": "test-train-tokens", "length": self.length}
+
+    @classmethod
+    def from_config(cls, config: dict) -> MaskedTokens:
+        return cls(config["length"])
+
+
+FAMILIES.register("test-train-tokens")(MaskedTokens)
+TOKENS = torch.randint(0, VOCAB, (40, 4), generator=torch.Generator().manual_seed(3))
+
+
+def test_token_tensors_train_resume_and_load_exactly(tmp_path: Path) -> None:
+    (full, _, result), _ = _interrupted_then_resumed(MaskedTokens, lambda out: cfg(tmp_path / out), data=TOKENS)
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+    # 12 steps of 8 rows: 2 epochs (5 batches, every row once) and batches 10, 11 of the third epoch's permutation
+    from genkit.train.batching import TensorBatches
+
+    third = TensorBatches(TOKENS, cfg(tmp_path), world=1, rank=0)
+    extra = TOKENS[torch.cat([third.indices(10), third.indices(11)])]
+    assert torch.equal(full.counts, 2 * torch.bincount(TOKENS.flatten(), minlength=VOCAB)
+                       + torch.bincount(extra.flatten(), minlength=VOCAB))
+    assert result.ema["counts"].dtype == torch.long and torch.equal(result.ema["counts"], full.counts)  # copied
+    for ema in (False, True):
+        loaded = checkpoint.load(tmp_path / "cut", ema=ema)
+        assert loaded.counts.dtype == torch.long and torch.equal(loaded.counts, full.counts)
+    loaded = checkpoint.load(tmp_path / "cut", ema=False)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), full.state_dict().values()))
+
+
+def test_broadcast_time_takes_its_dtype_from_a_float_reference() -> None:
+    from genkit.errors import ShapeError
+    from genkit.paths import broadcast_time
+
+    tokens = torch.zeros(3, 5, dtype=torch.long)
+    assert torch.equal(broadcast_time(0.7, tokens), torch.full((3,), 0.7))  # was tensor([0, 0, 0])
+    assert broadcast_time(0.7, tokens, dtype=torch.float64).dtype == torch.float64
+    t64 = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    assert broadcast_time(t64, tokens) is t64  # a float t is its own reference
+    x64 = torch.zeros(3, 2, dtype=torch.float64)
+    assert broadcast_time(0.7, x64).dtype == torch.float64 and broadcast_time(t64, x64) is t64  # float x: as before
+    assert broadcast_time(t64, torch.zeros(3, 2)).dtype == torch.float32
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        assert broadcast_time(0.7, tokens).dtype == torch.float64
+    finally:
+        torch.set_default_dtype(default)
+    with pytest.raises(ShapeError, match="not a floating-point dtype"):
+        broadcast_time(0.7, tokens, dtype=torch.long)

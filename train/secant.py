@@ -9,9 +9,10 @@ learned jumps x <- x + (s - t) f(x, t, s) from noise to data replace an N-step s
   stee  no teacher in the loss: target the conditional velocity of the data (the teacher only makes data
         and is the reference of the final table)
 
-The training data are --n-data samples of the teacher (rk4, --ref-steps) unless --data names a genkit data
-set. The network starts as a copy of the teacher's when that is a velocity MLP/UNet (flow matching);
-otherwise, or with --init scratch, a fresh two-time network of the teacher's size. The out dir holds
+The training data are the teacher's samples (--ref-solver x --ref-steps), drawn afresh for every step from
+(seed, step, rank) by a batch source, unless --data names a genkit data set (--n-data samples of it). The
+network starts as a copy of the teacher's when that is a velocity MLP/UNet (flow matching); otherwise, or
+with --init scratch, a fresh two-time network of the teacher's size. The out dir holds
 checkpoint/ (loadable with genkit.load), metrics.jsonl and secant_eval.json; the table printed at the end
 gives the RMS distance of each sampler's endpoint to the teacher's --ref-solver x --ref-steps endpoint from
 the same noise (rows marked * are step counts the model was not trained for).
@@ -88,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="teacher", metavar="NAME",
                    help=f"'teacher' (samples of the teacher) or a data set: {', '.join(DATASETS.names())}")
-    g.add_argument("--n-data", type=int, default=10000, metavar="N", help="training samples to draw")
+    g.add_argument("--n-data", type=int, default=10000, metavar="N",
+                   help="--data NAME: samples of the data set (the teacher's are drawn per step)")
     g = p.add_argument_group("training")
     g.add_argument("--train-steps", type=int, default=2000, metavar="N",
                    help="optimizer steps (a resumed run continues to it)")
@@ -158,15 +160,22 @@ def build_model(args: argparse.Namespace, teacher: Any) -> Secant:
     return Secant.from_teacher(teacher, net=two, **kw)
 
 
-def training_data(args: argparse.Namespace, teacher: Any, device: torch.device) -> torch.Tensor:
+class TeacherSamples:
+    """A batch source: each step's batch is ``batch_size`` fresh samples of the teacher (``solver`` x ``steps``),
+    drawn with the trainer's generator, seeded from (seed, step, rank) alone: resume and multi-process exact."""
+
+    def __init__(self, teacher: Any, batch_size: int, solver: str, steps: int):
+        self.teacher, self.batch_size, self.solver, self.steps = teacher, batch_size, solver, steps
+
+    def batch(self, step: int, rank: int, generator: torch.Generator) -> torch.Tensor:
+        return self.teacher.sample(self.batch_size, solver=self.solver, steps=self.steps, generator=generator,
+                                   device=generator.device)
+
+
+def training_data(args: argparse.Namespace, teacher: Any, device: torch.device) -> torch.Tensor | TeacherSamples:
     if args.data != "teacher":
         return load_dataset(args.data, n=args.n_data, generator=torch.Generator().manual_seed(args.seed))
-    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    chunks = []
-    for start in range(0, args.n_data, 4096):  # bounded memory for images
-        n = min(4096, args.n_data - start)
-        chunks.append(teacher.sample(n, solver=args.ref_solver, steps=args.ref_steps, generator=gen).cpu())
-    return torch.cat(chunks)
+    return TeacherSamples(teacher, args.batch_size, args.ref_solver, args.ref_steps)
 
 
 def evaluate(args: argparse.Namespace, model: Secant, teacher: Any, device: torch.device) -> list[dict[str, Any]]:
@@ -220,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"{ckpt} holds a different secant model; re-run with that run's flags to resume it, "
                               "or pick a new --out")
     data = training_data(args, teacher, acc.device)
-    if tuple(data.shape[1:]) != model.sample_shape:
+    if isinstance(data, torch.Tensor) and tuple(data.shape[1:]) != model.sample_shape:
         raise ConfigError(f"--data {args.data} has samples of shape {tuple(data.shape[1:])} but the teacher makes "
                           f"{model.sample_shape}; use the teacher's data set or --data teacher")
     trainer = Trainer(model, config, accelerator=acc)

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, ShapeError
 from ..fields import Field, as_velocity, check_field
+from ..frozen import Frozen
 from ..nets.two_time import build as build_net
 from ..nets.two_time import to_two_time
 from ..paths import Path, broadcast_time, path_from_config
@@ -112,8 +113,8 @@ class Secant(ContinuousModel):
             raise ConfigError(f"need 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}")
         self.loss_name, self.steps, self.tangent_weight = loss, steps, float(tangent_weight)
         self.t_min, self.t_max = t_min, t_max
-        # [teacher, its velocity view, its nn.Module or None] in a list: no submodule, so never saved or trained
-        self._teacher: list = []
+        # the frozen teacher: never trained nor saved, moved by .to() / .double(), recorded by reference
+        self.frozen = Frozen()
         if teacher is not None:
             self.set_teacher(teacher)
 
@@ -121,7 +122,7 @@ class Secant(ContinuousModel):
     def set_teacher(self, teacher: Field | None) -> None:
         """Attach (or with None detach) the frozen teacher field of the distillation losses."""
         if teacher is None:
-            self._teacher.clear()
+            self.frozen.set("teacher", None)
             return
         check_field(teacher)
         if self.loss_name in TEACHER_FREE:
@@ -134,10 +135,7 @@ class Secant(ContinuousModel):
         if shape is not None and shape != self.sample_shape:
             raise ShapeError(f"the teacher makes samples of shape {shape} but the secant model was built for "
                              f"{self.sample_shape}; build it with sample_shape={shape}")
-        module = teacher if isinstance(teacher, nn.Module) else getattr(teacher, "base", None)  # or a view's
-        if isinstance(module, nn.Module):
-            module.requires_grad_(False).eval()
-        self._teacher[:] = [teacher, as_velocity(teacher), module if isinstance(module, nn.Module) else None]
+        self.frozen.set("teacher", teacher)
 
     @classmethod
     def from_teacher(cls, teacher: Field, net: nn.Module | None = None, **kwargs: Any) -> Secant:
@@ -166,14 +164,13 @@ class Secant(ContinuousModel):
 
     @property
     def teacher(self) -> Field | None:
-        return self._teacher[0] if self._teacher else None
+        return self.frozen.get("teacher")
 
-    def _apply(self, fn, *args, **kwargs):
-        # .to(device) / .double() move a module teacher with the student, as they would a buffer
-        out = super()._apply(fn, *args, **kwargs)
-        if self._teacher and self._teacher[2] is not None:
-            self._teacher[2]._apply(fn)
-        return out
+    @property
+    def _teacher(self) -> list:
+        """``[teacher, its velocity view]``, or ``[]`` without a teacher."""
+        teacher = self.frozen.get("teacher")
+        return [] if teacher is None else [teacher, as_velocity(teacher)]
 
     # --- field, secant and flow map ---------------------------------------------------------------------
     def _check(self, x: Tensor, t: Tensor | float, s: Tensor | float) -> tuple[Tensor, Tensor]:
