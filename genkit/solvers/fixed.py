@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..fields import Field
-from .base import SOLVERS, Solution, Solver, apply_map, check_finite_result, prepared
+from .base import SOLVERS, Solver, SolverState, apply_map, prepared, unwrap
 
 __all__ = ["Tableau", "RungeKutta", "Euler", "Midpoint", "Heun", "RK4"]
 
@@ -44,47 +44,48 @@ class RungeKutta(Solver):
 
     tableau: Tableau
 
-    def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
-              trajectory: bool = False, **cond: Any) -> Solution:
-        del generator  # deterministic
+    @property
+    def evals_per_step(self) -> int:  # type: ignore[override]
+        return len(self.tableau.b)
+
+    def init(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """Precompute the steps ``h``, the stage times ``[B]`` and the conversion maps to the velocity."""
+        del generator, cond  # deterministic; no evaluation at init
         self.check_steps(times)
         tab = self.tableau
         t64 = times.to(torch.float64).cpu()
         h64 = t64[1:] - t64[:-1]
         stage_t = (t64[:-1, None] + torch.tensor(tab.c, dtype=torch.float64)[None, :] * h64[:, None]).flatten()
-        base, cx, cout = prepared(field, "velocity", stage_t)
+        _, cx, cout = prepared(field, "velocity", stage_t)
         stage_dev = stage_t.to(device=x.device, dtype=x.dtype)
-        t_batch = [stage_dev[k].expand(x.shape[0]) for k in range(len(stage_t))]  # built once per solve
-        hs = h64.tolist()
-        traj = [x] if trajectory else None
-        k_idx = 0
-        for n in range(len(hs)):
-            h = hs[n]
-            ks: list[Tensor] = []
-            for i in range(len(tab.b)):
-                xi = x
-                for j, aij in enumerate(tab.a[i]):
-                    if aij:
-                        xi = xi + (h * aij) * ks[j]
-                out = base(xi, t_batch[k_idx], **cond)
-                if len(tab.b) == 1:  # Euler: fold the conversion into the update, x <- (1 + h cx) x + h cout out
-                    ks.append(out)
-                    break
-                ks.append(apply_map(out, xi, cx[k_idx], cout[k_idx]))
-                k_idx += 1
-            if len(tab.b) == 1:
-                x = torch.add(ks[0] * (h * cout[k_idx]), x, alpha=1 + h * cx[k_idx])
-                k_idx += 1
-            else:
-                incr = None
-                for bi, k in zip(tab.b, ks):
-                    if bi:
-                        incr = k * bi if incr is None else torch.add(incr, k, alpha=bi)
-                x = torch.add(x, incr, alpha=h)
-            if traj is not None:
-                traj.append(x)
-        check_finite_result(x, self, times)
-        return Solution(x, len(hs) * len(tab.b), times, torch.stack(traj) if traj is not None else None)
+        t_batch = tuple(stage_dev[k].expand(x.shape[0]) for k in range(len(stage_t)))  # built once per solve
+        return SolverState(x, 0, 0, times, (tuple(h64.tolist()), t_batch, tuple(cx), tuple(cout)))
+
+    def step(self, field: Field, state: SolverState, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """``k_i = v(x + h sum_j a_ij k_j, t + c_i h)``, ``x <- x + h sum_i b_i k_i`` over interval ``state.n``."""
+        base = unwrap(field)
+        hs, t_batch, cx, cout = state.plan
+        n, x, tab = state.n, state.x, self.tableau
+        h, stages = hs[n], len(tab.b)
+        k = n * stages
+        if stages == 1:  # Euler: fold the conversion into the update, x <- (1 + h cx) x + h cout out
+            out = base(x, t_batch[k], **cond)
+            return SolverState(torch.add(out * (h * cout[k]), x, alpha=1 + h * cx[k]), n + 1, state.nfe + 1,
+                               state.times, state.plan)
+        ks: list[Tensor] = []
+        for i in range(stages):
+            xi = x
+            for j, aij in enumerate(tab.a[i]):
+                if aij:
+                    xi = xi + (h * aij) * ks[j]
+            ks.append(apply_map(base(xi, t_batch[k + i], **cond), xi, cx[k + i], cout[k + i]))
+        incr = None
+        for bi, kk in zip(tab.b, ks):
+            if bi:
+                incr = kk * bi if incr is None else torch.add(incr, kk, alpha=bi)
+        return SolverState(torch.add(x, incr, alpha=h), n + 1, state.nfe + stages, state.times, state.plan)
 
 
 @SOLVERS.register("euler")
