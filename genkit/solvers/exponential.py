@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..fields import Field, as_eps, as_x0
+from ..fields import Field, FieldView, as_eps, as_x0
 from ..paths import broadcast_time
 from .base import SOLVERS, Solver, SolverState, apply_map, prepared, unwrap
 
@@ -89,7 +89,8 @@ class ExponentialSolver(Solver):
         """One evaluation (the data prediction at ``x_n``), appended to the history; then the update."""
         a, s, lam, ts, cx, cout, orders = state.plan
         n, x = state.n, state.x
-        m = apply_map(unwrap(field)(x, broadcast_time(ts[n], x), **cond), x, cx[n], cout[n])
+        base = field.base if isinstance(field, FieldView) else field  # the maps convert its output
+        m = apply_map(base(x, broadcast_time(ts[n], x), **cond), x, cx[n], cout[n])
         hist = (state.memory[0] + (m,))[-self.max_order:]
         return SolverState(self.update(x, hist, n, a, s, lam, orders[n]), n + 1, state.nfe + 1, state.times,
                            state.plan, (hist,))

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..fields import Field
-from .base import SOLVERS, Solver, SolverState, apply_map, prepared, unwrap
+from ..fields import Field, FieldView
+from .base import SOLVERS, Solver, SolverState, apply_map, prepared
 
 __all__ = ["Tableau", "RungeKutta", "Euler", "Midpoint", "Heun", "RK4"]
 
@@ -59,33 +59,38 @@ class RungeKutta(Solver):
         stage_t = (t64[:-1, None] + torch.tensor(tab.c, dtype=torch.float64)[None, :] * h64[:, None]).flatten()
         _, cx, cout = prepared(field, "velocity", stage_t)
         stage_dev = stage_t.to(device=x.device, dtype=x.dtype)
-        t_batch = tuple(stage_dev[k].expand(x.shape[0]) for k in range(len(stage_t)))  # built once per solve
-        return SolverState(x, 0, 0, times, (tuple(h64.tolist()), t_batch, tuple(cx), tuple(cout)))
+        t_batch = [stage_dev[k].expand(x.shape[0]) for k in range(len(stage_t))]  # built once per solve
+        hs, s = h64.tolist(), len(tab.b)
+        if s == 1:  # Euler folds the conversion into the update: x <- (1 + h cx) x + h cout out
+            plan = tuple((t_batch[n], h * cout[n], 1 + h * cx[n]) for n, h in enumerate(hs))
+        else:  # per step: h and per stage (time, cx, cout, the (j, h a_ij) of its nonzero a_ij)
+            plan = tuple((h, tuple((t_batch[n * s + i], cx[n * s + i], cout[n * s + i],
+                                    tuple((j, h * aij) for j, aij in enumerate(tab.a[i]) if aij))
+                                   for i in range(s)))
+                         for n, h in enumerate(hs))
+        return SolverState(x, 0, 0, times, plan)
 
     def step(self, field: Field, state: SolverState, *, generator: torch.Generator | None = None,
              **cond: Any) -> SolverState:
         """``k_i = v(x + h sum_j a_ij k_j, t + c_i h)``, ``x <- x + h sum_i b_i k_i`` over interval ``state.n``."""
-        base = unwrap(field)
-        hs, t_batch, cx, cout = state.plan
-        n, x, tab = state.n, state.x, self.tableau
-        h, stages = hs[n], len(tab.b)
-        k = n * stages
-        if stages == 1:  # Euler: fold the conversion into the update, x <- (1 + h cx) x + h cout out
-            out = base(x, t_batch[k], **cond)
-            return SolverState(torch.add(out * (h * cout[k]), x, alpha=1 + h * cx[k]), n + 1, state.nfe + 1,
+        base = field.base if isinstance(field, FieldView) else field  # the maps convert its output
+        n, x = state.n, state.x
+        if len(self.tableau.b) == 1:
+            t, c_out, c_x = state.plan[n]
+            return SolverState(torch.add(base(x, t, **cond) * c_out, x, alpha=c_x), n + 1, state.nfe + 1,
                                state.times, state.plan)
+        h, stages = state.plan[n]
         ks: list[Tensor] = []
-        for i in range(stages):
+        for t, cx, cout, row in stages:
             xi = x
-            for j, aij in enumerate(tab.a[i]):
-                if aij:
-                    xi = xi + (h * aij) * ks[j]
-            ks.append(apply_map(base(xi, t_batch[k + i], **cond), xi, cx[k + i], cout[k + i]))
+            for j, ha in row:
+                xi = xi + ha * ks[j]
+            ks.append(apply_map(base(xi, t, **cond), xi, cx, cout))
         incr = None
-        for bi, kk in zip(tab.b, ks):
+        for bi, k in zip(self.tableau.b, ks):
             if bi:
-                incr = kk * bi if incr is None else torch.add(incr, kk, alpha=bi)
-        return SolverState(torch.add(x, incr, alpha=h), n + 1, state.nfe + stages, state.times, state.plan)
+                incr = k * bi if incr is None else torch.add(incr, k, alpha=bi)
+        return SolverState(torch.add(x, incr, alpha=h), n + 1, state.nfe + len(ks), state.times, state.plan)
 
 
 @SOLVERS.register("euler")
