@@ -64,10 +64,11 @@ class Solver:
     >>> from genkit.solvers import get_solver, Uniform
     >>> g = Gaussian(torch.tensor([2.0]), torch.eye(1), get_path("linear"))
     >>> heun, x = get_solver("heun"), torch.zeros(3, 1)
-    >>> state = heun.init(g, x, Uniform().times(8))
+    >>> times = Uniform().times(8, g.path)
+    >>> state = heun.init(g, x, times)
     >>> while not state.done:
     ...     state = heun.step(g, state)   # any work of the caller's may go between steps
-    >>> torch.equal(state.x, heun.solve(g, x, Uniform().times(8)).samples), state.n, state.nfe, heun.nfe(8)
+    >>> torch.equal(state.x, heun.solve(g, x, times).samples), state.n, state.nfe, heun.nfe(8)
     (True, 8, 16, 16)
 
     Declarations: ``evals_per_step`` (None: adaptive, unknown beforehand) and ``nfe(steps)`` the evaluations a
