@@ -94,7 +94,7 @@ class Adaptive(Solver):
         except AssertionError as e:
             raise self._failed(state.times, e) from None
         memory = (solver.rk_state, solver.next_step_index, solver.next_jump_index)
-        return SolverState(x, state.n + 1, state.nfe + calls[0], state.times, state.plan, memory)
+        return state.advance(x, calls[0], memory)
 
 
 @SOLVERS.register("dopri5")

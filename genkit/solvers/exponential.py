@@ -34,7 +34,6 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..fields import Field, FieldView, as_eps, as_x0
-from ..paths import broadcast_time
 from .base import SOLVERS, Solver, SolverState, apply_map, prepared, unwrap
 
 __all__ = ["ExponentialSolver", "DDIM", "DPMSolverPP2M", "DPMSolverPP3M", "UniPC", "DEIS"]
@@ -46,6 +45,12 @@ def _schedule(field: Field, times: Tensor) -> tuple[list[float], list[float], li
     t = times.to(torch.float64).cpu()
     a, s = field.path.alpha(t), field.path.sigma(t)
     return a.tolist(), s.tolist(), (torch.log(a) - torch.log(s)).tolist()
+
+
+def _time_batches(times: Tensor, x: Tensor) -> tuple[Tensor, ...]:
+    """Each time as a ``[batch]`` tensor in ``x``'s dtype and device (views of one expanded tensor), built once per
+    solve so that a step does no time conversion."""
+    return times.to(device=x.device, dtype=x.dtype)[:, None].expand(-1, x.shape[0]).unbind(0)
 
 
 class ExponentialSolver(Solver):
@@ -80,20 +85,18 @@ class ExponentialSolver(Solver):
         _, cx, cout = prepared(field, "x0", times[:-1])
         num = len(times) - 1
         orders = tuple(self.step_order(n, num, lam) for n in range(num))
-        plan = (tuple(a), tuple(s), tuple(lam), times.to(device=x.device, dtype=x.dtype), tuple(cx), tuple(cout),
-                orders)
+        plan = (tuple(a), tuple(s), tuple(lam), _time_batches(times[:-1], x), tuple(cx), tuple(cout), orders)
         return SolverState(x, 0, 0, times, plan, ((),))
 
     def step(self, field: Field, state: SolverState, *, generator: torch.Generator | None = None,
              **cond: Any) -> SolverState:
         """One evaluation (the data prediction at ``x_n``), appended to the history; then the update."""
-        a, s, lam, ts, cx, cout, orders = state.plan
+        a, s, lam, t_batch, cx, cout, orders = state.plan
         n, x = state.n, state.x
         base = field.base if isinstance(field, FieldView) else field  # the maps convert its output
-        m = apply_map(base(x, broadcast_time(ts[n], x), **cond), x, cx[n], cout[n])
+        m = apply_map(base(x, t_batch[n], **cond), x, cx[n], cout[n])
         hist = (state.memory[0] + (m,))[-self.max_order:]
-        return SolverState(self.update(x, hist, n, a, s, lam, orders[n]), n + 1, state.nfe + 1, state.times,
-                           state.plan, (hist,))
+        return state.advance(self.update(x, hist, n, a, s, lam, orders[n]), 1, (hist,))
 
     def update(self, x: Tensor, hist: tuple[Tensor, ...], n: int, a: tuple[float, ...], s: tuple[float, ...],
                lam: tuple[float, ...], order: int) -> Tensor:
@@ -241,16 +244,15 @@ class UniPC(ExponentialSolver):
              **cond: Any) -> SolverState:
         """Evaluate at the predicted ``x_n``, correct ``x_n`` with it (UniC), then predict ``x_{n+1}`` (UniP). The
         state's ``x`` is the predictor's value; the corrected ``x_n`` is ``state.memory[1][0]`` after the step."""
-        a, s, lam, ts, cx, cout, orders = state.plan
+        a, s, lam, t_batch, cx, cout, orders = state.plan
         n, x = state.n, state.x
         hist, prev = state.memory
-        m = apply_map(unwrap(field)(x, broadcast_time(ts[n], x), **cond), x, cx[n], cout[n])
+        m = apply_map(unwrap(field)(x, t_batch[n], **cond), x, cx[n], cout[n])
         if prev is not None:
             x = self._correct(prev[0], x, m, hist, n - 1, a, s, lam, prev[1])
         hist = (hist + (m,))[-self.max_order:]
         order = min(orders[n], len(hist))
-        return SolverState(self._predict(x, hist, n, a, s, lam, order), n + 1, state.nfe + 1, state.times,
-                           state.plan, (hist, (x, order)))
+        return state.advance(self._predict(x, hist, n, a, s, lam, order), 1, (hist, (x, order)))
 
     def _record(self, traj: list[Tensor], state: SolverState) -> None:
         traj[-1] = state.memory[1][0]  # the corrected previous state replaces its prediction
@@ -296,14 +298,14 @@ class DEIS(Solver):
         self.check_steps(times)
         a, s, _ = _schedule(field, times)
         rho = tuple(si / ai if ai > 0 else math.inf for ai, si in zip(a, s))
-        return SolverState(x, 0, 0, times, (tuple(a), tuple(s), rho, times.to(device=x.device, dtype=x.dtype)), ((),))
+        return SolverState(x, 0, 0, times, (tuple(a), tuple(s), rho, _time_batches(times[:-1], x)), ((),))
 
     def step(self, field: Field, state: SolverState, *, generator: torch.Generator | None = None,
              **cond: Any) -> SolverState:
         """One eps evaluation and the Adams-Bashforth update over ``[rho_n, rho_{n+1}]`` (DDIM from alpha = 0)."""
-        a, s, rho, ts = state.plan
+        a, s, rho, t_batch = state.plan
         n, x = state.n, state.x
-        tn = broadcast_time(ts[n], x)
+        tn = t_batch[n]
         if float(a[n]) == 0:  # pure noise (rho = inf): a DDIM step, exact in the limit, starts the history
             x = float(s[n + 1] / s[n]) * x + float(a[n + 1]) * as_x0(field)(x, tn, **cond)
             hist: tuple[Tensor, ...] = ()
@@ -313,4 +315,4 @@ class DEIS(Solver):
             nodes = list(rho[n - len(hist) + 1: n + 1])
             w = self._weights(nodes, rho[n], rho[n + 1])
             x = (y + sum(wi * e for wi, e in zip(w, hist))) * float(a[n + 1])
-        return SolverState(x, n + 1, state.nfe + 1, state.times, state.plan, (hist,))
+        return state.advance(x, 1, (hist,))

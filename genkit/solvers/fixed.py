@@ -6,6 +6,7 @@ sum to one, strictly lower-triangular), and declares its order; the test suite m
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,39 +59,42 @@ class RungeKutta(Solver):
         h64 = t64[1:] - t64[:-1]
         stage_t = (t64[:-1, None] + torch.tensor(tab.c, dtype=torch.float64)[None, :] * h64[:, None]).flatten()
         _, cx, cout = prepared(field, "velocity", stage_t)
-        stage_dev = stage_t.to(device=x.device, dtype=x.dtype)
-        t_batch = [stage_dev[k].expand(x.shape[0]) for k in range(len(stage_t))]  # built once per solve
-        hs, s = h64.tolist(), len(tab.b)
-        if s == 1:  # Euler folds the conversion into the update: x <- (1 + h cx) x + h cout out
-            plan = tuple((t_batch[n], h * cout[n], 1 + h * cx[n]) for n, h in enumerate(hs))
-        else:  # per step: h and per stage (time, cx, cout, the (j, h a_ij) of its nonzero a_ij)
-            plan = tuple((h, tuple((t_batch[n * s + i], cx[n * s + i], cout[n * s + i],
-                                    tuple((j, h * aij) for j, aij in enumerate(tab.a[i]) if aij))
-                                   for i in range(s)))
-                         for n, h in enumerate(hs))
-        return SolverState(x, 0, 0, times, plan)
+        # one [batch] time per stage, built once per solve (views of one expanded tensor)
+        t_batch = stage_t.to(device=x.device, dtype=x.dtype)[:, None].expand(-1, x.shape[0]).unbind(0)
+        hs = h64.tolist()
+        if len(tab.b) == 1:  # Euler folds the conversion into the update: x <- (1 + h cx) x + h cout out
+            return SolverState(x, 0, 0, times, [(t_batch[n], h * cout[n], 1 + h * cx[n]) for n, h in enumerate(hs)])
+        return SolverState(x, 0, 0, times, (hs, t_batch, cx, cout))
 
     def step(self, field: Field, state: SolverState, *, generator: torch.Generator | None = None,
              **cond: Any) -> SolverState:
         """``k_i = v(x + h sum_j a_ij k_j, t + c_i h)``, ``x <- x + h sum_i b_i k_i`` over interval ``state.n``."""
         base = field.base if isinstance(field, FieldView) else field  # the maps convert its output
         n, x = state.n, state.x
-        if len(self.tableau.b) == 1:
+        rows, weights = self._structure
+        if not rows:  # Euler
             t, c_out, c_x = state.plan[n]
-            return SolverState(torch.add(base(x, t, **cond) * c_out, x, alpha=c_x), n + 1, state.nfe + 1,
-                               state.times, state.plan)
-        h, stages = state.plan[n]
-        ks: list[Tensor] = []
-        for t, cx, cout, row in stages:
+            return state.advance(torch.add(base(x, t, **cond) * c_out, x, alpha=c_x), 1)
+        hs, t_batch, cx, cout = state.plan
+        h, k = hs[n], n * (len(rows) + 1)
+        out = base(x, t_batch[k], **cond)
+        ks = [apply_map(out, x, cx[k], cout[k])]
+        for i, row in enumerate(rows, 1):
             xi = x
-            for j, ha in row:
-                xi = xi + ha * ks[j]
-            ks.append(apply_map(base(xi, t, **cond), xi, cx, cout))
+            for j, aij in row:
+                xi = xi + (h * aij) * ks[j]
+            ks.append(apply_map(base(xi, t_batch[k + i], **cond), xi, cx[k + i], cout[k + i]))
         incr = None
-        for bi, k in zip(self.tableau.b, ks):
-            if bi:
-                incr = k * bi if incr is None else torch.add(incr, k, alpha=bi)
-        return SolverState(torch.add(x, incr, alpha=h), n + 1, state.nfe + len(ks), state.times, state.plan)
+        for i, bi in weights:
+            incr = ks[i] * bi if incr is None else torch.add(incr, ks[i], alpha=bi)
+        return state.advance(torch.add(x, incr, alpha=h), len(ks))
+
+    @functools.cached_property
+    def _structure(self) -> tuple[tuple[tuple[tuple[int, float], ...], ...], tuple[tuple[int, float], ...]]:
+        """The tableau's nonzero ``(j, a_ij)`` of stages 2.. and nonzero ``(i, b_i)``, read once."""
+        tab = self.tableau
+        rows = tuple(tuple((j, aij) for j, aij in enumerate(row) if aij) for row in tab.a[1:])
+        return rows, tuple((i, bi) for i, bi in enumerate(tab.b) if bi)
 
 
 @SOLVERS.register("euler")

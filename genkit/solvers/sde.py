@@ -171,4 +171,4 @@ class EulerMaruyama(Solver):
             else:
                 dw = bm(s[n], s[n + 1]).reshape(x.shape)
             x = x + g[n] * dw
-        return SolverState(x, n + 1, state.nfe + 1, state.times, state.plan, (), tr)
+        return state.advance(x, 1, (), tr)

@@ -166,7 +166,7 @@ class TorchSDE(Solver):
         sde = _ReverseSDE(field, x.shape, self.eta, SDE_METHODS[self.method][0], cond)
         # a step a hair longer than the interval is clipped by torchsde to its end: one step, on the grid
         y = self._run(sde, bm, s[n:n + 2], x.reshape(x.shape[0], -1), float(s[n + 1] - s[n]) * (1 + 1e-9))[-1]
-        return SolverState(y.reshape(x.shape), n + 1, state.nfe + sde.nfe, state.times, state.plan)
+        return state.advance(y.reshape(x.shape), sde.nfe)
 
     def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
               trajectory: bool = False, **cond: Any) -> Solution:

@@ -321,7 +321,7 @@ class SearchedSolver(Solver):
         x, hist = state.x, state.memory[0]
         if jump is not None and state.n == 0:
             flow, t0, t1 = jump
-            return SolverState(flow(x, t0, t1), 1, state.nfe, state.times, state.plan, ((),))
+            return state.advance(flow(x, t0, t1), 0, ((),))
         i = state.n - (jump is not None)
         view = as_velocity(field) if self.variant == "velocity" else as_x0(field)
         hist = hist + (view(x, broadcast_time(t_eval[i], x), **cond),)
@@ -333,7 +333,7 @@ class SearchedSolver(Solver):
         if scales is not None:
             d = scales[i] * d
         x = x + update[0][i] * d if len(update) == 1 else update[0][i] * x + update[1][i] * d
-        return SolverState(x, state.n + 1, state.nfe + 1, state.times, state.plan, (hist,))
+        return state.advance(x, 1, (hist,))
 
     # ------------------------------------------------------------------------------------------ artifact
     def save(self, directory: PathLike) -> FsPath:

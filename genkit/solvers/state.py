@@ -21,6 +21,7 @@ from ..errors import SolverError
 __all__ = ["SolverState", "Transition", "detach_all"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_tuple_new = tuple.__new__
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,11 @@ class SolverState(NamedTuple):
         if tr is None or tr.deterministic:
             return None
         return tr.log_prob(self.x.detach())
+
+    def advance(self, x: Tensor, evals: int, memory: tuple = (), transition: Transition | None = None) -> SolverState:
+        """The state one grid interval on: ``x``, ``n + 1``, ``nfe + evals``, the same times and plan, the new
+        memory and transition (what every ``step`` returns; built without the keyword machinery, once per step)."""
+        return _tuple_new(SolverState, (x, self[1] + 1, self[2] + evals, self[3], self[4], memory, transition))
 
     def detach(self) -> SolverState:
         """The same state cut from the autograd graph (``x``, the memory's tensors and the transition's mean):

@@ -78,7 +78,7 @@ class Ancestral(Solver):
         x = tr.mean
         if tr.std > 0:
             x = x + tr.std * _noise(x, generator)
-        return SolverState(x, state.n + 1, state.nfe + 1, state.times, state.plan, (), tr)
+        return state.advance(x, 1, (), tr)
 
 
 @SOLVERS.register("edm")
@@ -166,16 +166,16 @@ class EDMStochastic(Solver):
             x = state.x
             x0 = denoise(x, broadcast_time(t0, x), **cond)
             x = float(s[1] / s[0]) * x + float(a[1]) * x0
-            return SolverState(x, 1, state.nfe + 1, state.times, state.plan, (x / float(a[1]),))
+            return state.advance(x, 1, (x / float(a[1]),))
         r_hat, r_next, scale, t_hat, a_hat, t_next, a_next = steps[n - ddim_first]
         y = state.memory[0]
         if scale is not None:
             y = y + scale * _noise(y, generator)
         d = (y - denoise(y * a_hat, broadcast_time(t_hat, y), **cond)) / r_hat  # dy/drho = (y - D(y; rho)) / rho
         y_next = y + (r_next - r_hat) * d
-        nfe = state.nfe + 1
+        nfe = 1
         if r_next > 0:
             d2 = (y_next - denoise(y_next * a_next, broadcast_time(t_next, y_next), **cond)) / r_next
             nfe += 1
             y_next = y + (r_next - r_hat) * 0.5 * (d + d2)
-        return SolverState(y_next * float(a[n + 1]), n + 1, nfe, state.times, state.plan, (y_next,))
+        return state.advance(y_next * float(a[n + 1]), nfe, (y_next,))
