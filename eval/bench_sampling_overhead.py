@@ -42,7 +42,7 @@ from bench_common import markdown_table, median, write_results  # noqa: E402
 
 from genkit.models import Diffusion  # noqa: E402
 from genkit.nets import MLP  # noqa: E402
-from genkit.solvers import solve  # noqa: E402
+from genkit.solvers import get_solver, solve  # noqa: E402
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                 prediction_type="epsilon")
@@ -77,10 +77,11 @@ def contenders(net: nn.Module, x: Tensor, steps: int) -> dict[str, tuple[Callabl
     grid = model.default_grid("uniform")
     euler = EulerDiscreteScheduler(**SCHEDULE)
     dpm = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2)
+    nfe = {name: get_solver(name).nfe(steps) for name in ("euler", "heun", "dpmpp_2m")}  # declared evaluations
     runs = {
-        "genkit euler": (lambda: solve(model, x, "euler", steps, grid).samples, steps),
-        "genkit heun": (lambda: solve(model, x, "heun", steps, grid).samples, 2 * steps),
-        "genkit dpmpp_2m": (lambda: solve(model, x, "dpmpp_2m", steps, grid).samples, steps),
+        "genkit euler": (lambda: solve(model, x, "euler", steps, grid).samples, nfe["euler"]),
+        "genkit heun": (lambda: solve(model, x, "heun", steps, grid).samples, nfe["heun"]),
+        "genkit dpmpp_2m": (lambda: solve(model, x, "dpmpp_2m", steps, grid).samples, nfe["dpmpp_2m"]),
         "diffusers EulerDiscrete": (lambda: diffusers_loop(euler, net, x, steps), steps),
         "diffusers DPMSolverMultistep": (lambda: diffusers_loop(dpm, net, x, steps), steps),
     }

@@ -250,11 +250,11 @@ class Memo(Solver):
 def genkit_run(field: GaussianMixture, x: torch.Tensor, name: str, nfe: int, grid: LogSNR) -> Solution | None:
     """``name`` at (at most) ``nfe`` evaluations; None when the budget does not fit."""
     singular_end = field.path.name == "ddpm"
-    if name == "heun" and singular_end:  # EDM's Heun: 2 evaluations per step, 1 on the last
-        steps = (nfe + 1) // 2
-        return solve(field, x, EDMStochastic(churn=0.0), steps, grid) if steps >= 1 else None
-    steps = nfe // 2 if name == "heun" else nfe
-    return solve(field, x, name, steps, grid) if steps >= 1 else None
+    # EDM's Heun on the ddpm path (its last step, onto t = 0, is an Euler step)
+    solver = EDMStochastic(churn=0.0) if name == "heun" and singular_end else genkit.solvers.get_solver(name)
+    # the most steps whose declared evaluations fit the budget
+    fits = [n for n in range(1, nfe + 1) if solver.nfe(n, times=grid.times(n, field.path), path=field.path) <= nfe]
+    return solve(field, x, solver, fits[-1], grid) if fits else None
 
 
 def bench_field(label: str, field: Any, args: argparse.Namespace, *, n: int | None = None,

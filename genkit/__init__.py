@@ -9,10 +9,12 @@ from .analytic import Gaussian, GaussianMixture
 from .checkpoint import save
 from .errors import GenkitError
 from .fields import FunctionField, as_eps, as_score, as_velocity, as_x0
+from .frozen import Frozen
 from .gaussian_fit import GaussianFit, GaussianFlowMap, fit_gaussian
 from .interop import DiffusersScheduler, KDiffusionSampler, from_diffusers, to_diffusers
 from .loading import load
 from .models import Diffusion, FlowMatching, Secant
+from .objective import ParamGroup
 from .paths import get_path
 from .sampling import SAMPLERS, JumpSampler, ODESampler, Sampler, get_sampler
 from .solvers import ODEFlowMap, get_grid, get_solver, ode_log_prob, solve
@@ -27,7 +29,7 @@ __all__ = [
     "Diffusion", "FlowMatching", "Secant",
     "Sampler", "ODESampler", "JumpSampler", "SAMPLERS", "get_sampler",
     "solve", "get_solver", "get_grid", "ode_log_prob", "ODEFlowMap",
-    "load", "save",
+    "load", "save", "Frozen", "ParamGroup",
     "from_diffusers", "to_diffusers", "DiffusersScheduler", "KDiffusionSampler",
     "GaussianFit", "GaussianFlowMap", "fit_gaussian", "teleport", "teleport_solve", "steps_saved",
 ]

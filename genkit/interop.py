@@ -263,9 +263,21 @@ class DiffusersScheduler(Solver):
     (overriding the scheduler's ``noise_sampler_seed``), so equal generators give equal samples. A scheduler
     that draws noise its ``step`` cannot be given a generator for is refused with a generator (ConfigError)
     rather than silently irreproducible; without one it draws from the global RNG.
+
+    Not stepwise (``init``/``step`` raise SolverError: the scheduler object carries the position); ``nfe(steps)``
+    asks a copy of the scheduler for its timesteps.
     """
 
-    name, order, fixed_step = "diffusers", 1, True
+    name, order, fixed_step, stepwise, evals_per_step = "diffusers", 1, True, False, None
+    why_not_stepwise = ("a diffusers scheduler keeps its position and multistep history inside itself (_step_index, "
+                        "model_outputs), so its steps are not a pure function of an explicit state")
+
+    def nfe(self, steps: int, *, times: Tensor | None = None, path: Any = None) -> int:
+        """One evaluation per scheduler timestep: ``len(timesteps)`` after ``set_timesteps(steps)`` (e.g.
+        ``2 steps - 1`` for Heun-type schedulers)."""
+        sched = copy.deepcopy(self.scheduler)
+        sched.set_timesteps(int(steps))
+        return len(sched.timesteps)
 
     def __init__(self, scheduler: Any):
         if not hasattr(scheduler, "set_timesteps") or not hasattr(scheduler, "alphas_cumprod"):
@@ -342,9 +354,13 @@ class KDiffusionSampler(Solver):
     (flow-matching paths: below t = 1). The sampler function is passed in, so k-diffusion is not a genkit
     dependency; ``sampler_kwargs`` go to it (``disable=True`` is added to silence its progress bar).
     ``Solution.nfe`` counts the denoiser calls; ``fixed_step`` samplers only (``sample_dpm_adaptive`` is not).
+    Not stepwise (``init``/``step`` raise SolverError), and the evaluations per step depend on the sampler
+    function (``evals_per_step``/``nfe()`` are None).
     """
 
-    name, order, fixed_step = "k-diffusion", 1, True
+    name, order, fixed_step, stepwise, evals_per_step = "k-diffusion", 1, True, False, None
+    why_not_stepwise = ("a k-diffusion sampler is one Python loop over the noise levels that reports states only "
+                        "through its callback")
 
     def __init__(self, sampler: Any, **sampler_kwargs: Any):
         if not callable(sampler):

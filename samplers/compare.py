@@ -5,10 +5,10 @@ chosen grid (model.default_grid(GRID)); its endpoint is compared with a referenc
 --reference-steps steps on the same grid and range). Error = RMS over samples of the per-sample L2
 distance, sqrt(mean_i |x_i - ref_i|^2). All solvers are compared at the raw end of the solve, before the
 final denoising step that Diffusion.sample adds, so every row sees the same endpoint. Steps are chosen so
-that the number of network evaluations (NFE) matches: one per step for euler and the diffusion solvers
-(ddim, dpmpp_2m, dpmpp_3m, unipc, deis), NFE // 2 steps for heun and midpoint, NFE // 4 for rk4; budgets
-that do not fit (e.g. rk4 at 3 NFE) are skipped and listed. The reference's own error is estimated by a
-solve with half its steps.
+that the number of network evaluations (NFE) matches, from each solver's declared count (``Solver.nfe``):
+one per step for euler and the diffusion solvers (ddim, dpmpp_2m, dpmpp_3m, unipc, deis), NFE // 2 steps for
+heun and midpoint, NFE // 4 for rk4; budgets that do not fit (e.g. rk4 at 3 NFE) are skipped and listed.
+The reference's own error is estimated by a solve with half its steps.
 
 Writes OUT/compare.json (every number), OUT/compare.md (a table) and OUT/compare.png (error vs NFE, log
 scale, one line per solver).
@@ -33,8 +33,7 @@ import torch
 import genkit
 from genkit.cli import checkpoint_dir, run_main, script_device
 from genkit.errors import ConfigError
-from genkit.solvers import GRIDS, SOLVERS, RungeKutta, Solver, get_solver, solve
-from genkit.solvers.searched import SearchedSolver
+from genkit.solvers import GRIDS, SOLVERS, Solver, get_grid, get_solver, solve
 
 DEFAULT_SOLVERS = "euler,heun,ddim,dpmpp_2m,dpmpp_3m,unipc,deis,rk4"
 DEFAULT_NFE = "3,4,5,6,8,10,16"
@@ -92,18 +91,17 @@ def _solvers(text: str) -> dict[str, Solver]:
     return out
 
 
-def evals_per_step(solver: Solver) -> int:
-    """Network evaluations per step: a Runge-Kutta method's stages, one for the multistep solvers."""
-    return len(solver.tableau.b) if isinstance(solver, RungeKutta) else 1
-
-
-def steps_for(solver: Solver, nfe: int) -> int | None:
-    """Steps that spend exactly ``nfe`` evaluations, or None when the budget does not fit."""
-    if isinstance(solver, SearchedSolver):
-        return solver.num_steps if nfe == solver.num_steps else None
-    per = evals_per_step(solver)
-    steps = nfe // per
-    return steps if steps >= max(solver.min_steps, 1) and steps * per == nfe else None
+def steps_for(solver: Solver, nfe: int, grid: Any = None, path: Any = None) -> int | None:
+    """The step count whose declared evaluations (``solver.nfe``, asked with the grid's times where given) are
+    exactly ``nfe``, or None when no count fits (rk4 at 3 NFE; a searched solver at another budget than its own)."""
+    if solver.evals_per_step is None:
+        return None  # adaptive: its evaluations are not known before solving
+    grid = get_grid(grid) if grid is not None else None
+    for steps in range(max(solver.min_steps, 1), nfe + 1):
+        times = grid.times(steps, path) if grid is not None and path is not None else None
+        if solver.nfe(steps, times=times, path=path) == nfe:
+            return steps
+    return None
 
 
 def rms(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -175,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, solver in solvers.items():
             results[name] = []
             for nfe in nfes:
-                steps = steps_for(solver, nfe)
+                steps = steps_for(solver, nfe, grid, model.path)
                 if steps is None:
                     skipped.append({"solver": name, "nfe": nfe})
                     continue

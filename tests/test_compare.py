@@ -86,3 +86,37 @@ def test_bad_input_exits_2_with_one_error_line(checkpoint, tmp_path, monkeypatch
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+
+
+def test_steps_for_uses_the_declared_evaluations():
+    """Budgets come from each solver's own NFE declaration, checked against what a solve measures: every
+    registered fixed-step solver, a searched solver (only its own N fits) and EDM's Heun (one evaluation on the
+    last step to sigma = 0), without special cases in the script."""
+    from genkit.analytic import Gaussian
+    from genkit.paths import get_path
+    from genkit.solvers import SOLVERS, EDMStochastic, Karras, SearchedSolver, get_grid, get_solver, solve
+
+    steps_for = runpy.run_path(str(COMPARE))["steps_for"]
+    field = Gaussian(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64), get_path("ddpm"), "eps")
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = get_grid("uniform")
+    for name in SOLVERS.names():
+        solver = get_solver(name)
+        if not solver.fixed_step:
+            assert steps_for(solver, 8, grid, field.path) is None  # adaptive: no budget can be promised
+            continue
+        for nfe in (3, 4, 8):
+            steps = steps_for(solver, nfe, grid, field.path)
+            per = solver.evals_per_step
+            assert steps == (nfe // per if nfe % per == 0 else None), (name, nfe, steps)
+            if steps is not None:
+                sol = solve(field, x, solver, steps, grid, generator=torch.Generator().manual_seed(0))
+                assert sol.nfe == nfe, (name, nfe)
+    searched = SearchedSolver(torch.zeros(3), torch.zeros(3, 3), get_path("linear"))
+    assert steps_for(searched, 3) == 3 and steps_for(searched, 4) is None
+    lin = Gaussian(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64), get_path("linear"))
+    edm = EDMStochastic(churn=0.0)
+    # both end at t = 0 (the last Heun step is an Euler step); the first starts at alpha = 0 (a DDIM step first)
+    for grid, nfe in ((get_grid("karras"), 4), (Karras(t_max=0.95), 5)):
+        assert steps_for(edm, nfe, grid, lin.path) == 3
+        assert solve(lin, x, edm, 3, grid).nfe == nfe

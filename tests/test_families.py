@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import genkit
+from genkit.errors import DataError
 from genkit.models import FAMILIES, ContinuousModel, build
 from genkit.sampling import SAMPLERS, Sampler
 from genkit.solvers import Solution
@@ -99,6 +100,14 @@ def test_loss_is_finite_and_reaches_every_trainable_parameter(example):
         assert p.grad is not None, f"{key} gets no gradient from the loss"
         assert torch.isfinite(p.grad).all(), key
     assert sum(float(p.grad.abs().sum()) for _, p in trainable) > 0
+
+
+def test_a_loss_that_needs_data_says_so_when_given_none(example):
+    model, _ = example
+    if getattr(model, "data_free", False):
+        pytest.skip("a data-free objective makes its own samples")  # none registered yet: no skip runs today
+    with pytest.raises(DataError, match=r"got none \(batch=None\).*Trainer.fit\(data\)"):
+        model.loss(None, generator=gen(0))
 
 
 def test_sample_shapes_for_every_sampler(example):

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, DataError, ShapeError
 from ..paths import PREDICTIONS, Path, broadcast_time, get_path
 from ..sampling import ODESampler, Sampler, get_sampler
 from ..solvers import Solution, Solver, TimeGrid, ode_log_prob
@@ -59,6 +59,9 @@ class ContinuousModel(nn.Module):
             raise
 
     def check_batch(self, batch: Any) -> Tensor:
+        if batch is None:
+            raise DataError(f"{self.family}.loss trains on data and got none (batch=None); pass a tensor of samples "
+                            "[n, *sample_shape] (Trainer.fit(data)); only data-free objectives train without it")
         if not torch.is_tensor(batch):
             raise ShapeError(f"{self.family}.loss expects a tensor batch [batch, {self.sample_shape}]; got "
                              f"{type(batch).__name__}. Unconditional families take data only, not (data, label).")

@@ -10,10 +10,11 @@ from .likelihood import divergence, ode_log_prob
 from .sde import EulerMaruyama, brownian_tree
 from .sde_torchsde import TorchSDE
 from .searched import SearchedSolver, load_searched_solver, register_searched, search_solver, unregister_searched
+from .state import SolverState, Transition
 from .stochastic import Ancestral, EDMStochastic
 
 __all__ = [
-    "SOLVERS", "GRIDS", "Solution", "Solver", "get_solver", "solve",
+    "SOLVERS", "GRIDS", "Solution", "Solver", "SolverState", "Transition", "get_solver", "solve",
     "RungeKutta", "Tableau", "Euler", "Midpoint", "Heun", "RK4",
     "Adaptive", "Dopri5", "Bosh3", "EulerMaruyama", "TorchSDE", "brownian_tree", "Ancestral", "EDMStochastic",
     "ExponentialSolver", "DDIM", "DPMSolverPP2M", "DPMSolverPP3M", "UniPC", "DEIS",

@@ -1,7 +1,9 @@
 """The solver contract, the registry, and ``solve``: one entry point for every sampler.
 
-A solver is a stateless object with a declared ``order`` and ``min_steps``; ``solver.solve(field, x,
-times)`` integrates from ``times[0]`` to ``times[-1]`` and returns a :class:`Solution`. Solvers see only
+A solver is a stateless object with a declared ``order``, ``min_steps`` and ``evals_per_step``; the pure pair
+``solver.init(field, x, times)`` / ``solver.step(field, state)`` advances an explicit
+:class:`~genkit.solvers.state.SolverState` one grid interval at a time, and ``solver.solve(field, x, times)`` is
+their loop from ``times[0]`` to ``times[-1]``, returning a :class:`Solution`. Solvers see only
 fields and grids, never a family or a network class.
 """
 
@@ -21,9 +23,10 @@ from ..errors import ConfigError, SolverError
 from ..fields import Field, FieldView, check_field
 from ..registry import Registry
 from .grids import Custom, TimeGrid, get_grid
+from .state import SolverState, Transition
 
-__all__ = ["Solution", "Solver", "SOLVERS", "get_solver", "solve", "SolverResolver", "register_resolver",
-           "check_finite_result", "prepared", "apply_map"]
+__all__ = ["Solution", "Solver", "SolverState", "Transition", "SOLVERS", "get_solver", "solve", "SolverResolver",
+           "register_resolver", "check_finite_result", "prepared", "unwrap", "apply_map"]
 
 SOLVERS: Registry = Registry("solver")
 
@@ -45,17 +48,93 @@ class Solution:
 
 
 class Solver:
-    """Base class. Subclasses set ``name``, ``order``, ``min_steps`` and implement ``solve``."""
+    """Base class. Subclasses set ``name``, ``order``, ``min_steps``, ``evals_per_step`` and implement the pure pair
+    ``init`` / ``step``; ``solve`` is their loop (one implementation for every solver).
+
+    ``init(field, x, times, *, generator=None, **cond) -> SolverState`` checks the grid once and precomputes the
+    per-solve coefficients; ``step(field, state, *, generator=None, **cond) -> SolverState`` advances one grid
+    interval. Neither mutates the solver or the state, so a caller can stop at any state, detach it
+    (``state.detach()``) to backpropagate through the last K steps only, or interleave its own work. ``step``
+    must get the field ``init`` saw (its path and prediction fixed the coefficients); conditioning may change.
+
+    >>> import torch
+    >>> from genkit.paths import get_path
+    >>> from genkit.analytic import Gaussian
+    >>> from genkit.solvers import get_solver, Uniform
+    >>> g = Gaussian(torch.tensor([2.0]), torch.eye(1), get_path("linear"))
+    >>> heun, x = get_solver("heun"), torch.zeros(3, 1)
+    >>> times = Uniform().times(8, g.path)
+    >>> state = heun.init(g, x, times)
+    >>> while not state.done:
+    ...     state = heun.step(g, state)   # any work of the caller's may go between steps
+    >>> torch.equal(state.x, heun.solve(g, x, times).samples), state.n, state.nfe, heun.nfe(8)
+    (True, 8, 16, 16)
+
+    Declarations: ``evals_per_step`` (None: adaptive, unknown beforehand) and ``nfe(steps)`` the evaluations a
+    solve of ``steps`` intervals takes; ``stepwise`` (False: an external loop that cannot be stepped purely;
+    ``init``/``step`` raise); ``gaussian_transitions`` (True: ``transition`` gives each step's Gaussian and the
+    states carry it).
+    """
 
     name: str = "solver"
     order: int = 1
     min_steps: int = 1
     stochastic: bool = False
     fixed_step: bool = True
+    #: Field evaluations per grid interval (None: not known before solving, e.g. adaptive step-size control).
+    evals_per_step: int | None = 1
+    #: Whether ``init`` / ``step`` work (False: wrappers of external loops; use ``solve``).
+    stepwise: bool = True
+    #: Whether each step is a Gaussian draw exposed by ``transition`` and recorded on the state it makes.
+    gaussian_transitions: bool = False
+
+    def nfe(self, steps: int, *, times: Tensor | None = None, path: Any = None) -> int | None:
+        """Field evaluations of a solve over ``steps`` grid intervals (None: not known beforehand). Solvers whose
+        count depends on the grid's end points (``edm``: one evaluation on a last step to sigma = 0 and on a
+        first step from alpha = 0) use ``times`` (``[steps + 1]``) and ``path`` when given."""
+        return None if self.evals_per_step is None else int(steps) * self.evals_per_step
+
+    def init(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """The state at ``times[0]``: ``x`` ``[B, ...]`` and the per-solve constants (no field evaluation unless
+        the solver needs one to start)."""
+        raise SolverError(f"solver {self.name!r} ({type(self).__name__}) cannot be stepped: "
+                          + (self.why_not_stepwise if not self.stepwise else "it implements no init/step")
+                          + "; use solve(...)")
+
+    def step(self, field: Field, state: SolverState, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """The state one grid interval on from ``state`` (pure: ``state`` is left as it was)."""
+        raise SolverError(f"solver {self.name!r} ({type(self).__name__}) cannot be stepped: "
+                          + (self.why_not_stepwise if not self.stepwise else "it implements no init/step")
+                          + "; use solve(...)")
+
+    #: Why ``stepwise`` is False, for the error init/step raise.
+    why_not_stepwise: str = ""
+
+    def transition(self, field: Field, state: SolverState, **cond: Any) -> Transition:
+        """The Gaussian law of the next step's ``x`` given ``state`` (one field evaluation). Only solvers with
+        ``gaussian_transitions``; the others raise SolverError."""
+        raise SolverError(f"solver {self.name!r} does not expose Gaussian transitions (its step is "
+                          + ("deterministic" if not self.stochastic else "not a single Gaussian draw given the state")
+                          + "); 'ancestral' and 'euler_maruyama' do")
 
     def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
               trajectory: bool = False, **cond: Any) -> Solution:
-        raise NotImplementedError
+        """``init`` then ``step`` until the last grid time; ``Solution`` of the final state."""
+        state = self.init(field, x, times, generator=generator, **cond)
+        step = self.step
+        traj = [state.x] if trajectory else None
+        for _ in range(len(state.times) - 1 - state.n):
+            state = step(field, state, generator=generator, **cond)
+            if traj is not None:
+                self._record(traj, state)
+        check_finite_result(state.x, self, state.times)
+        return Solution(state.x, state.nfe, state.times, torch.stack(traj) if traj is not None else None)
+
+    def _record(self, traj: list[Tensor], state: SolverState) -> None:
+        """Append the state's ``x`` to a trajectory (UniPC also revises the previous entry it corrected)."""
+        traj.append(state.x)
 
     def default_grid(self) -> TimeGrid | None:
         """The grid ``solve`` uses when none is given (None: the uniform grid); a searched solver's own."""
@@ -90,6 +169,11 @@ def _maps(path: Any, times: tuple[float, ...], src: str, dst: str) -> tuple[list
     again on the same grid skips the schedule evaluation."""
     cx, cout = path.conversion_coefficients(torch.tensor(times, dtype=torch.float64), src, dst)
     return cx.tolist(), cout.tolist()
+
+
+def unwrap(field: Field) -> Field:
+    """The field ``prepared`` calls: a view's base (the conversion to the view's parametrization is in the map)."""
+    return field.base if isinstance(field, FieldView) else field
 
 
 def apply_map(out: Tensor, x: Tensor, cx: float, cout: float) -> Tensor:

@@ -19,7 +19,8 @@ terms still shrink the error constant. UniPC's first step is corrected, so UniPC
 All accept any grid and path (``linear``, ``cosine``, ``ddpm``, ``ve``), so flow-matching models use them
 too. Where a grid ends at ``sigma = 0`` the last step is first order (its log-SNR step is infinite), as in
 diffusers. ``lower_order_final=True`` (default, as diffusers) also lowers the order of the final steps when
-the grid has fewer than 15 steps. Multistep history is a local of ``solve``: solvers keep no state.
+the grid has fewer than 15 steps. Multistep history travels in the explicit ``SolverState.memory``: solvers
+keep no state.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..fields import Field, as_eps, as_x0
-from ..paths import broadcast_time
-from .base import SOLVERS, Solution, Solver, apply_map, check_finite_result, prepared
+from ..fields import Field, FieldView, as_eps, as_x0
+from .base import SOLVERS, Solver, SolverState, apply_map, prepared, unwrap
 
 __all__ = ["ExponentialSolver", "DDIM", "DPMSolverPP2M", "DPMSolverPP3M", "UniPC", "DEIS"]
 
@@ -47,8 +47,15 @@ def _schedule(field: Field, times: Tensor) -> tuple[list[float], list[float], li
     return a.tolist(), s.tolist(), (torch.log(a) - torch.log(s)).tolist()
 
 
+def _time_batches(times: Tensor, x: Tensor) -> tuple[Tensor, ...]:
+    """Each time as a ``[batch]`` tensor in ``x``'s dtype and device (views of one expanded tensor), built once per
+    solve so that a step does no time conversion."""
+    return times.to(device=x.device, dtype=x.dtype)[:, None].expand(-1, x.shape[0]).unbind(0)
+
+
 class ExponentialSolver(Solver):
-    """Shared loop: ``step(n, x, history) -> x_next`` with ``history`` the past data predictions."""
+    """Shared step: evaluate the data prediction, then ``update(x, history, n, ...) -> x_next`` with ``history``
+    the past data predictions (a tuple in ``SolverState.memory``)."""
 
     max_order = 1
 
@@ -69,28 +76,30 @@ class ExponentialSolver(Solver):
             order = min(order, num_steps - n)
         return order
 
-    def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
-              trajectory: bool = False, **cond: Any) -> Solution:
-        del generator
+    def init(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """Precompute the schedule, the conversion maps to ``x0`` and every step's order; empty history."""
+        del generator, cond
         self.check_steps(times)
         a, s, lam = _schedule(field, times)
-        base, cx, cout = prepared(field, "x0", times[:-1])
-        ts = times.to(device=x.device, dtype=x.dtype)
-        hist: list[Tensor] = []
-        traj = [x] if trajectory else None
+        _, cx, cout = prepared(field, "x0", times[:-1])
         num = len(times) - 1
-        nfe = 0
-        for n in range(num):
-            hist.append(apply_map(base(x, broadcast_time(ts[n], x), **cond), x, cx[n], cout[n]))
-            nfe += 1
-            hist = hist[-self.max_order:]
-            x = self.update(x, hist, n, a, s, lam, self.step_order(n, num, lam))
-            if traj is not None:
-                traj.append(x)
-        check_finite_result(x, self, times)
-        return Solution(x, nfe, times, torch.stack(traj) if traj is not None else None)
+        orders = tuple(self.step_order(n, num, lam) for n in range(num))
+        plan = (tuple(a), tuple(s), tuple(lam), _time_batches(times[:-1], x), tuple(cx), tuple(cout), orders)
+        return SolverState(x, 0, 0, times, plan, ((),))
 
-    def update(self, x: Tensor, hist: list[Tensor], n: int, a: Tensor, s: Tensor, lam: Tensor, order: int) -> Tensor:
+    def step(self, field: Field, state: SolverState, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """One evaluation (the data prediction at ``x_n``), appended to the history; then the update."""
+        a, s, lam, t_batch, cx, cout, orders = state.plan
+        n, x = state.n, state.x
+        base = field.base if isinstance(field, FieldView) else field  # the maps convert its output
+        m = apply_map(base(x, t_batch[n], **cond), x, cx[n], cout[n])
+        hist = (state.memory[0] + (m,))[-self.max_order:]
+        return state.advance(self.update(x, hist, n, a, s, lam, orders[n]), 1, (hist,))
+
+    def update(self, x: Tensor, hist: tuple[Tensor, ...], n: int, a: tuple[float, ...], s: tuple[float, ...],
+               lam: tuple[float, ...], order: int) -> Tensor:
         raise NotImplementedError
 
 
@@ -113,7 +122,7 @@ class DDIM(ExponentialSolver):
         return ratio * x + c * hist[-1]
 
 
-def _dpmpp_data(hist: list[Tensor], lam: Tensor, n: int, order: int, h: float) -> tuple[Tensor, ...]:
+def _dpmpp_data(hist: tuple[Tensor, ...], lam: tuple[float, ...], n: int, order: int, h: float) -> tuple[Tensor, ...]:
     """Finite differences ``D0, D1, D2`` of the data prediction in lambda (DPM-Solver++ notation)."""
     m0 = hist[-1]
     if order == 1:
@@ -224,31 +233,30 @@ class UniPC(ExponentialSolver):
         corr = sum(r * d for r, d in zip(rhos[:-1], d1s)) if d1s else 0
         return base - float(a[n + 1]) * b_h * (corr + rhos[-1] * (m_new - m0))
 
-    def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
-              trajectory: bool = False, **cond: Any) -> Solution:
-        del generator
-        self.check_steps(times)
-        a, s, lam = _schedule(field, times)
-        base, cx, cout = prepared(field, "x0", times[:-1])
-        ts = times.to(device=x.device, dtype=x.dtype)
-        num = len(times) - 1
-        hist: list[Tensor] = []
-        traj = [x] if trajectory else None
-        prev: tuple[Tensor, int] | None = None  # (x before the last step, its order)
-        for n in range(num):
-            m = apply_map(base(x, broadcast_time(ts[n], x), **cond), x, cx[n], cout[n])
-            if prev is not None:
-                x = self._correct(prev[0], x, m, hist, n - 1, a, s, lam, prev[1])
-                if traj is not None:
-                    traj[-1] = x
-            hist = (hist + [m])[-self.max_order:]
-            order = min(self.step_order(n, num, lam), len(hist))
-            prev = (x, order)
-            x = self._predict(x, hist, n, a, s, lam, order)
-            if traj is not None:
-                traj.append(x)
-        check_finite_result(x, self, times)
-        return Solution(x, num, times, torch.stack(traj) if traj is not None else None)
+    def init(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """As the other exponential solvers; the memory also holds the predictor's input and order, which the
+        next step's corrector needs."""
+        state = super().init(field, x, times, generator=generator, **cond)
+        return state._replace(memory=((), None))
+
+    def step(self, field: Field, state: SolverState, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """Evaluate at the predicted ``x_n``, correct ``x_n`` with it (UniC), then predict ``x_{n+1}`` (UniP). The
+        state's ``x`` is the predictor's value; the corrected ``x_n`` is ``state.memory[1][0]`` after the step."""
+        a, s, lam, t_batch, cx, cout, orders = state.plan
+        n, x = state.n, state.x
+        hist, prev = state.memory
+        m = apply_map(unwrap(field)(x, t_batch[n], **cond), x, cx[n], cout[n])
+        if prev is not None:
+            x = self._correct(prev[0], x, m, hist, n - 1, a, s, lam, prev[1])
+        hist = (hist + (m,))[-self.max_order:]
+        order = min(orders[n], len(hist))
+        return state.advance(self._predict(x, hist, n, a, s, lam, order), 1, (hist, (x, order)))
+
+    def _record(self, traj: list[Tensor], state: SolverState) -> None:
+        traj[-1] = state.memory[1][0]  # the corrected previous state replaces its prediction
+        traj.append(state.x)
 
 
 @SOLVERS.register("deis")
@@ -283,28 +291,28 @@ class DEIS(Solver):
             out.append(float(integ(hi) - integ(lo)))
         return out
 
-    def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
-              trajectory: bool = False, **cond: Any) -> Solution:
-        del generator
+    def init(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """Precompute ``alpha``, ``sigma`` and ``rho = sigma / alpha`` at the grid times; empty eps history."""
+        del generator, cond
         self.check_steps(times)
         a, s, _ = _schedule(field, times)
-        rho = [si / ai if ai > 0 else math.inf for ai, si in zip(a, s)]
-        eps_view, x0_view = as_eps(field), as_x0(field)
-        ts = times.to(device=x.device, dtype=x.dtype)
-        hist: list[Tensor] = []
-        traj = [x] if trajectory else None
-        for n in range(len(times) - 1):
-            tn = broadcast_time(ts[n], x)
-            if float(a[n]) == 0:  # pure noise (rho = inf): a DDIM step, exact in the limit, starts the history
-                x = float(s[n + 1] / s[n]) * x + float(a[n + 1]) * x0_view(x, tn, **cond)
-                hist = []
-            else:
-                y = x / float(a[n])
-                hist = (hist + [eps_view(x, tn, **cond)])[-self.ab_order:]
-                nodes = rho[n - len(hist) + 1: n + 1]
-                w = self._weights(nodes, rho[n], rho[n + 1])
-                x = (y + sum(wi * e for wi, e in zip(w, hist))) * float(a[n + 1])
-            if traj is not None:
-                traj.append(x)
-        check_finite_result(x, self, times)
-        return Solution(x, len(times) - 1, times, torch.stack(traj) if traj is not None else None)
+        rho = tuple(si / ai if ai > 0 else math.inf for ai, si in zip(a, s))
+        return SolverState(x, 0, 0, times, (tuple(a), tuple(s), rho, _time_batches(times[:-1], x)), ((),))
+
+    def step(self, field: Field, state: SolverState, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """One eps evaluation and the Adams-Bashforth update over ``[rho_n, rho_{n+1}]`` (DDIM from alpha = 0)."""
+        a, s, rho, t_batch = state.plan
+        n, x = state.n, state.x
+        tn = t_batch[n]
+        if float(a[n]) == 0:  # pure noise (rho = inf): a DDIM step, exact in the limit, starts the history
+            x = float(s[n + 1] / s[n]) * x + float(a[n + 1]) * as_x0(field)(x, tn, **cond)
+            hist: tuple[Tensor, ...] = ()
+        else:
+            y = x / float(a[n])
+            hist = (state.memory[0] + (as_eps(field)(x, tn, **cond),))[-self.ab_order:]
+            nodes = list(rho[n - len(hist) + 1: n + 1])
+            w = self._weights(nodes, rho[n], rho[n + 1])
+            x = (y + sum(wi * e for wi, e in zip(w, hist))) * float(a[n + 1])
+        return state.advance(x, 1, (hist,))

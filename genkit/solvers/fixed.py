@@ -6,6 +6,7 @@ sum to one, strictly lower-triangular), and declares its order; the test suite m
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..fields import Field
-from .base import SOLVERS, Solution, Solver, apply_map, check_finite_result, prepared
+from ..fields import Field, FieldView
+from .base import SOLVERS, Solver, SolverState, apply_map, prepared
 
 __all__ = ["Tableau", "RungeKutta", "Euler", "Midpoint", "Heun", "RK4"]
 
@@ -44,47 +45,56 @@ class RungeKutta(Solver):
 
     tableau: Tableau
 
-    def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
-              trajectory: bool = False, **cond: Any) -> Solution:
-        del generator  # deterministic
+    @property
+    def evals_per_step(self) -> int:  # type: ignore[override]
+        return len(self.tableau.b)
+
+    def init(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """Precompute the steps ``h``, the stage times ``[B]`` and the conversion maps to the velocity."""
+        del generator, cond  # deterministic; no evaluation at init
         self.check_steps(times)
         tab = self.tableau
         t64 = times.to(torch.float64).cpu()
         h64 = t64[1:] - t64[:-1]
         stage_t = (t64[:-1, None] + torch.tensor(tab.c, dtype=torch.float64)[None, :] * h64[:, None]).flatten()
-        base, cx, cout = prepared(field, "velocity", stage_t)
-        stage_dev = stage_t.to(device=x.device, dtype=x.dtype)
-        t_batch = [stage_dev[k].expand(x.shape[0]) for k in range(len(stage_t))]  # built once per solve
+        _, cx, cout = prepared(field, "velocity", stage_t)
+        # one [batch] time per stage, built once per solve (views of one expanded tensor)
+        t_batch = stage_t.to(device=x.device, dtype=x.dtype)[:, None].expand(-1, x.shape[0]).unbind(0)
         hs = h64.tolist()
-        traj = [x] if trajectory else None
-        k_idx = 0
-        for n in range(len(hs)):
-            h = hs[n]
-            ks: list[Tensor] = []
-            for i in range(len(tab.b)):
-                xi = x
-                for j, aij in enumerate(tab.a[i]):
-                    if aij:
-                        xi = xi + (h * aij) * ks[j]
-                out = base(xi, t_batch[k_idx], **cond)
-                if len(tab.b) == 1:  # Euler: fold the conversion into the update, x <- (1 + h cx) x + h cout out
-                    ks.append(out)
-                    break
-                ks.append(apply_map(out, xi, cx[k_idx], cout[k_idx]))
-                k_idx += 1
-            if len(tab.b) == 1:
-                x = torch.add(ks[0] * (h * cout[k_idx]), x, alpha=1 + h * cx[k_idx])
-                k_idx += 1
-            else:
-                incr = None
-                for bi, k in zip(tab.b, ks):
-                    if bi:
-                        incr = k * bi if incr is None else torch.add(incr, k, alpha=bi)
-                x = torch.add(x, incr, alpha=h)
-            if traj is not None:
-                traj.append(x)
-        check_finite_result(x, self, times)
-        return Solution(x, len(hs) * len(tab.b), times, torch.stack(traj) if traj is not None else None)
+        if len(tab.b) == 1:  # Euler folds the conversion into the update: x <- (1 + h cx) x + h cout out
+            return SolverState(x, 0, 0, times, [(t_batch[n], h * cout[n], 1 + h * cx[n]) for n, h in enumerate(hs)])
+        return SolverState(x, 0, 0, times, (hs, t_batch, cx, cout))
+
+    def step(self, field: Field, state: SolverState, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """``k_i = v(x + h sum_j a_ij k_j, t + c_i h)``, ``x <- x + h sum_i b_i k_i`` over interval ``state.n``."""
+        base = field.base if isinstance(field, FieldView) else field  # the maps convert its output
+        n, x = state.n, state.x
+        rows, weights = self._structure
+        if not rows:  # Euler
+            t, c_out, c_x = state.plan[n]
+            return state.advance(torch.add(base(x, t, **cond) * c_out, x, alpha=c_x), 1)
+        hs, t_batch, cx, cout = state.plan
+        h, k = hs[n], n * (len(rows) + 1)
+        out = base(x, t_batch[k], **cond)
+        ks = [apply_map(out, x, cx[k], cout[k])]
+        for i, row in enumerate(rows, 1):
+            xi = x
+            for j, aij in row:
+                xi = xi + (h * aij) * ks[j]
+            ks.append(apply_map(base(xi, t_batch[k + i], **cond), xi, cx[k + i], cout[k + i]))
+        incr = None
+        for i, bi in weights:
+            incr = ks[i] * bi if incr is None else torch.add(incr, ks[i], alpha=bi)
+        return state.advance(torch.add(x, incr, alpha=h), len(ks))
+
+    @functools.cached_property
+    def _structure(self) -> tuple[tuple[tuple[tuple[int, float], ...], ...], tuple[tuple[int, float], ...]]:
+        """The tableau's nonzero ``(j, a_ij)`` of stages 2.. and nonzero ``(i, b_i)``, read once."""
+        tab = self.tableau
+        rows = tuple(tuple((j, aij) for j, aij in enumerate(row) if aij) for row in tab.a[1:])
+        return rows, tuple((i, bi) for i, bi in enumerate(tab.b) if bi)
 
 
 @SOLVERS.register("euler")

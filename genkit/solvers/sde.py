@@ -40,7 +40,7 @@ from torch import Tensor
 from ..errors import ConfigError, SolverError
 from ..fields import Field
 from ..paths import Path, broadcast_time
-from .base import SOLVERS, Solution, Solver, check_finite_result
+from .base import SOLVERS, Solver, SolverState, Transition
 
 __all__ = ["NOISES", "EulerMaruyama", "seed_from_generator", "brownian_tree", "check_noise", "reverse_drift",
            "diffusion_g2"]
@@ -117,7 +117,7 @@ class EulerMaruyama(Solver):
     noise when it ends at t = 0. ``noise="brownian_tree"`` draws the increments from
     :func:`brownian_tree` (resolved to ``tol``, default 1e-6) instead of fresh per-step noise."""
 
-    name, order, stochastic = "euler_maruyama", 1, True
+    name, order, stochastic, gaussian_transitions = "euler_maruyama", 1, True, True
 
     def __init__(self, eta: float = 1.0, noise: str = "fresh", tol: float | None = None):
         if eta < 0:
@@ -129,29 +129,46 @@ class EulerMaruyama(Solver):
             return f"EulerMaruyama(eta={self.eta})"
         return f"EulerMaruyama(eta={self.eta}, noise={self.noise!r}, tol={self.tol})"
 
-    def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
-              trajectory: bool = False, **cond: Any) -> Solution:
+    def init(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """Check the grid decreases and ``g^2`` is finite on it; precompute ``h``, ``sqrt(-h)``, ``g = sqrt(eta
+        g^2)`` and the transition std ``g sqrt(-h)`` per step, and the Brownian tree (seeded from
+        ``generator``) for ``noise="brownian_tree"``."""
+        del cond
         self.check_steps(times)
         if times[-1] > times[0]:
             raise SolverError("Euler-Maruyama runs the reverse SDE: the grid must decrease (from noise to data)")
-        g2 = diffusion_g2(field.path, times[:-1], self.eta).to(device=x.device, dtype=x.dtype)
+        g = torch.sqrt(diffusion_g2(field.path, times[:-1], self.eta).to(device=x.device, dtype=x.dtype))
         ts = times.to(device=x.device, dtype=x.dtype)
-        s = (1.0 - times.to(torch.float64)).tolist()
+        h = ts[1:] - ts[:-1]
+        root_h = torch.sqrt(-h)
+        num = len(times) - 1
+        # the last step adds no noise when it ends at t = 0
+        noisy = tuple(self.eta > 0 and not (n == num - 1 and float(times[-1]) == 0.0) for n in range(num))
         bm = None
         if self.eta > 0 and self.noise == "brownian_tree":
             bm = brownian_tree((x.shape[0], x[0].numel()), generator=generator, dtype=x.dtype, device=x.device,
                                tol=self.tol)
-        traj = [x] if trajectory else None
-        for n in range(len(ts) - 1):
-            h = ts[n + 1] - ts[n]
-            x = x + h * reverse_drift(field, x, ts[n], self.eta, **cond)
-            if self.eta > 0 and not (n == len(ts) - 2 and float(times[-1]) == 0.0):
-                if bm is None:
-                    dw = torch.sqrt(-h) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                else:
-                    dw = bm(s[n], s[n + 1]).reshape(x.shape)
-                x = x + torch.sqrt(g2[n]) * dw
-            if traj is not None:
-                traj.append(x)
-        check_finite_result(x, self, times)
-        return Solution(x, len(ts) - 1, times, torch.stack(traj) if traj is not None else None)
+        plan = (ts, h, root_h, g, g * root_h, noisy, tuple((1.0 - times.to(torch.float64)).tolist()), bm)
+        return SolverState(x, 0, 0, times, plan)
+
+    def transition(self, field: Field, state: SolverState, **cond: Any) -> Transition:
+        """``N(x + h drift(x, t), eta g^2 |h|)`` with ``h = t_{n+1} - t_n < 0``; std 0 on a last step to t = 0."""
+        ts, h, _, _, std, noisy, _, _ = state.plan
+        n, x = state.n, state.x
+        mean = x + h[n] * reverse_drift(field, x, ts[n], self.eta, **cond)
+        return Transition(mean, std[n] if noisy[n] else 0.0)
+
+    def step(self, field: Field, state: SolverState, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """Draw from :meth:`transition`: ``x + h drift + g dW`` with ``dW = sqrt(-h) z`` (or the tree's increment)."""
+        tr = self.transition(field, state, **cond)
+        _, _, root_h, g, _, noisy, s, bm = state.plan
+        n, x = state.n, tr.mean
+        if noisy[n]:
+            if bm is None:
+                dw = root_h[n] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            else:
+                dw = bm(s[n], s[n + 1]).reshape(x.shape)
+            x = x + g[n] * dw
+        return state.advance(x, 1, (), tr)

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, SolverError
 from ..fields import Field
-from .base import SOLVERS, Solution, Solver, check_finite_result
+from .base import SOLVERS, Solution, Solver, SolverState, check_finite_result
 from .sde import brownian_tree, check_noise, diffusion_g2, reverse_drift, seed_from_generator
 
 __all__ = ["TorchSDE", "SDE_METHODS"]
@@ -95,6 +95,8 @@ class TorchSDE(Solver):
     """Reverse-SDE solver through ``torchsde.sdeint`` (see the module docstring for the options)."""
 
     stochastic = True
+    why_not_stepwise = ("with adaptive=True torchsde's step sizes cross the grid times inside one sdeint call, so "
+                        "there is no per-interval state; use adaptive=False to step")
 
     def __init__(self, method: str = "srk", eta: float = 1.0, noise: str = "fresh", adaptive: bool = False,
                  rtol: float | None = None, atol: float | None = None, dt_min: float | None = None,
@@ -114,7 +116,8 @@ class TorchSDE(Solver):
             raise ConfigError(f"need rtol > 0, atol > 0 and 0 < dt_min < 1; got {rtol}, {atol}, {dt_min}")
         self.name = f"sde_{method}"
         _, self.order, self.strong_order = SDE_METHODS[method]
-        self.fixed_step = not self.adaptive
+        self.fixed_step = self.stepwise = not self.adaptive
+        self.evals_per_step = None if self.adaptive else (1 if method == "euler" else 2)
 
     def __repr__(self) -> str:
         extra = f", rtol={self.rtol}, atol={self.atol}" if self.adaptive else ""
@@ -129,38 +132,54 @@ class TorchSDE(Solver):
         return torchsde.BrownianInterval(t0=0.0, t1=1.0, size=tuple(y.shape), dtype=y.dtype, device=y.device,
                                          entropy=seed_from_generator(generator), levy_area_approximation="space-time")
 
-    def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
-              trajectory: bool = False, **cond: Any) -> Solution:
+    def _run(self, sde: _ReverseSDE, bm: Any, ts: Tensor, y0: Tensor, dt: float) -> Tensor:
         import torchsde
 
+        # sdeint draws one torch.randn from the global generator to check shapes: keep it private
+        devices = [y0.device.index or 0] if y0.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return torchsde.sdeint(sde, y0, ts, bm=bm, method=self.method, dt=dt, adaptive=self.adaptive,
+                                   rtol=self.rtol, atol=self.atol, dt_min=self.dt_min)
+
+    def _check(self, field: Field, times: Tensor) -> None:
         self.check_steps(times)
         if times[-1] > times[0]:
             raise SolverError(f"{self.name} runs the reverse SDE: the grid must decrease (from noise to data)")
         diffusion_g2(field.path, times[:-1], self.eta)
+
+    def init(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """Check the grid; draw the Brownian path's seed from ``generator`` (the path is in ``state.plan``:
+        its increments depend only on that seed, not on the order of the queries)."""
+        del cond
+        if self.adaptive:  # the step sizes cross grid times: one sdeint call, not a loop of intervals
+            super().init(field, x, times)
+        self._check(field, times)
+        bm = self._brownian(x.reshape(x.shape[0], -1), generator)
+        return SolverState(x, 0, 0, times, (bm, (1.0 - times.to(torch.float64)).to(x.device)))
+
+    def step(self, field: Field, state: SolverState, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """One torchsde step over the next grid interval, on the state's Brownian path."""
+        bm, s = state.plan
+        n, x = state.n, state.x
+        sde = _ReverseSDE(field, x.shape, self.eta, SDE_METHODS[self.method][0], cond)
+        # a step a hair longer than the interval is clipped by torchsde to its end: one step, on the grid
+        y = self._run(sde, bm, s[n:n + 2], x.reshape(x.shape[0], -1), float(s[n + 1] - s[n]) * (1 + 1e-9))[-1]
+        return state.advance(y.reshape(x.shape), sde.nfe)
+
+    def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
+              trajectory: bool = False, **cond: Any) -> Solution:
+        if not self.adaptive:
+            return super().solve(field, x, times, generator=generator, trajectory=trajectory, **cond)
+        self._check(field, times)
         sde = _ReverseSDE(field, x.shape, self.eta, SDE_METHODS[self.method][0], cond)
         y = x.reshape(x.shape[0], -1)
-        bm = self._brownian(y, generator)
         s = (1.0 - times.to(torch.float64)).to(x.device)
-
-        def run(ts: Tensor, y0: Tensor, dt: float) -> Tensor:
-            # sdeint draws one torch.randn from the global generator to check shapes: keep it private
-            devices = [y0.device.index or 0] if y0.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                return torchsde.sdeint(sde, y0, ts, bm=bm, method=self.method, dt=dt, adaptive=self.adaptive,
-                                       rtol=self.rtol, atol=self.atol, dt_min=self.dt_min)
-
-        if self.adaptive:
-            ys = run(s, y, float(s[1] - s[0]))
-        else:
-            ys = [y]
-            for n in range(len(s) - 1):
-                # a step a hair longer than the interval is clipped by torchsde to its end: one step, on the grid
-                ys.append(run(s[n:n + 2], ys[-1], float(s[n + 1] - s[n]) * (1 + 1e-9))[-1])
-            ys = torch.stack(ys)
+        ys = self._run(sde, self._brownian(y, generator), s, y, float(s[1] - s[0]))
         out = ys[-1].reshape(x.shape)
         check_finite_result(out, self, times)
-        traj = ys.reshape(len(ys), *x.shape) if trajectory else None
-        return Solution(out, sde.nfe, times, traj)
+        return Solution(out, sde.nfe, times, ys.reshape(len(ys), *x.shape) if trajectory else None)
 
 
 @SOLVERS.register("sde_srk")

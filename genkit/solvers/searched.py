@@ -56,7 +56,7 @@ from ..fields import Field, as_velocity, as_x0, check_field
 from ..gaussian_fit import GaussianFit, GaussianFlowMap, fit_gaussian
 from ..io import atomic_folder, file_sizes, genkit_version, read_json, read_tensors, write_json, write_tensors
 from ..paths import Path, broadcast_time, path_from_config
-from .base import SOLVERS, Solution, Solver, check_finite_result, get_solver, register_resolver
+from .base import SOLVERS, Solver, SolverState, get_solver, register_resolver
 from .grids import TimeGrid, Uniform, get_grid
 
 __all__ = ["SearchedSolver", "search_solver", "load_searched_solver", "register_searched", "unregister_searched",
@@ -261,9 +261,16 @@ class SearchedSolver(Solver):
                               f"{self.t_end:g}; the grid runs from {float(times[0]):g} to {float(times[-1]):g}. "
                               "Use a grid with these end points, or search again for this interval")
 
-    def solve(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
-              trajectory: bool = False, **cond: Any) -> Solution:
-        del generator  # deterministic
+    def nfe(self, steps: int, *, times: Tensor | None = None, path: Any = None) -> int:
+        """Always ``N`` (the teleport jump, a step of its own, costs no evaluation)."""
+        return self.num_steps
+
+    def init(self, field: Field, x: Tensor, times: Tensor, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """Check the field and the grid (``times`` gives only N and the end points); precompute the searched
+        times, evaluation times, coefficients and, for the data variant, the DDIM ratios. ``state.times`` is
+        the searched grid, ``solver.times``."""
+        del generator, cond  # deterministic
         check_field(field)
         if field.path != self.path:
             raise SolverError(f"searched solver {self.name!r} was searched for path {self.path!r}, field uses "
@@ -273,12 +280,48 @@ class SearchedSolver(Solver):
         if searched_for is not None and this is not None and searched_for != this:
             warnings.warn(f"searched solver {self.name!r} was searched for another model (its config differs: "
                           f"{searched_for} there, {this} here); it runs, but not with the accuracy its search "
-                          "measured. Search again for this model", stacklevel=3)
+                          "measured. Search again for this model", stacklevel=4)
         grid = self.times
-        x, states = _integrate(field, x, grid, self.coefficients, self.variant, trajectory, cond, self.eval_shift,
-                               self.scales, self.teleport)
-        check_finite_result(x, self, grid)
-        return Solution(x, self.num_steps, grid, torch.stack(states) if trajectory else None)
+        jump = None
+        seg = grid
+        if self.teleport is not None:  # closed-form first segment
+            from ..teleport import GaussianFlowMap  # lazy: teleport imports the solvers package
+
+            jump = (GaussianFlowMap(self.teleport.to(x.device), field.path), grid[0].to(x.device), grid[1].to(x.device))
+            seg = grid[1:]
+        dev, dt = x.device, x.dtype
+        t_eval = _shifted(seg[:-1].to(device=dev), self.eval_shift).to(dt)
+        scales = self.scales.to(device=dev, dtype=dt) if self.scales is not None else None
+        if self.variant == "data":  # schedule in float64
+            t64 = seg.to(device=dev, dtype=torch.float64)
+            a, s = field.path.alpha(t64), field.path.sigma(t64)
+            update = ((s[1:] / s[:-1]).to(dt), (a[1:] - s[1:] * a[:-1] / s[:-1]).to(dt))
+        else:  # the step is rounded from float64 exactly as Euler rounds it
+            update = ((seg[1:] - seg[:-1]).to(device=dev, dtype=dt),)
+        plan = (jump, t_eval, self.coefficients.to(device=dev, dtype=dt), scales, update)
+        return SolverState(x, 0, 0, grid, plan, ((),))
+
+    def step(self, field: Field, state: SolverState, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """The teleport jump (no evaluation), or one evaluation combined with the past ones by the searched
+        coefficients, then an Euler (velocity) or DDIM (data) step."""
+        jump, t_eval, c, scales, update = state.plan
+        x, hist = state.x, state.memory[0]
+        if jump is not None and state.n == 0:
+            flow, t0, t1 = jump
+            return state.advance(flow(x, t0, t1), 0, ((),))
+        i = state.n - (jump is not None)
+        view = as_velocity(field) if self.variant == "velocity" else as_x0(field)
+        hist = hist + (view(x, broadcast_time(t_eval[i], x), **cond),)
+        d = hist[-1]
+        if i:  # at C = 0 this is d exactly: 1 * d + 0 * d_j
+            d = (1 - c[i, :i].sum()) * d
+            for j in range(i):
+                d = d + c[i, j] * hist[j]
+        if scales is not None:
+            d = scales[i] * d
+        x = x + update[0][i] * d if len(update) == 1 else update[0][i] * x + update[1][i] * d
+        return state.advance(x, 1, (hist,))
 
     # ------------------------------------------------------------------------------------------ artifact
     def save(self, directory: PathLike) -> FsPath:
