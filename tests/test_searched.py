@@ -557,9 +557,9 @@ def test_optimise_keeps_the_best_checked_iterate_not_the_last():
     from genkit.solvers.search_loop import optimise
 
     p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    run = optimise(lambda idx: (p - 1).pow(2).sum(), lambda: float((p - 0.5).pow(2).sum()), [p], iters=200,
+    run = optimise(lambda idx: (p - 1).pow(2).sum(), lambda: float((p.detach() - 0.5).pow(2).sum()), [p], iters=200,
                    batch=1, pool=1, lr=0.02, check_every=5)
-    assert abs(float(p) - 1) < 0.05  # the last iterate went on towards 1
+    assert abs(p.item() - 1) < 0.05  # the last iterate went on towards 1
     assert run.holdout == min(run.holdout_curve) and run.holdout == float((run.params[0] - 0.5).pow(2).sum())
     assert abs(float(run.params[0]) - 0.5) < 0.05 and run.best_iter == run.checked_at[run.holdout_curve.index(
         run.holdout)]

@@ -13,7 +13,7 @@ imports torch._dynamo, seconds on a CPU for a handful of parameters.
 >>> import torch
 >>> target = torch.tensor([1.0, -2.0], dtype=torch.float64)
 >>> p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
->>> run = optimise(lambda idx: (p - target).pow(2).sum(), lambda: float((p - target).pow(2).sum()), [p],
+>>> run = optimise(lambda idx: (p - target).pow(2).sum(), lambda: float((p.detach() - target).pow(2).sum()), [p],
 ...                iters=200, batch=1, pool=1, lr=0.1, check_every=10)
 >>> bool(torch.allclose(run.params[0], target, atol=1e-2)), run.holdout <= run.holdout_curve[0]
 (True, True)

@@ -28,12 +28,16 @@ Beyond the paper (genkit extensions, each off by default, so the default search 
   ``t_jump``. The jump is one Gaussian for all conditioning (``cond`` reaches the field only). The jump is one more
   softmax segment: ``a`` has ``N + 1`` entries.
 
+Never worse than the paper: a search returns its best iterate on held-out noise (not the last), and the extended
+search (any extension on) runs the DSS search first and keeps it as a candidate, so on that held-out noise it
+never ends worse than DSS with the same budget and seed (:func:`search_solver`).
+
 >>> import torch
 >>> from genkit.analytic import Gaussian
 >>> from genkit.paths import get_path
 >>> from genkit.solvers import solve
 >>> g = Gaussian(torch.tensor([2.0]), torch.eye(1), get_path("linear"))
->>> s = search_solver(g, 2, shape=(1,), iters=5, batch=8, pool=16, reference_steps=10)
+>>> s = search_solver(g, 2, shape=(1,), iters=5, batch=8, pool=16, holdout=16, reference_steps=10)
 >>> solve(g, torch.zeros(3, 1), s, steps=2).samples.shape
 torch.Size([3, 1])
 """
@@ -61,6 +65,7 @@ from ..fields import Field, as_velocity, as_x0, check_field
 from ..paths import Path, broadcast_time, path_from_config
 from .base import SOLVERS, Solution, Solver, check_finite_result, get_solver
 from .grids import TimeGrid, Uniform, get_grid
+from .search_loop import LR_SCHEDULES, OPTIMISERS, loss_curve, optimise
 
 if TYPE_CHECKING:
     from ..teleport import GaussianFit
@@ -542,7 +547,6 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     """
     # lazy: teleport imports the solvers package
     from ..teleport import fit_gaussian
-    from .search_loop import LR_SCHEDULES, OPTIMISERS, loss_curve, optimise
 
     check_field(field)
     if not isinstance(nfe, int) or nfe < 2:
