@@ -537,13 +537,14 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     DSS search above (the same draws, so the very solver ``search_solver`` returns without extensions), then
     ``extend_iters`` (default ``iters``) more iterations at ``extend_lr`` (default ``lr / 5``: a fresh Adam
     state moves every parameter by about the learning rate per step, which would throw the tuned DSS solver
-    off its optimum) with the extensions, started from the DSS optimum with
-    zero shifts and unit scales (the DSS solver itself, to rounding). A jump is guarded: the DSS grid rescaled
-    behind a jump to ``teleport_to`` (default: each of the DSS grid's first interior time and the time of
-    log-SNR -4) is a start only if it beats the DSS optimum on the held-out samples, else the jump is dropped.
-    The DSS optimum stays a candidate, and the returned solver is whichever was best on the held-out samples
-    (``info["chosen"]``: ``"dss"`` or ``"extended"``; ``info["dss_holdout_loss"]``). The extended search costs
-    the DSS search plus ``extend_iters`` iterations.
+    off its optimum) with the extensions, started from the DSS optimum with zero shifts and unit scales (the
+    DSS solver itself, to rounding). A jump is guarded: the jump start is the DSS grid rescaled behind a jump to
+    ``teleport_to`` (default: the better on the held-out samples of the DSS grid's first interior time and the
+    time of log-SNR -4); if it beats the DSS optimum there it gets all ``extend_iters``, else it gets half and
+    the jump-free extensions the other half. The DSS optimum stays a candidate and the returned solver is
+    whichever was best on the held-out samples (``info["chosen"]``: ``"dss"`` or ``"extended"``;
+    ``info["dss_holdout_loss"]``, ``info["teleport_start"]``); a jump that hurts is not in it. The extended
+    search costs the DSS search plus ``extend_iters`` iterations.
     """
     # lazy: teleport imports the solvers package
     from ..teleport import fit_gaussian
