@@ -3,7 +3,8 @@
 Every solver starts from the same prior noise and is scored by its endpoint error to a 1000-step
 high-order reference (UniPC-2 on a log-SNR grid; a second 1000-step solver, DPM-Solver++(3M), measures
 how accurate that reference is). Error = RMS over samples of the per-sample L2 distance
-``sqrt(mean_i |x_i - ref_i|^2)``. Fields (no training): Gaussian mixtures in 2-D and 16-D on the ``ddpm``
+``sqrt(mean_i |x_i - ref_i|^2)``. Fields (no training): Gaussian mixtures in 2-D and 16-D (and issue 8's 16-D
+mixture of six well-separated narrow modes) on the ``ddpm``
 path read as eps (diffusers' DDPM schedule, so its schedulers apply directly) and on the ``linear`` path
 read as velocity (flow matching; diffusers' schedulers run through the SNR-matching adapter).
 
@@ -17,7 +18,8 @@ sample_dpm_2 on its Karras sigmas through ``genkit.interop.KDiffusionSampler``, 
 EDM Heun, DPM-Solver++(2M)) on the same sigmas (when k-diffusion is installed: ``pip install k-diffusion
 --no-deps torchsde``; only ``k_diffusion.sampling`` is imported); two searched solvers at NFE 5, DSS in the
 paper's search space and with genkit's extensions (``search_solver(..., teleport="reference", eval_times=True,
-step_scales=True)``), searched on the same pool, reference and optimiser settings; and analytic
+step_scales=True)``, which runs the same DSS search first and keeps whichever is better on the held-out
+noise), searched on the same pool, reference and optimiser settings; and analytic
 teleportation (Gaussian fit of the mixture) with ``genkit.teleport.steps_saved``.
 
 Targets (PASS/FAIL in the .md): genkit DPM-Solver++(2M) and UniPC within 3% of diffusers' error at every
@@ -127,9 +129,15 @@ def rms(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).reshape(x.shape[0], -1).square().sum(1).mean().sqrt())
 
 
-def mixture(dim: int, path_name: str, prediction: str) -> GaussianMixture:
-    """2-D: 8 tight modes on a ring; 16-D: 6 random modes with random anisotropic covariances."""
+def mixture(dim: int, path_name: str, prediction: str, narrow: bool = False) -> GaussianMixture:
+    """2-D: 8 tight modes on a ring; 16-D: 6 random modes with random anisotropic covariances; ``narrow``: 6
+    well-separated narrow modes (means N(0, I), std 0.05, equal weights: issue 8's field)."""
     g = torch.Generator().manual_seed(dim)
+    if narrow:
+        means = torch.randn(6, dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        covs = 0.05 ** 2 * torch.eye(dim, dtype=torch.float64).repeat(6, 1, 1)
+        return GaussianMixture(torch.full((6,), 1 / 6, dtype=torch.float64), means, covs, get_path(path_name),
+                               prediction)
     if dim == 2:
         ang = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
         means = 1.5 * torch.stack([ang.cos(), ang.sin()], 1)
@@ -353,10 +361,12 @@ def bench_field(label: str, field: Any, args: argparse.Namespace, *, n: int | No
         reference = Memo(OnLogSNR("unipc", args.reference_steps, grid.lambda_max))
         for key, extended in (("searched", False), ("searched_extended", True)):
             t0 = time.perf_counter()
+            given = {k: v for k, v in (("iters", args.search_iters), ("batch", args.search_batch),
+                                       ("pool", args.search_pool), ("holdout", args.search_holdout),
+                                       ("lr", args.search_lr), ("lr_schedule", args.search_lr_schedule))
+                     if v is not None}  # the rest: search_solver's defaults
             searched = search_solver(field, args.search_nfe, shape=shape, variant=args.search_variant,
-                                     reference_solver=reference, reference_steps=1, iters=args.search_iters,
-                                     batch=args.search_batch, pool=args.search_pool, lr=args.search_lr,
-                                     lr_schedule=args.search_lr_schedule, eval_times=extended,
+                                     reference_solver=reference, reference_steps=1, **given, eval_times=extended,
                                      step_scales=extended, teleport="reference" if extended else None,
                                      grid=grid if args.search_init == "grid" else Uniform(1.0, float(grid.t_min)),
                                      generator=torch.Generator().manual_seed(args.seed + 1), dtype=dtype)
@@ -422,6 +432,11 @@ def targets(results: dict[str, Any], nfes: list[int], search_nfe: int) -> list[d
             also = f"; best k-diffusion @ 10: {kbest[0]:.3g} ({kbest[1]})" if kbest else ""
             rows.append({"field": label, "target": target, "value": f"{s:.3g} vs {best[0]:.3g} ({best[1]}){also}",
                          "pass": bool(s <= best[0])})
+        if r.get("searched") and r.get("searched_extended"):
+            d, e = r["searched"]["info"]["holdout_loss"], r["searched_extended"]["info"]["holdout_loss"]
+            rows.append({"field": label, "target": "extended search's held-out MSE <= DSS's (same budget and seed)",
+                         "value": f"{e:.3g} vs {d:.3g} (kept: {r['searched_extended']['info']['chosen']})",
+                         "pass": bool(e <= d)})
         tp = r["teleport"]["dpmpp_2m"]
         rows.append({"field": label, "target": "teleportation saves >= 20% of dpmpp_2m steps at equal error (median "
                      "over budgets, best t_skip)", "value": f"{tp['best_median_saved']:.0%} at log-SNR "
@@ -546,7 +561,10 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], args: argparse
                    f"lr {s['info']['lr']:g} "
                    f"{s['info'].get('lr_schedule', 'constant')}): NFE {s['nfe']}, error {s['error']:.3g}, search "
                    f"{s['search_seconds']:.0f} s; times " + ", ".join(f"{t:.3g}" for t in s["times"]) + extra
-                   + f". Search loss (endpoint MSE on the pool, chunk means): {curve}.", ""]
+                   + f". Search loss (endpoint MSE on the pool, chunk means): {curve}. Held-out MSE "
+                   f"{s['info']['holdout_loss']:.3g} (best of {len(s['info']['holdout_curve'])} checks, at iteration "
+                   f"{s['info']['best_iter']}; DSS's {s['info']['dss_holdout_loss']:.3g}; kept: "
+                   f"{s['info']['chosen']}).", ""]
         fit_text = ("a Gaussian fit (`fit_gaussian`) of the digits training set" if "model" in r
                     else "the mixture's exact mean and covariance")
         for solver, tp in r["teleport"].items():
@@ -605,11 +623,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=512, help="noise samples per field")
     p.add_argument("--reference-steps", type=int, default=1000)
     p.add_argument("--search-nfe", type=int, default=5)
-    p.add_argument("--search-iters", type=int, default=200)
-    p.add_argument("--search-pool", type=int, default=512)
-    p.add_argument("--search-lr", type=float, default=2e-2)
-    p.add_argument("--search-batch", type=int, default=128)
-    p.add_argument("--search-lr-schedule", default="cosine", choices=("constant", "cosine"))
+    p.add_argument("--search-iters", type=int, help="search iterations (default: search_solver's, 1000)")
+    p.add_argument("--search-pool", type=int, help="search pool (default: search_solver's, 1024)")
+    p.add_argument("--search-lr", type=float, help="search learning rate (default: search_solver's, 3e-2)")
+    p.add_argument("--search-batch", type=int, help="search batch (default: search_solver's, 64)")
+    p.add_argument("--search-holdout", type=int, help="held-out noise of the searches, on which they keep their best "
+                   "iterate and the extended search its best candidate (default: search_solver's, 512)")
+    p.add_argument("--search-lr-schedule", choices=("constant", "cosine"),
+                   help="default: search_solver's (constant)")
     p.add_argument("--search-init", default="grid", choices=("grid", "uniform"),
                    help="initial steps of the searches: the bench's log-SNR grid, or uniform in t")
     p.add_argument("--search-variant", default="data", choices=("data", "velocity"),
@@ -644,7 +665,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.fields in ("all", "analytic"):
         fields = {"gmm2d ddpm eps": mixture(2, "ddpm", "eps"), "gmm16d ddpm eps": mixture(16, "ddpm", "eps"),
                   "gmm2d linear velocity": mixture(2, "linear", "velocity"),
-                  "gmm16d linear velocity": mixture(16, "linear", "velocity")}
+                  "gmm16d linear velocity": mixture(16, "linear", "velocity"),
+                  "gmm16d narrow linear velocity": mixture(16, "linear", "velocity", narrow=True),
+                  "gmm16d narrow ddpm eps": mixture(16, "ddpm", "eps", narrow=True)}
         results.update({label: bench_field(label, f, args) for label, f in fields.items()})
     if args.fields in ("all", "digits"):
         model, data, info = digits_model(args)

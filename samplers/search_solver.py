@@ -49,10 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nfe", type=int, required=True, help="number of steps = network evaluations (>= 2)")
     p.add_argument("--variant", default="velocity", choices=VARIANTS,
                    help="velocity: combine velocities, Euler steps; data: combine x0 predictions, DDIM steps")
-    p.add_argument("--iters", type=int, default=300, help="optimiser steps")
+    p.add_argument("--iters", type=int, default=1000, help="optimiser steps (the extended search adds as many)")
     p.add_argument("--batch", type=int, default=64, help="noise samples per optimiser step")
     p.add_argument("--pool", type=int, default=1024, help="noise samples solved by the reference and searched on")
-    p.add_argument("--lr", type=float, default=1e-2, help="learning rate")
+    p.add_argument("--holdout", type=int, default=512, help="held-out noise samples on which the search keeps its "
+                   "best iterate (and the extended search its best candidate, DSS's optimum included)")
+    p.add_argument("--lr", type=float, default=3e-2, help="learning rate (the extensions: lr / 5)")
     p.add_argument("--optimiser", default="adam", choices=("adam", "lion"), help="the paper uses lion")
     p.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
                    help="constant, or decayed to 0 on a cosine")
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     solver = search_solver(model, args.nfe, shape=shape, variant=args.variant,
                            reference_solver=args.reference_solver, reference_steps=args.reference_steps,
-                           iters=args.iters, batch=args.batch, pool=args.pool, lr=args.lr, optimiser=args.optimiser,
+                           iters=args.iters, batch=args.batch, pool=args.pool, holdout=args.holdout, lr=args.lr,
+                           optimiser=args.optimiser,
                            lr_schedule=args.lr_schedule, eval_times=args.eval_times, step_scales=args.step_scales,
                            teleport=None if args.teleport == "none" else args.teleport,
                            trajectory_weight=args.trajectory_weight, grid=model.default_grid("uniform"),
@@ -104,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - t0
     out = solver.save(Path(args.out) if args.out else ckpt.parent / f"searched_nfe{args.nfe}")
     print(f"searched {args.nfe}-step {args.variant} solver for {ckpt} in {seconds:.1f} s "
-          f"(loss {solver.info['first_loss']:.3g} -> {solver.info['last_loss']:.3g}): {out}")
+          f"(loss {solver.info['first_loss']:.3g} -> {solver.info['last_loss']:.3g}; held-out "
+          f"{solver.info['holdout_loss']:.3g}, DSS's {solver.info['dss_holdout_loss']:.3g}; kept: "
+          f"{solver.info['chosen']}): {out}")
     if args.name:
         register_searched(args.name, solver, persist=True, replace=args.replace)
         print(f"saved as {args.name!r} in {solver_home() / args.name}: any later process can use "

@@ -28,12 +28,16 @@ Beyond the paper (genkit extensions, each off by default, so the default search 
   ``t_jump``. The jump is one Gaussian for all conditioning (``cond`` reaches the field only). The jump is one more
   softmax segment: ``a`` has ``N + 1`` entries.
 
+Never worse than the paper: a search returns its best iterate on held-out noise (not the last), and the extended
+search (any extension on) runs the DSS search first and keeps it as a candidate, so on that held-out noise it
+never ends worse than DSS with the same budget and seed (:func:`search_solver`).
+
 >>> import torch
 >>> from genkit.analytic import Gaussian
 >>> from genkit.paths import get_path
 >>> from genkit.solvers import solve
 >>> g = Gaussian(torch.tensor([2.0]), torch.eye(1), get_path("linear"))
->>> s = search_solver(g, 2, shape=(1,), iters=5, batch=8, pool=16, reference_steps=10)
+>>> s = search_solver(g, 2, shape=(1,), iters=5, batch=8, pool=16, holdout=16, reference_steps=10)
 >>> solve(g, torch.zeros(3, 1), s, steps=2).samples.shape
 torch.Size([3, 1])
 """
@@ -58,6 +62,7 @@ from ..io import atomic_folder, file_sizes, genkit_version, read_json, read_tens
 from ..paths import Path, broadcast_time, path_from_config
 from .base import SOLVERS, Solver, SolverState, get_solver, register_resolver
 from .grids import TimeGrid, Uniform, get_grid
+from .search_loop import LR_SCHEDULES, OPTIMISERS, loss_curve, optimise
 
 __all__ = ["SearchedSolver", "search_solver", "load_searched_solver", "register_searched", "unregister_searched",
            "solver_home", "saved_solver_names", "find_saved", "check_new_name", "VARIANTS", "FORMAT_VERSION"]
@@ -513,46 +518,46 @@ def _interp(ref_t: Tensor, ref: Tensor, t: Tensor) -> Tensor:
     return (1 - w) * ref[k] + w * ref[k + 1]
 
 
-def _optimiser_step(kind: str, params: list[Tensor], grads: tuple[Tensor, ...], state: list[list[Tensor]], lr: float,
-                    it: int) -> None:
-    """Adam (betas 0.9, 0.999) or Lion (the paper's choice; betas 0.9, 0.99), written out: torch.optim's first
-    step imports torch._dynamo, seconds on a CPU for a handful of parameters."""
-    with torch.no_grad():
-        for p, g, (m, v) in zip(params, grads, state):
-            if kind == "lion":
-                p -= lr * torch.sign(0.9 * m + 0.1 * g)
-                m.mul_(0.99).add_(0.01 * g)
-            else:
-                m.mul_(0.9).add_(0.1 * g)
-                v.mul_(0.999).add_(0.001 * g * g)
-                p -= lr * (m / (1 - 0.9 ** (it + 1))) / ((v / (1 - 0.999 ** (it + 1))).sqrt() + 1e-8)
+def _jump_start(times: Tensor, t_jump: float) -> Tensor:
+    """Logits ``[N + 1]`` of a teleport start built on a searched grid ``times [N + 1]``: the jump from
+    ``times[0]`` to ``t_jump``, then the searched steps rescaled onto ``[times[-1], t_jump]`` (the searched
+    coefficients stay with their steps)."""
+    t_start, t_end = float(times[0]), float(times[-1])
+    after = t_end + (times - t_end) * (t_jump - t_end) / (t_start - t_end)
+    return torch.log(torch.cat([times.new_tensor([t_start - t_jump]), after[:-1] - after[1:]]))
 
 
-def _curve(losses: list[float], points: int = 20) -> list[float]:
-    """The search's loss history in at most ``points`` chunk means (to judge convergence from the artifact)."""
-    k = max(1, math.ceil(len(losses) / points))
-    return [sum(losses[i:i + k]) / len(losses[i:i + k]) for i in range(0, len(losses), k)]
+def _check_counts(counts: dict[str, Any], lr: float, trajectory_weight: float) -> None:
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in counts.values()) \
+            or not (lr > 0 and math.isfinite(lr)) or not trajectory_weight >= 0:
+        raise ConfigError(f"need positive integers {counts}, lr > 0 and trajectory_weight >= 0; got lr={lr}, "
+                          f"trajectory_weight={trajectory_weight}")
 
 
 def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: str = "velocity",
-                  reference_solver: str | Solver = "rk4", reference_steps: int = 100, iters: int = 300,
-                  batch: int = 64, pool: int = 1024, lr: float = 1e-2, optimiser: str = "adam",
-                  lr_schedule: str = "constant", trajectory_weight: float = 0.0, eval_times: bool = False,
-                  step_scales: bool = False, teleport: GaussianFit | str | None = None,
-                  teleport_to: float | None = None, grid: str | TimeGrid = "uniform",
-                  cond: dict[str, Any] | None = None, generator: torch.Generator | None = None,
-                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SearchedSolver:
+                  reference_solver: str | Solver = "rk4", reference_steps: int = 100, iters: int = 1000,
+                  batch: int = 64, pool: int = 1024, holdout: int = 512, lr: float = 3e-2, optimiser: str = "adam",
+                  lr_schedule: str = "constant", check_every: int | None = None, trajectory_weight: float = 0.0,
+                  eval_times: bool = False, step_scales: bool = False, teleport: GaussianFit | str | None = None,
+                  teleport_to: float | None = None, extend_iters: int | None = None,
+                  extend_lr: float | None = None, grid: str | TimeGrid = "uniform", cond: dict[str, Any] | None = None,
+                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> SearchedSolver:
     """Search a solver of ``nfe`` steps (= evaluations) for ``field`` (DSS, arXiv 2505.21114).
 
-    Draws ``pool`` prior samples ``[pool, *shape]``, solves them with ``reference_solver`` on ``reference_steps``
-    uniform steps (adaptive solvers: output times), then takes ``iters`` steps of ``optimiser`` (``adam`` or
-    ``lion``) on minibatches of ``batch``, at a ``constant`` learning rate or one decayed to 0 on a ``cosine``.
-    Loss: endpoint MSE to the reference, plus ``trajectory_weight`` times
-    the mean MSE of the intermediate states to the reference trajectory interpolated at the current searched
-    times (the official trainer's per-step term, where times are rounded to the teacher grid). Gradients reach
-    only the solver's parameters: ``torch.autograd.grad`` leaves the field's ``.grad`` alone.
+    Draws ``pool`` prior samples ``[pool, *shape]`` to train on and ``holdout`` more to select with, solves
+    them with ``reference_solver`` on ``reference_steps`` uniform steps (adaptive solvers: output times), then
+    takes ``iters`` steps of ``optimiser`` (``adam`` or ``lion``) on minibatches of ``batch`` pool samples, at a
+    ``constant`` learning rate or one decayed to 0 on a ``cosine``. Loss: endpoint MSE to the reference, plus
+    ``trajectory_weight`` times the mean MSE of the intermediate states to the reference trajectory
+    interpolated at the current searched times (the official trainer's per-step term, where times are rounded
+    to the teacher grid). The result is the iterate with the lowest endpoint MSE on the held-out samples among
+    the start and every ``check_every`` iterations (default ``max(1, iters // 25)``), not the last one
+    (:mod:`genkit.solvers.search_loop`); ``info["holdout_loss"]`` is that error. Gradients reach only the
+    solver's parameters: ``torch.autograd.grad`` leaves the field's ``.grad`` alone.
     ``grid`` gives the interval and the initial steps (``uniform``: exactly Euler/DDIM at the start).
-    ``cond``: conditioning for the field, tensors with first dimension ``pool`` (sliced with the noise).
+    ``cond``: conditioning for the field, tensors with first dimension ``pool`` (sliced with the noise; the
+    held-out noise takes the first ``holdout`` of them, so ``holdout <= pool`` with ``cond``).
     ``device``/``dtype`` default to the field's parameters' (CPU and the default dtype for other fields).
 
     genkit extensions (module docstring; all off by default, which is the paper's search space):
@@ -560,15 +565,27 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     ``teleport`` makes the first segment a closed-form jump of a :class:`~genkit.teleport.GaussianFit`, or of
     the Gaussian fitted to the pool's reference endpoints (``"reference"``: the field's own samples, no data
     needed; full covariance up to 256 dimensions with more samples than dimensions, else the top 256 directions,
-    or half the pool's, and the mean remaining variance; endpoints at ``t_end > 0`` are mapped back to t = 0),
-    starting at ``teleport_to`` (default: the time of log-SNR -4) with the grid's steps after it.
+    or half the pool's, and the mean remaining variance; endpoints at ``t_end > 0`` are mapped back to t = 0).
+
+    The extended search never ends worse than DSS on the held-out samples, by construction: it first runs the
+    DSS search above (the same draws, so the very solver ``search_solver`` returns without extensions), then
+    ``extend_iters`` (default ``iters``) more iterations at ``extend_lr`` (default ``lr / 5``: a fresh Adam
+    state moves every parameter by about the learning rate per step, which would throw the tuned DSS solver
+    off its optimum) with the extensions, started from the DSS optimum with zero shifts and unit scales (the
+    DSS solver itself, to rounding). A jump is guarded: the jump start is the DSS grid rescaled behind a jump to
+    ``teleport_to`` (default: the better on the held-out samples of the DSS grid's first interior time and the
+    time of log-SNR -4); if it beats the DSS optimum there it gets all ``extend_iters``, else it gets half and
+    the jump-free extensions the other half. The DSS optimum stays a candidate and the returned solver is
+    whichever was best on the held-out samples (``info["chosen"]``: ``"dss"`` or ``"extended"``;
+    ``info["dss_holdout_loss"]``, ``info["teleport_start"]``); a jump that hurts is not in it. The extended
+    search costs the DSS search plus ``extend_iters`` iterations.
     """
     check_field(field)
     if not isinstance(nfe, int) or nfe < 2:
         raise SolverError(f"nfe must be an integer >= 2 (one step has nothing to search: it is Euler); got {nfe!r}")
-    if variant not in VARIANTS or optimiser not in ("adam", "lion") or lr_schedule not in ("constant", "cosine"):
-        raise ConfigError(f"variant must be one of {VARIANTS}, optimiser 'adam' or 'lion' and lr_schedule "
-                          f"'constant' or 'cosine'; got {variant!r}, {optimiser!r}, {lr_schedule!r}")
+    if variant not in VARIANTS or optimiser not in OPTIMISERS or lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"variant must be one of {VARIANTS}, optimiser one of {OPTIMISERS} and lr_schedule one of "
+                          f"{LR_SCHEDULES}; got {variant!r}, {optimiser!r}, {lr_schedule!r}")
     if isinstance(teleport, str) and teleport != "reference":
         raise ConfigError(f"teleport must be None, 'reference' (fit the reference endpoints) or a GaussianFit "
                           f"(genkit.teleport.fit_gaussian(data)); got {teleport!r}")
@@ -576,83 +593,139 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     if teleport == "reference" and not (isinstance(pool, int) and pool >= 2):
         raise ConfigError(f"teleport='reference' fits a Gaussian to the pool's reference endpoints: need pool >= 2, "
                           f"got {pool!r}")
-    counts = {"iters": iters, "batch": batch, "pool": pool, "reference_steps": reference_steps}
-    if any(not isinstance(v, int) or v < 1 for v in counts.values()) or not (lr > 0 and math.isfinite(lr)) \
-            or not trajectory_weight >= 0:
-        raise ConfigError(f"need positive integers {counts}, lr > 0 and trajectory_weight >= 0; got lr={lr}, "
-                          f"trajectory_weight={trajectory_weight}")
+    check_every = max(1, iters // 25) if check_every is None and isinstance(iters, int) else check_every
+    extend_iters = iters if extend_iters is None else extend_iters
+    extend_lr = lr / 5 if extend_lr is None and isinstance(lr, (int, float)) else extend_lr
+    if not (isinstance(extend_lr, (int, float)) and extend_lr > 0 and math.isfinite(extend_lr)):
+        raise ConfigError(f"extend_lr must be a learning rate > 0 (or None: lr / 5); got {extend_lr!r}")
+    _check_counts({"iters": iters, "batch": batch, "pool": pool, "holdout": holdout, "check_every": check_every,
+                   "extend_iters": extend_iters, "reference_steps": reference_steps}, lr, trajectory_weight)
+    cond = dict(cond or {})
+    if cond and holdout > pool:
+        raise ConfigError(f"with cond the held-out noise reuses the pool's first conditions: need holdout <= pool, "
+                          f"got holdout={holdout}, pool={pool}")
     params = list(field.parameters()) if isinstance(field, torch.nn.Module) else []
     device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
     dtype = dtype or (params[0].dtype if params else torch.get_default_dtype())
-    g = get_grid(grid)
-    init = g.times(nfe, field.path).to(torch.float64)
+    init = get_grid(grid).times(nfe, field.path).to(torch.float64)
     t_start, t_end = float(init[0]), float(init[-1])
-    if teleport is None:
-        if teleport_to is not None:
-            raise ConfigError(f"teleport_to={teleport_to!r} applies only with a teleport Gaussian; pass "
-                              "teleport='reference' or a GaussianFit, or drop teleport_to")
-        logits = torch.zeros(nfe, dtype=torch.float64) if isinstance(g, Uniform) else torch.log(init[:-1] - init[1:])
-    else:  # the jump to t_jump, then the grid's steps rescaled onto [t_end, t_jump]
-        if teleport_to is None:
-            t_jump, given = float(field.path.t_from_log_snr(torch.tensor(-4.0, dtype=torch.float64))), False
-        elif isinstance(teleport_to, (int, float)) and not isinstance(teleport_to, bool):
-            t_jump, given = float(teleport_to), True
-        else:
+    extended = eval_times or step_scales or teleport is not None
+    if teleport is None and teleport_to is not None:
+        raise ConfigError(f"teleport_to={teleport_to!r} applies only with a teleport Gaussian; pass "
+                          "teleport='reference' or a GaussianFit, or drop teleport_to")
+    t_lam4 = float(field.path.t_from_log_snr(torch.tensor(-4.0, dtype=torch.float64)))
+    if teleport is not None:
+        if teleport_to is not None and (not isinstance(teleport_to, (int, float)) or isinstance(teleport_to, bool)):
             raise ConfigError(f"teleport_to must be a time in ({t_end:g}, {t_start:g}) or None; got {teleport_to!r}")
+        t_jump = t_lam4 if teleport_to is None else float(teleport_to)
         if not t_end < t_jump < t_start:
-            what = "teleport_to" if given else "the default jump end (log-SNR -4)"
+            what = "the default jump end (log-SNR -4)" if teleport_to is None else "teleport_to"
             raise ConfigError(f"{what} must lie inside the searched interval ({t_end:g}, {t_start:g}); got "
                               f"{t_jump:g}. Pass teleport_to=t inside it")
-        after = t_end + (init - t_end) * (t_jump - t_end) / (t_start - t_end)
-        logits = torch.log(torch.cat([init.new_tensor([t_start - t_jump]), after[:-1] - after[1:]]))
-    coeffs, mask = torch.zeros(nfe, nfe, dtype=torch.float64), torch.tril(torch.ones(nfe, nfe, dtype=torch.float64), -1)
-    shift = torch.zeros(nfe, dtype=torch.float64) if eval_times else None
-    scales = torch.ones(nfe, dtype=torch.float64) if step_scales else None
-    unknowns = [u.requires_grad_(True) for u in (logits, coeffs, shift, scales) if u is not None]
-    state = [[torch.zeros_like(u), torch.zeros_like(u)] for u in unknowns]
-    x_pool = field.path.sample_prior((pool, *shape), generator=generator, device=device, dtype=dtype)
-    cond, keep = dict(cond or {}), trajectory_weight > 0
+    x_all = field.path.sample_prior((pool + holdout, *shape), generator=generator, device=device, dtype=dtype)
+    cond_all = {k: torch.cat([v, v[:holdout]]) if torch.is_tensor(v) else v for k, v in cond.items()}
+    keep = trajectory_weight > 0
     reference = get_solver(reference_solver)
     ref_t = Uniform(t_start, t_end).times(reference_steps, field.path)
     with torch.no_grad():  # the reference is a constant target
-        ref = reference.solve(field, x_pool, ref_t, trajectory=keep, **cond)
+        ref = reference.solve(field, x_all, ref_t, trajectory=keep, **cond_all)
+    target, hold = ref.samples[:pool], slice(pool, pool + holdout)
+    x_pool, x_hold, target_hold = x_all[:pool], x_all[hold], ref.samples[hold]
+    cond_hold = {k: v[hold] if torch.is_tensor(v) else v for k, v in cond_all.items()}
     if teleport == "reference":  # full covariance where it fits; else the top directions plus an isotropic rest
         dim = math.prod(shape)
         if dim <= REFERENCE_FIT_RANK and pool > dim:
             rank = None
         else:  # fewer samples than dimensions: keep half the sampled directions, so the rest has variance left
             rank = max(1, min(REFERENCE_FIT_RANK, dim - 1 if pool > dim else (pool - 1) // 2))
-        fit = _fit_at_data(fit_gaussian(ref.samples.cpu(), rank=rank), field.path, t_end)
+        fit = _fit_at_data(fit_gaussian(target.cpu(), rank=rank), field.path, t_end)
     if fit is not None and fit.dim != math.prod(shape):
         raise ConfigError(f"the teleport Gaussian has dimension {fit.dim}, the samples {math.prod(shape)} "
                           f"(shape {shape}); fit it to data of this shape")
-    fit_on = fit.to(device) if fit is not None else None
-    order, losses = torch.empty(0, dtype=torch.long, device=device), []
-    for it in range(iters):
-        if len(order) < batch:  # a fresh permutation of the pool each epoch
-            on = generator.device if generator is not None else None  # randperm draws on the generator's device
-            order = torch.randperm(pool, generator=generator, device=on).to(device)
-        idx, order = order[:batch], order[batch:]
-        sub = {k: v[idx.to(v.device)] if torch.is_tensor(v) else v for k, v in cond.items()}
-        times = _times(logits, t_start, t_end)
-        out, states = _integrate(field, x_pool[idx], times, coeffs * mask, variant, keep, sub, shift, scales, fit_on)
-        loss = (out - ref.samples[idx]).pow(2).mean()
-        if keep:
-            target = _interp(ref_t.to(device), ref.trajectory[:, idx], times[1:-1].detach().to(device))
-            loss = loss + trajectory_weight * (torch.stack(states[1:-1]) - target).pow(2).mean()
-        if not torch.isfinite(loss):
-            raise SolverError(f"the solver search diverged at iteration {it} (loss {loss.item()}); lower lr={lr}")
-        step_lr = lr if lr_schedule == "constant" else 0.5 * lr * (1 + math.cos(math.pi * it / iters))
-        _optimiser_step(optimiser, unknowns, torch.autograd.grad(loss, unknowns), state, step_lr, it)
-        losses.append(loss.item())
-    info = {"nfe": nfe, "iters": iters, "batch": batch, "pool": pool, "lr": lr, "optimiser": optimiser,
-            "lr_schedule": lr_schedule, "trajectory_weight": trajectory_weight, "reference": repr(reference),
-            "reference_steps": reference_steps, "eval_times": eval_times, "step_scales": step_scales,
-            "teleport": None if fit is None else ("reference" if teleport == "reference" else "given"),
-            "first_loss": losses[0], "last_loss": losses[-1], "loss_curve": _curve(losses)}
+    mask = torch.tril(torch.ones(nfe, nfe, dtype=torch.float64), -1)
+
+    def run(u: dict[str, Tensor], x: Tensor, sub: dict[str, Any], jump: GaussianFit | None, keep_states: bool):
+        return _integrate(field, x, _times(u["logits"], t_start, t_end), u["coeffs"] * mask, variant, keep_states,
+                          sub, u.get("shift"), u.get("scales"), jump)
+
+    def held(u: dict[str, Tensor], jump_on: GaussianFit | None) -> float:
+        """Endpoint MSE on the held-out noise."""
+        with torch.no_grad():
+            return (run(u, x_hold, cond_hold, jump_on, False)[0] - target_hold).pow(2).mean().item()
+
+    def search(u: dict[str, Tensor], jump: GaussianFit | None, steps: int, step_lr: float):
+        jump_on = jump.to(device) if jump is not None else None
+        for v in u.values():
+            v.requires_grad_(True)
+
+        def loss(idx: Tensor) -> Tensor:
+            sub = {k: v[idx.to(v.device)] if torch.is_tensor(v) else v for k, v in cond.items()}
+            out, states = run(u, x_pool[idx], sub, jump_on, keep)
+            value = (out - target[idx]).pow(2).mean()
+            if keep:
+                times = _times(u["logits"], t_start, t_end)[1 if jump is not None else 0:]
+                want = _interp(ref_t.to(device), ref.trajectory[:, idx], times[1:-1].detach().to(device))
+                value = value + trajectory_weight * (torch.stack(states[-len(times) + 1:-1]) - want).pow(2).mean()
+            return value
+
+        def held_out() -> float:
+            return held(u, jump_on)
+
+        def diverged(it: int, value: float) -> Exception:
+            return SolverError(f"the solver search diverged at iteration {it} (loss {value}); lower lr={step_lr}")
+
+        keys = list(u)
+        found = optimise(loss, held_out, [u[k] for k in keys], iters=steps, batch=batch, pool=pool, lr=step_lr,
+                         optimiser=optimiser, lr_schedule=lr_schedule, check_every=check_every, generator=generator,
+                         device=device, on_nonfinite=diverged)
+        return dict(zip(keys, found.params)), found
+
+    logits = torch.zeros(nfe, dtype=torch.float64) if isinstance(get_grid(grid), Uniform) \
+        else torch.log(init[:-1] - init[1:])
+    best, dss = search({"logits": logits, "coeffs": torch.zeros(nfe, nfe, dtype=torch.float64)}, None, iters, lr)
+    found, jump, chosen = dss, None, "dss"
+    info: dict[str, Any] = {"nfe": nfe, "iters": iters, "batch": batch, "pool": pool, "holdout": holdout, "lr": lr,
+                            "optimiser": optimiser, "lr_schedule": lr_schedule, "check_every": check_every,
+                            "trajectory_weight": trajectory_weight, "reference": repr(reference),
+                            "reference_steps": reference_steps, "eval_times": eval_times, "step_scales": step_scales,
+                            "teleport": None, "dss_holdout_loss": dss.holdout}
+    if extended:
+        start = {k: v.clone() for k, v in best.items()}
+        if eval_times:
+            start["shift"] = torch.zeros(nfe, dtype=torch.float64)
+        if step_scales:
+            start["scales"] = torch.ones(nfe, dtype=torch.float64)
+        branches = [(start, None, extend_iters)]
+        if fit is not None:  # the jump guard: the best jump start gets all iterations only if it beats the DSS optimum
+            dss_times, jump_on = _times(best["logits"], t_start, t_end), fit.to(device)
+            ends = [t_jump] if teleport_to is not None else [float(dss_times[1]), t_jump]
+            tried = [dict(start, logits=_jump_start(dss_times, end)) for end in ends]
+            errors = [held(cand, jump_on) for cand in tried]
+            k = min(range(len(ends)), key=errors.__getitem__)
+            cand = tried[k]
+            info.update({"teleport_start": ends[k], "teleport_start_holdout_loss": errors[k]})
+            if errors[k] < held(start, None):
+                branches = [(cand, fit, extend_iters)]
+            else:  # a jump that starts worse is searched on half the iterations, the DSS optimum on the rest
+                branches = [(start, None, extend_iters - extend_iters // 2),
+                            ({k: v.clone() for k, v in cand.items()}, fit, extend_iters // 2)]
+        info.update({"extend_iters": extend_iters, "extend_lr": extend_lr, "extended_holdout_loss": None,
+                     "teleport_tried": None if fit is None else "reference" if teleport == "reference" else "given"})
+        for begin, begin_jump, steps in branches:
+            if steps < 1:
+                continue
+            ext_best, ext = search(begin, begin_jump, steps, extend_lr)
+            if info["extended_holdout_loss"] is None or ext.holdout < info["extended_holdout_loss"]:
+                info["extended_holdout_loss"] = ext.holdout
+            if ext.holdout < found.holdout:  # the DSS optimum stays the candidate to beat
+                best, found, jump, chosen = ext_best, ext, begin_jump, "extended"
+    if jump is not None:
+        info["teleport"] = "reference" if teleport == "reference" else "given"
+    info.update({"chosen": chosen if extended else "dss", "holdout_loss": found.holdout, "best_iter": found.best_iter,
+                 "first_loss": found.losses[0], "last_loss": found.losses[-1], "loss_curve": loss_curve(found.losses),
+                 "holdout_curve": found.holdout_curve})
     fingerprint = _model_fingerprint(field)
     if fingerprint is not None:
         info["model"] = fingerprint
-    return SearchedSolver(logits.detach(), (coeffs * mask).detach(), field.path, t_start, t_end, variant, info,
-                          eval_shift=None if shift is None else shift.detach(),
-                          scales=None if scales is None else scales.detach(), teleport=fit)
+    return SearchedSolver(best["logits"], best["coeffs"] * mask, field.path, t_start, t_end, variant, info,
+                          eval_shift=best.get("shift"), scales=best.get("scales"), teleport=jump)
