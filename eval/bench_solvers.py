@@ -20,7 +20,7 @@ EDM Heun, DPM-Solver++(2M)) on the same sigmas (when k-diffusion is installed: `
 paper's search space and with genkit's extensions (``search_solver(..., teleport="reference", eval_times=True,
 step_scales=True)``, which runs the same DSS search first and keeps whichever is better on the held-out
 noise), searched on the same pool, reference and optimiser settings; and analytic
-teleportation (Gaussian fit of the mixture) with ``genkit.teleport.steps_saved``.
+teleportation (Gaussian fit of the mixture) with ``genkit.steps_saved``.
 
 Targets (PASS/FAIL in the .md): genkit DPM-Solver++(2M) and UniPC within 3% of diffusers' error at every
 NFE on the same timesteps; the 5-NFE searched solver at least as accurate as the best diffusers
@@ -34,7 +34,7 @@ the solver's own last step to t = 0, which evaluates at t_eps only), the referen
 and diffusers' schedulers also evaluate at timestep >= 0 (t >= 1e-3 = t_eps) and end at t = 0 with their
 final step; every endpoint is the t = 0 (denoised) state. The searches run on digits with --digits-search
 only (a 1000-step reference of the search pool plus backpropagation through the UNet: ~30 min on 2 CPU
-cores); teleportation uses ``genkit.teleport.fit_gaussian`` on the digits training set.
+cores); teleportation uses ``genkit.fit_gaussian`` on the digits training set.
 
 A trained checkpoint can stand in for the in-script training (--digits-checkpoint, EMA weights; any
 ``train/train.py`` run of a ddpm-path eps ``Diffusion`` on digits), and --digits-search runs the DSS search on it
@@ -71,18 +71,20 @@ from bench_common import RESULTS, markdown_table, write_results  # noqa: E402
 
 import genkit.data  # noqa: E402
 import genkit.nets  # noqa: E402
-from genkit import (  # noqa: E402
+from genkit import (  # noqa: E402  # noqa: E402
     DiffusersScheduler,
     Diffusion,
+    GaussianFit,
     GaussianMixture,
     KDiffusionSampler,
     checkpoint,  # noqa: E402
+    fit_gaussian,
     get_path,
+    steps_saved,
 )
 from genkit.errors import ConfigError  # noqa: E402
 from genkit.solvers import EDMStochastic, LogSNR, Solution, Solver, Uniform, solve  # noqa: E402
 from genkit.solvers.searched import search_solver  # noqa: E402
-from genkit.teleport import GaussianFit, fit_gaussian, steps_saved  # noqa: E402
 from genkit.train import TrainConfig, Trainer  # noqa: E402
 
 GENKIT = ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "euler", "heun"]

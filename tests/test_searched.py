@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import genkit
+from genkit import GaussianFit, fit_gaussian, teleport
 from genkit.analytic import Gaussian, GaussianMixture
 from genkit.errors import CheckpointError, ConfigError, SolverError
 from genkit.nets import MLP
@@ -27,7 +28,6 @@ from genkit.solvers.searched import (
     search_solver,
     unregister_searched,
 )
-from genkit.teleport import GaussianFit, fit_gaussian, teleport
 
 ROOT = Path(__file__).resolve().parents[1]
 

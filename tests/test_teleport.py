@@ -8,19 +8,12 @@ import torch
 
 from genkit.analytic import Gaussian, GaussianMixture
 from genkit.errors import ConfigError, DataError, ShapeError, TimeGridError
+from genkit.gaussian_fit import GaussianFit, GaussianFlowMap, fit_gaussian
 from genkit.metrics import mmd
 from genkit.paths import get_path
 from genkit.solvers.base import solve
 from genkit.solvers.grids import Karras
-from genkit.teleport import (
-    GaussianFit,
-    GaussianFlowMap,
-    StepsSaved,
-    fit_gaussian,
-    steps_saved,
-    teleport,
-    teleport_solve,
-)
+from genkit.solvers.teleport import StepsSaved, steps_saved, teleport, teleport_solve
 
 
 def _gen(seed):
@@ -189,3 +182,19 @@ def test_bad_input():
         teleport_solve(field, fit, x1, 0.5, "heun", 4, Karras(t_min=0.7))
     with pytest.raises(ConfigError, match="at least two"):
         steps_saved(field, fit, x1, "heun", [4], [0.8], x1)
+
+
+def test_the_deprecated_module_still_works_and_says_where_things_went():
+    import importlib
+    import sys
+
+    import genkit
+
+    sys.modules.pop("genkit.teleport", None)
+    with pytest.warns(DeprecationWarning, match="genkit.gaussian_fit.*genkit.solvers.teleport"):
+        old = importlib.import_module("genkit.teleport")
+    assert old.GaussianFit is GaussianFit and old.teleport_solve is teleport_solve
+    # importing the module binds it to genkit.teleport, where the function was: it still calls as the function
+    fit = GaussianFit.from_moments(torch.tensor([2.0], dtype=torch.float64), torch.eye(1, dtype=torch.float64))
+    x1 = torch.zeros(3, 1, dtype=torch.float64)
+    assert torch.equal(genkit.teleport(fit, get_path("linear"), x1, 0.5), teleport(fit, get_path("linear"), x1, 0.5))

@@ -22,7 +22,7 @@ Beyond the paper (genkit extensions, each off by default, so the default search 
 - ``step_scales``: a learned factor ``s_i`` on each combined update (``D_i -> s_i D_i``), so the
   coefficients of a step need not sum to one (akin to the epsilon scaling of Ning et al., arXiv 2308.15321,
   here searched per step);
-- ``teleport``: a Gaussian fit (:mod:`genkit.teleport`) replaces the first step by its closed-form flow from
+- ``teleport``: a Gaussian fit (:mod:`genkit.gaussian_fit`) replaces the first step by its closed-form flow from
   ``t_start`` to a searched ``t_jump`` at no evaluation (cf. the analytical first step of AMED, Zhou et al.,
   CVPR 2024, arXiv 2312.00094, and Wang & Vastola's teleportation); the ``N`` evaluations then run from
   ``t_jump``. The jump is one Gaussian for all conditioning (``cond`` reaches the field only). The jump is one more
@@ -141,7 +141,7 @@ def _checked_fit(fit: Any) -> GaussianFit:
         raise ConfigError(f"inconsistent teleport Gaussian: mean {tuple(mean.shape)}, eigvals {tuple(lam.shape)}, "
                           f"eigvecs {tuple(vecs.shape)}, event shape {fit.event_shape}, residual {fit.residual} "
                           "(need mean [D], eigvals [k] >= 0, eigvecs [D, k], residual >= 0, all finite); build it "
-                          "with genkit.teleport.fit_gaussian")
+                          "with genkit.fit_gaussian")
     return GaussianFit(mean, lam, vecs, float(fit.residual), tuple(fit.event_shape))
 
 
@@ -169,7 +169,7 @@ class SearchedSolver(Solver):
         info: JSON metadata of the search, saved with the artifact.
         eval_shift: ``[N]`` shifts of the evaluation times in logit(t) (None: evaluate at the step times).
         scales: ``[N]`` factors on the combined updates (None: 1).
-        teleport: a :class:`~genkit.teleport.GaussianFit` whose flow makes the first, free segment.
+        teleport: a :class:`~genkit.gaussian_fit.GaussianFit` whose flow makes the first, free segment.
 
     The grid given to ``solve`` supplies only the step count (must be ``N``) and the end points (must be
     the searched interval); the searched solver owns its interior times, ``solver.times``.
@@ -562,7 +562,7 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
 
     genkit extensions (module docstring; all off by default, which is the paper's search space):
     ``eval_times`` searches a shift of each evaluation time; ``step_scales`` a factor on each update;
-    ``teleport`` makes the first segment a closed-form jump of a :class:`~genkit.teleport.GaussianFit`, or of
+    ``teleport`` makes the first segment a closed-form jump of a :class:`~genkit.gaussian_fit.GaussianFit`, or of
     the Gaussian fitted to the pool's reference endpoints (``"reference"``: the field's own samples, no data
     needed; full covariance up to 256 dimensions with more samples than dimensions, else the top 256 directions,
     or half the pool's, and the mean remaining variance; endpoints at ``t_end > 0`` are mapped back to t = 0).
@@ -588,7 +588,7 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
                           f"{LR_SCHEDULES}; got {variant!r}, {optimiser!r}, {lr_schedule!r}")
     if isinstance(teleport, str) and teleport != "reference":
         raise ConfigError(f"teleport must be None, 'reference' (fit the reference endpoints) or a GaussianFit "
-                          f"(genkit.teleport.fit_gaussian(data)); got {teleport!r}")
+                          f"(genkit.fit_gaussian(data)); got {teleport!r}")
     fit = None if teleport is None or teleport == "reference" else _checked_fit(teleport)
     if teleport == "reference" and not (isinstance(pool, int) and pool >= 2):
         raise ConfigError(f"teleport='reference' fits a Gaussian to the pool's reference endpoints: need pool >= 2, "
