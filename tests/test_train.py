@@ -442,6 +442,31 @@ def test_data_free_objective_resumes_exactly(tmp_path: Path) -> None:
     assert list(own) == ["log_z"] and torch.equal(own["log_z"], full.log_z.detach())
 
 
+def test_resume_with_changed_parameter_groups_is_refused_or_applied(tmp_path: Path) -> None:
+    from dist_train_script import ReverseKL, objective_config
+
+    from genkit.objective import ParamGroup
+
+    class Regrouped(ReverseKL):
+        def param_groups(self) -> list[ParamGroup]:
+            return [ParamGroup("model", list(self.model.parameters())),
+                    ParamGroup("log_z", [self.log_z], lr_scale=1.0, weight_decay=0.5)]
+
+    Trainer(ReverseKL(), objective_config(str(tmp_path), steps=3)).fit()
+    saved = checkpoint.read_trainer_state(tmp_path)["optimizer_groups"]
+    assert saved == {"main": [{"group": "model", "lr_scale": 1.0, "weight_decay": None, "params": 4},
+                              {"group": "log_z", "lr_scale": 100.0, "weight_decay": 0.0, "params": 1}]}
+    _reset()
+    with pytest.raises(ConfigError, match=r"other optimizers or parameter groups.*'lr_scale': 100\.0.*"
+                                          r"'lr_scale': 1\.0.*allow_new_settings=True"):
+        Trainer(Regrouped(), objective_config(str(tmp_path), steps=6)).fit()
+    _reset()  # allowed: the new lr_scale and weight decay are in force, not the checkpoint's
+    trainer = Trainer(Regrouped(), objective_config(str(tmp_path), steps=6))
+    trainer.fit(allow_new_settings=True)
+    model_group, z_group = trainer.optimizer.param_groups[0], trainer.optimizer.param_groups[-1]
+    assert z_group["initial_lr"] == model_group["initial_lr"] and z_group["weight_decay"] == 0.5
+
+
 def test_resume_with_an_objective_of_other_settings_is_refused(tmp_path: Path) -> None:
     from dist_train_script import ReverseKL, objective_config
 

@@ -346,7 +346,8 @@ class Trainer:
                      "world_size": acc.num_processes, "train_config": self.config.to_dict(),
                      "accelerate_version": accelerate.__version__,
                      "frozen": frozen_records(*self._modules_with_parts()),
-                     "objective_config": objective_config(self.objective, self.model)}
+                     "objective_config": objective_config(self.objective, self.model),
+                     "optimizer_groups": self._opts.specs()}
             single = not self._multi
             checkpoint.save(ckpt, self.model, ema=self.ema.state_dict() if self.ema is not None else None,
                             optimizer=self.optimizer if single else self.optimizers,

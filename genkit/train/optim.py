@@ -146,6 +146,12 @@ class Optimizers:
                 group["initial_lr"], group["lr"], group["betas"] = base, base * factor(step), cfg.betas
                 group["weight_decay"] = cfg.weight_decay if g.weight_decay is None else g.weight_decay
 
+    def specs(self) -> dict[str, list[dict[str, Any]]]:
+        """What each optimizer's groups are (name, lr_scale, weight_decay, parameter count): recorded with the
+        resume state, so a resume whose ``param_groups()`` / ``optimizers()`` changed is caught."""
+        return {name: [{"group": g.name, "lr_scale": float(g.lr_scale), "weight_decay": g.weight_decay,
+                        "params": len(g.params)} for g in groups] for name, groups in self.groups.items()}
+
     def set_kernels(self) -> None:
         for opt in self.raw.values():  # loaded groups keep the saving run's kernel choice: e.g. a fused run
             for group in opt.param_groups:  # resumed under fp16, whose scaler can't use it

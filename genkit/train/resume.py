@@ -102,14 +102,24 @@ def restore(trainer: Any, source: Path, allow_new_settings: bool = False,
                               "objective, or choose a new out_dir / resume=False to start a fresh run")
     check_frozen(source, trainer_state.get("frozen"), trainer._modules_with_parts(), loader)
     opts = trainer._opts
+    saved_groups, groups_now = trainer_state.get("optimizer_groups"), json.loads(json.dumps(opts.specs()))
+    regrouped = saved_groups is not None and saved_groups != groups_now
+    if regrouped and (not allow_new_settings or set(saved_groups) != set(groups_now)
+                      or any(len(saved_groups[k]) != len(groups_now[k]) for k in groups_now)):
+        raise ConfigError(
+            f"{source} was trained with other optimizers or parameter groups ({saved_groups} there, {groups_now} "
+            "now); resume with the same param_groups() / optimizers() to continue it exactly"
+            + ("" if allow_new_settings else ", or pass fit(allow_new_settings=True) (train/train.py: "
+               "--allow-new-settings) for a new lr_scale / weight_decay of the same groups"))
     single = len(opts.raw) == 1
     state = checkpoint.load_training_state(source, trainer.model, next(iter(opts.raw.values())) if single
                                            else opts.raw, next(iter(opts.schedulers.values())) if single
                                            else opts.schedulers)
     _load_objective_state(trainer, state.pop("objective_state", None), source)
     step, saved_lr = int(state["step"]), trainer.optimizer.param_groups[0]["lr"]
-    if changes:  # the loaded optimizer and schedule carry the old values: put the new ones in
-        log.warning("resuming %s with new settings: %s", source, listing)
+    if changes or regrouped:  # the loaded optimizer and schedule carry the old values: put the new ones in
+        log.warning("resuming %s with new settings: %s", source,
+                    "; ".join(x for x in (listing, "parameter groups changed" if regrouped else "") if x))
         opts.apply_settings(cfg, trainer._lr_factor, step)
     ema = state.pop("ema")
     if trainer.ema is not None:
