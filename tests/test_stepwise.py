@@ -238,7 +238,7 @@ def test_detach_cuts_multistep_memory():
 
 def test_searched_solver_steps():
     """A searched solver (with every extension, teleport jump included) is the loop over its steps too."""
-    from genkit.teleport import fit_gaussian
+    from genkit import fit_gaussian
 
     gen = torch.Generator().manual_seed(0)
     field = Gaussian(MEAN, COV, get_path("linear"), "velocity")

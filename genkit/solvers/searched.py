@@ -49,6 +49,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path as FsPath
 from typing import Any, Union
 
@@ -88,6 +89,19 @@ def _shifted(starts: Tensor, shift: Tensor | None) -> Tensor:
     return torch.sigmoid(torch.logit(starts) + shift.to(device=starts.device, dtype=torch.float64))
 
 
+def _direction(hist: Sequence[Tensor], c: Tensor, i: int, scales: Tensor | None) -> Tensor:
+    """Update direction of searched step ``i``: the newest evaluation ``hist[-1]`` (step ``i``'s) with weight
+    ``1 - sum_j c_ij`` plus ``sum_{j < i} c_ij hist[j]`` (so ``C = 0`` is the plain evaluation exactly), times
+    ``scales[i]`` if given.
+    One place for the search (differentiable) and the solver's ``step``."""
+    d = hist[-1]
+    if i:  # at C = 0 this is d exactly: 1 * d + 0 * d_j
+        d = (1 - c[i, :i].sum()) * d
+        for j in range(i):
+            d = d + c[i, j] * hist[j]
+    return d if scales is None else scales[i] * d
+
+
 def _integrate(field: Field, x: Tensor, times: Tensor, coeffs: Tensor, variant: str, keep: bool,
                cond: dict[str, Any], shift: Tensor | None = None, scales: Tensor | None = None,
                teleport: GaussianFit | None = None) -> tuple[Tensor, list[Tensor]]:
@@ -111,13 +125,7 @@ def _integrate(field: Field, x: Tensor, times: Tensor, coeffs: Tensor, variant: 
     hist: list[Tensor] = []
     for i in range(len(ts) - 1):
         hist.append(view(x, broadcast_time(t_eval[i], x), **cond))
-        d = hist[-1]
-        if i:  # at C = 0 this is d exactly: 1 * d + 0 * d_j
-            d = (1 - c[i, :i].sum()) * d
-            for j in range(i):
-                d = d + c[i, j] * hist[j]
-        if gain_scale is not None:
-            d = gain_scale[i] * d
+        d = _direction(hist, c, i, gain_scale)
         if variant == "velocity":  # the step is rounded from float64 exactly as Euler rounds it
             x = x + (times[i + 1] - times[i]).to(device=x.device, dtype=x.dtype) * d
         else:
@@ -290,8 +298,6 @@ class SearchedSolver(Solver):
         jump = None
         seg = grid
         if self.teleport is not None:  # closed-form first segment
-            from ..teleport import GaussianFlowMap  # lazy: teleport imports the solvers package
-
             jump = (GaussianFlowMap(self.teleport.to(x.device), field.path), grid[0].to(x.device), grid[1].to(x.device))
             seg = grid[1:]
         dev, dt = x.device, x.dtype
@@ -318,13 +324,7 @@ class SearchedSolver(Solver):
         i = state.n - (jump is not None)
         view = as_velocity(field) if self.variant == "velocity" else as_x0(field)
         hist = hist + (view(x, broadcast_time(t_eval[i], x), **cond),)
-        d = hist[-1]
-        if i:  # at C = 0 this is d exactly: 1 * d + 0 * d_j
-            d = (1 - c[i, :i].sum()) * d
-            for j in range(i):
-                d = d + c[i, j] * hist[j]
-        if scales is not None:
-            d = scales[i] * d
+        d = _direction(hist, c, i, scales)
         x = x + update[0][i] * d if len(update) == 1 else update[0][i] * x + update[1][i] * d
         return state.advance(x, 1, (hist,))
 
