@@ -26,7 +26,7 @@ from torch import Tensor
 from .errors import ConfigError, ShapeError
 from .paths import PREDICTIONS, Path, broadcast_time
 
-__all__ = ["GaussianMixture", "Gaussian"]
+__all__ = ["GaussianMixture", "Gaussian", "ClassConditionalMixture"]
 
 
 class GaussianMixture:
@@ -85,7 +85,14 @@ class GaussianMixture:
     def __call__(self, x: Tensor, t: Tensor | float, **cond) -> Tensor:
         if cond:
             raise ConfigError(f"an analytic field takes no conditioning; got {sorted(cond)}")
+        return self._predict(x, t)
+
+    def _predict(self, x: Tensor, t: Tensor | float, keep: Tensor | None = None) -> Tensor:
+        """The field of the mixture restricted to the components ``keep [B, K]`` (bool) of each sample, their
+        weights renormalised; all components where ``keep`` is None."""
         a, s, var, proj, logw = self._parts(x, t)
+        if keep is not None:
+            logw = logw.masked_fill(~keep, -math.inf)
         r = torch.softmax(logw, dim=-1)[..., None]  # [B, K, 1]
         inv = proj / var
         if self.prediction == "score":
@@ -149,3 +156,73 @@ def Gaussian(mean: Tensor, cov: Tensor, path: Path, prediction: str = "velocity"
     if mean.ndim != 1 or cov.shape != (mean.shape[0], mean.shape[0]):
         raise ShapeError(f"need mean [D] and cov [D, D]; got {tuple(mean.shape)} and {tuple(cov.shape)}")
     return GaussianMixture(torch.ones(1), mean[None], cov[None], path, prediction)
+
+
+class ClassConditionalMixture:
+    """Exact class-conditional field of a Gaussian mixture whose components carry classes: ``weights [K]``,
+    ``means [K, D]``, ``covs [K, D, D]``, ``classes [K]`` (class id of each component, ``0..C-1``; several
+    components may share one).
+
+    ``field(x, t, labels=c)`` is the exact field of ``p(x_t | c) = sum_{k: class k = c} w_k N(alpha m_k, S_k) /
+    sum_{k: class k = c} w_k``; the null label (``C`` unless given) gives the field of the whole mixture
+    ``p(x_t)``, as a network trained with class dropout learns it. Any prediction type, like
+    :class:`GaussianMixture` (``with_prediction``); ``num_classes``, ``class_names`` and ``null_label`` are what
+    a conditional model exposes, so :func:`genkit.guidance.guide` guides it.
+
+    >>> import torch
+    >>> from genkit.paths import get_path
+    >>> f = ClassConditionalMixture(torch.tensor([0.5, 0.5]), torch.tensor([[-2.0], [2.0]]),
+    ...                             0.1 * torch.ones(2, 1, 1), torch.tensor([0, 1]), get_path("linear"), "x0")
+    >>> f(torch.zeros(2, 1), 1.0, labels=torch.tensor([1, 2]))   # at pure noise: class 1's mean; the null: the mixture's
+    tensor([[2.],
+            [0.]])
+    """
+
+    def __init__(self, weights: Tensor, means: Tensor, covs: Tensor, classes: Tensor, path: Path,
+                 prediction: str = "velocity", *, null_label: int | None = None,
+                 class_names: list[str] | None = None):
+        self.mixture = GaussianMixture(weights, means, covs, path, prediction)
+        classes = torch.as_tensor(classes)
+        if classes.shape != self.mixture.weights.shape or classes.is_floating_point() or classes.dtype == torch.bool:
+            raise ShapeError(f"classes must be integer class ids [K]={list(self.mixture.weights.shape)}, one per "
+                             f"component; got {classes.dtype} {list(classes.shape)}")
+        classes = classes.long()
+        if (classes < 0).any():
+            raise ConfigError(f"class ids must be >= 0; got {classes.tolist()}")
+        self.num_classes = int(classes.max()) + 1
+        missing = sorted(set(range(self.num_classes)) - set(classes.tolist()))
+        if missing:
+            raise ConfigError(f"classes {missing} own no component; number the classes 0..C-1 without gaps")
+        self.null_label = self.num_classes if null_label is None else int(null_label)
+        if 0 <= self.null_label < self.num_classes:
+            raise ConfigError(f"null_label {self.null_label} is a real class (0..{self.num_classes - 1}); pick one "
+                              "outside them, e.g. the default C")
+        if class_names is not None and len(class_names) != self.num_classes:
+            raise ConfigError(f"class_names has {len(class_names)} names for {self.num_classes} classes")
+        self.classes, self.class_names = classes, class_names
+        self.path, self.prediction = path, prediction
+
+    def with_prediction(self, prediction: str) -> ClassConditionalMixture:
+        """The same mixture seen as another parametrization."""
+        m = self.mixture
+        return ClassConditionalMixture(m.weights, m.means, m.covs, self.classes, self.path, prediction,
+                                       null_label=self.null_label, class_names=self.class_names)
+
+    def component_mask(self, labels: Tensor) -> Tensor:
+        """``[B, K]`` bool: the components of each label's class (all of them for the null label)."""
+        labels = labels.to(self.classes.device)
+        return (self.classes[None] == labels[:, None]) | (labels == self.null_label)[:, None]
+
+    def __call__(self, x: Tensor, t: Tensor | float, *, labels: Tensor) -> Tensor:
+        if not torch.is_tensor(labels) or labels.shape != (x.shape[0],) or labels.is_floating_point():
+            got = f"{labels.dtype} {list(labels.shape)}" if torch.is_tensor(labels) else type(labels).__name__
+            raise ShapeError(f"labels must be integer class ids [{x.shape[0]}]; got {got}")
+        ok = ((labels >= 0) & (labels < self.num_classes)) | (labels == self.null_label)
+        if not bool(ok.all()):
+            raise ConfigError(f"labels {labels[~ok][:5].tolist()} are neither classes 0..{self.num_classes - 1} nor "
+                              f"the null label {self.null_label}")
+        return self.mixture._predict(x, t, self.component_mask(labels))
+
+    def __repr__(self) -> str:
+        return (f"ClassConditionalMixture(K={len(self.classes)}, classes={self.num_classes}, D={self.mixture.dim}, "
+                f"path={self.path!r}, prediction={self.prediction!r})")
