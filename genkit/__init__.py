@@ -5,12 +5,13 @@ takes ``generator=``. See README.md for the two commands that start everything.
 """
 
 from . import errors
-from .analytic import Gaussian, GaussianMixture
+from .analytic import ClassConditionalMixture, Gaussian, GaussianMixture
 from .checkpoint import save
 from .errors import GenkitError
 from .fields import FunctionField, as_eps, as_score, as_velocity, as_x0
 from .frozen import Frozen
 from .gaussian_fit import GaussianFit, GaussianFlowMap, fit_gaussian
+from .guidance import Guidance, GuidedField, guide
 from .interop import DiffusersScheduler, KDiffusionSampler, from_diffusers, to_diffusers
 from .loading import load
 from .models import Diffusion, FlowMatching, Secant
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "errors", "GenkitError",
     "get_path", "FunctionField", "as_velocity", "as_score", "as_x0", "as_eps",
-    "Gaussian", "GaussianMixture",
+    "Gaussian", "GaussianMixture", "ClassConditionalMixture", "Guidance", "GuidedField", "guide",
     "Diffusion", "FlowMatching", "Secant",
     "Sampler", "ODESampler", "JumpSampler", "SAMPLERS", "get_sampler",
     "solve", "get_solver", "get_grid", "ode_log_prob", "ODEFlowMap",

@@ -173,7 +173,7 @@ class ClassConditionalMixture:
     >>> from genkit.paths import get_path
     >>> f = ClassConditionalMixture(torch.tensor([0.5, 0.5]), torch.tensor([[-2.0], [2.0]]),
     ...                             0.1 * torch.ones(2, 1, 1), torch.tensor([0, 1]), get_path("linear"), "x0")
-    >>> f(torch.zeros(2, 1), 1.0, labels=torch.tensor([1, 2]))   # at pure noise: class 1's mean; the null: the mixture's
+    >>> f(torch.zeros(2, 1), 1.0, labels=torch.tensor([1, 2]))   # t = 1: class 1's mean; null: the mixture's
     tensor([[2.],
             [0.]])
     """

@@ -82,7 +82,8 @@ class Guidance:
             raise ConfigError(f"guidance scale must be >= 0 (0 unconditional, 1 conditional, > 1 guided); got {scale}")
         object.__setattr__(self, "scale", scale)
         if self.interval is not None:
-            if isinstance(self.interval, (str, bytes)) or not hasattr(self.interval, "__len__") or len(self.interval) != 2:
+            pair = not isinstance(self.interval, (str, bytes)) and hasattr(self.interval, "__len__")
+            if not pair or len(self.interval) != 2:
                 raise ConfigError(f"guidance interval must be a pair (t_lo, t_hi) of times in [0, 1]; got "
                                   f"{self.interval!r}")
             lo, hi = (_number("interval end", v) for v in self.interval)
@@ -157,7 +158,8 @@ class GuidedField:
             return labels
         if isinstance(labels, (list, tuple)):
             labels = torch.tensor(labels) if len(labels) else torch.zeros(0, dtype=torch.long)
-        if not torch.is_tensor(labels) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        integer = torch.is_tensor(labels) and not (labels.is_floating_point() or labels.is_complex())
+        if not integer or labels.dtype is torch.bool:
             what = labels.dtype if torch.is_tensor(labels) else type(labels).__name__
             raise ShapeError(f"labels must be an int or an integer tensor of class ids [batch]; got {what}")
         if labels.ndim != 1:
@@ -182,7 +184,7 @@ class GuidedField:
             raise ShapeError(f"labels has {labels.shape[0]} entries but the batch x has {x.shape[0]}; pass one label "
                              "per sample (or one int for all)")
         if labels.device != x.device:
-            raise ShapeError(f"labels are on {labels.device} but x is on {x.device}; move them with labels.to(x.device)")
+            raise ShapeError(f"labels are on {labels.device} but x is on {x.device}; move them: labels.to(x.device)")
 
     def _labels(self, x: Tensor, cond: dict[str, Any]) -> Tensor:
         given = cond.pop("labels", None)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DataError, ShapeError
+from ..guidance import Guidance, guide
 from ..paths import PREDICTIONS, Path, broadcast_time, get_path
 from ..sampling import ODESampler, Sampler, get_sampler
 from ..solvers import Solution, Solver, TimeGrid, ode_log_prob
@@ -110,7 +111,8 @@ class ContinuousModel(nn.Module):
     def sample(self, n: int, *, sampler: str | Sampler | None = None, solver: str | Solver | None = None,
                steps: int | None = None, grid: str | TimeGrid | Tensor | Sequence[float] | None = None,
                generator: torch.Generator | None = None, device: torch.device | str | None = None,
-               return_solution: bool = False, **cond: Any) -> Tensor | Solution:
+               return_solution: bool = False, labels: Tensor | Sequence[int] | int | None = None,
+               guidance: Guidance | float | None = None, **cond: Any) -> Tensor | Solution:
         """Draw ``n`` samples ``[n, *sample_shape]`` from the prior through a sampler (no gradients).
 
         ``sampler`` is a :class:`~genkit.sampling.Sampler` or its name (see :meth:`get_sampler` for how
@@ -119,24 +121,33 @@ class ContinuousModel(nn.Module):
         ``generator`` makes the prior draw (and any solver noise) reproducible; ``device`` defaults to the
         model's. With ``return_solution=True`` the full :class:`~genkit.solvers.Solution` (NFE, trajectory
         if asked through the solver) is returned.
+
+        A class-conditional model takes ``labels``: one class id for all ``n`` samples or ``n`` of them (a list or
+        a 1-D integer tensor). ``guidance`` (a scale or a :class:`~genkit.guidance.Guidance`) samples with
+        classifier-free guidance (:func:`genkit.guidance.guide`, one batched network call per evaluation);
+        it needs ``labels`` and a model with a null label. ``labels`` without ``guidance`` sample the plain
+        conditional model (guidance scale 1).
         """
         return self._draw(n, self.get_sampler(sampler, solver=solver, steps=steps, grid=grid), generator, device,
-                          return_solution, cond)
+                          return_solution, cond, labels, guidance)
 
     def rsample(self, n: int, *, sampler: str | Sampler | None = None, solver: str | Solver | None = None,
                 steps: int | None = None, grid: str | TimeGrid | Tensor | Sequence[float] | None = None,
                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                return_solution: bool = False, **cond: Any) -> Tensor | Solution:
+                return_solution: bool = False, labels: Tensor | Sequence[int] | int | None = None,
+                guidance: Guidance | float | None = None, **cond: Any) -> Tensor | Solution:
         """:meth:`sample` with gradients kept: the samples are ``x = Phi_theta(z)`` with ``z`` from the fixed
         Gaussian prior, a deterministic (reparameterised) map of the parameters for ODE solvers and jumps (SDE
         solvers add noise that does not depend on the parameters), so ``loss(rsample(n)).backward()`` gives
         pathwise gradients w.r.t. the parameters, as ``torch.distributions``' ``rsample`` does. Same values as
-        :meth:`sample` for the same generator; memory grows with the steps (every evaluation is recorded)."""
+        :meth:`sample` for the same generator; memory grows with the steps (every evaluation is recorded).
+        ``labels`` and ``guidance`` as in :meth:`sample`."""
         return self._draw(n, self.get_sampler(sampler, solver=solver, steps=steps, grid=grid), generator, device,
-                          return_solution, cond)
+                          return_solution, cond, labels, guidance)
 
     def _draw(self, n: int, sampler: Sampler, generator: torch.Generator | None, device: torch.device | str | None,
-              return_solution: bool, cond: dict[str, Any]) -> Tensor | Solution:
+              return_solution: bool, cond: dict[str, Any], labels: Any = None,
+              guidance: Guidance | float | None = None) -> Tensor | Solution:
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ConfigError(f"n must be a positive integer; got {n!r}")
         n = int(n)
@@ -145,9 +156,47 @@ class ContinuousModel(nn.Module):
         if generator is not None and generator.device.type != device.type:
             raise ConfigError(f"the generator is on {generator.device} but sampling runs on {device}; create it with "
                               f"torch.Generator(device={str(device)!r})")
+        target: Any = self
+        if guidance is not None or labels is not None:
+            labels = self._sample_labels(labels, n, device, guidance)
+            if guidance is None:
+                cond["labels"] = labels
+            else:
+                if sampler.name != "ode":
+                    raise ConfigError(f"classifier-free guidance combines two field evaluations, so it needs an "
+                                      f"ODE/SDE solver; {sampler!r} runs learned jumps. Pick a solver (solver='heun')")
+                target = guide(self, guidance, labels)
         x = self.path.sample_prior((n, *self.sample_shape), generator=generator, device=device, dtype=p.dtype)
-        sol = sampler.sample(self, x, generator=generator, **cond)
+        sol = sampler.sample(target, x, generator=generator, **cond)
         return sol if return_solution else sol.samples
+
+    def _sample_labels(self, labels: Any, n: int, device: torch.device, guidance: Any) -> Tensor:
+        """``labels`` of :meth:`sample` as ``[n]`` int64 class ids on ``device``, checked against the model."""
+        if labels is None:
+            raise ConfigError("guidance needs labels: model.sample(n, labels=3, guidance=2.0) (one class for all, or "
+                              "n class ids)")
+        k = getattr(self, "num_classes", None)
+        if k is None:
+            raise ConfigError(f"this {self.family} model is unconditional (num_classes None), so it takes no labels"
+                              + (" and cannot be guided" if guidance is not None else "")
+                              + "; train a class-conditional one (train.py --conditional --class-dropout 0.1)")
+        if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
+            labels = torch.full((n,), int(labels), dtype=torch.long)
+        elif isinstance(labels, (list, tuple)):
+            labels = torch.tensor(labels, dtype=torch.long) if len(labels) else torch.zeros(0, dtype=torch.long)
+        integer = torch.is_tensor(labels) and not (labels.is_floating_point() or labels.is_complex())
+        if not integer or labels.dtype is torch.bool:
+            what = labels.dtype if torch.is_tensor(labels) else type(labels).__name__
+            raise ShapeError(f"labels must be a class id (int), a list of n ids or a 1-D integer tensor; got {what}")
+        if labels.shape != (n,):
+            raise ShapeError(f"labels must hold one class id per sample, shape [{n}]; got {tuple(labels.shape)}")
+        null = getattr(self, "null_label", None)
+        bad = ((labels < 0) | (labels >= k)) & (labels != (-1 if null is None else null))
+        if bool(bad.any()):
+            names = getattr(self, "class_names", None)
+            known = f" ({', '.join(map(str, names))})" if names else ""
+            raise ConfigError(f"labels {labels[bad][:5].tolist()} are not classes of this model: 0..{k - 1}{known}")
+        return labels.to(device=device, dtype=torch.long)
 
     #: Return E[x_0 | x_t] at the grid's last time when it ends above 0 (one extra evaluation).
     denoise_end = False
