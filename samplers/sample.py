@@ -9,6 +9,7 @@ examples:
   python samplers/sample.py --checkpoint runs/default/checkpoint --solver euler --steps 8 --grid karras
   python samplers/sample.py --checkpoint runs/digits --n 64 --device cuda --out runs/digits/heun32
   python samplers/sample.py --checkpoint runs/secant --steps 4   # a train/secant.py model: its 4 learned jumps
+  python samplers/sample.py --checkpoint runs/digits_cond --class 3 --guidance 2.0   # classifier-free guidance
 
 Each model samples with its own default sampler unless told otherwise (the model says which it supports):
 models with learned jumps (train/secant.py) use them (--solver jumps, NFE = steps, default their first trained
@@ -61,7 +62,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="output folder (default: samples_SOLVERSTEPS_GRID/ next to the checkpoint folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    g = p.add_argument_group("class-conditional models")
+    g.add_argument("--class", dest="class_label", metavar="C",
+                   help="sample this class (its id, or its name when the checkpoint records class names)")
+    g.add_argument("--guidance", type=float, metavar="S",
+                   help="classifier-free guidance scale (0 unconditional, 1 conditional; needs --class)")
+    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"),
+                   help="guide only for T_LO < t <= T_HI (Kynkaanniemi et al. 2024), conditional elsewhere")
+    g.add_argument("--guidance-rescale", type=float, metavar="PHI",
+                   help="rescaled guidance phi in [0, 1] (Lin et al. 2023; 0.7 in the paper)")
     return p.parse_args(argv)
+
+
+def class_and_guidance(args: argparse.Namespace, model: torch.nn.Module, ckpt: Path) -> dict:
+    """--class / --guidance* as model.sample's labels= and guidance= (empty without them)."""
+    if args.class_label is None:
+        extra = [f for f, v in (("--guidance", args.guidance), ("--guidance-interval", args.guidance_interval),
+                                ("--guidance-rescale", args.guidance_rescale)) if v is not None]
+        if extra:
+            raise ConfigError(f"{' and '.join(extra)} need --class: guidance pushes samples towards a class")
+        return {}
+    if getattr(model, "num_classes", None) is None:
+        raise ConfigError(f"--class {args.class_label}: {ckpt} holds an unconditional {model.family!r} model; "
+                          "train a class-conditional one (train/train.py --conditional --class-dropout 0.1)")
+    names = list(getattr(model, "class_names", None) or [])
+    if args.class_label in names:
+        label = names.index(args.class_label)
+    elif args.class_label.lstrip("-").isdigit():
+        label = int(args.class_label)
+    else:
+        raise ConfigError(f"--class {args.class_label!r} is neither a class id (0..{model.num_classes - 1}) nor a "
+                          f"class name of {ckpt}" + (f" ({', '.join(names)})" if names else " (it records none)"))
+    if not 0 <= label < model.num_classes:
+        raise ConfigError(f"--class {label} is out of range: {ckpt} has classes 0..{model.num_classes - 1}")
+    if args.guidance is None:
+        if args.guidance_interval is not None or args.guidance_rescale is not None:
+            raise ConfigError("--guidance-interval and --guidance-rescale shape the guidance: give --guidance too")
+        return {"labels": label}
+    if getattr(model, "null_label", None) is None:
+        raise ConfigError(f"--guidance needs a model trained with class dropout (a null label); {ckpt} has none. "
+                          "Drop --guidance to sample the class without guidance, or retrain with --class-dropout 0.1")
+    guidance = genkit.Guidance(args.guidance, interval=None if args.guidance_interval is None
+                               else tuple(args.guidance_interval), rescale=args.guidance_rescale or 0.0)
+    return {"labels": label, "guidance": guidance}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,10 +134,18 @@ def main(argv: list[str] | None = None) -> None:
         args.grid = args.grid or "uniform"
         sampler = model.get_sampler("ode", solver=args.solver, steps=args.steps, grid=args.grid)
         how = f"{args.solver}, {args.steps} steps, {args.grid} grid"
-    out = Path(args.out) if args.out else ckpt.parent / f"samples_{label}{args.steps}_{args.grid}"
+    conditioning = class_and_guidance(args, model, ckpt)
+    tag = ""
+    if conditioning:
+        how += f", class {conditioning['labels']}"
+        tag = f"_class{conditioning['labels']}"
+        if "guidance" in conditioning:
+            how += f", guidance {args.guidance:g}"
+            tag += f"_cfg{args.guidance:g}"
+    out = Path(args.out) if args.out else ckpt.parent / f"samples_{label}{args.steps}_{args.grid}{tag}"
     t0 = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    sol = model.sample(args.n, sampler=sampler, return_solution=True, generator=gen)
+    sol = model.sample(args.n, sampler=sampler, return_solution=True, generator=gen, **conditioning)
     samples = sol.samples.float().cpu().contiguous()  # .cpu() waits for the GPU, so the time is honest
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)

@@ -312,3 +312,32 @@ def test_model_sample_errors():
     with pytest.raises(ConfigError, match="null label"):
         no_null.sample(4, labels=1, guidance=2.0)
     assert isinstance(guide(model, 2.0, 1), GuidedField)
+
+
+# --- samplers/sample.py --class / --guidance -------------------------------------------------------------------------
+def test_sample_script_class_and_guidance(tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    main = runpy.run_path(str(Path(__file__).parents[1] / "samplers" / "sample.py"))["main"]
+    plain = FlowMatching(MLP(2, hidden=8, depth=1, time_dim=8), "linear", sample_shape=(2,))
+    genkit.save(tmp_path / "plain", plain)
+    with pytest.raises(ConfigError, match="unconditional"):
+        main(["--checkpoint", str(tmp_path / "plain"), "--class", "1", "--guidance", "2", "--device", "cpu"])
+    with pytest.raises(ConfigError, match="need --class"):
+        main(["--checkpoint", str(tmp_path / "plain"), "--guidance", "2", "--device", "cpu"])
+    model = conditional_model()
+    monkeypatch.setattr(genkit, "load", lambda *a, **k: model)  # a conditional checkpoint, as train.py will write
+    for bad, match in ((["--class", "7"], "out of range"), (["--class", "seven"], "neither a class id"),
+                       (["--class", "1", "--guidance-rescale", "0.5"], "give --guidance")):
+        with pytest.raises(ConfigError, match=match):
+            main(["--checkpoint", str(tmp_path / "plain"), "--device", "cpu", *bad])
+    out = tmp_path / "out"
+    main(["--checkpoint", str(tmp_path / "plain"), "--n", "5", "--solver", "euler", "--steps", "4", "--device", "cpu",
+          "--class", "2", "--guidance", "3", "--guidance-interval", "0.1", "0.9", "--guidance-rescale", "0.5",
+          "--out", str(out)])
+    x = model.path.sample_prior((5, 2), generator=torch.Generator().manual_seed(0))
+    want = solve(guide(model, Guidance(3.0, interval=(0.1, 0.9), rescale=0.5), 2), x, "euler", 4).samples
+    assert torch.equal(load_file(str(out / "samples.safetensors"))["samples"], want)
