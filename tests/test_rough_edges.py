@@ -63,7 +63,7 @@ def test_integer_data_to_a_continuous_family_says_to_convert(tmp_path: Path) -> 
 
 
 # 3. search_solver under no_grad --------------------------------------------------------------------------------
-def test_search_solver_runs_under_no_grad_and_finds_the_same_solver() -> None:
+def test_search_solver_runs_under_no_grad_or_inference_mode_and_finds_the_same_solver() -> None:
     from genkit.solvers.searched import search_solver
 
     kw = dict(shape=(1,), iters=4, batch=8, pool=16, holdout=16, reference_steps=10)
@@ -71,7 +71,12 @@ def test_search_solver_runs_under_no_grad_and_finds_the_same_solver() -> None:
     with torch.no_grad():
         under = search_solver(gauss(), 2, generator=torch.Generator().manual_seed(0), **kw)
         assert not torch.is_grad_enabled()  # the caller's mode is restored after the search
-    assert torch.equal(under.times, free.times) and torch.equal(under.coefficients, free.coefficients)
+    field = gauss()  # made outside: tensors made under inference_mode cannot enter autograd at all
+    with torch.inference_mode():
+        inference = search_solver(field, 2, generator=torch.Generator().manual_seed(0), **kw)
+        assert torch.is_inference_mode_enabled()
+    for s in (under, inference):
+        assert torch.equal(s.times, free.times) and torch.equal(s.coefficients, free.coefficients)
 
 
 # 4. A keyword typo in log_prob ---------------------------------------------------------------------------------
@@ -154,6 +159,10 @@ def test_integer_state_names_x_not_t() -> None:
     model, batch = FlowMatching.example()
     with pytest.raises(ShapeError, match=r"x is torch\.int64.*continuous.*x\.float\(\)"):
         model(batch.long(), torch.full((len(batch),), 0.5))
+    g = Gaussian(torch.ones(2), torch.eye(2) * 0.25, get_path("linear"))
+    secant = Secant(MLP(2, hidden=16), teacher=g, steps=2, sample_shape=(2,))
+    with pytest.raises(ShapeError, match=r"x is torch\.int64 but the secant model is continuous"):
+        secant.flow_map(batch.long(), 1.0, 0.0)
 
 
 @pytest.mark.parametrize("solver", ["heun", "dopri5"])

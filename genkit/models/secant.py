@@ -47,7 +47,7 @@ from ..nets.two_time import to_two_time
 from ..paths import Path, broadcast_time, path_from_config
 from ..sampling import JumpSampler, Sampler
 from ..solvers import Solution, Uniform, get_grid
-from .continuous import ContinuousModel
+from .continuous import ContinuousModel, _explain_integer
 from .registry import FAMILIES
 
 __all__ = ["Secant", "LOSSES", "TEACHER_FREE"]
@@ -195,6 +195,7 @@ class Secant(ContinuousModel):
         if tuple(x.shape[1:]) != self.sample_shape:
             raise ShapeError(f"secant model expects inputs of shape [batch, {', '.join(map(str, self.sample_shape))}]"
                              f"; got {tuple(x.shape)}")
+        _explain_integer(x, "x", self.family)  # a dtype test, no sync
         t, s = broadcast_time(t, x), broadcast_time(s, x)
         if bool(((t < 0) | (t > 1) | (s < 0) | (s > 1)).any()):
             raise ConfigError(f"times must lie in [0, 1] (0 = data, 1 = noise); got t in [{float(t.min()):.4g}, "
