@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from . import io
+from .checks import check_device
 from .errors import CheckpointError, ConfigError
 from .frozen import FINGERPRINT_ATTR, SOURCE_ATTR, fingerprint_state
 
@@ -143,6 +144,7 @@ def save(directory: PathLike, model: nn.Module, *, ema: dict[str, Tensor] | None
     ``directory`` must be missing, empty or an earlier checkpoint (replaced whole); any other folder is a
     CheckpointError, as saving would delete its files.
     """
+    _check_save_arguments(directory, model)
     directory = Path(directory)
     model = unwrap(model)
     config = model_config(model)
@@ -167,6 +169,19 @@ def save(directory: PathLike, model: nn.Module, *, ema: dict[str, Tensor] | None
                 "torch_version": torch.__version__, "genkit_files": io.file_sizes(tmp)}
         io.write_json(tmp / "config.json", {**config, **meta}, "config", keep_tuples=False)
     return directory
+
+
+def _check_save_arguments(directory: Any, model: Any) -> None:
+    """The folder first, then the model (``torch.save`` takes them the other way round)."""
+    if isinstance(directory, nn.Module) and isinstance(model, (str, os.PathLike)):
+        raise ConfigError(f"genkit.save(directory, model) takes the folder first; got save({type(directory).__name__}"
+                          f", {str(model)!r}): swap the arguments, genkit.save({str(model)!r}, model)")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ConfigError(f"genkit.save(directory, model): directory must be a path (str or pathlib.Path); got "
+                          f"{type(directory).__name__}")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"genkit.save(directory, model): model must be an nn.Module with config(); got "
+                          f"{type(model).__name__}")
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -198,6 +213,10 @@ def read_config(directory: PathLike) -> dict[str, Any]:
     if not (path / "config.json").exists() and any((path / name).exists() for name in _DIFFUSERS_MARKERS):
         raise CheckpointError(f"{path} is a diffusers pipeline folder, not a genkit checkpoint; load it with "
                               f"genkit.from_diffusers({str(path)!r})")
+    if not (path / "config.json").exists() and (path / "solver.json").is_file():
+        raise CheckpointError(f"{path} is a searched-solver folder (solver.json), not a model checkpoint; use it as "
+                              f"a solver: genkit.get_solver({str(path)!r}), or solver={str(path)!r} in genkit.solve "
+                              "/ model.sample (genkit.solvers.load_searched_solver reads it too)")
     config = _read_json(path / "config.json")
     fmt = config.get("format") if isinstance(config, dict) else None
     if not isinstance(fmt, int) and isinstance(config, dict) and "_class_name" in config:
@@ -250,7 +269,7 @@ def load_weights(directory: PathLike, model: nn.Module, *, ema: bool = True,
     directory = Path(directory)
     config = read_config(directory)
     path = _resolve(directory)
-    device = torch.device(map_location)
+    device = check_device(map_location, "genkit.load", "map_location")
     map_location = "cpu" if device.type == "cpu" else str(device)  # safetensors rejects "cpu:0"
     model.to(map_location)
     name = "ema.safetensors" if ema and (path / "ema.safetensors").is_file() else "model.safetensors"

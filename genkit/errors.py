@@ -12,6 +12,8 @@ __all__ = [
     "CheckpointError",
     "SolverError",
     "TrainingInterrupted",
+    "GenkitWarning",
+    "DataWarning",
 ]
 
 
@@ -54,3 +56,12 @@ class TrainingInterrupted(GenkitError):
     def __init__(self, message: str, step: int, checkpoint: object, signum: int | None = None):
         super().__init__(message)
         self.step, self.checkpoint, self.signum = step, checkpoint, signum
+
+
+class GenkitWarning(UserWarning):
+    """Base class of every warning genkit issues on purpose (``warnings.simplefilter("error", GenkitWarning)``
+    makes them errors)."""
+
+
+class DataWarning(GenkitWarning):
+    """Training data is usable but likely wrong for the model (e.g. far from unit scale); said once per fit."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .checks import check_device
 from .errors import CheckpointError
 from .models import build
 
@@ -29,8 +30,10 @@ def load(directory: PathLike, *, ema: bool = True, map_location: str | torch.dev
     ``directory`` is a checkpoint folder or a training run folder (``TrainConfig.out_dir``, ``--out`` of
     train/train.py), whose ``checkpoint/`` is loaded. A diffusers folder is refused with a pointer to
     ``genkit.from_diffusers``. EMA weights are loaded when saved and ``ema=True``; otherwise the raw weights.
-    ``expect_family`` makes loading a checkpoint of another family an error.
+    ``expect_family`` makes loading a checkpoint of another family an error. ``map_location`` must name a
+    device this machine has (``"cuda"`` without CUDA is a ConfigError saying so).
     """
+    check_device(map_location, "genkit.load", "map_location")  # before reading anything
     config = checkpoint.read_config(directory)
     path = checkpoint.resolve(directory)
     family = config.get("family")

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_device, check_generator
 from ..errors import ConfigError, DataError, ShapeError
 from ..guidance import Guidance, guide
 from ..paths import PREDICTIONS, Path, broadcast_time, get_path
@@ -54,6 +55,7 @@ class ContinuousModel(nn.Module):
             return self.net(self.net_input(x, t), t, **cond)
         except RuntimeError as e:  # explained here, at no cost to the calls that work (a sampling loop's)
             p = next(self.net.parameters(), None)
+            _explain_integer(x, "x", self.family, e)
             if p is not None and x.is_floating_point() and x.dtype != p.dtype:
                 raise ShapeError(f"x is {x.dtype} but the {self.family} model's weights are {p.dtype}; convert one "
                                  f"of them (x.to({p.dtype}) or model.to({x.dtype}))") from e
@@ -69,6 +71,7 @@ class ContinuousModel(nn.Module):
         if tuple(batch.shape[1:]) != self.sample_shape:
             raise ShapeError(f"batch has shape {tuple(batch.shape)} but the model was built for samples of shape "
                              f"{self.sample_shape}; rebuild the model with sample_shape={tuple(batch.shape[1:])}")
+        _explain_integer(batch, "batch", self.family)
         return batch
 
     # --- sampling and densities ---------------------------------------------------------------------------
@@ -152,7 +155,8 @@ class ContinuousModel(nn.Module):
             raise ConfigError(f"n must be a positive integer; got {n!r}")
         n = int(n)
         p = next(self.parameters())
-        device = torch.device(device) if device is not None else p.device
+        check_generator(generator, f"{self.family}.sample")
+        device = check_device(device, f"{self.family}.sample") if device is not None else p.device
         if generator is not None and generator.device.type != device.type:
             raise ConfigError(f"the generator is on {generator.device} but sampling runs on {device}; create it with "
                               f"torch.Generator(device={str(device)!r})")
@@ -207,7 +211,9 @@ class ContinuousModel(nn.Module):
 
     def log_prob(self, x: Tensor, **kwargs: Any) -> Tensor:
         """``log p(x)`` in nats through the probability-flow ODE over the model's time range (see
-        :meth:`time_range` and :func:`genkit.solvers.ode_log_prob`)."""
+        :meth:`time_range` and :func:`genkit.solvers.ode_log_prob`, whose options ``solver``, ``steps``,
+        ``divergence_mode``, ``t_min``, ``t_max`` and ``generator`` it takes; other keywords are conditioning).
+        A keyword close to an option (``stpes=``) is a ConfigError, not conditioning."""
         self.check_batch(x)
         t_min, t_max = self.time_range()
         kwargs.setdefault("t_min", t_min)
@@ -255,3 +261,12 @@ class ContinuousModel(nn.Module):
 
     def extra_config(self) -> dict[str, Any]:
         return {}
+
+
+def _explain_integer(x: Tensor, name: str, family: str, cause: BaseException | None = None) -> None:
+    """A ShapeError for integer data given to a continuous family (it asks for real-valued samples)."""
+    if torch.is_tensor(x) and not (x.is_floating_point() or x.is_complex()):
+        what = "the model's input" if name == "x" else "training data"
+        raise ShapeError(f"{name} is {x.dtype} but the {family} model is continuous: {what} must be floating point "
+                         f"(convert it: {name}.float(), scaled to about unit size, e.g. images to [-1, 1]); integer "
+                         "tokens are for a discrete family (masked discrete diffusion, not in genkit yet)") from cause

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_generator
 from ..errors import ConfigError
 from ..paths import Path, get_path, path_from_config
 from ..solvers import get_grid
@@ -121,6 +122,7 @@ class Diffusion(ContinuousModel):
     def loss(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """Weighted denoising loss averaged over the batch; ``generator`` draws t and the noise."""
         x0 = self.check_batch(batch)
+        check_generator(generator, f"{self.family}.loss")
         u = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
         t = self.t_eps + (self.t_max - self.t_eps) * u
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_generator
 from ..errors import ConfigError
 from ..paths import Path, path_from_config
 from .continuous import ContinuousModel
@@ -68,6 +69,7 @@ class FlowMatching(ContinuousModel):
     def loss(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """MSE between the network and the conditional velocity; ``generator`` draws t and the noise."""
         x0 = self.check_batch(batch)
+        check_generator(generator, f"{self.family}.loss")
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         if self.coupling == "ot":
             eps = eps[ot_pairing(x0, eps)]

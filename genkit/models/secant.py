@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_generator
 from ..errors import ConfigError, ShapeError
 from ..fields import Field, as_velocity, check_field
 from ..frozen import Frozen
@@ -46,7 +47,7 @@ from ..nets.two_time import to_two_time
 from ..paths import Path, broadcast_time, path_from_config
 from ..sampling import JumpSampler, Sampler
 from ..solvers import Solution, Uniform, get_grid
-from .continuous import ContinuousModel
+from .continuous import ContinuousModel, _explain_integer
 from .registry import FAMILIES
 
 __all__ = ["Secant", "LOSSES", "TEACHER_FREE"]
@@ -61,6 +62,21 @@ def _teacher_shape(teacher: Any) -> tuple[int, ...] | None:
         return tuple(base.sample_shape)
     dim = getattr(base, "dim", None)  # analytic fields
     return (int(dim),) if isinstance(dim, int) and not isinstance(base, nn.Module) else None
+
+
+def _refuse_secant_teacher(teacher: Any) -> None:
+    """A secant model is no teacher: its field ``f(x, t, t)`` is the short-jump limit of its learned jumps, not the
+    velocity it was distilled from; and ``from_teacher`` would share (and freeze) its network."""
+    base = getattr(teacher, "base", teacher)  # through as_* views
+    if isinstance(base, Secant):
+        own = base.teacher
+        source = f" (this one's is a {getattr(own, 'family', type(own).__name__)} field: pass that)" if own else ""
+        raise ConfigError("a secant model as the teacher: the secant losses need the teacher's velocity, and a "
+                          "secant model's f(x, t, t) is only the short-jump limit of its learned jumps, not the "
+                          "velocity it was distilled from, so distilling it again compounds both errors (and "
+                          "from_teacher would share, and freeze, its network); distil from the flow-matching or "
+                          "diffusion model it was trained from" + source + ". To sample it in fewer steps use its "
+                          "own jumps: model.sample(n, steps=k) with k in model.steps")
 
 
 def _teacher_range(teacher: Any) -> tuple[float | None, float | None]:
@@ -125,6 +141,7 @@ class Secant(ContinuousModel):
             self.frozen.set("teacher", None)
             return
         check_field(teacher)
+        _refuse_secant_teacher(teacher)
         if self.loss_name in TEACHER_FREE:
             raise ConfigError(f"loss {self.loss_name!r} trains without a teacher; drop teacher= or use one of "
                               f"{[n for n in LOSSES if n not in TEACHER_FREE]}")
@@ -143,6 +160,7 @@ class Secant(ContinuousModel):
         like ``stee`` only starts from it). Without ``net`` the network is a copy of the teacher's, which needs
         a velocity network on unscaled inputs (flow matching); other keyword arguments go to :class:`Secant`."""
         check_field(teacher)
+        _refuse_secant_teacher(teacher)
         shape = _teacher_shape(teacher)
         if shape is None:
             raise ConfigError(f"cannot tell the sample shape of teacher {type(teacher).__name__}; build "
@@ -177,6 +195,7 @@ class Secant(ContinuousModel):
         if tuple(x.shape[1:]) != self.sample_shape:
             raise ShapeError(f"secant model expects inputs of shape [batch, {', '.join(map(str, self.sample_shape))}]"
                              f"; got {tuple(x.shape)}")
+        _explain_integer(x, "x", self.family)  # a dtype test, no sync
         t, s = broadcast_time(t, x), broadcast_time(s, x)
         if bool(((t < 0) | (t > 1) | (s < 0) | (s > 1)).any()):
             raise ConfigError(f"times must lie in [0, 1] (0 = data, 1 = noise); got t in [{float(t.min()):.4g}, "
@@ -255,6 +274,7 @@ class Secant(ContinuousModel):
     def loss(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """The chosen secant loss on data ``batch [B, *sample_shape]``; ``generator`` draws times and noise."""
         x0 = self.check_batch(batch)
+        check_generator(generator, f"{self.family}.loss")
         name = self.loss_name
         if name not in TEACHER_FREE and not self._teacher:
             raise ConfigError(f"loss {name!r} distils a teacher: pass teacher= (any genkit field, e.g. "

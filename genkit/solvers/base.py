@@ -19,7 +19,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, SolverError
+from ..checks import check_generator, check_state, describe_nonfinite
+from ..errors import ConfigError, DataError, SolverError
 from ..fields import Field, FieldView, check_field
 from ..registry import Registry
 from .grids import Custom, TimeGrid, get_grid
@@ -265,7 +266,8 @@ def solve(field: Field, x: Tensor, solver: str | Solver = "euler", steps: int | 
 
     Args:
         field: any genkit field (network, family, analytic field, wrapped function).
-        x: initial state ``[batch, ...]`` at the first grid time (the prior at t = 1 for sampling).
+        x: initial state ``[batch, ...]`` at the first grid time (the prior at t = 1 for sampling), a
+            floating-point tensor (a NumPy array is refused: ``torch.as_tensor(x)`` first).
         solver: a Solver, its registry name, or a searched-solver artifact folder.
         steps: number of steps (adaptive solvers take only the grid's end points and pick their own). None: the
             solver's own (a searched solver's N), else 10; explicit times must match it when it is given.
@@ -283,6 +285,7 @@ def solve(field: Field, x: Tensor, solver: str | Solver = "euler", steps: int | 
     (2.0, 16)
     """
     check_field(field)
+    check_state(x, "solve()")
     solver = get_solver(solver)
     if grid is None:  # a searched solver's own times, unless the steps asked for differ (its check says so)
         own = solver.default_grid()
@@ -291,12 +294,16 @@ def solve(field: Field, x: Tensor, solver: str | Solver = "euler", steps: int | 
     times = g.times(steps_or_default(steps, solver, g), field.path)
     if x.ndim == 0 or x.shape[0] == 0:
         raise ConfigError(f"x must be a batch [n, ...] with n >= 1; got shape {tuple(x.shape)}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ConfigError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)); got "
-                          f"{generator!r}")
+    check_generator(generator, "solve()")
     solver.check_steps(times)
     try:
         return solver.solve(field, x, times, generator=generator, trajectory=trajectory, **cond)
+    except SolverError as e:  # checked only on failure: a solve that works pays no host sync for it
+        bad = describe_nonfinite(x)
+        if bad:
+            raise DataError(f"the initial state x {bad}, so the solve could not give finite samples; the field is "
+                            "not at fault: check how x was made") from e
+        raise
     except TypeError as e:
         # e.g. sample(..., eta=0.5) or a typo such as stpes=5
         if cond and ("keyword argument" in str(e) or "multiple values for argument" in str(e)):

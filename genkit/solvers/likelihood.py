@@ -10,19 +10,24 @@ arXiv 1810.01367), which is unbiased.
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, SolverError
+from ..checks import check_generator, check_state, describe_nonfinite
+from ..errors import ConfigError, DataError, SolverError
 from ..fields import Field, FunctionField, as_velocity, check_field
 from ..paths import broadcast_time
 from .base import Solver, get_solver
 from .grids import validate_grid
 
-__all__ = ["divergence", "ode_log_prob"]
+__all__ = ["divergence", "ode_log_prob", "LOG_PROB_OPTIONS"]
+
+#: The options of :func:`ode_log_prob` (and of a model's ``log_prob``); other keywords are conditioning.
+LOG_PROB_OPTIONS = ("solver", "steps", "divergence_mode", "t_min", "t_max", "generator")
 
 
 def divergence(v: Tensor, x: Tensor, *, noise: Tensor | None = None, create_graph: bool = False) -> Tensor:
@@ -55,6 +60,16 @@ def ode_log_prob(field: Field, x: Tensor, *, solver: str | Solver = "dopri5", st
         generator: draws the Hutchinson probe.
     """
     check_field(field)
+    for key in cond:  # a typo of an option would otherwise reach the field as conditioning
+        close = difflib.get_close_matches(key, LOG_PROB_OPTIONS, n=1, cutoff=0.75)
+        if close:
+            raise ConfigError(f"log_prob got an unknown keyword {key!r}; did you mean {close[0]!r}? Its options are "
+                              f"{', '.join(LOG_PROB_OPTIONS)}; other keywords are the field's conditioning (labels=)")
+    check_state(x, "log_prob")
+    check_generator(generator, "log_prob")
+    bad = describe_nonfinite(x)  # one sync, next to a solve that takes many
+    if bad:
+        raise DataError(f"log_prob: x {bad}; a density is defined at finite points only: drop or fix those samples")
     if divergence_mode not in ("exact", "hutchinson"):
         raise ConfigError(f"divergence_mode must be 'exact' or 'hutchinson'; got {divergence_mode!r}")
     solver = get_solver(solver)
@@ -81,6 +96,12 @@ def ode_log_prob(field: Field, x: Tensor, *, solver: str | Solver = "dopri5", st
     aug = FunctionField(lambda s, t: augmented(s, broadcast_time(t, s)), path, "velocity")
     try:
         end = solver.solve(aug, state, times).samples
+    except TypeError as e:  # e.g. exakt=True, which reached the field as conditioning
+        if cond and ("keyword argument" in str(e) or "multiple values for argument" in str(e)):
+            raise ConfigError(f"log_prob passed {sorted(cond)} to the field as conditioning, and it refused them "
+                              f"({e}); its options are {', '.join(LOG_PROB_OPTIONS)} (divergence_mode: 'exact' or "
+                              "'hutchinson')") from e
+        raise
     except AssertionError as e:  # torchdiffeq's step-size underflow
         raise SolverError(f"the likelihood ODE could not be integrated with {solver!r} ({e}); the field is likely "
                           "singular on [t_min, t_max]: narrow the range or use a fixed-step solver") from None

@@ -534,6 +534,8 @@ def _check_counts(counts: dict[str, Any], lr: float, trajectory_weight: float) -
                           f"trajectory_weight={trajectory_weight}")
 
 
+@torch.inference_mode(False)  # the search differentiates through solves: it works under a caller's no_grad
+@torch.enable_grad()  # or inference_mode too
 def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: str = "velocity",
                   reference_solver: str | Solver = "rk4", reference_steps: int = 100, iters: int = 1000,
                   batch: int = 64, pool: int = 1024, holdout: int = 512, lr: float = 3e-2, optimiser: str = "adam",

@@ -9,6 +9,7 @@ Batch ``k`` of rank ``r`` is a slice of the epoch's permutation (a Tensor or map
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,13 +17,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, DataWarning
 from ..objective import is_batch_source, is_data_free
 from .config import TrainConfig
 from .signals import ignore_signals
 
 __all__ = ["check_data", "derive_seed", "seed_global", "make_batches", "TensorBatches", "SourceBatches", "NoBatches",
-           "to_device", "tensors", "finite"]
+           "to_device", "tensors", "finite", "warn_scale", "SCALE_LIMIT"]
 
 NOISE, GLOBAL, PERM, LOADER, SOURCE = 1, 2, 3, 4, 5  # tags keep the derived seed streams apart
 
@@ -164,6 +165,27 @@ def finite(batch: Any, device: torch.device) -> Tensor:
         if t.is_floating_point() or t.is_complex():
             ok = ok & torch.isfinite(t).all().to(device)
     return ok
+
+
+#: Root mean square of a batch's values above which :func:`warn_scale` warns. genkit's paths start from N(0, I)
+#: noise and its networks are initialised for unit-scale inputs, so data is meant to be about unit scale (images
+#: in [-1, 1], toy sets near the origin): 0..255 pixels or raw physical units (1e6) sit far above it.
+SCALE_LIMIT = 20.0
+
+
+def warn_scale(batch: Any, limit: float = SCALE_LIMIT) -> None:
+    """Warn (:class:`~genkit.errors.DataWarning`) when the floating-point data of ``batch`` has a root mean square
+    above ``limit``, naming the scale and how to normalise; integer tensors (labels, tokens) are not data scales.
+    ``Trainer.fit`` calls it on its first batch: once per fit, one host sync."""
+    floats = [t for t in tensors(batch) if t.is_floating_point() and t.numel()]
+    if not floats:
+        return
+    rms = float(floats[0].detach().double().pow(2).mean().sqrt())
+    if rms > limit:
+        warnings.warn(f"the training data has a scale of {rms:.3g} (root mean square of the first batch), far from the "
+                      f"unit scale genkit's paths and networks assume (N(0, I) noise; warned above {limit:g}); "
+                      "normalise it, e.g. data = (data - data.mean(0)) / data.std(0), or images to [-1, 1] "
+                      "(x / 127.5 - 1), and map samples back with the inverse", DataWarning, stacklevel=3)
 
 
 _Batches = TensorBatches  # the names genkit.train used before the split

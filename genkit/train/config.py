@@ -4,6 +4,7 @@ resumed run may not change without ``allow_new_settings``)."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import numbers
@@ -55,6 +56,11 @@ class TrainConfig:
     progress: bool = True
     cpu: bool = False
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> TrainConfig:
+        # the dataclass __init__ would raise a bare TypeError for TrainConfig(stepz=10); name the close field
+        _check_names(cls, kwargs)
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         def integer(name: str, low: int, none_ok: bool = False) -> None:
             v = getattr(self, name)
@@ -103,16 +109,24 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a plain dict (YAML/CLI); unknown keys are an error, not ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
+        _check_names(cls, values)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["out_dir"] = str(self.out_dir)
         return d
+
+
+def _check_names(cls: type, values: dict[str, Any]) -> None:
+    """A ConfigError naming each unknown field with its closest known one (difflib), and the known fields."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        close = {k: difflib.get_close_matches(str(k), known, 1) for k in unknown}
+        hints = [f"did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c]
+        raise ConfigError(f"unknown TrainConfig keys {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
+                          + f"; the fields are {', '.join(known)}")
 
 
 # What a resumed run may change without changing what it computes step by step: when it stops (``steps``: the

@@ -24,7 +24,18 @@ from .. import checkpoint
 from ..ema import EMA
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeError, TrainingInterrupted
 from ..objective import BatchSource, model_of, objective_config, objective_state
-from .batching import GLOBAL, NOISE, check_data, derive_seed, finite, make_batches, seed_global, tensors, to_device
+from .batching import (
+    GLOBAL,
+    NOISE,
+    check_data,
+    derive_seed,
+    finite,
+    make_batches,
+    seed_global,
+    tensors,
+    to_device,
+    warn_scale,
+)
 from .config import TrainConfig, check_accelerator, make_accelerator
 from .optim import build_optimizers, lr_factor
 from .records import LogRecord, TrainResult, append_metrics, empty_window, short, trim_metrics
@@ -162,7 +173,10 @@ class Trainer:
                 it = batches.iterate(start, cfg.steps, acc.device)
                 for k in range(start, cfg.steps):
                     seed_global(derive_seed(cfg.seed, GLOBAL, k, acc.process_index), acc.device)  # dropout etc.
-                    self._step(k, to_device(next(it), acc.device), run)
+                    batch = to_device(next(it), acc.device)
+                    if k == start and acc.is_main_process:
+                        warn_scale(batch)  # once per fit, on its first batch
+                    self._step(k, batch, run)
                     bar.update(1)
                     s = run["step"] = k + 1
                     record = None

@@ -41,6 +41,16 @@ class TrainResult:
     ema: dict[str, Tensor] | None
     skipped: int
 
+    def __repr__(self) -> str:
+        """One line: the losses and EMA weights are summarised, not printed (``result.losses`` has them all)."""
+        last = (f"last loss {self.losses[-1][1]:.4g} at step {self.losses[-1][0]}, {len(self.losses)} logged"
+                if self.losses else "no loss logged")
+        ema = "none" if self.ema is None else f"{len(self.ema)} tensors"
+        return (f"TrainResult(step={self.step}, {last}, checkpoint={str(self.checkpoint)!r}, ema: {ema}, "
+                f"skipped={self.skipped})")
+
+    __str__ = __repr__
+
 
 def empty_window() -> dict[str, Any]:
     """The log window: summed loss over ``n`` kept steps; each logged key's sum and how many steps gave it."""
