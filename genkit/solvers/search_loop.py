@@ -70,13 +70,20 @@ def optimise(loss: Callable[[Tensor], Tensor], holdout: Callable[[], float], par
              batch: int, pool: int, lr: float, optimiser: str = "adam", lr_schedule: str = "constant",
              check_every: int = 10, generator: torch.Generator | None = None,
              device: torch.device | str | None = None,
-             on_nonfinite: Callable[[int, float], Exception] | None = None) -> Optimised:
+             on_nonfinite: Callable[[int, float], Exception] | None = None,
+             per_sample: Callable[[], Tensor] | None = None, importance: float = 0.0) -> Optimised:
     """Minimise ``loss(idx)`` (``idx [batch]``: indices into a pool of ``pool`` samples, a fresh permutation each
     epoch) over ``params`` (leaf tensors with ``requires_grad``, updated in place) for ``iters`` steps; keep the
     iterate with the lowest ``holdout()`` among the start and every ``check_every``-th iterate (and the last).
 
     ``on_nonfinite(it, value)`` builds the exception raised on a non-finite loss (default: ArithmeticError).
     Returns an :class:`Optimised`; ``params`` are left at the last iterate.
+
+    Importance sampling (``importance = m > 0`` with ``per_sample()``, the ``[pool]`` losses of every pool sample
+    at the current parameters, refreshed at each check): minibatches are drawn with replacement with
+    probabilities ``p_i = (1 - m) / pool + m e_i / sum(e)`` and ``loss(idx, w)`` gets the weights
+    ``w = 1 / (pool p_idx)``, so that ``mean(w * loss_idx)`` is an unbiased estimate of the pool's mean loss
+    with far less variance when a few samples carry most of it (the uniform part keeps every ``w <= 1 / (1 - m)``).
     """
     def snapshot() -> list[Tensor]:
         return [p.detach().clone() for p in params]
@@ -86,11 +93,17 @@ def optimise(loss: Callable[[Tensor], Tensor], holdout: Callable[[], float], par
     run = Optimised(best_params, best, 0, holdout_curve=[best], checked_at=[0])
     order = torch.empty(0, dtype=torch.long, device=device)
     on = generator.device if generator is not None else None  # randperm draws on the generator's device
+    weighted = importance > 0 and per_sample is not None
+    probs = _probabilities(per_sample(), importance, pool, on) if weighted else None
     for it in range(iters):
-        if len(order) < batch:
-            order = torch.randperm(pool, generator=generator, device=on).to(device)
-        idx, order = order[:batch], order[batch:]
-        value = loss(idx)
+        if weighted:
+            idx = torch.multinomial(probs, batch, replacement=True, generator=generator).to(device)
+            value = loss(idx, (1.0 / (pool * probs[idx.to(probs.device)])).to(device))
+        else:
+            if len(order) < batch:
+                order = torch.randperm(pool, generator=generator, device=on).to(device)
+            idx, order = order[:batch], order[batch:]
+            value = loss(idx)
         if not torch.isfinite(value):
             raise (on_nonfinite or (lambda i, v: ArithmeticError(f"loss {v} at iteration {i}")))(it, value.item())
         step_lr = lr if lr_schedule == "constant" else 0.5 * lr * (1 + math.cos(math.pi * it / iters))
@@ -102,8 +115,22 @@ def optimise(loss: Callable[[Tensor], Tensor], holdout: Callable[[], float], par
             run.checked_at.append(it + 1)
             if h < best:  # NaN never wins
                 best_params, best, best_iter = snapshot(), h, it + 1
+            if weighted and it + 1 < iters:
+                probs = _probabilities(per_sample(), importance, pool, on)
     run.params, run.holdout, run.best_iter = best_params, best, best_iter
     return run
+
+
+def _probabilities(errors: Tensor, mix: float, pool: int, device: torch.device | None) -> Tensor:
+    """``(1 - mix) / pool + mix * errors / sum(errors)`` (float64; uniform where the errors are all 0 or not finite)."""
+    e = errors.detach().to(device=device, dtype=torch.float64).reshape(-1)
+    if e.numel() != pool:
+        raise ValueError(f"per_sample() gave {e.numel()} losses for a pool of {pool}")
+    total = float(e.sum())
+    uniform = torch.full((pool,), 1.0 / pool, dtype=torch.float64, device=device)
+    if not (math.isfinite(total) and total > 0 and bool((e >= 0).all())):
+        return uniform
+    return (1 - mix) * uniform + mix * e / total
 
 
 def loss_curve(losses: list[float], points: int = 20) -> list[float]:

@@ -544,7 +544,7 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
                   teleport_to: float | None = None, extend_iters: int | None = None,
                   extend_lr: float | None = None, grid: str | TimeGrid = "uniform", cond: dict[str, Any] | None = None,
                   generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None) -> SearchedSolver:
+                  dtype: torch.dtype | None = None, importance: float = 0.0) -> SearchedSolver:
     """Search a solver of ``nfe`` steps (= evaluations) for ``field`` (DSS, arXiv 2505.21114).
 
     Draws ``pool`` prior samples ``[pool, *shape]`` to train on and ``holdout`` more to select with, solves
@@ -660,15 +660,21 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
         for v in u.values():
             v.requires_grad_(True)
 
-        def loss(idx: Tensor) -> Tensor:
+        def loss(idx: Tensor, w: Tensor | None = None) -> Tensor:
             sub = {k: v[idx.to(v.device)] if torch.is_tensor(v) else v for k, v in cond.items()}
             out, states = run(u, x_pool[idx], sub, jump_on, keep)
-            value = (out - target[idx]).pow(2).mean()
+            value = (out - target[idx]).pow(2).flatten(1).mean(1)  # [batch]
             if keep:
                 times = _times(u["logits"], t_start, t_end)[1 if jump is not None else 0:]
                 want = _interp(ref_t.to(device), ref.trajectory[:, idx], times[1:-1].detach().to(device))
-                value = value + trajectory_weight * (torch.stack(states[-len(times) + 1:-1]) - want).pow(2).mean()
-            return value
+                gap = (torch.stack(states[-len(times) + 1:-1]) - want).pow(2)
+                value = value + trajectory_weight * gap.transpose(0, 1).flatten(1).mean(1)
+            return (value if w is None else value * w.to(value.dtype)).mean()
+
+        def per_sample() -> Tensor:
+            """Endpoint MSE of every pool sample (importance sampling's probabilities)."""
+            with torch.no_grad():
+                return (run(u, x_pool, cond, jump_on, False)[0] - target).pow(2).flatten(1).mean(1)
 
         def held_out() -> float:
             return held(u, jump_on)
@@ -679,7 +685,7 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
         keys = list(u)
         found = optimise(loss, held_out, [u[k] for k in keys], iters=steps, batch=batch, pool=pool, lr=step_lr,
                          optimiser=optimiser, lr_schedule=lr_schedule, check_every=check_every, generator=generator,
-                         device=device, on_nonfinite=diverged)
+                         device=device, on_nonfinite=diverged, per_sample=per_sample, importance=importance)
         return dict(zip(keys, found.params)), found
 
     logits = torch.zeros(nfe, dtype=torch.float64) if isinstance(get_grid(grid), Uniform) \
