@@ -105,9 +105,9 @@ def test_no_import_cycles() -> None:
     assert not cycles, f"import cycles (lazy imports included): {cycles}"
 
 
-CORE = ("genkit.errors", "genkit.checks", "genkit.registry", "genkit.paths", "genkit.fields", "genkit.analytic", "genkit.guidance",
-       
-        "genkit.gaussian_fit", "genkit.io", "genkit.checkpoint", "genkit.ema", "genkit.frozen", "genkit.objective")
+CORE = ("genkit.errors", "genkit.checks", "genkit.registry", "genkit.paths", "genkit.fields", "genkit.analytic",
+        "genkit.guidance", "genkit.gaussian_fit", "genkit.io", "genkit.checkpoint", "genkit.ema", "genkit.frozen",
+        "genkit.objective")
 FAMILIES = ("genkit.models", "genkit.distill", "genkit.finetune", "genkit.loading", "genkit.interop")
 NETWORKS = ("genkit.nets",)
 SOLVERS = ("genkit.solvers",)
