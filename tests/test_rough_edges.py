@@ -20,17 +20,7 @@ from genkit.nets import MLP
 from genkit.paths import get_path
 from genkit.train import TrainConfig, Trainer, TrainResult
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps per-process singletons; every test builds its own Accelerator."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def gauss() -> Gaussian:

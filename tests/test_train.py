@@ -60,16 +60,7 @@ FAMILIES.register(FAMILY)(TinyDenoiser)
 DATA = torch.randn(40, 2, generator=torch.Generator().manual_seed(7)) * torch.tensor([1.0, 0.3])
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps per-process singletons; every test builds its own Accelerator."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def make(seed: int = 0, **kwargs) -> TinyDenoiser:
