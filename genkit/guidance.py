@@ -135,13 +135,13 @@ class GuidedField:
         base = getattr(field, "base", field)
         if getattr(field, "num_classes", getattr(base, "num_classes", 0)) is None:
             raise ConfigError(f"{field!r} is unconditional (num_classes is None): classifier-free guidance needs a "
-                              "class-conditional model trained with class dropout (train.py --conditional "
-                              "--class-dropout 0.1)")
+                              "class-conditional model (num_classes set) trained with class dropout to a "
+                              "null label")
         if null_label is None:
             null_label = getattr(field, "null_label", getattr(base, "null_label", None))
         if null_label is None:
             raise ConfigError(f"{field!r} has no null label, so it cannot be guided: classifier-free guidance needs "
-                              "the 'no class' label a model learns with class dropout (train.py --class-dropout 0.1); "
+                              "the 'no class' label a model learns with class dropout; "
                               "pass null_label= if the network has one")
         if isinstance(null_label, bool) or not isinstance(null_label, numbers.Integral) or null_label < 0:
             raise ConfigError(f"null_label must be a non-negative integer class id; got {null_label!r}")

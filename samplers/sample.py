@@ -84,7 +84,7 @@ def class_and_guidance(args: argparse.Namespace, model: torch.nn.Module, ckpt: P
         return {}
     if getattr(model, "num_classes", None) is None:
         raise ConfigError(f"--class {args.class_label}: {ckpt} holds an unconditional {model.family!r} model; "
-                          "train a class-conditional one (train/train.py --conditional --class-dropout 0.1)")
+                          "--class needs a class-conditional model (num_classes set)")
     names = list(getattr(model, "class_names", None) or [])
     if args.class_label in names:
         label = names.index(args.class_label)
@@ -101,7 +101,7 @@ def class_and_guidance(args: argparse.Namespace, model: torch.nn.Module, ckpt: P
         return {"labels": label}
     if getattr(model, "null_label", None) is None:
         raise ConfigError(f"--guidance needs a model trained with class dropout (a null label); {ckpt} has none. "
-                          "Drop --guidance to sample the class without guidance, or retrain with --class-dropout 0.1")
+                          "Drop --guidance to sample the class without guidance.")
     guidance = genkit.Guidance(args.guidance, interval=None if args.guidance_interval is None
                                else tuple(args.guidance_interval), rescale=args.guidance_rescale or 0.0)
     return {"labels": label, "guidance": guidance}

@@ -183,7 +183,7 @@ class ContinuousModel(nn.Module):
         if k is None:
             raise ConfigError(f"this {self.family} model is unconditional (num_classes None), so it takes no labels"
                               + (" and cannot be guided" if guidance is not None else "")
-                              + "; train a class-conditional one (train.py --conditional --class-dropout 0.1)")
+                              + "; use a class-conditional model (num_classes set; a null label for guidance)")
         if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
             labels = torch.full((n,), int(labels), dtype=torch.long)
         elif isinstance(labels, (list, tuple)):
