@@ -17,14 +17,15 @@ step count are the defaults wherever it is used.
 
 examples:
   python samplers/search_solver.py --checkpoint runs/default --nfe 5 --name moons5
-  python samplers/search_solver.py --checkpoint runs/ddpm/checkpoint --nfe 6 --variant data --iters 500 --out s6
-  python samplers/search_solver.py --checkpoint runs/ddpm/checkpoint --nfe 5 --variant data --lr 2e-2 \
+  python samplers/search_solver.py --checkpoint runs/ddpm/checkpoint --nfe 6 --iters 500 --out s6
+  python samplers/search_solver.py --checkpoint runs/ddpm/checkpoint --nfe 5 --lr 2e-2 \
       --lr-schedule cosine --iters 600 --eval-times --step-scales --teleport reference   # genkit's extensions
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ from genkit.errors import ConfigError
 from genkit.solvers import solve
 from genkit.solvers.searched import VARIANTS, check_new_name, register_searched, search_solver, solver_home
 
+DEFAULTS = {k: v.default for k, v in inspect.signature(search_solver).parameters.items()}  # one source of defaults
+
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults and keep the description's line breaks."""
@@ -47,14 +50,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="a checkpoint folder, or a train.py run folder holding checkpoint/")
     p.add_argument("--nfe", type=int, required=True, help="number of steps = network evaluations (>= 2)")
-    p.add_argument("--variant", default="velocity", choices=VARIANTS,
-                   help="velocity: combine velocities, Euler steps; data: combine x0 predictions, DDIM steps")
-    p.add_argument("--iters", type=int, default=1000, help="optimiser steps (the extended search adds as many)")
-    p.add_argument("--batch", type=int, default=64, help="noise samples per optimiser step")
-    p.add_argument("--pool", type=int, default=1024, help="noise samples solved by the reference and searched on")
-    p.add_argument("--holdout", type=int, default=512, help="held-out noise samples on which the search keeps its "
-                   "best iterate (and the extended search its best candidate, DSS's optimum included)")
-    p.add_argument("--lr", type=float, default=3e-2, help="learning rate (the extensions: lr / 5)")
+    p.add_argument("--variant", default=DEFAULTS["variant"], choices=VARIANTS,
+                   help="data: DDIM steps on combined x0 predictions (the paper's DDPM form); velocity: Euler steps "
+                        "on combined velocities (its flow-matching form)")
+    p.add_argument("--iters", type=int, default=DEFAULTS["iters"],
+                   help="optimiser steps (the extended search adds as many)")
+    p.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="noise samples per optimiser step")
+    p.add_argument("--pool", type=int, default=DEFAULTS["pool"],
+                   help="noise samples solved by the reference and searched on")
+    p.add_argument("--holdout", type=int, default=DEFAULTS["holdout"],
+                   help="held-out noise samples on which the search keeps its best iterate (and the extended search "
+                        "its best candidate, DSS's optimum included)")
+    p.add_argument("--importance", type=float, default=DEFAULTS["importance"],
+                   help="share of minibatch draws proportional to each pool sample's error (0: uniform epochs)")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="learning rate (the extensions: lr / 5)")
     p.add_argument("--optimiser", default="adam", choices=("adam", "lion"), help="the paper uses lion")
     p.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
                    help="constant, or decayed to 0 on a cosine")
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     solver = search_solver(model, args.nfe, shape=shape, variant=args.variant,
                            reference_solver=args.reference_solver, reference_steps=args.reference_steps,
                            iters=args.iters, batch=args.batch, pool=args.pool, holdout=args.holdout, lr=args.lr,
-                           optimiser=args.optimiser,
+                           optimiser=args.optimiser, importance=args.importance,
                            lr_schedule=args.lr_schedule, eval_times=args.eval_times, step_scales=args.step_scales,
                            teleport=None if args.teleport == "none" else args.teleport,
                            trajectory_weight=args.trajectory_weight, grid=model.default_grid("uniform"),

@@ -292,7 +292,7 @@ def test_artifact_round_trip_and_by_name(searched, tmp_path):
     s.save(tmp_path / "dss4")  # overwriting is atomic and leaves no temporary siblings
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dss4"]
     meta = json.loads((out / "solver.json").read_text())
-    assert meta["steps"] == 4 and meta["path"] == {"name": "linear"} and meta["variant"] == "velocity"
+    assert meta["steps"] == 4 and meta["path"] == {"name": "linear"} and meta["variant"] == "data"
     loaded = load_searched_solver(out)
     assert torch.equal(loaded.logits, s.logits) and torch.equal(loaded.coefficients, s.coefficients)
     expected = solve(GM, HELD_OUT, s, 4).samples
@@ -568,8 +568,9 @@ def test_optimise_keeps_the_best_checked_iterate_not_the_last():
 @pytest.mark.slow
 def test_default_search_beats_the_classics_at_twice_the_nfe():
     """With default settings a 5-evaluation search on six narrow modes (4-D) lands closer on unseen noise than
-    every classic solver at 10 evaluations (measured 1.20e-2 vs unipc's 1.36e-2; genkit 0.1.0's defaults, 300
-    Adam steps at lr 1e-2 keeping the last iterate, reached 3.09e-2). ~30 s on one CPU core."""
+    every classic solver at 10 evaluations (measured 1.05e-2 vs unipc's 1.36e-2; the same search with uniform
+    minibatches, importance=0, reached 1.61e-2; genkit 0.1.0's defaults, 300 Adam steps at lr 1e-2 keeping the
+    last iterate, 3.09e-2). ~30 s on one CPU core."""
     f = six_modes()
     x = f.path.sample_prior((2048, 4), generator=torch.Generator().manual_seed(99), dtype=torch.float64)
     ref = solve(f, x, "rk4", 200).samples
@@ -578,3 +579,58 @@ def test_default_search_beats_the_classics_at_twice_the_nfe():
     classic["heun"] = mse(solve(f, x, "heun", 5).samples, ref)
     s = search_solver(f, 5, shape=(4,), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert mse(solve(f, x, s, 5).samples, ref) < min(classic.values()), classic
+
+
+def test_importance_draws_are_unbiased_and_cut_the_variance():
+    """Importance probabilities p_i = (1 - m) / n + m e_i / sum(e) with weights w_i = 1 / (n p_i): one weighted draw
+    has expectation sum_i p_i w_i l_i = mean(l) exactly, every w_i <= 1 / (1 - m), and on errors carried by a few
+    samples (the between-modes ones) its variance is far below a uniform draw's, in closed form. The draws
+    `optimise` makes follow p (frequencies within 5 standard errors) and carry those weights."""
+    from genkit.solvers.search_loop import _probabilities, optimise
+
+    n, m = 200, 0.5
+    e = torch.full((n,), 1e-3, dtype=torch.float64)
+    e[:4] = torch.tensor([2.0, 1.0, 0.5, 0.25], dtype=torch.float64)  # a few samples carry most of the error
+    p = _probabilities(e, m, n, None)
+    w = 1 / (n * p)
+    assert abs(float(p.sum()) - 1) < 1e-14 and float(w.max()) <= 1 / (1 - m) + 1e-12
+    assert abs(float((p * w * e).sum()) - float(e.mean())) < 1e-15
+    var_weighted = float((p * (w * e) ** 2).sum() - e.mean() ** 2)
+    var_uniform = float((e ** 2).mean() - e.mean() ** 2)
+    assert var_weighted < 0.1 * var_uniform
+    assert torch.equal(_probabilities(torch.zeros(n, dtype=torch.float64), m, n, None), torch.full((n,), 1 / n,
+                                                                                                 dtype=torch.float64))
+    seen = []
+    q = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+
+    def loss(idx, weights=None):
+        seen.append((idx, weights))
+        return (q - 1).pow(2).sum() * (weights.mean() if weights is not None else 1.0)
+
+    optimise(loss, lambda: 0.0, [q], iters=400, batch=100, pool=n, lr=1e-9, check_every=1000,
+             generator=torch.Generator().manual_seed(0), per_sample=lambda: e, importance=m)
+    idx = torch.cat([i for i, _ in seen])
+    weights = torch.cat([wt for _, wt in seen])
+    assert torch.allclose(weights, w[idx], rtol=1e-12, atol=0)
+    freq = torch.bincount(idx, minlength=n).double() / len(idx)
+    se = (p * (1 - p) / len(idx)).sqrt()
+    assert ((freq - p).abs() <= 5 * se).all()
+
+
+def test_importance_out_of_range_is_a_config_error():
+    for bad in (-0.1, 1.0, "half", True):
+        with pytest.raises(ConfigError, match="importance"):
+            search_solver(GM, 3, shape=(2,), importance=bad)
+
+
+def test_default_search_settings_are_the_measured_ones():
+    """The defaults are the ones bench_search_defaults measured (the data variant, pool = held-out = 2048, half the
+    draws by error), and a default search records them."""
+    import inspect
+
+    d = {k: v.default for k, v in inspect.signature(search_solver).parameters.items()}
+    assert (d["variant"], d["pool"], d["holdout"], d["importance"]) == ("data", 2048, 2048, 0.5)
+    s = search_solver(GM, 3, shape=(2,), iters=4, batch=8, reference_steps=10,
+                      generator=torch.Generator().manual_seed(0))
+    assert (s.variant, s.info["importance"], s.info["pool"], s.info["holdout"]) == ("data", 0.5, 2048, 2048)
+
