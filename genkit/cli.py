@@ -97,7 +97,7 @@ class ScriptSampler:
         unit = "jumps" if self.kind == "learned jumps" else "steps"
         steps = "adaptive steps" if self.steps is None else f"{self.steps} {unit}"
         if self.kind == "learned jumps":
-            return f"learned jumps, {steps}, uniform in t"
+            return f"{'default' if self.steps is None else self.steps} learned jumps, uniform in t"
         grid = "its own searched times" if self.grid == "searched" else f"{self.grid} grid"
         start = f" from t={self.t_range[0]:g}" if self.t_range is not None and self.t_range[0] < 1 else ""
         return f"{self.solver} ({self.kind}), {steps}, {grid}{start}"
