@@ -214,17 +214,18 @@ def resolve_sampler(model: Any, solver: str | None = None, steps: int | None = N
 
 
 def _probe(model: Any, solver: Any, grid: Any, steps: int | None) -> None:
-    """Run ``solver`` on one prior sample over ``grid`` (the SDE's start is checked by its own init)."""
+    """Run ``solver`` over ``grid`` on an exact Gaussian field of the model's path and parametrization (the start
+    of an SDE is a property of the path and the times, not of the network: no network call, no conditioning)."""
     import torch
 
+    from .analytic import Gaussian
     from .solvers import solve
 
-    p = next(model.parameters())
-    x = model.path.sample_prior((1, *model.sample_shape), dtype=p.dtype, device=p.device,
-                                generator=torch.Generator(device=p.device).manual_seed(0))
+    field = Gaussian(torch.zeros(1), torch.eye(1), model.path, getattr(model, "prediction", "velocity"))
+    x = torch.zeros(1, 1, dtype=torch.float64)
     with torch.no_grad():
-        solve(model, x, solver, max(1, solver.min_steps) if steps is not None else None, grid,
-              generator=torch.Generator(device=p.device).manual_seed(0))
+        solve(field, x, solver, max(1, solver.min_steps) if steps is not None else None, grid,
+              generator=torch.Generator().manual_seed(0))
 
 
 def log_lines(every: int | None = None) -> Callable[[Any, Any], None]:

@@ -403,8 +403,9 @@ def check_final_sampling(args: argparse.Namespace, model: torch.nn.Module) -> Sc
     """The final sampling's settings, tried on the untrained model with one sample before training starts: a
     setting that cannot sample fails now, not after the training it would follow."""
     chosen = final_sampler(args, model)
+    labels = 0 if getattr(model, "num_classes", None) is not None else None  # a conditional model: any class
     try:
-        model.sample(1, sampler=chosen.sampler, generator=torch.Generator().manual_seed(0))
+        model.sample(1, sampler=chosen.sampler, labels=labels, generator=torch.Generator().manual_seed(0))
     except GenkitError as e:
         raise ConfigError(f"the final sampling ({chosen.describe()}) cannot run on this model, so training was not "
                           f"started: {e}") from e
