@@ -55,9 +55,9 @@ import torch
 
 import genkit
 from genkit import checkpoint, metrics
-from genkit.cli import ScriptSampler, log_lines, resolve_sampler, run_main
+from genkit.cli import run_main
 from genkit.data import DATASETS, digits, digits_labels, held_out, image_folder, load_dataset
-from genkit.errors import ConfigError, GenkitError, TrainingInterrupted
+from genkit.errors import ConfigError
 from genkit.models import FAMILIES, build
 from genkit.nets import MLP, UNet
 from genkit.paths import PATHS
@@ -392,21 +392,26 @@ def quality(x: torch.Tensor, ref: torch.Tensor, features: Callable | None) -> di
     return {"frechet_digits": metrics.fid(x.clamp(-1, 1), ref, features)}
 
 
-def final_sampler(args: argparse.Namespace, model: torch.nn.Module) -> ScriptSampler:
+def final_sampling(args: argparse.Namespace, model: torch.nn.Module) -> genkit.cli.ScriptSampler:
     """--solver / --sample-steps / --grid / --t-max as the model's sampler (its default sampler where they are not
-    given), resolved as every script resolves them (genkit.cli.resolve_sampler)."""
-    return resolve_sampler(model, args.solver, args.sample_steps, args.grid, args.t_max,
-                           flags={"steps": "--sample-steps"})
+    given) and what the outputs say about it, resolved as every script resolves them (genkit.cli.resolve_sampler)."""
+    return genkit.cli.resolve_sampler(model, args.solver, args.sample_steps, args.grid, args.t_max,
+                                      flags={"steps": "--sample-steps"})
 
 
-def check_final_sampling(args: argparse.Namespace, model: torch.nn.Module) -> ScriptSampler:
+def final_sampler(args: argparse.Namespace, model: torch.nn.Module) -> Sampler:
+    """The final sampling's sampler (:func:`final_sampling`)."""
+    return final_sampling(args, model).sampler
+
+
+def check_final_sampling(args: argparse.Namespace, model: torch.nn.Module) -> genkit.cli.ScriptSampler:
     """The final sampling's settings, tried on the untrained model with one sample before training starts: a
     setting that cannot sample fails now, not after the training it would follow."""
-    chosen = final_sampler(args, model)
+    chosen = final_sampling(args, model)
     labels = 0 if getattr(model, "num_classes", None) is not None else None  # a conditional model: any class
     try:
         model.sample(1, sampler=chosen.sampler, labels=labels, generator=torch.Generator().manual_seed(0))
-    except GenkitError as e:
+    except genkit.errors.GenkitError as e:
         raise ConfigError(f"the final sampling ({chosen.describe()}) cannot run on this model, so training was not "
                           f"started: {e}") from e
     return chosen
@@ -418,9 +423,10 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     model = genkit.load(out / "checkpoint", map_location=device)  # EMA weights when saved
     is_image = len(model.sample_shape) == 3
     n = args.n_samples or (256 if is_image else 2000)
-    chosen = final_sampler(args, model)
+    chosen = final_sampling(args, model)
+    sampler = chosen.sampler
     t0 = time.perf_counter()
-    sol = model.sample(n, sampler=chosen.sampler, return_solution=True,
+    sol = model.sample(n, sampler=sampler, return_solution=True,
                        generator=torch.Generator(device=device).manual_seed(args.seed))
     x = sol.samples.float().cpu()
     sample_time = time.perf_counter() - t0
@@ -450,9 +456,8 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     return report
 
 
-def sample_callback(args: argparse.Namespace, sampler: Sampler) -> Callable[[Trainer, LogRecord], None]:
-    """Every --sample-every steps the main process draws a picture from the current EMA weights with the final
-    sampling's ``sampler``."""
+def sample_callback(args: argparse.Namespace) -> Callable[[Trainer, LogRecord], None]:
+    """Every --sample-every steps the main process draws a picture from the current EMA weights."""
     def callback(trainer: Trainer, record: LogRecord) -> None:
         if not record.is_main_process or record.step % args.sample_every:
             return
@@ -460,7 +465,7 @@ def sample_callback(args: argparse.Namespace, sampler: Sampler) -> Callable[[Tra
         device = next(live.parameters()).device
         model = build(live.config()).to(device)
         model.load_state_dict(trainer.ema.state_dict() if trainer.ema is not None else live.state_dict())
-        x = model.eval().sample(64, sampler=sampler,
+        x = model.eval().sample(64, sampler=final_sampler(args, model),
                                 generator=torch.Generator(device=device).manual_seed(args.seed))
         save_samples_png(x, Path(args.out) / "samples" / f"step_{record.step:07d}.png", title=f"step {record.step}")
     return callback
@@ -487,11 +492,10 @@ def main(argv: list[str] | None = None) -> None:
         if first:
             print(f"checking all {len(data)} images under {args.image_folder} ...", flush=True)
         data.verify()  # open every image now: a corrupt file fails here, not hours into training
-    callbacks = [sample_callback(args, chosen.sampler)] if args.sample_every else []
-    if args.no_progress:
-        callbacks.append(log_lines())  # no bar: a line per --log-every steps instead
-    trainer = Trainer(model, config, callbacks=callbacks)
+    trainer = Trainer(model, config, callbacks=[sample_callback(args)] if args.sample_every else ())
     main_process = trainer.accelerator.is_main_process
+    if args.no_progress:
+        trainer.callbacks.append(genkit.cli.log_lines())  # no bar: a line per --log-every steps instead
     if main_process:
         logging.basicConfig(format="%(message)s", stream=sys.stdout)
         logging.getLogger("genkit").setLevel(logging.INFO)  # the trainer says which steps it runs
@@ -514,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         report = sample_and_measure(args, data, device, start, result.step, train_time)
     except KeyboardInterrupt:  # the checkpoint was written (and fsynced) before the final sampling began
-        raise TrainingInterrupted(
+        raise genkit.errors.TrainingInterrupted(
             f"interrupted during the final sampling, after training; the checkpoint {out / 'checkpoint'} is complete "
             f"and safe (step {result.step}): sample it with samplers/sample.py --checkpoint {out}, or score it with "
             f"eval/evaluate.py --checkpoint {out}", result.step, out / "checkpoint", signal.SIGINT) from None
