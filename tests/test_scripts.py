@@ -535,3 +535,17 @@ def test_ctrl_c_during_the_final_sampling_exits_cleanly_with_the_checkpoint_safe
     assert checkpoint.read_trainer_state(out / "checkpoint")["step"] == 4
     monkeypatch.setattr(ODESampler, "sample", real)
     assert genkit.load(out).sample(3, steps=2).shape == (3, 2)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_train_samples_a_flow_matching_model_with_an_sde_solver(tmp_path, capsys):
+    """train.py --solver euler_maruyama on flow matching (singular at t = 1) used to fail after training; the
+    final sampling now starts at 0.99 and says so, on the console and in metrics.json."""
+    out = tmp_path / "run"
+    assert run_main(TRAIN, "--steps", "2", "--batch-size", "32", "--hidden", "8", "--depth", "1", "--n-samples", "20",
+                    "--sample-steps", "3", "--solver", "euler_maruyama", "--no-progress", "--out", str(out)) == 0
+    assert "note: euler_maruyama cannot start at t=1" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["sampler"], metrics["solver"], metrics["t_max"], metrics["nfe"]) == ("SDE solver",
+                                                                                         "euler_maruyama", 0.99, 3)
+    assert "starts at t=0.99" in metrics["note_sampler"] and "from t=0.99" in metrics["sampled_with"]
