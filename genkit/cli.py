@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,6 @@ class ScriptSampler:
     grid: str
     t_range: tuple[float, float] | None = None
     note: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line, e.g. ``"heun (ODE solver), 32 steps, uniform grid"``."""
@@ -165,7 +164,8 @@ def resolve_sampler(model: Any, solver: str | None = None, steps: int | None = N
                           f"samplers are {', '.join(model.samplers())}")
     label = s.name if Path(str(solver)).is_dir() else str(solver)
     kind = "SDE solver" if s.stochastic else "ODE solver"
-    lo, hi = (float(v) for v in model.time_range())
+    span = model.time_range() if callable(getattr(model, "time_range", None)) else (model.path.t_min, 1.0)
+    lo, hi = (float(v) for v in span)
     own = s.default_grid()
     if own is not None:  # a solver with its own times (a searched solver): nothing else applies
         for flag, value in ((f_grid, grid), (f_tmax, t_max)):
@@ -193,7 +193,7 @@ def resolve_sampler(model: Any, solver: str | None = None, steps: int | None = N
         if not lo < t_max <= hi:
             raise ConfigError(f"{f_tmax} {t_max} must lie in ({lo:g}, {hi:g}], the {family!r} model's time range "
                               "(t = 1 noise, t = 0 data)")
-    elif s.stochastic:  # can the SDE start where the model starts? Try one sample (a few evaluations)
+    elif s.stochastic:  # can the SDE start where the model starts? Try it on an exact field of the model's path
         try:
             _probe(model, s, get_grid(name, t_max=hi, t_min=lo), steps)
         except SolverError as e:
@@ -228,11 +228,11 @@ def _probe(model: Any, solver: Any, grid: Any, steps: int | None) -> None:
               generator=torch.Generator().manual_seed(0))
 
 
-def log_lines(every: int | None = None) -> Callable[[Any, Any], None]:
+def log_lines() -> Callable[[Any, Any], None]:
     """A Trainer callback that prints one line per log step (step, loss, lr, throughput) on the main process:
     what a run without a progress bar (``--no-progress``) shows instead."""
     def callback(trainer: Any, record: Any) -> None:
-        if not record.is_main_process or (every and record.step % every):
+        if not record.is_main_process:
             return
         from .train.records import short
 
