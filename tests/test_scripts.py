@@ -383,13 +383,17 @@ def saved_searched(tiny_run):
     """A 5-step searched solver for the linear path with non-uniform times, saved by name (in the tests'
     GENKIT_SOLVERS home, see conftest) and as a folder."""
     from genkit.paths import get_path
-    from genkit.solvers.searched import SearchedSolver, register_searched, unregister_searched
+    from genkit.solvers import SOLVERS
+    from genkit.solvers.searched import SearchedSolver, register_searched, solver_home, unregister_searched
 
     solver = SearchedSolver(torch.tensor([0.3, -0.2, 0.1, 0.4, -0.5]), torch.zeros(5, 5), get_path("linear"))
     folder = solver.save(tiny_run.parent / "searched5")
     register_searched("scripts_test5", solver, persist=True, replace=True)
     unregister_searched("scripts_test5")  # known to this process only through the saved name, like a later process
     yield "scripts_test5", folder, solver
+    if "scripts_test5" in SOLVERS:  # resolving the saved name registered it: leave the registry as it was
+        unregister_searched("scripts_test5")
+    shutil.rmtree(solver_home() / "scripts_test5")  # and the solver home
 
 
 def test_resolve_sampler_defaults_and_truthful_labels(tiny_run, saved_searched):
