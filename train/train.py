@@ -14,7 +14,10 @@ heun at 32 steps. The out dir (--out) ends up holding:
 Re-running with the same --out RESUMES from its checkpoint and continues the run exactly (raise --steps to
 train longer: the LR schedule is then recomputed for the new total); flags that would change the run (lr,
 batch size, seed, EMA, data, ...) are an error there unless --allow-new-settings; use a new --out to start
-afresh. Ctrl-C or SIGTERM (a cluster's preemption) saves a checkpoint after the current step before exiting.
+afresh. Ctrl-C or SIGTERM (a cluster's preemption) saves a checkpoint after the current step before exiting;
+Ctrl-C during the final sampling exits saying the (complete) checkpoint is safe. A non-empty --out that is not a
+run is refused. The final sampling's flags (--solver, --sample-steps, --grid, --t-max) are resolved as in every
+script (genkit.cli.resolve_sampler) and tried on the untrained model before training starts.
 
 Each family brings its own flags (listed in a group of their own below); a flag of another family is an error.
 All flags can come from a file too: --config run.json or run.toml holds {flag: value} with the flags' names
