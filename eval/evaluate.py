@@ -11,9 +11,16 @@ on: a fresh draw for toy sets, the test split for digits):
 Every distance comes with its noise floor: the same distance between two held-out sets, what a perfect
 model would score at this sample size.
 
+The model is scored with its own sampler unless --solver says otherwise (a secant model's learned jumps, a
+searched solver's own steps and times), and the report says which ("sampler": learned jumps, ODE solver or
+SDE solver; "solver", "steps", "grid", "t_max"). --data defaults to what the checkpoint's run trained on
+(train_data.json, written by train/train.py and train/secant.py); another data set than that is an error
+unless --allow-other-data.
+
 examples:
-  python eval/evaluate.py --checkpoint runs/default --data moons
+  python eval/evaluate.py --checkpoint runs/default
   python eval/evaluate.py --checkpoint runs/default --data moons --solver euler --steps 8 --nll
+  python eval/evaluate.py --checkpoint runs/secant               # a secant model: scored with its learned jumps
   python eval/evaluate.py --checkpoint runs/digits --data digits --n 500 --out runs/digits/eval.json
 """
 
@@ -31,10 +38,10 @@ import torch
 
 import genkit
 from genkit import metrics
-from genkit.cli import checkpoint_dir, run_main, script_device
+from genkit.cli import check_data_matches, checkpoint_dir, named_grids, resolve_sampler, run_main, script_device
 from genkit.data import DATASETS, digits, digits_labels, held_out
 from genkit.errors import ConfigError, ShapeError
-from genkit.solvers import GRIDS, SOLVERS
+from genkit.solvers import SOLVERS
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -45,14 +52,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=_Formatter)
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="a checkpoint folder, or a train.py run folder holding checkpoint/")
-    p.add_argument("--data", required=True, help=f"the data the model learned, one of {', '.join(DATASETS.names())}")
+    p.add_argument("--data", help=f"the data the model learned, one of {', '.join(DATASETS.names())} (default: what "
+                                  "its run trained on, from train_data.json beside the checkpoint)")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="score the model against another --data than its run trained on")
     p.add_argument("--n", type=int, default=2000, help="samples to draw (and held-out size for toy sets)")
-    p.add_argument("--solver", help=f"one of {', '.join(SOLVERS.names())}, a searched-solver folder, or jumps (a "
-                                    "flow-map model's learned jumps) (default: the model's own sampler: heun for "
-                                    "flow matching and diffusion, jumps for secant models)")
-    p.add_argument("--steps", type=int, help="solver steps or jumps (default: the sampler's own, 32 for ODE solvers)")
-    p.add_argument("--grid", help=f"time grid, one of {', '.join(n for n in GRIDS.names() if n != 'custom')} "
-                                  "(default: uniform)")
+    p.add_argument("--solver", help=f"one of {', '.join(SOLVERS.names())}, a searched solver saved by name or its "
+                                    "folder, or jumps (a flow-map model's learned jumps) (default: the model's own "
+                                    "sampler: heun for flow matching and diffusion, the learned jumps of secant "
+                                    "models; the report says which)")
+    p.add_argument("--steps", type=int, help="solver steps or jumps (default: the sampler's own: a searched solver's "
+                                             "N, a jump model's first trained count, else 32)")
+    p.add_argument("--grid", help=f"time grid, one of {', '.join(named_grids())} (default: uniform over the model's "
+                                  "time range; refused where the solver runs on its own times)")
+    p.add_argument("--t-max", type=float, metavar="T",
+                   help="start the solver at t = T (default: the model's start; a stochastic solver singular there "
+                        "starts at 0.99 and says so)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, held-out draws and estimators")
     p.add_argument("--out", metavar="FILE",
                    help="metrics JSON (default: evaluation.json next to the checkpoint folder)")
@@ -86,22 +101,22 @@ def main(argv: list[str] | None = None) -> None:
                           "e.g. dopri5")
     ckpt = checkpoint_dir(args.checkpoint)
     model = genkit.load(ckpt, ema=not args.raw_weights, map_location=device)
+    args.data = check_data_matches(ckpt, args.data, args.allow_other_data)
+    chosen = resolve_sampler(model, args.solver, args.steps, args.grid, args.t_max)  # as in every script
+    if chosen.note:
+        print(f"note: {chosen.note}")
     ref, floor = held_out(args.data, args.n, args.seed)
     if tuple(ref.shape[1:]) != model.sample_shape:
         raise ShapeError(f"{ckpt} makes samples of shape {model.sample_shape} but --data {args.data} has "
                          f"{tuple(ref.shape[1:])}; pass the data set the model was trained on")
     is_image = ref.ndim == 4
     t0 = time.perf_counter()
-    jumps = args.solver == "jumps"  # the model says which samplers it has (model.samplers()) and checks this one
-    sampler = model.get_sampler("jumps" if jumps else None, solver=None if jumps else args.solver, steps=args.steps,
-                                grid=args.grid)
-    sol = model.sample(args.n, sampler=sampler, return_solution=True,
+    sol = model.sample(args.n, sampler=chosen.sampler, return_solution=True,
                        generator=torch.Generator(device=device).manual_seed(args.seed))
     x = sol.samples.float().cpu()
     report: dict[str, Any] = {
-        "checkpoint": str(ckpt), "family": model.family, "data": args.data, "n": args.n, "solver": sampler.label,
-        "sampler": sampler.describe(), "steps": len(sol.times) - 1, "grid": args.grid or "uniform", "nfe": sol.nfe,
-        "sample_time_s": time.perf_counter() - t0,
+        "checkpoint": str(ckpt), "family": model.family, "data": args.data, "n": args.n, **chosen.record(),
+        "sampled_with": chosen.describe(), "nfe": sol.nfe, "sample_time_s": time.perf_counter() - t0,
         "weights": "raw" if args.raw_weights or not (ckpt / "ema.safetensors").is_file() else "ema",
     }
     if is_image and args.data != "digits":
@@ -128,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     shown = {k: v for k, v in report.items() if k in ("sliced_w2", "energy_distance", "mmd", "frechet_digits")}
-    print(f"{args.n} samples with {sampler.describe()} (NFE {sol.nfe}): "
+    print(f"{args.n} samples with {chosen.describe()} (NFE {sol.nfe}): "
           + ", ".join(f"{k} {v:.4g} (floor {report['noise_floor'][k]:.4g})" for k, v in shown.items()))
     if args.nll:
         print(f"NLL of {report['nll']['n']} held-out samples: {report['nll']['nats']:.4f} nats "

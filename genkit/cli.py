@@ -1,15 +1,27 @@
-"""What the scripts in train/, samplers/ and eval/ share: finding a checkpoint and reporting genkit errors
-as one line. The library itself never imports this module."""
+"""What the scripts in train/, samplers/ and eval/ share: finding a checkpoint, turning the sampling flags
+(``--solver``, ``--steps``, ``--grid``, ``--t-max``) into a model's sampler the same way in every script
+(:func:`resolve_sampler`), a log line per log step without a progress bar, and reporting genkit errors as one
+line. The library itself never imports this module."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .errors import ConfigError, GenkitError, TrainingInterrupted
+from .errors import ConfigError, GenkitError, SolverError, TrainingInterrupted
 
-__all__ = ["checkpoint_dir", "script_device", "run_main"]
+__all__ = ["checkpoint_dir", "script_device", "run_main", "ScriptSampler", "resolve_sampler", "named_grids",
+           "AUTO_T_MAX", "log_lines", "trained_data", "check_data_matches"]
+
+#: The start chosen for a stochastic solver whose reverse SDE is singular at the model's own start (t = 1 of a
+#: flow-matching path, where alpha = 0): what the SDE solvers' own error suggests. ``--t-max`` overrides it.
+AUTO_T_MAX = 0.99
+#: The ODE steps a script uses when neither --steps nor the solver (a searched solver's N) says.
+DEFAULT_ODE_STEPS = 32
 
 
 def script_device(name: str):
@@ -47,3 +59,218 @@ def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
         signum = getattr(e, "signum", None)  # TrainingInterrupted: the shell's status for that signal (130, 143)
         return 128 + signum if isinstance(e, TrainingInterrupted) and signum is not None else 2
     return 0
+
+
+def named_grids() -> list[str]:
+    """The grid names a script's ``--grid`` takes (a custom grid needs explicit times, so not by name)."""
+    from .solvers import GRIDS
+
+    return [name for name in GRIDS.names() if name != "custom"]
+
+
+@dataclass
+class ScriptSampler:
+    """A script's sampler and what its outputs say about it.
+
+    sampler: the :class:`~genkit.sampling.Sampler` to give ``model.sample(sampler=...)``.
+    kind: ``"learned jumps"``, ``"ODE solver"`` or ``"SDE solver"`` (on the model's field).
+    solver: the solver's name as given (a saved searched solver's name, a registry name, a folder's solver
+        name) or the sampler's name (``jumps``).
+    steps: the step count (None for adaptive solvers, which choose their own).
+    grid: the grid's true label: its name, ``"searched"`` for a searched solver's own times, ``"adaptive"``,
+        or ``"uniform in t"`` for jumps.
+    t_range: ``(t_max, t_min)`` the samples are drawn over (None where the model fills it in by name).
+    note: how a setting was chosen that the user did not give (e.g. a start below a singular t = 1).
+    """
+
+    sampler: Any
+    kind: str
+    solver: str
+    steps: int | None
+    grid: str
+    t_range: tuple[float, float] | None = None
+    note: str | None = None
+
+    def describe(self) -> str:
+        """One line, e.g. ``"heun (ODE solver), 32 steps, uniform grid"``."""
+        unit = "jumps" if self.kind == "learned jumps" else "steps"
+        steps = "adaptive steps" if self.steps is None else f"{self.steps} {unit}"
+        if self.kind == "learned jumps":
+            return f"{'default' if self.steps is None else self.steps} learned jumps, uniform in t"
+        grid = "its own searched times" if self.grid == "searched" else f"{self.grid} grid"
+        start = f" from t={self.t_range[0]:g}" if self.t_range is not None and self.t_range[0] < 1 else ""
+        return f"{self.solver} ({self.kind}), {steps}, {grid}{start}"
+
+    def record(self) -> dict[str, Any]:
+        """The JSON fields of the outputs: sampler kind, solver, steps, grid, start time and any note."""
+        out = {"sampler": self.kind, "solver": self.solver, "steps": self.steps, "grid": self.grid,
+               "t_max": None if self.t_range is None else self.t_range[0]}
+        if self.note:
+            out["note_sampler"] = self.note
+        return out
+
+
+def _flag(name: str, flags: dict[str, str] | None) -> str:
+    return (flags or {}).get(name, f"--{name.replace('_', '-')}")
+
+
+def resolve_sampler(model: Any, solver: str | None = None, steps: int | None = None, grid: str | None = None,
+                    t_max: float | None = None, *, flags: dict[str, str] | None = None) -> ScriptSampler:
+    """``--solver`` / ``--steps`` / ``--grid`` / ``--t-max`` as ``model``'s sampler, alike for every solver.
+
+    ``solver`` is a sampler name (``jumps``), a registry name, a searched solver saved by name or a searched-
+    solver folder (whatever :func:`genkit.get_solver` finds), or None: the model's default sampler. Defaults
+    are the solver's own (a searched solver's N steps and times), else 32 steps on the model's uniform grid.
+    A setting the sampler would ignore is a ConfigError naming the flag to drop: ``--grid``/``--t-max`` with a
+    searched solver (its own times), with learned jumps (uniform in t) or ``--grid`` with an adaptive solver;
+    other ``--steps`` than a searched solver's N. A stochastic solver whose reverse SDE is singular at the
+    model's start (t = 1 of a flow-matching path) starts at :data:`AUTO_T_MAX` instead, and ``note`` says so,
+    unless ``t_max`` sets the start. ``flags`` renames the flags in messages (e.g. ``{"steps": "--sample-steps"}``).
+    """
+    from .sampling import SAMPLERS, JumpSampler, ODESampler
+    from .solvers import get_grid, get_solver
+
+    f_steps, f_grid, f_tmax, f_solver = (_flag(n, flags) for n in ("steps", "grid", "t_max", "solver"))
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"{f_steps} must be a positive integer; got {steps!r}")
+    if grid is not None and grid not in named_grids():
+        raise ConfigError(f"unknown {f_grid} {grid!r}; choose one of {', '.join(named_grids())}")
+    family = getattr(model, "family", type(model).__name__)
+    if solver is None:
+        default = model.default_sampler()
+        if isinstance(default, ODESampler):
+            solver = default.solver if isinstance(default.solver, str) else default.label
+            grid = grid if grid is not None else (default.grid if isinstance(default.grid, str) else None)
+        else:
+            solver = default.name
+    named = [n for n in SAMPLERS.names() if n != "ode"]
+    if solver in named:
+        cls = SAMPLERS.get(solver)
+        if cls.name not in model.samplers():
+            raise ConfigError(f"{f_solver} {solver} needs {cls.needs}; the {family!r} model samples with "
+                              f"{', '.join(model.samplers())}: pick an ODE solver such as heun")
+        for flag, value in ((f_grid, grid), (f_tmax, t_max)):
+            if value is not None:
+                raise ConfigError(f"{flag} {value} would be ignored: {cls.name} run over the model's trained range, "
+                                  f"uniform in t; drop {flag} or pick a solver (e.g. {f_solver} heun)")
+        sampler = model.get_sampler(cls.name, steps=steps)
+        kind = "learned jumps" if isinstance(sampler, JumpSampler) else cls.name
+        lo_hi = model.time_range() if callable(getattr(model, "time_range", None)) else None
+        return ScriptSampler(sampler, kind, cls.name, sampler.steps, "uniform in t",
+                             None if lo_hi is None else (float(lo_hi[1]), float(lo_hi[0])))
+    s = get_solver(solver)  # a registry name, a saved name, a folder; unknown: the error lists them
+    if "ode" not in model.samplers():
+        raise ConfigError(f"{f_solver} {solver}: the {family!r} model does not sample with ODE/SDE solvers; its "
+                          f"samplers are {', '.join(model.samplers())}")
+    label = s.name if Path(str(solver)).is_dir() else str(solver)
+    kind = "SDE solver" if s.stochastic else "ODE solver"
+    span = model.time_range() if callable(getattr(model, "time_range", None)) else (model.path.t_min, 1.0)
+    lo, hi = (float(v) for v in span)
+    own = s.default_grid()
+    if own is not None:  # a solver with its own times (a searched solver): nothing else applies
+        for flag, value in ((f_grid, grid), (f_tmax, t_max)):
+            if value is not None:
+                raise ConfigError(f"{flag} {value} would be ignored: solver {label!r} runs on its own searched times "
+                                  f"(t from {float(own.times(None, model.path)[0]):g} to "
+                                  f"{float(own.times(None, model.path)[-1]):g}); drop {flag}")
+        if steps is not None and steps != s.default_steps:
+            raise ConfigError(f"solver {label!r} was searched for {s.default_steps} steps; {f_steps} {steps} does "
+                              f"not fit it: drop {f_steps} or search again for {steps} steps")
+        times = own.times(None, model.path)
+        return ScriptSampler(ODESampler(s, s.default_steps, own), kind, label, s.default_steps, "searched",
+                             (float(times[0]), float(times[-1])))
+    if not s.fixed_step:  # adaptive: only the end points count
+        if grid is not None:
+            raise ConfigError(f"{f_grid} {grid} would be ignored: {label} is adaptive and chooses its own steps "
+                              f"between the end points; drop {f_grid} (or pick a fixed-step solver)")
+        if steps is not None:
+            raise ConfigError(f"{f_steps} {steps} would be ignored: {label} is adaptive and chooses its own steps; "
+                              f"drop {f_steps}")
+    steps = None if not s.fixed_step else (steps or s.default_steps or DEFAULT_ODE_STEPS)
+    name = grid or "uniform"
+    note = None
+    if t_max is not None:
+        if not lo < t_max <= hi:
+            raise ConfigError(f"{f_tmax} {t_max} must lie in ({lo:g}, {hi:g}], the {family!r} model's time range "
+                              "(t = 1 noise, t = 0 data)")
+    elif s.stochastic:  # can the SDE start where the model starts? Try it on an exact field of the model's path
+        try:
+            _probe(model, s, get_grid(name, t_max=hi, t_min=lo), steps)
+        except SolverError as e:
+            if hi <= AUTO_T_MAX:
+                raise
+            try:
+                _probe(model, s, get_grid(name, t_max=AUTO_T_MAX, t_min=lo), steps)
+            except SolverError:
+                raise e from None
+            t_max = AUTO_T_MAX
+            note = (f"{label} cannot start at t={hi:g} on the {model.path.name!r} path (its reverse SDE is singular "
+                    f"there), so it starts at t={AUTO_T_MAX:g}; set {f_tmax} to choose the start")
+    if t_max is None:
+        return ScriptSampler(ODESampler(s, steps, name), kind, label, steps, "adaptive" if steps is None else name,
+                             (hi, lo))
+    return ScriptSampler(ODESampler(s, steps, get_grid(name, t_max=float(t_max), t_min=lo)), kind, label, steps,
+                         "adaptive" if steps is None else name, (float(t_max), lo), note)
+
+
+def _probe(model: Any, solver: Any, grid: Any, steps: int | None) -> None:
+    """Run ``solver`` over ``grid`` on an exact Gaussian field of the model's path and parametrization (the start
+    of an SDE is a property of the path and the times, not of the network: no network call, no conditioning)."""
+    import torch
+
+    from .analytic import Gaussian
+    from .solvers import solve
+
+    field = Gaussian(torch.zeros(1), torch.eye(1), model.path, getattr(model, "prediction", "velocity"))
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    with torch.no_grad():
+        solve(field, x, solver, max(1, solver.min_steps) if steps is not None else None, grid,
+              generator=torch.Generator().manual_seed(0))
+
+
+def log_lines() -> Callable[[Any, Any], None]:
+    """A Trainer callback that prints one line per log step (step, loss, lr, throughput) on the main process:
+    what a run without a progress bar (``--no-progress``) shows instead."""
+    def callback(trainer: Any, record: Any) -> None:
+        if not record.is_main_process:
+            return
+        from .train.records import short
+
+        total = getattr(trainer.config, "steps", None)
+        logs = "".join(f", {k} {v:.4g}" for k, v in record.logs.items() if isinstance(v, float))
+        print(f"step {record.step}" + (f"/{total}" if total else "") + f": loss {record.loss:.4g}, lr "
+              f"{record.lr:.3g}, {short(record.samples_per_s)} samples/s{logs}", flush=True)
+    return callback
+
+
+def trained_data(ckpt: Path) -> dict[str, Any] | None:
+    """What the run of checkpoint folder ``ckpt`` trained on (``train_data.json`` beside it, written by
+    train/train.py and train/secant.py), or None when nothing records it."""
+    file = Path(ckpt).parent / "train_data.json"
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def check_data_matches(ckpt: Path, data: str | None, allow_other: bool) -> str:
+    """``--data`` of a script that scores a checkpoint: the data its run trained on when not given; another named
+    set than the run's is a ConfigError unless ``allow_other`` (``--allow-other-data``)."""
+    record = trained_data(ckpt) or {}
+    trained = record.get("data")
+    where = Path(ckpt).parent / "train_data.json"
+    if data is None:
+        if trained is None:
+            what = (f"its run trained on an image folder ({record['image_folder']})" if "image_folder" in record
+                    else f"nothing records what it trained on ({where} is missing)")
+            raise ConfigError(f"--data is needed for {ckpt}: {what}; pass --data NAME, the data set it learned")
+        return str(trained)
+    if trained is not None and data != trained and not allow_other:
+        raise ConfigError(f"--data {data}: {ckpt} was trained on {trained!r} (per {where}); scoring it against "
+                          f"{data!r} measures the wrong target. Pass --data {trained}, or --allow-other-data to "
+                          f"score it against {data!r} anyway")
+    if "image_folder" in record and not allow_other:
+        raise ConfigError(f"--data {data}: {ckpt} was trained on the image folder {record['image_folder']} (per "
+                          f"{where}); pass --allow-other-data to score it against {data!r} anyway")
+    return data

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .errors import ConfigError, DataError, ShapeError
 
 __all__ = [
-    "sliced_wasserstein", "energy_distance", "mmd", "NLL", "nll",
+    "sliced_wasserstein", "energy_distance", "mmd", "endpoint_rms", "ENDPOINT_ERROR", "NLL", "nll",
     "frechet_gaussians", "frechet_distance", "fid",
     "DigitsClassifier", "train_digits_classifier", "inception_features",
 ]  # fmt: skip
@@ -105,6 +105,28 @@ def mmd(
         return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
 
     return float(kernel_mean(x, x, unbiased) + kernel_mean(y, y, unbiased) - 2 * kernel_mean(x, y, False))
+
+
+#: The name of :func:`endpoint_rms` in every table that reports it (compare.py, secant.py, search_solver.py).
+ENDPOINT_ERROR = "per-sample L2 RMS to the reference"
+
+
+def endpoint_rms(x: Tensor, ref: Tensor) -> float:
+    """Per-sample L2 RMS to the reference, ``sqrt(mean_i |x_i - ref_i|^2)`` over the samples ``i`` of ``x`` and
+    ``ref`` (both ``[N, ...]``, paired: sample ``i`` of each comes from the same prior noise), in float64.
+
+    The error measure of every solver table in genkit's scripts (:data:`ENDPOINT_ERROR`). It is the RMS of the
+    per-sample Euclidean distances, not the per-element RMS (which is smaller by ``sqrt(D)`` for ``D`` numbers
+    per sample), nor the per-element MSE.
+
+    >>> endpoint_rms(torch.zeros(2, 4), torch.ones(2, 4))   # each sample is |1| * sqrt(4) = 2 away
+    2.0
+    """
+    if x.shape != ref.shape or x.ndim < 1 or x.shape[0] < 1:
+        raise ShapeError(f"x and ref must be paired batches [N, ...] of one shape; got {list(x.shape)} and "
+                         f"{list(ref.shape)}")
+    diff = (x.double() - ref.to(x.device).double()).reshape(x.shape[0], -1)
+    return float(diff.square().sum(1).mean().sqrt())
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 Every solver starts from the same prior noise (--seed) and runs over the model's own time range on the
 chosen grid (model.default_grid(GRID)); its endpoint is compared with a reference solve (rk4 with
---reference-steps steps on the same grid and range). Error = RMS over samples of the per-sample L2
-distance, sqrt(mean_i |x_i - ref_i|^2). All solvers are compared at the raw end of the solve, before the
+--reference-steps steps on the same grid and range). Error = per-sample L2 RMS to the reference,
+sqrt(mean_i |x_i - ref_i|^2) (genkit.metrics.endpoint_rms, the measure of every solver table in genkit's
+scripts: train/secant.py and samplers/search_solver.py report the same). A searched solver (given by its saved
+name or its folder) runs on its own searched times between the grid's end points, at its own NFE only; its
+row says so. All solvers are compared at the raw end of the solve, before the
 final denoising step that Diffusion.sample adds, so every row sees the same endpoint. Steps are chosen so
 that the number of network evaluations (NFE) matches, from each solver's declared count (``Solver.nfe``):
 one per step for euler and the diffusion solvers (ddim, dpmpp_2m, dpmpp_3m, unipc, deis), NFE // 2 steps for
@@ -33,7 +36,8 @@ import torch
 import genkit
 from genkit.cli import checkpoint_dir, run_main, script_device
 from genkit.errors import ConfigError
-from genkit.solvers import GRIDS, SOLVERS, Solver, get_grid, get_solver, solve
+from genkit.metrics import ENDPOINT_ERROR, endpoint_rms
+from genkit.solvers import GRIDS, Solver, get_grid, get_solver, solve
 
 DEFAULT_SOLVERS = "euler,heun,ddim,dpmpp_2m,dpmpp_3m,unipc,deis,rk4"
 DEFAULT_NFE = "3,4,5,6,8,10,16"
@@ -49,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="a checkpoint folder, or a train.py run folder holding checkpoint/")
     p.add_argument("--solvers", default=DEFAULT_SOLVERS,
-                   help="comma-separated deterministic fixed-step solvers (registry names or searched-solver "
-                        "folders); stochastic and adaptive ones are refused")
+                   help="comma-separated deterministic fixed-step solvers (registry names, searched solvers saved "
+                        "by name or their folders); stochastic and adaptive ones are refused")
     p.add_argument("--nfe", default=DEFAULT_NFE, help="comma-separated budgets of network evaluations")
     p.add_argument("--grid", default="logsnr",
                    help=f"time grid, one of {', '.join(n for n in GRIDS.names() if n != 'custom')}")
@@ -79,10 +83,7 @@ def _solvers(text: str) -> dict[str, Solver]:
         raise ConfigError(f"--solvers is empty; give e.g. {DEFAULT_SOLVERS}")
     out = {}
     for name in names:
-        if name not in SOLVERS and not (Path(name) / "solver.json").is_file():
-            raise ConfigError(f"unknown solver {name!r}; choose from {', '.join(SOLVERS.names())} or a searched-solver "
-                              "folder")
-        solver = get_solver(name)
+        solver = get_solver(name)  # registry names, saved names and folders alike; unknown: the error lists them
         if solver.stochastic or not solver.fixed_step:
             kind = "stochastic" if solver.stochastic else "adaptive"
             raise ConfigError(f"solver {name!r} is {kind}: its error to a deterministic reference at a fixed NFE is "
@@ -104,10 +105,6 @@ def steps_for(solver: Solver, nfe: int, grid: Any = None, path: Any = None) -> i
     return None
 
 
-def rms(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x - ref).reshape(x.shape[0], -1).double().square().sum(1).mean().sqrt())
-
-
 def plot(results: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -122,7 +119,7 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path, title: str) -> No
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("NFE (network evaluations)")
-    ax.set_ylabel("RMS endpoint error to the reference")
+    ax.set_ylabel(f"endpoint error: {ENDPOINT_ERROR}")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -136,11 +133,15 @@ def markdown(report: dict[str, Any], nfes: list[int]) -> str:
              f"{report['family']} model, {report['n']} samples (seed {report['seed']}), {report['grid']} grid over "
              f"t in [{report['t_range'][0]:.4g}, {report['t_range'][1]:.4g}]. Reference: {ref['solver']} with "
              f"{ref['steps']} steps (distance to {ref['steps'] // 2} steps: {ref['half_steps_error']:.3g}).", "",
-             "RMS endpoint error to the reference; `-` = the budget does not fit the solver.", "",
-             "| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+             f"Endpoint error: {ENDPOINT_ERROR} (sqrt(mean_i |x_i - ref_i|^2)); `-` = the budget does not fit the "
+             "solver.", "",
+             f"| solver ({ENDPOINT_ERROR}) | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|" + "---|" * len(nfes)]
     for name, rows in report["results"].items():
         by = {r["nfe"]: r["error"] for r in rows}
-        lines.append(f"| {name} | " + " | ".join(f"{by[n]:.3g}" if n in by else "-" for n in nfes) + " |")
+        grid = report.get("grids", {}).get(name, report["grid"])
+        shown = name if grid == report["grid"] else f"{name} ({'own searched times' if grid == 'searched' else grid})"
+        lines.append(f"| {shown} | " + " | ".join(f"{by[n]:.3g}" if n in by else "-" for n in nfes) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                     skipped.append({"solver": name, "nfe": nfe})
                     continue
                 sol = solve(model, x, solver, steps, grid)
-                err = rms(sol.samples, ref)
+                err = endpoint_rms(sol.samples, ref)
                 if not math.isfinite(err):
                     raise ConfigError(f"solver {name!r} at {nfe} NFE gave a non-finite error; check the model")
                 results[name].append({"nfe": sol.nfe, "steps": steps, "error": err})
@@ -187,8 +188,10 @@ def main(argv: list[str] | None = None) -> None:
     report = {"checkpoint": str(ckpt), "family": getattr(model, "family", type(model).__name__),
               "path": model.path.config(), "grid": args.grid, "t_range": [float(times[-1]), float(times[0])],
               "n": args.n, "seed": args.seed, "device": str(device), "weights": "raw" if args.raw_weights else "ema",
-              "error": "RMS over samples of the per-sample L2 distance to the reference endpoint",
-              "reference": {"solver": REFERENCE, "steps": args.reference_steps, "half_steps_error": rms(half, ref)},
+              "error": ENDPOINT_ERROR,
+              "grids": {name: "searched" if s.default_grid() is not None else args.grid for name, s in solvers.items()},
+              "reference": {"solver": REFERENCE, "steps": args.reference_steps,
+                            "half_steps_error": endpoint_rms(half, ref)},
               "results": results, "skipped": skipped, "seconds": seconds}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

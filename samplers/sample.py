@@ -27,11 +27,11 @@ import torch
 from safetensors.torch import save_file
 
 import genkit
-from genkit.cli import checkpoint_dir, run_main, script_device
+from genkit.cli import checkpoint_dir, named_grids, resolve_sampler, run_main, script_device
 from genkit.errors import ConfigError
 from genkit.plotting import save_samples_png
 from genkit.sampling import SAMPLERS
-from genkit.solvers import GRIDS, SOLVERS
+from genkit.solvers import SOLVERS
 
 # --solver names an ODE solver (the "ode" sampler's) or one of the other samplers, e.g. jumps
 NAMED_SAMPLERS = [name for name in SAMPLERS.names() if name != "ode"]
@@ -46,17 +46,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="a checkpoint folder, or a train.py run folder holding checkpoint/")
     p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--solver", help=f"one of {', '.join(SOLVERS.names())}, a searched-solver folder "
-                                    "(samplers/search_solver.py --out), or a sampler: "
+    p.add_argument("--solver", help=f"one of {', '.join(SOLVERS.names())}, a searched solver saved by name "
+                                    "(search_solver.py --name) or its folder (--out), or a sampler: "
                                     f"{', '.join(NAMED_SAMPLERS)} (jumps: the learned jumps of a secant model) "
                                     "(default: the model's default sampler: jumps for models that have them, "
                                     "else heun)")
     p.add_argument("--steps", type=int, help="solver steps (adaptive solvers choose their own) or jumps (default: 32 "
-                                             "solver steps; a searched solver's own; a jump model's first trained "
+                                             "solver steps; a searched solver's own N; a jump model's first trained "
                                              "step count)")
-    grids = ", ".join(n for n in GRIDS.names() if n != "custom")
-    p.add_argument("--grid", help=f"time grid of a solver, one of {grids}"
-                                  " (default: uniform; jumps are uniform in t by construction)")
+    p.add_argument("--grid", help=f"time grid of a solver, one of {', '.join(named_grids())} (default: uniform "
+                                  "over the model's time range; a searched solver runs on its own times and jumps "
+                                  "are uniform in t, so --grid is refused there)")
+    p.add_argument("--t-max", type=float, metavar="T",
+                   help="start the solver at t = T < 1 (default: the model's start; a stochastic solver whose "
+                        "reverse SDE is singular there, e.g. euler_maruyama on flow matching, starts at 0.99 and "
+                        "says so)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior draw and solver noise")
     p.add_argument("--out", metavar="DIR",
                    help="output folder (default: samples_SOLVERSTEPS_GRID/ next to the checkpoint folder)")
@@ -116,24 +120,11 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"--steps must be a positive integer; got {args.steps}")
     ckpt = checkpoint_dir(args.checkpoint)
     model = genkit.load(ckpt, ema=not args.raw_weights, map_location=device)
-    args.solver = args.solver or model.default_sampler().label  # e.g. jumps for a secant model, else heun
-    if args.solver in NAMED_SAMPLERS:
-        cls = SAMPLERS.get(args.solver)
-        if cls.name not in model.samplers():
-            raise ConfigError(f"--solver {args.solver} needs {cls.needs}; {ckpt} holds a {model.family!r} model, "
-                              f"whose samplers are {', '.join(model.samplers())}: pick an ODE solver such as heun")
-        if args.grid is not None:
-            raise ConfigError(f"--grid {args.grid} applies to ODE solvers; {cls.name} are uniform in t. Drop --grid "
-                              "or pick a solver")
-        sampler = model.get_sampler(cls.name, steps=args.steps)
-        args.steps, args.grid, label, how = sampler.steps, cls.name, cls.name, sampler.describe()
-    else:
-        solver = genkit.get_solver(args.solver)  # a name or a searched-solver artifact folder
-        label = solver.name if Path(args.solver).is_dir() else args.solver
-        args.steps = args.steps or solver.default_steps or 32  # a searched solver's own N
-        args.grid = args.grid or "uniform"
-        sampler = model.get_sampler("ode", solver=args.solver, steps=args.steps, grid=args.grid)
-        how = f"{args.solver}, {args.steps} steps, {args.grid} grid"
+    chosen = resolve_sampler(model, args.solver, args.steps, args.grid, args.t_max)  # as in every script
+    if chosen.note:
+        print(f"note: {chosen.note}")
+    sampler, label, how = chosen.sampler, chosen.solver, chosen.describe()
+    args.steps, args.grid = chosen.steps, chosen.grid
     conditioning = class_and_guidance(args, model, ckpt)
     tag = ""
     if conditioning:
@@ -142,7 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         if "guidance" in conditioning:
             how += f", guidance {args.guidance:g}"
             tag += f"_cfg{args.guidance:g}"
-    out = Path(args.out) if args.out else ckpt.parent / f"samples_{label}{args.steps}_{args.grid}{tag}"
+    grid_tag = "jumps" if chosen.kind == "learned jumps" else args.grid
+    start = f"_tmax{chosen.t_range[0]:g}" if chosen.t_range is not None and chosen.t_range[0] < 1 else ""
+    name = f"samples_{Path(label).name}{args.steps if args.steps is not None else ''}_{grid_tag}{start}{tag}"
+    out = Path(args.out) if args.out else ckpt.parent / name
     t0 = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(args.seed)
     sol = model.sample(args.n, sampler=sampler, return_solution=True, generator=gen, **conditioning)

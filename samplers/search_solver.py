@@ -4,8 +4,9 @@ Learns the step sizes and multistep coefficients of an NFE-step solver so that i
 high-accuracy reference solver lands from the same prior noise (with --eval-times, --step-scales and
 --teleport also genkit's extensions: shifted evaluation times, a factor per update and a free first jump
 along the Gaussian of the reference samples; see genkit.solvers.searched), saves it as OUT/solver.safetensors +
-OUT/solver.json, and prints the endpoint error (mean squared error to the reference, at the end of the
-sampling interval, before any final denoising step) on held-out noise for the searched solver and for
+OUT/solver.json, and prints the endpoint error (per-sample L2 RMS to the reference, sqrt(mean_i |x_i - ref_i|^2),
+genkit.metrics.endpoint_rms, the measure of compare.py and train/secant.py too; at the end of the sampling
+interval, before any final denoising step) on held-out noise for the searched solver and for
 euler, heun (as many whole steps as fit in the NFE), ddim, dpmpp_2m and unipc at the same NFE on the
 uniform and log-SNR grids.
 
@@ -35,6 +36,7 @@ import torch
 import genkit
 from genkit.cli import checkpoint_dir, run_main, script_device
 from genkit.errors import ConfigError
+from genkit.metrics import ENDPOINT_ERROR, endpoint_rms
 from genkit.solvers import solve
 from genkit.solvers.searched import VARIANTS, check_new_name, register_searched, search_solver, solver_home
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - t0
     out = solver.save(Path(args.out) if args.out else ckpt.parent / f"searched_nfe{args.nfe}")
     print(f"searched {args.nfe}-step {args.variant} solver for {ckpt} in {seconds:.1f} s "
-          f"(loss {solver.info['first_loss']:.3g} -> {solver.info['last_loss']:.3g}; held-out "
+          f"(search loss, per-element MSE: {solver.info['first_loss']:.3g} -> {solver.info['last_loss']:.3g}; held-out "
           f"{solver.info['holdout_loss']:.3g}, DSS's {solver.info['dss_holdout_loss']:.3g}; kept: "
           f"{solver.info['chosen']}): {out}")
     if args.name:
@@ -139,10 +141,11 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("ddim", "dpmpp_2m", "unipc"):
             for grid_name in ("uniform", "logsnr"):
                 rows.append((name, grid_name, solve(model, x, name, args.nfe, model.default_grid(grid_name))))
-    errors = [(name, g, sol.nfe, (sol.samples - ref).pow(2).mean().item()) for name, g, sol in rows]
+    errors = [(name, g, sol.nfe, endpoint_rms(sol.samples, ref)) for name, g, sol in rows]
     euler = errors[1][3]
-    print(f"\nendpoint MSE to {args.reference_solver} ({args.reference_steps} steps) on {args.eval} held-out samples")
-    print(f"{'solver':<10} {'grid':<9} {'NFE':>4} {'MSE':>11} {'/ euler':>8}")
+    print(f"\nendpoint error: {ENDPOINT_ERROR} ({args.reference_solver}, {args.reference_steps} steps) on "
+          f"{args.eval} held-out samples (the search's own losses above are per-element MSE)")
+    print(f"{'solver':<10} {'grid':<9} {'NFE':>4} {'L2 RMS':>11} {'/ euler':>8}")
     for name, g, nfe, err in errors:
         print(f"{name:<10} {g:<9} {nfe:>4} {err:>11.4g} {err / euler if euler > 0 else float('nan'):>8.3f}")
 

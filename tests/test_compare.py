@@ -58,6 +58,16 @@ def test_end_to_end(checkpoint, tmp_path):
         assert all(b < a for a, b in zip(errs, errs[1:])), (name, errs)
     assert report["reference"]["half_steps_error"] < min(r["error"] for r in res["heun"])
     assert "| heun |" in (out / "compare.md").read_text()
+    # the error is genkit.metrics.endpoint_rms (per-sample L2 RMS), recomputed here, and named in the table
+    from genkit.metrics import ENDPOINT_ERROR, endpoint_rms
+
+    model = genkit.load(checkpoint)
+    x = model.path.sample_prior((32, 2), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = genkit.solve(model, x, "rk4", 64, "uniform").samples
+        euler = [endpoint_rms(genkit.solve(model, x, "euler", n, "uniform").samples, ref) for n in (4, 8, 16)]
+    assert [r["error"] for r in res["euler"]] == pytest.approx(euler, rel=1e-9)
+    assert report["error"] == ENDPOINT_ERROR and f"| solver ({ENDPOINT_ERROR}) |" in (out / "compare.md").read_text()
 
 
 def test_budget_that_does_not_fit_is_skipped(checkpoint, tmp_path, monkeypatch, capsys):

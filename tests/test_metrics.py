@@ -14,7 +14,9 @@ import torch
 from genkit.data import digits, digits_labels
 from genkit.errors import ConfigError, DataError, ShapeError
 from genkit.metrics import (
+    ENDPOINT_ERROR,
     DigitsClassifier,
+    endpoint_rms,
     energy_distance,
     fid,
     frechet_distance,
@@ -175,3 +177,17 @@ def test_digits_frechet_distance_separates_real_from_noise(classifier):
 def test_inception_features_says_what_to_install():
     with pytest.raises(ConfigError, match=r"torchmetrics\[image\]"):
         inception_features()
+
+
+def test_endpoint_rms_is_the_per_sample_l2_rms():
+    """sqrt(mean_i |x_i - ref_i|^2): per-sample distances 3, 4 and 0 give sqrt(25 / 3); sqrt(D) times the
+    per-element RMS, whatever the sample shape."""
+    ref = torch.randn(3, 2, generator=gen(), dtype=torch.float64)
+    x = ref + torch.tensor([[3.0, 0.0], [0.0, -4.0], [0.0, 0.0]], dtype=torch.float64)
+    assert endpoint_rms(x, ref) == pytest.approx(math.sqrt(25 / 3), rel=1e-12)
+    assert endpoint_rms(ref, ref) == 0.0
+    a, b = (torch.randn(5, 1, 8, 8, generator=gen(k), dtype=torch.float64) for k in (1, 2))
+    assert endpoint_rms(a, b) == pytest.approx(8 * float((a - b).double().pow(2).mean().sqrt()), rel=1e-12)
+    assert ENDPOINT_ERROR == "per-sample L2 RMS to the reference"
+    with pytest.raises(ShapeError, match="paired batches"):
+        endpoint_rms(a, b[:4])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 import genkit
 from genkit.errors import ConfigError
 from genkit.models import FAMILIES, FlowMatching
+from genkit.nets import MLP
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN, SAMPLE, EVALUATE = ROOT / "train" / "train.py", ROOT / "samplers" / "sample.py", ROOT / "eval" / "evaluate.py"
@@ -151,7 +153,8 @@ def test_train_builds_a_secant_model_from_the_registry(runs):
     """--family secant: the family's own flags build it, and the final samples use its default sampler, the
     learned jumps at the first trained count (one evaluation per jump)."""
     metrics = json.loads((runs["secant"] / "metrics.json").read_text())
-    assert metrics["family"] == "secant" and metrics["solver"] == "jumps" and metrics["grid"] == "jumps"
+    assert metrics["family"] == "secant" and metrics["solver"] == "jumps" and metrics["sampler"] == "learned jumps"
+    assert metrics["grid"] == "uniform in t" and metrics["sampled_with"] == "1 learned jumps, uniform in t"
     assert metrics["sample_steps"] == 1 and metrics["nfe"] == 1
     config = json.loads((runs["secant"] / "checkpoint" / "config.json").read_text())
     assert config["family"] == "secant" and config["loss"] == "stee" and config["steps"] == [1, 2]
@@ -205,7 +208,11 @@ def test_help(script, capsys):
                                 "secant"),
     (TRAIN, ["--family", "secant", "--loss", "sdei"], "train/secant.py --teacher"),
     (TRAIN, ["--family", "nope"], "unknown --family 'nope'"),
-    (TRAIN, ["--solver", "jumps"], "flow_matching model cannot sample with JumpSampler"),
+    (TRAIN, ["--solver", "jumps"], "--solver jumps needs a model with learned jumps"),
+    (TRAIN, ["--solver", "dopri5", "--grid", "karras"], "--grid karras would be ignored: dopri5 is adaptive"),
+    (TRAIN, ["--t-max", "1.5"], "--t-max 1.5 must lie in (0, 1]"),
+    (TRAIN, ["--solver", "euler_maruyama", "--t-max", "1"], "so training was not started: the 'linear' path has "
+                                                            "infinite diffusion g^2 at t=1"),
     (TRAIN, ["--solver", "nope"], "solver 'nope'"),
     (TRAIN, ["--data", "moons", "--channels", "32,64"], "--channels"),
     (TRAIN, ["--hidden", "0"], "--hidden must be a positive integer; got 0"),
@@ -220,7 +227,8 @@ def test_help(script, capsys):
     (SAMPLE, ["--checkpoint", "/no/such/run"], "/no/such/run"),
     (EVALUATE, ["--checkpoint", "/no/such/run", "--data", "moons"], "/no/such/run"),
 ], ids=["path", "prediction-with-fm", "coupling-with-diffusion", "secant-flag-with-fm", "secant-needs-teacher",
-        "unknown-family", "jumps-for-fm", "solver", "channels-for-vectors", "hidden-0",
+        "unknown-family", "jumps-for-fm", "grid-for-adaptive", "t-max-range", "sde-from-t1-before-training", "solver",
+        "channels-for-vectors", "hidden-0",
         "image-channels-without-folder", "workers-without-folder", "negative-steps", "ema-decay", "unet-levels",
         "warmup-over-steps", "log-every", "sample-missing-checkpoint", "evaluate-missing-checkpoint"])
 def test_bad_flag_values_exit_2_with_one_error_line(script, args, named, capsys, tmp_path):
@@ -354,3 +362,194 @@ def test_a_family_flag_that_clashes_is_refused_when_the_parser_is_built():
             script["parse_args"]([])
     finally:
         FAMILIES.unregister(Clash.family)
+
+
+# --------------------------------------------------------------------------------------------- every solver alike
+COMPARE = ROOT / "samplers" / "compare.py"
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A train.py-like run folder: a tiny flow-matching checkpoint on moons and its train_data.json."""
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    genkit.save(run / "checkpoint", FlowMatching(MLP(2, hidden=16, depth=1), sample_shape=(2,)))
+    (run / "train_data.json").write_text(json.dumps({"data": "moons"}))
+    return run
+
+
+@pytest.fixture
+def saved_searched(tiny_run):
+    """A 5-step searched solver for the linear path with non-uniform times, saved by name (in the tests'
+    GENKIT_SOLVERS home, see conftest) and as a folder."""
+    from genkit.paths import get_path
+    from genkit.solvers import SOLVERS
+    from genkit.solvers.searched import SearchedSolver, register_searched, solver_home, unregister_searched
+
+    solver = SearchedSolver(torch.tensor([0.3, -0.2, 0.1, 0.4, -0.5]), torch.zeros(5, 5), get_path("linear"))
+    folder = solver.save(tiny_run.parent / "searched5")
+    register_searched("scripts_test5", solver, persist=True, replace=True)
+    unregister_searched("scripts_test5")  # known to this process only through the saved name, like a later process
+    yield "scripts_test5", folder, solver
+    if "scripts_test5" in SOLVERS:  # resolving the saved name registered it: leave the registry as it was
+        unregister_searched("scripts_test5")
+    shutil.rmtree(solver_home() / "scripts_test5")  # and the solver home
+
+
+def test_resolve_sampler_defaults_and_truthful_labels(tiny_run, saved_searched):
+    """genkit.cli.resolve_sampler: a solver's own steps and times (a searched solver's 5, not 32), 32 steps on the
+    model's uniform grid otherwise, the grid's true name; a saved name and a folder resolve to the same solver."""
+    from genkit.cli import resolve_sampler
+
+    model = genkit.load(tiny_run)
+    name, folder, solver = saved_searched
+    for spec in (name, str(folder)):
+        chosen = resolve_sampler(model, spec)
+        assert chosen.steps == 5 and chosen.grid == "searched" and chosen.kind == "ODE solver"
+        assert "its own searched times" in chosen.describe() and "uniform" not in chosen.describe()
+        sol = model.sample(4, sampler=chosen.sampler, return_solution=True)
+        assert sol.nfe == 5 and torch.allclose(sol.times, solver.times)  # the searched times, not uniform ones
+    default = resolve_sampler(model)
+    assert (default.solver, default.steps, default.grid, default.kind) == ("heun", 32, "uniform", "ODE solver")
+    assert resolve_sampler(model, "dopri5").grid == "adaptive" and resolve_sampler(model, "dopri5").steps is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"grid": "karras"}, "--grid karras would be ignored: solver 'scripts_test5' runs on its own searched times"),
+    ({"t_max": 0.9}, "--t-max 0.9 would be ignored"),
+    ({"steps": 4}, "searched for 5 steps; --steps 4 does not fit it"),
+])
+def test_settings_a_searched_solver_would_ignore_are_refused(tiny_run, saved_searched, kwargs, message):
+    from genkit.cli import resolve_sampler
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_sampler(genkit.load(tiny_run), saved_searched[0], **kwargs)
+
+
+def test_stochastic_solvers_start_below_a_singular_t1_and_say_so(tiny_run):
+    """On a flow-matching path the reverse SDE is singular at t = 1: euler_maruyama starts at 0.99 (the note says
+    so) unless --t-max sets the start; ancestral, which is fine at t = 1, starts there."""
+    from genkit.cli import AUTO_T_MAX, resolve_sampler
+
+    model = genkit.load(tiny_run)
+    with pytest.raises(genkit.errors.SolverError, match="infinite diffusion"):
+        model.sample(2, solver="euler_maruyama")  # what the scripts used to run into
+    auto = resolve_sampler(model, "euler_maruyama", 6)
+    assert auto.t_range == (AUTO_T_MAX, 0.0) and "starts at t=0.99" in auto.note and "--t-max" in auto.note
+    sol = model.sample(8, sampler=auto.sampler, return_solution=True, generator=torch.Generator().manual_seed(0))
+    assert float(sol.times[0]) == AUTO_T_MAX and sol.nfe == 6 and torch.isfinite(sol.samples).all()
+    given = resolve_sampler(model, "euler_maruyama", 6, "karras", 0.9)
+    assert given.note is None and given.record()["t_max"] == 0.9 and "karras grid from t=0.9" in given.describe()
+    assert float(model.sample(2, sampler=given.sampler, return_solution=True).times[0]) == 0.9
+    assert resolve_sampler(model, "ancestral").t_range == (1.0, 0.0)
+
+
+def test_sample_evaluate_and_compare_take_a_searched_solver_by_saved_name(tiny_run, saved_searched, capsys):
+    name, folder, _ = saved_searched
+    assert run_main(SAMPLE, "--checkpoint", str(tiny_run), "--solver", name, "--n", "4", "--device", "cpu") == 0
+    out = capsys.readouterr().out
+    assert "NFE 5" in out and "its own searched times" in out and "uniform" not in out
+    report = tiny_run / "eval.json"
+    assert run_main(EVALUATE, "--checkpoint", str(tiny_run), "--solver", name, "--n", "50", "--out", str(report),
+                    "--device", "cpu") == 0
+    metrics = json.loads(report.read_text())
+    assert (metrics["steps"], metrics["grid"], metrics["nfe"], metrics["solver"]) == (5, "searched", 5, name)
+    assert metrics["data"] == "moons"  # from the run's train_data.json
+    cmp = tiny_run / "cmp"
+    assert run_main(COMPARE, "--checkpoint", str(tiny_run), "--solvers", f"{name},{folder},euler", "--nfe", "4,5",
+                    "--n", "16", "--reference-steps", "16", "--grid", "uniform", "--out", str(cmp)) == 0
+    result = json.loads((cmp / "compare.json").read_text())
+    assert [r["nfe"] for r in result["results"][name]] == [5] and result["grids"][name] == "searched"
+    assert result["results"][name] == result["results"][str(folder)]  # the same solver by name and by folder
+    assert f"| {name} (own searched times) |" in (cmp / "compare.md").read_text()
+    assert "| euler |" in (cmp / "compare.md").read_text()
+
+
+def test_evaluate_scores_a_secant_model_with_its_learned_jumps(runs, tmp_path):
+    report = tmp_path / "eval.json"
+    assert run_main(EVALUATE, "--checkpoint", str(runs["secant"]), "--n", "50", "--out", str(report),
+                    "--device", "cpu") == 0  # --data from the run's record
+    metrics = json.loads(report.read_text())
+    assert (metrics["sampler"], metrics["solver"], metrics["steps"], metrics["nfe"]) == ("learned jumps", "jumps", 1, 1)
+    assert metrics["sampled_with"] == "1 learned jumps, uniform in t" and metrics["data"] == "moons"
+    assert run_main(EVALUATE, "--checkpoint", str(runs["secant"]), "--n", "50", "--out", str(report),
+                    "--solver", "heun", "--steps", "2", "--device", "cpu") == 0
+    metrics = json.loads(report.read_text())
+    assert (metrics["sampler"], metrics["solver"], metrics["nfe"]) == ("ODE solver", "heun", 4)  # its velocity view
+
+
+def test_evaluate_refuses_other_data_than_the_run_trained_on(tiny_run, capsys):
+    report = tiny_run / "eval.json"
+    assert run_main(EVALUATE, "--checkpoint", str(tiny_run), "--data", "spirals", "--n", "50",
+                    "--out", str(report)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained on 'moons'" in err[0] and "--allow-other-data" in err[0], err
+    assert not report.exists()
+    assert run_main(EVALUATE, "--checkpoint", str(tiny_run / "checkpoint"), "--data", "spirals", "--n", "50",
+                    "--steps", "2", "--out", str(report), "--allow-other-data") == 0
+    assert json.loads(report.read_text())["data"] == "spirals"
+    (tiny_run / "train_data.json").unlink()
+    assert run_main(EVALUATE, "--checkpoint", str(tiny_run), "--n", "50", "--out", str(report)) == 2
+    assert "--data is needed" in capsys.readouterr().err
+
+
+def test_train_refuses_a_non_empty_out_that_is_not_a_run(tmp_path, capsys):
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"not mine to overwrite")
+    assert run_main(TRAIN, "--steps", "2", "--out", str(other)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a non-empty folder that is not a train.py run (it holds holiday.jpg)" in err[0]
+    assert sorted(p.name for p in other.iterdir()) == ["holiday.jpg"]
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_no_progress_prints_a_line_every_log_every_steps(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(TRAIN, "--steps", "6", "--log-every", "2", "--batch-size", "32", "--hidden", "8", "--depth", "1",
+                    "--n-samples", "20", "--sample-steps", "2", "--no-progress", "--out", str(out)) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 2/6", "step 4/6", "step 6/6"], lines
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [f"loss {r['loss']:.4g}" in line for r, line in zip(logged, lines)] == [True] * 3
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_ctrl_c_during_the_final_sampling_exits_cleanly_with_the_checkpoint_safe(tmp_path, capsys, monkeypatch):
+    """KeyboardInterrupt while train.py draws its final samples: status 130, one line saying the checkpoint is
+    complete, and it is: it loads and resumes at the last step."""
+    from genkit.sampling import ODESampler
+
+    real = ODESampler.sample
+
+    def interrupted(self, model, x, **kw):
+        if x.shape[0] == 20:  # the final sampling's --n-samples (the check before training draws 1)
+            raise KeyboardInterrupt
+        return real(self, model, x, **kw)
+
+    monkeypatch.setattr(ODESampler, "sample", interrupted)
+    out = tmp_path / "run"
+    assert run_main(TRAIN, "--steps", "4", "--batch-size", "32", "--hidden", "8", "--depth", "1", "--n-samples", "20",
+                    "--sample-steps", "2", "--no-progress", "--out", str(out)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted during the final sampling" in err[0] and "complete and safe" in err[0], err
+    assert "samplers/sample.py --checkpoint" in err[0] and not (out / "metrics.json").exists()
+    from genkit import checkpoint
+
+    assert checkpoint.read_trainer_state(out / "checkpoint")["step"] == 4
+    monkeypatch.setattr(ODESampler, "sample", real)
+    assert genkit.load(out).sample(3, steps=2).shape == (3, 2)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_train_samples_a_flow_matching_model_with_an_sde_solver(tmp_path, capsys):
+    """train.py --solver euler_maruyama on flow matching (singular at t = 1) used to fail after training; the
+    final sampling now starts at 0.99 and says so, on the console and in metrics.json."""
+    out = tmp_path / "run"
+    assert run_main(TRAIN, "--steps", "2", "--batch-size", "32", "--hidden", "8", "--depth", "1", "--n-samples", "20",
+                    "--sample-steps", "3", "--solver", "euler_maruyama", "--no-progress", "--out", str(out)) == 0
+    assert "note: euler_maruyama cannot start at t=1" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["sampler"], metrics["solver"], metrics["t_max"], metrics["nfe"]) == ("SDE solver",
+                                                                                         "euler_maruyama", 0.99, 3)
+    assert "starts at t=0.99" in metrics["note_sampler"] and "from t=0.99" in metrics["sampled_with"]

@@ -447,6 +447,7 @@ def test_script_searches_saves_and_reports(tmp_path, capsys):
     assert later.returncode == 0 and later.stdout.split() == ["3", "tiny3"], later.stderr
     for name in ("searched", "euler", "heun", "ddim", "dpmpp_2m", "unipc"):
         assert f"\n{name} " in proc.stdout, proc.stdout
+    assert "endpoint error: per-sample L2 RMS to the reference" in proc.stdout  # the scripts' one measure
     s3 = load_searched_solver(tmp_path / "s3")
     # the extended search keeps the extensions only where they beat DSS's optimum on the held-out noise
     assert s3.num_steps == 3 and s3.info["teleport_tried"] == "reference" and s3.info["eval_times"]

@@ -346,6 +346,7 @@ def teacher_dir(tmp_path_factory):
 
 def test_script_distils_a_checkpoint(teacher_dir, tmp_path):
     out = tmp_path / "run"
+    (teacher_dir.parent / "train_data.json").write_text(json.dumps({"data": "moons"}))  # as train.py records it
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--teacher", str(teacher_dir), "--out", str(out),
                            "--steps-inference", "2", "--train-steps", "20", "--batch-size", "64", "--n-data", "256",
@@ -358,6 +359,20 @@ def test_script_distils_a_checkpoint(teacher_dir, tmp_path):
     rows = json.loads((out / "secant_eval.json").read_text())["rows"]
     assert [r["nfe"] for r in rows] == [1, 2, 4] and [r["trained"] for r in rows] == [False, True, False]
     assert rows[0]["heun"] is None and all(r["secant"] >= 0 and r["euler"] >= 0 for r in rows)
+    # the table's measure is the scripts' one (genkit.metrics.endpoint_rms: per-sample L2 RMS), named in it
+    from genkit.metrics import ENDPOINT_ERROR, endpoint_rms
+
+    assert f"endpoint error: {ENDPOINT_ERROR}" in proc.stdout
+    teacher = genkit.load(teacher_dir)
+    x1 = teacher.path.sample_prior((128, 2), generator=torch.Generator().manual_seed(2))
+    grid = genkit.get_grid("uniform", t_max=model.t_max, t_min=model.t_min)
+    with torch.no_grad():
+        ref = genkit.solve(teacher, x1, "rk4", 8, grid).samples
+        euler = [endpoint_rms(genkit.solve(teacher, x1, "euler", n, grid).samples, ref) for n in (1, 2, 4)]
+    assert [r["euler"] for r in rows] == pytest.approx(euler, rel=1e-6)
+    assert "step 20/20: loss" in proc.stdout  # --no-progress: a line per log step
+    # the teacher's data is what the secant model learned: evaluate.py scores it against that by default
+    assert json.loads((out / "train_data.json").read_text()) == {"data": "moons"}
 
 
 @pytest.mark.parametrize("args, named", [

@@ -14,8 +14,10 @@ The training data are the teacher's samples (--ref-solver x --ref-steps), drawn 
 network starts as a copy of the teacher's when that is a velocity MLP/UNet (flow matching); otherwise, or
 with --init scratch, a fresh two-time network of the teacher's size. The out dir holds
 checkpoint/ (loadable with genkit.load), metrics.jsonl and secant_eval.json; the table printed at the end
-gives the RMS distance of each sampler's endpoint to the teacher's --ref-solver x --ref-steps endpoint from
-the same noise (rows marked * are step counts the model was not trained for).
+gives each sampler's endpoint error, the per-sample L2 RMS to the teacher's --ref-solver x --ref-steps endpoint
+from the same noise (genkit.metrics.endpoint_rms, as in compare.py and search_solver.py; rows marked * are step
+counts the model was not trained for). The run folder's train_data.json records what the model learned (the
+teacher's data), so eval/evaluate.py --checkpoint OUT scores it against that, with its learned jumps.
 
 examples:
   python train/train.py --out runs/fm                      # a teacher
@@ -37,10 +39,11 @@ import torch
 
 import genkit
 from genkit import checkpoint
-from genkit.cli import run_main
+from genkit.cli import log_lines, run_main, trained_data
 from genkit.data import DATASETS, load_dataset
 from genkit.errors import ConfigError
 from genkit.fields import check_field
+from genkit.metrics import ENDPOINT_ERROR, endpoint_rms
 from genkit.models.secant import LOSSES, Secant
 from genkit.nets import MLP, UNet
 from genkit.nets.two_time import TwoTimeMLP, TwoTimeUNet
@@ -125,9 +128,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_teacher(path: str, device: torch.device) -> Any:
+def teacher_checkpoint(path: str) -> Path:
+    """The teacher's checkpoint folder (a train.py run folder holds it as checkpoint/)."""
     p = Path(path)
-    p = p / "checkpoint" if not (p / "config.json").exists() and (p / "checkpoint").is_dir() else p
+    return p / "checkpoint" if not (p / "config.json").exists() and (p / "checkpoint").is_dir() else p
+
+
+def load_teacher(path: str, device: torch.device) -> Any:
+    p = teacher_checkpoint(path)
     teacher = genkit.load(p, map_location=device)
     check_field(teacher)
     if not hasattr(teacher, "sample_shape"):
@@ -179,7 +187,8 @@ def training_data(args: argparse.Namespace, teacher: Any, device: torch.device) 
 
 
 def evaluate(args: argparse.Namespace, model: Secant, teacher: Any, device: torch.device) -> list[dict[str, Any]]:
-    """RMS endpoint distance to the teacher's reference solve from the same noise, per step count."""
+    """Endpoint error (genkit.metrics.endpoint_rms: per-sample L2 RMS) to the teacher's reference solve from the
+    same noise, per step count."""
     gen = torch.Generator(device=device).manual_seed(args.seed + 2)
     x1 = teacher.path.sample_prior((args.eval_samples, *teacher.sample_shape), generator=gen, device=device)
     grid = genkit.get_grid("uniform", t_max=model.t_max, t_min=model.t_min)  # the teacher's range (from_teacher)
@@ -187,7 +196,7 @@ def evaluate(args: argparse.Namespace, model: Secant, teacher: Any, device: torc
         ref = genkit.solve(teacher, x1, args.ref_solver, args.ref_steps, grid).samples
 
         def rms(x: torch.Tensor) -> float:
-            return float((x - ref).pow(2).mean().sqrt())
+            return endpoint_rms(x, ref)
 
         rows = []
         for n in args.table_steps:
@@ -198,8 +207,9 @@ def evaluate(args: argparse.Namespace, model: Secant, teacher: Any, device: torc
 
 
 def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    print(f"\nRMS distance to the teacher's {args.ref_solver} x {args.ref_steps} endpoint, {args.eval_samples} "
-          f"draws of the same noise (loss {args.loss}, trained for N = {','.join(map(str, args.steps_inference))})")
+    print(f"\nendpoint error: {ENDPOINT_ERROR} (the teacher's {args.ref_solver} x {args.ref_steps} endpoint), "
+          f"{args.eval_samples} draws of the same noise (loss {args.loss}, trained for N = "
+          f"{','.join(map(str, args.steps_inference))})")
     print(f"{'NFE':>5}  {'secant':>10}  {'euler':>10}  {'heun':>10}")
     for r in rows:
         heun = f"{r['heun']:10.4g}" if r["heun"] is not None else f"{'-':>10}"
@@ -232,10 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     if isinstance(data, torch.Tensor) and tuple(data.shape[1:]) != model.sample_shape:
         raise ConfigError(f"--data {args.data} has samples of shape {tuple(data.shape[1:])} but the teacher makes "
                           f"{model.sample_shape}; use the teacher's data set or --data teacher")
-    trainer = Trainer(model, config, accelerator=acc)
+    trainer = Trainer(model, config, accelerator=acc, callbacks=[log_lines()] if args.no_progress else ())
     if acc.is_main_process:
         logging.basicConfig(format="%(message)s", stream=sys.stdout)
         logging.getLogger("genkit").setLevel(logging.INFO)
+        learned = {"data": args.data} if args.data != "teacher" else trained_data(teacher_checkpoint(args.teacher))
+        if learned:  # what eval/evaluate.py scores the model against by default
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "train_data.json").write_text(json.dumps(learned) + "\n", encoding="utf-8")
     result = trainer.fit(data)
     if not acc.is_main_process:
         return

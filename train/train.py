@@ -14,7 +14,10 @@ heun at 32 steps. The out dir (--out) ends up holding:
 Re-running with the same --out RESUMES from its checkpoint and continues the run exactly (raise --steps to
 train longer: the LR schedule is then recomputed for the new total); flags that would change the run (lr,
 batch size, seed, EMA, data, ...) are an error there unless --allow-new-settings; use a new --out to start
-afresh. Ctrl-C or SIGTERM (a cluster's preemption) saves a checkpoint after the current step before exiting.
+afresh. Ctrl-C or SIGTERM (a cluster's preemption) saves a checkpoint after the current step before exiting;
+Ctrl-C during the final sampling exits saying the (complete) checkpoint is safe. A non-empty --out that is not a
+run is refused. The final sampling's flags (--solver, --sample-steps, --grid, --t-max) are resolved as in every
+script (genkit.cli.resolve_sampler) and tried on the untrained model before training starts.
 
 Each family brings its own flags (listed in a group of their own below); a flag of another family is an error.
 All flags can come from a file too: --config run.json or run.toml holds {flag: value} with the flags' names
@@ -43,6 +46,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import time
 import tomllib
@@ -129,12 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for vector data, whose small MLP "
                                                "only loses time to threading; torch's own choice for images)")
     g = p.add_argument_group("final sampling and metrics")
-    g.add_argument("--solver", help=f"one of {', '.join(SOLVERS.names())}, or a sampler: "
-                                    f"{', '.join(NAMED_SAMPLERS)} (default: the model's default sampler: heun for "
-                                    "flow matching and diffusion, the learned jumps of a secant model)")
-    g.add_argument("--sample-steps", type=int, help="solver steps or jumps (default: 32 solver steps; a jump model's "
-                                                    "first trained step count)")
-    g.add_argument("--grid", help=f"time grid of an ODE solver, one of {', '.join(NAMED_GRIDS)} (default: uniform)")
+    g.add_argument("--solver", help=f"one of {', '.join(SOLVERS.names())}, a searched solver saved by name or its "
+                                    f"folder, or a sampler: {', '.join(NAMED_SAMPLERS)} (default: the model's "
+                                    "default sampler: heun for flow matching and diffusion, the learned jumps of a "
+                                    "secant model); checked on the untrained model before training starts")
+    g.add_argument("--sample-steps", type=int, help="solver steps or jumps (default: 32 solver steps; a searched "
+                                                    "solver's own N; a jump model's first trained step count)")
+    g.add_argument("--grid", help=f"time grid of an ODE solver, one of {', '.join(NAMED_GRIDS)} (default: uniform; "
+                                  "refused where the sampler runs on its own times)")
+    g.add_argument("--t-max", type=float, metavar="T",
+                   help="start the solver at t = T (default: the model's start; a stochastic solver whose reverse "
+                        "SDE is singular there, e.g. euler_maruyama on flow matching, starts at 0.99 and says so)")
     g.add_argument("--n-samples", type=int, help="samples drawn at the end (default: 2000 for vectors, 256 for images)")
     FAMILY_FLAGS.clear()
     for name, cls in _families():
@@ -238,9 +247,27 @@ def resolve_model_flags(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {args.out} is a file, not a run directory; pick another --out")
+    check_out_is_a_run(out, args.out)
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not os.access(existing, os.W_OK):
         raise ConfigError(f"--out {args.out}: cannot write under {existing}; pick a writable --out")
+
+
+#: What a train.py run folder holds; a non-empty --out with none of these is someone else's folder.
+RUN_FILES = ("checkpoint", "train_data.json", "metrics.jsonl", "metrics.json", "samples.png", "samples")
+
+
+def check_out_is_a_run(out: Path, flag: str) -> None:
+    """A non-empty --out that holds none of a run's files is refused, as genkit.save refuses such a folder:
+    resuming or writing there would mix a run into other files."""
+    try:
+        names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    except OSError:
+        return  # unreadable: the writability check says so
+    if names and not any(name in RUN_FILES for name in names):
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ConfigError(f"--out {flag} is a non-empty folder that is not a train.py run (it holds {shown}); pick "
+                          "a new or empty --out")
 
 
 # TrainConfig fields as train.py's flags, for error messages
@@ -368,10 +395,29 @@ def quality(x: torch.Tensor, ref: torch.Tensor, features: Callable | None) -> di
     return {"frechet_digits": metrics.fid(x.clamp(-1, 1), ref, features)}
 
 
+def final_sampling(args: argparse.Namespace, model: torch.nn.Module) -> genkit.cli.ScriptSampler:
+    """--solver / --sample-steps / --grid / --t-max as the model's sampler (its default sampler where they are not
+    given) and what the outputs say about it, resolved as every script resolves them (genkit.cli.resolve_sampler)."""
+    return genkit.cli.resolve_sampler(model, args.solver, args.sample_steps, args.grid, args.t_max,
+                                      flags={"steps": "--sample-steps"})
+
+
 def final_sampler(args: argparse.Namespace, model: torch.nn.Module) -> Sampler:
-    """--solver / --sample-steps / --grid as the model's sampler (its default sampler where they are not given)."""
-    named = args.solver if args.solver in NAMED_SAMPLERS else None
-    return model.get_sampler(named, solver=None if named else args.solver, steps=args.sample_steps, grid=args.grid)
+    """The final sampling's sampler (:func:`final_sampling`)."""
+    return final_sampling(args, model).sampler
+
+
+def check_final_sampling(args: argparse.Namespace, model: torch.nn.Module) -> genkit.cli.ScriptSampler:
+    """The final sampling's settings, tried on the untrained model with one sample before training starts: a
+    setting that cannot sample fails now, not after the training it would follow."""
+    chosen = final_sampling(args, model)
+    labels = 0 if getattr(model, "num_classes", None) is not None else None  # a conditional model: any class
+    try:
+        model.sample(1, sampler=chosen.sampler, labels=labels, generator=torch.Generator().manual_seed(0))
+    except genkit.errors.GenkitError as e:
+        raise ConfigError(f"the final sampling ({chosen.describe()}) cannot run on this model, so training was not "
+                          f"started: {e}") from e
+    return chosen
 
 
 def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device, start: int, step: int,
@@ -380,18 +426,19 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     model = genkit.load(out / "checkpoint", map_location=device)  # EMA weights when saved
     is_image = len(model.sample_shape) == 3
     n = args.n_samples or (256 if is_image else 2000)
-    sampler = final_sampler(args, model)
+    chosen = final_sampling(args, model)
+    sampler = chosen.sampler
     t0 = time.perf_counter()
     sol = model.sample(n, sampler=sampler, return_solution=True,
                        generator=torch.Generator(device=device).manual_seed(args.seed))
     x = sol.samples.float().cpu()
     sample_time = time.perf_counter() - t0
     ref, floor = held_out_sets(args, n)
-    grid = getattr(sampler, "grid", None)
+    record = chosen.record()
+    record["sample_steps"] = record.pop("steps")
     report: dict[str, Any] = {
         "data": args.image_folder or args.data, "family": args.family, "step": step, "n_samples": n,
-        "solver": sampler.label, "sample_steps": sampler.steps if sampler.steps is not None else len(sol.times) - 1,
-        "grid": grid if isinstance(grid, str) else sampler.name, "nfe": sol.nfe,
+        **record, "sampled_with": chosen.describe(), "nfe": sol.nfe,
         "sample_time_s": sample_time, "train_time_s": train_time, "train_steps_this_run": step - start,
         "train_steps_per_s": (step - start) / train_time if step > start else None,
     }
@@ -407,8 +454,7 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     if ref is None:  # an image folder: show training images next to the samples
         ref = torch.stack([data[i] for i in range(min(MAX_IMAGES, len(data)))])
     save_samples_png(x, out / "samples.png", reference=ref,
-                     title=f"{args.family} on {report['data']}: {report['solver']}, {report['sample_steps']} steps "
-                           f"(NFE {sol.nfe}), step {step}")
+                     title=f"{args.family} on {report['data']}: {chosen.describe()} (NFE {sol.nfe}), step {step}")
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 
@@ -440,7 +486,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(threads)
     torch.manual_seed(args.seed)  # the initial weights: the same on every rank and every re-run
     model = build_model(args, shape)  # every model flag is checked before the slow file check below
-    final_sampler(args, model)  # and the final sampling's flags (a sampler the model lacks), before training
+    chosen = check_final_sampling(args, model)  # and the final sampling's settings, before training
+    if chosen.note and os.environ.get("RANK", "0") == "0":
+        print(f"note: {chosen.note}")
     start = check_resume(args, model, config)
     first = os.environ.get("RANK", "0") == "0"  # before accelerate starts: the launcher's rank
     if args.image_folder is not None:
@@ -449,6 +497,8 @@ def main(argv: list[str] | None = None) -> None:
         data.verify()  # open every image now: a corrupt file fails here, not hours into training
     trainer = Trainer(model, config, callbacks=[sample_callback(args)] if args.sample_every else ())
     main_process = trainer.accelerator.is_main_process
+    if args.no_progress:
+        trainer.callbacks.append(genkit.cli.log_lines())  # no bar: a line per --log-every steps instead
     if main_process:
         logging.basicConfig(format="%(message)s", stream=sys.stdout)
         logging.getLogger("genkit").setLevel(logging.INFO)  # the trainer says which steps it runs
@@ -467,12 +517,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     device = trainer.accelerator.device
     device = torch.device("cpu") if device.type == "cpu" else device  # accelerate's "cpu:0" under torchrun
-    report = sample_and_measure(args, data, device, start, result.step, train_time)
     out = Path(args.out)
+    try:
+        report = sample_and_measure(args, data, device, start, result.step, train_time)
+    except KeyboardInterrupt:  # the checkpoint was written (and fsynced) before the final sampling began
+        raise genkit.errors.TrainingInterrupted(
+            f"interrupted during the final sampling, after training; the checkpoint {out / 'checkpoint'} is complete "
+            f"and safe (step {result.step}): sample it with samplers/sample.py --checkpoint {out}, or score it with "
+            f"eval/evaluate.py --checkpoint {out}", result.step, out / "checkpoint", signal.SIGINT) from None
     scores = ", ".join(f"{k} {v:.4g} (floor {report['noise_floor'][k]:.4g})" for k, v in report.items()
                        if k in ("sliced_w2", "energy_distance", "frechet_digits"))
-    print(f"trained to step {result.step} in {train_time:.1f} s; sampled {report['n_samples']} with {report['solver']} "
-          f"(NFE {report['nfe']}) in {report['sample_time_s']:.2f} s" + (f"; {scores}" if scores else ""))
+    print(f"trained to step {result.step} in {train_time:.1f} s; sampled {report['n_samples']} with "
+          f"{report['sampled_with']} (NFE {report['nfe']}) in {report['sample_time_s']:.2f} s"
+          + (f"; {scores}" if scores else ""))
     print(f"checkpoint: {out / 'checkpoint'}\nsamples:    {out / 'samples.png'}\nmetrics:    {out / 'metrics.json'}")
 
 
