@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .. import checkpoint
+from ..data.labelled import LabelledData
 from ..ema import EMA
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeError, TrainingInterrupted
 from ..objective import BatchSource, model_of, objective_config, objective_state
@@ -122,7 +123,8 @@ class Trainer:
             frozen_loader: Callable[[str], Any] | None = None) -> TrainResult:
         """Train until ``config.steps`` and return a :class:`TrainResult`; puts the objective in train mode.
 
-        ``data`` is a Tensor ``[n, ...]`` (any dtype: integer tokens too), a map-style Dataset, a batch source
+        ``data`` is a Tensor ``[n, ...]`` (any dtype: integer tokens too), a map-style Dataset, a
+        :class:`~genkit.data.LabelledData` (batches ``(x, labels)`` for a class-conditional model), a batch source
         (``batch(step, rank, generator)``), or None for an objective that declares ``data_free = True``.
         Resumes from ``out_dir/checkpoint`` when it holds a resume state (``resume=False`` starts afresh and
         overwrites it), or from ``resume_from``. A resumed run continues the saved one exactly; settings that
@@ -142,6 +144,8 @@ class Trainer:
         batches = make_batches(data, self.objective, cfg, acc.num_processes, acc.process_index)
         if isinstance(data, Tensor):
             check_data(data, acc)
+        elif isinstance(data, LabelledData) and isinstance(data.data, Tensor):
+            check_data(data.data, acc)
         run: dict[str, Any] = {"step": 0, "skipped": 0, "window": empty_window()}
         source = Path(resume_from) if resume_from is not None else ckpt
         if resume_from is not None and not checkpoint.has_resume_state(source):
