@@ -56,8 +56,17 @@ import torch
 import genkit
 from genkit import checkpoint, metrics
 from genkit.cli import run_main
-from genkit.data import (COMPONENTS, DATASETS, LabelledData, digits, digits_labels, held_out, image_folder,
-                         load_dataset, load_labelled)
+from genkit.data import (
+    COMPONENTS,
+    DATASETS,
+    LabelledData,
+    digits,
+    digits_labels,
+    held_out,
+    image_folder,
+    load_dataset,
+    load_labelled,
+)
 from genkit.errors import ConfigError
 from genkit.models import FAMILIES, build
 from genkit.nets import MLP, UNet

@@ -50,7 +50,7 @@ class LabelledData(Dataset):
                             f"{type(data).__name__}")
         if not torch.is_tensor(labels):
             try:
-                labels = torch.as_tensor(list(labels), dtype=torch.long) if len(labels) else torch.zeros(0, dtype=torch.long)
+                labels = torch.as_tensor(list(labels), dtype=torch.long)
             except (TypeError, ValueError, RuntimeError) as e:
                 raise ShapeError(f"labels must be a 1-D integer tensor or a sequence of ints; got "
                                  f"{type(labels).__name__} ({e})") from None
@@ -76,8 +76,8 @@ class LabelledData(Dataset):
         bad = (labels < 0) | (labels >= num_classes)
         if bool(bad.any()):
             first = int(bad.nonzero()[0])
-            raise DataError(f"labels {labels[bad][:5].tolist()} (first at sample {first}) are outside 0..{num_classes - 1}"
-                            f" (num_classes={num_classes}); relabel them or raise num_classes")
+            raise DataError(f"labels {labels[bad][:5].tolist()} (first at sample {first}) are outside "
+                            f"0..{num_classes - 1} (num_classes={num_classes}); relabel them or raise num_classes")
         self.data, self.labels = data, labels
         self.class_names: list[str] | None = class_names
         self.num_classes = int(num_classes)

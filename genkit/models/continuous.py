@@ -103,8 +103,8 @@ class ContinuousModel(nn.Module):
                                  "K + 1 classes and class_dropout for guidance)")
             return self.check_batch(batch), None
         if torch.is_tensor(batch) or batch is None:
-            raise ShapeError(f"this {self.family} model is class-conditional ({self.num_classes} classes) and trains on "
-                             "(x, labels) batches; got " + ("None" if batch is None else "a tensor without labels")
+            raise ShapeError(f"this {self.family} model is class-conditional ({self.num_classes} classes) and trains "
+                             "on (x, labels) batches; got " + ("None" if batch is None else "a tensor without labels")
                              + ": pass genkit.data.LabelledData(x, labels) to Trainer.fit")
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise ShapeError(f"a class-conditional batch is (x, labels); got {type(batch).__name__}"
