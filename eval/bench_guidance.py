@@ -8,7 +8,9 @@ noise at every scale. For each scale:
 - **class accuracy**: the fraction of samples that the digits classifier (``genkit.metrics.train_digits_classifier``
   on the train split) reads as the asked class; its accuracy on the real test digits is the ceiling;
 - **Frechet distance** in that classifier's features (``genkit.metrics.fid``) to the held-out test digits, with the
-  noise floor of a train subset of the same size (``genkit.data.held_out("digits")``).
+  noise floor of a train subset of the same size (``genkit.data.held_out("digits")``). The estimate's bias grows as
+  the sample count shrinks, so it is computed on as many samples as the floor has (the first ``len(floor)``, labels
+  still balanced); the accuracy uses all ``n``.
 
 Labels are balanced (``i mod 10``); the test set's classes are nearly so. Repeats draw other noise (seeds); the
 table shows medians over them. Writes ``eval/results/bench_guidance.{json,md,png}``.
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             images = x.reshape(-1, 1, 8, 8).clamp(-1, 1)
             with torch.no_grad():
                 acc = (clf(images).argmax(1) == labels).float().mean().item()
-            fd = metrics.fid(images, ref, clf.features)
+            fd = metrics.fid(images[:len(floor)], ref, clf.features)  # as many samples as the floor
             runs[str(s)].append({"accuracy": acc, "frechet": fd, "sample_s": sample_s})
             print(f"repeat {r} scale {s:g}: accuracy {acc:.3f}, Frechet {fd:.2f} (floor {fd_floor:.2f})", flush=True)
     rows, summary = [], []
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                                                "sample_steps", "repeats", "seed", "threads")}
     settings.update(scales=scales, model="FlowMatching, linear path, MLP on flattened 8x8 digits, 11 classes "
                                          "(10 + null), EMA 0.999", solver="heun", labels="i mod 10",
-                    reference="digits test split (359)", floor="train subset of 359")
+                    reference=f"digits test split ({len(ref)})", floor=f"train subset of {len(floor)}",
+                    frechet_samples=len(floor))
     payload = {"settings": settings, "train_time_s": train_s, "final_loss": loss,
                "classifier_test_accuracy": ceiling, "frechet_noise_floor": fd_floor, "runs": runs,
                "summary": summary}
@@ -117,9 +120,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.batch_size}, class dropout {args.class_dropout:g}, trained in {train_s:.0f} s); heun "
           f"{args.sample_steps} steps, {args.n} samples per scale (labels i mod 10), medians of {args.repeats} "
           "sampling seeds. Accuracy: the digits classifier reads the asked class (its accuracy on the real test "
-          f"digits: {ceiling:.3f}). Frechet distance in its features to the test digits; noise floor (a train "
-          f"subset of the same size) {fd_floor:.2f}. Scale 0 is the unconditional model (null label), 1 the "
-          "conditional one.\n\n"
+          f"digits: {ceiling:.3f}). Frechet distance in its features to the {len(ref)} test digits, from the first "
+          f"{len(floor)} samples; noise floor (a train subset of {len(floor)}) {fd_floor:.2f}. Scale 0 is the "
+          "unconditional model (null label), 1 the conditional one.\n\n"
           + markdown_table(["guidance scale", "class accuracy", "Frechet distance", "Frechet / floor"], rows)
           + f"\n\nLowest Frechet distance at scale {best['scale']:g} ({best['frechet']:.2f}, "
             f"{best['frechet_over_floor']:.2f}x the floor). Plot: `bench_guidance.png`.\n")

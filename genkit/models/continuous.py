@@ -97,10 +97,11 @@ class ContinuousModel(nn.Module):
         class-conditional one (``labels`` None then)."""
         if self.num_classes is None:
             if isinstance(batch, (tuple, list)):
-                raise ShapeError(f"this {self.family} model is unconditional (num_classes None) but the batch is a "
-                                 f"{type(batch).__name__} of {len(batch)} parts, e.g. (data, labels): train it on the "
-                                 "samples alone, or build a class-conditional model (num_classes=K; a network with "
-                                 "K + 1 classes and class_dropout for guidance)")
+                raise ShapeError(f"{self.family}.loss expects a tensor batch [batch, {self.sample_shape}]; got a "
+                                 f"{type(batch).__name__} of {len(batch)} parts, e.g. (data, labels), but this model "
+                                 "is unconditional (num_classes None): train it on the samples alone, or build a "
+                                 "class-conditional model (num_classes=K; a network with K + 1 classes and "
+                                 "class_dropout for guidance)")
             return self.check_batch(batch), None
         if torch.is_tensor(batch) or batch is None:
             raise ShapeError(f"this {self.family} model is class-conditional ({self.num_classes} classes) and trains "
