@@ -232,3 +232,21 @@ def test_a_conditional_digits_model_trained_longer_generates_the_asked_class():
     acc = _guided_digits_accuracy(steps=1500, hidden=128, classifier_steps=300)  # about 20 s
     assert acc[2.0] >= 0.95, acc
     assert acc[0.0] < 0.3, acc
+
+
+def test_train_script_conditional_on_an_image_folder_with_class_folders(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for name, value in [("dark", 40), ("light", 210)]:
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (8, 8), value + 5 * i).save(root / name / f"{i}.png")
+    out = tmp_path / "run"
+    code = _script(ROOT / "train" / "train.py", "--image-folder", root, "--image-size", 8, "--image-channels", 1,
+                   "--conditional", "--family", "diffusion", "--channels", "8,16", "--steps", 2, "--batch-size", 4,
+                   "--n-samples", 4, "--sample-steps", 1, "--no-progress", "--out", out)
+    assert code == 0, capsys.readouterr().err
+    model = genkit.load(out)
+    assert (model.num_classes, model.class_names, model.null_label) == (2, ["dark", "light"], 2)
+    assert model.net.config()["num_classes"] == 3 and (out / "samples.png").is_file()
