@@ -297,6 +297,10 @@ def test_image_folder_labelled_gives_images_and_class_indices(tmp_path):
     assert data.class_names == ["cat", "dog"] and data.labels.tolist() == [0, 1, 1] and len(data) == 3
     x, y = data[2]
     assert x.shape == (3, 6, 6) and y.item() == 1
+    data.verify()  # every file readable
+    (tmp_path / "dog" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="bad.png"):
+        image_folder(tmp_path, 6).labelled().verify()  # the wrapped folder's own check
     flat = tmp_path / "flat"
     _png(flat / "a.png")
     with pytest.raises(DataError, match="no class subfolders"):

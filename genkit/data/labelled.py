@@ -96,6 +96,13 @@ class LabelledData(Dataset):
                             "use a DataLoader)")
         return self.data[indices.to(self.data.device)], self.labels[indices.to(self.labels.device)]
 
+    def verify(self) -> None:
+        """Open every file of the wrapped dataset now (:meth:`ImageFolder.verify`: a DataError lists the unreadable
+        ones); tensor data has no files to open."""
+        check = getattr(self.data, "verify", None)
+        if callable(check):
+            check()
+
     def counts(self) -> Tensor:
         """Samples per class ``[K]`` (int64)."""
         return torch.bincount(self.labels, minlength=self.num_classes)
