@@ -113,18 +113,27 @@ def _restore_export(config: dict[str, Any], path: DDPMLinearPath, prediction: st
                           "changed after the export. Delete genkit_export.json to load the UNet with diffusers' "
                           "time map")
     net = config["net"]
-    keys = ("weighting", "sigma_data", "min_snr_gamma", "t_eps", "t_max")
+    keys = ("weighting", "sigma_data", "min_snr_gamma", "t_eps", "t_max", "num_classes", "class_names", "null_label",
+            "class_dropout")
     return {"time_scale": float(net["time_scale"]), "time_shift": float(net["time_shift"]),
             **{k: config[k] for k in keys if k in config}}
 
 
-def from_diffusers(unet: Any, scheduler: Any = None):
+def from_diffusers(unet: Any, scheduler: Any = None, *, null_label: int | None = None,
+                   class_names: list[str] | None = None):
     """A genkit ``Diffusion`` model from a diffusers ``UNet2DModel`` and the scheduler it was trained with.
 
     Args:
         unet: a ``UNet2DModel``, or a folder: a pipeline folder with ``unet/`` and ``scheduler/``, or a
             UNet folder (then ``scheduler`` must be given).
         scheduler: a diffusers scheduler, a folder with ``scheduler_config.json``, or None (pipeline folder).
+        null_label: for a class-conditional UNet (``num_class_embeds=N``, diffusers' class embedding): the class
+            id it learned as "no class" (classifier-free guidance), which must be its last, ``N - 1``; the model
+            then has ``num_classes = N - 1`` real classes and can be guided. Without it all ``N`` are classes.
+        class_names: the names of the model's classes, or None.
+
+    A class-conditional UNet gives a class-conditional model: ``model.num_classes``, and ``model.sample(n,
+    labels=...)`` (with ``guidance=`` when it has a null label).
 
     The UNet's weights are shared, not copied. Sampling returns ``E[x_0 | x]`` at step 0 after the last
     step (as diffusers' final DDIM/DPM-Solver step does). The UNet sees diffusers' time map, step
@@ -167,6 +176,18 @@ def from_diffusers(unet: Any, scheduler: Any = None):
     if record is not None:
         settings = _restore_export(record, path, pred, root)
     net = UNet.from_unet2d(unet, time_scale=settings.pop("time_scale"), time_shift=settings.pop("time_shift"))
+    embeds = unet.config.num_class_embeds
+    if embeds is None and (null_label is not None or class_names is not None):
+        raise ConfigError("null_label / class_names were given but the UNet is unconditional (num_class_embeds None); "
+                          "drop them")
+    if embeds is not None and "num_classes" not in settings:  # no genkit export record of the classes
+        if null_label is not None and (isinstance(null_label, bool) or null_label != embeds - 1):
+            raise ConfigError(f"null_label must be the UNet's last class embedding, {embeds - 1} (num_class_embeds="
+                              f"{embeds}); got {null_label!r}. A UNet with its null class elsewhere needs relabelling")
+        settings["num_classes"] = embeds - (null_label is not None)
+        settings["null_label"] = null_label
+    if class_names is not None:
+        settings["class_names"] = class_names
     size = unet.config.sample_size
     hw = (size, size) if isinstance(size, int) else tuple(size)
     return Diffusion(net, path, pred, sample_shape=(unet.config.in_channels, *hw), **settings)

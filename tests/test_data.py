@@ -10,17 +10,21 @@ import torch
 from PIL import Image
 
 from genkit.data import (
+    COMPONENTS,
     DATASETS,
     TOY,
+    LabelledData,
     check_finite,
     digits,
     digits_labels,
     gmm_params,
     image_folder,
     load_dataset,
+    load_labelled,
     toy,
+    toy_components,
 )  # fmt: skip
-from genkit.errors import ConfigError, DataError
+from genkit.errors import ConfigError, DataError, ShapeError
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -236,3 +240,83 @@ def test_held_out_sets_are_never_the_training_draw():
     training = load_dataset("moons", n=500, generator=torch.Generator().manual_seed(3))
     assert ref.shape == floor.shape == (500, 2)
     assert not torch.equal(ref, floor) and not torch.equal(ref, training) and not torch.equal(floor, training)
+
+
+def test_every_toy_set_has_components():
+    assert sorted(COMPONENTS) == sorted(TOY.names())
+
+
+@pytest.mark.parametrize("name", sorted(COMPONENTS))
+def test_toy_components_are_the_toy_draw_labelled_by_component(name):
+    x, k = toy_components(name, 4000, generator=gen(0))
+    assert torch.equal(x, toy(name, 4000, generator=gen(0)))  # the same draw: unconditional data is unchanged
+    assert k.dtype == torch.int64 and k.shape == (4000,)
+    counts = torch.bincount(k, minlength=len(COMPONENTS[name]))
+    assert len(counts) == len(COMPONENTS[name]) and (counts > 0).all()
+    means = torch.stack([x[k == c].mean(0) for c in range(len(counts))])
+    if name == "rings":  # concentric: the radius tells the ring
+        assert torch.equal((x.norm(dim=1) / 0.5).round().long() - 1, k)
+    elif name == "checkerboard":  # each square: column floor(x1), lower or upper black square
+        col, row = x[:, 0].floor(), x[:, 1].floor()
+        assert torch.equal(2 * (col.long() + 2) + (row >= col % 2).long(), k)
+    elif name == "spirals":  # the two arms are point reflections of each other
+        assert torch.allclose(means[0], -means[1], atol=0.1) and means[0].norm() > 0.3
+    elif name == "gmm":
+        weights, centres, _ = gmm_params(2)
+        assert torch.allclose(means.double(), centres, atol=0.05)
+        assert torch.allclose(counts.double() / 4000, weights, atol=0.02)
+    elif name == "moons":  # before standardising, the upper moon lies on the unit circle about (0, 0), the lower
+        raw = x * torch.tensor([0.87, 0.5]) + torch.tensor([0.5, 0.25])  # one about (1, 0.5)
+        centre = torch.where((k == 0)[:, None], torch.zeros(2), torch.tensor([1.0, 0.5]))
+        assert ((raw - centre).norm(dim=1) - 1).abs().max() < 0.25
+        assert (raw[k == 0, 1] > -0.25).all() and (raw[k == 1, 1] < 0.75).all()
+    else:  # 8gaussians: the nearest component mean is the label for (nearly) every sample
+        assert (torch.cdist(x, means).argmin(1) == k).float().mean() > 0.99
+
+
+def test_load_labelled_pairs_the_named_sets_with_their_classes():
+    d = load_labelled("digits")
+    assert torch.equal(d.data, load_dataset("digits")) and torch.equal(d.labels, digits_labels("train"))
+    assert d.num_classes == 10 and d.class_names == [str(i) for i in range(10)]
+    sub = load_labelled("digits", n=50, generator=gen(3))
+    assert torch.equal(sub.data, load_dataset("digits", n=50, generator=gen(3)))
+    full = torch.cat([digits("train").flatten(1), digits_labels("train")[:, None].float()], 1)
+    pairs = torch.cat([sub.data.flatten(1), sub.labels[:, None].float()], 1)
+    assert (torch.cdist(pairs, full).min(1).values == 0).all()  # each image keeps its own label
+    g = load_labelled("gmm", n=100, generator=gen(1), dim=3)
+    assert torch.equal(g.data, load_dataset("gmm", n=100, generator=gen(1), dim=3)) and g.num_classes == 4
+    with pytest.raises(ConfigError, match="no option"):
+        load_labelled("moons", split="test")
+
+
+def test_image_folder_labelled_gives_images_and_class_indices(tmp_path):
+    for cls, n in [("dog", 2), ("cat", 1)]:
+        for i in range(n):
+            _png(tmp_path / cls / f"{i}.png")
+    data = image_folder(tmp_path, 6).labelled()
+    assert data.class_names == ["cat", "dog"] and data.labels.tolist() == [0, 1, 1] and len(data) == 3
+    x, y = data[2]
+    assert x.shape == (3, 6, 6) and y.item() == 1
+    data.verify()  # every file readable
+    (tmp_path / "dog" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="bad.png"):
+        image_folder(tmp_path, 6).labelled().verify()  # the wrapped folder's own check
+    flat = tmp_path / "flat"
+    _png(flat / "a.png")
+    with pytest.raises(DataError, match="no class subfolders"):
+        image_folder(flat, 6).labelled()
+
+
+def test_labelled_data_bad_input():
+    x = torch.randn(4, 2)
+    with pytest.raises(ShapeError, match=r"shape \[4\]"):
+        LabelledData(x, torch.tensor([0, 1, 2]))
+    with pytest.raises(ShapeError, match="integer class ids"):
+        LabelledData(x, torch.zeros(4))
+    with pytest.raises(DataError, match=r"outside 0..1"):
+        LabelledData(x, torch.tensor([0, 1, 2, 0]), num_classes=2)
+    with pytest.raises(DataError, match=r"labels \[-1\]"):
+        LabelledData(x, [0, 1, -1, 0])
+    with pytest.raises(ConfigError, match="class_names has 2 names for num_classes=3"):
+        LabelledData(x, [0, 1, 2, 0], class_names=["a", "b"], num_classes=3)
+    assert LabelledData(x, [0, 1, 1, 0], class_names=["a", "b", "c"]).counts().tolist() == [2, 2, 0]

@@ -255,20 +255,11 @@ def test_bad_guidance_is_a_clear_error():
 
 
 # --- the model API -----------------------------------------------------------------------------------------------
-class Conditional(FlowMatching):
-    """A class-conditional flow-matching model as the conditioning contract describes it (K classes + a null)."""
-
-    num_classes = property(lambda self: self.net.num_classes - 1)
-    null_label = property(lambda self: self.net.num_classes - 1)
-    class_names = property(lambda self: None)
-
-    def forward(self, x, t, labels=None):
-        return self.net(x, genkit.paths.broadcast_time(t, x), y=labels)
-
-
-def conditional_model() -> Conditional:
+def conditional_model(null: bool = True) -> FlowMatching:
+    """A class-conditional flow-matching model (3 classes, and the null label 3 when ``null``)."""
     torch.manual_seed(0)
-    return Conditional(MLP(2, hidden=16, depth=1, time_dim=8, num_classes=4), "linear", sample_shape=(2,)).eval()
+    net = MLP(2, hidden=16, depth=1, time_dim=8, num_classes=4 if null else 3)
+    return FlowMatching(net, "linear", sample_shape=(2,), num_classes=3, null_label=3 if null else None).eval()
 
 
 def test_model_sample_with_labels_and_guidance():
@@ -307,8 +298,7 @@ def test_model_sample_errors():
     plain = FlowMatching(MLP(2, hidden=8, depth=1, time_dim=8), "linear", sample_shape=(2,))
     with pytest.raises(ConfigError, match="unconditional"):
         plain.sample(4, labels=1, guidance=2.0)
-    no_null = conditional_model()
-    no_null.__class__ = type("NoNull", (Conditional,), {"null_label": property(lambda self: None)})
+    no_null = conditional_model(null=False)
     with pytest.raises(ConfigError, match="null label"):
         no_null.sample(4, labels=1, guidance=2.0)
     assert isinstance(guide(model, 2.0, 1), GuidedField)
@@ -329,13 +319,13 @@ def test_sample_script_class_and_guidance(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="need --class"):
         main(["--checkpoint", str(tmp_path / "plain"), "--guidance", "2", "--device", "cpu"])
     model = conditional_model()
-    monkeypatch.setattr(genkit, "load", lambda *a, **k: model)  # a conditional checkpoint, as train.py will write
+    genkit.save(tmp_path / "cond", model)  # a conditional checkpoint, as train.py --conditional writes
     for bad, match in ((["--class", "7"], "out of range"), (["--class", "seven"], "neither a class id"),
                        (["--class", "1", "--guidance-rescale", "0.5"], "give --guidance")):
         with pytest.raises(ConfigError, match=match):
-            main(["--checkpoint", str(tmp_path / "plain"), "--device", "cpu", *bad])
+            main(["--checkpoint", str(tmp_path / "cond"), "--device", "cpu", *bad])
     out = tmp_path / "out"
-    main(["--checkpoint", str(tmp_path / "plain"), "--n", "5", "--solver", "euler", "--steps", "4", "--device", "cpu",
+    main(["--checkpoint", str(tmp_path / "cond"), "--n", "5", "--solver", "euler", "--steps", "4", "--device", "cpu",
           "--class", "2", "--guidance", "3", "--guidance-interval", "0.1", "0.9", "--guidance-rescale", "0.5",
           "--out", str(out)])
     x = model.path.sample_prior((5, 2), generator=torch.Generator().manual_seed(0))

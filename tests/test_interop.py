@@ -339,3 +339,43 @@ def test_a_scheduler_drawing_its_own_noise_refuses_a_generator():
     heun = DiffusersScheduler(HeunDiscreteScheduler(num_train_timesteps=1000, beta_schedule="linear"))
     assert not heun.stochastic  # deterministic: a generator (used for the prior draw by model.sample) is fine
     solve(g, x1, heun, 4, generator=torch.Generator().manual_seed(0))
+
+
+def test_a_class_conditional_diffusers_unet_loads_as_a_conditional_model(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=4)
+    with torch.no_grad():  # diffusers initialises the embedding randomly already; make the classes far apart
+        unet.class_embedding.weight.mul_(10.0)
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(tmp_path / "scheduler")
+    unet.save_pretrained(tmp_path / "unet")
+
+    model = from_diffusers(tmp_path)  # all four embeddings are classes
+    assert (model.num_classes, model.null_label, model.net.config()["num_classes"]) == (4, None, 4)
+    x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0.2, 0.5, 0.9])
+    labels = torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        ref = unet(x, t * 1000 - 1, class_labels=labels).sample  # diffusers' step i = N t - 1
+        torch.testing.assert_close(model(x, t, labels=labels), ref, rtol=0, atol=0)
+        assert not torch.allclose(model(x, t, labels=labels), model(x, t, labels=labels.flip(0)))
+    with pytest.raises(ConfigError, match="needs labels"):
+        model(x, t)
+    with pytest.raises(ConfigError, match="no null label"):
+        model.sample(2, labels=1, guidance=2.0, steps=2)
+
+    guided = from_diffusers(tmp_path, null_label=3, class_names=["a", "b", "c"])  # the last embedding is "no class"
+    assert (guided.num_classes, guided.null_label, guided.class_names) == (3, 3, ["a", "b", "c"])
+    s = guided.sample(2, labels=1, guidance=2.0, solver="ddim", steps=3, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (2, 1, 8, 8) and torch.isfinite(s).all()
+    genkit.save(tmp_path / "as_genkit", guided)
+    again = genkit.load(tmp_path / "as_genkit")
+    assert (again.num_classes, again.null_label, again.class_names) == (3, 3, ["a", "b", "c"])
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, t, labels=labels), guided(x, t, labels=labels))
+    with pytest.raises(ConfigError, match="last class embedding, 3"):
+        from_diffusers(tmp_path, null_label=0)
+    with pytest.raises(ConfigError, match="unconditional"):
+        from_diffusers(_tiny_pipeline(tmp_path / "plain")[0], _tiny_pipeline(tmp_path / "plain")[1], null_label=3)

@@ -752,3 +752,24 @@ def test_broadcast_time_takes_its_dtype_from_a_float_reference() -> None:
         torch.set_default_dtype(default)
     with pytest.raises(ShapeError, match="not a floating-point dtype"):
         broadcast_time(0.7, tokens, dtype=torch.long)
+
+
+def test_a_class_conditional_model_with_class_dropout_resumes_exactly(tmp_path: Path) -> None:
+    from genkit.data import LabelledData
+    from genkit.models import FlowMatching
+    from genkit.nets import MLP
+
+    labels = (DATA[:, 0] > 0).long() + (DATA[:, 1] > 0).long()  # 3 classes
+    data = LabelledData(DATA, labels, class_names=["low", "mid", "high"])
+
+    def make_conditional() -> FlowMatching:  # the dropout is drawn from the step's loss generator
+        return FlowMatching(MLP(2, hidden=16, depth=1, time_dim=8, num_classes=4), num_classes=3,
+                            class_names=data.class_names, class_dropout=0.3)
+
+    (full, _, result), _ = _interrupted_then_resumed(make_conditional, lambda out: cfg(tmp_path / out), data=data)
+    assert [s for s, _ in result.losses] == [2, 4, 6, 8, 10, 12]
+    import genkit
+
+    loaded = genkit.load(tmp_path / "cut", ema=False)
+    assert (loaded.num_classes, loaded.null_label, loaded.class_names) == (3, 3, ["low", "mid", "high"])
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), full.state_dict().values()))

@@ -34,6 +34,7 @@ examples:
   python train/train.py --family diffusion --path cosine --prediction v --weighting min_snr --data spirals
   python train/train.py --family diffusion --data digits --channels 32,64 --steps 4000 --batch-size 128
   python train/train.py --family secant --loss stee --jumps 1,2,4 --data moons
+  python train/train.py --data digits --conditional --class-dropout 0.1 --steps 3000
   python train/train.py --config run.toml --steps 3000
   accelerate launch train/train.py --image-folder ~/faces --image-size 64 --channels 64,128,256
 """
@@ -59,7 +60,17 @@ import torch
 import genkit
 from genkit import checkpoint, metrics
 from genkit.cli import run_main
-from genkit.data import DATASETS, digits, digits_labels, held_out, image_folder, load_dataset
+from genkit.data import (
+    COMPONENTS,
+    DATASETS,
+    LabelledData,
+    digits,
+    digits_labels,
+    held_out,
+    image_folder,
+    load_dataset,
+    load_labelled,
+)
 from genkit.errors import ConfigError
 from genkit.models import FAMILIES, build
 from genkit.nets import MLP, UNet
@@ -109,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, metavar="N", help="with --image-folder: resize and centre-crop to N x N")
     g.add_argument("--image-channels", type=int, help="with --image-folder: 1 (grey) or 3 (RGB) (default: 3)")
     g.add_argument("--num-workers", type=int, default=0, help="data-loading processes for --image-folder")
+    g.add_argument("--conditional", action="store_true",
+                   help="train a class-conditional model on the data's classes: digits' digits, an image folder's "
+                        f"class subfolders, a toy set's components ({', '.join(COMPONENTS)}); sample it with "
+                        "samplers/sample.py --class C --guidance S")
+    g.add_argument("--class-dropout", type=float, metavar="P",
+                   help="with --conditional: probability of training on the null label instead of the class, what "
+                        "classifier-free guidance needs (default: 0.1; 0 trains no null label, so no guidance)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=1500, help="total optimizer steps (a resumed run continues to it)")
     g.add_argument("--batch-size", type=int, default=256, help="per process")
@@ -292,7 +310,31 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
-    """The training set (a tensor, or a Dataset for image folders, not yet verified) and one sample's shape."""
+    """The training set (a tensor, or a Dataset for image folders, not yet verified) and one sample's shape.
+    With --conditional it is a LabelledData, and ``args.num_classes`` / ``args.class_names`` are set."""
+    data, shape = _load_samples(args)
+    args.num_classes = args.class_names = None
+    if args.class_dropout is not None and not args.conditional:
+        raise ConfigError(f"--class-dropout {args.class_dropout} applies to --conditional training only; add "
+                          "--conditional or drop it")
+    if not args.conditional:
+        return data, shape
+    if args.class_dropout is None:
+        args.class_dropout = 0.1
+    if not 0 <= args.class_dropout < 1:
+        raise ConfigError(f"--class-dropout must be a probability in [0, 1) (0.1 is usual); got {args.class_dropout}")
+    if args.image_folder is not None:
+        data = data.labelled()  # its class subfolders (a flat folder is an error naming the fix)
+    elif args.data == "digits" or args.data in COMPONENTS:
+        data = load_labelled(args.data, generator=torch.Generator().manual_seed(args.seed))
+    else:
+        raise ConfigError(f"--conditional needs classes; --data {args.data} has none. Labelled sets: digits, "
+                          f"{', '.join(COMPONENTS)}, or an --image-folder with one subfolder per class")
+    args.num_classes, args.class_names = data.num_classes, data.class_names
+    return data, shape
+
+
+def _load_samples(args: argparse.Namespace) -> tuple[Any, torch.Size]:
     if args.image_folder is not None:
         if args.data is not None:
             raise ConfigError(f"--data {args.data} and --image-folder both name the training data; keep one")
@@ -320,7 +362,8 @@ def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
         if args.channels is not None:
             raise ConfigError("--channels sets the UNet of image data; this data is vectors, use --hidden/--depth")
         net = MLP(shape[0], hidden=128 if args.hidden is None else args.hidden,
-                  depth=3 if args.depth is None else args.depth, **family.net_options(args, "mlp"))
+                  depth=3 if args.depth is None else args.depth, num_classes=net_classes(args),
+                  **family.net_options(args, "mlp"))
     elif len(shape) == 3:
         for flag in ("hidden", "depth"):
             if getattr(args, flag) is not None:
@@ -330,10 +373,29 @@ def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
         except ValueError:
             raise ConfigError(f"--channels must be comma-separated integers like 32,64; got {args.channels!r}"
                               ) from None
-        net = UNet(shape[-1], in_channels=shape[0], block_out_channels=channels, **family.net_options(args, "unet"))
+        net = UNet(shape[-1], in_channels=shape[0], block_out_channels=channels, num_classes=net_classes(args),
+                   **family.net_options(args, "unet"))
     else:
         raise ConfigError(f"samples of shape {tuple(shape)} are neither vectors nor images [C, H, W]")
-    return family.from_args(args, net, shape)
+    model = family.from_args(args, net, shape)
+    if getattr(args, "num_classes", None) is not None and getattr(model, "num_classes", None) != args.num_classes:
+        raise ConfigError(f"--family {args.family} does not train class-conditional models; drop --conditional or "
+                          "use --family flow_matching or diffusion")
+    return model
+
+
+def net_classes(args: argparse.Namespace) -> int | None:
+    """The network's class count under --conditional: K, plus the null label when --class-dropout > 0."""
+    k = getattr(args, "num_classes", None)
+    return None if k is None else k + (1 if args.class_dropout else 0)
+
+
+def sample_labels(data: Any, n: int, seed: int) -> torch.Tensor | None:
+    """Class ids for ``n`` samples of a conditional model, drawn with the training set's class frequencies (so
+    the samples are comparable with unlabelled held-out data); None for unconditional data."""
+    if not isinstance(data, LabelledData):
+        return None
+    return data.labels[torch.randint(len(data), (n,), generator=torch.Generator().manual_seed(seed))]
 
 
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -429,7 +491,7 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     chosen = final_sampling(args, model)
     sampler = chosen.sampler
     t0 = time.perf_counter()
-    sol = model.sample(n, sampler=sampler, return_solution=True,
+    sol = model.sample(n, sampler=sampler, return_solution=True, labels=sample_labels(data, n, args.seed),
                        generator=torch.Generator(device=device).manual_seed(args.seed))
     x = sol.samples.float().cpu()
     sample_time = time.perf_counter() - t0
@@ -452,14 +514,15 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
         report.update(quality(x, ref, features))
         report["noise_floor"] = quality(floor, ref, features)
     if ref is None:  # an image folder: show training images next to the samples
-        ref = torch.stack([data[i] for i in range(min(MAX_IMAGES, len(data)))])
+        images = data.data if isinstance(data, LabelledData) else data
+        ref = torch.stack([images[i] for i in range(min(MAX_IMAGES, len(images)))])
     save_samples_png(x, out / "samples.png", reference=ref,
                      title=f"{args.family} on {report['data']}: {chosen.describe()} (NFE {sol.nfe}), step {step}")
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 
 
-def sample_callback(args: argparse.Namespace) -> Callable[[Trainer, LogRecord], None]:
+def sample_callback(args: argparse.Namespace, data: Any = None) -> Callable[[Trainer, LogRecord], None]:
     """Every --sample-every steps the main process draws a picture from the current EMA weights."""
     def callback(trainer: Trainer, record: LogRecord) -> None:
         if not record.is_main_process or record.step % args.sample_every:
@@ -468,7 +531,7 @@ def sample_callback(args: argparse.Namespace) -> Callable[[Trainer, LogRecord], 
         device = next(live.parameters()).device
         model = build(live.config()).to(device)
         model.load_state_dict(trainer.ema.state_dict() if trainer.ema is not None else live.state_dict())
-        x = model.eval().sample(64, sampler=final_sampler(args, model),
+        x = model.eval().sample(64, sampler=final_sampler(args, model), labels=sample_labels(data, 64, args.seed),
                                 generator=torch.Generator(device=device).manual_seed(args.seed))
         save_samples_png(x, Path(args.out) / "samples" / f"step_{record.step:07d}.png", title=f"step {record.step}")
     return callback
@@ -495,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
         if first:
             print(f"checking all {len(data)} images under {args.image_folder} ...", flush=True)
         data.verify()  # open every image now: a corrupt file fails here, not hours into training
-    trainer = Trainer(model, config, callbacks=[sample_callback(args)] if args.sample_every else ())
+    trainer = Trainer(model, config, callbacks=[sample_callback(args, data)] if args.sample_every else ())
     main_process = trainer.accelerator.is_main_process
     if args.no_progress:
         trainer.callbacks.append(genkit.cli.log_lines())  # no bar: a line per --log-every steps instead

@@ -5,6 +5,14 @@ Scripts name a training set by string through :data:`DATASETS`:
 >>> x = load_dataset("8gaussians", n=256, generator=torch.Generator().manual_seed(0))
 >>> x.shape
 torch.Size([256, 2])
+
+Class-conditional models train on :class:`LabelledData` (samples and class ids): :func:`load_labelled` gives a
+named set with its labels (digits' classes, toy sets' components), ``ImageFolder.labelled()`` an image folder's
+class subfolders, and ``LabelledData(x, labels, class_names)`` the user's own.
+
+>>> data = load_labelled("8gaussians", n=256, generator=torch.Generator().manual_seed(0))
+>>> bool((data.data == x).all()), data.num_classes
+(True, 8)
 """
 
 from __future__ import annotations
@@ -19,12 +27,13 @@ from torch import Tensor
 from ..errors import ConfigError, DataError
 from ..registry import Registry
 from .images import IMAGE_EXTENSIONS, ImageFolder, digits, digits_labels, image_folder
-from .toy import TOY, gmm_params, toy
+from .labelled import LabelledData
+from .toy import COMPONENTS, TOY, gmm_params, toy, toy_components
 
 __all__ = [
-    "TOY", "toy", "gmm_params",
+    "TOY", "toy", "toy_components", "COMPONENTS", "gmm_params",
     "digits", "digits_labels", "image_folder", "ImageFolder", "IMAGE_EXTENSIONS",
-    "check_finite", "DATASETS", "load_dataset", "held_out",
+    "LabelledData", "check_finite", "DATASETS", "load_dataset", "load_labelled", "held_out",
 ]  # fmt: skip
 
 DEFAULT_TOY_SIZE = 10_000
@@ -90,6 +99,54 @@ def load_dataset(
     if unknown:
         raise ConfigError(f"data set {name!r} takes no option(s) {unknown}; it accepts {sorted(accepted) or 'none'}")
     return loader(n, generator=generator, **options)
+
+
+def load_labelled(
+    name: str, n: int | None = None, *, generator: torch.Generator | None = None, **options: Any
+) -> LabelledData:
+    """:func:`load_dataset` with each sample's class: the same samples for the same arguments, paired with
+    digits' digit classes or a toy set's mixture components (:data:`COMPONENTS`), as :class:`LabelledData` with
+    the class names. A set without classes is a ConfigError.
+    """
+    loader = DATASETS.get(name)
+    labelled = _LABELLED.get(name)
+    if labelled is None:
+        raise ConfigError(f"data set {name!r} has no class labels; labelled sets: {', '.join(sorted(_LABELLED))} "
+                          "(or pass your own: LabelledData(x, labels))")
+    accepted = {k for k, p in inspect.signature(loader).parameters.items() if p.kind is p.KEYWORD_ONLY} - {"generator"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(f"data set {name!r} takes no option(s) {unknown}; it accepts {sorted(accepted) or 'none'}")
+    return labelled(n, generator=generator, **options)
+
+
+_LABELLED: dict[str, Callable[..., LabelledData]] = {}
+
+
+def _register_toy_labelled(name: str) -> None:
+    def load(n: int | None = None, *, generator: torch.Generator | None = None, dim: int = 2) -> LabelledData:
+        x, k = toy_components(name, DEFAULT_TOY_SIZE if n is None else n, generator=generator, dim=dim)
+        return LabelledData(x, k, class_names=COMPONENTS[name])
+
+    _LABELLED[name] = load
+
+
+for _name in COMPONENTS:
+    _register_toy_labelled(_name)
+
+
+def _load_digits_labelled(n: int | None = None, *, generator: torch.Generator | None = None,
+                          split: str = "train") -> LabelledData:
+    x, y = digits(split), digits_labels(split)
+    if n is not None:
+        if not isinstance(n, int) or not 1 <= n <= x.shape[0]:
+            raise ConfigError(f"n must be an int in [1, {x.shape[0]}] for digits split {split!r}, got {n!r}")
+        idx = torch.randperm(x.shape[0], generator=generator)[:n]  # the draw of the unlabelled loader
+        x, y = x[idx], y[idx]
+    return LabelledData(x, y, class_names=[str(d) for d in range(10)])
+
+
+_LABELLED["digits"] = _load_digits_labelled
 
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from .labelled import LabelledData
 
 __all__ = ["digits", "digits_labels", "image_folder", "ImageFolder", "IMAGE_EXTENSIONS"]
 
@@ -104,7 +105,8 @@ class ImageFolder(Dataset):
     (``root/<class>/**/*.png``). Each image is resized (shorter side to
     ``size``, antialiased) and centre-cropped. ``classes`` lists the class
     folder names (empty for a flat folder) and ``labels`` ``[N]`` gives each
-    item's class index (all 0 for a flat folder).
+    item's class index (all 0 for a flat folder), in the order of torchvision's ``ImageFolder``
+    (class folders sorted by name). :meth:`labelled` pairs the images with them for class-conditional training.
     """
 
     def __init__(self, root: str | Path, size: int, *, channels: int = 3, verify: bool = False):
@@ -145,6 +147,14 @@ class ImageFolder(Dataset):
         files = [f for name in classes for f in per_class[name]]
         labels = [i for i, name in enumerate(classes) for _ in per_class[name]]
         return files, labels, classes
+
+    def labelled(self) -> LabelledData:
+        """This dataset with its class labels: items ``(image, class index)``, ``class_names`` the folder names.
+        A flat folder (no class subfolders) is a DataError."""
+        if not self.classes:
+            raise DataError(f"{self.root} holds its images directly, with no class subfolders, so they have no "
+                            "labels; put each class's images in a subfolder of its own (root/<class>/...)")
+        return LabelledData(self, self.labels, class_names=self.classes)
 
     def verify(self) -> None:
         """Open every file now; raise :class:`DataError` listing all unreadable ones."""

@@ -22,14 +22,25 @@ __all__ = ["ContinuousModel"]
 
 
 class ContinuousModel(nn.Module):
-    """Base of continuous-time families. A model is a field: ``model(x, t) -> prediction``.
+    """Base of continuous-time families. A model is a field: ``model(x, t, labels=None) -> prediction``.
 
     Subclasses define ``loss(batch, generator=None) -> (loss, logs)``, ``family`` and extra config keys.
+
+    **Class-conditional models** (``num_classes=K``) take class ids ``labels [B]`` in ``0..K-1``, handed to the
+    network as its ``y``; they train on ``(x, labels)`` batches (:class:`~genkit.data.LabelledData`). With
+    ``class_dropout=p > 0`` each training label is replaced by the null label ``K`` with probability ``p``
+    (drawn from the loss's generator, so resumed runs stay exact), which teaches the same network the
+    unconditional model that classifier-free guidance needs (Ho & Salimans 2022, arXiv 2207.12598); the network
+    is then built with ``K + 1`` classes, and ``model.null_label == K``. ``class_names`` (K strings) are
+    recorded with the checkpoint. ``null_label`` defaults to ``K`` when ``class_dropout > 0`` and may be set to
+    ``K`` without dropout (a network that learned the null class elsewhere).
     """
 
     family = "continuous"
 
-    def __init__(self, net: nn.Module, path: Path | str, prediction: str, sample_shape: Sequence[int]):
+    def __init__(self, net: nn.Module, path: Path | str, prediction: str, sample_shape: Sequence[int], *,
+                 num_classes: int | None = None, class_names: Sequence[str] | None = None,
+                 null_label: int | None = None, class_dropout: float = 0.0):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ConfigError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
@@ -40,19 +51,38 @@ class ContinuousModel(nn.Module):
         self.path = get_path(path)
         self.prediction = prediction
         self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.num_classes, self.class_names, self.null_label, self.class_dropout = _classes(
+            net, num_classes, class_names, null_label, class_dropout)
 
     # --- the field -----------------------------------------------------------------------------------
     def net_input(self, x: Tensor, t: Tensor) -> Tensor:
         """What the network sees for ``x_t`` (identity here; diffusion rescales)."""
         return x
 
-    def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None, **cond: Any) -> Tensor:
+        """The network's prediction at ``x [B, *sample_shape]``, ``t [B]`` (or a float); a class-conditional
+        model needs ``labels [B]`` (class ids, or its null label), passed to the network as ``y``."""
         if tuple(x.shape[1:]) != self.sample_shape:
             shape = ", ".join(map(str, self.sample_shape))
             raise ShapeError(f"{self.family} model expects inputs of shape [batch, {shape}]; got {tuple(x.shape)}")
         t = broadcast_time(t, x)
+        if labels is not None:
+            if self.num_classes is None:
+                raise ConfigError(f"this {self.family} model is unconditional (num_classes None) and takes no labels; "
+                                  "drop labels=, or train a class-conditional model (num_classes=K)")
+            cond["y"] = labels
+        elif self.num_classes is not None and "y" not in cond:
+            null = ("" if self.null_label is None else
+                    f", or labels=model.null_label ({self.null_label}) for the unconditional model")
+            raise ConfigError(f"this {self.family} model is class-conditional ({self.num_classes} classes) and needs "
+                              f"labels: model(x, t, labels=...) / model.sample(n, labels=...) with class ids "
+                              f"0..{self.num_classes - 1}{null}")
         try:
             return self.net(self.net_input(x, t), t, **cond)
+        except IndexError as e:  # an embedding lookup out of range: name the labels
+            if "y" in cond and torch.is_tensor(cond["y"]):
+                _check_label_range(cond["y"], self.num_classes, self.null_label, self.class_names, e)
+            raise
         except RuntimeError as e:  # explained here, at no cost to the calls that work (a sampling loop's)
             p = next(self.net.parameters(), None)
             _explain_integer(x, "x", self.family, e)
@@ -60,6 +90,40 @@ class ContinuousModel(nn.Module):
                 raise ShapeError(f"x is {x.dtype} but the {self.family} model's weights are {p.dtype}; convert one "
                                  f"of them (x.to({p.dtype}) or model.to({x.dtype}))") from e
             raise
+
+    def split_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        """``(x, labels)`` of a training batch, checked: a tensor ``[B, *sample_shape]`` for an unconditional
+        model, ``(x, labels [B])`` (a tuple or list, as a DataLoader collates ``(sample, label)`` items) for a
+        class-conditional one (``labels`` None then)."""
+        if self.num_classes is None:
+            if isinstance(batch, (tuple, list)):
+                raise ShapeError(f"{self.family}.loss expects a tensor batch [batch, {self.sample_shape}]; got a "
+                                 f"{type(batch).__name__} of {len(batch)} parts, e.g. (data, labels), but this model "
+                                 "is unconditional (num_classes None): train it on the samples alone, or build a "
+                                 "class-conditional model (num_classes=K; a network with K + 1 classes and "
+                                 "class_dropout for guidance)")
+            return self.check_batch(batch), None
+        if torch.is_tensor(batch) or batch is None:
+            raise ShapeError(f"this {self.family} model is class-conditional ({self.num_classes} classes) and trains "
+                             "on (x, labels) batches; got " + ("None" if batch is None else "a tensor without labels")
+                             + ": pass genkit.data.LabelledData(x, labels) to Trainer.fit")
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ShapeError(f"a class-conditional batch is (x, labels); got {type(batch).__name__}"
+                             + (f" of {len(batch)} parts" if isinstance(batch, (tuple, list)) else ""))
+        x, labels = self.check_batch(batch[0]), batch[1]
+        integer = torch.is_tensor(labels) and labels.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8)
+        if not integer or labels.shape != (x.shape[0],):
+            what = f"{labels.dtype} {tuple(labels.shape)}" if torch.is_tensor(labels) else type(labels).__name__
+            raise ShapeError(f"batch labels must be integer class ids of shape [{x.shape[0]}]; got {what}")
+        return x, labels.long()
+
+    def drop_labels(self, labels: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Class dropout: each label becomes :attr:`null_label` with probability :attr:`class_dropout` (one
+        uniform draw per sample from ``generator``; no draw at all without dropout)."""
+        if self.class_dropout == 0.0:
+            return labels
+        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.class_dropout
+        return labels.masked_fill(drop, self.null_label)
 
     def check_batch(self, batch: Any) -> Tensor:
         if batch is None:
@@ -256,8 +320,29 @@ class ContinuousModel(nn.Module):
 
     # --- config ---------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
+        """The model's JSON config; a class-conditional model adds ``num_classes``, ``class_names``,
+        ``null_label`` and ``class_dropout`` (an unconditional model's config has none of them)."""
+        classes = {} if self.num_classes is None else {
+            "num_classes": self.num_classes, "class_names": self.class_names, "null_label": self.null_label,
+            "class_dropout": self.class_dropout}
         return {"family": self.family, "path": self.path.config(), "net": self.net.config(),
-                "prediction": self.prediction, "sample_shape": list(self.sample_shape), **self.extra_config()}
+                "prediction": self.prediction, "sample_shape": list(self.sample_shape), **classes,
+                **self.extra_config()}
+
+    @staticmethod
+    def class_config(config: dict[str, Any]) -> dict[str, Any]:
+        """The class keywords of the constructor recorded in ``config`` (none for an unconditional model)."""
+        return {k: config[k] for k in ("num_classes", "class_names", "null_label", "class_dropout") if k in config}
+
+    @staticmethod
+    def class_options(args: argparse.Namespace) -> dict[str, Any]:
+        """The class keywords train/train.py sets (``args.num_classes``, ``args.class_names``,
+        ``args.class_dropout``; absent: unconditional)."""
+        k = getattr(args, "num_classes", None)
+        if k is None:
+            return {}
+        return {"num_classes": k, "class_names": getattr(args, "class_names", None),
+                "class_dropout": float(getattr(args, "class_dropout", None) or 0.0)}
 
     def extra_config(self) -> dict[str, Any]:
         return {}
@@ -270,3 +355,53 @@ def _explain_integer(x: Tensor, name: str, family: str, cause: BaseException | N
         raise ShapeError(f"{name} is {x.dtype} but the {family} model is continuous: {what} must be floating point "
                          f"(convert it: {name}.float(), scaled to about unit size, e.g. images to [-1, 1]); integer "
                          "tokens are for a discrete family (masked discrete diffusion, not in genkit yet)") from cause
+
+
+def _classes(net: nn.Module, num_classes: Any, class_names: Any, null_label: Any,
+             class_dropout: Any) -> tuple[int | None, list[str] | None, int | None, float]:
+    """The checked class settings of a model, against the network's own class count."""
+    if num_classes is None:
+        given = [k for k, v in (("class_names", class_names), ("null_label", null_label)) if v is not None]
+        if class_dropout:
+            given.append("class_dropout")
+        if given:
+            raise ConfigError(f"{', '.join(given)} set on an unconditional model (num_classes None); pass "
+                              "num_classes=K for a class-conditional model")
+        return None, None, None, 0.0
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive int (the number of real classes K); got {num_classes!r}")
+    k = int(num_classes)
+    if class_names is not None:
+        if isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names):
+            raise ConfigError(f"class_names must be a list of {k} strings; got {class_names!r}")
+        class_names = list(class_names)
+        if len(class_names) != k:
+            raise ConfigError(f"class_names has {len(class_names)} names for num_classes={k}")
+    if isinstance(class_dropout, bool) or not isinstance(class_dropout, numbers.Real) or not 0 <= class_dropout < 1:
+        raise ConfigError(f"class_dropout must be a probability in [0, 1) (0.1 is usual for guidance); got "
+                          f"{class_dropout!r}")
+    if null_label is None and class_dropout > 0:
+        null_label = k
+    if null_label is not None and (isinstance(null_label, bool) or null_label != k):
+        raise ConfigError(f"null_label must be K = num_classes = {k} (the extra class after the real ones); got "
+                          f"{null_label!r}")
+    want = k + (null_label is not None)
+    config = net.config() if callable(getattr(net, "config", None)) else {}
+    have = config.get("num_classes") if isinstance(config, dict) else None
+    if have != want:
+        null = f" ({k} classes + the null label {k} that class dropout trains)" if null_label is not None else ""
+        raise ConfigError(f"the network must be built with num_classes={want}{null}; {type(net).__name__} has "
+                          f"num_classes={have!r}: build it with {type(net).__name__}(..., num_classes={want})")
+    return k, class_names, None if null_label is None else int(null_label), float(class_dropout)
+
+
+def _check_label_range(labels: Tensor, k: int | None, null: int | None, names: Sequence[str] | None,
+                       cause: BaseException) -> None:
+    if k is None:
+        return
+    bad = ((labels < 0) | (labels >= k)) & (labels != (-1 if null is None else null))
+    if bool(bad.any()):
+        known = f" ({', '.join(map(str, names))})" if names else ""
+        extra = f" or the null label {null}" if null is not None else ""
+        raise ConfigError(f"labels {labels[bad][:5].tolist()} are not classes of this model: 0..{k - 1}{known}"
+                          f"{extra}") from cause

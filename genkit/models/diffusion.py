@@ -55,6 +55,8 @@ class Diffusion(ContinuousModel):
             reaches alpha = 0 and the network predicts eps, the time of log-SNR -5 (alpha/sigma = 0.08):
             eps carries no information on x_0 near alpha = 0 and errors in it are amplified by
             1/alpha (the zero-terminal-SNR problem of Lin et al. 2023, arXiv 2305.08891).
+        num_classes, class_names, null_label, class_dropout: a class-conditional model (see
+            :class:`~genkit.models.continuous.ContinuousModel`).
 
     >>> import torch
     >>> from genkit.nets import MLP
@@ -68,8 +70,11 @@ class Diffusion(ContinuousModel):
 
     def __init__(self, net: nn.Module, path: Path | str = "cosine", prediction: str = "v",
                  weighting: str = "uniform", *, sample_shape: Sequence[int] = (2,), sigma_data: float = 1.0,
-                 min_snr_gamma: float = 5.0, t_eps: float = 1e-3, t_max: float | None = None):
-        super().__init__(net, path, prediction, sample_shape)
+                 min_snr_gamma: float = 5.0, t_eps: float = 1e-3, t_max: float | None = None,
+                 num_classes: int | None = None, class_names: Sequence[str] | None = None,
+                 null_label: int | None = None, class_dropout: float = 0.0):
+        super().__init__(net, path, prediction, sample_shape, num_classes=num_classes, class_names=class_names,
+                         null_label=null_label, class_dropout=class_dropout)
         if prediction == "score":
             raise ConfigError("Diffusion trains eps, x0, v or velocity predictions; a score network is an eps "
                               "network scaled by -1/sigma, so use prediction='eps'")
@@ -119,16 +124,20 @@ class Diffusion(ContinuousModel):
               "velocity": (a * ds - s * da) ** 2 / (s * s)}[self.prediction]
         return w_x0 / k2
 
-    def loss(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
-        """Weighted denoising loss averaged over the batch; ``generator`` draws t and the noise."""
-        x0 = self.check_batch(batch)
+    def loss(self, batch: Tensor | tuple[Tensor, Tensor],
+             generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Weighted denoising loss averaged over the batch; ``generator`` draws t and the noise (then, for a
+        class-conditional model, its class dropout). ``batch`` is ``x [B, ...]``, or ``(x, labels [B])`` for a
+        class-conditional model."""
+        x0, labels = self.split_batch(batch)
         check_generator(generator, f"{self.family}.loss")
         u = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
         t = self.t_eps + (self.t_max - self.t_eps) * u
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         xt = self.path.sample(x0, t, eps)
         target = self.path.from_x0_eps(x0, eps, xt, t, self.prediction)
-        err = (self(xt, t) - target).pow(2)
+        cond = {} if labels is None else {"labels": self.drop_labels(labels, generator)}
+        err = (self(xt, t, **cond) - target).pow(2)
         loss = (self.weight(t, x0) * err).flatten(1).mean(1).mean()
         return loss, {}
 
@@ -158,7 +167,8 @@ class Diffusion(ContinuousModel):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, net: nn.Module, sample_shape: Sequence[int]) -> Diffusion:
-        return cls(net, args.path, args.prediction, args.weighting, sample_shape=sample_shape)
+        return cls(net, args.path, args.prediction, args.weighting, sample_shape=sample_shape,
+                   **cls.class_options(args))
 
     @classmethod
     def net_options(cls, args: argparse.Namespace, kind: str) -> dict[str, Any]:
@@ -175,4 +185,4 @@ class Diffusion(ContinuousModel):
         c = dict(config)
         return cls(build_net(c["net"]), path_from_config(c["path"]), c["prediction"], c["weighting"],
                    sample_shape=c["sample_shape"], sigma_data=c["sigma_data"], min_snr_gamma=c["min_snr_gamma"],
-                   t_eps=c["t_eps"], t_max=c["t_max"])
+                   t_eps=c["t_eps"], t_max=c["t_max"], **cls.class_config(c))

@@ -48,7 +48,8 @@ def ot_pairing(x0: Tensor, x1: Tensor) -> Tensor:
 @FAMILIES.register("flow_matching")
 class FlowMatching(ContinuousModel):
     """A flow-matching model: ``FlowMatching(net, path="linear", coupling="independent")``; the network
-    predicts the velocity ``dx_t/dt``.
+    predicts the velocity ``dx_t/dt``. ``num_classes``, ``class_names``, ``null_label``, ``class_dropout`` make it
+    class-conditional (see :class:`~genkit.models.continuous.ContinuousModel`).
 
     >>> import torch
     >>> from genkit.nets import MLP
@@ -60,15 +61,21 @@ class FlowMatching(ContinuousModel):
     family = "flow_matching"
 
     def __init__(self, net: nn.Module, path: Path | str = "linear", coupling: str = "independent", *,
-                 sample_shape: Sequence[int] = (2,)):
-        super().__init__(net, path, "velocity", sample_shape)
+                 sample_shape: Sequence[int] = (2,), num_classes: int | None = None,
+                 class_names: Sequence[str] | None = None, null_label: int | None = None,
+                 class_dropout: float = 0.0):
+        super().__init__(net, path, "velocity", sample_shape, num_classes=num_classes, class_names=class_names,
+                         null_label=null_label, class_dropout=class_dropout)
         if coupling not in COUPLINGS:
             raise ConfigError(f"unknown coupling {coupling!r}; choose one of {COUPLINGS}")
         self.coupling = coupling
 
-    def loss(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
-        """MSE between the network and the conditional velocity; ``generator`` draws t and the noise."""
-        x0 = self.check_batch(batch)
+    def loss(self, batch: Tensor | tuple[Tensor, Tensor],
+             generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """MSE between the network and the conditional velocity; ``generator`` draws t and the noise (then, for
+        a class-conditional model, its class dropout). ``batch`` is ``x [B, ...]``, or ``(x, labels [B])`` for a
+        class-conditional model."""
+        x0, labels = self.split_batch(batch)
         check_generator(generator, f"{self.family}.loss")
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         if self.coupling == "ot":
@@ -76,7 +83,8 @@ class FlowMatching(ContinuousModel):
         t = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
         xt = self.path.sample(x0, t, eps)
         target = self.path.from_x0_eps(x0, eps, xt, t, "velocity")
-        loss = (self(xt, t) - target).pow(2).flatten(1).mean(1).mean()
+        cond = {} if labels is None else {"labels": self.drop_labels(labels, generator)}
+        loss = (self(xt, t, **cond) - target).pow(2).flatten(1).mean(1).mean()
         return loss, {}
 
     def extra_config(self) -> dict[str, Any]:
@@ -102,11 +110,11 @@ class FlowMatching(ContinuousModel):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, net: nn.Module, sample_shape: Sequence[int]) -> FlowMatching:
-        return cls(net, args.path, args.coupling, sample_shape=sample_shape)
+        return cls(net, args.path, args.coupling, sample_shape=sample_shape, **cls.class_options(args))
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FlowMatching:
         from ..nets import build as build_net
 
         return cls(build_net(config["net"]), path_from_config(config["path"]), config["coupling"],
-                   sample_shape=config["sample_shape"])
+                   sample_shape=config["sample_shape"], **cls.class_config(config))

@@ -1,7 +1,8 @@
 """Where each step's batch comes from, and the seeds: everything random is a pure function of
 ``(seed, step, rank)``.
 
-Batch ``k`` of rank ``r`` is a slice of the epoch's permutation (a Tensor or map-style Dataset), or
+Batch ``k`` of rank ``r`` is a slice of the epoch's permutation (a Tensor or map-style Dataset; a
+:class:`~genkit.data.LabelledData` over a tensor gives ``(x, labels)``, indexed in place), or
 ``source.batch(k, r, generator)`` with a generator seeded from ``(seed, k, r)`` (a batch source), or
 ``None`` (a data-free objective). ``loss`` gets its own generator seeded from ``(seed, k, r)``.
 """
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..data.labelled import LabelledData
 from ..errors import ConfigError, DataError, DataWarning
 from ..objective import is_batch_source, is_data_free
 from .config import TrainConfig
@@ -74,6 +76,8 @@ class TensorBatches:
     def iterate(self, start: int, stop: int, device: torch.device) -> Iterator[Any]:
         if isinstance(self.data, Tensor):
             return (self.data[self.indices(k).to(self.data.device)] for k in range(start, stop))
+        if isinstance(self.data, LabelledData) and isinstance(self.data.data, Tensor):
+            return (self.data.take(self.indices(k)) for k in range(start, stop))  # (x, labels), no DataLoader
         steps = (self.indices(k).tolist() for k in range(start, stop))  # DataLoader iterates it once
         loader = DataLoader(self.data, batch_sampler=steps, num_workers=self.cfg.num_workers,
                             worker_init_fn=ignore_signals if self.cfg.num_workers else None,

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .. import checkpoint
+from ..data.labelled import LabelledData
 from ..ema import EMA
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeError, TrainingInterrupted
 from ..objective import BatchSource, model_of, objective_config, objective_state
@@ -63,6 +64,22 @@ class _LossForward(nn.Module):
 
 
 Callback = Callable[["Trainer", LogRecord], None]
+
+
+def _check_classes(data: LabelledData, model: nn.Module) -> None:
+    """A DataError when labelled data does not fit the model's classes (read by attribute: no family import)."""
+    k = getattr(model, "num_classes", None)
+    if k is None:
+        raise DataError(f"the data is labelled ({data.num_classes} classes) but {type(model).__name__} is not "
+                        "class-conditional (num_classes None); pass the samples alone (data.data) or build a "
+                        f"class-conditional model (num_classes={data.num_classes})")
+    if k != data.num_classes:
+        raise DataError(f"the data has {data.num_classes} classes but the model was built for num_classes={k}; "
+                        "build it with the data's class count")
+    names = getattr(model, "class_names", None)
+    if names is not None and data.class_names is not None and list(names) != list(data.class_names):
+        raise DataError(f"the model's class_names {list(names)[:4]}... differ from the data's "
+                        f"{data.class_names[:4]}...; build the model with class_names=data.class_names")
 
 
 
@@ -122,7 +139,8 @@ class Trainer:
             frozen_loader: Callable[[str], Any] | None = None) -> TrainResult:
         """Train until ``config.steps`` and return a :class:`TrainResult`; puts the objective in train mode.
 
-        ``data`` is a Tensor ``[n, ...]`` (any dtype: integer tokens too), a map-style Dataset, a batch source
+        ``data`` is a Tensor ``[n, ...]`` (any dtype: integer tokens too), a map-style Dataset, a
+        :class:`~genkit.data.LabelledData` (batches ``(x, labels)`` for a class-conditional model), a batch source
         (``batch(step, rank, generator)``), or None for an objective that declares ``data_free = True``.
         Resumes from ``out_dir/checkpoint`` when it holds a resume state (``resume=False`` starts afresh and
         overwrites it), or from ``resume_from``. A resumed run continues the saved one exactly; settings that
@@ -142,6 +160,10 @@ class Trainer:
         batches = make_batches(data, self.objective, cfg, acc.num_processes, acc.process_index)
         if isinstance(data, Tensor):
             check_data(data, acc)
+        if isinstance(data, LabelledData):
+            _check_classes(data, self.model)
+            if isinstance(data.data, Tensor):
+                check_data(data.data, acc)
         run: dict[str, Any] = {"step": 0, "skipped": 0, "window": empty_window()}
         source = Path(resume_from) if resume_from is not None else ckpt
         if resume_from is not None and not checkpoint.has_resume_state(source):
