@@ -17,6 +17,11 @@ SDE solver; "solver", "steps", "grid", "t_max"). --data defaults to what the che
 (train_data.json, written by train/train.py and train/secant.py); another data set than that is an error
 unless --allow-other-data.
 
+A class-conditional checkpoint is sampled with class ids drawn at the held-out data's class frequencies (so
+the distances compare like with like), or all of --class; --guidance sets the classifier-free guidance scale
+(model.sample(labels=, guidance=)); on digits the report adds the share of samples the digits classifier reads
+as their class. --nll on a conditional model scores the model's unconditional density through its null label.
+
 examples:
   python eval/evaluate.py --checkpoint runs/default
   python eval/evaluate.py --checkpoint runs/default --data moons --solver euler --steps 8 --nll
@@ -39,7 +44,7 @@ import torch
 import genkit
 from genkit import metrics
 from genkit.cli import check_data_matches, checkpoint_dir, named_grids, resolve_sampler, run_main, script_device
-from genkit.data import DATASETS, digits, digits_labels, held_out
+from genkit.data import DATASETS, digits, digits_labels, held_out, load_labelled
 from genkit.errors import ConfigError, ShapeError
 from genkit.solvers import SOLVERS
 
@@ -68,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--t-max", type=float, metavar="T",
                    help="start the solver at t = T (default: the model's start; a stochastic solver singular there "
                         "starts at 0.99 and says so)")
+    p.add_argument("--class", dest="label", type=int, metavar="K",
+                   help="conditional models: sample class K only (default: the held-out data's class frequencies)")
+    p.add_argument("--guidance", type=float, metavar="W",
+                   help="conditional models: classifier-free guidance scale (1 = conditional, default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, held-out draws and estimators")
     p.add_argument("--out", metavar="FILE",
                    help="metrics JSON (default: evaluation.json next to the checkpoint folder)")
@@ -90,6 +99,36 @@ def distances(x: torch.Tensor, ref: torch.Tensor, features: Callable | None, see
             "energy_distance": metrics.energy_distance(x, ref), "mmd": metrics.mmd(x, ref)}
 
 
+def evaluation_labels(model: Any, args: argparse.Namespace) -> tuple[torch.Tensor | None, str | None]:
+    """Class ids to sample a conditional model with, and how they were chosen; None for unconditional models
+    (where --class / --guidance are errors)."""
+    k = getattr(model, "num_classes", None)
+    if k is None:
+        for flag, value in (("--class", args.label), ("--guidance", args.guidance)):
+            if value is not None:
+                raise ConfigError(f"{flag} {value}: this {model.family} model is unconditional (trained without "
+                                  "--conditional); drop the flag")
+        return None, None
+    if args.label is not None:
+        if not 0 <= args.label < k:
+            raise ConfigError(f"--class {args.label} is not a class of this model: 0..{k - 1}")
+        return torch.full((args.n,), args.label, dtype=torch.long), f"class {args.label}"
+    try:
+        pool = load_labelled(args.data).labels
+        how = f"{args.data}'s class frequencies"
+    except ConfigError:  # a data set without classes (an image folder): uniform over the model's classes
+        pool, how = torch.arange(k), "uniform over the classes"
+    return pool[torch.randint(len(pool), (args.n,), generator=torch.Generator().manual_seed(args.seed))], how
+
+
+def null_label(model: Any) -> int:
+    """The null label of a conditional model for --nll (its unconditional density), or a ConfigError."""
+    if getattr(model, "null_label", None) is None:
+        raise ConfigError("--nll on a class-conditional model trained without class dropout: it has no "
+                          "unconditional density (no null label); drop --nll or train with --class-dropout > 0")
+    return int(model.null_label)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for flag in ("n", "steps", "nll_n", "nll_steps", "nll_batch_size"):
@@ -110,8 +149,10 @@ def main(argv: list[str] | None = None) -> None:
         raise ShapeError(f"{ckpt} makes samples of shape {model.sample_shape} but --data {args.data} has "
                          f"{tuple(ref.shape[1:])}; pass the data set the model was trained on")
     is_image = ref.ndim == 4
+    labels, labels_from = evaluation_labels(model, args)
     t0 = time.perf_counter()
-    sol = model.sample(args.n, sampler=chosen.sampler, return_solution=True,
+    sol = model.sample(args.n, sampler=chosen.sampler, return_solution=True, labels=labels,
+                       **({} if args.guidance is None else {"guidance": args.guidance}),
                        generator=torch.Generator(device=device).manual_seed(args.seed))
     x = sol.samples.float().cpu()
     report: dict[str, Any] = {
@@ -119,22 +160,34 @@ def main(argv: list[str] | None = None) -> None:
         "sampled_with": chosen.describe(), "nfe": sol.nfe, "sample_time_s": time.perf_counter() - t0,
         "weights": "raw" if args.raw_weights or not (ckpt / "ema.safetensors").is_file() else "ema",
     }
+    if labels is not None:
+        report.update({"labels": labels_from, "guidance": args.guidance})
     if is_image and args.data != "digits":
         report["note"] = ("no sample-quality metric for these images: only digits have a built-in feature network; "
                           "use genkit.metrics.fid with inception_features")
     else:
-        features = (metrics.train_digits_classifier(digits("train"), digits_labels("train"),
-                                                    generator=torch.Generator().manual_seed(0)).features
-                    if is_image else None)
+        classifier = (metrics.train_digits_classifier(digits("train"), digits_labels("train"),
+                                                      generator=torch.Generator().manual_seed(0))
+                      if is_image else None)
+        features = classifier.features if classifier is not None else None
         report.update(distances(x, ref, features, args.seed))
+        if classifier is not None and labels is not None and args.data == "digits":
+            with torch.no_grad():
+                read = classifier(x.clamp(-1, 1)).argmax(1)
+            report["class_accuracy"] = float((read == labels.cpu()).double().mean())
         report["noise_floor"] = distances(floor, ref, features, args.seed)
     if args.nll:
         data = ref[:args.nll_n].to(device)
         mode = "hutchinson" if is_image else "exact"
         g = torch.Generator(device=device).manual_seed(args.seed)
         t0 = time.perf_counter()
+        null = None if labels is None else null_label(model)
+
+        def cond(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {} if null is None else {"labels": torch.full((len(batch),), null, dtype=torch.long,
+                                                                 device=batch.device)}
         result = metrics.nll(lambda batch: model.log_prob(batch, solver=args.nll_solver, steps=args.nll_steps,
-                                                          divergence_mode=mode, generator=g),
+                                                          divergence_mode=mode, generator=g, **cond(batch)),
                              data, batch_size=args.nll_batch_size)
         report["nll"] = {"nats": result.nats, "bits_per_dim": result.bits_per_dim, "stderr_nats": result.stderr_nats,
                          "n": len(data), "divergence": mode, "solver": args.nll_solver,

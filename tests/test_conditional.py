@@ -170,6 +170,19 @@ def test_train_script_conditional_on_toy_components(tmp_path, capsys):
                                                                                               2, 0.2)
     assert model.net.config()["num_classes"] == 3
     assert json.loads((out / "metrics.json").read_text())["n_samples"] == 100
+    # evaluate.py samples it at the held-out data's class frequencies, or one --class with --guidance, and --nll
+    # scores its unconditional density through the null label
+    ev = ROOT / "eval" / "evaluate.py"
+    assert _script(ev, "--checkpoint", out, "--n", 64, "--steps", 2, "--out", tmp_path / "a.json") == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["labels"] == "moons's class frequencies" and a["guidance"] is None and a["sliced_w2"] > 0
+    assert _script(ev, "--checkpoint", out, "--n", 64, "--steps", 2, "--class", 1, "--guidance", 2, "--nll",
+                   "--nll-n", 32, "--nll-solver", "rk4", "--nll-steps", 4, "--out", tmp_path / "b.json") == 0
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["labels"] == "class 1" and b["guidance"] == 2.0 and torch.isfinite(torch.tensor(b["nll"]["nats"]))
+    capsys.readouterr()
+    assert _script(ev, "--checkpoint", out, "--class", 2, "--out", tmp_path / "c.json") == 2
+    assert "--class 2 is not a class of this model: 0..1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, named", [
