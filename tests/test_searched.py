@@ -539,6 +539,23 @@ def test_extended_search_never_ends_worse_than_dss(dss_and_extended):
     assert ext.info["chosen"] == "extended" and ext.teleport is not None and ext.info["teleport"] == "reference"
 
 
+def test_the_extension_replaces_dss_only_by_a_significant_held_out_gain(dss_and_extended):
+    """The extended solver is kept only when its held-out gain over the DSS optimum (mean of the paired per-sample
+    differences) exceeds extend_margin standard errors; with a margin no gain reaches, the same search returns
+    the DSS solver itself, with the same recorded gain."""
+    f, dss, ext = dss_and_extended
+    i = ext.info
+    assert i["chosen"] == "extended" and i["extended_gain"] > 2 * i["extended_gain_se"] > 0
+    assert abs(i["extended_gain"] - (i["dss_holdout_loss"] - i["holdout_loss"])) <= 1e-12 * i["dss_holdout_loss"]
+    strict = search_solver(f, 3, eval_times=True, step_scales=True, teleport="reference", extend_margin=1e6,
+                           generator=torch.Generator().manual_seed(0), shape=(4,), **SMALL)
+    assert strict.info["chosen"] == "dss" and strict.teleport is None and strict.eval_shift is None
+    assert torch.equal(strict.logits, dss.logits) and torch.equal(strict.coefficients, dss.coefficients)
+    assert strict.info["extended_gain"] == i["extended_gain"] and strict.info["holdout_loss"] == dss.info["holdout_loss"]
+    with pytest.raises(ConfigError, match="extend_margin"):
+        search_solver(f, 3, eval_times=True, extend_margin=-1, shape=(4,), **SMALL)
+
+
 def test_a_harmful_jump_is_dropped(dss_and_extended):
     """A teleport Gaussian far from the data makes every jump start worse than the DSS optimum: the guard
     drops the jump, and the result is no worse than DSS on the held-out noise."""

@@ -542,7 +542,7 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
                   lr_schedule: str = "constant", check_every: int | None = None, trajectory_weight: float = 0.0,
                   eval_times: bool = False, step_scales: bool = False, teleport: GaussianFit | str | None = None,
                   teleport_to: float | None = None, extend_iters: int | None = None,
-                  extend_lr: float | None = None, grid: str | TimeGrid = "uniform", cond: dict[str, Any] | None = None,
+                  extend_lr: float | None = None, extend_margin: float = 2.0, grid: str | TimeGrid = "uniform", cond: dict[str, Any] | None = None,
                   generator: torch.Generator | None = None, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None, importance: float = 0.5) -> SearchedSolver:
     """Search a solver of ``nfe`` steps (= evaluations) for ``field`` (DSS, arXiv 2505.21114).
@@ -592,7 +592,10 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     ``teleport_to`` (default: the better on the held-out samples of the DSS grid's first interior time and the
     time of log-SNR -4); if it beats the DSS optimum there it gets all ``extend_iters``, else it gets half and
     the jump-free extensions the other half. The DSS optimum stays a candidate and the returned solver is
-    whichever was best on the held-out samples (``info["chosen"]``: ``"dss"`` or ``"extended"``;
+    whichever was best on the held-out samples, the extended one only when its gain there (the mean of the paired
+    per-sample differences) exceeds ``extend_margin`` standard errors of that mean (default 2: a gain carried by
+    a handful of held-out samples does not carry over to new noise; 0 keeps any gain) (``info["chosen"]``:
+    ``"dss"`` or ``"extended"``; ``info["extended_gain"]``, ``info["extended_gain_se"]``;
     ``info["dss_holdout_loss"]``, ``info["teleport_start"]``); a jump that hurts is not in it. The extended
     search costs the DSS search plus ``extend_iters`` iterations.
     """
@@ -615,6 +618,8 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
     check_every = max(1, iters // 25) if check_every is None and isinstance(iters, int) else check_every
     extend_iters = iters if extend_iters is None else extend_iters
     extend_lr = lr / 5 if extend_lr is None and isinstance(lr, (int, float)) else extend_lr
+    if not (isinstance(extend_margin, (int, float)) and not isinstance(extend_margin, bool) and extend_margin >= 0):
+        raise ConfigError(f"extend_margin must be a number of standard errors >= 0; got {extend_margin!r}")
     if not (isinstance(extend_lr, (int, float)) and extend_lr > 0 and math.isfinite(extend_lr)):
         raise ConfigError(f"extend_lr must be a learning rate > 0 (or None: lr / 5); got {extend_lr!r}")
     _check_counts({"iters": iters, "batch": batch, "pool": pool, "holdout": holdout, "check_every": check_every,
@@ -667,10 +672,14 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
         return _integrate(field, x, _times(u["logits"], t_start, t_end), u["coeffs"] * mask, variant, keep_states,
                           sub, u.get("shift"), u.get("scales"), jump)
 
+    def held_each(u: dict[str, Tensor], jump_on: GaussianFit | None) -> Tensor:
+        """Endpoint MSE of each held-out sample [holdout] (float64)."""
+        with torch.no_grad():
+            return (run(u, x_hold, cond_hold, jump_on, False)[0] - target_hold).pow(2).flatten(1).mean(1).double()
+
     def held(u: dict[str, Tensor], jump_on: GaussianFit | None) -> float:
         """Endpoint MSE on the held-out noise."""
-        with torch.no_grad():
-            return (run(u, x_hold, cond_hold, jump_on, False)[0] - target_hold).pow(2).mean().item()
+        return held_each(u, jump_on).mean().item()
 
     def search(u: dict[str, Tensor], jump: GaussianFit | None, steps: int, step_lr: float):
         jump_on = jump.to(device) if jump is not None else None
@@ -737,14 +746,22 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
                             ({k: v.clone() for k, v in cand.items()}, fit, extend_iters // 2)]
         info.update({"extend_iters": extend_iters, "extend_lr": extend_lr, "extended_holdout_loss": None,
                      "teleport_tried": None if fit is None else "reference" if teleport == "reference" else "given"})
+        candidate = None
         for begin, begin_jump, steps in branches:
             if steps < 1:
                 continue
             ext_best, ext = search(begin, begin_jump, steps, extend_lr)
-            if info["extended_holdout_loss"] is None or ext.holdout < info["extended_holdout_loss"]:
-                info["extended_holdout_loss"] = ext.holdout
-            if ext.holdout < found.holdout:  # the DSS optimum stays the candidate to beat
-                best, found, jump, chosen = ext_best, ext, begin_jump, "extended"
+            if candidate is None or ext.holdout < candidate[1].holdout:
+                candidate = (ext_best, ext, begin_jump)
+        info["extended_holdout_loss"] = None if candidate is None else candidate[1].holdout
+        if candidate is not None and candidate[1].holdout < found.holdout:  # the DSS optimum is the one to beat
+            gain = held_each(best, None) - held_each(candidate[0], None if candidate[2] is None else
+                                                     candidate[2].to(device))
+            se = float(gain.std() / math.sqrt(len(gain))) if len(gain) > 1 else 0.0
+            info.update({"extended_gain": float(gain.mean()), "extended_gain_se": se})
+            if float(gain.mean()) > extend_margin * se:
+                best, found, jump = candidate
+                chosen = "extended"
     if jump is not None:
         info["teleport"] = "reference" if teleport == "reference" else "given"
     info.update({"chosen": chosen if extended else "dss", "holdout_loss": found.holdout, "best_iter": found.best_iter,
