@@ -551,7 +551,8 @@ def test_the_extension_replaces_dss_only_by_a_significant_held_out_gain(dss_and_
                            generator=torch.Generator().manual_seed(0), shape=(4,), **SMALL)
     assert strict.info["chosen"] == "dss" and strict.teleport is None and strict.eval_shift is None
     assert torch.equal(strict.logits, dss.logits) and torch.equal(strict.coefficients, dss.coefficients)
-    assert strict.info["extended_gain"] == i["extended_gain"] and strict.info["holdout_loss"] == dss.info["holdout_loss"]
+    assert strict.info["extended_gain"] == i["extended_gain"]
+    assert strict.info["holdout_loss"] == dss.info["holdout_loss"]
     with pytest.raises(ConfigError, match="extend_margin"):
         search_solver(f, 3, eval_times=True, extend_margin=-1, shape=(4,), **SMALL)
 

@@ -542,7 +542,8 @@ def search_solver(field: Field, nfe: int, *, shape: tuple[int, ...], variant: st
                   lr_schedule: str = "constant", check_every: int | None = None, trajectory_weight: float = 0.0,
                   eval_times: bool = False, step_scales: bool = False, teleport: GaussianFit | str | None = None,
                   teleport_to: float | None = None, extend_iters: int | None = None,
-                  extend_lr: float | None = None, extend_margin: float = 2.0, grid: str | TimeGrid = "uniform", cond: dict[str, Any] | None = None,
+                  extend_lr: float | None = None, extend_margin: float = 2.0, grid: str | TimeGrid = "uniform",
+                  cond: dict[str, Any] | None = None,
                   generator: torch.Generator | None = None, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None, importance: float = 0.5) -> SearchedSolver:
     """Search a solver of ``nfe`` steps (= evaluations) for ``field`` (DSS, arXiv 2505.21114).
