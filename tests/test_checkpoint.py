@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import genkit
 from genkit import checkpoint
 from genkit.errors import CheckpointError, ConfigError
 from genkit.models import FAMILIES
@@ -67,11 +68,11 @@ def test_round_trip_raw_and_ema(tmp_path: Path) -> None:
     checkpoint.save(tmp_path / "ck", model, ema=ema)
     names = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert names == ["config.json", "ema.safetensors", "model.safetensors"]
-    raw = checkpoint.load(tmp_path / "ck", ema=False)
+    raw = genkit.load(tmp_path / "ck", ema=False)
     assert isinstance(raw, TinyMLP) and not raw.training
     assert torch.equal(raw(X), model(X))
     assert raw.tied.weight is raw.mid.weight  # tying survives the round trip
-    loaded = checkpoint.load(tmp_path / "ck")  # EMA by default
+    loaded = genkit.load(tmp_path / "ck")  # EMA by default
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, ema[key].to(value.dtype)), key
     assert not torch.equal(loaded(X), model(X))
@@ -80,7 +81,7 @@ def test_round_trip_raw_and_ema(tmp_path: Path) -> None:
 def test_without_ema_loads_raw(tmp_path: Path) -> None:
     model = make()
     checkpoint.save(tmp_path / "ck", model)
-    assert torch.equal(checkpoint.load(tmp_path / "ck")(X), model(X))
+    assert torch.equal(genkit.load(tmp_path / "ck")(X), model(X))
 
 
 def test_config_carries_versions(tmp_path: Path) -> None:
@@ -95,7 +96,7 @@ def test_truncated_weights_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / "ck" / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-9])
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*(truncated|re-save)"):
-        checkpoint.load(tmp_path / "ck")
+        genkit.load(tmp_path / "ck")
 
 
 def test_corrupt_header_without_size_record(tmp_path: Path) -> None:
@@ -107,7 +108,7 @@ def test_corrupt_header_without_size_record(tmp_path: Path) -> None:
     path = tmp_path / "ck" / "model.safetensors"
     path.write_bytes(path.read_bytes()[:30])
     with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated or corrupt"):
-        checkpoint.load(tmp_path / "ck", ema=False)
+        genkit.load(tmp_path / "ck", ema=False)
 
 
 def _edit_config(directory: Path, **changes) -> None:
@@ -118,31 +119,31 @@ def _edit_config(directory: Path, **changes) -> None:
 def test_family_errors(tmp_path: Path) -> None:
     checkpoint.save(tmp_path / "ck", make())
     with pytest.raises(CheckpointError, match="'flow-matching' was expected"):
-        checkpoint.load(tmp_path / "ck", expect_family="flow-matching")
-    assert isinstance(checkpoint.load(tmp_path / "ck", expect_family=FAMILY), TinyMLP)
+        genkit.load(tmp_path / "ck", expect_family="flow-matching")
+    assert isinstance(genkit.load(tmp_path / "ck", expect_family=FAMILY), TinyMLP)
     _edit_config(tmp_path / "ck", family="no-such-family")
     with pytest.raises(CheckpointError, match=r"config\.json.*no-such-family") as info:
-        checkpoint.load(tmp_path / "ck")
+        genkit.load(tmp_path / "ck")
     assert isinstance(info.value.__cause__, ConfigError)
 
 
 def test_newer_format_and_missing_pieces(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
-        checkpoint.load(tmp_path / "nowhere")
+        genkit.load(tmp_path / "nowhere")
     checkpoint.save(tmp_path / "ck", make())
     (tmp_path / "ck" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
-        checkpoint.load(tmp_path / "ck")
+        genkit.load(tmp_path / "ck")
     _edit_config(tmp_path / "ck", format=checkpoint.FORMAT_VERSION + 1)
     with pytest.raises(CheckpointError, match="Upgrade genkit"):
-        checkpoint.load(tmp_path / "ck")
+        genkit.load(tmp_path / "ck")
 
 
 def test_weights_that_do_not_fit_name_the_keys(tmp_path: Path) -> None:
     checkpoint.save(tmp_path / "ck", make())
     _edit_config(tmp_path / "ck", hidden=6)
     with pytest.raises(CheckpointError, match=r"shape mismatches.*inp\.weight: saved \(8, 4\) vs model \(6, 4\)"):
-        checkpoint.load(tmp_path / "ck")
+        genkit.load(tmp_path / "ck")
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,18 +163,18 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pyte
         checkpoint.save(tmp_path / "ck", make(1), ema=ema_of(old, 1.0))
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp dir left behind
-    assert torch.equal(checkpoint.load(tmp_path / "ck", ema=False)(X), old(X))
+    assert torch.equal(genkit.load(tmp_path / "ck", ema=False)(X), old(X))
 
 
 def test_crash_between_renames_is_recovered(tmp_path: Path) -> None:
     old = make(0)
     checkpoint.save(tmp_path / "ck", old)
     os.rename(tmp_path / "ck", tmp_path / ".ck.old-123-deadbeef")  # the swap's only window
-    assert torch.equal(checkpoint.load(tmp_path / "ck")(X), old(X))
+    assert torch.equal(genkit.load(tmp_path / "ck")(X), old(X))
     new = make(1)
     checkpoint.save(tmp_path / "ck", new)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
-    assert torch.equal(checkpoint.load(tmp_path / "ck")(X), new(X))
+    assert torch.equal(genkit.load(tmp_path / "ck")(X), new(X))
 
 
 def test_resume_state_round_trip_without_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -243,7 +244,7 @@ def test_save_refuses_to_delete_a_folder_that_is_not_a_checkpoint(tmp_path: Path
                                               r"new or empty folder"):
         checkpoint.save(run, make(1))
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "metrics.json"]
-    assert torch.equal(checkpoint.load(run / "checkpoint")(X), make(0)(X))
+    assert torch.equal(genkit.load(run / "checkpoint")(X), make(0)(X))
     unet = tmp_path / "unet"
     unet.mkdir()
     (unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
@@ -257,8 +258,8 @@ def test_save_refuses_to_delete_a_folder_that_is_not_a_checkpoint(tmp_path: Path
     (tmp_path / "empty").mkdir()
     checkpoint.save(tmp_path / "empty", make(1))
     checkpoint.save(run / "checkpoint", make(1))  # re-saving a checkpoint (the trainer's every N steps) replaces it
-    assert torch.equal(checkpoint.load(run / "checkpoint")(X), make(1)(X))
-    assert torch.equal(checkpoint.load(tmp_path / "empty")(X), make(1)(X))
+    assert torch.equal(genkit.load(run / "checkpoint")(X), make(1)(X))
+    assert torch.equal(genkit.load(tmp_path / "empty")(X), make(1)(X))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty", "run", "unet"]  # no temporary siblings
 
 
@@ -267,11 +268,11 @@ def test_load_takes_a_run_folder(tmp_path: Path) -> None:
     model = make(2)
     checkpoint.save(run / "checkpoint", model, trainer_state={"step": 7})
     (run / "metrics.json").write_text("{}")
-    assert torch.equal(checkpoint.load(run)(X), model(X))
+    assert torch.equal(genkit.load(run)(X), model(X))
     assert checkpoint.read_config(run)["family"] == FAMILY
     assert checkpoint.has_resume_state(run) and checkpoint.read_trainer_state(run)["step"] == 7
     os.rename(run / "checkpoint", run / ".checkpoint.old-1-deadbeef")  # a crash inside the trainer's swap
-    assert torch.equal(checkpoint.load(run)(X), model(X))
+    assert torch.equal(genkit.load(run)(X), model(X))
 
 
 def test_load_of_a_diffusers_folder_points_to_from_diffusers(tmp_path: Path) -> None:
@@ -280,12 +281,12 @@ def test_load_of_a_diffusers_folder_points_to_from_diffusers(tmp_path: Path) -> 
     (pipe / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     (pipe / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
     with pytest.raises(CheckpointError, match=r"diffusers pipeline folder.*genkit\.from_diffusers\("):
-        checkpoint.load(pipe)
+        genkit.load(pipe)
     (pipe / "model_index.json").unlink()  # a unet/ subfolder alone says the same
     with pytest.raises(CheckpointError, match=r"genkit\.from_diffusers\("):
-        checkpoint.load(pipe)
+        genkit.load(pipe)
     with pytest.raises(CheckpointError, match=r"diffusers UNet2DModel.*genkit\.from_diffusers\(.*scheduler"):
-        checkpoint.load(pipe / "unet")
+        genkit.load(pipe / "unet")
 
 
 def _stepped(model: nn.Module, params, lr: float) -> tuple[torch.optim.Optimizer, object]:
@@ -343,7 +344,7 @@ def test_fingerprint_identifies_config_and_weights_and_load_tags_the_module(tmp_
     fp = checkpoint.fingerprint(tmp_path / "a")
     assert fp == checkpoint.fingerprint(tmp_path / "b") and len(fp) == 64
     assert checkpoint.fingerprint(tmp_path / "a", ema=False) == frozen.fingerprint(model) != fp
-    loaded = checkpoint.load(tmp_path / "a")
+    loaded = genkit.load(tmp_path / "a")
     assert frozen.fingerprint(loaded) == fp and frozen.source_of(loaded) == str((tmp_path / "a").resolve())
     loaded.double()  # a move changes no tag: the part is the folder's
     assert frozen.fingerprint(loaded) == fp
@@ -354,3 +355,13 @@ def test_fingerprint_identifies_config_and_weights_and_load_tags_the_module(tmp_
     checkpoint.save(tmp_path / "d", model, ema=ema)
     _edit_config(tmp_path / "d", note="another run")  # equal weights, another config
     assert checkpoint.fingerprint(tmp_path / "d") != fp
+
+
+def test_the_deprecated_checkpoint_load_warns_and_loads(tmp_path):
+    """genkit.checkpoint.load, renamed genkit.load (genkit.loading.load), keeps working for one release with a
+    DeprecationWarning naming the new home."""
+    model = TinyMLP()
+    checkpoint.save(tmp_path / "ck", model)
+    with pytest.warns(DeprecationWarning, match="use genkit.load"):
+        old = checkpoint.load(tmp_path / "ck")
+    assert torch.equal(old(X), genkit.load(tmp_path / "ck")(X))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+import genkit
 from genkit import checkpoint
 from genkit.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, TrainingInterrupted
 from genkit.models import FAMILIES
@@ -112,7 +113,7 @@ def test_resume_is_exactly_the_uninterrupted_run(tmp_path: Path) -> None:
     steps = [[json.loads(line)["step"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
              for d in ("full", "cut")]
     assert steps[0] == steps[1] == [2, 4, 6, 8, 10, 12]
-    ema_model = checkpoint.load(tmp_path / "cut" / "checkpoint")
+    ema_model = genkit.load(tmp_path / "cut" / "checkpoint")
     for key, value in ema_model.state_dict().items():
         assert torch.equal(value, full.ema[key]), key
 
@@ -216,7 +217,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
         Trainer(model, cfg(tmp_path)).fit(DATA)
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 6
-    loaded = checkpoint.load(tmp_path / "checkpoint", ema=False)
+    loaded = genkit.load(tmp_path / "checkpoint", ema=False)
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "metrics.jsonl"]
 
@@ -366,7 +367,7 @@ def test_two_processes_keep_identical_parameters(tmp_path: Path, launcher: str) 
     Trainer(ref, script_cfg).fit(script.make_data())
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(r0[f"param.{name}"], value, rtol=1e-5, atol=1e-6)
-    loaded = checkpoint.load(out / "checkpoint", ema=False)
+    loaded = genkit.load(out / "checkpoint", ema=False)
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, r0[f"param.{name}"]), name
 
@@ -381,7 +382,7 @@ def test_two_processes_keep_identical_parameters(tmp_path: Path, launcher: str) 
         assert sorted(p.name for p in (tmp_path / run).iterdir()) == ["checkpoint", "metrics.jsonl"], kind
         state = checkpoint.read_trainer_state(tmp_path / run)
         assert state["step"] == 9 and state["world_size"] == 2
-        weights = checkpoint.load(tmp_path / run, ema=False).state_dict()  # the model alone, as rank 0 had it
+        weights = genkit.load(tmp_path / run, ema=False).state_dict()  # the model alone, as rank 0 had it
         assert weights and all(torch.equal(v, a[f"param.model.{k}"]) for k, v in weights.items()), kind
     game_ckpt = tmp_path / "run-game" / "checkpoint"
     assert {"optimizer.gen.json", "optimizer.critic.json", "scheduler.gen.json", "objective.safetensors"} <= {
@@ -427,7 +428,7 @@ def test_data_free_objective_resumes_exactly(tmp_path: Path) -> None:
     lrs = [g["lr"] for g in trainer.optimizer.param_groups]  # model: decay, no_decay; log_z at 100x
     assert len(lrs) == 2 and lrs[1] == 100 * lrs[0]
     ckpt = tmp_path / "full" / "checkpoint"
-    assert sorted(checkpoint.load(ckpt, ema=False).state_dict()) == ["lin.bias", "lin.weight", "log_s", "mu"]
+    assert sorted(genkit.load(ckpt, ema=False).state_dict()) == ["lin.bias", "lin.weight", "log_s", "mu"]
     from safetensors.torch import load_file
     own = load_file(str(ckpt / "objective.safetensors"))
     assert list(own) == ["log_z"] and torch.equal(own["log_z"], full.log_z.detach())
@@ -609,7 +610,7 @@ def test_frozen_teacher_is_reloaded_by_reference_and_a_changed_one_refused(tmp_p
 
     folder = tmp_path / "teacher"
     checkpoint.save(folder, make(1))
-    teacher = checkpoint.load(folder)
+    teacher = genkit.load(folder)
     fp = checkpoint.fingerprint(folder)
     assert frozen.fingerprint(teacher) == fp and frozen.source_of(teacher) == str(folder.resolve())
     assert frozen.fingerprint(make(1)) == fp  # config + weights, wherever they come from; not the folder
@@ -726,9 +727,9 @@ def test_token_tensors_train_resume_and_load_exactly(tmp_path: Path) -> None:
                        + torch.bincount(extra.flatten(), minlength=VOCAB))
     assert result.ema["counts"].dtype == torch.long and torch.equal(result.ema["counts"], full.counts)  # copied
     for ema in (False, True):
-        loaded = checkpoint.load(tmp_path / "cut", ema=ema)
+        loaded = genkit.load(tmp_path / "cut", ema=ema)
         assert loaded.counts.dtype == torch.long and torch.equal(loaded.counts, full.counts)
-    loaded = checkpoint.load(tmp_path / "cut", ema=False)
+    loaded = genkit.load(tmp_path / "cut", ema=False)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), full.state_dict().values()))
 
 
