@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from . import io
 from .checks import check_device
 from .errors import CheckpointError, ConfigError
-from .frozen import FINGERPRINT_ATTR, SOURCE_ATTR, fingerprint_state
+from .frozen import EMA_ATTR, FINGERPRINT_ATTR, SOURCE_ATTR, fingerprint_state
 
 __all__ = ["FORMAT_VERSION", "save", "load_weights", "load_training_state", "read_trainer_state", "has_resume_state",
            "read_config", "split_config", "is_checkpoint", "resolve", "model_config", "unwrap", "fingerprint", "tag"]
@@ -276,7 +276,7 @@ def load_weights(directory: PathLike, model: nn.Module, *, ema: bool = True,
     state = _read_tensors(path / name, config, map_location)
     _check_keys(model, state, path / name)
     model.load_state_dict(state)
-    tag(model, path, fingerprint_state(split_config(config), state))
+    tag(model, path, fingerprint_state(split_config(config), state), ema=name == "ema.safetensors")
     return model
 
 
@@ -302,11 +302,13 @@ def fingerprint(directory: PathLike, *, ema: bool = True) -> str:
     return fingerprint_state({k: v for k, v in config.items() if k not in _RESERVED}, state)
 
 
-def tag(module: nn.Module, directory: PathLike, fingerprint: str) -> nn.Module:
-    """Mark ``module`` as loaded from checkpoint ``directory`` with that folder's ``fingerprint``: a frozen part
-    is then recorded by reference (:mod:`genkit.frozen`). ``genkit.load`` calls it; returns ``module``."""
+def tag(module: nn.Module, directory: PathLike, fingerprint: str, *, ema: bool | None = None) -> nn.Module:
+    """Mark ``module`` as loaded from checkpoint ``directory`` with that folder's ``fingerprint`` (of the EMA
+    weights when ``ema``, else the raw ones): a frozen part is then recorded by reference (:mod:`genkit.frozen`)
+    and reloaded with the same weights. ``genkit.load`` calls it; returns ``module``."""
     setattr(module, SOURCE_ATTR, str(Path(directory).resolve()))
     setattr(module, FINGERPRINT_ATTR, str(fingerprint))
+    setattr(module, EMA_ATTR, ema)
     return module
 
 

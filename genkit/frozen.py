@@ -5,9 +5,10 @@ A :class:`Frozen` holder is an ``nn.Module`` attribute of an objective whose par
 not in ``parameters()`` (so never in an optimizer) nor in ``state_dict()`` (so never in the trained weights), yet
 ``.to(device)`` / ``.double()`` move them with the module that holds the holder.
 
-Each part is recorded by where it came from: ``{"source": folder or None, "fingerprint": hex}``. A module
-loaded from a checkpoint by ``genkit.load`` carries its folder and the folder's fingerprint (a hash of its model
-config and weights, :func:`genkit.checkpoint.fingerprint`); any other part (an analytic field, a plain module)
+Each part is recorded by where it came from: ``{"source": folder or None, "fingerprint": hex, "ema": bool or
+None}``. A module loaded from a checkpoint by ``genkit.load`` carries its folder, which of its weights it holds
+(``ema``: the EMA or the raw weights) and their fingerprint (a hash of the model config and those weights,
+:func:`genkit.checkpoint.fingerprint`); any other part (an analytic field, a plain module)
 has source None and a fingerprint of its config and tensors. The trainer saves these records with the resume
 state and, on resume, refuses a changed part and reloads a missing one from its folder (:func:`reload`).
 
@@ -22,6 +23,7 @@ torch.float64
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import numbers
 from collections.abc import Callable, Iterator, Mapping
@@ -32,9 +34,10 @@ from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["Frozen", "fingerprint", "fingerprint_state", "source_of", "reload", "holders"]
+__all__ = ["Frozen", "fingerprint", "fingerprint_state", "source_of", "ema_of", "reload", "holders"]
 
 SOURCE_ATTR, FINGERPRINT_ATTR = "genkit_source", "genkit_fingerprint"  # set on a module by genkit.load
+EMA_ATTR = "genkit_ema"  # which of the folder's weights genkit.load gave it: True (EMA), False (raw), None
 
 
 def _feed_tensor(h: Any, t: Tensor) -> None:
@@ -95,6 +98,12 @@ def source_of(part: Any) -> str | None:
     """The checkpoint folder ``part`` was loaded from (``genkit.load``'s tag), else None."""
     source = getattr(part, SOURCE_ATTR, None)
     return source if isinstance(source, str) else None
+
+
+def ema_of(part: Any) -> bool | None:
+    """Whether ``part`` holds its checkpoint's EMA weights (True) or raw ones (False); None when not loaded."""
+    ema = getattr(part, EMA_ATTR, None)
+    return ema if isinstance(ema, bool) else None
 
 
 def _module_of(part: Any) -> nn.Module | None:
@@ -168,9 +177,10 @@ class Frozen(nn.Module):
             self._fingerprints[name] = fingerprint(self[name])
         return self._fingerprints[name]
 
-    def records(self) -> dict[str, dict[str, str | None]]:
-        """``{name: {"source": folder or None, "fingerprint": hex}}``, what a checkpoint records."""
-        return {name: {"source": source_of(part), "fingerprint": self.fingerprint(name)}
+    def records(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"source": folder or None, "fingerprint": hex, "ema": True / False / None}}``, what a
+        checkpoint records (``ema``: which weights of the folder the part holds; None when not loaded)."""
+        return {name: {"source": source_of(part), "fingerprint": self.fingerprint(name), "ema": ema_of(part)}
                 for name, part in self._parts.items()}
 
     def train(self, mode: bool = True) -> Frozen:
@@ -202,15 +212,25 @@ def holders(*modules: nn.Module) -> Iterator[tuple[str, Frozen]]:
                 yield path, sub
 
 
-def reload(record: Mapping[str, Any], loader: Callable[[str], Any], name: str = "part") -> Any:
-    """The part a checkpoint recorded, loaded again from its folder with ``loader`` (e.g. ``genkit.load``);
-    a CheckpointError when the folder is gone or now holds another model (both fingerprints named)."""
+def _takes_ema(loader: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(loader).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "ema" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def reload(record: Mapping[str, Any], loader: Callable[..., Any], name: str = "part") -> Any:
+    """The part a checkpoint recorded, loaded again from its folder with ``loader`` (e.g. ``genkit.load``, given
+    ``ema=`` as recorded, so a part loaded with raw weights comes back with them); a CheckpointError when the
+    folder is gone or now holds another model (both fingerprints named)."""
     source = record.get("source")
     if not isinstance(source, str):
         raise CheckpointError(f"frozen part {name!r} was not loaded from a checkpoint (source None, fingerprint "
                               f"{record.get('fingerprint')}); attach the same part before resuming")
-    try:
-        part = loader(source)
+    ema = record.get("ema")
+    try:  # the same weights of the folder (EMA or raw) as the run used, where the loader takes ema= (genkit.load)
+        part = loader(source, ema=ema) if isinstance(ema, bool) and _takes_ema(loader) else loader(source)
     except Exception as e:
         raise CheckpointError(f"cannot reload frozen part {name!r} from {source} ({e}); restore that checkpoint "
                               "or attach the part yourself") from e

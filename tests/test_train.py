@@ -619,7 +619,7 @@ def test_frozen_teacher_is_reloaded_by_reference_and_a_changed_one_refused(tmp_p
     (full, _, _), _ = _interrupted_then_resumed(
         lambda: Distill(teacher), lambda out: cfg(tmp_path / out), data=DATA)
     state = checkpoint.read_trainer_state(tmp_path / "cut")
-    assert state["frozen"] == {"frozen.teacher": {"source": str(folder.resolve()), "fingerprint": fp}}
+    assert state["frozen"] == {"frozen.teacher": {"source": str(folder.resolve()), "fingerprint": fp, "ema": False}}
 
     # cut again at step 6; every refusal below leaves that checkpoint as it is
     shutil.rmtree(tmp_path / "cut")
@@ -643,17 +643,37 @@ def test_frozen_teacher_is_reloaded_by_reference_and_a_changed_one_refused(tmp_p
     _reset()
     with pytest.raises(CheckpointError, match=rf"'frozen.teacher': .*teacher now holds fingerprint {new}, but the "
                                               rf"run was trained with fingerprint {fp}"):
-        Trainer(Distill(), cfg(tmp_path / "cut")).fit(DATA, frozen_loader=checkpoint.load)
+        Trainer(Distill(), cfg(tmp_path / "cut")).fit(DATA, frozen_loader=genkit.load)
     checkpoint.save(folder, make(1))
     assert checkpoint.read_trainer_state(tmp_path / "cut")["step"] == 6
 
     # a resume given no teacher reloads it from the recorded folder: bit-exact with the uninterrupted run
     _reset()
     student = Distill()
-    Trainer(student, cfg(tmp_path / "cut")).fit(DATA, frozen_loader=checkpoint.load)
+    Trainer(student, cfg(tmp_path / "cut")).fit(DATA, frozen_loader=genkit.load)
     assert frozen.fingerprint(student.frozen.teacher) == fp
     for (name, a), b in zip(full.state_dict().items(), student.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_frozen_part_is_reloaded_with_the_weights_it_was_loaded_with(tmp_path: Path) -> None:
+    """A teacher loaded with its raw weights (ema=False) from a folder that also holds EMA weights is recorded
+    as such and reloaded with the raw weights (same fingerprint), not with genkit.load's default EMA ones."""
+    from genkit import frozen
+
+    folder = tmp_path / "teacher"
+    checkpoint.save(folder, make(1), ema=make(2).state_dict())
+    raw, ema = genkit.load(folder, ema=False), genkit.load(folder)
+    records = frozen.Frozen(teacher=raw, other=ema).records()
+    assert (records["teacher"]["ema"], records["other"]["ema"]) == (False, True)
+    assert records["teacher"]["fingerprint"] == checkpoint.fingerprint(folder, ema=False) != checkpoint.fingerprint(
+        folder)
+    again = frozen.reload(records["teacher"], genkit.load, "teacher")
+    assert frozen.fingerprint(again) == records["teacher"]["fingerprint"] and frozen.ema_of(again) is False
+    for a, b in zip(again.state_dict().values(), raw.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(CheckpointError, match="now holds fingerprint"):  # a loader that cannot ask for raw weights
+        frozen.reload(records["teacher"], lambda source: genkit.load(source), "teacher")
 
 
 def test_a_frozen_part_not_from_a_checkpoint_is_recorded_by_fingerprint(tmp_path: Path) -> None:
@@ -665,10 +685,10 @@ def test_a_frozen_part_not_from_a_checkpoint_is_recorded_by_fingerprint(tmp_path
     holder = frozen.Frozen(field=g)
     same = Gaussian(torch.ones(2), torch.eye(2) * 0.25, get_path("linear"))
     moved = Gaussian(torch.ones(2) * 1.5, torch.eye(2) * 0.25, get_path("linear"))
-    assert holder.records() == {"field": {"source": None, "fingerprint": frozen.fingerprint(same)}}
+    assert holder.records() == {"field": {"source": None, "fingerprint": frozen.fingerprint(same), "ema": None}}
     assert frozen.fingerprint(moved) != frozen.fingerprint(g)
     with pytest.raises(CheckpointError, match=r"'field' was not loaded from a checkpoint .*attach the same part"):
-        frozen.reload({"source": None, "fingerprint": "ab"}, checkpoint.load, "field")
+        frozen.reload({"source": None, "fingerprint": "ab"}, genkit.load, "field")
 
 
 def _stop_at(step: int):
