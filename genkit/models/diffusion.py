@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_generator
-from ..errors import ConfigError
-from ..paths import Path, get_path, path_from_config
+from ..errors import ConfigError, TimeGridError
+from ..paths import Path, X0Limit, get_path, path_from_config
 from ..solvers import get_grid
 from .continuous import ContinuousModel
 from .registry import FAMILIES
@@ -55,6 +55,8 @@ class Diffusion(ContinuousModel):
             reaches alpha = 0 and the network predicts eps, the time of log-SNR -5 (alpha/sigma = 0.08):
             eps carries no information on x_0 near alpha = 0 and errors in it are amplified by
             1/alpha (the zero-terminal-SNR problem of Lin et al. 2023, arXiv 2305.08891).
+        x0_limit: x0 clipping or dynamic thresholding while sampling (:class:`genkit.paths.X0Limit`, or a dict
+            of its options, e.g. ``{"clip_sample": True}``), honoured by every solver; None: none.
 
     >>> import torch
     >>> from genkit.nets import MLP
@@ -68,7 +70,8 @@ class Diffusion(ContinuousModel):
 
     def __init__(self, net: nn.Module, path: Path | str = "cosine", prediction: str = "v",
                  weighting: str = "uniform", *, sample_shape: Sequence[int] = (2,), sigma_data: float = 1.0,
-                 min_snr_gamma: float = 5.0, t_eps: float = 1e-3, t_max: float | None = None):
+                 min_snr_gamma: float = 5.0, t_eps: float = 1e-3, t_max: float | None = None,
+                 x0_limit: X0Limit | dict[str, Any] | None = None):
         super().__init__(net, path, prediction, sample_shape)
         if prediction == "score":
             raise ConfigError("Diffusion trains eps, x0, v or velocity predictions; a score network is an eps "
@@ -83,6 +86,12 @@ class Diffusion(ContinuousModel):
             raise ConfigError(f"need 0 <= t_eps < t_max <= 1; got t_eps={t_eps}, t_max={t_max}")
         self.weighting, self.sigma_data, self.min_snr_gamma = weighting, float(sigma_data), float(min_snr_gamma)
         self.t_eps, self.t_max = float(t_eps), float(t_max)
+        if isinstance(x0_limit, dict):
+            x0_limit = X0Limit(**x0_limit)
+        if x0_limit is not None and not isinstance(x0_limit, X0Limit):
+            raise ConfigError(f"x0_limit must be a genkit.paths.X0Limit, a dict of its options or None; got "
+                              f"{x0_limit!r}")
+        self.x0_limit = x0_limit
 
     def net_input(self, x: Tensor, t: Tensor) -> Tensor:
         if self.path.variance_preserving and self.sigma_data == 1.0:
@@ -103,6 +112,23 @@ class Diffusion(ContinuousModel):
 
     def time_range(self) -> tuple[float, float]:
         return max(self.t_eps, self.path.t_min), self.t_max
+
+    def check_grid(self, times: Tensor) -> None:
+        """An explicit grid (a grid object or times) must stay in the training range: a time strictly between 0
+        and ``t_eps`` would evaluate the network where it was never trained, so it is a TimeGridError. A last
+        time of exactly 0 is allowed: sampling runs it as the final denoising step ``E[x_0 | x_t]`` at the time
+        before it (a solver given such a grid directly steps to t = 0 from there)."""
+        t_lo = self.time_range()[0]
+        t = torch.as_tensor(times, dtype=torch.float64)
+        inner = t[:-1] if float(t[-1]) == 0 else t
+        bad = inner[(inner < t_lo * (1 - 1e-9)) & (inner >= 0)]
+        if len(bad):
+            raise TimeGridError(
+                f"the grid goes to t={float(bad.min()):.3g}, below this model's training range: it was trained on "
+                f"t >= t_eps={self.t_eps:g}, so the network would be extrapolated. End the grid at t_eps (e.g. "
+                f"Uniform(t_min={t_lo:g}), Karras(t_min={t_lo:g}); the model then returns E[x_0 | x_t_eps]), end it "
+                f"at 0 from a time >= t_eps (the last step is then the final denoising step), or give a grid by "
+                f"name, which runs over the training range")
 
     def weight(self, t: Tensor, x: Tensor) -> Tensor:
         """Per-sample loss weight in the network's parametrization, broadcastable to x."""
@@ -134,7 +160,8 @@ class Diffusion(ContinuousModel):
 
     def extra_config(self) -> dict[str, Any]:
         return {"weighting": self.weighting, "sigma_data": self.sigma_data, "min_snr_gamma": self.min_snr_gamma,
-                "t_eps": self.t_eps, "t_max": self.t_max}
+                "t_eps": self.t_eps, "t_max": self.t_max,
+                "x0_limit": None if self.x0_limit is None else self.x0_limit.config()}
 
     @classmethod
     def example(cls) -> tuple[Diffusion, Tensor]:
@@ -175,4 +202,4 @@ class Diffusion(ContinuousModel):
         c = dict(config)
         return cls(build_net(c["net"]), path_from_config(c["path"]), c["prediction"], c["weighting"],
                    sample_shape=c["sample_shape"], sigma_data=c["sigma_data"], min_snr_gamma=c["min_snr_gamma"],
-                   t_eps=c["t_eps"], t_max=c["t_max"])
+                   t_eps=c["t_eps"], t_max=c["t_max"], x0_limit=c.get("x0_limit"))

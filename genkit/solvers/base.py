@@ -292,6 +292,9 @@ def solve(field: Field, x: Tensor, solver: str | Solver = "euler", steps: int | 
         grid = own if own is not None and steps in (None, solver.default_steps) else "uniform"
     g = get_grid(grid)
     times = g.times(steps_or_default(steps, solver, g), field.path)
+    check = getattr(field, "check_grid", None)
+    if callable(check):  # a model's training range (Diffusion: t >= t_eps)
+        check(times)
     if x.ndim == 0 or x.shape[0] == 0:
         raise ConfigError(f"x must be a batch [n, ...] with n >= 1; got shape {tuple(x.shape)}")
     check_generator(generator, "solve()")
