@@ -55,10 +55,17 @@ def train_model(args: argparse.Namespace) -> tuple[Diffusion, dict[str, Any]]:
     net = genkit.nets.UNet(8, in_channels=1, block_out_channels=tuple(args.channels), norm_num_groups=8,
                            time_scale=1000.0, time_shift=-1.0)
     model = Diffusion(net, path="ddpm", prediction="eps", sample_shape=(1, 8, 8), t_max=1.0)
+    if args.model_cache is not None and args.model_cache.is_file():  # weights of an earlier run with these settings
+        saved = torch.load(args.model_cache, map_location="cpu")
+        if saved["info"]["steps"] == args.train_steps and saved["info"]["channels"] == list(args.channels):
+            model.load_state_dict(saved["state"])
+            print(f"loaded the trained model from {args.model_cache}", flush=True)
+            return model.eval().requires_grad_(False), saved["info"]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=50,
-                          ema_decay=0.995, cpu=True, progress=False, checkpoint_every=None, out_dir=tmp,
+        cfg = TrainConfig(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
+                          warmup_steps=min(50, args.train_steps), ema_decay=0.995, cpu=True, progress=False,
+                          checkpoint_every=None, out_dir=tmp,
                           log_every=max(1, args.train_steps // 10), seed=args.seed)
         result = Trainer(model, cfg).fit(data)
     if result.ema is not None:
@@ -66,6 +73,8 @@ def train_model(args: argparse.Namespace) -> tuple[Diffusion, dict[str, Any]]:
     info = {"steps": args.train_steps, "batch_size": args.batch_size, "lr": args.lr, "ema_decay": 0.995,
             "channels": list(args.channels), "train_seconds": time.perf_counter() - t0,
             "final_loss": result.losses[-1][1], "params": sum(p.numel() for p in model.parameters())}
+    if args.model_cache is not None:
+        torch.save({"state": model.state_dict(), "info": info}, args.model_cache)
     print(f"trained {args.train_steps} steps in {info['train_seconds']:.0f} s, loss {info['final_loss']:.4f}",
           flush=True)
     return model.eval().requires_grad_(False), info
@@ -101,13 +110,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--channels", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--channels", type=int, nargs="+", default=[8, 16])
     p.add_argument("--n", type=int, default=1000, help="samples per run (and held-out reference size)")
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--model-cache", type=Path, default=None,
+                   help="save the trained weights here, or load them when a run with the same settings saved them")
     args = p.parse_args(argv)
     if args.quick:
         args.train_steps, args.n, args.nfe = 30, 64, [5]
@@ -139,7 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("DDIMScheduler", "DPMSolverMultistepScheduler"):
             sched = DiffusersScheduler(diffusers_default(name))
             record("diffusers", name, nfe, lambda s=sched, k=nfe: solve(model, x1, s, k, Uniform(t_min=1e-3)))
-        default = model.default_sampler().with_steps(nfe)
+        default = model.default_sampler()
+        if isinstance(default, ODESampler) and default._solver.evals_per_step == 1:
+            default = default.with_steps(steps_for(default._solver.name, default.grid, nfe))
+        else:
+            default = default.with_steps(nfe)
         record("default", f"genkit default ({default.describe()})", nfe, lambda d=default: d.sample(model, x1))
         for label, solver, grid, clipped in genkit_candidates():
             field = with_limit(model, clip) if clipped else model

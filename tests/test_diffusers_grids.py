@@ -62,7 +62,8 @@ class _TinyEps(nn.Module):
 
 
 def _model(**kwargs) -> Diffusion:
-    return Diffusion(_TinyEps(), "ddpm", "eps", sample_shape=(2, 4, 4), t_max=1.0, **kwargs).double().requires_grad_(False)
+    model = Diffusion(_TinyEps(), "ddpm", "eps", sample_shape=(2, 4, 4), t_max=1.0, **kwargs)
+    return model.double().requires_grad_(False)
 
 
 def _diffusers_ddim(model: Diffusion, x: torch.Tensor, n: int, use_clipped_model_output: bool = True,

@@ -105,6 +105,8 @@ class Diffusion(ContinuousModel):
         """A grid given by name runs over the training range ``[t_eps, t_max]``: below ``t_eps`` the network
         was never trained and the velocity of eps/x0 networks grows like ``1/sigma``. Sampling then returns
         ``E[x_0 | x_{t_eps}]`` (the final denoising step of Song et al. 2021 and DDIM's last step)."""
+        if isinstance(grid, str) and grid in ("leading", "trailing", "linspace"):
+            return get_grid(grid)  # diffusers' timesteps (t >= 1 / N), then the final denoising step
         if isinstance(grid, str):
             t_min, t_max = self.time_range()
             return get_grid(grid, t_max=t_max, t_min=t_min)

@@ -5,8 +5,20 @@ from .base import SOLVERS, Solution, Solver, get_solver, solve
 from .exponential import DDIM, DEIS, DPMSolverPP2M, DPMSolverPP3M, ExponentialSolver, UniPC
 from .fixed import RK4, Euler, Heun, Midpoint, RungeKutta, Tableau
 from .flowmap import ODEFlowMap
-from .grids import (GRIDS, Custom, Karras, Leading, Linspace, LogSNR, TimeGrid, Trailing, Uniform, diffusers_timesteps,
-                    get_grid, validate_grid)
+from .grids import (
+                    GRIDS,
+                    Custom,
+                    Karras,
+                    Leading,
+                    Linspace,
+                    LogSNR,
+                    TimeGrid,
+                    Trailing,
+                    Uniform,
+                    diffusers_timesteps,
+                    get_grid,
+                    validate_grid,
+)
 from .likelihood import divergence, ode_log_prob
 from .sde import EulerMaruyama, brownian_tree
 from .sde_torchsde import TorchSDE
