@@ -158,3 +158,17 @@ def test_explicit_grid_below_t_eps_is_an_error_naming_t_eps() -> None:
         ODESampler("ddim", None if isinstance(grid, list) else 3, grid).sample(model, x)
     # a grid by name runs over the training range, as before
     assert ODESampler("ddim", 4, "uniform").sample(model, x).times[-1].item() == pytest.approx(1e-3)
+
+
+def test_ddpm_eps_default_is_the_measured_one_and_costs_one_evaluation_per_step() -> None:
+    """The default of a ddpm-path eps model (chosen in eval/bench_diffusers_sampling.py): DPM-Solver++(2M) on
+    diffusers' leading timesteps; k steps cost k evaluations; a solver given without a grid gets that grid too."""
+    model = _model()
+    sampler = model.default_sampler()
+    assert (sampler.solver, sampler.grid) == Diffusion.DDPM_EPS_DEFAULT == ("dpmpp_2m", "leading")
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    sol = model.get_sampler(steps=5).sample(model, x)
+    assert sol.nfe == 5 and sol.times.tolist() == [0.801, 0.601, 0.401, 0.201, 0.001]  # then E[x_0 | x_t]
+    assert model.get_sampler(solver="ddim").grid == "leading"
+    cosine = Diffusion(_TinyEps(), "cosine", "eps", sample_shape=(2, 4, 4))
+    assert cosine.default_sampler().solver == "heun" and cosine.get_sampler(solver="ddim").grid == "uniform"
