@@ -15,7 +15,7 @@ Every run is scored by the digits Frechet distance (``genkit.metrics.fid`` on th
 the noise floor (what a perfect sampler scores). NFE is the number of network evaluations, counted by the
 solve. Target: genkit's default <= the better diffusers scheduler at every NFE.
 
-  python eval/bench_diffusers_sampling.py            # ~4 min on 2 CPU threads (2 min training) -> results/bench_diffusers_sampling.*
+  python eval/bench_diffusers_sampling.py            # ~4 min on 2 CPU threads -> results/bench_diffusers_sampling.*
   python eval/bench_diffusers_sampling.py --quick    # tiny sizes, to test the script
 """
 
