@@ -170,5 +170,9 @@ def test_ddpm_eps_default_is_the_measured_one_and_costs_one_evaluation_per_step(
     sol = model.get_sampler(steps=5).sample(model, x)
     assert sol.nfe == 5 and sol.times.tolist() == [0.801, 0.601, 0.401, 0.201, 0.001]  # then E[x_0 | x_t]
     assert model.get_sampler(solver="ddim").grid == "leading"
+    assert Diffusion(_TinyEps(), "ddpm", "eps", sample_shape=(2, 4, 4)).t_max == 1.0  # genkit's default range
+    # trained only up to t_max < 1: diffusers' timesteps would start above it, so the uniform default stays
+    short = Diffusion(_TinyEps(), "ddpm", "eps", sample_shape=(2, 4, 4), t_max=0.7)
+    assert short.default_sampler().solver == "heun"
     cosine = Diffusion(_TinyEps(), "cosine", "eps", sample_shape=(2, 4, 4))
     assert cosine.default_sampler().solver == "heun" and cosine.get_sampler(solver="ddim").grid == "uniform"

@@ -113,10 +113,13 @@ class Diffusion(ContinuousModel):
     DDPM_EPS_DEFAULT: ClassVar[tuple[str, str]] = ("dpmpp_2m", "leading")
 
     def _ddpm_eps(self) -> bool:
-        return self.path.name == "ddpm" and self.prediction == "eps"
+        """diffusers' DDPM configuration: ddpm path, eps, trained up to t = 1 (diffusers' spacings start near 1;
+        a model trained only up to a smaller t_max keeps the uniform grid over its own range)."""
+        return self.path.name == "ddpm" and self.prediction == "eps" and self.t_max >= 1.0
 
     def default_sampler(self) -> Sampler:
-        """heun on the uniform grid (32 steps); a ddpm-path eps model (diffusers' DDPM configuration) uses
+        """heun on the uniform grid (32 steps); a ddpm-path eps model trained up to t = 1 (diffusers' DDPM
+        configuration) uses
         :attr:`DDPM_EPS_DEFAULT`, one evaluation per step, so ``model.sample(n, steps=k)`` costs k evaluations
         (see that attribute for the measurement)."""
         if self._ddpm_eps():
