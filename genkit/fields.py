@@ -19,13 +19,14 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 
 from .errors import ConfigError, ShapeError
-from .paths import PREDICTIONS, Path, broadcast_time, get_path
+from .paths import PREDICTIONS, Path, X0Limit, broadcast_time, get_path
 
 __all__ = [
     "Field",
     "FlowMap",
     "FunctionField",
     "FieldView",
+    "LimitedX0",
     "as_prediction",
     "as_velocity",
     "as_score",
@@ -134,6 +135,53 @@ class FieldView:
 
     def __repr__(self) -> str:
         return f"FieldView({self.base!r}, {self.prediction!r})"
+
+
+class LimitedX0:
+    """``field`` with its data prediction limited (x0 clipping or dynamic thresholding, :class:`genkit.paths.X0Limit`):
+    an ``x0`` field, so every solver reads the limited ``x0`` through the path (first-order solvers and DDIM step
+    exactly as diffusers' schedulers with ``clip_sample`` / ``thresholding``). ``limit`` is an X0Limit or its
+    keywords.
+
+    >>> import torch
+    >>> f = FunctionField(lambda x, t: x, "cosine", "x0")
+    >>> LimitedX0(f, clip_sample=True)(torch.full((1, 2), 5.0), 0.5)
+    tensor([[1., 1.]])
+    """
+
+    prediction = "x0"
+
+    def __init__(self, base: Field, limit: X0Limit | None = None, **options: Any):
+        check_field(base)
+        if limit is not None and options:
+            raise ConfigError(f"give an X0Limit or its options, not both; got {limit!r} and {sorted(options)}")
+        self.base, self.path = base, base.path
+        self.limit = limit if limit is not None else X0Limit(**options)
+
+    def __call__(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+        t = broadcast_time(t, x)
+        return self.limit(self.path.convert(self.base(x, t, **cond), x, t, self.base.prediction, "x0"))
+
+    # what samplers ask a model (delegated, so a limited model samples over the model's own range)
+    @property
+    def denoise_end(self) -> bool:
+        return bool(getattr(self.base, "denoise_end", False))
+
+    def default_grid(self, grid: Any) -> Any:
+        fill = getattr(self.base, "default_grid", None)
+        return fill(grid) if callable(fill) else grid
+
+    def time_range(self) -> tuple[float, float]:
+        own = getattr(self.base, "time_range", None)
+        return own() if callable(own) else (self.path.t_min, 1.0)
+
+    def check_grid(self, times: Tensor) -> None:
+        check = getattr(self.base, "check_grid", None)
+        if callable(check):
+            check(times)
+
+    def __repr__(self) -> str:
+        return f"LimitedX0({self.base!r}, {self.limit!r})"
 
 
 def as_prediction(field: Field, prediction: str) -> Field:

@@ -241,6 +241,15 @@ class GuidedField:
         own = getattr(self.base, "time_range", None)
         return own() if callable(own) else (self.path.t_min, 1.0)
 
+    def check_grid(self, times: Tensor) -> None:
+        check = getattr(self.base, "check_grid", None)
+        if callable(check):
+            check(times)
+
+    @property
+    def x0_limit(self) -> Any:
+        return getattr(self.base, "x0_limit", None)
+
     def __repr__(self) -> str:
         return f"GuidedField({self.base!r}, {self.guidance!r}, null_label={self.null_label})"
 

@@ -290,6 +290,7 @@ class DiffusersScheduler(Solver):
     """
 
     name, order, fixed_step, stepwise, evals_per_step = "diffusers", 1, True, False, None
+    own_times = True  # its timesteps come from its own timestep_spacing; the grid gives only their number
     why_not_stepwise = ("a diffusers scheduler keeps its position and multistep history inside itself (_step_index, "
                         "model_outputs), so its steps are not a pure function of an explicit state")
 

@@ -43,6 +43,7 @@ __all__ = [
     "get_path",
     "path_from_config",
     "broadcast_time",
+    "X0Limit",
 ]
 
 PREDICTIONS = ("eps", "x0", "velocity", "v", "score")
@@ -88,6 +89,69 @@ def broadcast_time(t: Tensor | float, x: Tensor, dtype: torch.dtype | None = Non
             "Pass one time per sample, e.g. torch.full((x.shape[0],), t)."
         )
     return t if t.dtype == dtype else t.to(dtype)
+
+
+class X0Limit:
+    """Limits on the data prediction ``x0`` applied while sampling, diffusers' names and semantics:
+
+    - ``clip_sample=True``: clamp ``x0`` to ``[-clip_sample_range, clip_sample_range]`` (DDPM/DDIM's
+      ``clip_sample``);
+    - ``thresholding=True``: Imagen's dynamic thresholding (Saharia et al. 2022, arXiv 2205.11487, sec. 2.3):
+      per sample, ``s = clamp(quantile(|x0|, dynamic_thresholding_ratio), 1, sample_max_value)`` over all
+      non-batch entries, then ``x0 = clamp(x0, -s, s) / s``. It takes precedence over ``clip_sample``, as in
+      diffusers' schedulers.
+
+    The limit acts on ``x0`` only; the solvers then read the limited ``x0`` through the path, so the implied
+    noise is ``eps = (x_t - alpha x0) / sigma`` (diffusers re-derives ``pred_epsilon`` the same way).
+    :class:`genkit.fields.LimitedX0` applies it to any field; a :class:`genkit.Diffusion` model with one
+    samples through it with every solver.
+
+    >>> X0Limit(clip_sample=True)(torch.tensor([[-3.0, 0.5, 2.0]])).tolist()
+    [[-1.0, 0.5, 1.0]]
+    """
+
+    def __init__(self, clip_sample: bool = False, clip_sample_range: float = 1.0, thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0):
+        if not clip_sample_range > 0:
+            raise ConfigError(f"clip_sample_range must be positive; got {clip_sample_range}")
+        if not 0 < dynamic_thresholding_ratio <= 1:
+            raise ConfigError(f"dynamic_thresholding_ratio is a quantile in (0, 1]; got {dynamic_thresholding_ratio} "
+                              "(Imagen and diffusers use 0.995)")
+        if not sample_max_value >= 1:
+            raise ConfigError(f"sample_max_value must be >= 1 (the threshold is clamped to [1, sample_max_value]); "
+                              f"got {sample_max_value}")
+        self.clip_sample, self.clip_sample_range = bool(clip_sample), float(clip_sample_range)
+        self.thresholding, self.dynamic_thresholding_ratio = bool(thresholding), float(dynamic_thresholding_ratio)
+        self.sample_max_value = float(sample_max_value)
+
+    @property
+    def active(self) -> bool:
+        return self.clip_sample or self.thresholding
+
+    def __call__(self, x0: Tensor) -> Tensor:
+        if self.thresholding:
+            flat = x0.reshape(x0.shape[0], -1)
+            work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+            s = torch.quantile(work.abs(), self.dynamic_thresholding_ratio, dim=1)
+            s = torch.clamp(s, min=1.0, max=self.sample_max_value).unsqueeze(1)
+            return (torch.clamp(work, -s, s) / s).to(x0.dtype).reshape(x0.shape)
+        if self.clip_sample:
+            return x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        return x0
+
+    def config(self) -> dict[str, Any]:
+        return {"clip_sample": self.clip_sample, "clip_sample_range": self.clip_sample_range,
+                "thresholding": self.thresholding, "dynamic_thresholding_ratio": self.dynamic_thresholding_ratio,
+                "sample_max_value": self.sample_max_value}
+
+    def __repr__(self) -> str:
+        if self.thresholding:
+            return (f"X0Limit(thresholding=True, dynamic_thresholding_ratio={self.dynamic_thresholding_ratio}, "
+                    f"sample_max_value={self.sample_max_value})")
+        return f"X0Limit(clip_sample={self.clip_sample}, clip_sample_range={self.clip_sample_range})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, X0Limit) and self.config() == other.config()
 
 
 def _check_prediction(name: str) -> None:

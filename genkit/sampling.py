@@ -35,9 +35,10 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .fields import as_x0
+from .fields import LimitedX0, as_x0
 from .registry import Registry
 from .solvers import Custom, Solution, Solver, TimeGrid, get_grid, get_solver, solve
+from .solvers.base import steps_or_default
 
 __all__ = ["SAMPLERS", "Sampler", "ODESampler", "JumpSampler", "get_sampler"]
 
@@ -111,10 +112,23 @@ class ODESampler(Sampler):
                                   f"t={ends[0]:g} to t={ends[1]:g}: reverse it")
 
     def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
+        limit = getattr(model, "x0_limit", None)
+        if limit is not None and limit.active and not isinstance(model, LimitedX0):
+            model = LimitedX0(model, limit)  # x0 clipping / thresholding, read by every solver
         grid = model.default_grid(self.grid) if callable(getattr(model, "default_grid", None)) else self.grid
         steps = self.steps
         if steps is None and self._solver.default_steps is None and not isinstance(get_grid(grid), Custom):
             steps = 32
+        if getattr(model, "denoise_end", False) and self._solver.default_grid() is None:
+            # a grid ending at t = 0 (diffusers' spacings, set_alpha_to_one): its last step is the final denoising
+            # step E[x_0 | x_t] at the last time above 0, not a solver step into t = 0, below the training range
+            g = get_grid(grid)
+            times = g.times(steps_or_default(steps, self._solver, g), model.path)
+            if len(times) >= 2 and float(times[-1]) == 0 and float(times[-2]) > 0:
+                if len(times) == 2:
+                    x0 = as_x0(model)(x, float(times[0]), **cond)
+                    return Solution(x0, 1, times)
+                grid, steps = times[:-1], None
         sol = solve(model, x, self._solver, steps, grid, generator=generator, **cond)
         t_end = float(sol.times[-1])
         if t_end > 0 and getattr(model, "denoise_end", False):

@@ -149,12 +149,16 @@ def test_adaptive_reports_nfe_and_trajectory():
 @pytest.mark.parametrize("path", PATHS.names())
 def test_grids_are_valid(grid, path):
     p = get_path(path)
+    start = 1.0
     if grid == "custom":
         g, n, end = Custom([1.0, 0.5, 0.1, 0.0]), 3, 0.0
+    elif grid in ("leading", "trailing", "linspace"):  # diffusers' timesteps k at t = (k + 1) / 1000, then t = 0
+        g, n, end = get_grid(grid), 10, 0.0
+        start = 0.901 if grid == "leading" else 1.0
     else:
         g, n, end = get_grid(grid), 10, p.t_min
     t = g.times(n, p)
-    assert len(t) == n + 1 and t[0] == 1.0 and t[-1] == end
+    assert len(t) == n + 1 and t[0] == start and t[-1] == end
     assert (t[1:] < t[:-1]).all()
 
 

@@ -88,6 +88,9 @@ class Solver:
     stepwise: bool = True
     #: Whether each step is a Gaussian draw exposed by ``transition`` and recorded on the state it makes.
     gaussian_transitions: bool = False
+    #: Whether the solver picks its own times and reads only the grid's length (a diffusers scheduler): then a
+    #: model's training-range check on the grid (``field.check_grid``) does not apply.
+    own_times: bool = False
 
     def nfe(self, steps: int, *, times: Tensor | None = None, path: Any = None) -> int | None:
         """Field evaluations of a solve over ``steps`` grid intervals (None: not known beforehand). Solvers whose
@@ -292,6 +295,9 @@ def solve(field: Field, x: Tensor, solver: str | Solver = "euler", steps: int | 
         grid = own if own is not None and steps in (None, solver.default_steps) else "uniform"
     g = get_grid(grid)
     times = g.times(steps_or_default(steps, solver, g), field.path)
+    check = getattr(field, "check_grid", None)
+    if callable(check) and not solver.own_times:  # a model's training range (Diffusion: t >= t_eps)
+        check(times)
     if x.ndim == 0 or x.shape[0] == 0:
         raise ConfigError(f"x must be a batch [n, ...] with n >= 1; got shape {tuple(x.shape)}")
     check_generator(generator, "solve()")

@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,7 +23,8 @@ from ..errors import ConfigError, TimeGridError
 from ..paths import Path
 from ..registry import Registry
 
-__all__ = ["TimeGrid", "Uniform", "Karras", "LogSNR", "Custom", "GRIDS", "get_grid", "validate_grid"]
+__all__ = ["TimeGrid", "Uniform", "Karras", "LogSNR", "Custom", "Leading", "Trailing", "Linspace", "GRIDS",
+           "get_grid", "validate_grid", "diffusers_timesteps"]
 
 GRIDS: Registry = Registry("time grid")
 
@@ -167,6 +169,106 @@ class Custom(TimeGrid):
             raise ConfigError(f"the custom grid has {len(self._times) - 1} steps but {n} were asked for; "
                               "pass steps=None or the matching number")
         return self._times
+
+
+def diffusers_timesteps(n: int, spacing: str, num_train_timesteps: int = 1000, steps_offset: int = 0) -> list[int]:
+    """diffusers' ``DDIMScheduler(timestep_spacing=spacing).set_timesteps(n)`` timesteps (integers, decreasing),
+    computed as diffusers does (``linspace`` and ``trailing`` ignore ``steps_offset`` there, and so here).
+
+    >>> diffusers_timesteps(5, "leading"), diffusers_timesteps(3, "trailing"), diffusers_timesteps(3, "linspace")
+    ([800, 600, 400, 200, 0], [999, 666, 332], [999, 500, 0])
+    """
+    _check_n(n)
+    big = int(num_train_timesteps)
+    if n > big:
+        raise ConfigError(f"{n} steps exceed the {big} training timesteps of the schedule; use at most {big}")
+    if spacing == "leading":
+        ratio = big // n
+        return [k * ratio + int(steps_offset) for k in range(n - 1, -1, -1)]
+    if spacing == "trailing":
+        # diffusers' own float arithmetic (numpy's arange, round half to even), bit for bit
+        return (np.round(np.arange(big, 0, -big / n)).astype(np.int64) - 1).tolist()
+    if spacing == "linspace":
+        return np.linspace(0, big - 1, n).round()[::-1].astype(np.int64).tolist()
+    raise ConfigError(f"unknown timestep spacing {spacing!r}; choose leading, trailing or linspace")
+
+
+class _DiffusersSpacing(TimeGrid):
+    """diffusers' timestep spacing as a genkit grid: ``n`` steps visit diffusers' ``n`` timesteps ``k`` at
+    ``t = (k + 1) / N`` (genkit's ddpm path equals ``DDPMScheduler.alphas_cumprod[k]`` there, see
+    :class:`genkit.paths.DDPMLinearPath`) and end at ``t = 0``, DDIM's final ``alpha = 1``
+    (``set_alpha_to_one=True``). The last step, from the last timestep to ``t = 0``, is the final denoising
+    step: a :class:`genkit.Diffusion` model runs it as ``E[x_0 | x_t]``, one evaluation, which is what DDIM's
+    last step computes, so ``n`` steps cost ``n`` evaluations as in diffusers. ``N`` is the path's
+    ``num_steps`` (1000 for paths without one), or ``num_train_timesteps`` when given.
+
+    diffusers' ``DDIMScheduler.step`` goes from timestep ``k`` to ``k - N // n``, which is the next listed
+    timestep for ``leading`` always, but for ``trailing`` and ``linspace`` only when the listed timesteps are
+    evenly spaced by ``N // n`` (e.g. trailing at n dividing N); genkit's grid always steps to the next listed
+    timestep."""
+
+    spacing = ""
+
+    def __init__(self, steps_offset: int = 0, num_train_timesteps: int | None = None):
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+            raise ConfigError(f"steps_offset must be a non-negative integer; got {steps_offset!r}")
+        if num_train_timesteps is not None and (not isinstance(num_train_timesteps, int) or num_train_timesteps < 2):
+            raise ConfigError(f"num_train_timesteps must be an integer >= 2; got {num_train_timesteps!r}")
+        self.steps_offset, self.num_train_timesteps = steps_offset, num_train_timesteps
+
+    def train_steps(self, path: Path) -> int:
+        return self.num_train_timesteps or int(getattr(path, "num_steps", 1000))
+
+    def timesteps(self, n: int, path: Path) -> list[int]:
+        """diffusers' integer timesteps for ``n`` steps."""
+        return diffusers_timesteps(n, self.spacing, self.train_steps(path), self.steps_offset)
+
+    def times(self, n: int, path: Path) -> Tensor:
+        big = self.train_steps(path)
+        ks = self.timesteps(n, path)
+        if ks[0] >= big:
+            raise TimeGridError(f"{self.spacing} grid: steps_offset={self.steps_offset} puts the first timestep at "
+                                f"{ks[0]}, past the last training timestep {big - 1}; lower steps_offset")
+        t = torch.tensor([(k + 1) / big for k in ks] + [0.0], dtype=torch.float64)
+        return validate_grid(t)
+
+    @property
+    def name(self) -> str:
+        return self.spacing
+
+    def __repr__(self) -> str:
+        opts = [f"steps_offset={self.steps_offset}"] if self.steps_offset else []
+        if self.num_train_timesteps is not None:
+            opts.append(f"num_train_timesteps={self.num_train_timesteps}")
+        return f"{type(self).__name__}({', '.join(opts)})"
+
+
+@GRIDS.register("leading")
+class Leading(_DiffusersSpacing):
+    """diffusers' ``leading`` spacing (DDIMScheduler's default): timesteps ``k * (N // n) + steps_offset``,
+    ``k = n - 1 .. 0``.
+
+    >>> from genkit.paths import get_path
+    >>> Leading().times(4, get_path("ddpm")).tolist()
+    [0.751, 0.501, 0.251, 0.001, 0.0]
+    """
+
+    spacing = "leading"
+
+
+@GRIDS.register("trailing")
+class Trailing(_DiffusersSpacing):
+    """diffusers' ``trailing`` spacing (Lin et al. 2023, arXiv 2305.08891, Table 2): timesteps
+    ``round(N - i N / n) - 1``, starting at the last training timestep (``t = 1``)."""
+
+    spacing = "trailing"
+
+
+@GRIDS.register("linspace")
+class Linspace(_DiffusersSpacing):
+    """diffusers' ``linspace`` spacing: ``n`` timesteps ``round(linspace(0, N - 1, n))``, decreasing."""
+
+    spacing = "linspace"
 
 
 def get_grid(grid: str | TimeGrid | Tensor | Sequence[float], **kwargs: Any) -> TimeGrid:
