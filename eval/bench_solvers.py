@@ -633,8 +633,9 @@ def main(argv: list[str] | None = None) -> None:
                    "iterate and the extended search its best candidate (default: search_solver's, 512)")
     p.add_argument("--search-lr-schedule", choices=("constant", "cosine"),
                    help="default: search_solver's (constant)")
-    p.add_argument("--search-init", default="grid", choices=("grid", "uniform"),
-                   help="initial steps of the searches: the bench's log-SNR grid, or uniform in t")
+    p.add_argument("--search-init", default="uniform", choices=("grid", "uniform"),
+                   help="initial steps of the searches: uniform in t (search_solver's default), or the bench's "
+                        "log-SNR grid")
     p.add_argument("--search-variant", default="data", choices=("data", "velocity"),
                    help="DSS update: data prediction in DDIM steps (the paper's DDPM form) or velocity Euler steps")
     p.add_argument("--digits-checkpoint", type=Path, help="a trained ddpm-path eps Diffusion on digits (EMA weights "

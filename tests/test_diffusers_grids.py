@@ -10,7 +10,7 @@ from genkit.errors import ConfigError, TimeGridError
 from genkit.fields import FunctionField, LimitedX0
 from genkit.paths import X0Limit, get_path
 from genkit.sampling import ODESampler
-from genkit.solvers import GRIDS, Leading, Linspace, Trailing, Uniform, get_grid, solve
+from genkit.solvers import DDIM, GRIDS, Leading, Linspace, Trailing, Uniform, get_grid, solve
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -93,7 +93,8 @@ def test_genkit_ddim_equals_diffusers_ddim_from_the_same_noise(config, limit, sp
 
     The limit acts on the field (x0 limited, eps implied by it), which is diffusers' ``use_clipped_model_output=True``
     (GLIDE's choice); diffusers' default (False) pairs the limited x0 with the unlimited eps, which depends on the
-    step's end time, so no field reproduces it (checked below: it differs)."""
+    step's end time, so no field reproduces it (checked below: it differs); ``DDIM(use_clipped_model_output=False)``
+    takes that noise from the unlimited prediction and equals it."""
     model = _model(x0_limit=limit)
     x = 2.0 * torch.randn(6, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref = _diffusers_ddim(model, x, n, timestep_spacing=spacing, **config)
@@ -106,6 +107,10 @@ def test_genkit_ddim_equals_diffusers_ddim_from_the_same_noise(config, limit, sp
         assert float(sol.samples.detach().abs().max()) <= 1.0 + 1e-12  # the last step returns the limited x0
         mixed = _diffusers_ddim(model, x, n, use_clipped_model_output=False, timestep_spacing=spacing, **config)
         assert n == 1 or (mixed - ref).abs().max() > 1e-3
+        # diffusers' step default (the limited x0 with the unlimited eps) is DDIM(use_clipped_model_output=False)
+        own = ODESampler(DDIM(use_clipped_model_output=False), n, SPACINGS[spacing]()).sample(model, x)
+        assert own.nfe == n
+        torch.testing.assert_close(own.samples, mixed, rtol=0, atol=1e-5)
 
 
 def test_every_solver_reads_the_limited_x0() -> None:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..fields import Field, FieldView, as_eps, as_x0
+from ..fields import Field, FieldView, LimitedX0, as_eps, as_x0
 from .base import SOLVERS, Solver, SolverState, apply_map, prepared, unwrap
 
 __all__ = ["ExponentialSolver", "DDIM", "DPMSolverPP2M", "DPMSolverPP3M", "UniPC", "DEIS"]
@@ -116,6 +116,33 @@ class DDIM(ExponentialSolver):
     step. Equals Euler in the VE-equivalent coordinates ``(x/alpha, sigma/alpha)``."""
 
     name, order, max_order = "ddim", 1, 1
+
+    def __init__(self, lower_order_final: bool = True, use_clipped_model_output: bool = True):
+        super().__init__(lower_order_final)
+        self.use_clipped_model_output = bool(use_clipped_model_output)
+
+    def __repr__(self) -> str:
+        extra = "" if self.use_clipped_model_output else ", use_clipped_model_output=False"
+        return f"DDIM(lower_order_final={self.lower_order_final}{extra})"
+
+    def step(self, field: Field, state: SolverState, *, generator: torch.Generator | None = None,
+             **cond: Any) -> SolverState:
+        """As every exponential solver, except on an x0-limited field (:class:`genkit.fields.LimitedX0`) with
+        ``use_clipped_model_output=False``: then the step pairs the limited ``x0`` with the noise of the unlimited
+        prediction, ``x_s = alpha_s x0_lim + sigma_s (x_t - alpha_t x0) / sigma_t``, which is diffusers'
+        ``DDIMScheduler.step`` default. The default (True) reads the limited ``x0`` alone, the noise implied by
+        it (diffusers' ``use_clipped_model_output=True``, what every other genkit solver does)."""
+        base = field.base if isinstance(field, FieldView) else field
+        if self.use_clipped_model_output or not isinstance(base, LimitedX0):
+            return super().step(field, state, generator=generator, **cond)
+        a, s, lam, t_batch, cx, cout, orders = state.plan
+        n, x = state.n, state.x
+        inner = base.base
+        raw = base.path.convert(inner(x, t_batch[n], **cond), x, t_batch[n], inner.prediction, "x0")
+        limited = base.limit(raw)
+        ratio = float(s[n + 1] / s[n])
+        x_next = ratio * x + float(a[n + 1]) * limited - ratio * float(a[n]) * raw
+        return state.advance(x_next, 1, ((limited,),))
 
     def update(self, x, hist, n, a, s, lam, order):
         ratio, c, _ = _phi1(a, s, lam, n)
