@@ -163,6 +163,8 @@ def test_explicit_grid_below_t_eps_is_an_error_naming_t_eps() -> None:
         ODESampler("ddim", None if isinstance(grid, list) else 3, grid).sample(model, x)
     # a grid by name runs over the training range, as before
     assert ODESampler("ddim", 4, "uniform").sample(model, x).times[-1].item() == pytest.approx(1e-3)
+    for grid in (None, "uniform", "karras"):  # genkit.solve too: a name is filled in, never refused
+        assert solve(model, x, "ddim", 4, grid).times[-1].item() == pytest.approx(1e-3)
 
 
 def test_ddpm_eps_default_is_the_measured_one_and_costs_one_evaluation_per_step() -> None:

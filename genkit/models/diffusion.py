@@ -158,13 +158,13 @@ class Diffusion(ContinuousModel):
         and ``t_eps`` would evaluate the network where it was never trained, so it is a TimeGridError. A last
         time of exactly 0 is allowed: sampling runs it as the final denoising step ``E[x_0 | x_t]`` at the time
         before it (a solver given such a grid directly steps to t = 0 from there)."""
-        t_lo = self.time_range()[0]
-        t = torch.as_tensor(times, dtype=torch.float64)
-        inner = t[:-1] if float(t[-1]) == 0 else t
-        bad = inner[(inner < t_lo * (1 - 1e-9)) & (inner >= 0)]
-        if len(bad):
+        t_lo = max(self.t_eps, self.path.t_min) * (1 - 1e-9)
+        values = times.tolist() if torch.is_tensor(times) else [float(v) for v in times]  # a few floats: cheap
+        inner = values[:-1] if values[-1] == 0 else values
+        bad = [v for v in inner if 0 <= v < t_lo]
+        if bad:
             raise TimeGridError(
-                f"the grid goes to t={float(bad.min()):.3g}, below this model's training range: it was trained on "
+                f"the grid goes to t={min(bad):.3g}, below this model's training range: it was trained on "
                 f"t >= t_eps={self.t_eps:g}, so the network would be extrapolated. End the grid at t_eps (e.g. "
                 f"Uniform(t_min={t_lo:g}), Karras(t_min={t_lo:g}); the model then returns E[x_0 | x_t_eps]), end it "
                 f"at 0 from a time >= t_eps (the last step is then the final denoising step), or give a grid by "

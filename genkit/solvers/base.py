@@ -275,7 +275,9 @@ def solve(field: Field, x: Tensor, solver: str | Solver = "euler", steps: int | 
         steps: number of steps (adaptive solvers take only the grid's end points and pick their own). None: the
             solver's own (a searched solver's N), else 10; explicit times must match it when it is given.
         grid: a TimeGrid, its name, or explicit times (validated). None: the solver's own (a searched
-            solver's times), else ``"uniform"``.
+            solver's times), else ``"uniform"``. A name is filled in with a model's training range
+            (``field.default_grid(name)``: a ``Diffusion`` model's ``[t_eps, t_max]``); an explicit grid outside
+            it is a TimeGridError (``field.check_grid``).
         generator: randomness for stochastic solvers.
         trajectory: also return the states at the grid times.
 
@@ -293,6 +295,9 @@ def solve(field: Field, x: Tensor, solver: str | Solver = "euler", steps: int | 
     if grid is None:  # a searched solver's own times, unless the steps asked for differ (its check says so)
         own = solver.default_grid()
         grid = own if own is not None and steps in (None, solver.default_steps) else "uniform"
+    fill = getattr(field, "default_grid", None)
+    if isinstance(grid, str) and callable(fill):  # a grid by name runs over the model's training range
+        grid = fill(grid)
     g = get_grid(grid)
     times = g.times(steps_or_default(steps, solver, g), field.path)
     check = getattr(field, "check_grid", None)
