@@ -5,7 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from genkit.data import DATASETS, TABULAR, digits, held_out, load_dataset, load_table, load_tabular, tabular_stats
+from genkit.data import (
+    DATASETS,
+    TABULAR,
+    digits,
+    held_out,
+    load_dataset,
+    load_labelled,
+    load_table,
+    load_tabular,
+    tabular_stats,
+)
 from genkit.data.tabular import split_index
 from genkit.errors import ConfigError, DataError, ShapeError
 
@@ -76,6 +86,24 @@ def test_dequantised_digits_not_integer_and_in_their_cell():
     assert torch.equal(x, again) and not torch.equal(x, other)
     sub = load_dataset("digits64", n=100, generator=torch.Generator().manual_seed(0))
     assert sub.shape == (100, 64)
+
+
+def test_labelled_tabular_sets_pair_the_same_rows_with_their_classes():
+    from sklearn.datasets import load_wine
+
+    for name, k in (("wine", 3), ("breast_cancer", 2), ("digits64", 10)):
+        data = load_labelled(name, n=15, split="validation", generator=torch.Generator().manual_seed(3))
+        x = load_dataset(name, n=15, split="validation", generator=torch.Generator().manual_seed(3))
+        assert torch.equal(data.data, x) and data.num_classes == k and len(data.labels) == 15
+    wine = load_labelled("wine", split="all", standardize=False)
+    assert wine.labels.tolist() == load_wine().target.tolist() and wine.class_names == ["class_0", "class_1",
+                                                                                          "class_2"]
+
+
+def test_cell_cap_keeps_the_top_of_a_cell_below_the_next_integer():
+    k = torch.tensor([16.0, 0.0, 3.0])
+    top = torch.minimum(k + torch.tensor([1 - 2**-24] * 3), torch.nextafter(k + 1, k))
+    assert bool((top < k + 1).all()) and bool((top.floor() == k).all())
 
 
 def test_tabular_errors():

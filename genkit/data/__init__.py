@@ -29,7 +29,7 @@ from ..errors import ConfigError, DataError
 from ..registry import Registry
 from .images import IMAGE_EXTENSIONS, ImageFolder, digits, digits_labels, image_folder
 from .labelled import LabelledData
-from .tabular import TABULAR, load_table, load_tabular, tabular_stats
+from .tabular import TABULAR, load_table, load_tabular, load_tabular_labelled, tabular_stats
 from .toy import COMPONENTS, TOY, gmm_params, toy, toy_components
 
 __all__ = [
@@ -165,6 +165,19 @@ def _load_digits_labelled(n: int | None = None, *, generator: torch.Generator | 
 
 
 _LABELLED["digits"] = _load_digits_labelled
+
+
+def _register_tabular_labelled(name: str) -> None:
+    def load(n: int | None = None, *, generator: torch.Generator | None = None, split: str = "train",
+             standardize: bool = True) -> LabelledData:
+        x, y, names = load_tabular_labelled(name, n, generator=generator, split=split, standardize=standardize)
+        return LabelledData(x, y, class_names=names)
+
+    _LABELLED[name] = load
+
+
+for _name in TABULAR:
+    _register_tabular_labelled(_name)
 
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError, ShapeError
 
-__all__ = ["TABULAR", "load_tabular", "tabular_stats", "split_index", "load_table", "SPLITS"]
+__all__ = ["TABULAR", "load_tabular", "load_tabular_labelled", "tabular_stats", "split_index", "load_table", "SPLITS"]
 
 Split = Literal["all", "train", "validation", "test"]
 SPLITS = ("all", "train", "validation", "test")
@@ -52,14 +52,20 @@ def split_index(n: int, split: Split, seed: int = 0) -> Tensor:
 
 
 @functools.cache
-def _raw(name: str) -> np.ndarray:
+def _bunch(name: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     from sklearn import datasets  # shipped with scikit-learn: no download
 
     loaders = {"digits64": datasets.load_digits, "wine": datasets.load_wine,
                "breast_cancer": datasets.load_breast_cancer}
     if name not in loaders:
         raise ConfigError(f"unknown tabular set {name!r}; choose one of: {', '.join(TABULAR)}")
-    return np.asarray(loaders[name]().data, dtype=np.float64)
+    bunch = loaders[name]()
+    names = tuple(str(c) for c in bunch.target_names)
+    return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.int64), names
+
+
+def _raw(name: str) -> np.ndarray:
+    return _bunch(name)[0]
 
 
 def _stats(x: np.ndarray, dequantized: bool = False) -> tuple[Tensor, Tensor]:
@@ -82,19 +88,35 @@ def load_tabular(name: str, n: int | None = None, *, generator: torch.Generator 
                  split: Split = "train", standardize: bool = True) -> Tensor:
     """``split`` of the tabular set ``name`` as ``[N, D]`` float32, standardised with the train split's statistics
     (``standardize=False``: raw values, digits64 still dequantised); ``n`` rows drawn without replacement."""
+    return _load(name, n, generator, split, standardize)[0]
+
+
+def load_tabular_labelled(name: str, n: int | None = None, *, generator: torch.Generator | None = None,
+                          split: Split = "train", standardize: bool = True) -> tuple[Tensor, Tensor, list[str]]:
+    """``(x, labels [N], class_names)``: :func:`load_tabular`'s rows for the same arguments (the same draw)
+    with each row's class (digit, wine cultivar, malignant / benign)."""
+    x, rows = _load(name, n, generator, split, standardize)
+    _, target, names = _bunch(name)
+    return x, torch.as_tensor(target)[rows], list(names)
+
+
+def _load(name: str, n: int | None, generator: torch.Generator | None, split: Split,
+          standardize: bool) -> tuple[Tensor, Tensor]:
     raw = _raw(name)
-    x = torch.as_tensor(raw[split_index(len(raw), split).numpy()], dtype=torch.float32)
+    rows = split_index(len(raw), split)
     if n is not None:
-        if not isinstance(n, int) or not 1 <= n <= x.shape[0]:
-            raise ConfigError(f"n must be an int in [1, {x.shape[0]}] for {name} split {split!r}, got {n!r}")
-        x = x[torch.randperm(x.shape[0], generator=generator)[:n]]
+        if not isinstance(n, int) or not 1 <= n <= rows.shape[0]:
+            raise ConfigError(f"n must be an int in [1, {rows.shape[0]}] for {name} split {split!r}, got {n!r}")
+        rows = rows[torch.randperm(rows.shape[0], generator=generator)[:n]]
+    x = torch.as_tensor(raw[rows.numpy()], dtype=torch.float32)
     if name == "digits64":
-        # the noise stays below 1 in float32 (torch.rand's top value is 1 - 2^-24), so floor(x) is the count
-        x = x + torch.rand(x.shape, generator=generator)
+        # k + u can round up to k + 1 in float32 (u = 1 - 2^-24 at k = 16); cap at the float just below k + 1 so
+        # every value stays in its cell [k, k + 1)
+        x = torch.minimum(x + torch.rand(x.shape, generator=generator), torch.nextafter(x + 1, x))
     if standardize:
         mean, std = tabular_stats(name)
         x = (x - mean) / std
-    return x
+    return x, rows
 
 
 def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
