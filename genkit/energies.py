@@ -123,10 +123,12 @@ class DoubleWell(Energy):
 
     Constants ``a = -0.5, b = -6`` are those the official notebook passes
     (``noegroup/stochastic_normalizing_flows``, ``experiment1_doublewell.ipynb``: ``DoubleWellEnergy(2, a=-0.5,
-    b=-6)``); ``c = 1`` is bgtorch's default for ``DoubleWellEnergy``, which the notebook does not override
-    (taken from the bgtorch/bgflow source form, not checked against the paper's text). The tilt ``a < 0`` makes
-    the right well (``x_1 ≈ 1.75``) deeper than the left (``x_1 ≈ -1.71``). :meth:`minima` gives the ``x_1`` of
-    both wells; the ``x_1`` free-energy profile is ``a x_1 + b x_1^2 + c x_1^4`` plus a constant.
+    b=-6)``); ``c = 1`` is the default the notebook leaves in place, read from bgflow's ``DoubleWellEnergy(dim,
+    a=0, b=-4, c=1)`` (bgtorch's successor; bgtorch's own file was not available to check, so ``c`` is
+    unverified against bgtorch and the paper's text, though it agrees with METHODS.md section 12). The tilt
+    ``a < 0`` makes the right well (``x_1 ≈ 1.75``) deeper than the left (``x_1 ≈ -1.71``). :meth:`minima`
+    gives the ``x_1`` of both wells; the ``x_1`` free-energy profile is ``a x_1 + b x_1^2 + c x_1^4`` plus a
+    constant.
     """
 
     name = "double_well"

@@ -140,14 +140,7 @@ def test_torus_energy_is_periodic_in_value_and_force():
 def test_torus_energy_has_its_wells():
     e = get_energy("torus_dihedral")
     q = quadrature(e, n=200)
-    u = q.energy
-    # local minima of the periodic grid (8 neighbours, wrapping)
-    is_min = torch.ones_like(u, dtype=torch.bool)
-    for di in (-1, 0, 1):
-        for dj in (-1, 0, 1):
-            if di or dj:
-                is_min &= u < torch.roll(u, (di, dj), (0, 1))
-    assert int(is_min.sum()) == 3
+    assert int(_grid_minima(q.energy, periodic=True).sum()) == 3
 
 
 def test_non_finite_energy_is_a_data_error_naming_energy_and_input():
@@ -174,3 +167,40 @@ def test_bad_shapes_and_configs():
         DoubleWell(c=-1.0)
     with pytest.raises(ConfigError, match="2-D"):
         quadrature(get_energy("multi_well", dim=3))
+
+
+def _grid_minima(u, periodic=False):
+    """Strict local minima of a grid (8 neighbours); the border counts as higher unless periodic."""
+    pad = u if periodic else torch.nn.functional.pad(u[None, None], (1, 1, 1, 1), value=float("inf"))[0, 0]
+    is_min = torch.ones_like(pad, dtype=torch.bool)
+    for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            if di or dj:
+                is_min &= pad < torch.roll(pad, (di, dj), (0, 1))
+    return is_min if periodic else is_min[1:-1, 1:-1]
+
+
+def test_multi_well_has_four_wells_of_different_depths_near_the_corners():
+    e = get_energy("multi_well")
+    q = quadrature(e, n=301)
+    mins = _grid_minima(q.energy)
+    assert int(mins.sum()) == 4
+    i, j = mins.nonzero(as_tuple=True)
+    pts = torch.stack([q.axes[0][i], q.axes[1][j]], 1)
+    assert float((pts.abs() - 1).abs().max()) < 0.1
+    depths = q.energy[mins]
+    assert len(set(depths.round(decimals=3).tolist())) == 4
+
+
+def test_rings_minima_lie_on_the_rings():
+    e = get_energy("rings")
+    r = torch.linspace(0.2, 3.6, 3401, dtype=torch.float64)
+    u = e.energy(torch.stack([r, torch.zeros_like(r)], 1))
+    inner = (u[1:-1] < u[:-2]) & (u[1:-1] < u[2:])
+    found = r[1:-1][inner]
+    assert len(found) == 3
+    torch.testing.assert_close(found, torch.tensor(e.radii, dtype=torch.float64), rtol=0, atol=0.01)
+    # rotation invariant
+    theta = torch.tensor(0.7, dtype=torch.float64)
+    rot = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], 1)
+    torch.testing.assert_close(e.energy(rot), u, rtol=0, atol=1e-12)
