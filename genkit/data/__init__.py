@@ -1,4 +1,5 @@
-"""Data: toy 2D / nD sets, shipped 8x8 digits, the user's image folders, and data checks.
+"""Data: toy 2D / nD sets, shipped 8x8 digits, tabular sets (digits64, wine, breast_cancer; the user's CSV /
+``.npy`` through :func:`load_table`), the user's image folders, and data checks.
 
 Scripts name a training set by string through :data:`DATASETS`:
 
@@ -28,12 +29,14 @@ from ..errors import ConfigError, DataError
 from ..registry import Registry
 from .images import IMAGE_EXTENSIONS, ImageFolder, digits, digits_labels, image_folder
 from .labelled import LabelledData
+from .tabular import TABULAR, load_table, load_tabular, load_tabular_labelled, tabular_stats
 from .toy import COMPONENTS, TOY, gmm_params, toy, toy_components
 
 __all__ = [
     "TOY", "toy", "toy_components", "COMPONENTS", "gmm_params",
     "digits", "digits_labels", "image_folder", "ImageFolder", "IMAGE_EXTENSIONS",
-    "LabelledData", "check_finite", "DATASETS", "load_dataset", "load_labelled", "held_out",
+    "LabelledData", "TABULAR", "load_tabular", "tabular_stats", "load_table",
+    "check_finite", "DATASETS", "load_dataset", "load_labelled", "held_out",
 ]  # fmt: skip
 
 DEFAULT_TOY_SIZE = 10_000
@@ -84,14 +87,29 @@ def _load_digits(n: int | None = None, *, generator: torch.Generator | None = No
     return x[torch.randperm(x.shape[0], generator=generator)[:n]]
 
 
+def _register_tabular(name: str) -> None:
+    def load(n: int | None = None, *, generator: torch.Generator | None = None, split: str = "train",
+             standardize: bool = True) -> Tensor:
+        return load_tabular(name, n, generator=generator, split=split, standardize=standardize)
+
+    load.__doc__ = (f"The tabular set {name!r}'s ``split`` (train / validation / test / all) ``[N, D]``, "
+                    "standardised with the train split's statistics; ``n`` rows drawn without replacement.")
+    DATASETS.register(name)(load)
+
+
+for _name in TABULAR:
+    _register_tabular(_name)
+
+
 def load_dataset(
     name: str, n: int | None = None, *, generator: torch.Generator | None = None, **options: Any
 ) -> Tensor:
     """A training tensor ``[N, ...]`` for the data set ``name`` (see ``DATASETS.names()``).
 
     ``n=None`` means the set's natural size (10 000 samples for toy sets, the
-    whole split for digits). ``options`` are set-specific (``dim`` for toy sets,
-    ``split`` for digits); an option the set does not take raises ConfigError.
+    whole split for digits and tabular sets). ``options`` are set-specific (``dim`` for toy sets,
+    ``split`` for digits, ``split`` and ``standardize`` for tabular sets); an option the set does not take
+    raises ConfigError.
     """
     loader = DATASETS.get(name)
     accepted = {k for k, p in inspect.signature(loader).parameters.items() if p.kind is p.KEYWORD_ONLY} - {"generator"}
@@ -147,6 +165,19 @@ def _load_digits_labelled(n: int | None = None, *, generator: torch.Generator | 
 
 
 _LABELLED["digits"] = _load_digits_labelled
+
+
+def _register_tabular_labelled(name: str) -> None:
+    def load(n: int | None = None, *, generator: torch.Generator | None = None, split: str = "train",
+             standardize: bool = True) -> LabelledData:
+        x, y, names = load_tabular_labelled(name, n, generator=generator, split=split, standardize=standardize)
+        return LabelledData(x, y, class_names=names)
+
+    _LABELLED[name] = load
+
+
+for _name in TABULAR:
+    _register_tabular_labelled(_name)
 
 
 
