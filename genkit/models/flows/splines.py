@@ -56,8 +56,14 @@ def spline_knots(unnormalised: Tensor, bound: float, minimum: float) -> Tensor:
     k = unnormalised.shape[-1]
     frac = minimum + (1 - minimum * k) * torch.softmax(unnormalised, dim=-1)
     inner = 2 * bound * torch.cumsum(frac[..., :-1], dim=-1) - bound
-    ends = torch.full_like(inner[..., :1], bound)
+    ends = frac.new_full((*frac.shape[:-1], 1), bound)
     return torch.cat([-ends, inner, ends], dim=-1)
+
+
+def _unit(xi: Tensor) -> Tensor:
+    """Clamp rounding excursions to [0, 1] while keeping d/dxi = 1 (torch's clamp has gradient 0 at the
+    ends, which would zero dy/dx exactly on the knots and at +-bound)."""
+    return xi + (xi.clamp(0, 1) - xi).detach()
 
 
 def _gather(t: Tensor, idx: Tensor) -> Tensor:
@@ -87,12 +93,12 @@ def rq_spline(x: Tensor, widths: Tensor, heights: Tensor, derivatives: Tensor, *
     derivatives = derivatives.expand(*shape, k - 1)
 
     inside = (x >= -bound) & (x <= bound)
-    # Outside points are evaluated at a clamped copy and then discarded by torch.where, so their branch is
-    # finite and routes no gradient to the spline parameters.
-    xc = x.clamp(-bound, bound)
+    # Outside points are evaluated at 0 and then discarded by torch.where, so their branch is finite and routes
+    # no gradient to the spline parameters (a clamp would also zero d/dx exactly at +-bound).
+    xc = torch.where(inside, x, torch.zeros_like(x))
     cw = spline_knots(widths, bound, min_width)
     ch = spline_knots(heights, bound, min_height)
-    one = torch.ones_like(derivatives[..., :1])
+    one = derivatives.new_ones(*shape, 1)
     d = torch.cat([one, min_derivative + F.softplus(derivatives), one], dim=-1)
 
     knots = ch if inverse else cw
@@ -112,10 +118,10 @@ def rq_spline(x: Tensor, widths: Tensor, heights: Tensor, derivatives: Tensor, *
         b = hk * dk - dy * mix
         c = -s * dy
         disc = (b * b - 4 * a * c).clamp_min(0)  # can dip below 0 by rounding in float32 near knots
-        xi = (2 * c / (-b - disc.sqrt())).clamp(0, 1)  # the root that does not cancel
+        xi = _unit(2 * c / (-b - disc.sqrt()))  # the root that does not cancel
         out = xk + xi * wk
     else:
-        xi = ((xc - xk) / wk).clamp(0, 1)
+        xi = _unit((xc - xk) / wk)
     t = xi * (1 - xi)
     den = s + (dk + d1 - 2 * s) * t
     if not inverse:
