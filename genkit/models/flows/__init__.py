@@ -1,7 +1,9 @@
-"""Normalizing flows: rational-quadratic splines and invertible transforms (registered in FLOW_TRANSFORMS)."""
+"""Normalizing flows: rational-quadratic splines, invertible transforms (registered in FLOW_TRANSFORMS) and
+:class:`Flow`, a distribution built from them."""
 
 from __future__ import annotations
 
+from .flow import Flow
 from .splines import rq_spline, spline_knots
 from .transforms import (
     FLOW_TRANSFORMS,
@@ -13,5 +15,6 @@ from .transforms import (
     Transform,
 )
 
-__all__ = ["rq_spline", "spline_knots", "FLOW_TRANSFORMS", "Transform", "CouplingSpline", "AutoregressiveSpline",
+__all__ = ["Flow", "rq_spline", "spline_knots", "FLOW_TRANSFORMS", "Transform", "CouplingSpline",
+           "AutoregressiveSpline",
            "AffineCoupling", "LULinear", "Permutation"]
