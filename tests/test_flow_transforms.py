@@ -121,11 +121,15 @@ def test_spline_interpolates_knots_and_round_trips_on_them() -> None:
 
 
 def test_spline_knots_are_not_mutated_and_ends_are_exact() -> None:
-    w = torch.randn(3, 5, dtype=F64)
+    w, d = torch.randn(3, 5, dtype=F64), torch.randn(3, 4, dtype=F64)
     knots = spline_knots(w, 1.5, 1e-3)
-    copy = knots.clone()
-    rq_spline(torch.full((3,), 1.5, dtype=F64), w, w, torch.zeros(3, 4, dtype=F64), bound=1.5)
-    assert torch.equal(knots, copy) and knots[:, 0].eq(-1.5).all() and knots[:, -1].eq(1.5).all()
+    x = torch.stack([knots[0, -1], knots[1, 2], knots[2, 0]])  # +B, an interior knot, -B
+    saved = [t.clone() for t in (w, d, x)]
+    for inverse in (False, True):
+        rq_spline(x, w, w, d, bound=1.5, inverse=inverse)
+    assert all(torch.equal(a, b) for a, b in zip(saved, (w, d, x)))  # inputs and parameters untouched
+    assert torch.equal(spline_knots(w, 1.5, 1e-3), knots)
+    assert knots[:, 0].eq(-1.5).all() and knots[:, -1].eq(1.5).all()
     assert (knots.diff(dim=-1) >= 3 * 1e-3 * (1 - 1e-9)).all()  # the width floor, times 2B
 
 
@@ -162,7 +166,10 @@ def test_spline_fuzz_has_no_nan_or_inf(dtype: torch.dtype) -> None:
         n = 100
         w, h, d = (scale * torch.randn(n, m, generator=g, dtype=dtype) for m in (k, k, k - 1))
         x = bound * (2.4 * torch.rand(n, generator=g, dtype=dtype) - 1.2)
-        x[:10] = spline_knots(w[:10], bound, 1e-3)[torch.arange(10), torch.randint(k + 1, (10,), generator=g)]
+        pick = torch.arange(10), torch.randint(k + 1, (10,), generator=g)
+        x[:10] = spline_knots(w[:10], bound, 1e-3)[pick]  # exactly on x-knots (forward's bin edges)
+        x[10:20] = spline_knots(h[10:20], bound, 1e-3)[pick]  # and on y-knots (the inverse's)
+        x[20:24] = torch.tensor([-bound, bound, 1e4, -1e4], dtype=dtype)
         for inverse in (False, True):
             y, ld = rq_spline(x, w, h, d, bound=bound, inverse=inverse)
             assert torch.isfinite(y).all() and torch.isfinite(ld).all()
