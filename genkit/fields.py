@@ -137,7 +137,32 @@ class FieldView:
         return f"FieldView({self.base!r}, {self.prediction!r})"
 
 
-class LimitedX0:
+class SamplesLikeBase:
+    """What samplers ask a model (``denoise_end``, ``default_grid``, ``time_range``, ``check_grid``), delegated
+    to ``self.base``: a wrapper of a model (x0-limited, guided) then samples over the model's own range."""
+
+    base: Any
+    path: Any
+
+    @property
+    def denoise_end(self) -> bool:
+        return bool(getattr(self.base, "denoise_end", False))
+
+    def default_grid(self, grid: Any) -> Any:
+        fill = getattr(self.base, "default_grid", None)
+        return fill(grid) if callable(fill) else grid
+
+    def time_range(self) -> tuple[float, float]:
+        own = getattr(self.base, "time_range", None)
+        return own() if callable(own) else (self.path.t_min, 1.0)
+
+    def check_grid(self, times: Tensor) -> None:
+        check = getattr(self.base, "check_grid", None)
+        if callable(check):
+            check(times)
+
+
+class LimitedX0(SamplesLikeBase):
     """``field`` with its data prediction limited (x0 clipping or dynamic thresholding, :class:`genkit.paths.X0Limit`):
     an ``x0`` field, so every solver reads the limited ``x0`` through the path (first-order solvers and DDIM step
     exactly as diffusers' schedulers with ``clip_sample`` / ``thresholding``). ``limit`` is an X0Limit or its
@@ -161,24 +186,6 @@ class LimitedX0:
     def __call__(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
         t = broadcast_time(t, x)
         return self.limit(self.path.convert(self.base(x, t, **cond), x, t, self.base.prediction, "x0"))
-
-    # what samplers ask a model (delegated, so a limited model samples over the model's own range)
-    @property
-    def denoise_end(self) -> bool:
-        return bool(getattr(self.base, "denoise_end", False))
-
-    def default_grid(self, grid: Any) -> Any:
-        fill = getattr(self.base, "default_grid", None)
-        return fill(grid) if callable(fill) else grid
-
-    def time_range(self) -> tuple[float, float]:
-        own = getattr(self.base, "time_range", None)
-        return own() if callable(own) else (self.path.t_min, 1.0)
-
-    def check_grid(self, times: Tensor) -> None:
-        check = getattr(self.base, "check_grid", None)
-        if callable(check):
-            check(times)
 
     def __repr__(self) -> str:
         return f"LimitedX0({self.base!r}, {self.limit!r})"

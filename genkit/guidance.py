@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, ShapeError
-from .fields import Field, check_field
+from .fields import Field, SamplesLikeBase, check_field
 from .paths import PREDICTIONS, broadcast_time
 
 __all__ = ["Guidance", "GuidedField", "guide"]
@@ -125,7 +125,7 @@ class Guidance:
         return self.rescale * (out * ratio) + (1 - self.rescale) * out
 
 
-class GuidedField:
+class GuidedField(SamplesLikeBase):
     """``field`` under classifier-free guidance: a field with the same ``path`` and ``prediction`` (see the module
     docstring for the math). Made by :func:`guide`."""
 
@@ -227,24 +227,6 @@ class GuidedField:
         if not everywhere:
             guided = torch.where(inside.reshape((-1,) + (1,) * (x.ndim - 1)), guided, c)
         return guided
-
-    # --- what samplers ask a model (delegated, so a guided model samples over the model's own range) -----------
-    @property
-    def denoise_end(self) -> bool:
-        return bool(getattr(self.base, "denoise_end", False))
-
-    def default_grid(self, grid: Any) -> Any:
-        fill = getattr(self.base, "default_grid", None)
-        return fill(grid) if callable(fill) else grid
-
-    def time_range(self) -> tuple[float, float]:
-        own = getattr(self.base, "time_range", None)
-        return own() if callable(own) else (self.path.t_min, 1.0)
-
-    def check_grid(self, times: Tensor) -> None:
-        check = getattr(self.base, "check_grid", None)
-        if callable(check):
-            check(times)
 
     @property
     def x0_limit(self) -> Any:
