@@ -27,6 +27,7 @@ __all__ = [
     "sliced_wasserstein", "energy_distance", "mmd", "endpoint_rms", "ENDPOINT_ERROR", "NLL", "nll",
     "frechet_gaussians", "frechet_distance", "fid",
     "DigitsClassifier", "train_digits_classifier", "inception_features",
+    "effective_sample_size", "log_z", "reweighted_mean", "reweighted_free_energy",
 ]  # fmt: skip
 
 
@@ -312,3 +313,63 @@ def inception_features(weights_path: str | None = None) -> nn.Module:
             "inception_features(weights_path=...)"
         ) from err
     return _InceptionFeatures(net)
+
+
+# ---- importance weights (stochastic normalizing flows, Boltzmann generators) --------------------------------------
+
+def _log_w(log_w: Tensor) -> Tensor:
+    if not isinstance(log_w, Tensor) or log_w.dim() != 1 or log_w.shape[0] < 2:
+        raise ShapeError(f"log weights must be a 1-D tensor of >= 2 values; got "
+                         f"{tuple(log_w.shape) if isinstance(log_w, Tensor) else type(log_w).__name__}")
+    if bool(torch.isnan(log_w).any()) or bool((log_w == math.inf).any()):
+        raise DataError("log weights contain NaN or +inf; check the energy and the sampler for non-finite values")
+    return log_w.detach().double()
+
+
+def effective_sample_size(log_w: Tensor) -> float:
+    """Kish's ``(sum w)^2 / sum w^2`` from log weights ``[n]`` (between 1 and n; n for equal weights)."""
+    lw = _log_w(log_w)
+    return float(torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)))
+
+
+def log_z(log_w: Tensor) -> tuple[float, float]:
+    """``(log Z, standard error)`` with ``Z = mean(w)``; the error by the delta method,
+    ``se(log Z) = std(w) / (sqrt(n) mean(w))``."""
+    lw = _log_w(log_w)
+    n = lw.shape[0]
+    est = torch.logsumexp(lw, 0) - math.log(n)
+    r = torch.exp(lw - est)  # w / mean(w)
+    se = torch.sqrt(((r - 1) ** 2).sum() / (n - 1) / n)
+    return float(est), float(se)
+
+
+def reweighted_mean(values: Tensor, log_w: Tensor) -> Tensor:
+    """Self-normalised importance estimate ``sum w f / sum w`` of ``values`` ``[n]`` or ``[n, ...]``."""
+    lw = _log_w(log_w)
+    if values.shape[0] != lw.shape[0]:
+        raise ShapeError(f"values [{values.shape[0]}, ...] and log weights [{lw.shape[0]}] need the same length")
+    p = torch.softmax(lw, 0).to(values.dtype)
+    return (p.reshape(-1, *([1] * (values.dim() - 1))) * values).sum(0)
+
+
+def reweighted_free_energy(coord: Tensor, log_w: Tensor | None, edges: Tensor, *, shift: bool = True
+                           ) -> tuple[Tensor, Tensor]:
+    """``(bin centres, F)`` with ``F = -log p`` (kT) of the (re)weighted histogram of ``coord`` ``[n]`` over bin
+    ``edges`` ``[m + 1]``; ``log_w=None`` gives the unweighted profile; empty bins are ``inf``; shifted to a
+    minimum of 0 unless ``shift=False`` (then normalised as a density on the bins)."""
+    c = coord.detach().double().reshape(-1)
+    e = edges.detach().double()
+    lw = torch.zeros_like(c) if log_w is None else _log_w(log_w)
+    if lw.shape[0] != c.shape[0]:
+        raise ShapeError(f"coord [{c.shape[0]}] and log weights [{lw.shape[0]}] need the same length")
+    if e.dim() != 1 or e.shape[0] < 2 or not bool((e[1:] > e[:-1]).all()):
+        raise ConfigError("edges must be a 1-D increasing tensor of >= 2 values, e.g. torch.linspace(-2, 2, 41)")
+    idx = torch.bucketize(c, e, right=True) - 1
+    keep = (idx >= 0) & (idx < e.shape[0] - 1)
+    w = torch.exp(lw - lw.max())
+    h = torch.zeros(e.shape[0] - 1, dtype=torch.float64).index_add_(0, idx[keep], w[keep])
+    p = h / (w.sum() * (e[1:] - e[:-1]))
+    f = -torch.log(p)
+    if shift:
+        f = f - f[torch.isfinite(f)].min()
+    return 0.5 * (e[1:] + e[:-1]), f

@@ -4,6 +4,16 @@
 from __future__ import annotations
 
 from .flow import Flow
+from .snf import (
+    EnergyObjective,
+    InterpolatedEnergy,
+    LangevinBlock,
+    MetropolisBlock,
+    MixedObjective,
+    MLObjective,
+    StochasticFlow,
+    flow_log_weights,
+)
 from .splines import rq_spline, spline_knots
 from .transforms import (
     FLOW_TRANSFORMS,
@@ -17,4 +27,6 @@ from .transforms import (
 
 __all__ = ["Flow", "rq_spline", "spline_knots", "FLOW_TRANSFORMS", "Transform", "CouplingSpline",
            "AutoregressiveSpline",
-           "AffineCoupling", "LULinear", "Permutation"]
+           "AffineCoupling", "LULinear", "Permutation",
+           "InterpolatedEnergy", "LangevinBlock", "MetropolisBlock", "StochasticFlow", "EnergyObjective",
+           "MLObjective", "MixedObjective", "flow_log_weights"]

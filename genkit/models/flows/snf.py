@@ -1,0 +1,295 @@
+"""Stochastic normalizing flows (Wu, Köhler, Noé 2020; METHODS.md section 12).
+
+A :class:`StochasticFlow` is a list of layers applied in *sampling order* (prior -> target): deterministic genkit
+flow transforms (whose ``forward`` maps data -> base, so sampling runs their ``inverse``) mixed with stochastic
+blocks (:class:`LangevinBlock`, :class:`MetropolisBlock`) that target :class:`InterpolatedEnergy`
+``u_lambda = (1 - lambda) u_prior + lambda u_target``. Every layer adds its path term ``Delta S`` (a log-det for
+a deterministic layer, the backward/forward path log ratio for a stochastic one), so the importance weight
+
+    log w = -u_X(x) - log p_Z(z) + sum Delta S
+
+is exact without marginalising the noise. Here the prior energy is the *normalised* ``-log N(z; 0, I)``, so
+``mean(exp(log w))`` estimates the target's ``Z`` directly (:func:`genkit.metrics.log_z`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...errors import ConfigError, DataError, ShapeError
+from .flow import Flow
+from .transforms import Transform
+
+__all__ = ["InterpolatedEnergy", "LangevinBlock", "MetropolisBlock", "StochasticFlow", "EnergyObjective",
+           "MLObjective", "MixedObjective", "flow_log_weights"]
+
+
+def _prior_energy(x: Tensor) -> Tensor:
+    return 0.5 * (x * x).sum(1)
+
+
+def _check_finite(u: Tensor, x: Tensor, what: str) -> Tensor:
+    bad = ~torch.isfinite(u)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise DataError(f"{what} is not finite at {int(bad.sum())} of {u.shape[0]} inputs (first x[{i}] = "
+                        f"{x[i].detach().tolist()}); reduce the stochastic blocks' step size or check the energy "
+                        "for NaN/inf inside its bounds")
+    return u
+
+
+class InterpolatedEnergy:
+    """``u_lambda(x) = (1 - lambda) * 0.5 |x|^2 + lambda * target.energy(x)`` and its force ``-grad u_lambda``."""
+
+    def __init__(self, target: Any, lam: float):
+        if not (isinstance(lam, (int, float)) and 0.0 <= float(lam) <= 1.0):
+            raise ConfigError(f"interpolation lambda must be a number in [0, 1]; got lam={lam!r}")
+        if not callable(getattr(target, "energy", None)):
+            raise ConfigError(f"the target must be a genkit Energy (with .energy(x)); got {type(target).__name__}")
+        self.target, self.lam = target, float(lam)
+
+    def energy(self, x: Tensor) -> Tensor:
+        u = (1.0 - self.lam) * _prior_energy(x)
+        if self.lam > 0:
+            u = u + self.lam * self.target.energy(x)
+        return _check_finite(u, x, f"interpolated energy (lambda={self.lam})")
+
+    def force(self, x: Tensor, create_graph: bool = False) -> Tensor:
+        """``-grad u_lambda(x)``; with ``create_graph`` it stays differentiable in whatever ``x`` came from."""
+        with torch.enable_grad():
+            xg = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.energy(xg).sum(), xg, create_graph=create_graph)
+        return -g
+
+
+def _check_step(name: str, value: Any) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a finite number > 0; got {value!r} (typical: 1e-3 .. 0.1)")
+    return float(value)
+
+
+def _check_steps(n: Any) -> int:
+    if not (isinstance(n, int) and n >= 1):
+        raise ConfigError(f"n_steps must be an int >= 1; got {n!r}")
+    return n
+
+
+def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    dev = x.device if generator is None else generator.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=dev).to(x.device)
+
+
+def _uniform(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    dev = x.device if generator is None else generator.device
+    return torch.rand(x.shape[0], generator=generator, dtype=x.dtype, device=dev).to(x.device)
+
+
+class LangevinBlock(nn.Module):
+    """Overdamped Langevin on ``u_lambda``: ``n_steps`` of ``y = x + eps F(x) + sqrt(2 eps) eta``, each adding
+    ``Delta S = 0.5 (|eta|^2 - |eta~|^2)`` with ``eta~ = (x - y - eps F(y)) / sqrt(2 eps)``."""
+
+    stochastic = True
+
+    def __init__(self, target: Any, lam: float, *, step_size: float = 0.01, n_steps: int = 1):
+        super().__init__()
+        self.energy = InterpolatedEnergy(target, lam)
+        self.step_size, self.n_steps = _check_step("LangevinBlock step_size", step_size), _check_steps(n_steps)
+
+    def step(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        eps = self.step_size
+        train = torch.is_grad_enabled()
+        f_x = self.energy.force(x, create_graph=train)
+        eta = _noise(x, generator)
+        y = x + eps * f_x + math.sqrt(2 * eps) * eta
+        f_y = self.energy.force(y, create_graph=train)
+        eta_b = (x - y - eps * f_y) / math.sqrt(2 * eps)
+        return y, 0.5 * ((eta * eta).sum(1) - (eta_b * eta_b).sum(1))
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        total = x.new_zeros(x.shape[0])
+        for _ in range(self.n_steps):
+            x, ds = self.step(x, generator)
+            total = total + ds
+        return x, total
+
+
+class MetropolisBlock(nn.Module):
+    """Metropolis MC on ``u_lambda`` with the symmetric proposal ``y = x + step_size * eta``, accepted with
+    ``min(1, exp(-(u(y) - u(x))))``; each accepted move adds ``Delta S = u_lambda(y) - u_lambda(x)`` (the accept
+    mask is a constant for gradients, which flow through the accepted positions)."""
+
+    stochastic = True
+
+    def __init__(self, target: Any, lam: float, *, step_size: float = 0.1, n_steps: int = 1):
+        super().__init__()
+        self.energy = InterpolatedEnergy(target, lam)
+        self.step_size, self.n_steps = _check_step("MetropolisBlock step_size", step_size), _check_steps(n_steps)
+
+    def step(self, x: Tensor, generator: torch.Generator | None = None, u_x: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor]:
+        u_x = self.energy.energy(x) if u_x is None else u_x
+        y = x + self.step_size * _noise(x, generator)
+        u_y = self.energy.energy(y)
+        log_u = torch.log(_uniform(x, generator))
+        accept = (log_u < -(u_y - u_x)).detach()
+        a = accept.to(x.dtype)
+        x_new = torch.where(accept[:, None], y, x)
+        u_new = torch.where(accept, u_y, u_x)
+        return x_new, a * (u_y - u_x), u_new
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        total = x.new_zeros(x.shape[0])
+        u = None
+        for _ in range(self.n_steps):
+            x, ds, u = self.step(x, generator, u)
+            total = total + ds
+        return x, total
+
+
+class StochasticFlow(nn.Module):
+    """``StochasticFlow(layers, features)``: ``layers`` in sampling order (prior -> target), each a genkit flow
+    :class:`Transform` (run by its ``inverse`` when sampling, ``forward`` on the reverse pass) or a stochastic
+    block. ``sample_with_log_weights(n, target, generator=)`` -> ``(x, log_w)``; ``reverse(x, generator=)`` ->
+    ``(z, sum Delta S)`` for the maximum-likelihood loss."""
+
+    def __init__(self, layers: Sequence[nn.Module], features: int):
+        super().__init__()
+        if not (isinstance(features, int) and features >= 1):
+            raise ConfigError(f"a StochasticFlow needs features >= 1; got features={features!r}")
+        for i, layer in enumerate(layers):
+            if isinstance(layer, Transform):
+                if layer.features != features or layer.context_features:
+                    raise ConfigError(f"StochasticFlow layer {i} ({type(layer).__name__}) must act on {features} "
+                                      "features without a context")
+            elif not getattr(layer, "stochastic", False):
+                raise ConfigError(f"StochasticFlow layer {i} is a {type(layer).__name__}; use a genkit flow "
+                                  "Transform, LangevinBlock or MetropolisBlock")
+        self.layers = nn.ModuleList(layers)
+        self.features = features
+        self.register_buffer("_ref", torch.zeros(()), persistent=False)
+
+    def prior_energy(self, z: Tensor) -> Tensor:
+        """``-log N(z; 0, I)``: the normalised prior energy ``u_Z``."""
+        return _prior_energy(z) + 0.5 * self.features * math.log(2 * math.pi)
+
+    def sample_with_path(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x, u_Z(z), sum Delta S)`` from one forward (prior -> target) pass."""
+        if not (isinstance(n, int) and n >= 1):
+            raise ConfigError(f"number of samples must be an int >= 1; got n={n!r}")
+        dev = self._ref.device if generator is None else generator.device
+        z = torch.randn(n, self.features, generator=generator, dtype=self._ref.dtype, device=dev).to(self._ref.device)
+        x, total = z, z.new_zeros(n)
+        for layer in self.layers:
+            if isinstance(layer, Transform):
+                x, ds = layer.inverse(x)
+            else:
+                x, ds = layer(x, generator)
+            total = total + ds
+        return x, self.prior_energy(z), total
+
+    def sample_with_log_weights(self, n: int, target: Any, *, generator: torch.Generator | None = None
+                                ) -> tuple[Tensor, Tensor]:
+        """``(x [n, D], log_w [n])`` with ``log w = -u_X(x) + u_Z(z) + sum Delta S``; ``u_X = target.energy``."""
+        x, u_z, ds = self.sample_with_path(n, generator)
+        return x, -target.energy(x) + u_z + ds
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        return self.sample_with_path(n, generator)[0]
+
+    def reverse(self, x: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Data -> prior: ``(z, sum Delta S)``, transforms by their ``forward``, stochastic blocks by the same
+        dynamics (detailed balance), in reverse order. ``ML loss = mean(u_Z(z) - sum Delta S)``."""
+        if x.dim() != 2 or x.shape[1] != self.features:
+            raise ShapeError(f"StochasticFlow.reverse expects x [batch, {self.features}]; got {tuple(x.shape)}")
+        total = x.new_zeros(x.shape[0])
+        for layer in reversed(self.layers):
+            if isinstance(layer, Transform):
+                x, ds = layer(x)
+            else:
+                x, ds = layer(x, generator)
+            total = total + ds
+        return x, total
+
+
+def flow_log_weights(model: nn.Module, n: int, target: Any, *, generator: torch.Generator | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """``(x, log_w)`` for a :class:`StochasticFlow` or a plain :class:`Flow` (``log w = -u_X(x) - log q(x)``)."""
+    if isinstance(model, StochasticFlow):
+        return model.sample_with_log_weights(n, target, generator=generator)
+    if isinstance(model, Flow):
+        x, logq = model.sample_and_log_prob(n, generator=generator)
+        return x, -target.energy(x) - logq
+    raise ConfigError(f"expected a StochasticFlow or a Flow; got {type(model).__name__}")
+
+
+def _check_batch(batch_size: Any) -> int:
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ConfigError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    return batch_size
+
+
+class EnergyObjective(nn.Module):
+    """Reverse KL / energy loss ``E[u_X(x) - sum Delta S]`` (plus the constant-in-expectation ``-u_Z(z)``, i.e.
+    ``-mean(log w)``), data-free for :class:`genkit.train.Trainer`; trains a StochasticFlow or a plain Flow."""
+
+    data_free = True
+
+    def __init__(self, model: nn.Module, target: Any, *, batch_size: int = 128):
+        super().__init__()
+        if not isinstance(model, (StochasticFlow, Flow)):
+            raise ConfigError(f"EnergyObjective trains a StochasticFlow or a Flow; got {type(model).__name__}")
+        self.model, self.target, self.batch_size = model, target, _check_batch(batch_size)
+
+    def loss(self, batch: Any = None, generator: torch.Generator | None = None, **_: Any
+             ) -> tuple[Tensor, dict[str, float]]:
+        _, log_w = flow_log_weights(self.model, self.batch_size, self.target, generator=generator)
+        loss = -log_w.mean()
+        return loss, {"kl": float(loss.detach())}
+
+
+class MLObjective(nn.Module):
+    """Maximum likelihood on samples ``x``: ``mean(u_Z(z) - sum Delta S)`` over the reverse pass (a Flow: NLL)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not isinstance(model, (StochasticFlow, Flow)):
+            raise ConfigError(f"MLObjective trains a StochasticFlow or a Flow; got {type(model).__name__}")
+        self.model = model
+
+    def loss(self, batch: Any, generator: torch.Generator | None = None, **_: Any
+             ) -> tuple[Tensor, dict[str, float]]:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if isinstance(self.model, Flow):
+            loss = -self.model.log_prob(x).mean()
+        else:
+            z, ds = self.model.reverse(x, generator=generator)
+            loss = (self.model.prior_energy(z) - ds).mean()
+        return loss, {"ml": float(loss.detach())}
+
+
+class MixedObjective(nn.Module):
+    """``w_ml * ML(batch) + w_kl * KL`` (the SNF paper's 0.5 : 0.5 phase)."""
+
+    def __init__(self, model: nn.Module, target: Any, *, w_ml: float = 0.5, w_kl: float = 0.5,
+                 batch_size: int = 128):
+        super().__init__()
+        for name, w in (("w_ml", w_ml), ("w_kl", w_kl)):
+            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0; got {w!r}")
+        if w_ml + w_kl <= 0:
+            raise ConfigError("w_ml + w_kl must be > 0; set at least one weight")
+        self.model = model
+        self.ml, self.kl = MLObjective(model), EnergyObjective(model, target, batch_size=batch_size)
+        self.w_ml, self.w_kl = float(w_ml), float(w_kl)
+
+    def loss(self, batch: Any, generator: torch.Generator | None = None, **_: Any
+             ) -> tuple[Tensor, dict[str, float]]:
+        l_ml, logs = self.ml.loss(batch, generator)
+        l_kl, logs2 = self.kl.loss(None, generator)
+        return self.w_ml * l_ml + self.w_kl * l_kl, {**logs, **logs2}
