@@ -2,10 +2,11 @@
 
 ``bracketed_inverse(f, y, lo, hi)`` solves ``f(x) = y`` elementwise for an increasing ``f`` on
 ``[lo, hi]`` by safeguarded Newton (a Newton step is taken only when it stays inside the current
-bracket, otherwise bisection), stopping when ``|f(x) - y| <= tol`` or the bracket is narrower than
-``tol``. ``InverseFunction`` wraps the solve in an autograd Function whose backward uses the
-inverse function theorem, ``dx/dy = 1 / f'(x)`` and ``dx/dtheta = -(df/dtheta) / f'(x)``,
-instead of backpropagating through the iterations.
+bracket, otherwise bisection), stopping when ``|f(x) - y| <= tol`` (default 1e-12 in float64, 1e-6
+otherwise) or the bracket is narrower than ``tol``, so ``|x - f^{-1}(y)| <= tol / min f'``. A ``y`` outside
+``[f(lo) - tol, f(hi) + tol]`` is a SolverError. ``InverseFunction`` wraps the solve in an autograd
+Function whose backward uses the inverse function theorem, ``dx/dy = 1 / f'(x)`` and
+``dx/dtheta = -(df/dtheta) / f'(x)``, instead of backpropagating through the iterations.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ def bracketed_inverse(f: Callable[[Tensor], tuple[Tensor, Tensor]], y: Tensor, l
         tol = 1e-12 if y.dtype == torch.float64 else 1e-6
     a = torch.full_like(y, lo)
     b = torch.full_like(y, hi)
+    f_lo, f_hi = f(a)[0], f(b)[0]
+    out = (y < f_lo - tol) | (y > f_hi + tol) | ~torch.isfinite(y)
+    if bool(out.any()):
+        i = int(out.flatten().nonzero()[0, 0])
+        raise SolverError(f"bracketed_inverse: y = {float(y.flatten()[i])} is outside the range "
+                          f"[{float(f_lo.flatten()[i])}, {float(f_hi.flatten()[i])}] that f takes on "
+                          f"[{lo}, {hi}]; pass y inside f's range (or widen the bracket)")
     x = 0.5 * (a + b)
     for _ in range(max_iter):
         fx, dfx = f(x)
