@@ -78,14 +78,13 @@ def smooth_unit_map(u: Tensor, params: Tensor, *, circle: bool = False, alpha: f
     w, a, b, c = _split(params, circle, min_slope)
     uu = u.unsqueeze(-1)
     if circle:
-        val = torch.zeros_like(a)
-        der = torch.zeros_like(a)
-        lift0 = torch.zeros_like(a)
-        for n in (-1, 0, 1):
-            s, ds = bump_sigmoid(a * (uu - b - n) + 0.5, alpha)
-            s0, _ = bump_sigmoid(a * (-b - n) + 0.5, alpha)
-            val, der, lift0 = val + s, der + a * ds, lift0 + s0
-        g = val - lift0
+        # the lift's three sheaves n = -1, 0, 1 (last axis), at u and at 0 (second-last axis), in one call
+        shift = torch.tensor([-1.0, 0.0, 1.0], dtype=u.dtype, device=u.device)
+        ub, bb = torch.broadcast_tensors(uu, b)
+        at = torch.stack([ub, torch.zeros_like(ub)], dim=-1)[..., None]
+        s, ds = bump_sigmoid(a[..., None, None] * (at - bb[..., None, None] - shift) + 0.5, alpha)
+        g = s[..., 0, :].sum(-1) - s[..., 1, :].sum(-1)
+        der = a * ds[..., 0, :].sum(-1)
     else:
         s, ds = bump_sigmoid(a * (uu - b) + 0.5, alpha)
         s0, _ = bump_sigmoid(0.5 - a * b, alpha)
