@@ -165,7 +165,8 @@ def test_bump_sigmoid_is_flat_outside_and_exact_at_the_centre():
     for alpha in (0.5, 1.0, 4.0):
         s, ds = bump_sigmoid(z, alpha)
         assert s.tolist()[:2] == [0.0, 0.0] and s.tolist()[-2:] == [1.0, 1.0] and ds[[0, 1, 5, 6]].eq(0).all()
-        assert abs(float(s[3].detach()) - 0.5) <= 1e-15 and abs(float(ds[3].detach()) - 2 * alpha) <= 1e-12  # s' = 2 alpha
+        centre, slope = float(s[3].detach()), float(ds[3].detach())
+        assert abs(centre - 0.5) <= 1e-15 and abs(slope - 2 * alpha) <= 1e-12  # sigma'(1/2) = 2 alpha
         (auto,) = torch.autograd.grad(s.sum(), z, retain_graph=True)
         assert (auto - ds).abs().max() <= 1e-12
         (dds,) = torch.autograd.grad(ds.sum(), z, create_graph=True)
