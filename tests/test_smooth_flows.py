@@ -73,6 +73,14 @@ def test_inverse_gradients_match_finite_differences():
                                     (y, a, b), eps=1e-6, atol=1e-7)
 
 
+def test_inverse_second_derivatives_match_finite_differences():
+    a = torch.tensor([0.5, 1.0, 2.0], dtype=F64, requires_grad=True)
+    b = torch.tensor([3.0, 0.1, 1.0], dtype=F64, requires_grad=True)
+    y = torch.tensor([-1.0, 0.3, 2.5], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda y, a, b: inverse(_f, y, -10.0, 10.0, a, b, tol=1e-14),
+                                        (y, a, b), eps=1e-6, atol=1e-6)
+
+
 def test_root_finder_bad_input_is_a_solver_error():
     a, b = torch.ones(2, dtype=F64), torch.zeros(2, dtype=F64)
     with pytest.raises(SolverError, match="outside the range"):

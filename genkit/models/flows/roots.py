@@ -6,7 +6,8 @@ bracket, otherwise bisection), stopping when ``|f(x) - y| <= tol`` (default 1e-1
 otherwise) or the bracket is narrower than ``tol``, so ``|x - f^{-1}(y)| <= tol / min f'``. A ``y`` outside
 ``[f(lo) - tol, f(hi) + tol]`` is a SolverError. ``InverseFunction`` wraps the solve in an autograd
 Function whose backward uses the inverse function theorem, ``dx/dy = 1 / f'(x)`` and
-``dx/dtheta = -(df/dtheta) / f'(x)``, instead of backpropagating through the iterations.
+``dx/dtheta = -(df/dtheta) / f'(x)``, instead of backpropagating through the iterations; the backward is
+itself differentiable (double backward, e.g. forces of a density evaluated through an inverse).
 """
 
 from __future__ import annotations
@@ -64,15 +65,21 @@ class InverseFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gx):
         x, *theta = ctx.saved_tensors
+        create = torch.is_grad_enabled()  # a double backward (create_graph=True) is asked for
         with torch.enable_grad():
-            th = [t.detach().requires_grad_(t.requires_grad) for t in theta]
-            val, dval = ctx.f(x.detach(), *th)
+            if create:
+                # keep x's graph (it depends on y and theta through this Function) and take the partial
+                # derivative in theta through aliases, so the result is itself differentiable
+                xs, th = x, [t.view_as(t) if t.requires_grad else t for t in theta]
+            else:
+                xs, th = x.detach(), [t.detach().requires_grad_(t.requires_grad) for t in theta]
+            val, dval = ctx.f(xs, *th)
             gy = gx / dval
             need = [t for t in th if t.requires_grad]
-            grads = torch.autograd.grad(val, need, -gy, allow_unused=True) if need else []
+            grads = torch.autograd.grad(val, need, -gy, allow_unused=True, create_graph=create) if need else []
         it = iter(grads)
         gtheta = [next(it) if t.requires_grad else None for t in th]
-        return (None, gy.detach(), None, None, None, *gtheta)
+        return (None, gy if create else gy.detach(), None, None, None, *gtheta)
 
 
 def inverse(f, y: Tensor, lo: float, hi: float, *theta: Tensor, tol: float | None = None) -> Tensor:
