@@ -280,6 +280,26 @@ def test_forces_of_a_smooth_flow_are_continuous_where_an_rq_splines_are_not():
             assert steps[1] <= 0.02 * steps[0]  # continuous: shrinks with the grid step (100x)
 
 
+def test_a_smooth_torus_flow_has_a_periodic_density_and_force_an_rq_one_only_a_periodic_density():
+    """Across the seam (-pi vs the float below pi, in either angle) log q agrees for both circular flows; the
+    force grad log q agrees for the smooth flow (every derivative matches at the seam) but jumps for the RQ one
+    (its seam matches the slope, not the curvature)."""
+    rq = [_randomise(CircularCoupling(2, bins=6, hidden=8, parity=i), 40 + i) for i in (0, 1)]
+    sm = [_randomise(CircularSmoothCoupling(2, components=4, hidden=8, parity=i), 40 + i) for i in (0, 1)]
+    other = torch.linspace(-3.0, 3.0, 7, dtype=F64)
+    for layers, smooth in ((rq, False), (sm, True)):
+        flow = CompactFlow(layers, 2).double()
+        for axis in (0, 1):
+            pts = [torch.stack([torch.full_like(other, v), other], 1)[:, [axis, 1 - axis]] for v in (-PI, BELOW_PI)]
+            lq = [flow.log_prob(q).detach() for q in pts]
+            assert (lq[1] - lq[0]).abs().max() <= 1e-10
+            f0, f1 = (flow_force(flow, q)[:, axis] for q in pts)
+            if smooth:
+                assert (f1 - f0).abs().max() <= 1e-10  # measured 3e-16
+            else:
+                assert (f1 - f0).abs().min() > 1.0  # at every seam point (measured 3 .. 56, forces up to 12)
+
+
 # --------------------------------------------------------------------------------------- compact-domain flows
 
 def _torus_grid(n):
