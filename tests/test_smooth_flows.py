@@ -141,6 +141,19 @@ def test_circular_spline_round_trips_on_its_knots_and_the_seam():
     assert wrap(x3 - near).abs().max() <= 1e-10
 
 
+def test_circular_spline_stays_in_its_domain_next_to_the_seam():
+    g = torch.Generator().manual_seed(9)
+    w, h, d = _randn(g, 500, 4, scale=3.0), _randn(g, 500, 4, scale=3.0), _randn(g, 500, 3)
+    bd = 100 * torch.rand(500, generator=g, dtype=F64)  # steep seams: the float below pi maps back onto pi
+    for x in (torch.full((500,), BELOW_PI, dtype=F64), torch.full((500,), -PI, dtype=F64)):
+        for inv in (False, True):
+            y, ld = circular_rq_spline(x, w, h, d, bd, inverse=inv)
+            assert ((y >= -PI) & (y < PI)).all()
+            x2, _ = circular_rq_spline(y, w, h, d, bd, inverse=not inv)
+            # held to the way back's condition number |dx/dy| (as in tests/test_flow_transforms.py)
+            assert (wrap(x2 - x).abs() <= 1e-10 * torch.exp(-ld).clamp_min(1)).all()
+
+
 def test_circular_spline_rejects_outside_angles():
     g = torch.Generator().manual_seed(2)
     w, h, d, bd, off = _circ_params(g, 1, 4, 1.0)

@@ -69,7 +69,8 @@ def circular_rq_spline(x: Tensor, widths: Tensor, heights: Tensor, derivatives: 
               boundary_derivatives=bd)
     if inverse:
         z = x if offset is None else wrap(x - offset)
-        return rq_spline(z, widths, heights, derivatives, inverse=True, **kw)
+        out, ld = rq_spline(z, widths, heights, derivatives, inverse=True, **kw)
+        return wrap(out), ld  # the float below pi can map back to pi itself where the seam is steep
     y, ld = rq_spline(x, widths, heights, derivatives, **kw)
     return wrap(y if offset is None else y + offset), ld
 
