@@ -3,8 +3,8 @@
 ``bracketed_inverse(f, y, lo, hi)`` solves ``f(x) = y`` elementwise for an increasing ``f`` on
 ``[lo, hi]`` by safeguarded Newton (a Newton step is taken only when it stays inside the current
 bracket, otherwise bisection), stopping when ``|f(x) - y| <= tol`` (default 1e-12 in float64, 1e-6
-otherwise) or the bracket is narrower than ``tol``, so ``|x - f^{-1}(y)| <= tol / min f'``. A ``y`` outside
-``[f(lo) - tol, f(hi) + tol]`` is a SolverError. ``InverseFunction`` wraps the solve in an autograd
+otherwise) or the bracket is narrower than ``tol``, so ``|x - f^{-1}(y)| <= tol * max(1, 1 / min f')``.
+A ``y`` outside ``[f(lo) - tol, f(hi) + tol]`` is a SolverError. ``InverseFunction`` wraps the solve in an autograd
 Function whose backward uses the inverse function theorem, ``dx/dy = 1 / f'(x)`` and
 ``dx/dtheta = -(df/dtheta) / f'(x)``, instead of backpropagating through the iterations; the backward is
 itself differentiable (double backward, e.g. forces of a density evaluated through an inverse).
