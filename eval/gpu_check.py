@@ -15,6 +15,13 @@ What it runs:
 4. A 5-iteration ``search_solver`` with every genkit extension (teleport jump fitted to the reference, searched
    evaluation times and step scales) on the device; the solver must give finite samples there and the same
    samples after a save and load.
+5. Normalizing flows on the device (``--checks flows``): a coupling NSF (8-D, 4 spline layers) trained by maximum
+   likelihood under bf16 autocast (median ms/step over ``--windows`` windows), whose spline arithmetic must stay
+   float32 (log-densities float32 and finite; the round trip x -> z -> x under autocast within 1e-4); sampling
+   1024 points (median of ``--repeats``); and a stochastic normalizing flow (flow layers with Langevin and
+   Metropolis blocks) on the double well: finite importance weights and their effective sample size.
+
+``--checks diffusion,flows`` (the default) picks the parts; 1-4 are ``diffusion``.
 
 Prints a summary and writes ``eval/results/gpu_check.json``. Exit status: 0 when every check passes, 1 when
 one fails, 77 (the usual "skipped") when there is no CUDA device. ``--allow-cpu`` runs the same steps on the
@@ -175,6 +182,76 @@ def searched_check(model: Any, args: argparse.Namespace, device: torch.device) -
             "loaded_equal": bool(torch.equal(out, again)), "times": s.times.tolist()}
 
 
+def flow_check(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Part 5: a coupling NSF trained under bf16 autocast on the device, its sampling time, and an SNF."""
+    from genkit.energies import ENERGIES
+    from genkit.metrics import effective_sample_size
+    from genkit.models.flows import CouplingSpline, Flow, LangevinBlock, MetropolisBlock, Permutation, StochasticFlow
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(args.seed)
+    d = 8
+    layers: list[Any] = []
+    for i in range(4):
+        layers += [CouplingSpline(d, bins=8, hidden=128, parity=i), Permutation.reverse(d)]
+    flow = Flow(layers, features=d).to(device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    centres = 2.0 * torch.randn(4, d, generator=g, device=device)
+    data = centres[torch.randint(4, (4096,), generator=g, device=device)] + 0.5 * torch.randn(
+        4096, d, generator=g, device=device)
+    opt = torch.optim.AdamW(flow.parameters(), lr=1e-3)
+    windows: list[float] = []
+    dtypes: set[str] = set()
+    finite = True
+    for w in range(args.windows + 1):  # the first window warms up
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.window):
+            batch = data[torch.randint(4096, (args.batch_size,), generator=g, device=device)]
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logp = flow.log_prob(batch)
+            dtypes.add(str(logp.dtype))
+            loss = -logp.mean()
+            finite = finite and bool(torch.isfinite(loss))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync()
+        if w:
+            windows.append(1e3 * (time.perf_counter() - start) / args.window)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        x = data[:512]
+        z = x
+        for t in flow.transforms:
+            z, _ = t(z)
+        back = z
+        for t in reversed(flow.transforms):
+            back, _ = t.inverse(back)
+        round_trip = float((back - x).abs().max())
+    times = []
+    for r in range(args.repeats + 1):
+        gen = torch.Generator(device=device).manual_seed(args.seed + r)
+        sync()
+        start = time.perf_counter()
+        s = flow.sample(1024, generator=gen)
+        sync()
+        if r:
+            times.append(1e3 * (time.perf_counter() - start))
+    target = ENERGIES.get("double_well")()
+    snf_layers: list[Any] = []
+    for i, lam in enumerate((0.25, 0.5, 0.75, 1.0)):
+        snf_layers += [CouplingSpline(2, bins=8, hidden=64, parity=i), Permutation.reverse(2),
+                       LangevinBlock(target, lam, step_size=0.01, n_steps=2), MetropolisBlock(target, lam)]
+    snf = StochasticFlow(snf_layers, features=2).to(device)
+    xs, log_w = snf.sample_with_log_weights(1024, target, generator=torch.Generator(device=device).manual_seed(0))
+    return {"features": d, "transforms": len(layers), "batch_size": args.batch_size,
+            "ms_per_step_median": median(windows), "ms_per_step_windows": windows,
+            "final_loss": float(loss.detach()), "finite": finite, "log_prob_dtypes": sorted(dtypes),
+            "round_trip_max_abs_autocast": round_trip, "sample_1024_ms_median": median(times),
+            "sample_device": str(s.device), "snf_device": str(xs.device),
+            "snf_finite": bool(torch.isfinite(log_w).all()), "snf_ess_fraction": effective_sample_size(log_w) / 1024}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--window", type=int, default=20, help="steps per timed window (and warm-up)")
@@ -183,6 +260,7 @@ def main() -> int:
     parser.add_argument("--sample-n", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="timed sampling runs per solver")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checks", default="diffusion,flows", help="comma-separated parts: diffusion, flows")
     parser.add_argument("--allow-cpu", action="store_true", help="test this script on a CPU (timings meaningless)")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.allow_cpu:
@@ -193,30 +271,53 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from genkit.data import digits
 
-    data = digits("train").to(device)
-    train, model = train_timing(data, args)
-    resume = resume_check(data, args)
-    sampling = sample_timing(model, args, device)
-    searched = searched_check(model, args, device)
-    checks = {**train["checks"], "resume_completed": math.isfinite(resume["final_loss_resumed"]),
-              "resume_max_abs_param_diff_below_1e-5": resume["max_abs_param_diff"] < 1e-5,
-              **{f"sample_{k}_finite": v["finite"] for k, v in sampling.items()},
-              **{f"sample_{k}_on_device": v["device"].startswith(device.type) for k, v in sampling.items()},
-              "searched_extended_finite_on_device": searched["finite"] and searched["device"].startswith(device.type),
-              "searched_extended_reloads_exactly": searched["loaded_equal"]}
-    record = {"benchmark": "gpu_check", "command": "python " + " ".join(["eval/gpu_check.py", *sys.argv[1:]]),
-              "machine": machine_info(), "settings": vars(args), "train_bf16": train, "resume": resume,
-              "sampling": sampling, "searched": searched, "checks": checks, "passed": all(checks.values())}
+    parts = {p.strip() for p in args.checks.split(",") if p.strip()}
+    if not parts or parts - {"diffusion", "flows"}:
+        parser.error(f"--checks takes diffusion and/or flows; got {args.checks!r}")
+    record: dict[str, Any] = {"benchmark": "gpu_check",
+                              "command": "python " + " ".join(["eval/gpu_check.py", *sys.argv[1:]]),
+                              "machine": machine_info(), "settings": vars(args)}
+    checks: dict[str, bool] = {}
+    if "diffusion" in parts:
+        data = digits("train").to(device)
+        train, model = train_timing(data, args)
+        resume = resume_check(data, args)
+        sampling = sample_timing(model, args, device)
+        searched = searched_check(model, args, device)
+        checks.update({
+            **train["checks"], "resume_completed": math.isfinite(resume["final_loss_resumed"]),
+            "resume_max_abs_param_diff_below_1e-5": resume["max_abs_param_diff"] < 1e-5,
+            **{f"sample_{k}_finite": v["finite"] for k, v in sampling.items()},
+            **{f"sample_{k}_on_device": v["device"].startswith(device.type) for k, v in sampling.items()},
+            "searched_extended_finite_on_device": searched["finite"] and searched["device"].startswith(device.type),
+            "searched_extended_reloads_exactly": searched["loaded_equal"]})
+        record.update({"train_bf16": train, "resume": resume, "sampling": sampling, "searched": searched})
+    if "flows" in parts:
+        flows = flow_check(args, device)
+        checks.update({
+            "flow_bf16_finite": flows["finite"], "flow_log_prob_float32": flows["log_prob_dtypes"] == ["torch.float32"],
+            "flow_round_trip_autocast_below_1e-4": flows["round_trip_max_abs_autocast"] < 1e-4,
+            "flow_sample_on_device": flows["sample_device"].startswith(device.type),
+            "snf_finite_on_device": flows["snf_finite"] and flows["snf_device"].startswith(device.type)})
+        record["flows"] = flows
+    record.update({"checks": checks, "passed": all(checks.values())})
     name = "gpu_check" if device.type == "cuda" else "gpu_check_cpu_dryrun"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"device {record['machine'].get('gpu', device)}; torch {torch.__version__}")
-    print(f"train bf16: {train['ms_per_step_median']:.2f} ms/step (median of {len(train['ms_per_step_windows'])} "
-          f"windows of {args.window} steps, batch {args.batch_size}); final loss {train['losses'][-1]:.4f}")
-    print(f"resume: max |param diff| {resume['max_abs_param_diff']:.3g}, "
-          f"max |EMA diff| {resume['max_abs_ema_diff']:.3g}")
-    for solver, s in sampling.items():
-        print(f"sample {solver}: {s['ms_median']:.2f} ms for {s['n']} samples x 10 steps (median of {args.repeats})")
+    if "flows" in record:
+        f = record["flows"]
+        print(f"flow bf16: {f['ms_per_step_median']:.2f} ms/step; sample 1024: {f['sample_1024_ms_median']:.2f} ms; "
+              f"SNF ESS {f['snf_ess_fraction']:.3f}; round trip {f['round_trip_max_abs_autocast']:.2g}")
+    if "diffusion" in parts:
+        train, resume, sampling = record["train_bf16"], record["resume"], record["sampling"]
+        print(f"train bf16: {train['ms_per_step_median']:.2f} ms/step (median of {len(train['ms_per_step_windows'])} "
+              f"windows of {args.window} steps, batch {args.batch_size}); final loss {train['losses'][-1]:.4f}")
+        print(f"resume: max |param diff| {resume['max_abs_param_diff']:.3g}, "
+              f"max |EMA diff| {resume['max_abs_ema_diff']:.3g}")
+        for solver, s in sampling.items():
+            print(f"sample {solver}: {s['ms_median']:.2f} ms for {s['n']} samples x 10 steps "
+                  f"(median of {args.repeats})")
     for key, ok in checks.items():
         print(f"  {'ok  ' if ok else 'FAIL'} {key}")
     print(f"wrote {RESULTS / f'{name}.json'}")

@@ -101,6 +101,7 @@ class _SplineOptions:
 
     def _spline(self, z: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         k = self.bins
+        params = params.to(z.dtype)  # under autocast the conditioner gives bf16/fp16; the spline runs in z's dtype
         w, h, d = params[..., :k], params[..., k:2 * k], params[..., 2 * k:]
         return rq_spline(z, w, h, d, bound=self.bound, inverse=inverse)
 
@@ -244,7 +245,7 @@ class AffineCoupling(Transform):
         self._check(x, context)
         xc = x[:, self.cond_idx]
         inp = xc if not self.context_features else torch.cat([xc, context], dim=1)
-        s, t = self.net(inp).chunk(2, dim=1)
+        s, t = self.net(inp).to(x.dtype).chunk(2, dim=1)  # x's precision under autocast too
         return self.clamp * torch.tanh(s / self.clamp), t
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
