@@ -380,6 +380,25 @@ def test_compact_flow_bad_configurations():
         SmoothCoupling(2, min_slope=0.0)
 
 
+@pytest.mark.parametrize("kind", ["rq", "smooth"])
+def test_circular_flows_keep_float32_arithmetic_under_bf16_autocast(kind):
+    torch.manual_seed(0)
+    make = (lambda p: CircularCoupling(2, bins=8, hidden=32, parity=p)) if kind == "rq" else (
+        lambda p: CircularSmoothCoupling(2, components=4, hidden=32, parity=p))
+    flow = CompactFlow([_randomise(make(0), 50, 0.2), _randomise(make(1), 51, 0.2)], 2)
+    x = (2 * torch.rand(256, 2) - 1) * PI
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logq = flow.log_prob(x)
+        z = x
+        for t in flow.transforms:
+            z, _ = t(z)
+        back = z
+        for t in reversed(flow.transforms):
+            back, _ = t.inverse(back)
+    assert logq.dtype == torch.float32 and torch.isfinite(logq).all()
+    assert wrap(back - x).abs().max() < 1e-4
+
+
 # ----------------------------------------------------------------------------------------------- force matching
 
 class _LogProb:

@@ -113,7 +113,8 @@ class CircularCoupling(Transform):
         xc = x[:, self.cond_idx]
         feats = [torch.cos(xc), torch.sin(xc)] + ([context] if self.context_features else [])
         k = self.bins
-        p = self.net(torch.cat(feats, dim=1)).view(x.shape[0], len(self.trans_idx), 3 * k + 1)
+        p = self.net(torch.cat(feats, dim=1)).to(x.dtype)  # x's precision under autocast too
+        p = p.view(x.shape[0], len(self.trans_idx), 3 * k + 1)
         w, h, d, bd, off = p[..., :k], p[..., k:2 * k], p[..., 2 * k:3 * k - 1], p[..., 3 * k - 1], p[..., 3 * k]
         z, ld = circular_rq_spline(x[:, self.trans_idx], w, h, d, bd, off if self.rotation else None,
                                    inverse=inverse)

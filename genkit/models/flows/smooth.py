@@ -177,7 +177,8 @@ class SmoothCoupling(Transform):
         feats = [torch.cos(xc), torch.sin(xc)] if self.circle else [2 * xc - 1]
         if self.context_features:
             feats.append(context)
-        p = self.net(torch.cat(feats, dim=1)).view(x.shape[0], len(self.trans_idx), self.per)
+        p = self.net(torch.cat(feats, dim=1)).to(x.dtype)  # x's precision under autocast too
+        p = p.view(x.shape[0], len(self.trans_idx), self.per)
         kw = dict(circle=self.circle, alpha=self.alpha, min_slope=self.min_slope)
         xt = x[:, self.trans_idx]
         if self.circle:
