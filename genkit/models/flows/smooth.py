@@ -74,7 +74,8 @@ def _split(params: Tensor, circle: bool, min_slope: float) -> tuple[Tensor, Tens
 def smooth_unit_map(u: Tensor, params: Tensor, *, circle: bool = False, alpha: float = 1.0,
                     min_slope: float = DEFAULT_MIN_SLOPE) -> tuple[Tensor, Tensor]:
     """``(f(u), f'(u))`` of the smooth mixture on ``[0, 1]`` (``circle``: its periodic version), elementwise;
-    ``params [..., 3 K + 1]`` unnormalised (a circle's extra rotation entry, if present, is ignored here)."""
+    ``params`` unnormalised, ``[..., 3 K + 1]`` (K weights, K slopes ``a``, K centres ``b``, the mixing ``c``), or
+    ``[..., 3 K + 2]`` with ``circle`` (the last entry, the rotation, is applied by the transform, not here)."""
     w, a, b, c = _split(params, circle, min_slope)
     uu = u.unsqueeze(-1)
     if circle:
