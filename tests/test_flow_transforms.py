@@ -1,14 +1,17 @@
 """Property suite of the flow transforms (generated from FLOW_TRANSFORMS) and of the rational-quadratic spline:
-round trips to 1e-10 in float64 on random and extreme inputs, log-determinants against autograd's slogdet of the
-Jacobian, a seeded fuzz of the spline with no NaN/inf, boundary derivatives 1 at +-B, and bad-input errors."""
+round trips to 1e-10 in float64 on random and extreme inputs of each transform's domain (real line, circle,
+interval), log-determinants against autograd's slogdet of the Jacobian, out-of-domain inputs as DataErrors, a
+seeded fuzz of the spline with no NaN/inf, boundary derivatives 1 at +-B, and bad-input errors."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from genkit.errors import ConfigError, ShapeError
+from genkit.errors import ConfigError, DataError, ShapeError
 from genkit.models.flows import FLOW_TRANSFORMS, Permutation, rq_spline, spline_knots
 
 NAMES = FLOW_TRANSFORMS.names()
@@ -16,9 +19,20 @@ F64 = torch.float64
 
 
 def _extreme_inputs(t, x: torch.Tensor) -> torch.Tensor:
-    """Far tails, exactly +-B (spline transforms) and 0, mixed with the example's own inputs."""
-    bound = float(getattr(t, "bound", 3.0))
-    vals = torch.tensor([1e4, -1e4, bound, -bound, 0.0, bound * (1 - 1e-15), -bound * (1 - 1e-15)], dtype=F64)
+    """Per the transform's domain, mixed with the example's own inputs: on the real line far tails, exactly +-B
+    (spline transforms) and 0; on the circle exactly -pi, the float below pi (the seam, the circular splines'
+    end knots), 0 and +-pi/2; on the interval exactly 0 and 1, their float neighbours inside, and 1/2."""
+    domain = getattr(t, "domain", "real")
+    if domain == "circle":
+        pi = math.pi
+        vals = torch.tensor([-pi, math.nextafter(pi, 0), math.nextafter(-pi, 0), 0.0, pi / 2, -pi / 2, 1e-300],
+                            dtype=F64)
+    elif domain == "interval":
+        vals = torch.tensor([0.0, 1.0, math.nextafter(1.0, 0), 5e-324, 1e-300, 0.5, 1 - 1e-15], dtype=F64)
+    else:
+        assert domain == "real", f"unknown domain {domain!r}"
+        bound = float(getattr(t, "bound", 3.0))
+        vals = torch.tensor([1e4, -1e4, bound, -bound, 0.0, bound * (1 - 1e-15), -bound * (1 - 1e-15)], dtype=F64)
     g = torch.Generator().manual_seed(5)
     rows = vals[torch.randint(len(vals), (24, x.shape[1]), generator=g)]
     return torch.cat([x, rows])
@@ -28,8 +42,42 @@ def _context(c: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return None if c is None else c[torch.arange(n) % c.shape[0]]
 
 
+def _gap(t, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``|a - b|``; on the circle the distance along it (``-pi`` and the float below ``pi`` are neighbours)."""
+    d = a - b
+    if getattr(t, "domain", "real") == "circle":
+        d = torch.remainder(d + math.pi, 2 * math.pi) - math.pi
+    return d.abs()
+
+
+def _in_domain(t, x: torch.Tensor) -> bool:
+    domain = getattr(t, "domain", "real")
+    if domain == "circle":
+        return bool(((x >= -math.pi) & (x < math.pi)).all())
+    if domain == "interval":
+        return bool(((x >= 0) & (x <= 1)).all())
+    return True
+
+
 def test_the_registry_holds_every_transform() -> None:
-    assert set(NAMES) >= {"coupling_spline", "autoregressive_spline", "affine_coupling", "lu_linear", "permutation"}
+    assert set(NAMES) >= {"coupling_spline", "autoregressive_spline", "affine_coupling", "lu_linear", "permutation",
+                          "circular_coupling", "smooth_coupling", "circular_smooth_coupling"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_domain_is_declared_and_enforced(name: str) -> None:
+    t, x, c = FLOW_TRANSFORMS.get(name).example()
+    assert t.domain in ("real", "circle", "interval") and _in_domain(t, x)
+    if t.domain == "real":
+        return
+    outside = [math.pi, 4.0, -3.5] if t.domain == "circle" else [1.0 + 1e-12, -1e-300, 2.0]
+    fix = "wrap" if t.domain == "circle" else "rescale"
+    for v in outside:
+        bad = x.clone()
+        bad[1, -1] = v
+        for direction in (t.forward, t.inverse):
+            with pytest.raises(DataError, match=fix):
+                direction(bad, c)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -42,18 +90,19 @@ def test_round_trip_random_and_extreme(name: str) -> None:
         x2, ld2 = t.inverse(y, ctx)
         assert ld.shape == (inp.shape[0],) and torch.isfinite(y).all() and torch.isfinite(ld).all()
         assert torch.isfinite(x2).all() and torch.isfinite(ld2).all()
-        assert (t(x2, ctx)[0] - y).abs().max() <= 1e-10  # the inverse solves f(x) = y
+        assert _in_domain(t, y) and _in_domain(t, x2)  # the transform maps its domain onto itself
+        assert _gap(t, t(x2, ctx)[0], y).max() <= 1e-10  # the inverse solves f(x) = y
         # sampling direction first: inverse, then forward, recovers the input
         z, lz = t.inverse(inp, ctx)
         x3, lz2 = t(z, ctx)
-        assert (x3 - inp).abs().max() <= 1e-10 and (lz + lz2).abs().max() <= 1e-10
+        assert _gap(t, x3, inp).max() <= 1e-10 and (lz + lz2).abs().max() <= 1e-10
         if not extreme:
-            assert (x2 - inp).abs().max() <= 1e-10 and (ld + ld2).abs().max() <= 1e-10
+            assert _gap(t, x2, inp).max() <= 1e-10 and (ld + ld2).abs().max() <= 1e-10
         # With 1e4 in a conditioning feature the conditioner emits parameters of order 1e3-1e4 and the spline
         # can have slope ~1e-9 at the input: recovering x from y then loses |dx/dy| * eps * |y|, which no
         # algorithm avoids, so x -> y -> x is held to that condition number (the residual above is exact).
         cond = torch.exp(-ld.clamp(max=0))[:, None]
-        assert ((x2 - inp).abs() <= 1e-10 * torch.maximum(cond, torch.ones_like(cond))).all()
+        assert (_gap(t, x2, inp) <= 1e-10 * torch.maximum(cond, torch.ones_like(cond))).all()
 
 
 @pytest.mark.parametrize("name", NAMES)

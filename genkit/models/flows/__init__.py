@@ -1,9 +1,16 @@
 """Normalizing flows: rational-quadratic splines, invertible transforms (registered in FLOW_TRANSFORMS) and
-:class:`Flow`, a distribution built from them."""
+:class:`Flow`, a distribution built from them; circular and smooth transforms on tori and intervals with
+:class:`CompactFlow` (a uniform base), a bracketed root finder with implicit gradients, and force matching."""
 
 from __future__ import annotations
 
+from .circular import CircularCoupling, circular_rq_spline, wrap
+from .compact import CompactFlow
 from .flow import Flow
+from .forces import ForceMatchingObjective, flow_force, force_matching_loss
+from .roots import bracketed_inverse
+from .roots import inverse as root_inverse
+from .smooth import CircularSmoothCoupling, SmoothCoupling, bump_sigmoid, smooth_unit_inverse, smooth_unit_map
 from .snf import (
     EnergyObjective,
     InterpolatedEnergy,
@@ -29,4 +36,7 @@ __all__ = ["Flow", "rq_spline", "spline_knots", "FLOW_TRANSFORMS", "Transform", 
            "AutoregressiveSpline",
            "AffineCoupling", "LULinear", "Permutation",
            "InterpolatedEnergy", "LangevinBlock", "MetropolisBlock", "StochasticFlow", "EnergyObjective",
-           "MLObjective", "MixedObjective", "flow_log_weights"]
+           "MLObjective", "MixedObjective", "flow_log_weights",
+           "circular_rq_spline", "wrap", "CircularCoupling", "CompactFlow", "SmoothCoupling", "CircularSmoothCoupling",
+           "bump_sigmoid", "smooth_unit_map", "smooth_unit_inverse", "bracketed_inverse", "root_inverse",
+           "flow_force", "force_matching_loss", "ForceMatchingObjective"]

@@ -72,12 +72,16 @@ def _gather(t: Tensor, idx: Tensor) -> Tensor:
 
 def rq_spline(x: Tensor, widths: Tensor, heights: Tensor, derivatives: Tensor, *, bound: float = 3.0,
               inverse: bool = False, min_width: float = DEFAULT_MIN_WIDTH, min_height: float = DEFAULT_MIN_HEIGHT,
-              min_derivative: float = DEFAULT_MIN_DERIVATIVE) -> tuple[Tensor, Tensor]:
+              min_derivative: float = DEFAULT_MIN_DERIVATIVE, boundary_derivatives: Tensor | None = None
+              ) -> tuple[Tensor, Tensor]:
     """Apply the spline (or its inverse) elementwise.
 
     ``x``: ``[...]``; ``widths``, ``heights``: ``[..., K]``; ``derivatives``: ``[..., K - 1]`` (interior knots
     only; the boundary derivatives are 1). Parameters broadcast against ``x``. Returns ``(y, logabsdet)``, both
     shaped like ``x``; ``logabsdet`` is ``log |dy/dx|`` of the map applied (of the inverse when ``inverse``).
+    ``boundary_derivatives`` (optional, unnormalised ``[..., 2]``, floored softplus like the interior ones) sets
+    the derivatives at ``-bound`` and ``bound`` instead of 1 (the circular spline's; the map is then only C^0
+    where it meets the identity tails).
     """
     k = widths.shape[-1]
     if heights.shape[-1] != k or derivatives.shape[-1] != k - 1:
@@ -98,8 +102,14 @@ def rq_spline(x: Tensor, widths: Tensor, heights: Tensor, derivatives: Tensor, *
     xc = torch.where(inside, x, torch.zeros_like(x))
     cw = spline_knots(widths, bound, min_width)
     ch = spline_knots(heights, bound, min_height)
-    one = derivatives.new_ones(*shape, 1)
-    d = torch.cat([one, min_derivative + F.softplus(derivatives), one], dim=-1)
+    if boundary_derivatives is None:
+        left = right = derivatives.new_ones(*shape, 1)
+    else:
+        if boundary_derivatives.shape[-1] != 2:
+            raise ShapeError(f"boundary_derivatives must be [..., 2] (at -bound and bound); got "
+                             f"{tuple(boundary_derivatives.shape)}")
+        left, right = (min_derivative + F.softplus(boundary_derivatives.expand(*shape, 2))).split(1, dim=-1)
+    d = torch.cat([left, min_derivative + F.softplus(derivatives), right], dim=-1)
 
     knots = ch if inverse else cw
     # searchsorted reads the knots and writes nothing; x exactly at +bound falls in the last bin by the clamp.

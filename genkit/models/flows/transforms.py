@@ -33,10 +33,13 @@ FLOW_TRANSFORMS: Registry = Registry("flow transform")
 
 
 class Transform(nn.Module):
-    """Base class: ``features`` and ``context_features`` (0 for an unconditional transform)."""
+    """Base class: ``features``, ``context_features`` (0 for an unconditional transform) and ``domain``, the
+    set the transform maps onto itself: ``"real"`` (``R^features``), ``"circle"`` (angles, ``[-pi, pi)^features``,
+    a torus) or ``"interval"`` (``[0, 1]^features``)."""
 
     features: int
     context_features: int = 0
+    domain: str = "real"
 
     def _check(self, x: Tensor, context: Tensor | None) -> None:
         if x.dim() != 2 or x.shape[1] != self.features:
