@@ -1,8 +1,10 @@
-"""Normalizing flows: rational-quadratic splines, invertible transforms (registered in FLOW_TRANSFORMS) and
-:class:`Flow`, a distribution built from them."""
+"""Normalizing flows: rational-quadratic splines, invertible transforms (registered in FLOW_TRANSFORMS),
+:class:`Flow`, a distribution built from them, and the model families ``nsf`` (:class:`NeuralSplineFlow`) and
+``realnvp`` (:class:`RealNVP`) that train, save, sample and evaluate through genkit's common scripts."""
 
 from __future__ import annotations
 
+from .family import FlowEnergy, FlowFamily, FlowScoreField, NeuralSplineFlow, RealNVP
 from .flow import Flow
 from .snf import (
     EnergyObjective,
@@ -25,7 +27,7 @@ from .transforms import (
     Transform,
 )
 
-__all__ = ["Flow", "rq_spline", "spline_knots", "FLOW_TRANSFORMS", "Transform", "CouplingSpline",
+__all__ = ["Flow", "FlowFamily", "NeuralSplineFlow", "RealNVP", "FlowScoreField", "FlowEnergy", "rq_spline", "spline_knots", "FLOW_TRANSFORMS", "Transform", "CouplingSpline",
            "AutoregressiveSpline",
            "AffineCoupling", "LULinear", "Permutation",
            "InterpolatedEnergy", "LangevinBlock", "MetropolisBlock", "StochasticFlow", "EnergyObjective",
