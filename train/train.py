@@ -59,7 +59,7 @@ import torch
 
 import genkit
 from genkit import checkpoint, metrics
-from genkit.cli import run_main
+from genkit.cli import energy_metrics, run_main
 from genkit.data import (
     COMPONENTS,
     DATASETS,
@@ -71,6 +71,7 @@ from genkit.data import (
     load_dataset,
     load_labelled,
 )
+from genkit.energies import get_energy
 from genkit.errors import ConfigError
 from genkit.models import FAMILIES, build
 from genkit.nets import MLP, UNet
@@ -164,19 +165,47 @@ def build_parser() -> argparse.ArgumentParser:
                         "SDE is singular there, e.g. euler_maruyama on flow matching, starts at 0.99 and says so)")
     g.add_argument("--n-samples", type=int, help="samples drawn at the end (default: 2000 for vectors, 256 for images)")
     FAMILY_FLAGS.clear()
+    declared: dict[str, tuple[str, argparse.Action]] = {}  # a family flag's option -> (first family, its action)
     for name, cls in _families():
-        group = p.add_argument_group(f"{name} (--family {name})")
+        group = _FamilyGroup(p.add_argument_group(f"{name} (--family {name})"), name, declared)
         try:
             cls.add_arguments(group)
         except argparse.ArgumentError as e:
             raise ConfigError(f"family {name!r} declares a flag train.py or another family already has ({e}); "
                               "rename it in its add_arguments") from None
-        FAMILY_FLAGS[name] = [action.dest for action in group._group_actions]
-        defaults = [a.dest for a in group._group_actions if a.default is not None]
+        FAMILY_FLAGS[name] = [action.dest for action in group.actions]
+        defaults = [a.dest for a in group.actions if a.default is not None]
         if defaults:
             raise ConfigError(f"family {name!r}'s flags {defaults} have argparse defaults; declare them in its "
                               "cli_defaults, so that a flag set for another family can be caught")
     return p
+
+
+class _FamilyGroup:
+    """A family's argument group in which a flag an earlier family declared alike (same option, type and dest:
+    nsf and realnvp both take --layers) is shared, not a conflict; ``actions`` are the family's flags, shared
+    ones included. A flag declared differently is an argparse conflict, as before."""
+
+    def __init__(self, group: argparse._ArgumentGroup, family: str,
+                 declared: dict[str, tuple[str, argparse.Action]]):
+        self.group, self.family, self.declared, self.actions = group, family, declared, []
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        first = self.declared.get(names[0]) if names else None
+        if first is not None:
+            action = first[1]
+            dest = kwargs.get("dest", names[0].lstrip("-").replace("-", "_"))
+            if action.option_strings == list(names) and action.dest == dest and action.type is kwargs.get("type"):
+                self.actions.append(action)
+                return action
+        action = self.group.add_argument(*names, **kwargs)
+        for option in action.option_strings:
+            self.declared[option] = (self.family, action)
+        self.actions.append(action)
+        return action
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.group, name)
 
 
 def _families() -> list[tuple[str, Any]]:
@@ -235,16 +264,21 @@ def resolve_model_flags(args: argparse.Namespace) -> None:
     """Family-specific flags: reject those the family would ignore, then fill the family's defaults."""
     if args.family not in FAMILY_FLAGS:
         raise ConfigError(f"unknown --family {args.family!r}; choose one of {', '.join(FAMILY_FLAGS)}")
+    own = set(FAMILY_FLAGS[args.family])
     for family, dests in FAMILY_FLAGS.items():
         for dest in dests:
-            if family != args.family and getattr(args, dest) is not None:
+            if family != args.family and dest not in own and getattr(args, dest) is not None:
                 flag = "--" + dest.replace("_", "-")
                 raise ConfigError(f"{flag} {getattr(args, dest)} does not apply to --family {args.family}; "
                                   f"drop {flag} or use --family {family}")
     for key, value in FAMILIES.get(args.family).cli_defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    genkit.get_path(args.path)  # an unknown name fails now, not after loading data
+    if "path" in FAMILIES.get(args.family).cli_defaults:
+        genkit.get_path(args.path)  # an unknown name fails now, not after loading data
+    elif args.path is not None:
+        raise ConfigError(f"--path {args.path} does not apply to --family {args.family}, which has no probability "
+                          "path (a normalizing flow maps its base to the data directly); drop --path")
     if args.solver is not None and args.solver not in NAMED_SAMPLERS:
         genkit.get_solver(args.solver)
     if args.grid is not None:
@@ -312,15 +346,23 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
     """The training set (a tensor, or a Dataset for image folders, not yet verified) and one sample's shape.
     With --conditional it is a LabelledData, and ``args.num_classes`` / ``args.class_names`` are set."""
-    data, shape = _load_samples(args)
     args.num_classes = args.class_names = None
+    energy = getattr(args, "energy", None)
+    if energy is not None:  # a family trained by an energy (data-free): no data set
+        for flag, value in (("--data", args.data), ("--image-folder", args.image_folder),
+                            ("--conditional", args.conditional or None)):
+            if value is not None:
+                raise ConfigError(f"{flag} and --energy {energy} both name what to learn; an energy run trains on its "
+                                  f"own samples: drop {flag}")
+        return None, torch.Size([get_energy(**energy_config(args)).dim])
+    data, shape = _load_samples(args)
     if args.class_dropout is not None and not args.conditional:
         raise ConfigError(f"--class-dropout {args.class_dropout} applies to --conditional training only; add "
                           "--conditional or drop it")
     if not args.conditional:
         return data, shape
-    if args.class_dropout is None:
-        args.class_dropout = 0.1
+    if args.class_dropout is None:  # 0.1 trains the null label guidance needs; a flow family has none (0)
+        args.class_dropout = float(getattr(FAMILIES.get(args.family), "default_class_dropout", 0.1))
     if not 0 <= args.class_dropout < 1:
         raise ConfigError(f"--class-dropout must be a probability in [0, 1) (0.1 is usual); got {args.class_dropout}")
     if args.image_folder is not None:
@@ -358,7 +400,12 @@ def _load_samples(args: argparse.Namespace) -> tuple[Any, torch.Size]:
 def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
     """MLP for vectors, UNet for images, read through the chosen family (which builds itself from the flags)."""
     family = FAMILIES.get(args.family)
-    if len(shape) == 1:
+    if not getattr(family, "needs_net", True):  # the family builds its own networks (a normalizing flow)
+        if args.channels is not None:
+            raise ConfigError(f"--channels sets a UNet; --family {args.family} builds its own networks "
+                              "(--hidden / --depth set their width and depth)")
+        model = family.from_args(args, None, shape)
+    elif len(shape) == 1:
         if args.channels is not None:
             raise ConfigError("--channels sets the UNet of image data; this data is vectors, use --hidden/--depth")
         net = MLP(shape[0], hidden=128 if args.hidden is None else args.hidden,
@@ -377,7 +424,8 @@ def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
                    **family.net_options(args, "unet"))
     else:
         raise ConfigError(f"samples of shape {tuple(shape)} are neither vectors nor images [C, H, W]")
-    model = family.from_args(args, net, shape)
+    if getattr(family, "needs_net", True):
+        model = family.from_args(args, net, shape)
     if getattr(args, "num_classes", None) is not None and getattr(model, "num_classes", None) != args.num_classes:
         raise ConfigError(f"--family {args.family} does not train class-conditional models; drop --conditional or "
                           "use --family flow_matching or diffusion")
@@ -405,11 +453,29 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def energy_config(args: argparse.Namespace) -> dict[str, Any]:
+    """``--energy NAME`` and ``--energy-options JSON`` as ``{"name": NAME, **options}``, checked."""
+    try:
+        options = json.loads(args.energy_options) if getattr(args, "energy_options", None) else {}
+    except ValueError as e:
+        raise ConfigError(f"--energy-options must be a JSON object of the energy's arguments, e.g. '{{\"dim\": 2}}'; "
+                          f"got {args.energy_options!r} ({e})") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"--energy-options must be a JSON object {{...}}; got {args.energy_options!r}")
+    try:
+        get_energy(args.energy, **options)
+    except ConfigError as e:
+        raise ConfigError(f"--energy {args.energy}: {e}") from None
+    return {"name": args.energy, **options}
+
+
 def data_identity(args: argparse.Namespace) -> dict[str, Any]:
     """What the run trains on, kept in out/train_data.json so a resume on other data is caught."""
     if args.image_folder is not None:
         return {"image_folder": str(Path(args.image_folder).expanduser().absolute()), "image_size": args.image_size,
                 "image_channels": 3 if args.image_channels is None else args.image_channels}
+    if getattr(args, "energy", None) is not None:
+        return {"energy": get_energy(**energy_config(args)).config()}
     return {"data": args.data}
 
 
@@ -445,8 +511,10 @@ def check_resume(args: argparse.Namespace, model: torch.nn.Module, config: Train
 
 # --------------------------------------------------------------------------------------------- evaluation
 def held_out_sets(args: argparse.Namespace, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``genkit.data.held_out`` for a named set; image folders have none."""
-    return (None, None) if args.image_folder is not None else held_out(args.data, n, args.seed)
+    """``genkit.data.held_out`` for a named set; image folders and energy runs have none."""
+    if args.image_folder is not None or getattr(args, "energy", None) is not None:
+        return None, None
+    return held_out(args.data, n, args.seed)
 
 
 def quality(x: torch.Tensor, ref: torch.Tensor, features: Callable | None) -> dict[str, float]:
@@ -498,13 +566,17 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     ref, floor = held_out_sets(args, n)
     record = chosen.record()
     record["sample_steps"] = record.pop("steps")
+    energy = getattr(model, "energy", None)
     report: dict[str, Any] = {
-        "data": args.image_folder or args.data, "family": args.family, "step": step, "n_samples": n,
+        "data": args.image_folder or args.data or f"energy {args.energy}", "family": args.family, "step": step,
+        "n_samples": n,
         **record, "sampled_with": chosen.describe(), "nfe": sol.nfe,
         "sample_time_s": sample_time, "train_time_s": train_time, "train_steps_this_run": step - start,
         "train_steps_per_s": (step - start) / train_time if step > start else None,
     }
-    if ref is None or (is_image and args.data != "digits"):
+    if energy is not None:  # trained by an energy: importance weights against it, no held-out data
+        report["energy"] = energy_metrics(model, n, torch.Generator(device=device).manual_seed(args.seed + 1))
+    elif ref is None or (is_image and args.data != "digits"):
         report["note"] = ("no sample-quality metric for these images: a Frechet distance needs a feature network "
                           "for them (genkit.metrics.fid with inception_features); only digits have a built-in one")
     else:
@@ -513,7 +585,7 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
                     if is_image else None)
         report.update(quality(x, ref, features))
         report["noise_floor"] = quality(floor, ref, features)
-    if ref is None:  # an image folder: show training images next to the samples
+    if ref is None and data is not None:  # an image folder: show training images next to the samples
         images = data.data if isinstance(data, LabelledData) else data
         ref = torch.stack([images[i] for i in range(min(MAX_IMAGES, len(images)))])
     save_samples_png(x, out / "samples.png", reference=ref,
@@ -590,6 +662,10 @@ def main(argv: list[str] | None = None) -> None:
             f"eval/evaluate.py --checkpoint {out}", result.step, out / "checkpoint", signal.SIGINT) from None
     scores = ", ".join(f"{k} {v:.4g} (floor {report['noise_floor'][k]:.4g})" for k, v in report.items()
                        if k in ("sliced_w2", "energy_distance", "frechet_digits"))
+    if "energy" in report:
+        e = report["energy"]
+        scores = (f"ESS {e['ess']:.1f} of {e['n']}, log Z {e['log_z']:.4f} +- {e['log_z_stderr']:.4f}"
+                  + ("" if e["log_z_reference"] is None else f" (reference {e['log_z_reference']:.4f})"))
     print(f"trained to step {result.step} in {train_time:.1f} s; sampled {report['n_samples']} with "
           f"{report['sampled_with']} (NFE {report['nfe']}) in {report['sample_time_s']:.2f} s"
           + (f"; {scores}" if scores else ""))

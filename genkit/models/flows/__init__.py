@@ -27,7 +27,8 @@ from .transforms import (
     Transform,
 )
 
-__all__ = ["Flow", "FlowFamily", "NeuralSplineFlow", "RealNVP", "FlowScoreField", "FlowEnergy", "rq_spline", "spline_knots", "FLOW_TRANSFORMS", "Transform", "CouplingSpline",
+__all__ = ["Flow", "FlowFamily", "NeuralSplineFlow", "RealNVP", "FlowScoreField", "FlowEnergy",
+           "rq_spline", "spline_knots", "FLOW_TRANSFORMS", "Transform", "CouplingSpline",
            "AutoregressiveSpline",
            "AffineCoupling", "LULinear", "Permutation",
            "InterpolatedEnergy", "LangevinBlock", "MetropolisBlock", "StochasticFlow", "EnergyObjective",

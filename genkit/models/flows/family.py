@@ -190,7 +190,8 @@ class FlowFamily(nn.Module):
             labels = torch.full((n,), int(labels), dtype=torch.long)
         elif isinstance(labels, (list, tuple)):
             labels = torch.tensor(labels, dtype=torch.long) if len(labels) else torch.zeros(0, dtype=torch.long)
-        if not torch.is_tensor(labels) or labels.is_floating_point() or labels.is_complex() or labels.dtype is torch.bool:
+        integer = torch.is_tensor(labels) and not (labels.is_floating_point() or labels.is_complex())
+        if not integer or labels.dtype is torch.bool:
             what = labels.dtype if torch.is_tensor(labels) else type(labels).__name__
             raise ShapeError(f"labels must be a class id (int), a list of n ids or a 1-D integer tensor; got {what}")
         if labels.shape != (n,):
