@@ -60,6 +60,8 @@ from genkit.cli import (
     resolve_sampler,
     run_main,
     script_device,
+    table_held_out,
+    trained_data,
 )
 from genkit.data import DATASETS, digits, digits_labels, held_out, load_labelled
 from genkit.errors import ConfigError, ShapeError
@@ -76,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a checkpoint folder, or a train.py run folder holding checkpoint/")
     p.add_argument("--data", help=f"the data the model learned, one of {', '.join(DATASETS.names())} (default: what "
                                   "its run trained on, from train_data.json beside the checkpoint)")
+    p.add_argument("--table", metavar="FILE", help="score against the test split of your own table (.csv / .npy, as "
+                                                   "train.py --table; default: the run's, from train_data.json)")
     p.add_argument("--allow-other-data", action="store_true",
                    help="score the model against another --data than its run trained on")
     p.add_argument("--n", type=int, default=2000, help="samples to draw (and held-out size for toy sets)")
@@ -213,10 +217,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: {chosen.note}")
     if getattr(model, "energy", None) is not None and args.data is None:
         return evaluate_energy(args, model, ckpt, chosen, device)
-    args.data = check_data_matches(ckpt, args.data, args.allow_other_data)
-    ref, floor = held_out(args.data, args.n, args.seed)
+    record = trained_data(ckpt) or {}
+    if args.table is None and args.data is None and "table" in record:
+        args.table = record["table"]
+    if args.table is not None:
+        if args.data is not None:
+            raise ConfigError(f"--data {args.data} and --table {args.table} both name the held-out data; keep one")
+        if "table" in record and Path(args.table).absolute() != Path(record["table"]) and not args.allow_other_data:
+            raise ConfigError(f"--table {args.table}: {ckpt} was trained on the table {record['table']}; pass that "
+                              "one, or --allow-other-data")
+    else:
+        args.data = check_data_matches(ckpt, args.data, args.allow_other_data)
+    ref, floor = (held_out(args.data, args.n, args.seed) if args.table is None
+                  else table_held_out(args.table, args.n, args.seed))
     if tuple(ref.shape[1:]) != model.sample_shape:
-        raise ShapeError(f"{ckpt} makes samples of shape {model.sample_shape} but --data {args.data} has "
+        what = f"--data {args.data}" if args.table is None else f"--table {args.table}"
+        raise ShapeError(f"{ckpt} makes samples of shape {model.sample_shape} but {what} has "
                          f"{tuple(ref.shape[1:])}; pass the data set the model was trained on")
     is_image = ref.ndim == 4
     labels, labels_from = evaluation_labels(model, args)
@@ -226,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
                        generator=torch.Generator(device=device).manual_seed(args.seed))
     x = sol.samples.float().cpu()
     report: dict[str, Any] = {
-        "checkpoint": str(ckpt), "family": model.family, "data": args.data, "n": args.n, **chosen.record(),
+        "checkpoint": str(ckpt), "family": model.family, "data": args.data or args.table, "n": args.n,
+        **chosen.record(),
         "sampled_with": chosen.describe(), "nfe": sol.nfe, "sample_time_s": time.perf_counter() - t0,
         "weights": "raw" if args.raw_weights or not (ckpt / "ema.safetensors").is_file() else "ema",
     }

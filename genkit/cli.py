@@ -308,3 +308,17 @@ def energy_metrics(model: Any, n: int, generator: Any = None, *,
     return {"energy": energy.config(), "n": n, "ess": ess, "ess_fraction": ess / n, "log_z": lz, "log_z_stderr": se,
             "log_z_reference": ref, "log_z_reference_method": how if ref is not None else None,
             "reverse_kl": None if ref is None else float(ref - log_w.double().mean())}
+
+
+def table_held_out(path: str | Path, n: int, seed: int = 0) -> tuple[Any, Any]:
+    """``(reference, floor)`` of a user's table (:func:`genkit.data.load_table`), as :func:`genkit.data.held_out`
+    gives for a named set with a test split: its test split, and ``min(len(test), n)`` rows of its train split
+    (drawn with ``seed + 1``), the distance a perfect model would score; both with the train split's statistics."""
+    import torch
+
+    from .data import load_table
+
+    ref = load_table(path, "test", seed=seed)
+    train = load_table(path, "train", seed=seed)
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))[:min(len(ref), n)]
+    return ref, train[pick]

@@ -59,10 +59,11 @@ import torch
 
 import genkit
 from genkit import checkpoint, metrics
-from genkit.cli import energy_metrics, run_main
+from genkit.cli import energy_metrics, run_main, table_held_out
 from genkit.data import (
     COMPONENTS,
     DATASETS,
+    TABULAR,
     LabelledData,
     digits,
     digits_labels,
@@ -70,6 +71,7 @@ from genkit.data import (
     image_folder,
     load_dataset,
     load_labelled,
+    load_table,
 )
 from genkit.energies import get_energy
 from genkit.errors import ConfigError
@@ -118,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help=f"a named data set, one of {', '.join(DATASETS.names())} (default: moons)")
     g.add_argument("--image-folder", metavar="PATH", help="train on your own images instead: a folder of images "
                                                           "or of one subfolder per class (every file is checked first)")
+    g.add_argument("--table", metavar="FILE",
+                   help="train on your own table instead: a .csv (numbers, an optional header) or .npy [rows, "
+                        "columns], split 70/10/20 and standardised with its train split (genkit.data.load_table); "
+                        "the test split is held out")
     g.add_argument("--image-size", type=int, metavar="N", help="with --image-folder: resize and centre-crop to N x N")
     g.add_argument("--image-channels", type=int, help="with --image-folder: 1 (grey) or 3 (RGB) (default: 3)")
     g.add_argument("--num-workers", type=int, default=0, help="data-loading processes for --image-folder")
@@ -349,7 +355,7 @@ def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
     args.num_classes = args.class_names = None
     energy = getattr(args, "energy", None)
     if energy is not None:  # a family trained by an energy (data-free): no data set
-        for flag, value in (("--data", args.data), ("--image-folder", args.image_folder),
+        for flag, value in (("--data", args.data), ("--image-folder", args.image_folder), ("--table", args.table),
                             ("--conditional", args.conditional or None)):
             if value is not None:
                 raise ConfigError(f"{flag} and --energy {energy} both name what to learn; an energy run trains on its "
@@ -367,16 +373,26 @@ def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
         raise ConfigError(f"--class-dropout must be a probability in [0, 1) (0.1 is usual); got {args.class_dropout}")
     if args.image_folder is not None:
         data = data.labelled()  # its class subfolders (a flat folder is an error naming the fix)
-    elif args.data == "digits" or args.data in COMPONENTS:
+    elif args.data == "digits" or args.data in COMPONENTS or args.data in TABULAR:
         data = load_labelled(args.data, generator=torch.Generator().manual_seed(args.seed))
     else:
         raise ConfigError(f"--conditional needs classes; --data {args.data} has none. Labelled sets: digits, "
-                          f"{', '.join(COMPONENTS)}, or an --image-folder with one subfolder per class")
+                          f"{', '.join(TABULAR)}, {', '.join(COMPONENTS)}, or an --image-folder with one subfolder "
+                          "per class")
     args.num_classes, args.class_names = data.num_classes, data.class_names
     return data, shape
 
 
 def _load_samples(args: argparse.Namespace) -> tuple[Any, torch.Size]:
+    if args.table is not None:
+        for flag, value in (("--data", args.data), ("--image-folder", args.image_folder)):
+            if value is not None:
+                raise ConfigError(f"{flag} {value} and --table {args.table} both name the training data; keep one")
+        if args.conditional:
+            raise ConfigError(f"--conditional needs classes; the table {args.table} has none (use --data wine, "
+                              "breast_cancer or digits64 for labelled tables)")
+        data = load_table(args.table, "train", seed=args.seed)
+        return data, data.shape[1:]
     if args.image_folder is not None:
         if args.data is not None:
             raise ConfigError(f"--data {args.data} and --image-folder both name the training data; keep one")
@@ -471,6 +487,8 @@ def energy_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def data_identity(args: argparse.Namespace) -> dict[str, Any]:
     """What the run trains on, kept in out/train_data.json so a resume on other data is caught."""
+    if args.table is not None:
+        return {"table": str(Path(args.table).expanduser().absolute())}
     if args.image_folder is not None:
         return {"image_folder": str(Path(args.image_folder).expanduser().absolute()), "image_size": args.image_size,
                 "image_channels": 3 if args.image_channels is None else args.image_channels}
@@ -514,6 +532,8 @@ def held_out_sets(args: argparse.Namespace, n: int) -> tuple[torch.Tensor | None
     """``genkit.data.held_out`` for a named set; image folders and energy runs have none."""
     if args.image_folder is not None or getattr(args, "energy", None) is not None:
         return None, None
+    if args.table is not None:
+        return table_held_out(args.table, n, args.seed)
     return held_out(args.data, n, args.seed)
 
 
@@ -568,7 +588,8 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     record["sample_steps"] = record.pop("steps")
     energy = getattr(model, "energy", None)
     report: dict[str, Any] = {
-        "data": args.image_folder or args.data or f"energy {args.energy}", "family": args.family, "step": step,
+        "data": args.image_folder or args.table or args.data or f"energy {getattr(args, 'energy', None)}",
+        "family": args.family, "step": step,
         "n_samples": n,
         **record, "sampled_with": chosen.describe(), "nfe": sol.nfe,
         "sample_time_s": sample_time, "train_time_s": train_time, "train_steps_this_run": step - start,
