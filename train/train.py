@@ -1,5 +1,6 @@
-"""Train a model of any registered family (flow matching, diffusion, ...), then sample from its checkpoint and
-measure the samples.
+"""Train a model of any registered family (flow matching, diffusion, secant, the normalizing flows nsf and
+realnvp, ...), then sample from its checkpoint and measure the samples (a flow trained by --energy: its importance
+weights against the energy, ESS and log Z).
 
 With no arguments it runs the embedded default: flow matching (linear path, MLP 128 x 3) on the 2-D
 `moons` set, 1500 steps of batch 256 (well under a minute on a laptop CPU), then 2000 samples with
@@ -35,6 +36,9 @@ examples:
   python train/train.py --family diffusion --data digits --channels 32,64 --steps 4000 --batch-size 128
   python train/train.py --family secant --loss stee --jumps 1,2,4 --data moons
   python train/train.py --data digits --conditional --class-dropout 0.1 --steps 3000
+  python train/train.py --family nsf --data wine --layers 6 --out runs/nsf_wine
+  python train/train.py --family realnvp --table my_table.csv --out runs/realnvp_table
+  python train/train.py --family nsf --energy double_well --out runs/nsf_dw   # data-free: the reverse KL
   python train/train.py --config run.toml --steps 3000
   accelerate launch train/train.py --image-folder ~/faces --image-size 64 --channels 64,128,256
 """
@@ -128,12 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-channels", type=int, help="with --image-folder: 1 (grey) or 3 (RGB) (default: 3)")
     g.add_argument("--num-workers", type=int, default=0, help="data-loading processes for --image-folder")
     g.add_argument("--conditional", action="store_true",
-                   help="train a class-conditional model on the data's classes: digits' digits, an image folder's "
-                        f"class subfolders, a toy set's components ({', '.join(COMPONENTS)}); sample it with "
+                   help="train a class-conditional model on the data's classes: digits' digits, a tabular set's "
+                        f"classes ({', '.join(TABULAR)}), an image folder's class subfolders, a toy set's components "
+                        f"({', '.join(COMPONENTS)}); sample it with "
                         "samplers/sample.py --class C --guidance S")
     g.add_argument("--class-dropout", type=float, metavar="P",
                    help="with --conditional: probability of training on the null label instead of the class, what "
-                        "classifier-free guidance needs (default: 0.1; 0 trains no null label, so no guidance)")
+                        "classifier-free guidance needs (default: 0.1; 0 trains no null label, so no guidance; "
+                        "a normalizing flow takes none: 0)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=1500, help="total optimizer steps (a resumed run continues to it)")
     g.add_argument("--batch-size", type=int, default=256, help="per process")
@@ -180,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
             raise ConfigError(f"family {name!r} declares a flag train.py or another family already has ({e}); "
                               "rename it in its add_arguments") from None
         FAMILY_FLAGS[name] = [action.dest for action in group.actions]
+        if group.shared:
+            group.group.description = (f"also {', '.join(group.shared)}, as for --family {group.shared_with[0]}")
         defaults = [a.dest for a in group.actions if a.default is not None]
         if defaults:
             raise ConfigError(f"family {name!r}'s flags {defaults} have argparse defaults; declare them in its "
@@ -195,6 +203,8 @@ class _FamilyGroup:
     def __init__(self, group: argparse._ArgumentGroup, family: str,
                  declared: dict[str, tuple[str, argparse.Action]]):
         self.group, self.family, self.declared, self.actions = group, family, declared, []
+        self.shared: list[str] = []  # the flags it shares with an earlier family, and which
+        self.shared_with: list[str] = []
 
     def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
         first = self.declared.get(names[0]) if names else None
@@ -203,6 +213,8 @@ class _FamilyGroup:
             dest = kwargs.get("dest", names[0].lstrip("-").replace("-", "_"))
             if action.option_strings == list(names) and action.dest == dest and action.type is kwargs.get("type"):
                 self.actions.append(action)
+                self.shared.append(names[0])
+                self.shared_with.append(first[0])
                 return action
         action = self.group.add_argument(*names, **kwargs)
         for option in action.option_strings:
