@@ -17,6 +17,13 @@ SDE solver; "solver", "steps", "grid", "t_max"). --data defaults to what the che
 (train_data.json, written by train/train.py and train/secant.py); another data set than that is an error
 unless --allow-other-data.
 
+A normalizing flow (--family nsf / realnvp) has an exact density: the report always holds the held-out NLL
+in nats from its log_prob ("nll" with "method": "exact"; a class-conditional flow is scored as the mixture
+sum_k pi_k p(x | k) over the training set's class frequencies pi). A flow trained by an energy (train.py
+--energy) is scored against that energy instead of data: "energy" holds the ESS of n importance weights
+log w = -U(x) - log q(x), log Z with its standard error (genkit.metrics.log_z), the reference log Z (the energy's
+exact one, else 2-D quadrature) and the reverse KL estimate log Z_ref - mean(log w).
+
 A class-conditional checkpoint is sampled with class ids drawn at the held-out data's class frequencies (so
 the distances compare like with like), or all of --class; --guidance sets the classifier-free guidance scale
 (model.sample(labels=, guidance=)); on digits the report adds the share of samples the digits classifier reads
@@ -27,6 +34,8 @@ examples:
   python eval/evaluate.py --checkpoint runs/default --data moons --solver euler --steps 8 --nll
   python eval/evaluate.py --checkpoint runs/secant               # a secant model: scored with its learned jumps
   python eval/evaluate.py --checkpoint runs/digits --data digits --n 500 --out runs/digits/eval.json
+  python eval/evaluate.py --checkpoint runs/nsf_moons              # a flow: distances and exact held-out NLL
+  python eval/evaluate.py --checkpoint runs/nsf_double_well        # a flow trained by an energy: ESS, log Z
 """
 
 from __future__ import annotations
@@ -43,7 +52,17 @@ import torch
 
 import genkit
 from genkit import metrics
-from genkit.cli import check_data_matches, checkpoint_dir, named_grids, resolve_sampler, run_main, script_device
+from genkit.cli import (
+    check_data_matches,
+    checkpoint_dir,
+    energy_metrics,
+    named_grids,
+    resolve_sampler,
+    run_main,
+    script_device,
+    table_held_out,
+    trained_data,
+)
 from genkit.data import DATASETS, digits, digits_labels, held_out, load_labelled
 from genkit.errors import ConfigError, ShapeError
 from genkit.solvers import SOLVERS
@@ -59,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a checkpoint folder, or a train.py run folder holding checkpoint/")
     p.add_argument("--data", help=f"the data the model learned, one of {', '.join(DATASETS.names())} (default: what "
                                   "its run trained on, from train_data.json beside the checkpoint)")
+    p.add_argument("--table", metavar="FILE", help="score against the test split of your own table (.csv / .npy, as "
+                                                   "train.py --table; default: the run's, from train_data.json)")
     p.add_argument("--allow-other-data", action="store_true",
                    help="score the model against another --data than its run trained on")
     p.add_argument("--n", type=int, default=2000, help="samples to draw (and held-out size for toy sets)")
@@ -129,6 +150,57 @@ def null_label(model: Any) -> int:
     return int(model.null_label)
 
 
+def exact_nll(model: Any, data: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    """Held-out NLL from a model's exact ``log_prob`` (a normalizing flow): unconditional, or for a
+    class-conditional one the mixture ``log sum_k pi_k p(x | k)`` over the training set's class frequencies."""
+    k = getattr(model, "num_classes", None)
+    how = "exact (change of variables)"
+    if k is None:
+        def log_prob(batch: torch.Tensor) -> torch.Tensor:
+            return model.log_prob(batch)
+    else:
+        try:
+            counts = torch.bincount(load_labelled(args.data).labels, minlength=k).double()
+        except ConfigError:
+            counts = torch.ones(k, dtype=torch.float64)
+        log_pi = (counts / counts.sum()).log().to(data.device)
+        how += ", mixture over the classes at the training frequencies"
+
+        def log_prob(batch: torch.Tensor) -> torch.Tensor:
+            per_class = torch.stack([model.log_prob(batch, labels=c) for c in range(k)], 1)  # [B, K]
+            return torch.logsumexp(per_class.double() + log_pi, 1)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        result = metrics.nll(log_prob, data, batch_size=args.nll_batch_size)
+    return {"nats": result.nats, "bits_per_dim": result.bits_per_dim, "stderr_nats": result.stderr_nats,
+            "n": len(data), "method": how, "time_s": time.perf_counter() - t0}
+
+
+def evaluate_energy(args: argparse.Namespace, model: Any, ckpt: Path, chosen: Any, device: torch.device) -> None:
+    """A model trained by an energy: importance weights against it (genkit.cli.energy_metrics), no data."""
+    for flag, value in (("--nll", args.nll or None), ("--class", args.label), ("--guidance", args.guidance)):
+        if value is not None:
+            raise ConfigError(f"{flag}: {ckpt} was trained by the energy {model.energy.name!r}, not on data; its "
+                              "report is the importance-weight ESS and log Z (pass --data NAME to score its samples "
+                              "against a data set too)")
+    t0 = time.perf_counter()
+    result = energy_metrics(model, args.n, torch.Generator(device=device).manual_seed(args.seed))
+    report = {"checkpoint": str(ckpt), "family": model.family, "n": args.n, **chosen.record(),
+              "sampled_with": chosen.describe(), "time_s": time.perf_counter() - t0,
+              "weights": "raw" if args.raw_weights or not (ckpt / "ema.safetensors").is_file() else "ema",
+              "energy": result}
+    out = Path(args.out) if args.out else ckpt.parent / "evaluation.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    ref = result["log_z_reference"]
+    print(f"{args.n} samples of {model.family} against the energy {model.energy.name!r} with {chosen.describe()}: "
+          f"ESS {result['ess']:.1f} ({100 * result['ess_fraction']:.1f}%), log Z {result['log_z']:.4f} +- "
+          f"{result['log_z_stderr']:.4f}" + ("" if ref is None else f" (reference {ref:.4f}, "
+                                                                  f"{result['log_z_reference_method']}; reverse KL "
+                                                                  f"{result['reverse_kl']:.4f})"))
+    print(f"metrics: {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for flag in ("n", "steps", "nll_n", "nll_steps", "nll_batch_size"):
@@ -140,13 +212,27 @@ def main(argv: list[str] | None = None) -> None:
                           "e.g. dopri5")
     ckpt = checkpoint_dir(args.checkpoint)
     model = genkit.load(ckpt, ema=not args.raw_weights, map_location=device)
-    args.data = check_data_matches(ckpt, args.data, args.allow_other_data)
     chosen = resolve_sampler(model, args.solver, args.steps, args.grid, args.t_max)  # as in every script
     if chosen.note:
         print(f"note: {chosen.note}")
-    ref, floor = held_out(args.data, args.n, args.seed)
+    if getattr(model, "energy", None) is not None and args.data is None:
+        return evaluate_energy(args, model, ckpt, chosen, device)
+    record = trained_data(ckpt) or {}
+    if args.table is None and args.data is None and "table" in record:
+        args.table = record["table"]
+    if args.table is not None:
+        if args.data is not None:
+            raise ConfigError(f"--data {args.data} and --table {args.table} both name the held-out data; keep one")
+        if "table" in record and Path(args.table).absolute() != Path(record["table"]) and not args.allow_other_data:
+            raise ConfigError(f"--table {args.table}: {ckpt} was trained on the table {record['table']}; pass that "
+                              "one, or --allow-other-data")
+    else:
+        args.data = check_data_matches(ckpt, args.data, args.allow_other_data)
+    ref, floor = (held_out(args.data, args.n, args.seed) if args.table is None
+                  else table_held_out(args.table, args.n, args.seed))
     if tuple(ref.shape[1:]) != model.sample_shape:
-        raise ShapeError(f"{ckpt} makes samples of shape {model.sample_shape} but --data {args.data} has "
+        what = f"--data {args.data}" if args.table is None else f"--table {args.table}"
+        raise ShapeError(f"{ckpt} makes samples of shape {model.sample_shape} but {what} has "
                          f"{tuple(ref.shape[1:])}; pass the data set the model was trained on")
     is_image = ref.ndim == 4
     labels, labels_from = evaluation_labels(model, args)
@@ -156,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
                        generator=torch.Generator(device=device).manual_seed(args.seed))
     x = sol.samples.float().cpu()
     report: dict[str, Any] = {
-        "checkpoint": str(ckpt), "family": model.family, "data": args.data, "n": args.n, **chosen.record(),
+        "checkpoint": str(ckpt), "family": model.family, "data": args.data or args.table, "n": args.n,
+        **chosen.record(),
         "sampled_with": chosen.describe(), "nfe": sol.nfe, "sample_time_s": time.perf_counter() - t0,
         "weights": "raw" if args.raw_weights or not (ckpt / "ema.safetensors").is_file() else "ema",
     }
@@ -176,7 +263,9 @@ def main(argv: list[str] | None = None) -> None:
                 read = classifier(x.clamp(-1, 1)).argmax(1)
             report["class_accuracy"] = float((read == labels.cpu()).double().mean())
         report["noise_floor"] = distances(floor, ref, features, args.seed)
-    if args.nll:
+    if getattr(model, "exact_likelihood", False):
+        report["nll"] = exact_nll(model, ref[:args.nll_n].to(device), args)
+    elif args.nll:
         data = ref[:args.nll_n].to(device)
         mode = "hutchinson" if is_image else "exact"
         g = torch.Generator(device=device).manual_seed(args.seed)
@@ -191,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
                              data, batch_size=args.nll_batch_size)
         report["nll"] = {"nats": result.nats, "bits_per_dim": result.bits_per_dim, "stderr_nats": result.stderr_nats,
                          "n": len(data), "divergence": mode, "solver": args.nll_solver,
+                         "method": f"probability-flow ODE, {mode} divergence",
                          "time_s": time.perf_counter() - t0}
     out = Path(args.out) if args.out else ckpt.parent / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,9 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     shown = {k: v for k, v in report.items() if k in ("sliced_w2", "energy_distance", "mmd", "frechet_digits")}
     print(f"{args.n} samples with {chosen.describe()} (NFE {sol.nfe}): "
           + ", ".join(f"{k} {v:.4g} (floor {report['noise_floor'][k]:.4g})" for k, v in shown.items()))
-    if args.nll:
+    if "nll" in report:
         print(f"NLL of {report['nll']['n']} held-out samples: {report['nll']['nats']:.4f} nats "
-              f"({report['nll']['bits_per_dim']:.4f} bits/dim, {mode} divergence)")
+              f"({report['nll']['bits_per_dim']:.4f} bits/dim, {report['nll']['method']})")
     print(f"metrics: {out}")
 
 

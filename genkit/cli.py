@@ -78,7 +78,7 @@ class ScriptSampler:
         name) or the sampler's name (``jumps``).
     steps: the step count (None for adaptive solvers, which choose their own).
     grid: the grid's true label: its name, ``"searched"`` for a searched solver's own times, ``"adaptive"``,
-        or ``"uniform in t"`` for jumps.
+        ``"uniform in t"`` for jumps, or ``"none"`` for a one-pass sampler (a flow's ``exact``: no steps, no times).
     t_range: ``(t_max, t_min)`` the samples are drawn over (None where the model fills it in by name).
     note: how a setting was chosen that the user did not give (e.g. a start below a singular t = 1).
     """
@@ -93,6 +93,8 @@ class ScriptSampler:
 
     def describe(self) -> str:
         """One line, e.g. ``"heun (ODE solver), 32 steps, uniform grid"``."""
+        if self.grid == "none":  # a one-pass sampler (exact)
+            return f"{self.solver} ({self.sampler.describe()})"
         unit = "jumps" if self.kind == "learned jumps" else "steps"
         steps = "adaptive steps" if self.steps is None else f"{self.steps} {unit}"
         if self.kind == "learned jumps":
@@ -149,6 +151,12 @@ def resolve_sampler(model: Any, solver: str | None = None, steps: int | None = N
         if cls.name not in model.samplers():
             raise ConfigError(f"{f_solver} {solver} needs {cls.needs}; the {family!r} model samples with "
                               f"{', '.join(model.samplers())}: pick an ODE solver such as heun")
+        if not getattr(cls, "takes_steps", True):  # one pass (a normalizing flow's exact sampler): nothing to set
+            for flag, value in ((f_steps, steps), (f_grid, grid), (f_tmax, t_max)):
+                if value is not None:
+                    raise ConfigError(f"{flag} {value} would be ignored: the {family!r} model samples with {cls.name}, "
+                                      "one pass through its inverse with no steps or times; drop " + flag)
+            return ScriptSampler(model.get_sampler(cls.name), cls.name, cls.name, None, "none")
         for flag, value in ((f_grid, grid), (f_tmax, t_max)):
             if value is not None:
                 raise ConfigError(f"{flag} {value} would be ignored: {cls.name} run over the model's trained range, "
@@ -274,3 +282,43 @@ def check_data_matches(ckpt: Path, data: str | None, allow_other: bool) -> str:
         raise ConfigError(f"--data {data}: {ckpt} was trained on the image folder {record['image_folder']} (per "
                           f"{where}); pass --allow-other-data to score it against {data!r} anyway")
     return data
+
+
+def energy_metrics(model: Any, n: int, generator: Any = None, *,
+                   quadrature_points: int = 401) -> dict[str, Any]:
+    """How well a model trained by an energy (``model.energy``, ``model.sample_and_log_prob``) matches it, from
+    ``n`` importance weights ``log w = -U(x) - log q(x)``: Kish's ESS (and as a share of ``n``), ``log Z`` with its
+    delta-method standard error (:func:`genkit.metrics.log_z`), and a reference ``log Z`` (the energy's exact one,
+    else trapezoid quadrature of a 2-D energy on its bounds, else None) with the reverse KL estimate
+    ``KL(q || p) = log Z_ref - mean(log w)``."""
+    import torch
+
+    from . import metrics
+    from .energies import quadrature
+
+    energy = model.energy
+    with torch.no_grad():
+        x, logq = model.sample_and_log_prob(n, generator=generator)
+        log_w = -energy.energy(x) - logq
+    ess = metrics.effective_sample_size(log_w)
+    lz, se = metrics.log_z(log_w)
+    ref, how = energy.log_z, "exact"
+    if ref is None and energy.dim == 2:
+        ref, how = quadrature(energy, n=quadrature_points).log_z, f"quadrature ({quadrature_points}^2 trapezoid)"
+    return {"energy": energy.config(), "n": n, "ess": ess, "ess_fraction": ess / n, "log_z": lz, "log_z_stderr": se,
+            "log_z_reference": ref, "log_z_reference_method": how if ref is not None else None,
+            "reverse_kl": None if ref is None else float(ref - log_w.double().mean())}
+
+
+def table_held_out(path: str | Path, n: int, seed: int = 0) -> tuple[Any, Any]:
+    """``(reference, floor)`` of a user's table (:func:`genkit.data.load_table`), as :func:`genkit.data.held_out`
+    gives for a named set with a test split: its test split, and ``min(len(test), n)`` rows of its train split
+    (drawn with ``seed + 1``), the distance a perfect model would score; both with the train split's statistics."""
+    import torch
+
+    from .data import load_table
+
+    ref = load_table(path, "test", seed=seed)
+    train = load_table(path, "train", seed=seed)
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))[:min(len(ref), n)]
+    return ref, train[pick]

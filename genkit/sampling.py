@@ -10,7 +10,11 @@ Registered in :data:`SAMPLERS` (strings name them in scripts and configs):
 - ``ode``: :class:`ODESampler`, an ODE/SDE solver with its step count and time grid, run on a field
   through :func:`genkit.solve`;
 - ``jumps``: :class:`JumpSampler`, the jumps of any flow map ``flow_map(x, t, s)`` on a grid (a secant
-  model's learned jumps; MeanFlow; a one-step generator is one jump from 1 to 0).
+  model's learned jumps; MeanFlow; a one-step generator is one jump from 1 to 0);
+- ``exact``: :class:`ExactSampler`, one pass of a normalizing flow's base draw through its inverse transforms
+  (``nsf``, ``realnvp``): no steps, no grid, no solver.
+
+A sampler declares ``takes_steps`` (False for ``exact``): whether a step count means anything to it.
 
 Room is kept for others (a masked ancestral sampler over tokens, a stochastic flow's MCMC): a sampler is
 anything with ``name``, ``needs``, ``sample(model, x, generator=None, **cond)`` and ``describe()``.
@@ -40,7 +44,7 @@ from .registry import Registry
 from .solvers import Custom, Solution, Solver, TimeGrid, get_grid, get_solver, solve
 from .solvers.base import steps_or_default
 
-__all__ = ["SAMPLERS", "Sampler", "ODESampler", "JumpSampler", "get_sampler"]
+__all__ = ["SAMPLERS", "Sampler", "ODESampler", "JumpSampler", "ExactSampler", "get_sampler"]
 
 SAMPLERS: Registry = Registry("sampler")
 
@@ -55,6 +59,9 @@ class Sampler:
 
     name: ClassVar[str] = "sampler"
     needs: ClassVar[str] = "a generative model"
+    #: Whether the sampler has a step count (an ODE solver's steps, a flow map's jumps); False for one-pass
+    #: samplers (:class:`ExactSampler`), which refuse ``steps``.
+    takes_steps: ClassVar[bool] = True
     steps: int | None = None
 
     def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
@@ -208,6 +215,39 @@ class JumpSampler(Sampler):
 
     def with_steps(self, steps: int | None) -> JumpSampler:
         return JumpSampler(steps) if self.grid is None else JumpSampler(steps, self.grid)
+
+
+@SAMPLERS.register("exact")
+class ExactSampler(Sampler):
+    """A normalizing flow's exact sampling: the base draw ``z ~ N(0, I)`` goes once through the inverse
+    transforms, ``x = T^-1(z)`` (``model.from_base(z, context)``). There is no time, so ``steps``, ``grid`` and
+    ``solver`` are ConfigErrors; NFE is 1: one evaluation of the model's inverse map, the cost unit of a
+    one-step generator's jump (an autoregressive flow's inverse spends ``features`` network passes a layer
+    inside it). The :class:`~genkit.solvers.Solution`'s times are ``[1, 0]``: noise to data in one go.
+    """
+
+    name = "exact"
+    needs = "an exact inverse from a base distribution (a normalizing flow: --family nsf or realnvp)"
+    takes_steps = False
+
+    def __init__(self, steps: int | None = None, grid: Any = None, solver: Any = None):
+        given = [f"{k}={v!r}" for k, v in (("steps", steps), ("grid", grid), ("solver", solver)) if v is not None]
+        if given:
+            raise ConfigError(f"the exact sampler takes no {', '.join(given)}: a normalizing flow samples in one "
+                              "pass through its inverse transforms, with no time grid to step or solve; drop them")
+
+    def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
+        inverse = getattr(model, "from_base", None)
+        if not callable(inverse):
+            raise ConfigError(f"the exact sampler needs {self.needs}; {type(model).__name__} has no from_base")
+        samples, _ = inverse(x, cond.get("context"))
+        return Solution(samples, 1, torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+    def describe(self) -> str:
+        return "one pass through the flow's inverse"
+
+    def with_steps(self, steps: int | None) -> ExactSampler:
+        return ExactSampler(steps)
 
 
 def get_sampler(sampler: str | Sampler, **options: Any) -> Sampler:

@@ -2,6 +2,10 @@
 registers a tiny ``example()`` and must pass, with each sampler it supports, the same contracts: config and
 checkpoint round trips (bitwise-identical samples), a finite loss with a gradient on every trainable
 parameter, sample shapes, determinism under a generator, and pathwise gradients from ``rsample``.
+
+A family with ``example_variants`` (e.g. a flow trained by data, and by an energy) runs every contract on each
+``example(variant)``; a data-free example (``data_free = True``) has the batch None. A sampler without steps
+(``takes_steps = False``, the exact sampler of a normalizing flow) is run without ``steps=``.
 """
 
 from __future__ import annotations
@@ -12,42 +16,55 @@ import pytest
 import torch
 
 import genkit
-from genkit.errors import DataError
+from genkit.errors import ConfigError, DataError
 from genkit.models import FAMILIES, ContinuousModel, build
 from genkit.sampling import SAMPLERS, Sampler
 from genkit.solvers import Solution
 
 # genkit's own families (other test modules register throw-away ones in the same registry)
 NAMES = [n for n in FAMILIES.names() if FAMILIES.get(n).__module__.startswith("genkit.")]
+# (family, example variant): "default" is example() itself
+CASES = [(n, v) for n in NAMES for v in getattr(FAMILIES.get(n), "example_variants", ("default",))]
 STEPS = 2  # every sampler runs 2 steps here: the suite checks contracts, not quality
+
+
+def steps(sampler) -> dict:
+    """``steps=STEPS`` for a sampler that takes steps (a name or an object), nothing for a one-pass sampler."""
+    cls = SAMPLERS.get(sampler) if isinstance(sampler, str) else type(sampler)
+    return {"steps": STEPS} if cls.takes_steps else {}
 
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def check_example(cls: type) -> tuple[ContinuousModel, torch.Tensor]:
-    """The completeness check: ``cls.example()`` exists and returns (a model of cls, a batch it trains on)."""
-    model, batch = cls.example()
+def check_example(cls: type, variant: str = "default") -> tuple[ContinuousModel, torch.Tensor | None]:
+    """The completeness check: ``cls.example()`` exists and returns (a model of cls, a batch it trains on), the
+    batch None exactly when the model is data-free."""
+    model, batch = cls.example() if variant == "default" else cls.example(variant)
     assert type(model) is cls, f"{cls.__name__}.example() returned a {type(model).__name__}"
-    assert torch.is_tensor(batch) and batch.ndim >= 2 and tuple(batch.shape[1:]) == model.sample_shape
+    if getattr(model, "data_free", False):
+        assert batch is None, "a data-free example trains on no batch"
+    else:
+        assert torch.is_tensor(batch) and batch.ndim >= 2 and tuple(batch.shape[1:]) == model.sample_shape
     return model, batch
 
 
-@pytest.fixture(params=NAMES)
+@pytest.fixture(params=CASES, ids=[f"{n}-{v}" if v != "default" else n for n, v in CASES])
 def example(request):
-    return check_example(FAMILIES.get(request.param))
+    return check_example(FAMILIES.get(request.param[0]), request.param[1])
 
 
 def test_the_registry_holds_the_known_families():
-    assert {"flow_matching", "diffusion", "secant"} <= set(NAMES)
+    assert {"flow_matching", "diffusion", "secant", "nsf", "realnvp"} <= set(NAMES)
+    assert any(getattr(check_example(FAMILIES.get(n), v)[0], "data_free", False) for n, v in CASES)  # one by energy
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_every_family_registers_an_example(name):
-    a, batch_a = check_example(FAMILIES.get(name))
-    b, batch_b = check_example(FAMILIES.get(name))
-    assert torch.equal(batch_a, batch_b)  # seeded: the same example every time
+@pytest.mark.parametrize("case", CASES, ids=[f"{n}-{v}" for n, v in CASES])
+def test_every_family_registers_an_example(case):
+    a, batch_a = check_example(FAMILIES.get(case[0]), case[1])
+    b, batch_b = check_example(FAMILIES.get(case[0]), case[1])
+    assert (batch_a is None and batch_b is None) or torch.equal(batch_a, batch_b)  # seeded: the same every time
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
@@ -81,8 +98,8 @@ def test_checkpoint_round_trip_gives_identical_samples(example, tmp_path):
     assert type(loaded) is type(model) and loaded.config() == model.config()
     model.eval()
     for name in model.samplers():
-        a = model.sample(16, sampler=name, steps=STEPS, generator=gen(0))
-        b = loaded.sample(16, sampler=name, steps=STEPS, generator=gen(0))
+        a = model.sample(16, sampler=name, **steps(name), generator=gen(0))
+        b = loaded.sample(16, sampler=name, **steps(name), generator=gen(0))
         assert torch.equal(a, b), name
     assert torch.equal(model.sample(16, generator=gen(1)), loaded.sample(16, generator=gen(1)))  # default sampler
 
@@ -103,9 +120,12 @@ def test_loss_is_finite_and_reaches_every_trainable_parameter(example):
 
 
 def test_a_loss_that_needs_data_says_so_when_given_none(example):
-    model, _ = example
+    """A loss that trains on data refuses None; a data-free loss (its own samples) refuses data instead."""
+    model, batch = example
     if getattr(model, "data_free", False):
-        pytest.skip("a data-free objective makes its own samples")  # none registered yet: no skip runs today
+        with pytest.raises(ConfigError, match=r"data_free.*without data"):
+            model.loss(torch.zeros(4, *model.sample_shape), generator=gen(0))
+        return
     with pytest.raises(DataError, match=r"got none \(batch=None\).*Trainer.fit\(data\)"):
         model.loss(None, generator=gen(0))
 
@@ -113,16 +133,17 @@ def test_a_loss_that_needs_data_says_so_when_given_none(example):
 def test_sample_shapes_for_every_sampler(example):
     model, _ = example
     for name in model.samplers():
-        x = model.sample(5, sampler=name, steps=STEPS, generator=gen(0))
+        x = model.sample(5, sampler=name, **steps(name), generator=gen(0))
         assert x.shape == (5, *model.sample_shape) and torch.isfinite(x).all(), name
-        sol = model.sample(5, sampler=name, steps=STEPS, generator=gen(0), return_solution=True)
-        assert isinstance(sol, Solution) and torch.equal(sol.samples, x) and sol.nfe >= STEPS, name
+        sol = model.sample(5, sampler=name, **steps(name), generator=gen(0), return_solution=True)
+        assert isinstance(sol, Solution) and torch.equal(sol.samples, x), name
+        assert sol.nfe >= steps(name).get("steps", 1), name
 
 
 def test_sampling_is_deterministic_under_a_generator(example):
     model, _ = example
     for name in model.samplers():
-        a, b, c = (model.sample(8, sampler=name, steps=STEPS, generator=gen(seed)) for seed in (3, 3, 4))
+        a, b, c = (model.sample(8, sampler=name, **steps(name), generator=gen(seed)) for seed in (3, 3, 4))
         assert torch.equal(a, b), name
         assert not torch.isclose(a, c).any(), name  # another seed moves every coordinate
 
@@ -132,16 +153,28 @@ def test_rsample_equals_sample_and_its_gradient_is_the_pathwise_derivative(examp
     model, _ = example
     model = model.double().eval()
     p = [q for q in model.parameters() if q.requires_grad][-1]  # the output layer's bias
-    x = model.rsample(6, steps=STEPS, generator=gen(0))
-    assert x.requires_grad and torch.equal(x.detach(), model.sample(6, steps=STEPS, generator=gen(0)))
+    k = steps(model.default_sampler())
+    x = model.rsample(6, **k, generator=gen(0))
+    assert x.requires_grad and torch.equal(x.detach(), model.sample(6, **k, generator=gen(0)))
     (grad,) = torch.autograd.grad(x.mean(), p)
     h = 1e-5
     with torch.no_grad():
         p[0] += h
-        up = model.sample(6, steps=STEPS, generator=gen(0)).mean()
+        up = model.sample(6, **k, generator=gen(0)).mean()
         p[0] -= 2 * h
-        down = model.sample(6, steps=STEPS, generator=gen(0)).mean()
+        down = model.sample(6, **k, generator=gen(0)).mean()
         p[0] += h
     fd = float((up - down) / (2 * h))
     assert abs(grad[0].item()) > 1e-3
     assert grad[0].item() == pytest.approx(fd, rel=1e-6, abs=1e-9)
+
+
+def test_a_sampler_without_steps_refuses_them(example):
+    """A one-pass sampler (``takes_steps = False``) refuses a step count, a grid and a solver, saying why."""
+    model, _ = example
+    for name in model.samplers():
+        if SAMPLERS.get(name).takes_steps:
+            continue
+        for option in ({"steps": STEPS}, {"grid": "uniform"}, {"solver": "heun"}):
+            with pytest.raises(ConfigError, match=f"takes no {next(iter(option))}=.*one pass"):
+                model.sample(2, sampler=name, **option)

@@ -11,7 +11,7 @@ from genkit.analytic import GaussianMixture
 from genkit.data import load_dataset
 from genkit.errors import CheckpointError, ConfigError, ShapeError
 from genkit.metrics import sliced_wasserstein
-from genkit.models import FAMILIES, Diffusion, FlowMatching, build, ot_pairing
+from genkit.models import FAMILIES, ContinuousModel, Diffusion, FlowMatching, build, ot_pairing
 from genkit.nets import MLP, UNet
 from genkit.paths import get_path
 from genkit.train import TrainConfig, Trainer
@@ -134,9 +134,11 @@ def test_digits_unet_trains_and_samples(tmp_path):
 
 # genkit's own families (other test modules register throw-away ones in the same registry)
 GENKIT_FAMILIES = [n for n in FAMILIES.names() if FAMILIES.get(n).__module__.startswith("genkit.")]
+# those read as a field around a network (the flows nsf / realnvp build their own; tests/test_families.py covers all)
+FIELD_FAMILIES = [n for n in GENKIT_FAMILIES if issubclass(FAMILIES.get(n), ContinuousModel)]
 
 
-@pytest.mark.parametrize("family", GENKIT_FAMILIES)
+@pytest.mark.parametrize("family", FIELD_FAMILIES)
 def test_config_round_trip(family):
     cls = FAMILIES.get(family)
     model = cls(MLP(2, hidden=16), sample_shape=(2,))

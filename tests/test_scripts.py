@@ -7,6 +7,8 @@ before any work, run the scripts' ``__main__`` in this process (same code path, 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -553,3 +555,141 @@ def test_train_samples_a_flow_matching_model_with_an_sde_solver(tmp_path, capsys
     assert (metrics["sampler"], metrics["solver"], metrics["t_max"], metrics["nfe"]) == ("SDE solver",
                                                                                          "euler_maruyama", 0.99, 3)
     assert "starts at t=0.99" in metrics["note_sampler"] and "from t=0.99" in metrics["sampled_with"]
+
+
+# --- normalizing flows (nsf / realnvp) through the common scripts ------------------------------------------------
+FLOW = ["--family", "nsf", "--layers", 2, "--hidden", 16, "--depth", 1, "--bins", 4, "--n-samples", 200,
+        "--no-progress", "--batch-size", 64]
+
+
+@pytest.fixture(scope="module")
+def flow_runs(tmp_path_factory) -> dict:
+    """nsf trained by data (moons, 30 steps) and by an energy (double_well, 30 steps, data-free), two processes side
+    by side; then sample.py on the data run and evaluate.py on both (exact held-out NLL; ESS and log Z), in this
+    process (they only read checkpoints: no interpreter start, no torch import)."""
+    base = tmp_path_factory.mktemp("flows")
+    try:
+        data, energy = base / "nsf_moons", base / "nsf_dw"
+        procs = [start(TRAIN, *FLOW, "--data", "moons", "--steps", 30, "--out", data),
+                 start(TRAIN, *FLOW, "--energy", "double_well", "--steps", 30, "--out", energy)]
+        r = {"data": data, "energy": energy, "train_stdout": [finish(p) for p in procs]}
+        r.update(sampled=base / "sampled", eval_data=base / "eval_data.json", eval_energy=base / "eval_energy.json")
+        for key, script, args in [
+                ("sample_stdout", SAMPLE, ["--checkpoint", data, "--n", 8, "--out", r["sampled"]]),
+                ("eval_data_stdout", EVALUATE, ["--checkpoint", data, "--n", 300, "--nll-n", 200, "--out",
+                                                r["eval_data"]]),
+                ("eval_energy_stdout", EVALUATE, ["--checkpoint", energy, "--n", 500, "--out", r["eval_energy"]])]:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = run_main(script, *map(str, args), "--device", "cpu")
+            assert code == 0, out.getvalue()
+            r[key] = out.getvalue()
+        return r
+    finally:
+        for proc in _STARTED:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+def test_train_nsf_by_data_and_by_energy(flow_runs):
+    metrics = json.loads((flow_runs["data"] / "metrics.json").read_text())
+    assert metrics["family"] == "nsf" and metrics["data"] == "moons" and metrics["step"] == 30
+    assert metrics["sampler"] == "exact" and metrics["nfe"] == 1 and metrics["sample_steps"] is None
+    assert metrics["sampled_with"] == "exact (one pass through the flow's inverse)"
+    assert 0 <= metrics["noise_floor"]["sliced_w2"] < metrics["sliced_w2"]
+    config = json.loads((flow_runs["data"] / "checkpoint" / "config.json").read_text())
+    assert config["family"] == "nsf" and config["layers"] == 2 and config["bins"] == 4 and "energy" not in config
+    energy = json.loads((flow_runs["energy"] / "metrics.json").read_text())["energy"]
+    assert energy["energy"]["name"] == "double_well" and 1 <= energy["ess"] <= energy["n"] == 200
+    assert energy["log_z_reference_method"].startswith("quadrature") and energy["log_z_stderr"] > 0
+    config = json.loads((flow_runs["energy"] / "checkpoint" / "config.json").read_text())
+    assert config["energy"]["name"] == "double_well" and config["batch_size"] == 64
+    model = genkit.load(flow_runs["energy"])
+    assert model.data_free and model.sample(4).shape == (4, 2)
+    assert "ESS" in flow_runs["train_stdout"][1] and "log Z" in flow_runs["train_stdout"][1]
+
+
+def test_sample_and_evaluate_a_flow_checkpoint(flow_runs):
+    samples = load_file(str(flow_runs["sampled"] / "samples.safetensors"))["samples"]
+    model = genkit.load(flow_runs["data"])
+    assert torch.equal(samples, model.sample(8, generator=torch.Generator().manual_seed(0)))  # --seed 0, EMA weights
+    assert "NFE 1" in flow_runs["sample_stdout"]
+    report = json.loads(flow_runs["eval_data"].read_text())
+    nll = report["nll"]
+    assert nll["method"] == "exact (change of variables)" and nll["n"] == 200
+    ref, _ = genkit.data.held_out("moons", 300, 0)
+    with torch.no_grad():
+        want = -float(model.log_prob(ref[:200]).double().mean())
+    assert nll["nats"] == pytest.approx(want, rel=1e-5)  # the exact log_prob of the held-out points
+    assert nll["bits_per_dim"] == pytest.approx(nll["nats"] / (2 * math.log(2)))
+    energy = json.loads(flow_runs["eval_energy"].read_text())
+    e = energy["energy"]
+    assert energy["family"] == "nsf" and e["n"] == 500 and 1 <= e["ess"] <= 500
+    assert abs(e["log_z"] - e["log_z_reference"]) < 10 * e["log_z_stderr"] + 1.0  # 30 steps: a rough flow
+    assert e["reverse_kl"] > 0
+    finite_numbers(report), finite_numbers(energy)
+
+
+@pytest.mark.parametrize("script, args, named", [
+    (TRAIN, ["--family", "nsf", "--path", "linear"], "--path linear does not apply to --family nsf"),
+    (TRAIN, ["--energy", "double_well"], "--energy double_well does not apply to --family flow_matching"),
+    (TRAIN, ["--family", "realnvp", "--bins", "4"], "--bins 4 does not apply to --family realnvp"),
+    (TRAIN, ["--family", "nsf", "--energy", "nope"], "unknown energy 'nope'"),
+    (TRAIN, ["--family", "nsf", "--energy", "double_well", "--energy-options", "{dim"], "--energy-options must be"),
+    (TRAIN, ["--family", "nsf", "--energy", "double_well", "--data", "moons"], "--data and --energy double_well"),
+    (TRAIN, ["--family", "nsf", "--data", "digits"], "--family nsf models vectors"),
+    (TRAIN, ["--family", "nsf", "--sample-steps", "4"], "--sample-steps 4 would be ignored"),
+    (TRAIN, ["--family", "nsf", "--transform", "affine"], "unknown nsf transform 'affine'"),
+], ids=["path-for-flow", "energy-for-fm", "bins-for-realnvp", "unknown-energy", "energy-options-json",
+        "energy-and-data", "flow-on-images", "steps-for-exact", "nsf-transform"])
+def test_bad_flow_flags_exit_2_with_one_error_line(script, args, named, capsys, tmp_path):
+    assert run_main(script, *args, "--out", str(tmp_path / "out")) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_nsf_and_realnvp_share_their_common_flags():
+    script = runpy.run_path(str(TRAIN), run_name="not_main")
+    script["build_parser"]()
+    flags = script["FAMILY_FLAGS"]
+    assert {"layers", "mixing", "energy", "energy_options"} <= set(flags["nsf"]) & set(flags["realnvp"])
+    assert "bins" in flags["nsf"] and "bins" not in flags["realnvp"] and "clamp" in flags["realnvp"]
+    args = script["parse_args"](["--family", "realnvp", "--layers", "3", "--clamp", "2", "--data", "wine"])
+    script["resolve_model_flags"](args)
+    data, shape = script["load_data"](args)
+    model = script["build_model"](args, shape)
+    assert model.family == "realnvp" and model.layers == 3 and model.clamp == 2.0 and model.features == 13
+    assert torch.isfinite(model.loss(data[:16])[0])
+
+
+def test_train_and_evaluate_read_a_users_table(tmp_path, capsys):
+    """--table FILE: train.py trains on the table's train split (genkit.data.load_table) and holds out its test
+    split; evaluate.py finds the table in the run's train_data.json and scores a flow there with its exact NLL."""
+    import numpy as np
+
+    from genkit.data import load_table
+
+    table = tmp_path / "t.npy"
+    np.save(table, np.random.default_rng(0).normal(size=(200, 3)) * [1.0, 2.0, 0.5])
+    script = runpy.run_path(str(TRAIN), run_name="not_main")
+    args = script["parse_args"](["--family", "realnvp", "--table", str(table), "--out", str(tmp_path / "run")])
+    script["resolve_model_flags"](args)
+    data, shape = script["load_data"](args)
+    assert torch.equal(data, load_table(table, "train")) and shape == (3,)
+    ref, floor = script["held_out_sets"](args, 1000)
+    assert torch.equal(ref, load_table(table, "test")) and floor.shape == ref.shape == (40, 3)
+    assert script["data_identity"](args) == {"table": str(table.absolute())}
+    model = script["build_model"](args, shape)
+    run = tmp_path / "run"
+    genkit.save(run / "checkpoint", model)
+    (run / "train_data.json").write_text(json.dumps(script["data_identity"](args)))
+    assert run_main(EVALUATE, "--checkpoint", str(run), "--n", "50", "--out", str(tmp_path / "e.json")) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    with torch.no_grad():
+        want = -float(model.log_prob(ref).double().mean())
+    assert report["data"] == str(table.absolute()) and report["nll"]["nats"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ConfigError, match="both name the training data"):
+        script["load_data"](script["parse_args"](["--table", str(table), "--data", "moons"]))

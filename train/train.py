@@ -1,5 +1,6 @@
-"""Train a model of any registered family (flow matching, diffusion, ...), then sample from its checkpoint and
-measure the samples.
+"""Train a model of any registered family (flow matching, diffusion, secant, the normalizing flows nsf and
+realnvp, ...), then sample from its checkpoint and measure the samples (a flow trained by --energy: its importance
+weights against the energy, ESS and log Z).
 
 With no arguments it runs the embedded default: flow matching (linear path, MLP 128 x 3) on the 2-D
 `moons` set, 1500 steps of batch 256 (well under a minute on a laptop CPU), then 2000 samples with
@@ -35,6 +36,9 @@ examples:
   python train/train.py --family diffusion --data digits --channels 32,64 --steps 4000 --batch-size 128
   python train/train.py --family secant --loss stee --jumps 1,2,4 --data moons
   python train/train.py --data digits --conditional --class-dropout 0.1 --steps 3000
+  python train/train.py --family nsf --data wine --layers 6 --out runs/nsf_wine
+  python train/train.py --family realnvp --table my_table.csv --out runs/realnvp_table
+  python train/train.py --family nsf --energy double_well --out runs/nsf_dw   # data-free: the reverse KL
   python train/train.py --config run.toml --steps 3000
   accelerate launch train/train.py --image-folder ~/faces --image-size 64 --channels 64,128,256
 """
@@ -59,10 +63,11 @@ import torch
 
 import genkit
 from genkit import checkpoint, metrics
-from genkit.cli import run_main
+from genkit.cli import energy_metrics, run_main, table_held_out
 from genkit.data import (
     COMPONENTS,
     DATASETS,
+    TABULAR,
     LabelledData,
     digits,
     digits_labels,
@@ -70,7 +75,9 @@ from genkit.data import (
     image_folder,
     load_dataset,
     load_labelled,
+    load_table,
 )
+from genkit.energies import get_energy
 from genkit.errors import ConfigError
 from genkit.models import FAMILIES, build
 from genkit.nets import MLP, UNet
@@ -117,16 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help=f"a named data set, one of {', '.join(DATASETS.names())} (default: moons)")
     g.add_argument("--image-folder", metavar="PATH", help="train on your own images instead: a folder of images "
                                                           "or of one subfolder per class (every file is checked first)")
+    g.add_argument("--table", metavar="FILE",
+                   help="train on your own table instead: a .csv (numbers, an optional header) or .npy [rows, "
+                        "columns], split 70/10/20 and standardised with its train split (genkit.data.load_table); "
+                        "the test split is held out")
     g.add_argument("--image-size", type=int, metavar="N", help="with --image-folder: resize and centre-crop to N x N")
     g.add_argument("--image-channels", type=int, help="with --image-folder: 1 (grey) or 3 (RGB) (default: 3)")
     g.add_argument("--num-workers", type=int, default=0, help="data-loading processes for --image-folder")
     g.add_argument("--conditional", action="store_true",
-                   help="train a class-conditional model on the data's classes: digits' digits, an image folder's "
-                        f"class subfolders, a toy set's components ({', '.join(COMPONENTS)}); sample it with "
+                   help="train a class-conditional model on the data's classes: digits' digits, a tabular set's "
+                        f"classes ({', '.join(TABULAR)}), an image folder's class subfolders, a toy set's components "
+                        f"({', '.join(COMPONENTS)}); sample it with "
                         "samplers/sample.py --class C --guidance S")
     g.add_argument("--class-dropout", type=float, metavar="P",
                    help="with --conditional: probability of training on the null label instead of the class, what "
-                        "classifier-free guidance needs (default: 0.1; 0 trains no null label, so no guidance)")
+                        "classifier-free guidance needs (default: 0.1; 0 trains no null label, so no guidance; "
+                        "a normalizing flow takes none: 0)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=1500, help="total optimizer steps (a resumed run continues to it)")
     g.add_argument("--batch-size", type=int, default=256, help="per process")
@@ -164,19 +177,53 @@ def build_parser() -> argparse.ArgumentParser:
                         "SDE is singular there, e.g. euler_maruyama on flow matching, starts at 0.99 and says so)")
     g.add_argument("--n-samples", type=int, help="samples drawn at the end (default: 2000 for vectors, 256 for images)")
     FAMILY_FLAGS.clear()
+    declared: dict[str, tuple[str, argparse.Action]] = {}  # a family flag's option -> (first family, its action)
     for name, cls in _families():
-        group = p.add_argument_group(f"{name} (--family {name})")
+        group = _FamilyGroup(p.add_argument_group(f"{name} (--family {name})"), name, declared)
         try:
             cls.add_arguments(group)
         except argparse.ArgumentError as e:
             raise ConfigError(f"family {name!r} declares a flag train.py or another family already has ({e}); "
                               "rename it in its add_arguments") from None
-        FAMILY_FLAGS[name] = [action.dest for action in group._group_actions]
-        defaults = [a.dest for a in group._group_actions if a.default is not None]
+        FAMILY_FLAGS[name] = [action.dest for action in group.actions]
+        if group.shared:
+            group.group.description = (f"also {', '.join(group.shared)}, as for --family {group.shared_with[0]}")
+        defaults = [a.dest for a in group.actions if a.default is not None]
         if defaults:
             raise ConfigError(f"family {name!r}'s flags {defaults} have argparse defaults; declare them in its "
                               "cli_defaults, so that a flag set for another family can be caught")
     return p
+
+
+class _FamilyGroup:
+    """A family's argument group in which a flag an earlier family declared alike (same option, type and dest:
+    nsf and realnvp both take --layers) is shared, not a conflict; ``actions`` are the family's flags, shared
+    ones included. A flag declared differently is an argparse conflict, as before."""
+
+    def __init__(self, group: argparse._ArgumentGroup, family: str,
+                 declared: dict[str, tuple[str, argparse.Action]]):
+        self.group, self.family, self.declared, self.actions = group, family, declared, []
+        self.shared: list[str] = []  # the flags it shares with an earlier family, and which
+        self.shared_with: list[str] = []
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        first = self.declared.get(names[0]) if names else None
+        if first is not None:
+            action = first[1]
+            dest = kwargs.get("dest", names[0].lstrip("-").replace("-", "_"))
+            if action.option_strings == list(names) and action.dest == dest and action.type is kwargs.get("type"):
+                self.actions.append(action)
+                self.shared.append(names[0])
+                self.shared_with.append(first[0])
+                return action
+        action = self.group.add_argument(*names, **kwargs)
+        for option in action.option_strings:
+            self.declared[option] = (self.family, action)
+        self.actions.append(action)
+        return action
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.group, name)
 
 
 def _families() -> list[tuple[str, Any]]:
@@ -235,16 +282,21 @@ def resolve_model_flags(args: argparse.Namespace) -> None:
     """Family-specific flags: reject those the family would ignore, then fill the family's defaults."""
     if args.family not in FAMILY_FLAGS:
         raise ConfigError(f"unknown --family {args.family!r}; choose one of {', '.join(FAMILY_FLAGS)}")
+    own = set(FAMILY_FLAGS[args.family])
     for family, dests in FAMILY_FLAGS.items():
         for dest in dests:
-            if family != args.family and getattr(args, dest) is not None:
+            if family != args.family and dest not in own and getattr(args, dest) is not None:
                 flag = "--" + dest.replace("_", "-")
                 raise ConfigError(f"{flag} {getattr(args, dest)} does not apply to --family {args.family}; "
                                   f"drop {flag} or use --family {family}")
     for key, value in FAMILIES.get(args.family).cli_defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    genkit.get_path(args.path)  # an unknown name fails now, not after loading data
+    if "path" in FAMILIES.get(args.family).cli_defaults:
+        genkit.get_path(args.path)  # an unknown name fails now, not after loading data
+    elif args.path is not None:
+        raise ConfigError(f"--path {args.path} does not apply to --family {args.family}, which has no probability "
+                          "path (a normalizing flow maps its base to the data directly); drop --path")
     if args.solver is not None and args.solver not in NAMED_SAMPLERS:
         genkit.get_solver(args.solver)
     if args.grid is not None:
@@ -312,29 +364,47 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
     """The training set (a tensor, or a Dataset for image folders, not yet verified) and one sample's shape.
     With --conditional it is a LabelledData, and ``args.num_classes`` / ``args.class_names`` are set."""
-    data, shape = _load_samples(args)
     args.num_classes = args.class_names = None
+    energy = getattr(args, "energy", None)
+    if energy is not None:  # a family trained by an energy (data-free): no data set
+        for flag, value in (("--data", args.data), ("--image-folder", args.image_folder), ("--table", args.table),
+                            ("--conditional", args.conditional or None)):
+            if value is not None:
+                raise ConfigError(f"{flag} and --energy {energy} both name what to learn; an energy run trains on its "
+                                  f"own samples: drop {flag}")
+        return None, torch.Size([get_energy(**energy_config(args)).dim])
+    data, shape = _load_samples(args)
     if args.class_dropout is not None and not args.conditional:
         raise ConfigError(f"--class-dropout {args.class_dropout} applies to --conditional training only; add "
                           "--conditional or drop it")
     if not args.conditional:
         return data, shape
-    if args.class_dropout is None:
-        args.class_dropout = 0.1
+    if args.class_dropout is None:  # 0.1 trains the null label guidance needs; a flow family has none (0)
+        args.class_dropout = float(getattr(FAMILIES.get(args.family), "default_class_dropout", 0.1))
     if not 0 <= args.class_dropout < 1:
         raise ConfigError(f"--class-dropout must be a probability in [0, 1) (0.1 is usual); got {args.class_dropout}")
     if args.image_folder is not None:
         data = data.labelled()  # its class subfolders (a flat folder is an error naming the fix)
-    elif args.data == "digits" or args.data in COMPONENTS:
+    elif args.data == "digits" or args.data in COMPONENTS or args.data in TABULAR:
         data = load_labelled(args.data, generator=torch.Generator().manual_seed(args.seed))
     else:
         raise ConfigError(f"--conditional needs classes; --data {args.data} has none. Labelled sets: digits, "
-                          f"{', '.join(COMPONENTS)}, or an --image-folder with one subfolder per class")
+                          f"{', '.join(TABULAR)}, {', '.join(COMPONENTS)}, or an --image-folder with one subfolder "
+                          "per class")
     args.num_classes, args.class_names = data.num_classes, data.class_names
     return data, shape
 
 
 def _load_samples(args: argparse.Namespace) -> tuple[Any, torch.Size]:
+    if args.table is not None:
+        for flag, value in (("--data", args.data), ("--image-folder", args.image_folder)):
+            if value is not None:
+                raise ConfigError(f"{flag} {value} and --table {args.table} both name the training data; keep one")
+        if args.conditional:
+            raise ConfigError(f"--conditional needs classes; the table {args.table} has none (use --data wine, "
+                              "breast_cancer or digits64 for labelled tables)")
+        data = load_table(args.table, "train", seed=args.seed)
+        return data, data.shape[1:]
     if args.image_folder is not None:
         if args.data is not None:
             raise ConfigError(f"--data {args.data} and --image-folder both name the training data; keep one")
@@ -358,7 +428,12 @@ def _load_samples(args: argparse.Namespace) -> tuple[Any, torch.Size]:
 def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
     """MLP for vectors, UNet for images, read through the chosen family (which builds itself from the flags)."""
     family = FAMILIES.get(args.family)
-    if len(shape) == 1:
+    if not getattr(family, "needs_net", True):  # the family builds its own networks (a normalizing flow)
+        if args.channels is not None:
+            raise ConfigError(f"--channels sets a UNet; --family {args.family} builds its own networks "
+                              "(--hidden / --depth set their width and depth)")
+        model = family.from_args(args, None, shape)
+    elif len(shape) == 1:
         if args.channels is not None:
             raise ConfigError("--channels sets the UNet of image data; this data is vectors, use --hidden/--depth")
         net = MLP(shape[0], hidden=128 if args.hidden is None else args.hidden,
@@ -377,7 +452,8 @@ def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
                    **family.net_options(args, "unet"))
     else:
         raise ConfigError(f"samples of shape {tuple(shape)} are neither vectors nor images [C, H, W]")
-    model = family.from_args(args, net, shape)
+    if getattr(family, "needs_net", True):
+        model = family.from_args(args, net, shape)
     if getattr(args, "num_classes", None) is not None and getattr(model, "num_classes", None) != args.num_classes:
         raise ConfigError(f"--family {args.family} does not train class-conditional models; drop --conditional or "
                           "use --family flow_matching or diffusion")
@@ -405,11 +481,31 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def energy_config(args: argparse.Namespace) -> dict[str, Any]:
+    """``--energy NAME`` and ``--energy-options JSON`` as ``{"name": NAME, **options}``, checked."""
+    try:
+        options = json.loads(args.energy_options) if getattr(args, "energy_options", None) else {}
+    except ValueError as e:
+        raise ConfigError(f"--energy-options must be a JSON object of the energy's arguments, e.g. '{{\"dim\": 2}}'; "
+                          f"got {args.energy_options!r} ({e})") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"--energy-options must be a JSON object {{...}}; got {args.energy_options!r}")
+    try:
+        get_energy(args.energy, **options)
+    except ConfigError as e:
+        raise ConfigError(f"--energy {args.energy}: {e}") from None
+    return {"name": args.energy, **options}
+
+
 def data_identity(args: argparse.Namespace) -> dict[str, Any]:
     """What the run trains on, kept in out/train_data.json so a resume on other data is caught."""
+    if args.table is not None:
+        return {"table": str(Path(args.table).expanduser().absolute())}
     if args.image_folder is not None:
         return {"image_folder": str(Path(args.image_folder).expanduser().absolute()), "image_size": args.image_size,
                 "image_channels": 3 if args.image_channels is None else args.image_channels}
+    if getattr(args, "energy", None) is not None:
+        return {"energy": get_energy(**energy_config(args)).config()}
     return {"data": args.data}
 
 
@@ -445,8 +541,12 @@ def check_resume(args: argparse.Namespace, model: torch.nn.Module, config: Train
 
 # --------------------------------------------------------------------------------------------- evaluation
 def held_out_sets(args: argparse.Namespace, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``genkit.data.held_out`` for a named set; image folders have none."""
-    return (None, None) if args.image_folder is not None else held_out(args.data, n, args.seed)
+    """``genkit.data.held_out`` for a named set; image folders and energy runs have none."""
+    if args.image_folder is not None or getattr(args, "energy", None) is not None:
+        return None, None
+    if args.table is not None:
+        return table_held_out(args.table, n, args.seed)
+    return held_out(args.data, n, args.seed)
 
 
 def quality(x: torch.Tensor, ref: torch.Tensor, features: Callable | None) -> dict[str, float]:
@@ -498,13 +598,18 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     ref, floor = held_out_sets(args, n)
     record = chosen.record()
     record["sample_steps"] = record.pop("steps")
+    energy = getattr(model, "energy", None)
     report: dict[str, Any] = {
-        "data": args.image_folder or args.data, "family": args.family, "step": step, "n_samples": n,
+        "data": args.image_folder or args.table or args.data or f"energy {getattr(args, 'energy', None)}",
+        "family": args.family, "step": step,
+        "n_samples": n,
         **record, "sampled_with": chosen.describe(), "nfe": sol.nfe,
         "sample_time_s": sample_time, "train_time_s": train_time, "train_steps_this_run": step - start,
         "train_steps_per_s": (step - start) / train_time if step > start else None,
     }
-    if ref is None or (is_image and args.data != "digits"):
+    if energy is not None:  # trained by an energy: importance weights against it, no held-out data
+        report["energy"] = energy_metrics(model, n, torch.Generator(device=device).manual_seed(args.seed + 1))
+    elif ref is None or (is_image and args.data != "digits"):
         report["note"] = ("no sample-quality metric for these images: a Frechet distance needs a feature network "
                           "for them (genkit.metrics.fid with inception_features); only digits have a built-in one")
     else:
@@ -513,7 +618,7 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
                     if is_image else None)
         report.update(quality(x, ref, features))
         report["noise_floor"] = quality(floor, ref, features)
-    if ref is None:  # an image folder: show training images next to the samples
+    if ref is None and data is not None:  # an image folder: show training images next to the samples
         images = data.data if isinstance(data, LabelledData) else data
         ref = torch.stack([images[i] for i in range(min(MAX_IMAGES, len(images)))])
     save_samples_png(x, out / "samples.png", reference=ref,
@@ -590,6 +695,10 @@ def main(argv: list[str] | None = None) -> None:
             f"eval/evaluate.py --checkpoint {out}", result.step, out / "checkpoint", signal.SIGINT) from None
     scores = ", ".join(f"{k} {v:.4g} (floor {report['noise_floor'][k]:.4g})" for k, v in report.items()
                        if k in ("sliced_w2", "energy_distance", "frechet_digits"))
+    if "energy" in report:
+        e = report["energy"]
+        scores = (f"ESS {e['ess']:.1f} of {e['n']}, log Z {e['log_z']:.4f} +- {e['log_z_stderr']:.4f}"
+                  + ("" if e["log_z_reference"] is None else f" (reference {e['log_z_reference']:.4f})"))
     print(f"trained to step {result.step} in {train_time:.1f} s; sampled {report['n_samples']} with "
           f"{report['sampled_with']} (NFE {report['nfe']}) in {report['sample_time_s']:.2f} s"
           + (f"; {scores}" if scores else ""))

@@ -7,7 +7,15 @@
   first) and ``default_sampler()``;
 - ``example() -> (model, batch)``: a tiny seeded instance, run by the registry-generated property suite;
 - train/train.py hooks: ``cli_defaults``, ``add_arguments(group)``, ``from_args(args, net, sample_shape)`` and
-  ``net_options(args, kind)`` (see :class:`ContinuousModel`).
+  ``net_options(args, kind)`` (see :class:`ContinuousModel`); optional: ``needs_net = False`` (the family builds
+  its own networks: ``from_args`` gets ``net=None``), ``default_class_dropout`` (``--class-dropout``'s default
+  under ``--conditional``), and flags shared by several families (declared alike in each ``add_arguments``);
+- optional: ``data_free`` (True when ``loss(None)`` makes its own samples, e.g. a flow trained by an energy),
+  ``example_variants`` (names ``example(variant)`` takes; the property suite runs each), and
+  ``exact_likelihood`` (``log_prob(x, labels=None)`` is exact, with no ODE options).
+
+The normalizing-flow families ``nsf`` and ``realnvp`` (:mod:`genkit.models.flows.family`) are distributions with
+an exact ``log_prob``, sampled by the ``exact`` sampler.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ from __future__ import annotations
 from .continuous import ContinuousModel
 from .diffusion import Diffusion
 from .flow_matching import FlowMatching, ot_pairing
+from .flows import FlowFamily, NeuralSplineFlow, RealNVP
 from .registry import FAMILIES, build
 from .secant import Secant
 
-__all__ = ["FAMILIES", "build", "ContinuousModel", "Diffusion", "FlowMatching", "Secant", "ot_pairing"]
+__all__ = ["FAMILIES", "build", "ContinuousModel", "Diffusion", "FlowMatching", "Secant", "ot_pairing",
+           "FlowFamily", "NeuralSplineFlow", "RealNVP"]

@@ -1,11 +1,14 @@
-"""Normalizing flows: rational-quadratic splines, invertible transforms (registered in FLOW_TRANSFORMS) and
-:class:`Flow`, a distribution built from them; circular and smooth transforms on tori and intervals with
-:class:`CompactFlow` (a uniform base), a bracketed root finder with implicit gradients, and force matching."""
+"""Normalizing flows: rational-quadratic splines, invertible transforms (registered in FLOW_TRANSFORMS),
+:class:`Flow`, a distribution built from them, and the model families ``nsf`` (:class:`NeuralSplineFlow`) and
+``realnvp`` (:class:`RealNVP`) that train, save, sample and evaluate through genkit's common scripts; circular and
+smooth transforms on tori and intervals with :class:`CompactFlow` (a uniform base), a bracketed root finder with
+implicit gradients, force matching, and stochastic normalizing flows (:class:`StochasticFlow`)."""
 
 from __future__ import annotations
 
 from .circular import CircularCoupling, circular_rq_spline, wrap
 from .compact import CompactFlow
+from .family import FlowEnergy, FlowFamily, FlowScoreField, NeuralSplineFlow, RealNVP
 from .flow import Flow
 from .forces import ForceMatchingObjective, flow_force, force_matching_loss
 from .roots import bracketed_inverse
@@ -32,7 +35,8 @@ from .transforms import (
     Transform,
 )
 
-__all__ = ["Flow", "rq_spline", "spline_knots", "FLOW_TRANSFORMS", "Transform", "CouplingSpline",
+__all__ = ["Flow", "FlowFamily", "NeuralSplineFlow", "RealNVP", "FlowScoreField", "FlowEnergy",
+           "rq_spline", "spline_knots", "FLOW_TRANSFORMS", "Transform", "CouplingSpline",
            "AutoregressiveSpline",
            "AffineCoupling", "LULinear", "Permutation",
            "InterpolatedEnergy", "LangevinBlock", "MetropolisBlock", "StochasticFlow", "EnergyObjective",
