@@ -100,3 +100,11 @@ def test_spline_arithmetic_stays_float32_under_bf16_autocast(layer):
             back, _ = t.inverse(back)
     assert logp.dtype == torch.float32 and torch.isfinite(logp).all()
     assert (back - x).abs().max() < 1e-4
+
+
+def test_a_flow_refuses_transforms_on_a_circle_or_interval():
+    from genkit.models.flows import CircularCoupling, SmoothCoupling
+
+    for t, domain in ((CircularCoupling(2, bins=4), "circle"), (SmoothCoupling(2, components=3), "interval")):
+        with pytest.raises(ConfigError, match=f"CompactFlow.*domain='{domain}'"):
+            Flow([t], features=2)

@@ -39,6 +39,10 @@ class Flow(nn.Module):
         for i, t in enumerate(transforms):
             if not isinstance(t, Transform):
                 raise ConfigError(f"Flow transform {i} is a {type(t).__name__}, not a genkit flow Transform")
+            if t.domain != "real":
+                raise ConfigError(f"Flow transform {i} ({type(t).__name__}) acts on a {t.domain}, but a Flow has a "
+                                  "standard Normal base on R^D; build a CompactFlow(transforms, features, "
+                                  f"domain={t.domain!r}) (a uniform base on the {t.domain}) instead")
             if t.features != features:
                 raise ConfigError(f"Flow transform {i} ({type(t).__name__}) acts on {t.features} features, the "
                                   f"flow on {features}; build every transform with features={features}")
