@@ -15,6 +15,8 @@ f: generator must be a torch.Generator, not an int (got 7); pass generator=torch
 from __future__ import annotations
 
 import difflib
+import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,7 +24,7 @@ from torch import Tensor
 
 from .errors import ConfigError, ShapeError
 
-__all__ = ["check_state", "check_generator", "check_device", "describe_nonfinite"]
+__all__ = ["check_state", "check_generator", "check_device", "describe_nonfinite", "check_class_names", "class_ids"]
 
 _DEVICE_KINDS = ("cpu", "cuda", "mps", "xpu", "meta")
 
@@ -93,3 +95,37 @@ def describe_nonfinite(x: Tensor) -> str | None:
         return None
     first = int(bad.reshape(len(x), -1).any(1).nonzero()[0]) if x.ndim else 0
     return f"holds {count} NaN/inf value(s) (first in sample {first})"
+
+
+def check_class_names(class_names: Any, k: int) -> list[str] | None:
+    """``class_names`` as a list of ``k`` strings (None stays None); anything else is a ConfigError."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names):
+        raise ConfigError(f"class_names must be a list of {k} strings; got {class_names!r}")
+    class_names = list(class_names)
+    if len(class_names) != k:
+        raise ConfigError(f"class_names has {len(class_names)} names for num_classes={k}")
+    return class_names
+
+
+def class_ids(labels: Any, n: int, num_classes: int, *, null_label: int | None = None,
+              class_names: Sequence[str] | None = None, what: str = "model") -> Tensor:
+    """``labels`` given to ``sample`` / ``log_prob`` (one class id for all ``n``, a list of ``n`` ids or a 1-D
+    integer tensor) as ``[n]`` int64 ids in ``0..num_classes - 1`` (or ``null_label``), on the tensor's device."""
+    if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
+        labels = torch.full((n,), int(labels), dtype=torch.long)
+    elif isinstance(labels, (list, tuple)):
+        labels = torch.tensor(labels, dtype=torch.long) if len(labels) else torch.zeros(0, dtype=torch.long)
+    integer = torch.is_tensor(labels) and not (labels.is_floating_point() or labels.is_complex())
+    if not integer or labels.dtype is torch.bool:
+        kind = labels.dtype if torch.is_tensor(labels) else type(labels).__name__
+        raise ShapeError(f"labels must be a class id (int), a list of n ids or a 1-D integer tensor; got {kind}")
+    if labels.shape != (n,):
+        raise ShapeError(f"labels must hold one class id per sample, shape [{n}]; got {tuple(labels.shape)}")
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != (-1 if null_label is None else null_label))
+    if bool(bad.any()):
+        known = f" ({', '.join(map(str, class_names))})" if class_names else ""
+        raise ConfigError(f"labels {labels[bad][:5].tolist()} are not classes of this {what}: "
+                          f"0..{num_classes - 1}{known}")
+    return labels.long()

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_device, check_generator
+from ..checks import check_class_names, check_device, check_generator, class_ids
 from ..errors import ConfigError, DataError, ShapeError
 from ..guidance import Guidance, guide
 from ..paths import PREDICTIONS, Path, broadcast_time, get_path
@@ -248,22 +248,8 @@ class ContinuousModel(nn.Module):
             raise ConfigError(f"this {self.family} model is unconditional (num_classes None), so it takes no labels"
                               + (" and cannot be guided" if guidance is not None else "")
                               + "; use a class-conditional model (num_classes set; a null label for guidance)")
-        if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
-            labels = torch.full((n,), int(labels), dtype=torch.long)
-        elif isinstance(labels, (list, tuple)):
-            labels = torch.tensor(labels, dtype=torch.long) if len(labels) else torch.zeros(0, dtype=torch.long)
-        integer = torch.is_tensor(labels) and not (labels.is_floating_point() or labels.is_complex())
-        if not integer or labels.dtype is torch.bool:
-            what = labels.dtype if torch.is_tensor(labels) else type(labels).__name__
-            raise ShapeError(f"labels must be a class id (int), a list of n ids or a 1-D integer tensor; got {what}")
-        if labels.shape != (n,):
-            raise ShapeError(f"labels must hold one class id per sample, shape [{n}]; got {tuple(labels.shape)}")
-        null = getattr(self, "null_label", None)
-        bad = ((labels < 0) | (labels >= k)) & (labels != (-1 if null is None else null))
-        if bool(bad.any()):
-            names = getattr(self, "class_names", None)
-            known = f" ({', '.join(map(str, names))})" if names else ""
-            raise ConfigError(f"labels {labels[bad][:5].tolist()} are not classes of this model: 0..{k - 1}{known}")
+        labels = class_ids(labels, n, k, null_label=getattr(self, "null_label", None),
+                           class_names=getattr(self, "class_names", None))
         return labels.to(device=device, dtype=torch.long)
 
     #: Return E[x_0 | x_t] at the grid's last time when it ends above 0 (one extra evaluation).
@@ -371,12 +357,7 @@ def _classes(net: nn.Module, num_classes: Any, class_names: Any, null_label: Any
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive int (the number of real classes K); got {num_classes!r}")
     k = int(num_classes)
-    if class_names is not None:
-        if isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names):
-            raise ConfigError(f"class_names must be a list of {k} strings; got {class_names!r}")
-        class_names = list(class_names)
-        if len(class_names) != k:
-            raise ConfigError(f"class_names has {len(class_names)} names for num_classes={k}")
+    class_names = check_class_names(class_names, k)
     if isinstance(class_dropout, bool) or not isinstance(class_dropout, numbers.Real) or not 0 <= class_dropout < 1:
         raise ConfigError(f"class_dropout must be a probability in [0, 1) (0.1 is usual for guidance); got "
                           f"{class_dropout!r}")

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ...checks import check_device, check_generator
+from ...checks import check_class_names, check_device, check_generator, class_ids
 from ...energies import Energy, energy_from_config, get_energy
 from ...errors import ConfigError, DataError, ShapeError
 from ...paths import broadcast_time, get_path
@@ -143,12 +143,7 @@ class FlowFamily(nn.Module):
                 raise ConfigError("class_names set on an unconditional flow (num_classes None); pass num_classes=K")
             return None, None
         k = _positive_int("num_classes", num_classes)
-        if class_names is not None:
-            if isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names):
-                raise ConfigError(f"class_names must be a list of {k} strings; got {class_names!r}")
-            if len(class_names) != k:
-                raise ConfigError(f"class_names has {len(class_names)} names for num_classes={k}")
-            class_names = list(class_names)
+        class_names = check_class_names(class_names, k)
         return k, class_names
 
     def _mixing(self, i: int) -> list[Transform]:
@@ -186,21 +181,7 @@ class FlowFamily(nn.Module):
         if self.num_classes is None:
             raise ConfigError(f"this {self.family} flow is unconditional (num_classes None), so it takes no labels; "
                               "drop labels= or train a class-conditional flow (num_classes=K)")
-        if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
-            labels = torch.full((n,), int(labels), dtype=torch.long)
-        elif isinstance(labels, (list, tuple)):
-            labels = torch.tensor(labels, dtype=torch.long) if len(labels) else torch.zeros(0, dtype=torch.long)
-        integer = torch.is_tensor(labels) and not (labels.is_floating_point() or labels.is_complex())
-        if not integer or labels.dtype is torch.bool:
-            what = labels.dtype if torch.is_tensor(labels) else type(labels).__name__
-            raise ShapeError(f"labels must be a class id (int), a list of n ids or a 1-D integer tensor; got {what}")
-        if labels.shape != (n,):
-            raise ShapeError(f"labels must hold one class id per sample, shape [{n}]; got {tuple(labels.shape)}")
-        bad = (labels < 0) | (labels >= self.num_classes)
-        if bool(bad.any()):
-            known = f" ({', '.join(self.class_names)})" if self.class_names else ""
-            raise ConfigError(f"labels {labels[bad][:5].tolist()} are not classes of this flow: "
-                              f"0..{self.num_classes - 1}{known}")
+        labels = class_ids(labels, n, self.num_classes, class_names=self.class_names, what="flow")
         return nn.functional.one_hot(labels.to(device=device, dtype=torch.long), self.num_classes).to(self._dtype())
 
     def _dtype(self) -> torch.dtype:
