@@ -1,6 +1,6 @@
 """Train a model of any registered family (flow matching, diffusion, secant, the normalizing flows nsf and
-realnvp, the stochastic normalizing flow snf, ...), then sample from its checkpoint and measure the samples (a flow trained by --energy: its importance
-weights against the energy, ESS and log Z).
+realnvp, the stochastic normalizing flow snf, ...), then sample from its checkpoint and measure the samples (a
+flow trained by --energy: its importance weights against the energy, ESS and log Z).
 
 With no arguments it runs the embedded default: flow matching (linear path, MLP 128 x 3) on the 2-D
 `moons` set, 1500 steps of batch 256 (well under a minute on a laptop CPU), then 2000 samples with
