@@ -56,7 +56,7 @@ def example(request):
 
 
 def test_the_registry_holds_the_known_families():
-    assert {"flow_matching", "diffusion", "secant", "nsf", "realnvp"} <= set(NAMES)
+    assert {"flow_matching", "diffusion", "secant", "nsf", "realnvp", "snf"} <= set(NAMES)
     assert any(getattr(check_example(FAMILIES.get(n), v)[0], "data_free", False) for n, v in CASES)  # one by energy
 
 
