@@ -5,7 +5,8 @@ parameter, sample shapes, determinism under a generator, and pathwise gradients 
 
 A family with ``example_variants`` (e.g. a flow trained by data, and by an energy) runs every contract on each
 ``example(variant)``; a data-free example (``data_free = True``) has the batch None. A sampler without steps
-(``takes_steps = False``, the exact sampler of a normalizing flow) is run without ``steps=``.
+(``takes_steps = False``, the exact sampler of a normalizing flow, the path sampler of an snf) is run without
+``steps=``.
 """
 
 from __future__ import annotations

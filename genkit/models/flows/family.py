@@ -8,7 +8,9 @@ transforms, :class:`genkit.sampling.ExactSampler`), the exact :meth:`~FlowFamily
 :meth:`~FlowFamily.sample_and_log_prob` and the score :meth:`~FlowFamily.score` ``= grad_x log p(x)``. Its
 score is also a genkit field (:meth:`~FlowFamily.score_field`, prediction ``"score"``, defined at ``t = 0``)
 that :func:`genkit.as_score` takes, and an energy ``U = -log p`` (:meth:`~FlowFamily.as_energy`) with the
-``energy`` / ``force`` interface of :mod:`genkit.energies`.
+``energy`` / ``force`` interface of :mod:`genkit.energies`. A flow trained by an energy also gives importance weights
+against it, :meth:`~FlowFamily.sample_with_log_weights` (``log w = -U(x) - log q(x)``), the method the stochastic
+``snf`` family (:mod:`genkit.models.flows.snf_family`, built on this class) shares with exact path weights.
 
 It trains two ways, both through :class:`genkit.train.Trainer`:
 
