@@ -175,3 +175,5 @@ def test_config_and_bad_input():
         model.loss((x, torch.zeros(4)))
     with pytest.raises(ConfigError, match="unconditional"):
         kl.sample(2, labels=1)
+    with pytest.raises(ConfigError, match="trained on data, not by an energy"):
+        NeuralSplineFlow(2).sample_with_log_weights(4)
