@@ -286,7 +286,7 @@ class PathSampler(Sampler):
         return Solution(samples, int(model.path_evaluations()), torch.tensor([1.0, 0.0], dtype=torch.float64))
 
     def describe(self) -> str:
-        return "one pass through the flow layers and stochastic blocks"
+        return "one pass, flow layers and stochastic blocks"
 
     def with_steps(self, steps: int | None) -> PathSampler:
         return PathSampler(steps)
