@@ -22,7 +22,9 @@ in nats from its log_prob ("nll" with "method": "exact"; a class-conditional flo
 sum_k pi_k p(x | k) over the training set's class frequencies pi). A flow trained by an energy (train.py
 --energy) is scored against that energy instead of data: "energy" holds the ESS of n importance weights
 log w = -U(x) - log q(x), log Z with its standard error (genkit.metrics.log_z), the reference log Z (the energy's
-exact one, else 2-D quadrature) and the reverse KL estimate log Z_ref - mean(log w).
+exact one, else 2-D quadrature) and the reverse KL estimate log Z_ref - mean(log w). A stochastic normalizing
+flow (--family snf) is scored the same way from its exact path weights (model.sample_with_log_weights); it has no
+density, so its report holds "nll": null and "note_nll" saying why.
 
 A class-conditional checkpoint is sampled with class ids drawn at the held-out data's class frequencies (so
 the distances compare like with like), or all of --class; --guidance sets the classifier-free guidance scale
@@ -36,6 +38,7 @@ examples:
   python eval/evaluate.py --checkpoint runs/digits --data digits --n 500 --out runs/digits/eval.json
   python eval/evaluate.py --checkpoint runs/nsf_moons              # a flow: distances and exact held-out NLL
   python eval/evaluate.py --checkpoint runs/nsf_double_well        # a flow trained by an energy: ESS, log Z
+  python eval/evaluate.py --checkpoint runs/snf_double_well        # a stochastic flow: ESS, log Z, no NLL
 """
 
 from __future__ import annotations
@@ -189,6 +192,8 @@ def evaluate_energy(args: argparse.Namespace, model: Any, ckpt: Path, chosen: An
               "sampled_with": chosen.describe(), "time_s": time.perf_counter() - t0,
               "weights": "raw" if args.raw_weights or not (ckpt / "ema.safetensors").is_file() else "ema",
               "energy": result}
+    if not getattr(model, "exact_likelihood", False):  # no density to score (an snf): the report says so
+        report.update(nll=None, note_nll=getattr(model, "no_likelihood", "none: this model has no exact density"))
     out = Path(args.out) if args.out else ckpt.parent / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -265,6 +270,10 @@ def main(argv: list[str] | None = None) -> None:
         report["noise_floor"] = distances(floor, ref, features, args.seed)
     if getattr(model, "exact_likelihood", False):
         report["nll"] = exact_nll(model, ref[:args.nll_n].to(device), args)
+    elif getattr(model, "no_likelihood", None) is not None:  # no density at all (an snf): --nll is refused by it
+        if args.nll:
+            model.log_prob(ref[:1].to(device))  # the model's own ConfigError, saying why
+        report.update(nll=None, note_nll=model.no_likelihood)
     elif args.nll:
         data = ref[:args.nll_n].to(device)
         mode = "hutchinson" if is_image else "exact"

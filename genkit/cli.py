@@ -78,7 +78,8 @@ class ScriptSampler:
         name) or the sampler's name (``jumps``).
     steps: the step count (None for adaptive solvers, which choose their own).
     grid: the grid's true label: its name, ``"searched"`` for a searched solver's own times, ``"adaptive"``,
-        ``"uniform in t"`` for jumps, or ``"none"`` for a one-pass sampler (a flow's ``exact``: no steps, no times).
+        ``"uniform in t"`` for jumps, or ``"none"`` for a one-pass sampler (a flow's ``exact``, an snf's ``path``:
+        no steps, no times).
     t_range: ``(t_max, t_min)`` the samples are drawn over (None where the model fills it in by name).
     note: how a setting was chosen that the user did not give (e.g. a start below a singular t = 1).
     """
@@ -151,12 +152,13 @@ def resolve_sampler(model: Any, solver: str | None = None, steps: int | None = N
         if cls.name not in model.samplers():
             raise ConfigError(f"{f_solver} {solver} needs {cls.needs}; the {family!r} model samples with "
                               f"{', '.join(model.samplers())}: pick an ODE solver such as heun")
-        if not getattr(cls, "takes_steps", True):  # one pass (a normalizing flow's exact sampler): nothing to set
+        if not getattr(cls, "takes_steps", True):  # one pass (a flow's exact / path sampler): nothing to set
+            one_pass = model.get_sampler(cls.name)
             for flag, value in ((f_steps, steps), (f_grid, grid), (f_tmax, t_max)):
                 if value is not None:
                     raise ConfigError(f"{flag} {value} would be ignored: the {family!r} model samples with {cls.name}, "
-                                      "one pass through its inverse with no steps or times; drop " + flag)
-            return ScriptSampler(model.get_sampler(cls.name), cls.name, cls.name, None, "none")
+                                      f"{one_pass.describe()}, with no steps or times; drop " + flag)
+            return ScriptSampler(one_pass, cls.name, cls.name, None, "none")
         for flag, value in ((f_grid, grid), (f_tmax, t_max)):
             if value is not None:
                 raise ConfigError(f"{flag} {value} would be ignored: {cls.name} run over the model's trained range, "
@@ -286,11 +288,13 @@ def check_data_matches(ckpt: Path, data: str | None, allow_other: bool) -> str:
 
 def energy_metrics(model: Any, n: int, generator: Any = None, *,
                    quadrature_points: int = 401) -> dict[str, Any]:
-    """How well a model trained by an energy (``model.energy``, ``model.sample_and_log_prob``) matches it, from
-    ``n`` importance weights ``log w = -U(x) - log q(x)``: Kish's ESS (and as a share of ``n``), ``log Z`` with its
-    delta-method standard error (:func:`genkit.metrics.log_z`), and a reference ``log Z`` (the energy's exact one,
-    else trapezoid quadrature of a 2-D energy on its bounds, else None) with the reverse KL estimate
-    ``KL(q || p) = log Z_ref - mean(log w)``."""
+    """How well a model trained by an energy (``model.energy``) matches it, from ``n`` importance weights of
+    ``model.sample_with_log_weights(n, generator=)``: ``log w = -U(x) - log q(x)`` for a flow with a density, the
+    exact path weight ``-U(x) - log p_Z(z) + sum Delta S`` for a stochastic flow (``snf``). It reports Kish's ESS
+    (and as a share of ``n``), ``log Z`` with its delta-method standard error (:func:`genkit.metrics.log_z`), and a
+    reference ``log Z`` (the energy's exact one, else trapezoid quadrature of a 2-D energy on its bounds, else None)
+    with the reverse KL estimate ``log Z_ref - mean(log w)`` (``KL(q || p)`` for a flow; for an snf the KL of its
+    forward to its backward path measures, an upper bound of the marginals' KL)."""
     import torch
 
     from . import metrics
@@ -298,8 +302,7 @@ def energy_metrics(model: Any, n: int, generator: Any = None, *,
 
     energy = model.energy
     with torch.no_grad():
-        x, logq = model.sample_and_log_prob(n, generator=generator)
-        log_w = -energy.energy(x) - logq
+        _, log_w = model.sample_with_log_weights(n, generator=generator)
     ess = metrics.effective_sample_size(log_w)
     lz, se = metrics.log_z(log_w)
     ref, how = energy.log_z, "exact"

@@ -12,11 +12,13 @@ Registered in :data:`SAMPLERS` (strings name them in scripts and configs):
 - ``jumps``: :class:`JumpSampler`, the jumps of any flow map ``flow_map(x, t, s)`` on a grid (a secant
   model's learned jumps; MeanFlow; a one-step generator is one jump from 1 to 0);
 - ``exact``: :class:`ExactSampler`, one pass of a normalizing flow's base draw through its inverse transforms
-  (``nsf``, ``realnvp``): no steps, no grid, no solver.
+  (``nsf``, ``realnvp``): no steps, no grid, no solver;
+- ``path``: :class:`PathSampler`, one pass of a stochastic normalizing flow (``snf``) through its flow layers and
+  stochastic blocks, their noise drawn from the generator: no steps, no grid, no solver.
 
-A sampler declares ``takes_steps`` (False for ``exact``): whether a step count means anything to it.
+A sampler declares ``takes_steps`` (False for ``exact`` and ``path``): whether a step count means anything to it.
 
-Room is kept for others (a masked ancestral sampler over tokens, a stochastic flow's MCMC): a sampler is
+Room is kept for others (a masked ancestral sampler over tokens): a sampler is
 anything with ``name``, ``needs``, ``sample(model, x, generator=None, **cond)`` and ``describe()``.
 
 >>> import torch
@@ -44,7 +46,7 @@ from .registry import Registry
 from .solvers import Custom, Solution, Solver, TimeGrid, get_grid, get_solver, solve
 from .solvers.base import steps_or_default
 
-__all__ = ["SAMPLERS", "Sampler", "ODESampler", "JumpSampler", "ExactSampler", "get_sampler"]
+__all__ = ["SAMPLERS", "Sampler", "ODESampler", "JumpSampler", "ExactSampler", "PathSampler", "get_sampler"]
 
 SAMPLERS: Registry = Registry("sampler")
 
@@ -248,6 +250,46 @@ class ExactSampler(Sampler):
 
     def with_steps(self, steps: int | None) -> ExactSampler:
         return ExactSampler(steps)
+
+
+@SAMPLERS.register("path")
+class PathSampler(Sampler):
+    """A stochastic normalizing flow's sampling (``snf``): the base draw ``z ~ N(0, I)`` goes once through the
+    flow's layers in sampling order, its flow layers by their inverse and its stochastic blocks (Langevin or
+    Metropolis steps on the interpolated energies) with their noise drawn from ``generator``
+    (``model.sample_path(z, generator=)``). The same generator gives the same samples. Like the exact sampler it
+    has no time grid, so ``steps``, ``grid`` and ``solver`` are ConfigErrors (the blocks' step counts are the
+    model's ``block_steps``). NFE counts the evaluations of the target energy along the path
+    (``model.path_evaluations()``: ``n_steps + 1`` energies a Metropolis block, ``2 n_steps`` forces a Langevin
+    block), the cost unit of sampling a Boltzmann distribution; the flow layers' one pass is not counted apart.
+    The :class:`~genkit.solvers.Solution`'s times are ``[1, 0]``.
+    """
+
+    name = "path"
+    needs = "a stochastic path from a base distribution (a stochastic normalizing flow: --family snf)"
+    takes_steps = False
+
+    def __init__(self, steps: int | None = None, grid: Any = None, solver: Any = None):
+        given = [f"{k}={v!r}" for k, v in (("steps", steps), ("grid", grid), ("solver", solver)) if v is not None]
+        if given:
+            raise ConfigError(f"the path sampler takes no {', '.join(given)}: a stochastic normalizing flow samples in "
+                              "one pass through its flow layers and stochastic blocks, with no time grid to step or "
+                              "solve (its blocks' step counts are the model's block_steps); drop them")
+
+    def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
+        path = getattr(model, "sample_path", None)
+        if not callable(path):
+            raise ConfigError(f"the path sampler needs {self.needs}; {type(model).__name__} has no sample_path")
+        if cond.get("context") is not None:
+            raise ConfigError("the path sampler runs unconditional stochastic flows; this model gave a context")
+        samples, _ = path(x, generator=generator)
+        return Solution(samples, int(model.path_evaluations()), torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+    def describe(self) -> str:
+        return "one pass, flow layers and stochastic blocks"
+
+    def with_steps(self, steps: int | None) -> PathSampler:
+        return PathSampler(steps)
 
 
 def get_sampler(sampler: str | Sampler, **options: Any) -> Sampler:

@@ -11,11 +11,14 @@ examples:
   python samplers/sample.py --checkpoint runs/secant --steps 4   # a train/secant.py model: its 4 learned jumps
   python samplers/sample.py --checkpoint runs/digits_cond --class 3 --guidance 2.0   # classifier-free guidance
   python samplers/sample.py --checkpoint runs/nsf_moons --n 1000   # a normalizing flow: its exact sampler, NFE 1
+  python samplers/sample.py --checkpoint runs/snf_dw --n 1000      # a stochastic flow: its path sampler
 
 Each model samples with its own default sampler unless told otherwise (the model says which it supports):
 models with learned jumps (train/secant.py) use them (--solver jumps, NFE = steps, default their first trained
 step count); any ODE solver still integrates their velocity view (--solver heun ...). Normalizing flows (nsf,
-realnvp) sample exactly, one pass through their inverse (--solver exact; --steps / --grid / --t-max are refused).
+realnvp) sample exactly, one pass through their inverse (--solver exact; --steps / --grid / --t-max are refused);
+a stochastic normalizing flow (snf) in one pass through its flow layers and stochastic blocks, the blocks' noise
+from --seed (--solver path, NFE = the target-energy evaluations along the path; the same refusals).
 """
 
 from __future__ import annotations

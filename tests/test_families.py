@@ -5,7 +5,8 @@ parameter, sample shapes, determinism under a generator, and pathwise gradients 
 
 A family with ``example_variants`` (e.g. a flow trained by data, and by an energy) runs every contract on each
 ``example(variant)``; a data-free example (``data_free = True``) has the batch None. A sampler without steps
-(``takes_steps = False``, the exact sampler of a normalizing flow) is run without ``steps=``.
+(``takes_steps = False``, the exact sampler of a normalizing flow, the path sampler of an snf) is run without
+``steps=``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def example(request):
 
 
 def test_the_registry_holds_the_known_families():
-    assert {"flow_matching", "diffusion", "secant", "nsf", "realnvp"} <= set(NAMES)
+    assert {"flow_matching", "diffusion", "secant", "nsf", "realnvp", "snf"} <= set(NAMES)
     assert any(getattr(check_example(FAMILIES.get(n), v)[0], "data_free", False) for n, v in CASES)  # one by energy
 
 

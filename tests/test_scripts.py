@@ -560,25 +560,31 @@ def test_train_samples_a_flow_matching_model_with_an_sde_solver(tmp_path, capsys
 # --- normalizing flows (nsf / realnvp) through the common scripts ------------------------------------------------
 FLOW = ["--family", "nsf", "--layers", 2, "--hidden", 16, "--depth", 1, "--bins", 4, "--n-samples", 200,
         "--no-progress", "--batch-size", 64]
+SNF = ["--family", "snf", *FLOW[2:], "--energy", "double_well", "--block-steps", 2]  # its Metropolis blocks: NFE 6
 
 
 @pytest.fixture(scope="module")
 def flow_runs(tmp_path_factory) -> dict:
-    """nsf trained by data (moons, 30 steps) and by an energy (double_well, 30 steps, data-free), two processes side
-    by side; then sample.py on the data run and evaluate.py on both (exact held-out NLL; ESS and log Z), in this
-    process (they only read checkpoints: no interpreter start, no torch import)."""
+    """nsf trained by data (moons, 30 steps) and by an energy (double_well, 30 steps, data-free), and an snf by the
+    same energy (30 steps, data-free), three processes side by side; then sample.py on the nsf data run and the snf,
+    and evaluate.py on all three (exact held-out NLL; ESS and log Z; ESS, log Z and no NLL), in this process (they
+    only read checkpoints: no interpreter start, no torch import)."""
     base = tmp_path_factory.mktemp("flows")
     try:
-        data, energy = base / "nsf_moons", base / "nsf_dw"
+        data, energy, snf = base / "nsf_moons", base / "nsf_dw", base / "snf_dw"
         procs = [start(TRAIN, *FLOW, "--data", "moons", "--steps", 30, "--out", data),
-                 start(TRAIN, *FLOW, "--energy", "double_well", "--steps", 30, "--out", energy)]
-        r = {"data": data, "energy": energy, "train_stdout": [finish(p) for p in procs]}
-        r.update(sampled=base / "sampled", eval_data=base / "eval_data.json", eval_energy=base / "eval_energy.json")
+                 start(TRAIN, *FLOW, "--energy", "double_well", "--steps", 30, "--out", energy),
+                 start(TRAIN, *SNF, "--steps", 30, "--out", snf)]
+        r = {"data": data, "energy": energy, "snf": snf, "train_stdout": [finish(p) for p in procs]}
+        r.update(sampled=base / "sampled", eval_data=base / "eval_data.json", eval_energy=base / "eval_energy.json",
+                 snf_sampled=base / "snf_sampled", eval_snf=base / "eval_snf.json")
         for key, script, args in [
                 ("sample_stdout", SAMPLE, ["--checkpoint", data, "--n", 8, "--out", r["sampled"]]),
                 ("eval_data_stdout", EVALUATE, ["--checkpoint", data, "--n", 300, "--nll-n", 200, "--out",
                                                 r["eval_data"]]),
-                ("eval_energy_stdout", EVALUATE, ["--checkpoint", energy, "--n", 500, "--out", r["eval_energy"]])]:
+                ("eval_energy_stdout", EVALUATE, ["--checkpoint", energy, "--n", 500, "--out", r["eval_energy"]]),
+                ("snf_sample_stdout", SAMPLE, ["--checkpoint", snf, "--n", 8, "--out", r["snf_sampled"]]),
+                ("eval_snf_stdout", EVALUATE, ["--checkpoint", snf, "--n", 500, "--out", r["eval_snf"]])]:
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 code = run_main(script, *map(str, args), "--device", "cpu")
@@ -631,6 +637,33 @@ def test_sample_and_evaluate_a_flow_checkpoint(flow_runs):
     finite_numbers(report), finite_numbers(energy)
 
 
+def test_train_sample_and_evaluate_an_snf_by_its_energy(flow_runs):
+    """--family snf --energy double_well: data-free KL training, the path sampler (NFE: 2 blocks x 3 energies),
+    sample.py reproducing the checkpoint's samples, and evaluate.py's ESS / log Z / reverse KL with no NLL."""
+    metrics = json.loads((flow_runs["snf"] / "metrics.json").read_text())
+    assert metrics["family"] == "snf" and metrics["step"] == 30 and metrics["data"] == "energy double_well"
+    assert (metrics["sampler"], metrics["nfe"], metrics["sample_steps"]) == ("path", 6, None)
+    e = metrics["energy"]
+    assert e["energy"]["name"] == "double_well" and 1 <= e["ess"] <= e["n"] == 200 and e["log_z_stderr"] > 0
+    config = json.loads((flow_runs["snf"] / "checkpoint" / "config.json").read_text())
+    assert config["family"] == "snf" and config["energy"]["name"] == "double_well" and config["block_steps"] == 2
+    assert (config["blocks"], config["objective"], config["layers"], config["batch_size"]) == ("metropolis", "kl", 2,
+                                                                                               64)
+    assert "ESS" in flow_runs["train_stdout"][2] and "log Z" in flow_runs["train_stdout"][2]
+    model = genkit.load(flow_runs["snf"])
+    assert type(model).__name__ == "StochasticNSF" and model.data_free
+    samples = load_file(str(flow_runs["snf_sampled"] / "samples.safetensors"))["samples"]
+    assert torch.equal(samples, model.sample(8, generator=torch.Generator().manual_seed(0)))  # --seed 0, EMA weights
+    assert "NFE 6" in flow_runs["snf_sample_stdout"]
+    report = json.loads(flow_runs["eval_snf"].read_text())
+    e = report["energy"]
+    assert report["family"] == "snf" and report["sampler"] == "path" and e["n"] == 500 and 1 <= e["ess"] <= 500
+    assert e["log_z_reference_method"].startswith("quadrature") and e["reverse_kl"] > 0
+    assert abs(e["log_z"] - e["log_z_reference"]) < 10 * e["log_z_stderr"] + 1.0  # 30 steps: a rough snf
+    assert report["nll"] is None and "no exact density" in report["note_nll"]
+    finite_numbers(report)
+
+
 @pytest.mark.parametrize("script, args, named", [
     (TRAIN, ["--family", "nsf", "--path", "linear"], "--path linear does not apply to --family nsf"),
     (TRAIN, ["--energy", "double_well"], "--energy double_well does not apply to --family flow_matching"),
@@ -641,8 +674,16 @@ def test_sample_and_evaluate_a_flow_checkpoint(flow_runs):
     (TRAIN, ["--family", "nsf", "--data", "digits"], "--family nsf models vectors"),
     (TRAIN, ["--family", "nsf", "--sample-steps", "4"], "--sample-steps 4 would be ignored"),
     (TRAIN, ["--family", "nsf", "--transform", "affine"], "unknown nsf transform 'affine'"),
+    (TRAIN, ["--family", "snf"], "--family snf needs --energy NAME"),
+    (TRAIN, ["--family", "snf", "--energy", "double_well", "--objective", "mixed"],
+     "--objective mixed trains on samples of the target"),
+    (TRAIN, ["--family", "snf", "--energy", "double_well", "--blocks", "hmc"], "unknown snf blocks 'hmc'"),
+    (TRAIN, ["--family", "nsf", "--energy", "double_well", "--blocks", "langevin"],
+     "--blocks langevin does not apply to --family nsf"),
+    (TRAIN, ["--family", "snf", "--energy", "double_well", "--sample-steps", "4"], "--sample-steps 4 would be ignored"),
 ], ids=["path-for-flow", "energy-for-fm", "bins-for-realnvp", "unknown-energy", "energy-options-json",
-        "energy-and-data", "flow-on-images", "steps-for-exact", "nsf-transform"])
+        "energy-and-data", "flow-on-images", "steps-for-exact", "nsf-transform", "snf-without-energy",
+        "snf-objective-needs-samples", "snf-blocks", "blocks-for-nsf", "steps-for-path"])
 def test_bad_flow_flags_exit_2_with_one_error_line(script, args, named, capsys, tmp_path):
     assert run_main(script, *args, "--out", str(tmp_path / "out")) == 2
     captured = capsys.readouterr()

@@ -1,6 +1,6 @@
 """Train a model of any registered family (flow matching, diffusion, secant, the normalizing flows nsf and
-realnvp, ...), then sample from its checkpoint and measure the samples (a flow trained by --energy: its importance
-weights against the energy, ESS and log Z).
+realnvp, the stochastic normalizing flow snf, ...), then sample from its checkpoint and measure the samples (a
+flow trained by --energy: its importance weights against the energy, ESS and log Z).
 
 With no arguments it runs the embedded default: flow matching (linear path, MLP 128 x 3) on the 2-D
 `moons` set, 1500 steps of batch 256 (well under a minute on a laptop CPU), then 2000 samples with
@@ -39,6 +39,7 @@ examples:
   python train/train.py --family nsf --data wine --layers 6 --out runs/nsf_wine
   python train/train.py --family realnvp --table my_table.csv --out runs/realnvp_table
   python train/train.py --family nsf --energy double_well --out runs/nsf_dw   # data-free: the reverse KL
+  python train/train.py --family snf --energy double_well --blocks metropolis --block-steps 5 --out runs/snf_dw
   python train/train.py --config run.toml --steps 3000
   accelerate launch train/train.py --image-folder ~/faces --image-size 64 --channels 64,128,256
 """

@@ -15,7 +15,9 @@
   ``exact_likelihood`` (``log_prob(x, labels=None)`` is exact, with no ODE options).
 
 The normalizing-flow families ``nsf`` and ``realnvp`` (:mod:`genkit.models.flows.family`) are distributions with
-an exact ``log_prob``, sampled by the ``exact`` sampler.
+an exact ``log_prob``, sampled by the ``exact`` sampler; the stochastic normalizing flow ``snf``
+(:mod:`genkit.models.flows.snf_family`) has exact path weights instead of a density (``exact_likelihood = False``),
+sampled by the ``path`` sampler. Flows trained by an energy share ``sample_with_log_weights(n, generator=)``.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from __future__ import annotations
 from .continuous import ContinuousModel
 from .diffusion import Diffusion
 from .flow_matching import FlowMatching, ot_pairing
-from .flows import FlowFamily, NeuralSplineFlow, RealNVP
+from .flows import FlowFamily, NeuralSplineFlow, RealNVP, StochasticNSF
 from .registry import FAMILIES, build
 from .secant import Secant
 
 __all__ = ["FAMILIES", "build", "ContinuousModel", "Diffusion", "FlowMatching", "Secant", "ot_pairing",
-           "FlowFamily", "NeuralSplineFlow", "RealNVP"]
+           "FlowFamily", "NeuralSplineFlow", "RealNVP", "StochasticNSF"]

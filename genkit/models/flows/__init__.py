@@ -1,8 +1,9 @@
 """Normalizing flows: rational-quadratic splines, invertible transforms (registered in FLOW_TRANSFORMS),
-:class:`Flow`, a distribution built from them, and the model families ``nsf`` (:class:`NeuralSplineFlow`) and
-``realnvp`` (:class:`RealNVP`) that train, save, sample and evaluate through genkit's common scripts; circular and
-smooth transforms on tori and intervals with :class:`CompactFlow` (a uniform base), a bracketed root finder with
-implicit gradients, force matching, and stochastic normalizing flows (:class:`StochasticFlow`)."""
+:class:`Flow`, a distribution built from them, and the model families ``nsf`` (:class:`NeuralSplineFlow`),
+``realnvp`` (:class:`RealNVP`) and the stochastic normalizing flow ``snf`` (:class:`StochasticNSF`) that train,
+save, sample and evaluate through genkit's common scripts; circular and smooth transforms on tori and intervals
+with :class:`CompactFlow` (a uniform base), a bracketed root finder with implicit gradients, force matching, and
+stochastic normalizing flows (:class:`StochasticFlow`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .snf import (
     StochasticFlow,
     flow_log_weights,
 )
+from .snf_family import StochasticNSF
 from .splines import rq_spline, spline_knots
 from .transforms import (
     FLOW_TRANSFORMS,
@@ -35,7 +37,7 @@ from .transforms import (
     Transform,
 )
 
-__all__ = ["Flow", "FlowFamily", "NeuralSplineFlow", "RealNVP", "FlowScoreField", "FlowEnergy",
+__all__ = ["Flow", "FlowFamily", "NeuralSplineFlow", "RealNVP", "StochasticNSF", "FlowScoreField", "FlowEnergy",
            "rq_spline", "spline_knots", "FLOW_TRANSFORMS", "Transform", "CouplingSpline",
            "AutoregressiveSpline",
            "AffineCoupling", "LULinear", "Permutation",

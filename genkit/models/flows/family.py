@@ -8,7 +8,9 @@ transforms, :class:`genkit.sampling.ExactSampler`), the exact :meth:`~FlowFamily
 :meth:`~FlowFamily.sample_and_log_prob` and the score :meth:`~FlowFamily.score` ``= grad_x log p(x)``. Its
 score is also a genkit field (:meth:`~FlowFamily.score_field`, prediction ``"score"``, defined at ``t = 0``)
 that :func:`genkit.as_score` takes, and an energy ``U = -log p`` (:meth:`~FlowFamily.as_energy`) with the
-``energy`` / ``force`` interface of :mod:`genkit.energies`.
+``energy`` / ``force`` interface of :mod:`genkit.energies`. A flow trained by an energy also gives importance weights
+against it, :meth:`~FlowFamily.sample_with_log_weights` (``log w = -U(x) - log q(x)``), the method the stochastic
+``snf`` family (:mod:`genkit.models.flows.snf_family`, built on this class) shares with exact path weights.
 
 It trains two ways, both through :class:`genkit.train.Trainer`:
 
@@ -133,7 +135,17 @@ class FlowFamily(nn.Module):
                 if i > 0:
                     transforms += self._mixing(i)
                 transforms.append(self.layer(i, context))
-        self.flow = Flow(transforms, self.features, context)
+        self._assemble(transforms, context)
+
+    def _assemble(self, transforms: list[Transform], context_features: int) -> None:
+        """Hold the built layers (data -> base order, mixing layers included): as a :class:`Flow` here; a family
+        that runs them otherwise (a stochastic flow) keeps them in its own module, once (a checkpoint holds each
+        tensor under one name)."""
+        self.flow = Flow(transforms, self.features, context_features)
+
+    def _core(self) -> nn.Module:
+        """The module holding the transforms (its ``_ref`` buffer carries the device and dtype)."""
+        return self.flow
 
     # --- construction -------------------------------------------------------------------------------------
     @staticmethod
@@ -185,10 +197,10 @@ class FlowFamily(nn.Module):
         return nn.functional.one_hot(labels.to(device=device, dtype=torch.long), self.num_classes).to(self._dtype())
 
     def _dtype(self) -> torch.dtype:
-        return self.flow._ref.dtype
+        return self._core()._ref.dtype
 
     def _device(self) -> torch.device:
-        return self.flow._ref.device
+        return self._core()._ref.device
 
     def check_x(self, x: Any, what: str = "x") -> Tensor:
         if x is None:
@@ -247,10 +259,10 @@ class FlowFamily(nn.Module):
         """The exact sampler (by default, by name or as an object); ``steps`` / ``grid`` / ``solver`` are a
         ConfigError naming why (a flow samples in one pass, with no time grid to step)."""
         options = {k: v for k, v in (("solver", solver), ("steps", steps), ("grid", grid)) if v is not None}
-        chosen = get_sampler("exact" if sampler is None else sampler, **options)
+        chosen = get_sampler(self.samplers()[0] if sampler is None else sampler, **options)
         if chosen.name not in self.samplers():
             raise ConfigError(f"the {self.family} flow cannot sample with {chosen!r}, which needs {chosen.needs}; its "
-                              f"samplers are {self.samplers()} (one pass through the inverse transforms)")
+                              f"samplers are {self.samplers()} (one pass through its layers)")
         return chosen
 
     def _draw(self, n: int, sampler: Sampler, generator: torch.Generator | None, device: Any,
@@ -300,6 +312,18 @@ class FlowFamily(nn.Module):
         :meth:`rsample` (the same ``x`` for the same generator)."""
         z, context = self._base_draw(n, generator, device, labels, None)
         return self.from_base(z, context)
+
+    def sample_with_log_weights(self, n: int, *, generator: torch.Generator | None = None, device: Any = None
+                                ) -> tuple[Tensor, Tensor]:
+        """``(x [n, features], log w [n])``: ``n`` samples and their importance weights against the flow's energy,
+        ``log w = -U(x) - log q(x)`` (``mean(exp(log w))`` estimates ``Z``; :func:`genkit.metrics.log_z`), one pass
+        like :meth:`sample_and_log_prob` (differentiable). A ConfigError for a flow trained without an energy."""
+        if self.energy is None:
+            raise ConfigError(f"this {self.family} flow was trained on data, not by an energy: importance weights need "
+                              "the target energy (build the flow with energy=NAME, or weigh its samples yourself: "
+                              "-U(x) - model.log_prob(x))")
+        x, logq = self.sample_and_log_prob(n, generator=generator, device=device)
+        return x, -self.energy.energy(x) - logq
 
     # --- training -------------------------------------------------------------------------------------------
     @property
@@ -451,24 +475,11 @@ class NeuralSplineFlow(FlowFamily):
 
     def __init__(self, features: int, *, bins: int = 8, bound: float = 3.0, transform: str = "coupling",
                  **options: Any):
-        if transform not in NSF_TRANSFORMS:
-            raise ConfigError(f"unknown nsf transform {transform!r}; choose one of {NSF_TRANSFORMS}")
-        self.bins, self.bound, self.transform = _positive_int("bins", bins), bound, transform
-        if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not (0 < bound < math.inf):
-            raise ConfigError(f"bound must be a finite number > 0 (the spline's interval [-bound, bound]); got "
-                              f"{bound!r}")
-        self.bound = float(bound)
-        if transform == "coupling" and features == 1:
-            raise ConfigError("a coupling flow needs features >= 2 (one half conditions the other); use "
-                              "transform='autoregressive' for 1-D data")
+        set_spline_options(self, features, bins, bound, transform)
         super().__init__(features, **options)
 
     def layer(self, i: int, context_features: int) -> Transform:
-        if self.transform == "autoregressive":
-            return AutoregressiveSpline(self.features, context_features, bins=self.bins, bound=self.bound,
-                                        hidden=self.hidden, layers=self.depth)
-        return CouplingSpline(self.features, context_features, bins=self.bins, bound=self.bound, hidden=self.hidden,
-                              layers=self.depth, parity=self.parity(i))
+        return spline_layer(self, i, context_features)
 
     def layer_config(self) -> dict[str, Any]:
         return {"bins": self.bins, "bound": self.bound, "transform": self.transform}
@@ -480,14 +491,47 @@ class NeuralSplineFlow(FlowFamily):
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
         super().add_arguments(group)
-        group.add_argument("--bins", type=int, help="spline bins (default: 8)")
-        group.add_argument("--bound", type=float, help="the splines act on [-B, B], identity outside (default: 3)")
-        group.add_argument("--transform", help=f"spline layers, one of {', '.join(NSF_TRANSFORMS)} (default: "
-                                               "coupling)")
+        add_spline_arguments(group)
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
-        return {k: getattr(args, k) for k in ("bins", "bound", "transform") if getattr(args, k, None) is not None}
+        return spline_options_from_args(args)
+
+
+# The spline layers' options, shared by every family built of nsf layers (nsf, and the stochastic snf).
+def set_spline_options(model: FlowFamily, features: int, bins: Any, bound: Any, transform: Any) -> None:
+    """Check and set ``model.bins`` / ``bound`` / ``transform`` (before :class:`FlowFamily` builds the layers)."""
+    if transform not in NSF_TRANSFORMS:
+        raise ConfigError(f"unknown nsf transform {transform!r}; choose one of {NSF_TRANSFORMS}")
+    model.bins, model.transform = _positive_int("bins", bins), transform
+    if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not (0 < bound < math.inf):
+        raise ConfigError(f"bound must be a finite number > 0 (the spline's interval [-bound, bound]); got "
+                          f"{bound!r}")
+    model.bound = float(bound)
+    if transform == "coupling" and features == 1:
+        raise ConfigError("a coupling flow needs features >= 2 (one half conditions the other); use "
+                          "transform='autoregressive' for 1-D data")
+
+
+def spline_layer(model: FlowFamily, i: int, context_features: int) -> Transform:
+    """The ``i``-th spline layer of ``model`` (coupling, or autoregressive)."""
+    if model.transform == "autoregressive":
+        return AutoregressiveSpline(model.features, context_features, bins=model.bins, bound=model.bound,
+                                    hidden=model.hidden, layers=model.depth)
+    return CouplingSpline(model.features, context_features, bins=model.bins, bound=model.bound, hidden=model.hidden,
+                          layers=model.depth, parity=model.parity(i))
+
+
+def add_spline_arguments(group: argparse._ArgumentGroup) -> None:
+    """train.py's ``--bins`` / ``--bound`` / ``--transform`` (shared by the families of spline layers)."""
+    group.add_argument("--bins", type=int, help="spline bins (default: 8)")
+    group.add_argument("--bound", type=float, help="the splines act on [-B, B], identity outside (default: 3)")
+    group.add_argument("--transform", help=f"spline layers, one of {', '.join(NSF_TRANSFORMS)} (default: "
+                                           "coupling)")
+
+
+def spline_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in ("bins", "bound", "transform") if getattr(args, k, None) is not None}
 
 
 @FAMILIES.register("realnvp")
