@@ -130,6 +130,30 @@ def exact_modes(energy: Any, q: Any) -> Tensor:
     return torch.zeros(len(names), dtype=torch.float64).index_add_(0, idx, mass)
 
 
+def profile_bins(q: Any, cells: int = 8) -> tuple[Tensor, Tensor]:
+    """Bin edges along x_1 on the quadrature's cell boundaries (``cells`` grid cells per bin, so the exact bin
+    masses are sums of the grid marginal) and those exact masses."""
+    grid, p = q.marginal(0)
+    h = float(grid[1] - grid[0])
+    k = torch.arange(0, grid.shape[0] // cells + 1, dtype=torch.float64)
+    edges = grid[0] - h / 2 + cells * h * k
+    idx = torch.div(torch.arange(grid.shape[0]), cells, rounding_mode="floor")
+    keep = idx < edges.shape[0] - 1
+    mass = torch.zeros(edges.shape[0] - 1, dtype=torch.float64).index_add_(0, idx[keep], (p * q.weights[0])[keep])
+    return edges, mass
+
+
+def profile_error(x1: Tensor, lw: Tensor | None, edges: Tensor, exact_mass: Tensor, window: float = 6.0) -> float:
+    """Mass-weighted mean ``|F - F_exact|`` (kT, ``F = -log`` bin mass, no shift) over the bins within ``window``
+    kT of the exact minimum: the free-energy profile bias along x_1 inside the wells (inf if such a bin is
+    empty)."""
+    _, f = metrics.reweighted_free_energy(x1, lw, edges, shift=False)
+    f = f + torch.log(edges[1:] - edges[:-1])  # density -> bin mass
+    f_exact = -torch.log(exact_mass)
+    keep = f_exact < f_exact.min() + window
+    return float((exact_mass[keep] * (f[keep] - f_exact[keep]).abs()).sum() / exact_mass[keep].sum())
+
+
 def delta_f(p: Tensor, ref: int) -> Tensor:
     return -torch.log(p / p[ref])
 
@@ -144,13 +168,15 @@ def train(model: StochasticFlow, kind: str, energy: Any, data: Tensor, args: Any
                 TrainConfig(steps=steps, out_dir=f"{out}/kl", **base)).fit()
     else:
         Trainer(MLObjective(model), TrainConfig(steps=args.ml_steps, out_dir=f"{out}/ml", **base)).fit(data)
+        if args.schedule == "cosine":
+            base["min_lr_ratio"] = 0.0
         Trainer(MixedObjective(model, energy, batch_size=args.batch),
                 TrainConfig(steps=args.mixed_steps, out_dir=f"{out}/mix", **base)).fit(data)
     return time.perf_counter() - t0
 
 
-def evaluate(model: StochasticFlow, energy: Any, exact_p: Tensor, log_z: float, n: int, seed: int
-             ) -> dict[str, Any]:
+def evaluate(model: StochasticFlow, energy: Any, exact_p: Tensor, log_z: float, n: int, seed: int,
+             bins: tuple[Tensor, Tensor] | None) -> dict[str, Any]:
     with torch.no_grad():
         x, lw = flow_log_weights(model, n, energy, generator=torch.Generator().manual_seed(10_000 + seed))
     idx, _ = modes(energy, x)
@@ -164,7 +190,12 @@ def evaluate(model: StochasticFlow, energy: Any, exact_p: Tensor, log_z: float, 
     def f_err(p: Tensor) -> float:
         return float((delta_f(p, ref) - f_exact).abs().max()) if bool((p > 0).all()) else math.inf
 
+    prof = {}
+    if bins is not None:
+        prof = {"profile_error_reweighted_kT": profile_error(x[:, 0], lw, *bins),
+                "profile_error_unweighted_kT": profile_error(x[:, 0], None, *bins)}
     return {
+        **prof,
         "ess_fraction": metrics.effective_sample_size(lw) / n,
         "log_z": lz, "log_z_se": se, "log_z_abs_error": abs(lz - log_z),
         "log_z_rel_error": abs(lz - log_z) / abs(log_z),
@@ -187,6 +218,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--train-samples", type=int, default=20000)
     ap.add_argument("--eval-samples", type=int, default=20000)
+    ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                    help="LR of the mixed phase: constant (the SNF paper's) or cosine-decayed to 0")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench_snf")
     args = ap.parse_args()
@@ -204,6 +237,7 @@ def main() -> None:
         torus = energy.domain == "torus"
         q = quadrature(energy, n=256 if torus else 401)
         exact_p = exact_modes(energy, q)
+        bins = None if torus else profile_bins(q)
         _, mode_names = modes(energy, torch.zeros(1, 2, dtype=torch.float64))
         exact[name] = {"log_z": q.log_z, "log_z_closed_form": energy.log_z, "modes": mode_names,
                        "mode_weights": exact_p.tolist(), "dF_kT": delta_f(exact_p, int(exact_p.argmax())).tolist()}
@@ -215,7 +249,7 @@ def main() -> None:
                 model = build(kind, energy, args.hidden, args.mc_steps, seed)
                 secs = train(model, kind, energy, data, args, seed, f"{tmp}/{name}-{kind}-{seed}")
                 rec = {"energy": name, "model": kind, "seed": seed, "train_s": secs,
-                       **evaluate(model, energy, exact_p, q.log_z, args.eval_samples, seed)}
+                       **evaluate(model, energy, exact_p, q.log_z, args.eval_samples, seed, bins)}
                 runs.append(rec)
                 print(f"{name} {kind} seed {seed}: {secs:.0f}s ess {rec['ess_fraction']:.3f} "
                       f"logZ err {rec['log_z_rel_error']:.4f} modes rw {rec['mode_error_reweighted']:.4f} "
@@ -223,6 +257,7 @@ def main() -> None:
                       f"uw {rec['dF_error_unweighted_kT']:.3f}", flush=True)
     keys = ["ess_fraction", "log_z_rel_error", "log_z_abs_error", "mode_error_reweighted", "mode_error_unweighted",
             "dF_error_reweighted_kT", "dF_error_unweighted_kT", "train_s"]
+    PROFILE = ["profile_error_reweighted_kT", "profile_error_unweighted_kT"]
     summary, rows = [], []
     for name in args.energies.split(","):
         flow_t = {r["seed"]: r["train_s"] for r in runs if r["energy"] == name and r["model"] == "flow"}
@@ -230,7 +265,7 @@ def main() -> None:
             rs = [r for r in runs if r["energy"] == name and r["model"] == kind]
             if not rs:
                 continue
-            med = {k: statistics.median(r[k] for r in rs) for k in keys}
+            med = {k: statistics.median(r[k] for r in rs) for k in keys + PROFILE if k in rs[0]}
             med["time_ratio_vs_flow"] = statistics.median(r["train_s"] / flow_t[r["seed"]] for r in rs)
             med["mode_weights_reweighted"] = [statistics.median(r["mode_weights_reweighted"][i] for r in rs)
                                               for i in range(len(exact[name]["mode_weights"]))]
@@ -241,16 +276,18 @@ def main() -> None:
             fmt_u = "/".join(f"{v:.3f}" for v in med["mode_weights_unweighted"])
             rows.append([name, kind, med["ess_fraction"], f"{fmt} (uw {fmt_u})", med["mode_error_reweighted"],
                          med["mode_error_unweighted"], med["dF_error_reweighted_kT"],
-                         med["dF_error_unweighted_kT"], med["log_z_abs_error"], med["log_z_rel_error"], med["train_s"],
-                         med["time_ratio_vs_flow"]])
+                         med["dF_error_unweighted_kT"], med.get("profile_error_reweighted_kT", "-"),
+                         med.get("profile_error_unweighted_kT", "-"), med["log_z_abs_error"],
+                         med["log_z_rel_error"], med["train_s"], med["time_ratio_vs_flow"]])
     header = ["energy", "model", "ESS (fraction)", "mode weights reweighted (unweighted)", "mode err rw",
-              "mode err uw", "dF err rw (kT)", "dF err uw (kT)", "log Z abs err", "log Z rel err", "train s",
-              "time / flow"]
+              "mode err uw", "dF err rw (kT)", "dF err uw (kT)", "F(x1) err rw (kT)", "F(x1) err uw (kT)",
+              "log Z abs err", "log Z rel err", "train s", "time / flow"]
     exact_lines = "\n".join(
         f"- {n}: log Z = {v['log_z']:.5f} (quadrature), modes {' / '.join(v['modes'])} weights "
         f"{' / '.join(f'{p:.4f}' for p in v['mode_weights'])}" for n, v in exact.items())
     md = (f"Medians over {args.seeds} seeds; ML {args.ml_steps} steps then 0.5 ML + 0.5 KL {args.mixed_steps} steps "
-          f"(flow_kl: KL only, {args.ml_steps + args.mixed_steps} steps), batch {args.batch}, Adam lr {args.lr}, "
+          f"(flow_kl: KL only, {args.ml_steps + args.mixed_steps} steps), batch {args.batch}, Adam lr {args.lr} "
+          f"({args.schedule} in the mixed phase), gradient clipping at norm 1, "
           f"six affine couplings hidden {args.hidden}; SNF Metropolis blocks of {args.mc_steps} steps (torus: one "
           f"block of {3 * args.mc_steps}). Errors are absolute, largest over the modes; 'rw' reweighted by the "
           f"exact path weights, 'uw' the raw samples. {args.eval_samples} evaluation samples. Whole run "

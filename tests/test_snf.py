@@ -1,6 +1,7 @@
 """Stochastic normalizing flows: exact path weights, Delta S closed forms, estimators, bad input."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -306,15 +307,24 @@ MODE_TOL = 0.02  # absolute, on each well's weight (the left well holds 0.156): 
 @pytest.mark.slow
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_double_well_snf_free_energy_log_z_modes_and_bias_through_trainer(tmp_path):
+    """Per seed, the SNF's reweighted Delta F within 0.3 kT, log Z within 2% and each well's reweighted weight
+    within MODE_TOL of quadrature; over three seeds, the median unweighted errors (a well's weight, Delta F) of
+    the SNF below the plain flow's of the same size and budget (one seed can go either way: see
+    eval/results/bench_snf.md for the per-seed numbers)."""
     torch.set_num_threads(1)
-    snf = _double_well_protocol(tmp_path, "snf")
-    flow = _double_well_protocol(tmp_path, "flow")
-    print({k: round(v, 4) for k, v in snf.items()}, {k: round(v, 4) for k, v in flow.items()})
-    # the SNF's reweighted estimates
-    assert abs(snf["dF_rw"] - snf["dF"]) < 0.3
-    assert abs(snf["log_z"] - snf["exact_log_z"]) < 0.02 * abs(snf["exact_log_z"])
-    # the wells split the line at x1 = 0, so this bounds both wells' weights (the right well's error is the same)
-    assert abs(snf["left_rw"] - snf["left"]) < MODE_TOL
-    # the raw samples: the SNF's unweighted bias is below the plain flow's of the same size and budget
-    assert abs(snf["left_uw"] - snf["left"]) < abs(flow["left_uw"] - flow["left"])
-    assert abs(snf["dF_uw"] - snf["dF"]) < abs(flow["dF_uw"] - flow["dF"])
+    snf, flow = [], []
+    for seed in range(3):
+        snf.append(_double_well_protocol(tmp_path / f"s{seed}", "snf", seed=seed))
+        flow.append(_double_well_protocol(tmp_path / f"s{seed}", "flow", seed=seed))
+        print(seed, {k: round(v, 4) for k, v in snf[-1].items()}, {k: round(v, 4) for k, v in flow[-1].items()})
+    for r in snf:
+        assert abs(r["dF_rw"] - r["dF"]) < 0.3
+        assert abs(r["log_z"] - r["exact_log_z"]) < 0.02 * abs(r["exact_log_z"])
+        # the wells split the line at x1 = 0, so this bounds both wells' weights (the right one's error is the same)
+        assert abs(r["left_rw"] - r["left"]) < MODE_TOL
+
+    def median_error(runs, key):
+        return statistics.median(abs(r[f"{key}_uw"] - r[key if key == "dF" else "left"]) for r in runs)
+
+    assert median_error(snf, "left") < median_error(flow, "left")
+    assert median_error(snf, "dF") < median_error(flow, "dF")
