@@ -148,7 +148,7 @@ def profile_error(x1: Tensor, lw: Tensor | None, edges: Tensor, exact_mass: Tens
     kT of the exact minimum: the free-energy profile bias along x_1 inside the wells (inf if such a bin is
     empty)."""
     _, f = metrics.reweighted_free_energy(x1, lw, edges, shift=False)
-    f = f + torch.log(edges[1:] - edges[:-1])  # density -> bin mass
+    f = f - torch.log(edges[1:] - edges[:-1])  # -log density -> -log bin mass
     f_exact = -torch.log(exact_mass)
     keep = f_exact < f_exact.min() + window
     return float((exact_mass[keep] * (f[keep] - f_exact[keep]).abs()).sum() / exact_mass[keep].sum())
@@ -238,9 +238,14 @@ def main() -> None:
         q = quadrature(energy, n=256 if torus else 401)
         exact_p = exact_modes(energy, q)
         bins = None if torus else profile_bins(q)
+        floor = {}
+        if bins is not None:  # the profile error of as many exact (quadrature) samples: the metric's noise floor
+            xs = q.sample(args.eval_samples, generator=torch.Generator().manual_seed(99))
+            floor = {"profile_error_exact_samples_kT": profile_error(xs[:, 0], None, *bins)}
         _, mode_names = modes(energy, torch.zeros(1, 2, dtype=torch.float64))
         exact[name] = {"log_z": q.log_z, "log_z_closed_form": energy.log_z, "modes": mode_names,
-                       "mode_weights": exact_p.tolist(), "dF_kT": delta_f(exact_p, int(exact_p.argmax())).tolist()}
+                       "mode_weights": exact_p.tolist(), "dF_kT": delta_f(exact_p, int(exact_p.argmax())).tolist(),
+                       **floor}
         kinds = ["flow", "snf"] + ([] if torus else ["flow_kl"])
         for seed in range(args.seeds):
             data = q.sample(args.train_samples, generator=torch.Generator().manual_seed(seed), periodic=torus).float()
@@ -284,7 +289,10 @@ def main() -> None:
               "log Z abs err", "log Z rel err", "train s", "time / flow"]
     exact_lines = "\n".join(
         f"- {n}: log Z = {v['log_z']:.5f} (quadrature), modes {' / '.join(v['modes'])} weights "
-        f"{' / '.join(f'{p:.4f}' for p in v['mode_weights'])}" for n, v in exact.items())
+        f"{' / '.join(f'{p:.4f}' for p in v['mode_weights'])}"
+        + (f"; F(x1) error of {args.eval_samples} exact samples (noise floor): "
+           f"{v['profile_error_exact_samples_kT']:.3f} kT" if "profile_error_exact_samples_kT" in v else "")
+        for n, v in exact.items())
     md = (f"Medians over {args.seeds} seeds; ML {args.ml_steps} steps then 0.5 ML + 0.5 KL {args.mixed_steps} steps "
           f"(flow_kl: KL only, {args.ml_steps + args.mixed_steps} steps), batch {args.batch}, Adam lr {args.lr} "
           f"({args.schedule} in the mixed phase), gradient clipping at norm 1, "
