@@ -217,7 +217,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--train-samples", type=int, default=20000)
-    ap.add_argument("--eval-samples", type=int, default=20000)
+    ap.add_argument("--eval-samples", type=int, default=100000)
     ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                     help="LR of the mixed phase: constant (the SNF paper's) or cosine-decayed to 0")
     ap.add_argument("--threads", type=int, default=1)

@@ -287,13 +287,14 @@ def _double_well_protocol(tmp_path, kind, seed=0, ml_steps=300, mixed_steps=300,
     Trainer(MixedObjective(model, e, batch_size=128),
             TrainConfig(steps=mixed_steps, out_dir=tmp_path / f"{kind}-mix", **cfg)).fit(data)
     with torch.no_grad():
-        x, lw = flow_log_weights(model, 20000, e, generator=torch.Generator().manual_seed(100 + seed))
+        # 1e5 samples: the SNF's weights are heavy-tailed (at 2e4 one sample can carry a few % of the total weight)
+        x, lw = flow_log_weights(model, 100000, e, generator=torch.Generator().manual_seed(100 + seed))
     g, p = q.marginal(0)
     left = float((p * q.weights[0])[g < 0].sum())
     is_left = (x[:, 0] < 0).double()
     out = {"log_z": metrics.log_z(lw)[0], "exact_log_z": q.log_z, "left": left,
            "left_rw": float(metrics.reweighted_mean(is_left, lw)), "left_uw": float(is_left.mean()),
-           "ess": metrics.effective_sample_size(lw) / 20000}
+           "ess": metrics.effective_sample_size(lw) / 100000}
     for key in ("rw", "uw"):  # Delta F = F_left - F_right = -log(P_left / P_right), in kT
         pl = out[f"left_{key}"]
         out[f"dF_{key}"] = -math.log(pl / (1 - pl)) if 0 < pl < 1 else math.inf
