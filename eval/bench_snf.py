@@ -31,7 +31,7 @@ quadrature; the free-energy differences between the modes (``Delta F_k = -log(P_
 heaviest) reweighted and unweighted, largest absolute error in kT; train time. Medians over ``--seeds``; the
 time ratio snf/flow is the median of the per-seed ratios.
 
-    python eval/bench_snf.py             # 3 seeds, ~10 min on one thread of a shared 2-core machine
+    python eval/bench_snf.py             # 3 seeds, 4-6 min on one thread of a shared 2-core machine
 """
 
 from __future__ import annotations
