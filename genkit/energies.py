@@ -305,6 +305,25 @@ class Quadrature:
         f = -torch.log(p)
         return grid, (f - f.min()) if shift else f
 
+    def sample(self, n: int, *, generator: torch.Generator | None = None, periodic: bool = False) -> Tensor:
+        """``[n, 2]`` float64 samples of the grid density: a grid point drawn with probability ``density *
+        weights``, then moved uniformly within its cell (``+- h / 2`` on each axis; ``periodic`` wraps the result
+        into ``[-pi, pi)``, for a torus). The training set of a maximum-likelihood fit when the energy is all one
+        has; its law differs from ``exp(-U) / Z`` only by the grid's resolution."""
+        if not (isinstance(n, int) and n >= 1):
+            raise ConfigError(f"number of samples must be an int >= 1; got n={n!r}")
+        p = (self.density * self.weights[0][:, None] * self.weights[1][None, :]).reshape(-1)
+        idx = torch.multinomial(p, n, replacement=True, generator=generator)
+        m = self.axes[1].shape[0]
+        out = []
+        for axis, i in enumerate((idx // m, idx % m)):
+            grid = self.axes[axis]
+            h = float(grid[1] - grid[0])
+            u = torch.rand(n, generator=generator, dtype=torch.float64) - 0.5
+            out.append(grid[i] + h * u)
+        x = torch.stack(out, 1)
+        return torch.remainder(x + math.pi, 2 * math.pi) - math.pi if periodic else x
+
 
 def quadrature(energy: Energy, n: int = 401, bounds: Sequence[Sequence[float]] | None = None) -> Quadrature:
     """Integrate ``exp(-U)`` of a 2-D energy on an ``n x n`` grid in float64: the trapezoid rule on

@@ -357,7 +357,7 @@ def reweighted_free_energy(coord: Tensor, log_w: Tensor | None, edges: Tensor, *
     """``(bin centres, F)`` with ``F = -log p`` (kT) of the (re)weighted histogram of ``coord`` ``[n]`` over bin
     ``edges`` ``[m + 1]``; ``log_w=None`` gives the unweighted profile; empty bins are ``inf``; shifted to a
     minimum of 0 unless ``shift=False`` (then normalised as a density on the bins)."""
-    c = coord.detach().double().reshape(-1)
+    c = coord.detach().double().reshape(-1).contiguous()
     e = edges.detach().double()
     lw = torch.zeros_like(c) if log_w is None else _log_w(log_w)
     if lw.shape[0] != c.shape[0]:

@@ -204,3 +204,22 @@ def test_rings_minima_lie_on_the_rings():
     theta = torch.tensor(0.7, dtype=torch.float64)
     rot = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], 1)
     torch.testing.assert_close(e.energy(rot), u, rtol=0, atol=1e-12)
+
+
+def test_quadrature_sample_follows_the_grid_density():
+    """Quadrature.sample: the double well's left-well mass and x_2 variance (exactly 1) within 4 standard errors;
+    a torus sample wraps into [-pi, pi)."""
+    e = get_energy("double_well")
+    q = quadrature(e, n=401)
+    g, p = q.marginal(0)
+    left = float((p * q.weights[0])[g < 0].sum())
+    n = 40000
+    x = q.sample(n, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (n, 2) and x.dtype == torch.float64
+    assert abs(float((x[:, 0] < 0).double().mean()) - left) < 4 * (left * (1 - left) / n) ** 0.5
+    assert abs(float(x[:, 1].var()) - 1.0) < 4 * (2 / n) ** 0.5
+    t = quadrature(get_energy("torus_dihedral"), n=64).sample(5000, generator=torch.Generator().manual_seed(1),
+                                                              periodic=True)
+    assert float(t.min()) >= -torch.pi and float(t.max()) < torch.pi
+    with pytest.raises(ConfigError):
+        q.sample(0)

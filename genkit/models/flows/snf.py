@@ -8,8 +8,22 @@ a deterministic layer, the backward/forward path log ratio for a stochastic one)
 
     log w = -u_X(x) - log p_Z(z) + sum Delta S
 
-is exact without marginalising the noise. Here the prior energy is the *normalised* ``-log N(z; 0, I)``, so
-``mean(exp(log w))`` estimates the target's ``Z`` directly (:func:`genkit.metrics.log_z`).
+is exact without marginalising the noise.
+
+Conventions:
+
+- ``u_Z`` is the *normalised* prior energy ``-log N(z; 0, I)`` (:meth:`StochasticFlow.prior_energy`), so
+  ``E[w] = Z = ∫ exp(-u_X)`` and ``mean(exp(log w))`` estimates the target's ``Z`` itself
+  (:func:`genkit.metrics.log_z`); self-normalised averages (:func:`genkit.metrics.reweighted_mean`) do not need it.
+- ``u_X`` is the target's ``energy`` in kT; the stochastic blocks' interpolated energies use the *unnormalised*
+  ``0.5 |x|^2`` for the prior end (a constant does not change their dynamics or their ``Delta S``).
+- ``-mean(log w)`` (the energy loss) is ``KL(forward path || backward path) - log Z >= -log Z``; the ML loss
+  ``mean(u_Z(z) - sum Delta S)`` on data is, for deterministic layers only, the flow's negative log-likelihood.
+- Gradients flow through the reparameterised Langevin path (forces by autograd with ``create_graph``) and through
+  the accepted Metropolis positions (the accept mask is a constant).
+- A plain flow is the deterministic-only case: ``StochasticFlow(list(flow.transforms)[::-1], D)`` has the same
+  samples, ``log w`` and ML loss as ``flow`` (tests/test_snf.py checks it), and satisfies the trainer's
+  ``config()`` contract.
 """
 
 from __future__ import annotations
@@ -47,7 +61,7 @@ class InterpolatedEnergy:
     """``u_lambda(x) = (1 - lambda) * 0.5 |x|^2 + lambda * target.energy(x)`` and its force ``-grad u_lambda``."""
 
     def __init__(self, target: Any, lam: float):
-        if not (isinstance(lam, (int, float)) and 0.0 <= float(lam) <= 1.0):
+        if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and 0.0 <= float(lam) <= 1.0):
             raise ConfigError(f"interpolation lambda must be a number in [0, 1]; got lam={lam!r}")
         if not callable(getattr(target, "energy", None)):
             raise ConfigError(f"the target must be a genkit Energy (with .energy(x)); got {type(target).__name__}")
@@ -68,15 +82,26 @@ class InterpolatedEnergy:
 
 
 def _check_step(name: str, value: Any) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ConfigError(f"{name} must be a finite number > 0; got {value!r} (typical: 1e-3 .. 0.1)")
     return float(value)
 
 
 def _check_steps(n: Any) -> int:
-    if not (isinstance(n, int) and n >= 1):
+    if isinstance(n, bool) or not (isinstance(n, int) and n >= 1):
         raise ConfigError(f"n_steps must be an int >= 1; got {n!r}")
     return n
+
+
+def _energy_config(target: Any) -> Any:
+    config = getattr(target, "config", None)
+    return config() if callable(config) else type(target).__name__
+
+
+def _block_config(block: nn.Module, kind: str) -> dict[str, Any]:
+    e = block.energy
+    return {"block": kind, "lam": e.lam, "step_size": block.step_size, "n_steps": block.n_steps,
+            "target": _energy_config(e.target)}
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -97,6 +122,10 @@ class LangevinBlock(nn.Module):
 
     def __init__(self, target: Any, lam: float, *, step_size: float = 0.01, n_steps: int = 1):
         super().__init__()
+        if getattr(target, "domain", "real") != "real":
+            raise ConfigError(f"LangevinBlock needs an energy on R^d; {type(target).__name__} lives on a "
+                              f"{target.domain!r} (its Gaussian path term would not be exact there); use a "
+                              "MetropolisBlock, which wraps its proposals on a torus")
         self.energy = InterpolatedEnergy(target, lam)
         self.step_size, self.n_steps = _check_step("LangevinBlock step_size", step_size), _check_steps(n_steps)
 
@@ -117,11 +146,16 @@ class LangevinBlock(nn.Module):
             total = total + ds
         return x, total
 
+    def config(self) -> dict[str, Any]:
+        return _block_config(self, "langevin")
+
 
 class MetropolisBlock(nn.Module):
     """Metropolis MC on ``u_lambda`` with the symmetric proposal ``y = x + step_size * eta``, accepted with
     ``min(1, exp(-(u(y) - u(x))))``; each accepted move adds ``Delta S = u_lambda(y) - u_lambda(x)`` (the accept
-    mask is a constant for gradients, which flow through the accepted positions)."""
+    mask is a constant for gradients, which flow through the accepted positions). On a torus energy
+    (``target.domain == "torus"``) the proposal is wrapped into ``[-pi, pi)``: still symmetric, so detailed
+    balance and ``Delta S`` hold on the box."""
 
     stochastic = True
 
@@ -129,11 +163,14 @@ class MetropolisBlock(nn.Module):
         super().__init__()
         self.energy = InterpolatedEnergy(target, lam)
         self.step_size, self.n_steps = _check_step("MetropolisBlock step_size", step_size), _check_steps(n_steps)
+        self.periodic = getattr(target, "domain", "real") == "torus"
 
     def step(self, x: Tensor, generator: torch.Generator | None = None, u_x: Tensor | None = None
              ) -> tuple[Tensor, Tensor, Tensor]:
         u_x = self.energy.energy(x) if u_x is None else u_x
         y = x + self.step_size * _noise(x, generator)
+        if self.periodic:
+            y = torch.remainder(y + math.pi, 2 * math.pi) - math.pi
         u_y = self.energy.energy(y)
         log_u = torch.log(_uniform(x, generator))
         accept = (log_u < -(u_y - u_x)).detach()
@@ -150,12 +187,21 @@ class MetropolisBlock(nn.Module):
             total = total + ds
         return x, total
 
+    def config(self) -> dict[str, Any]:
+        return _block_config(self, "metropolis")
+
 
 class StochasticFlow(nn.Module):
     """``StochasticFlow(layers, features)``: ``layers`` in sampling order (prior -> target), each a genkit flow
     :class:`Transform` (run by its ``inverse`` when sampling, ``forward`` on the reverse pass) or a stochastic
     block. ``sample_with_log_weights(n, target, generator=)`` -> ``(x, log_w)``; ``reverse(x, generator=)`` ->
-    ``(z, sum Delta S)`` for the maximum-likelihood loss."""
+    ``(z, sum Delta S)`` for the maximum-likelihood loss.
+
+    Every layer must act on ``features``: a transform built for another width, or a block whose target energy
+    has another ``dim``, is a ConfigError. :meth:`config` records the layers (transform class names, the
+    blocks' ``lam`` / ``step_size`` / ``n_steps`` and target ``config()``) for the trainer's checkpoints; it
+    is a record, not a recipe (``StochasticFlow`` is not a registered family, so ``genkit.load`` cannot
+    rebuild one: build the same layers and ``load_state_dict``)."""
 
     def __init__(self, layers: Sequence[nn.Module], features: int):
         super().__init__()
@@ -169,9 +215,26 @@ class StochasticFlow(nn.Module):
             elif not getattr(layer, "stochastic", False):
                 raise ConfigError(f"StochasticFlow layer {i} is a {type(layer).__name__}; use a genkit flow "
                                   "Transform, LangevinBlock or MetropolisBlock")
+            else:
+                dim = getattr(getattr(getattr(layer, "energy", None), "target", None), "dim", None)
+                if isinstance(dim, int) and dim != features:
+                    raise ConfigError(f"StochasticFlow layer {i} ({type(layer).__name__}) targets an energy of dim "
+                                      f"{dim}, the flow has {features} features; build the block on a "
+                                      f"{features}-D energy")
         self.layers = nn.ModuleList(layers)
         self.features = features
         self.register_buffer("_ref", torch.zeros(()), persistent=False)
+
+    def config(self) -> dict[str, Any]:
+        """``{"family": "stochastic_flow", "features": D, "layers": [...]}`` (JSON values; see the class doc)."""
+        layers: list[Any] = []
+        for layer in self.layers:
+            if isinstance(layer, Transform):
+                layers.append({"transform": type(layer).__name__, "features": layer.features})
+            else:
+                cfg = getattr(layer, "config", None)
+                layers.append(cfg() if callable(cfg) else {"block": type(layer).__name__})
+        return {"family": "stochastic_flow", "features": self.features, "layers": layers}
 
     def prior_energy(self, z: Tensor) -> Tensor:
         """``-log N(z; 0, I)``: the normalised prior energy ``u_Z``."""
@@ -196,7 +259,7 @@ class StochasticFlow(nn.Module):
                                 ) -> tuple[Tensor, Tensor]:
         """``(x [n, D], log_w [n])`` with ``log w = -u_X(x) + u_Z(z) + sum Delta S``; ``u_X = target.energy``."""
         x, u_z, ds = self.sample_with_path(n, generator)
-        return x, -target.energy(x) + u_z + ds
+        return x, -_check_finite(target.energy(x), x, "the target energy") + u_z + ds
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -224,72 +287,110 @@ def flow_log_weights(model: nn.Module, n: int, target: Any, *, generator: torch.
         return model.sample_with_log_weights(n, target, generator=generator)
     if isinstance(model, Flow):
         x, logq = model.sample_and_log_prob(n, generator=generator)
-        return x, -target.energy(x) - logq
+        return x, -_check_finite(target.energy(x), x, "the target energy") - logq
     raise ConfigError(f"expected a StochasticFlow or a Flow; got {type(model).__name__}")
 
 
 def _check_batch(batch_size: Any) -> int:
-    if not (isinstance(batch_size, int) and batch_size >= 1):
+    if isinstance(batch_size, bool) or not (isinstance(batch_size, int) and batch_size >= 1):
         raise ConfigError(f"batch_size must be an int >= 1; got {batch_size!r}")
     return batch_size
 
 
+def _check_model(model: Any, who: str) -> nn.Module:
+    if not isinstance(model, (StochasticFlow, Flow)):
+        raise ConfigError(f"{who} trains a StochasticFlow or a Flow; got {type(model).__name__}")
+    return model
+
+
+def _check_target(target: Any, model: nn.Module) -> Any:
+    if not callable(getattr(target, "energy", None)):
+        raise ConfigError(f"the target must be a genkit Energy (with .energy(x)); got {type(target).__name__}")
+    dim = getattr(target, "dim", None)
+    if isinstance(dim, int) and dim != model.features:
+        raise ConfigError(f"the target energy has dim {dim}, the model {model.features} features; use an energy "
+                          "of the model's width")
+    return target
+
+
+def _kl_loss(model: nn.Module, target: Any, batch_size: int, generator: torch.Generator | None) -> Tensor:
+    _, log_w = flow_log_weights(model, batch_size, target, generator=generator)
+    return -log_w.mean()
+
+
+def _ml_loss(model: nn.Module, batch: Any, generator: torch.Generator | None) -> Tensor:
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, Tensor):
+        raise ConfigError(f"the ML loss needs a batch of samples [batch, {model.features}]; got "
+                          f"{type(x).__name__} (a data-free run trains with EnergyObjective)")
+    if isinstance(model, Flow):
+        return -model.log_prob(x).mean()
+    z, ds = model.reverse(x, generator=generator)
+    return (model.prior_energy(z) - ds).mean()
+
+
 class EnergyObjective(nn.Module):
-    """Reverse KL / energy loss ``E[u_X(x) - sum Delta S]`` (plus the constant-in-expectation ``-u_Z(z)``, i.e.
-    ``-mean(log w)``), data-free for :class:`genkit.train.Trainer`; trains a StochasticFlow or a plain Flow."""
+    """Reverse KL / energy loss ``-mean(log w) = mean(u_X(x) - u_Z(z) - sum Delta S)`` over ``batch_size``
+    samples of the model's own forward path (``u_Z(z)`` only shifts it: its expectation is the prior's entropy),
+    which equals ``KL(path || target path) - log Z``. Data-free (``data_free = True``): ``Trainer(...).fit()``
+    takes no data. Trains a :class:`StochasticFlow` or a plain :class:`Flow`."""
 
     data_free = True
 
     def __init__(self, model: nn.Module, target: Any, *, batch_size: int = 128):
         super().__init__()
-        if not isinstance(model, (StochasticFlow, Flow)):
-            raise ConfigError(f"EnergyObjective trains a StochasticFlow or a Flow; got {type(model).__name__}")
-        self.model, self.target, self.batch_size = model, target, _check_batch(batch_size)
+        self.model = _check_model(model, "EnergyObjective")
+        self.target, self.batch_size = _check_target(target, model), _check_batch(batch_size)
+
+    def config(self) -> dict[str, Any]:
+        return {"objective": "energy", "batch_size": self.batch_size, "target": _energy_config(self.target)}
 
     def loss(self, batch: Any = None, generator: torch.Generator | None = None, **_: Any
              ) -> tuple[Tensor, dict[str, float]]:
-        _, log_w = flow_log_weights(self.model, self.batch_size, self.target, generator=generator)
-        loss = -log_w.mean()
+        loss = _kl_loss(self.model, self.target, self.batch_size, generator)
         return loss, {"kl": float(loss.detach())}
 
 
 class MLObjective(nn.Module):
-    """Maximum likelihood on samples ``x``: ``mean(u_Z(z) - sum Delta S)`` over the reverse pass (a Flow: NLL)."""
+    """Maximum likelihood on samples ``x`` (the batch, or its first element): ``mean(u_Z(z) - sum Delta S)`` over
+    the reverse (data -> prior) pass; for a plain Flow, or a StochasticFlow of deterministic layers only, the
+    negative log-likelihood ``-mean(log q(x))``."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        if not isinstance(model, (StochasticFlow, Flow)):
-            raise ConfigError(f"MLObjective trains a StochasticFlow or a Flow; got {type(model).__name__}")
-        self.model = model
+        self.model = _check_model(model, "MLObjective")
+
+    def config(self) -> dict[str, Any]:
+        return {"objective": "ml"}
 
     def loss(self, batch: Any, generator: torch.Generator | None = None, **_: Any
              ) -> tuple[Tensor, dict[str, float]]:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if isinstance(self.model, Flow):
-            loss = -self.model.log_prob(x).mean()
-        else:
-            z, ds = self.model.reverse(x, generator=generator)
-            loss = (self.model.prior_energy(z) - ds).mean()
+        loss = _ml_loss(self.model, batch, generator)
         return loss, {"ml": float(loss.detach())}
 
 
 class MixedObjective(nn.Module):
-    """``w_ml * ML(batch) + w_kl * KL`` (the SNF paper's 0.5 : 0.5 phase)."""
+    """``w_ml * ML(batch) + w_kl * KL`` (the SNF paper's 0.5 : 0.5 phase, after an ML-only phase); the KL term
+    draws ``batch_size`` samples of its own, the ML term uses the data batch."""
 
     def __init__(self, model: nn.Module, target: Any, *, w_ml: float = 0.5, w_kl: float = 0.5,
                  batch_size: int = 128):
         super().__init__()
         for name, w in (("w_ml", w_ml), ("w_kl", w_kl)):
-            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            if isinstance(w, bool) or not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0; got {w!r}")
         if w_ml + w_kl <= 0:
             raise ConfigError("w_ml + w_kl must be > 0; set at least one weight")
-        self.model = model
-        self.ml, self.kl = MLObjective(model), EnergyObjective(model, target, batch_size=batch_size)
+        self.model = _check_model(model, "MixedObjective")
+        self.target, self.batch_size = _check_target(target, model), _check_batch(batch_size)
         self.w_ml, self.w_kl = float(w_ml), float(w_kl)
+
+    def config(self) -> dict[str, Any]:
+        return {"objective": "mixed", "w_ml": self.w_ml, "w_kl": self.w_kl, "batch_size": self.batch_size,
+                "target": _energy_config(self.target)}
 
     def loss(self, batch: Any, generator: torch.Generator | None = None, **_: Any
              ) -> tuple[Tensor, dict[str, float]]:
-        l_ml, logs = self.ml.loss(batch, generator)
-        l_kl, logs2 = self.kl.loss(None, generator)
-        return self.w_ml * l_ml + self.w_kl * l_kl, {**logs, **logs2}
+        l_ml = _ml_loss(self.model, batch, generator)
+        l_kl = _kl_loss(self.model, self.target, self.batch_size, generator)
+        return self.w_ml * l_ml + self.w_kl * l_kl, {"ml": float(l_ml.detach()), "kl": float(l_kl.detach())}
