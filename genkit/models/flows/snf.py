@@ -200,8 +200,8 @@ class StochasticFlow(nn.Module):
     Every layer must act on ``features``: a transform built for another width, or a block whose target energy
     has another ``dim``, is a ConfigError. :meth:`config` records the layers (transform class names, the
     blocks' ``lam`` / ``step_size`` / ``n_steps`` and target ``config()``) for the trainer's checkpoints; it
-    is a record, not a recipe (``StochasticFlow`` is not a registered family, so ``genkit.load`` cannot
-    rebuild one: build the same layers and ``load_state_dict``)."""
+    is a record, not a recipe (a hand-built ``StochasticFlow`` is not rebuilt by ``genkit.load``: build the same
+    layers and ``load_state_dict``; the registered ``snf`` family, :class:`StochasticNSF`, is)."""
 
     def __init__(self, layers: Sequence[nn.Module], features: int):
         super().__init__()
