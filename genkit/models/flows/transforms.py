@@ -174,21 +174,33 @@ class _MADE(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
+    def _hidden(self, x: Tensor, context: Tensor | None) -> Tensor:
         h = x
         for i, layer in enumerate(self.hidden):
             h = layer(h)
             if i == 0 and self.context is not None:
                 h = h + self.context(context)
             h = torch.relu(h)
-        return self.out(h).view(x.shape[0], self.features, self.per)
+        return h
+
+    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
+        return self.out(self._hidden(x, context)).view(x.shape[0], self.features, self.per)
+
+    def block(self, x: Tensor, context: Tensor | None, i: int) -> Tensor:
+        """Feature ``i``'s parameters ``[batch, 1, per_feature]`` alone (the same numbers as ``forward(x)[:, i:i
+        + 1]``): the output layer's rows of block ``i`` only, what a sequential inverse needs per pass."""
+        rows = slice(i * self.per, (i + 1) * self.per)
+        out = self.out
+        h = nn.functional.linear(self._hidden(x, context), out.weight[rows] * out.mask[rows], out.bias[rows])
+        return h.view(x.shape[0], 1, self.per)
 
 
 @FLOW_TRANSFORMS.register("autoregressive_spline")
 class AutoregressiveSpline(Transform, _SplineOptions):
     """Autoregressive RQ-spline layer (masked autoregressive flow with spline elements): feature ``i`` goes
     through a spline whose parameters depend on features ``< i``. ``forward`` (density) is one pass;
-    ``inverse`` (sampling) is sequential, ``features`` passes plus one for the log-determinant."""
+    ``inverse`` (sampling) is sequential, ``features`` passes of the MADE (each evaluating feature ``i``'s
+    output block and spline only)."""
 
     def __init__(self, features: int, context_features: int = 0, *, bins: int = 8, bound: float = 3.0,
                  hidden: int = 64, layers: int = 2):
@@ -207,12 +219,15 @@ class AutoregressiveSpline(Transform, _SplineOptions):
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(y, context)
+        # pass i fixes feature i, whose parameters depend on the features < i only (already final): its spline
+        # and log-determinant are computed there, for that one feature
         x = torch.zeros_like(y)
+        lds = []
         for i in range(self.features):
-            xi, _ = self._spline(y, self.made(x, context), True)
-            x = torch.cat([x[:, :i], xi[:, i:i + 1], x[:, i + 1:]], dim=1)
-        x, ld = self._spline(y, self.made(x, context), True)
-        return x, ld.sum(1)
+            xi, ld = self._spline(y[:, i:i + 1], self.made.block(x, context, i), True)
+            x = torch.cat([x[:, :i], xi, x[:, i + 1:]], dim=1)
+            lds.append(ld)
+        return x, torch.cat(lds, dim=1).sum(1)
 
     @classmethod
     def example(cls) -> tuple[AutoregressiveSpline, Tensor, Tensor | None]:
