@@ -1,0 +1,522 @@
+"""Neural spline flows: genkit against zuko (and nflows) on held-out NLL, train step time and sampling time.
+
+Contenders (same architecture on every side: 3 transforms, 8 bins, spline on ``[-5, 5]`` with identity tails and
+boundary derivatives 1, minimum derivative 1e-3, conditioners with two hidden layers of 64 ReLU units, a standard
+Normal base; the same Adam, lr, batch size, steps, batches and seeds):
+
+- **coupling**: genkit ``CouplingSpline`` x 3 (parity alternating) against ``zuko.flows.NSF(passes=2)`` (zuko's
+  coupling setting: a two-class MADE, the order flipped every transform) and nflows'
+  ``PiecewiseRationalQuadraticCouplingTransform`` (mask alternating);
+- **autoregressive**: genkit ``AutoregressiveSpline`` x 3 with ``Permutation.reverse`` between them against
+  ``zuko.flows.NSF`` (fully autoregressive, the order flipped every transform: the same thing) and nflows'
+  ``MaskedPiecewiseRationalQuadraticAutoregressiveTransform`` (``num_blocks=1``, no residual blocks) with
+  ``ReversePermutation``.
+
+Rows:
+
+1. **Held-out NLL** (nats per sample; lower is better) on moons and checkerboard (2-D; checkerboard's exact
+   entropy is log 8), wine (13-D) and digits64 (64-D, dequantised) from ``genkit.data.tabular`` (standardised
+   with the train split's statistics; train / validation / test splits), and a 32-D Gaussian mixture (genkit's
+   ``gmm`` toy set at ``dim=32``: closed-form density, so its exact entropy is given; standardised with the train
+   draw's statistics, NLL reported in the original units). All contenders of a set train in lock step on the
+   same minibatches (the order rotates every step); the validation NLL is evaluated every ``--eval-every`` steps
+   and the test NLL is read at the best validation evaluation (early stopping, the same rule for all). Medians
+   over seeds. Target: genkit <= zuko + 0.01 nats.
+2. **Train step time** (one Adam step on ``-log_prob(batch).mean()``), measured inside those runs: each step of
+   each contender is timed (process CPU time and wall clock); the ratio genkit/zuko is paired within one step.
+   Target: <= 1.0.
+3. **Sampling time** of 1024 points at D = 2, 8, 32 (freshly built flows: the time does not depend on the
+   weights), contenders interleaved, medians of ``--sample-repeats``.
+4. **Coupling vs autoregressive at D = 32**: genkit's coupling NSF against zuko's autoregressive NSF, sampling
+   speed (target >= 10x) and NLL on the 32-D mixture (target: within 0.05 nats).
+
+Differences that remain (each library's own definitions, listed in the results): the spline parameterisation
+(genkit: floored softmax bins, ``1e-3 + softplus`` interior derivatives; zuko: softmax of soft-clamped logits,
+``exp`` of soft-clamped derivatives), the conditioners' initialisation (genkit zeroes the last layer; zuko and
+nflows keep torch's default), and zuko's coupling setting, which also gives the conditioning half an
+input-independent spline in every transform and computes its parameters through a masked MLP over all features.
+
+    python eval/bench_flows.py            # ~10-15 min on a shared 2-core machine (1 torch thread)
+    python eval/bench_flows.py --quick    # ~1 min smoke run (tiny step counts; writes to a temporary folder)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import RESULTS, markdown_table, median, write_results  # noqa: E402
+
+from genkit.data import held_out, load_dataset, load_tabular  # noqa: E402
+from genkit.data.toy import gmm_params  # noqa: E402
+from genkit.models.flows import AutoregressiveSpline, CouplingSpline, Flow, Permutation  # noqa: E402
+
+BINS, BOUND, HIDDEN, LAYERS, TRANSFORMS = 8, 5.0, 64, 2, 3
+KINDS = ("coupling", "autoregressive")
+
+
+# ---------------------------------------------------------------------------------------------- contenders
+
+
+@dataclass
+class Contender:
+    """A flow behind one interface: its parameters, ``log_prob(x)`` and ``sample(n)``."""
+
+    module: torch.nn.Module
+    log_prob: Callable[[torch.Tensor], torch.Tensor]
+    sample: Callable[[int], torch.Tensor]
+
+
+def build_genkit(kind: str, d: int) -> Contender:
+    transforms: list = []
+    for i in range(TRANSFORMS):
+        if kind == "coupling":
+            transforms.append(CouplingSpline(d, bins=BINS, bound=BOUND, hidden=HIDDEN, layers=LAYERS, parity=i % 2))
+        else:
+            if i:
+                transforms.append(Permutation.reverse(d))
+            transforms.append(AutoregressiveSpline(d, bins=BINS, bound=BOUND, hidden=HIDDEN, layers=LAYERS))
+    flow = Flow(transforms, d)
+    return Contender(flow, flow.log_prob, lambda n: flow.sample(n))
+
+
+def build_zuko(kind: str, d: int) -> Contender:
+    import zuko
+
+    # NSF's spline is MonotonicRQSTransform(bound=5.0, slope=1e-3): the same bound and minimum derivative
+    flow = zuko.flows.NSF(d, transforms=TRANSFORMS, bins=BINS, hidden_features=(HIDDEN,) * LAYERS,
+                          passes=2 if kind == "coupling" else None)
+
+    def sample(n: int) -> torch.Tensor:
+        with torch.no_grad():
+            return flow().sample((n,))
+
+    return Contender(flow, lambda x: flow().log_prob(x), sample)
+
+
+class _NflowsMLP(torch.nn.Module):
+    """nflows' plain MLP, given the ``(inputs, context)`` call its coupling transforms make."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_nflows(kind: str, d: int) -> Contender:
+    from nflows.distributions import StandardNormal
+    from nflows.flows import Flow as NFlow
+    from nflows.nn.nets import MLP
+    from nflows.transforms import (
+        CompositeTransform,
+        MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
+        PiecewiseRationalQuadraticCouplingTransform,
+        ReversePermutation,
+    )
+
+    layers: list = []
+    for i in range(TRANSFORMS):
+        if kind == "coupling":
+            first = [-1] * (d // 2) + [1] * (d - d // 2)  # nflows: > 0 is transformed; genkit's parity 0 split
+            mask = torch.tensor(first if i % 2 == 0 else first[::-1])
+            layers.append(PiecewiseRationalQuadraticCouplingTransform(
+                mask, lambda n_in, n_out: _NflowsMLP(MLP([n_in], [n_out], [HIDDEN] * LAYERS)), num_bins=BINS,
+                tails="linear",
+                tail_bound=BOUND))
+        else:
+            if i:
+                layers.append(ReversePermutation(d))
+            layers.append(MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
+                d, HIDDEN, num_bins=BINS, tails="linear", tail_bound=BOUND, num_blocks=LAYERS - 1,
+                use_residual_blocks=False))
+    flow = NFlow(CompositeTransform(layers), StandardNormal([d]))
+
+    def sample(n: int) -> torch.Tensor:
+        with torch.no_grad():
+            return flow.sample(n)
+
+    return Contender(flow, flow.log_prob, sample)
+
+
+LIBRARIES: dict[str, Callable[[str, int], Contender]] = {"genkit": build_genkit, "zuko": build_zuko,
+                                                         "nflows": build_nflows}
+
+
+def available(lib: str) -> bool:
+    try:
+        LIBRARIES[lib]("coupling", 2)
+    except ImportError:
+        return False
+    return True
+
+
+def build(lib: str, kind: str, d: int, seed: int) -> Contender:
+    torch.manual_seed(seed)  # the same seed for every contender (their parameter layouts differ)
+    return LIBRARIES[lib](kind, d)
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Split:
+    train: torch.Tensor
+    validation: torch.Tensor
+    test: torch.Tensor
+    nll_offset: float = 0.0  # added to every NLL: the log-determinant of a standardisation, to report raw units
+    exact_test_nll: float | None = None
+    about: str = ""
+
+
+def gmm_nll(x: torch.Tensor, dim: int) -> float:
+    weights, means, covs = gmm_params(dim)
+    mix = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(weights),
+                                                torch.distributions.MultivariateNormal(means, covs))
+    return float(-mix.log_prob(x.double()).mean())
+
+
+def load_split(name: str, n_train: int, n_eval: int, seed: int = 0) -> Split:
+    """The data of one NLL row; the splits do not depend on the training seed."""
+    if name in ("moons", "checkerboard"):
+        test, validation = held_out(name, n_eval)  # two fresh draws (seeds 1000, 1001) the train draw does not use
+        train = load_dataset(name, n=n_train, generator=torch.Generator().manual_seed(seed))
+        exact = math.log(8.0) if name == "checkerboard" else None  # uniform on 8 unit squares
+        return Split(train, validation, test, exact_test_nll=exact,
+                     about=f"{n_train} train points, fresh validation / test draws of {n_eval}")
+    if name in ("wine", "digits64"):
+        g = torch.Generator().manual_seed(seed)  # digits64's dequantisation noise
+        parts = {s: load_tabular(name, split=s, generator=g) for s in ("train", "validation", "test")}
+        return Split(parts["train"], parts["validation"], parts["test"],
+                     about="genkit.data.load_tabular splits (70/10/20), standardised with the train statistics"
+                           + ("; dequantised once" if name == "digits64" else ""))
+    if name == "gmm32":
+        draw = [load_dataset("gmm", n=k, dim=32, generator=torch.Generator().manual_seed(seed + j))
+                for j, k in enumerate((n_train, n_eval, n_eval))]
+        mean, std = draw[0].mean(0), draw[0].std(0)
+        train, validation, test = ((x - mean) / std for x in draw)
+        return Split(train, validation, test, nll_offset=float(std.log().sum()), exact_test_nll=gmm_nll(draw[2], 32),
+                     about=f"genkit's gmm toy set at dim=32 (4 components), {n_train} train points, validation / "
+                           f"test draws of {n_eval}; standardised with the train draw's mean / std, NLL in the "
+                           "original units")
+    raise ValueError(f"unknown set {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def nll(c: Contender, x: torch.Tensor, chunk: int = 2048) -> float:
+    with torch.no_grad():
+        return float(torch.cat([-c.log_prob(x[i:i + chunk]) for i in range(0, len(x), chunk)]).mean())
+
+
+def train_lockstep(data: Split, names: list[tuple[str, str]], seed: int, steps: int, batch: int, lr: float,
+                   eval_every: int) -> dict[str, dict[str, Any]]:
+    """Train every ``(lib, kind)`` on the same minibatches, one step each in turn (the order rotates)."""
+    d = data.train.shape[1]
+    runs: dict[str, dict[str, Any]] = {}
+    for lib, kind in names:
+        c = build(lib, kind, d, seed)
+        runs[f"{lib} {kind}"] = {"c": c, "opt": torch.optim.Adam(c.module.parameters(), lr=lr), "cpu_ms": [],
+                                 "wall_ms": [], "evals": [], "failed": None,
+                                 "parameters": sum(p.numel() for p in c.module.parameters())}
+    keys = list(runs)
+    g = torch.Generator().manual_seed(seed)
+    n = data.train.shape[0]
+    perm, pos = torch.randperm(n, generator=g), 0
+    for step in range(steps):
+        if pos + batch > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        xb = data.train[perm[pos:pos + min(batch, n)]]
+        pos += batch
+        for key in keys[step % len(keys):] + keys[:step % len(keys)]:
+            r = runs[key]
+            if r["failed"]:
+                continue
+            c0, w0 = time.process_time(), time.perf_counter()
+            loss = -r["c"].log_prob(xb).mean()
+            r["opt"].zero_grad(set_to_none=True)
+            loss.backward()
+            r["opt"].step()
+            value = loss.item()
+            r["cpu_ms"].append(1e3 * (time.process_time() - c0))
+            r["wall_ms"].append(1e3 * (time.perf_counter() - w0))
+            if not math.isfinite(value):
+                r["failed"] = f"non-finite loss at step {step}"
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            for key in keys:
+                r = runs[key]
+                if not r["failed"]:
+                    r["evals"].append((step + 1, nll(r["c"], data.validation) + data.nll_offset,
+                                       nll(r["c"], data.test) + data.nll_offset))
+    out = {}
+    for key, r in runs.items():
+        finite = [e for e in r["evals"] if math.isfinite(e[1]) and math.isfinite(e[2])]
+        best = min(finite, key=lambda e: e[1]) if finite else (None, math.nan, math.nan)
+        out[key] = {"test_nll": best[2], "validation_nll": best[1], "best_step": best[0],
+                    "final_test_nll": r["evals"][-1][2] if r["evals"] else math.nan, "evals": r["evals"],
+                    "cpu_ms": r["cpu_ms"], "wall_ms": r["wall_ms"], "failed": r["failed"],
+                    "parameters": r["parameters"]}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def time_sampling(dims: list[int], libs: list[str], repeats: int, n: int = 1024) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for d in dims:
+        flows = {f"{lib} {kind}": build(lib, kind, d, 0) for lib in libs for kind in KINDS}
+        keys = list(flows)
+        times: dict[str, list[float]] = {k: [] for k in keys}
+        for k in keys:  # warm-up, discarded
+            flows[k].sample(n)
+        for r in range(repeats):
+            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+                t0 = time.perf_counter()
+                x = flows[k].sample(n)
+                times[k].append(1e3 * (time.perf_counter() - t0))
+                if x.shape != (n, d) or not torch.isfinite(x).all():
+                    raise RuntimeError(f"{k} at D={d} returned {tuple(x.shape)} samples or non-finite values")
+        out[str(d)] = {k: {"median_ms": median(v), "repeats_ms": v} for k, v in times.items()}
+        print(f"sampling D={d}: " + ", ".join(f"{k} {median(v):.1f} ms" for k, v in times.items()), flush=True)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+
+DIFFERENCES = [
+    "Same on every side: 3 transforms, 8 bins, spline on [-5, 5] (zuko's NSF default bound; genkit and nflows set "
+    "bound=5.0 / tail_bound=5.0) with identity (linear) tails and boundary derivatives exactly 1, minimum "
+    "derivative 1e-3, conditioners with hidden layers (64, 64) and ReLU, a standard Normal base, the order flipped "
+    "between transforms (genkit: coupling parity / Permutation.reverse; zuko: MAF's flipped orders; nflows: "
+    "alternating masks / ReversePermutation), MADE hidden degrees cycling over 1..D-1 (zuko's MaskedMLP assigns "
+    "its hidden units the same way), Adam with the same lr, the same minibatches, steps and seeds.",
+    "Spline parameterisation: genkit (and nflows) put widths and heights through a softmax floored at 1e-3 of the "
+    "interval per bin and interior derivatives through 1e-3 + softplus; zuko soft-clamps the logits "
+    "(u / (1 + |2u / log 1e-3|)) before an unfloored softmax and takes exp of soft-clamped derivatives (range "
+    "1e-3..1e3). nflows also divides the width and height logits of its MADE by sqrt(64).",
+    "Initialisation: genkit zeroes its conditioners' last layer (uniform bins, interior derivatives 0.694 at the "
+    "start); zuko and nflows keep torch's default Linear init (a random spline at the start).",
+    "zuko's coupling setting (NSF(passes=2)) is a MADE with two degree classes: the conditioning half also gets an "
+    "input-independent spline in every transform (outputs that see no input: their biases), and the conditioner "
+    "reads all D inputs through a mask and outputs parameters for all D features. genkit's (and nflows') coupling "
+    "passes the conditioning half unchanged and runs its MLP on that half only. For odd D (wine, 13) zuko "
+    "conditions on ceil(D/2) = 7 features, genkit and nflows on D // 2 = 6.",
+    "Sampling: genkit's Flow.sample also computes the samples' log-density (one pass); zuko's and nflows' sample "
+    "only invert. genkit's autoregressive inverse takes D passes evaluating only feature i's MADE output block and "
+    "spline in pass i; zuko's and nflows' evaluate every feature's in each of their D passes.",
+    "The test NLL is read at the evaluation with the best validation NLL (every contender, the same rule); the "
+    "runs are short (the step counts below), so the numbers also measure how fast each trains from its own "
+    "initialisation, not only what the architecture can reach.",
+]
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def build_report(payload: dict[str, Any], args: argparse.Namespace, libs: list[str]) -> str:
+    nll_rows, time_rows = [], []
+    summary = payload["summary"]
+    for name, row in payload["nll"].items():
+        s = row["settings"]
+        for kind in KINDS:
+            med = row["median_test_nll"]
+            g, z = med.get(f"genkit {kind}"), med.get(f"zuko {kind}")
+            nf = med.get(f"nflows {kind}")
+            diff = g - z
+            nll_rows.append([name, row["dim"], kind, f"{s['steps']} x {s['batch']}", len(row["seeds"]), fmt(g),
+                             fmt(z), fmt(nf) if nf is not None else "-", f"{diff:+.3f}",
+                             "met" if diff <= 0.01 else "missed",
+                             fmt(row["exact_test_nll"]) if row["exact_test_nll"] is not None else "-"])
+            tr = row["step_time"][kind]
+            time_rows.append([name, row["dim"], kind, tr["genkit_cpu_ms"], tr["zuko_cpu_ms"],
+                              tr.get("nflows_cpu_ms", "-"), tr["paired_ratio_cpu"], tr["paired_ratio_wall"],
+                              "met" if tr["paired_ratio_cpu"] <= 1.0 else "missed"])
+    sample_rows = []
+    for d, row in payload["sampling"].items():
+        for kind in KINDS:
+            g, z = row[f"genkit {kind}"]["median_ms"], row[f"zuko {kind}"]["median_ms"]
+            nf = row.get(f"nflows {kind}", {}).get("median_ms", "-")
+            sample_rows.append([d, kind, g, z, nf, g / z])
+    h = summary["coupling_vs_autoregressive_d32"]
+    md = [
+        f"Settings: {args.threads} torch thread(s); Adam lr {args.lr}; architecture on every side: "
+        f"{TRANSFORMS} transforms, {BINS} bins, bound {BOUND}, hidden ({HIDDEN}, {HIDDEN}); per-set steps x batch "
+        f"and seeds in the table (the same for every contender); validation every {args.eval_every} steps, test NLL "
+        f"at the best validation step; sampling: 1024 points, median of {args.sample_repeats} interleaved repeats. "
+        f"Libraries: {', '.join(libs)}.",
+        "",
+        "## Summary",
+        "",
+        markdown_table(["target", "measured", "met?"], summary["rows"]),
+        "",
+        "## Held-out NLL (nats per sample, median over seeds; lower is better)",
+        "",
+        "diff = genkit - zuko; target diff <= +0.01. `exact` is the test set's true NLL where the density is known.",
+        "",
+        markdown_table(["set", "D", "flow", "steps x batch", "seeds", "genkit", "zuko", "nflows", "diff", "target",
+                        "exact"], nll_rows),
+        "",
+        "## Train step time (ms per Adam step, median over all steps and seeds)",
+        "",
+        "Ratio genkit/zuko paired within each step (process CPU time; wall clock beside it). Target <= 1.0.",
+        "",
+        markdown_table(["set", "D", "flow", "genkit cpu ms", "zuko cpu ms", "nflows cpu ms", "ratio (cpu)",
+                        "ratio (wall)", "target"], time_rows),
+        "",
+        "## Sampling 1024 points (ms, wall clock, median of repeats)",
+        "",
+        markdown_table(["D", "flow", "genkit", "zuko", "nflows", "genkit/zuko"], sample_rows),
+        "",
+        "## genkit coupling NSF vs zuko autoregressive NSF at D = 32",
+        "",
+        f"Sampling 1024 points: genkit coupling {h['genkit_coupling_sample_ms']:.1f} ms, zuko autoregressive "
+        f"{h['zuko_autoregressive_sample_ms']:.1f} ms: {h['speedup']:.1f}x faster (target >= 10x). NLL on the 32-D "
+        f"mixture ({payload['nll']['gmm32']['about'] if 'gmm32' in payload['nll'] else 'not run'}): genkit "
+        f"coupling {fmt(h['genkit_coupling_nll'])}, zuko autoregressive {fmt(h['zuko_autoregressive_nll'])}, "
+        f"difference {h['nll_diff']:+.3f} (target <= +0.05); exact {fmt(h['exact_nll'])}.",
+        "",
+        "## Data",
+        "",
+        *[f"- {k}: {v['about']}" for k, v in payload["nll"].items()],
+        "",
+        "## What differs",
+        "",
+        *[f"- {x}" for x in DIFFERENCES],
+    ]
+    failed = [f"{k} seed {s}: {r['failed']}" for k, v in payload["nll"].items() for s, runs in v["runs"].items()
+              for kk, r in runs.items() if r["failed"]]
+    if failed:
+        md += ["", "## Failed runs", "", *[f"- {x}" for x in failed]]
+    return "\n".join(md)
+
+
+SETS = {  # name -> (steps, batch, seeds, n_train, n_eval); the same for every contender
+    "moons": (500, 256, 3, 8192, 2000),
+    "checkerboard": (500, 256, 3, 8192, 2000),
+    "wine": (400, 64, 3, 0, 0),
+    "digits64": (250, 128, 2, 0, 0),
+    "gmm32": (300, 128, 2, 8192, 2000),
+}
+QUICK = {"moons": (30, 128, 1, 1024, 256), "checkerboard": (30, 128, 1, 1024, 256), "wine": (30, 64, 1, 0, 0),
+         "digits64": (15, 64, 1, 0, 0), "gmm32": (20, 64, 1, 1024, 256)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every set's step count")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--sample-dims", type=int, nargs="+", default=[2, 8, 32])
+    p.add_argument("--sample-repeats", type=int, default=5)
+    p.add_argument("--nflows-sets", nargs="*", default=["moons"],
+                   help="sets on which nflows also trains (it is in every sampling row)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, to test the script (~1 min)")
+    p.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}; --quick: a temp dir)")
+    args = p.parse_args(argv)
+    table = QUICK if args.quick else SETS
+    if args.quick:
+        args.eval_every, args.sample_repeats, args.sample_dims = 10, 2, [2, 8]
+    out = args.out or (Path(tempfile.mkdtemp(prefix="bench_flows_")) if args.quick else RESULTS)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Inputs to the softmax are not scaled down")  # nflows + plain MLP
+    libs = [lib for lib in LIBRARIES if available(lib)]
+    if "zuko" not in libs:
+        raise SystemExit("zuko is not installed: pip install -e .[bench]")
+    t_start = time.perf_counter()
+
+    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    payload: dict[str, Any] = {"settings": {**plain,
+                                            "sets": {k: dict(zip(("steps", "batch", "seeds", "n_train", "n_eval"),
+                                                                 table[k])) for k in args.sets},
+                                            "architecture": {"transforms": TRANSFORMS, "bins": BINS, "bound": BOUND,
+                                                             "hidden": [HIDDEN] * LAYERS}},
+                               "libraries": libs, "differences": DIFFERENCES, "nll": {}}
+    for name in args.sets:
+        steps, batch, seeds, n_train, n_eval = table[name]
+        steps = max(1, round(steps * args.steps_scale))
+        data = load_split(name, n_train, n_eval)
+        row_libs = [lib for lib in libs if lib != "nflows" or name in args.nflows_sets]
+        names = [(lib, kind) for kind in KINDS for lib in row_libs]  # each kind's contenders next to each other
+        runs = {}
+        for seed in range(seeds):
+            t0 = time.perf_counter()
+            runs[seed] = train_lockstep(data, names, seed, steps, batch, args.lr, args.eval_every)
+            print(f"{name} seed {seed} ({time.perf_counter() - t0:.0f} s): "
+                  + ", ".join(f"{k} {r['test_nll']:.3f}" for k, r in runs[seed].items()), flush=True)
+        keys = list(runs[0])
+        step_time = {}
+        for kind in KINDS:
+            g, z = f"genkit {kind}", f"zuko {kind}"
+            paired = {c: [a / b for s in runs for a, b in zip(runs[s][g][c], runs[s][z][c])]
+                      for c in ("cpu_ms", "wall_ms")}
+            st = {"genkit_cpu_ms": median([t for s in runs for t in runs[s][g]["cpu_ms"]]),
+                  "zuko_cpu_ms": median([t for s in runs for t in runs[s][z]["cpu_ms"]]),
+                  "paired_ratio_cpu": median(paired["cpu_ms"]), "paired_ratio_wall": median(paired["wall_ms"])}
+            if f"nflows {kind}" in keys:
+                st["nflows_cpu_ms"] = median([t for s in runs for t in runs[s][f"nflows {kind}"]["cpu_ms"]])
+            step_time[kind] = st
+        payload["nll"][name] = {
+            "dim": data.train.shape[1], "about": data.about, "exact_test_nll": data.exact_test_nll,
+            "settings": {"steps": steps, "batch": batch, "n_train": data.train.shape[0],
+                         "n_validation": data.validation.shape[0], "n_test": data.test.shape[0]},
+            "seeds": list(runs), "parameters": {k: runs[0][k]["parameters"] for k in keys},
+            "median_test_nll": {k: median([runs[s][k]["test_nll"] for s in runs]) for k in keys},
+            "step_time": step_time,
+            "runs": {s: {k: {kk: vv for kk, vv in r.items() if kk not in ("cpu_ms", "wall_ms")} | {
+                "median_cpu_ms": median(r["cpu_ms"]) if r["cpu_ms"] else math.nan} for k, r in runs[s].items()}
+                for s in runs},
+        }
+    payload["sampling"] = time_sampling(args.sample_dims, libs, args.sample_repeats)
+
+    rows = []
+    for name, row in payload["nll"].items():
+        for kind in KINDS:
+            diff = row["median_test_nll"][f"genkit {kind}"] - row["median_test_nll"][f"zuko {kind}"]
+            rows.append([f"NLL {name} {kind}: genkit <= zuko + 0.01", f"{diff:+.3f} nats",
+                         "met" if diff <= 0.01 else "missed"])
+    for name, row in payload["nll"].items():
+        for kind in KINDS:
+            r = row["step_time"][kind]["paired_ratio_cpu"]
+            rows.append([f"train step {name} (D={row['dim']}) {kind}: genkit/zuko <= 1.0", f"{r:.2f}",
+                         "met" if r <= 1.0 else "missed"])
+    top = str(max(args.sample_dims))
+    gc = payload["sampling"][top]["genkit coupling"]["median_ms"]
+    za = payload["sampling"][top]["zuko autoregressive"]["median_ms"]
+    g32 = payload["nll"].get("gmm32", {}).get("median_test_nll", {})
+    h = {"dim": int(top), "genkit_coupling_sample_ms": gc, "zuko_autoregressive_sample_ms": za, "speedup": za / gc,
+         "genkit_coupling_nll": g32.get("genkit coupling", math.nan),
+         "zuko_autoregressive_nll": g32.get("zuko autoregressive", math.nan),
+         "exact_nll": payload["nll"].get("gmm32", {}).get("exact_test_nll", math.nan)}
+    h["nll_diff"] = h["genkit_coupling_nll"] - h["zuko_autoregressive_nll"]
+    rows.append([f"genkit coupling samples >= 10x faster than zuko autoregressive at D={top}",
+                 f"{h['speedup']:.1f}x", "met" if h["speedup"] >= 10 else "missed"])
+    rows.append(["... at NLL within 0.05 nats of it (gmm32)", f"{h['nll_diff']:+.3f} nats",
+                 "met" if h["nll_diff"] <= 0.05 else ("missed" if math.isfinite(h["nll_diff"]) else "not run")])
+    payload["summary"] = {"rows": rows, "coupling_vs_autoregressive_d32": h}
+    payload["runtime_s"] = time.perf_counter() - t_start
+    md = build_report(payload, args, libs) + f"\n\nRun time: {payload['runtime_s'] / 60:.1f} min.\n"
+    paths = write_results("bench_flows", payload, md, out_dir=out)
+    print(md)
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
