@@ -64,7 +64,7 @@ def _mlp(n_in: int, n_out: int, hidden: int, layers: int) -> nn.Sequential:
     for a, b in zip(dims[:-1], dims[1:]):
         mods += [nn.Linear(a, b), nn.ReLU()]
     last = nn.Linear(dims[-1], n_out)
-    nn.init.zeros_(last.weight)  # the transform starts at (or next to) the identity
+    nn.init.zeros_(last.weight)  # the transform starts at the identity (splines: with _start_at_identity)
     nn.init.zeros_(last.bias)
     return nn.Sequential(*mods, last)
 
@@ -96,6 +96,13 @@ class _SplineOptions:
         _check_options(bins, bound, DEFAULT_MIN_WIDTH, DEFAULT_MIN_HEIGHT, DEFAULT_MIN_DERIVATIVE)
         self.bins, self.bound = bins, float(bound)
 
+    def _start_at_identity(self, last: nn.Linear) -> None:
+        """With the zeroed last layer, set the interior-derivative biases to ``softplus^-1(1 - min_derivative)``:
+        every derivative is then 1 and the spline (uniform knots) the exact identity. A zero bias would start at
+        derivatives 0.694, a wavy map that costs likelihood and early training steps (eval/bench_flows.py)."""
+        with torch.no_grad():
+            last.bias.view(-1, 3 * self.bins - 1)[:, 2 * self.bins:] = math.log(math.expm1(1 - DEFAULT_MIN_DERIVATIVE))
+
     def _spline(self, z: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         k = self.bins
         w, h, d = params[..., :k], params[..., k:2 * k], params[..., 2 * k:]
@@ -118,6 +125,7 @@ class CouplingSpline(Transform, _SplineOptions):
         self.register_buffer("cond_idx", idx[cond], persistent=False)
         self.register_buffer("trans_idx", idx[~cond], persistent=False)
         self.net = _mlp(len(self.cond_idx) + context_features, len(self.trans_idx) * (3 * bins - 1), hidden, layers)
+        self._start_at_identity(self.net[-1])
 
     def _run(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         self._check(x, context)
@@ -211,6 +219,7 @@ class AutoregressiveSpline(Transform, _SplineOptions):
         self._spline_setup(bins, bound)
         self.features, self.context_features = features, context_features
         self.made = _MADE(features, context_features, 3 * bins - 1, hidden, layers)
+        self._start_at_identity(self.made.out)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x, context)
