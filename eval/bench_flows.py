@@ -28,7 +28,12 @@ Rows:
 3. **Sampling time** of 1024 points at D = 2, 8, 32 (freshly built flows: the time does not depend on the
    weights), contenders interleaved, medians of ``--sample-repeats``.
 4. **Coupling vs autoregressive at D = 32**: genkit's coupling NSF against zuko's autoregressive NSF, sampling
-   speed (target >= 10x) and NLL on the 32-D mixture (target: within 0.05 nats).
+   speed (target >= 10x) and NLL on the 32-D mixture (target: within 0.05 nats); the plain coupling flow and one
+   with an ``LULinear`` before each coupling layer (``coupling+lu``: a fixed half split alone never models the
+   dependencies within a half).
+
+Diagnostic contender ``zuko-plain`` (on ``--diagnostic-sets``): zuko's ``GeneralCouplingTransform`` with zuko's
+spline, split like genkit's coupling, to tell the spline parameterisation from zuko's coupling structure.
 
 Differences that remain (each library's own definitions, listed in the results): the spline parameterisation
 (genkit: floored softmax bins, ``1e-3 + softplus`` interior derivatives; zuko: softmax of soft-clamped logits,
@@ -43,6 +48,7 @@ input-independent spline in every transform and computes its parameters through 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
 import sys
 import tempfile
@@ -60,7 +66,7 @@ from bench_common import RESULTS, markdown_table, median, write_results  # noqa:
 
 from genkit.data import held_out, load_dataset, load_tabular  # noqa: E402
 from genkit.data.toy import gmm_params  # noqa: E402
-from genkit.models.flows import AutoregressiveSpline, CouplingSpline, Flow, Permutation  # noqa: E402
+from genkit.models.flows import AutoregressiveSpline, CouplingSpline, Flow, LULinear, Permutation  # noqa: E402
 
 BINS, BOUND, HIDDEN, LAYERS, TRANSFORMS = 8, 5.0, 64, 2, 3
 KINDS = ("coupling", "autoregressive")
@@ -79,9 +85,13 @@ class Contender:
 
 
 def build_genkit(kind: str, d: int, n_transforms: int = TRANSFORMS) -> Contender:
+    """``kind`` "coupling", "autoregressive", or "coupling+lu": an ``LULinear`` before each coupling layer (the
+    NSF paper's coupling flow; a fixed half split never models dependencies within a half)."""
     transforms: list = []
     for i in range(n_transforms):
-        if kind == "coupling":
+        if kind == "coupling+lu":
+            transforms.append(LULinear(d, seed=i))
+        if kind in ("coupling", "coupling+lu"):
             transforms.append(CouplingSpline(d, bins=BINS, bound=BOUND, hidden=HIDDEN, layers=LAYERS, parity=i % 2))
         else:
             if i:
@@ -97,6 +107,34 @@ def build_zuko(kind: str, d: int) -> Contender:
     # NSF's spline is MonotonicRQSTransform(bound=5.0, slope=1e-3): the same bound and minimum derivative
     flow = zuko.flows.NSF(d, transforms=TRANSFORMS, bins=BINS, hidden_features=(HIDDEN,) * LAYERS,
                           passes=2 if kind == "coupling" else None)
+
+    def sample(n: int) -> torch.Tensor:
+        with torch.no_grad():
+            return flow().sample((n,))
+
+    return Contender(flow, lambda x: flow().log_prob(x), sample)
+
+
+def build_zuko_plain_coupling(kind: str, d: int) -> Contender:
+    """Diagnostic: zuko's ``GeneralCouplingTransform`` with zuko's spline, split like genkit's coupling (the
+    conditioning half unchanged, an MLP on that half only): genkit's coupling structure with zuko's spline
+    parameterisation and initialisation, to separate the two differences from zuko's coupling setting."""
+    from functools import partial
+
+    import zuko
+    from zuko.distributions import DiagNormal
+    from zuko.lazy import UnconditionalDistribution
+    from zuko.transforms import MonotonicRQSTransform
+
+    if kind != "coupling":
+        raise ValueError("the plain zuko coupling flow is a coupling flow")
+    idx = torch.arange(d)
+    layers = [zuko.flows.GeneralCouplingTransform(
+        d, mask=idx < d // 2 if i % 2 == 0 else idx >= d - d // 2, univariate=partial(MonotonicRQSTransform,
+                                                                                     slope=1e-3),
+        shapes=[(BINS,), (BINS,), (BINS - 1,)], hidden_features=(HIDDEN,) * LAYERS) for i in range(TRANSFORMS)]
+    base = UnconditionalDistribution(DiagNormal, loc=torch.zeros(d), scale=torch.ones(d), buffer=True)
+    flow = zuko.flows.Flow(layers, base)
 
     def sample(n: int) -> torch.Tensor:
         with torch.no_grad():
@@ -153,6 +191,14 @@ def build_nflows(kind: str, d: int) -> Contender:
 
 LIBRARIES: dict[str, Callable[[str, int], Contender]] = {"genkit": build_genkit, "zuko": build_zuko,
                                                          "nflows": build_nflows}
+DIAGNOSTICS = {"zuko-plain": build_zuko_plain_coupling}  # trained on --diagnostic-sets only
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "this tree" if package == "genkit" else "unknown"
 
 
 def available(lib: str) -> bool:
@@ -165,9 +211,9 @@ def available(lib: str) -> bool:
 
 def build(lib: str, kind: str, d: int, seed: int, n_transforms: int = TRANSFORMS) -> Contender:
     torch.manual_seed(seed)  # the same seed for every contender (their parameter layouts differ)
-    if n_transforms != TRANSFORMS:
+    if n_transforms != TRANSFORMS or kind not in KINDS:
         return build_genkit(kind, d, n_transforms)
-    return LIBRARIES[lib](kind, d)
+    return {**LIBRARIES, **DIAGNOSTICS}[lib](kind, d)
 
 
 def contender_key(lib: str, kind: str, n_transforms: int = TRANSFORMS) -> str:
@@ -284,12 +330,12 @@ def train_lockstep(data: Split, names: list[tuple[str, str, int]], seed: int, st
 # ---------------------------------------------------------------------------------------------- sampling
 
 
-def time_sampling(dims: list[int], libs: list[str], repeats: int, extra: list[int],
+def time_sampling(dims: list[int], libs: list[str], repeats: int, extra: list[tuple[str, int]],
                   n: int = 1024) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for d in dims:
         flows = {f"{lib} {kind}": build(lib, kind, d, 0) for lib in libs for kind in KINDS}
-        flows |= {contender_key("genkit", "coupling", t): build("genkit", "coupling", d, 0, t) for t in extra}
+        flows |= {contender_key("genkit", kind, t): build("genkit", kind, d, 0, t) for kind, t in extra}
         keys = list(flows)
         times: dict[str, list[float]] = {k: [] for k in keys}
         for k in keys:  # warm-up, discarded
@@ -360,6 +406,23 @@ def build_report(payload: dict[str, Any], args: argparse.Namespace, libs: list[s
             time_rows.append([name, row["dim"], kind, tr["genkit_cpu_ms"], tr["zuko_cpu_ms"],
                               tr.get("nflows_cpu_ms", "-"), tr["paired_ratio_cpu"], tr["paired_ratio_wall"],
                               "met" if tr["paired_ratio_cpu"] <= 1.0 else "missed"])
+    diag_rows = []
+    for name, row in payload["nll"].items():
+        med = row["median_test_nll"]
+        if "zuko-plain coupling" in med:
+            per_seed = "/".join(f"{r['genkit coupling']['test_nll'] - r['zuko-plain coupling']['test_nll']:+.3f}"
+                                for r in row["runs"].values())
+            gap = med["genkit coupling"] - med["zuko-plain coupling"]
+            diag_rows.append([name, row["dim"], fmt(med["genkit coupling"]), fmt(med["zuko coupling"]),
+                              fmt(med["zuko-plain coupling"]), f"{gap:+.3f}", per_seed])
+    diagnostics = [] if not diag_rows else [
+        "### Diagnostic: zuko with genkit's coupling structure", "",
+        "`zuko-plain`: zuko's `GeneralCouplingTransform` with zuko's spline (`MonotonicRQSTransform`, slope 1e-3), "
+        "split like genkit's coupling (the conditioning half passes unchanged, the MLP reads that half only; the same "
+        "parameter count as genkit's). Against genkit it isolates the spline parameterisation and initialisation; "
+        "against zuko's `NSF(passes=2)` it isolates that setting's extra unconditional splines.", "",
+        markdown_table(["set", "D", "genkit coupling", "zuko NSF(passes=2)", "zuko-plain coupling",
+                        "genkit - zuko-plain", "per seed"], diag_rows), ""]
     sample_rows = []
     for d, row in payload["sampling"].items():
         for kind in KINDS:
@@ -367,7 +430,7 @@ def build_report(payload: dict[str, Any], args: argparse.Namespace, libs: list[s
             nf = row.get(f"nflows {kind}", {}).get("median_ms", "-")
             sample_rows.append([d, kind, g, z, nf, g / z])
         for key in row:
-            if key.startswith("genkit coupling x"):
+            if key.startswith("genkit coupling") and key.removeprefix("genkit ") not in KINDS:
                 sample_rows.append([d, key.removeprefix("genkit "), row[key]["median_ms"], "-", "-", "-"])
     md = [
         f"Settings: {args.threads} torch thread(s); Adam lr {args.lr}; architecture on every side: "
@@ -375,7 +438,7 @@ def build_report(payload: dict[str, Any], args: argparse.Namespace, libs: list[s
         f"and seeds in the table (the same for every contender), the learning rate annealed to 0 on a cosine; "
         f"validation every `eval_every` steps of the set (JSON `settings.sets`), test NLL at the best validation "
         f"evaluation; sampling: 1024 points, median of {args.sample_repeats} interleaved repeats. "
-        f"Libraries: {', '.join(libs)}.",
+        "Libraries: " + ", ".join(f"{k} {v}" for k, v in payload["libraries"].items()) + ".",
         "",
         "## Summary",
         "",
@@ -389,6 +452,7 @@ def build_report(payload: dict[str, Any], args: argparse.Namespace, libs: list[s
         markdown_table(["set", "D", "flow", "steps x batch", "seeds", "genkit", "zuko", "nflows", "diff",
                         "diff per seed", "target", "exact"], nll_rows),
         "",
+        *diagnostics,
         "## Train step time (ms per Adam step, median over all steps and seeds)",
         "",
         "Ratio genkit/zuko paired within each step (process CPU time; wall clock beside it). Target <= 1.0.",
@@ -412,9 +476,10 @@ def build_report(payload: dict[str, Any], args: argparse.Namespace, libs: list[s
                          f"{h['nll_diff']:+.3f}", fmt(h["exact_nll"]), "met" if h["met"] else "missed"]
                         for h in summary["coupling_vs_autoregressive_d32"]]),
         "",
-        "## Data",
+        "## Data and parameter counts",
         "",
-        *[f"- {k}: {v['about']}" for k, v in payload["nll"].items()],
+        *[f"- {k}: {v['about']}. Parameters: " + ", ".join(f"{c} {n}" for c, n in v["parameters"].items())
+          for k, v in payload["nll"].items()],
         "",
         "## What differs",
         "",
@@ -439,8 +504,8 @@ SETS = {
 }
 QUICK = {"moons": (30, 128, 1, 1024, 256, 10), "checkerboard": (30, 128, 1, 1024, 256, 10),
          "wine": (30, 64, 1, 0, 0, 5), "digits64": (15, 64, 1, 0, 0, 5), "gmm32": (20, 64, 1, 1024, 256, 10)}
-# extra genkit coupling flows with more transforms, for the coupling-vs-autoregressive row (set -> transform counts)
-EXTRA_COUPLING = {"gmm32": [6]}
+# extra genkit coupling flows for the coupling-vs-autoregressive row: set -> [(kind, transforms)]
+EXTRA_COUPLING = {"gmm32": [("coupling+lu", TRANSFORMS)]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -452,6 +517,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sample-repeats", type=int, default=5)
     p.add_argument("--nflows-sets", nargs="*", default=["moons"],
                    help="sets on which nflows also trains (it is in every sampling row)")
+    p.add_argument("--diagnostic-sets", nargs="*", default=["moons", "wine"],
+                   help="sets on which zuko's GeneralCouplingTransform with genkit's coupling split also trains")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny sizes, to test the script (~1 min)")
     p.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}; --quick: a temp dir)")
@@ -472,14 +539,17 @@ def main(argv: list[str] | None = None) -> None:
                                             "sets": {k: dict(zip(FIELDS, table[k])) for k in args.sets},
                                             "architecture": {"transforms": TRANSFORMS, "bins": BINS, "bound": BOUND,
                                                              "hidden": [HIDDEN] * LAYERS}},
-                               "libraries": libs, "differences": DIFFERENCES, "nll": {}}
+                               "libraries": {lib: _version(lib) for lib in libs},
+                               "differences": DIFFERENCES, "nll": {}}
     for name in args.sets:
         steps, batch, seeds, n_train, n_eval, eval_every = table[name]
         steps = max(1, round(steps * args.steps_scale))
         data = load_split(name, n_train, n_eval)
         row_libs = [lib for lib in libs if lib != "nflows" or name in args.nflows_sets]
         names = [(lib, kind, TRANSFORMS) for kind in KINDS for lib in row_libs]  # each kind's side by side
-        names += [("genkit", "coupling", t) for t in EXTRA_COUPLING.get(name, [])]
+        names += [("genkit", kind, t) for kind, t in EXTRA_COUPLING.get(name, [])]
+        if name in args.diagnostic_sets:
+            names.append(("zuko-plain", "coupling", TRANSFORMS))
         runs = {}
         for seed in range(seeds):
             t0 = time.perf_counter()
@@ -527,8 +597,8 @@ def main(argv: list[str] | None = None) -> None:
     za = payload["sampling"][top]["zuko autoregressive"]["median_ms"]
     g32 = payload["nll"].get("gmm32", {}).get("median_test_nll", {})
     heads = []
-    for t in [TRANSFORMS, *extra]:
-        key = contender_key("genkit", "coupling", t)
+    for kind, t in [("coupling", TRANSFORMS), *extra]:
+        key = contender_key("genkit", kind, t)
         gc = payload["sampling"][top][key]["median_ms"]
         h = {"genkit": key, "transforms": t, "dim": int(top), "genkit_coupling_sample_ms": gc,
              "zuko_autoregressive_sample_ms": za, "speedup": za / gc,
@@ -538,7 +608,7 @@ def main(argv: list[str] | None = None) -> None:
         h["nll_diff"] = h["genkit_coupling_nll"] - h["zuko_autoregressive_nll"]
         h["met"] = bool(h["speedup"] >= 10 and h["nll_diff"] <= 0.05)
         heads.append(h)
-        rows.append([f"genkit coupling ({t} transforms) samples >= 10x faster than zuko autoregressive "
+        rows.append([f"genkit {kind} ({t} transforms) samples >= 10x faster than zuko autoregressive "
                      f"({TRANSFORMS} transforms) at D={top}, at NLL (gmm32) within 0.05 nats of it",
                      f"{h['speedup']:.1f}x; {h['nll_diff']:+.3f} nats",
                      "met" if h["met"] else ("missed" if math.isfinite(h["nll_diff"]) else "not run")])
