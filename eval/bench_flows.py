@@ -37,8 +37,8 @@ spline, split like genkit's coupling, to tell the spline parameterisation from z
 
 Differences that remain (each library's own definitions, listed in the results): the spline parameterisation
 (genkit: floored softmax bins, ``1e-3 + softplus`` interior derivatives; zuko: softmax of soft-clamped logits,
-``exp`` of soft-clamped derivatives), the conditioners' initialisation (genkit zeroes the last layer; zuko and
-nflows keep torch's default), and zuko's coupling setting, which also gives the conditioning half an
+``exp`` of soft-clamped derivatives), the conditioners' initialisation (genkit starts at the exact identity; zuko
+and nflows keep torch's default), and zuko's coupling setting, which also gives the conditioning half an
 input-independent spline in every transform and computes its parameters through a masked MLP over all features.
 
     python eval/bench_flows.py            # ~10-15 min on a shared 2-core machine (1 torch thread)
@@ -366,8 +366,9 @@ DIFFERENCES = [
     "interval per bin and interior derivatives through 1e-3 + softplus; zuko soft-clamps the logits "
     "(u / (1 + |2u / log 1e-3|)) before an unfloored softmax and takes exp of soft-clamped derivatives (range "
     "1e-3..1e3). nflows also divides the width and height logits of its MADE by sqrt(64).",
-    "Initialisation: genkit zeroes its conditioners' last layer (uniform bins, interior derivatives 0.694 at the "
-    "start); zuko and nflows keep torch's default Linear init (a random spline at the start).",
+    "Initialisation: genkit starts every spline at the exact identity (its conditioners' last layer zeroed, the "
+    "derivative biases at softplus^-1(1 - 1e-3)); zuko and nflows keep torch's default Linear init (a random "
+    "spline at the start).",
     "zuko's coupling setting (NSF(passes=2)) is a MADE with two degree classes: the conditioning half also gets an "
     "input-independent spline in every transform (outputs that see no input: their biases), and the conditioner "
     "reads all D inputs through a mask and outputs parameters for all D features. genkit's (and nflows') coupling "
