@@ -67,7 +67,7 @@ def _mlp(n_in: int, n_out: int, hidden: int, layers: int) -> nn.Sequential:
     for a, b in zip(dims[:-1], dims[1:]):
         mods += [nn.Linear(a, b), nn.ReLU()]
     last = nn.Linear(dims[-1], n_out)
-    nn.init.zeros_(last.weight)  # the transform starts at (or next to) the identity
+    nn.init.zeros_(last.weight)  # the transform starts at the identity (splines: with _start_at_identity)
     nn.init.zeros_(last.bias)
     return nn.Sequential(*mods, last)
 
@@ -99,6 +99,13 @@ class _SplineOptions:
         _check_options(bins, bound, DEFAULT_MIN_WIDTH, DEFAULT_MIN_HEIGHT, DEFAULT_MIN_DERIVATIVE)
         self.bins, self.bound = bins, float(bound)
 
+    def _start_at_identity(self, last: nn.Linear) -> None:
+        """With the zeroed last layer, set the interior-derivative biases to ``softplus^-1(1 - min_derivative)``:
+        every derivative is then 1 and the spline (uniform knots) the exact identity. A zero bias would start at
+        derivatives 0.694, a wavy map that costs likelihood and early training steps (eval/bench_flows.py)."""
+        with torch.no_grad():
+            last.bias.view(-1, 3 * self.bins - 1)[:, 2 * self.bins:] = math.log(math.expm1(1 - DEFAULT_MIN_DERIVATIVE))
+
     def _spline(self, z: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         k = self.bins
         params = params.to(z.dtype)  # under autocast the conditioner gives bf16/fp16; the spline runs in z's dtype
@@ -122,6 +129,7 @@ class CouplingSpline(Transform, _SplineOptions):
         self.register_buffer("cond_idx", idx[cond], persistent=False)
         self.register_buffer("trans_idx", idx[~cond], persistent=False)
         self.net = _mlp(len(self.cond_idx) + context_features, len(self.trans_idx) * (3 * bins - 1), hidden, layers)
+        self._start_at_identity(self.net[-1])
 
     def _run(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         self._check(x, context)
@@ -178,21 +186,33 @@ class _MADE(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
+    def _hidden(self, x: Tensor, context: Tensor | None) -> Tensor:
         h = x
         for i, layer in enumerate(self.hidden):
             h = layer(h)
             if i == 0 and self.context is not None:
                 h = h + self.context(context)
             h = torch.relu(h)
-        return self.out(h).view(x.shape[0], self.features, self.per)
+        return h
+
+    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
+        return self.out(self._hidden(x, context)).view(x.shape[0], self.features, self.per)
+
+    def block(self, x: Tensor, context: Tensor | None, i: int) -> Tensor:
+        """Feature ``i``'s parameters ``[batch, 1, per_feature]`` alone (the same numbers as ``forward(x)[:, i:i
+        + 1]``): the output layer's rows of block ``i`` only, what a sequential inverse needs per pass."""
+        rows = slice(i * self.per, (i + 1) * self.per)
+        out = self.out
+        h = nn.functional.linear(self._hidden(x, context), out.weight[rows] * out.mask[rows], out.bias[rows])
+        return h.view(x.shape[0], 1, self.per)
 
 
 @FLOW_TRANSFORMS.register("autoregressive_spline")
 class AutoregressiveSpline(Transform, _SplineOptions):
     """Autoregressive RQ-spline layer (masked autoregressive flow with spline elements): feature ``i`` goes
     through a spline whose parameters depend on features ``< i``. ``forward`` (density) is one pass;
-    ``inverse`` (sampling) is sequential, ``features`` passes plus one for the log-determinant."""
+    ``inverse`` (sampling) is sequential, ``features`` passes of the MADE (each evaluating feature ``i``'s
+    output block and spline only)."""
 
     def __init__(self, features: int, context_features: int = 0, *, bins: int = 8, bound: float = 3.0,
                  hidden: int = 64, layers: int = 2):
@@ -203,6 +223,7 @@ class AutoregressiveSpline(Transform, _SplineOptions):
         self._spline_setup(bins, bound)
         self.features, self.context_features = features, context_features
         self.made = _MADE(features, context_features, 3 * bins - 1, hidden, layers)
+        self._start_at_identity(self.made.out)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x, context)
@@ -211,12 +232,15 @@ class AutoregressiveSpline(Transform, _SplineOptions):
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(y, context)
+        # pass i fixes feature i, whose parameters depend on the features < i only (already final): its spline
+        # and log-determinant are computed there, for that one feature
         x = torch.zeros_like(y)
+        lds = []
         for i in range(self.features):
-            xi, _ = self._spline(y, self.made(x, context), True)
-            x = torch.cat([x[:, :i], xi[:, i:i + 1], x[:, i + 1:]], dim=1)
-        x, ld = self._spline(y, self.made(x, context), True)
-        return x, ld.sum(1)
+            xi, ld = self._spline(y[:, i:i + 1], self.made.block(x, context, i), True)
+            x = torch.cat([x[:, :i], xi, x[:, i + 1:]], dim=1)
+            lds.append(ld)
+        return x, torch.cat(lds, dim=1).sum(1)
 
     @classmethod
     def example(cls) -> tuple[AutoregressiveSpline, Tensor, Tensor | None]:
