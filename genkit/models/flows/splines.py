@@ -61,8 +61,9 @@ def spline_knots(unnormalised: Tensor, bound: float, minimum: float) -> Tensor:
 
 
 def _softmax(u: Tensor) -> Tensor:
-    """``softmax(u, dim=-1)`` written out: on the CPU torch's kernel is slow for a short last axis (a few bins;
-    about 4x this, measured in eval/bench_flows.py), and the result is the same to rounding."""
+    """``softmax(u, dim=-1)`` written out: on the CPU torch's kernel is slow for a short last axis (a few bins:
+    about 4x slower than this on a [1024, 8, 8] float32 tensor with torch 2.14); the result is the same to
+    rounding."""
     e = torch.exp(u - u.detach().amax(dim=-1, keepdim=True))
     return e / e.sum(dim=-1, keepdim=True)
 
