@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "says so)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior draw and solver noise")
     p.add_argument("--out", metavar="DIR",
-                   help="output folder (default: samples_SOLVERSTEPS_GRID/ next to the checkpoint folder)")
+                   help="output folder (default: samples_SOLVERSTEPS_GRID/ next to the checkpoint folder; "
+                        "samples_exact/ or samples_path/ for a flow)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     g = p.add_argument_group("class-conditional models")
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             tag += f"_cfg{args.guidance:g}"
     grid_tag = "jumps" if chosen.kind == "learned jumps" else args.grid
     start = f"_tmax{chosen.t_range[0]:g}" if chosen.t_range is not None and chosen.t_range[0] < 1 else ""
-    name = f"samples_{Path(label).name}{args.steps if args.steps is not None else ''}_{grid_tag}{start}{tag}"
+    grid_part = "" if grid_tag in (None, "none") else f"_{grid_tag}"  # one-pass samplers have no grid
+    name = f"samples_{Path(label).name}{args.steps if args.steps is not None else ''}{grid_part}{start}{tag}"
     out = Path(args.out) if args.out else ckpt.parent / name
     t0 = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -621,6 +621,9 @@ def test_sample_and_evaluate_a_flow_checkpoint(flow_runs):
     model = genkit.load(flow_runs["data"])
     assert torch.equal(samples, model.sample(8, generator=torch.Generator().manual_seed(0)))  # --seed 0, EMA weights
     assert "NFE 1" in flow_runs["sample_stdout"]
+    with contextlib.redirect_stdout(io.StringIO()):  # without --out: the folder is named by the sampler alone
+        assert run_main(SAMPLE, "--checkpoint", str(flow_runs["data"]), "--n", "4", "--device", "cpu") == 0
+    assert (flow_runs["data"] / "samples_exact" / "samples.safetensors").is_file()
     report = json.loads(flow_runs["eval_data"].read_text())
     nll = report["nll"]
     assert nll["method"] == "exact (change of variables)" and nll["n"] == 200

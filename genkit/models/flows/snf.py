@@ -36,8 +36,9 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError, DataError, ShapeError
+from .circular import wrap
 from .flow import Flow
-from .transforms import Transform
+from .transforms import Permutation, Transform
 
 __all__ = ["InterpolatedEnergy", "LangevinBlock", "MetropolisBlock", "StochasticFlow", "EnergyObjective",
            "MLObjective", "MixedObjective", "flow_log_weights"]
@@ -58,7 +59,9 @@ def _check_finite(u: Tensor, x: Tensor, what: str) -> Tensor:
 
 
 class InterpolatedEnergy:
-    """``u_lambda(x) = (1 - lambda) * 0.5 |x|^2 + lambda * target.energy(x)`` and its force ``-grad u_lambda``."""
+    """``u_lambda(x) = (1 - lambda) * u_prior(x) + lambda * target.energy(x)`` and its force ``-grad u_lambda``:
+    ``u_prior = 0.5 |x|^2`` (the standard Normal) on R^d, ``0`` (the uniform prior) for a torus energy
+    (``target.domain == "torus"``)."""
 
     def __init__(self, target: Any, lam: float):
         if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and 0.0 <= float(lam) <= 1.0):
@@ -66,9 +69,10 @@ class InterpolatedEnergy:
         if not callable(getattr(target, "energy", None)):
             raise ConfigError(f"the target must be a genkit Energy (with .energy(x)); got {type(target).__name__}")
         self.target, self.lam = target, float(lam)
+        self.uniform_prior = getattr(target, "domain", "real") == "torus"
 
     def energy(self, x: Tensor) -> Tensor:
-        u = (1.0 - self.lam) * _prior_energy(x)
+        u = x.new_zeros(x.shape[0]) if self.uniform_prior else (1.0 - self.lam) * _prior_energy(x)
         if self.lam > 0:
             u = u + self.lam * self.target.energy(x)
         return _check_finite(u, x, f"interpolated energy (lambda={self.lam})")
@@ -170,7 +174,7 @@ class MetropolisBlock(nn.Module):
         u_x = self.energy.energy(x) if u_x is None else u_x
         y = x + self.step_size * _noise(x, generator)
         if self.periodic:
-            y = torch.remainder(y + math.pi, 2 * math.pi) - math.pi
+            y = wrap(y)  # never exactly pi after rounding
         u_y = self.energy.energy(y)
         log_u = torch.log(_uniform(x, generator))
         accept = (log_u < -(u_y - u_x)).detach()
@@ -198,7 +202,12 @@ class StochasticFlow(nn.Module):
     ``(z, sum Delta S)`` for the maximum-likelihood loss.
 
     Every layer must act on ``features``: a transform built for another width, or a block whose target energy
-    has another ``dim``, is a ConfigError. :meth:`config` records the layers (transform class names, the
+    has another ``dim``, is a ConfigError. On R^d the prior is the standard Normal; with circular transforms
+    (``domain == "circle"``, e.g. :class:`~genkit.models.flows.CircularCoupling`; permutations may sit between
+    them), or with only stochastic blocks on torus energies, the flow lives on the torus ``[-pi, pi)^D`` with the
+    uniform prior (``u_Z = D log 2 pi``), and its blocks must target torus energies (Metropolis: proposals
+    wrapped; Langevin is refused there).
+    :meth:`config` records the layers (transform class names, the
     blocks' ``lam`` / ``step_size`` / ``n_steps`` and target ``config()``) for the trainer's checkpoints; it
     is a record, not a recipe (a hand-built ``StochasticFlow`` is not rebuilt by ``genkit.load``: build the same
     layers and ``load_state_dict``; the registered ``snf`` family, :class:`StochasticNSF`, is)."""
@@ -207,6 +216,14 @@ class StochasticFlow(nn.Module):
         super().__init__()
         if not (isinstance(features, int) and features >= 1):
             raise ConfigError(f"a StochasticFlow needs features >= 1; got features={features!r}")
+        domains = {t.domain for t in layers if isinstance(t, Transform) and not isinstance(t, Permutation)}
+        if domains - {"real", "circle"} or len(domains) > 1:
+            raise ConfigError(f"a StochasticFlow's transforms act on R^d (the Normal prior) or all on the circle "
+                              f"(the uniform prior on the torus); got transforms on {sorted(domains)}")
+        targets = [getattr(getattr(b, "energy", None), "target", None) for b in layers if not isinstance(b, Transform)]
+        on_torus = bool(targets) and all(getattr(t, "domain", "real") == "torus" for t in targets)
+        # blocks alone on a torus energy start from the uniform prior there too
+        self.domain = domains.pop() if domains else ("circle" if on_torus else "real")
         for i, layer in enumerate(layers):
             if isinstance(layer, Transform):
                 if layer.features != features or layer.context_features:
@@ -221,6 +238,11 @@ class StochasticFlow(nn.Module):
                     raise ConfigError(f"StochasticFlow layer {i} ({type(layer).__name__}) targets an energy of dim "
                                       f"{dim}, the flow has {features} features; build the block on a "
                                       f"{features}-D energy")
+                torus = getattr(getattr(getattr(layer, "energy", None), "target", None), "domain", "real") == "torus"
+                if self.domain == "circle" and not torus:
+                    raise ConfigError(f"StochasticFlow layer {i} ({type(layer).__name__}) targets an energy on R^d, "
+                                      "but the flow's circular transforms live on the torus; target a torus energy "
+                                      "(domain 'torus', e.g. torus_dihedral)")
         self.layers = nn.ModuleList(layers)
         self.features = features
         self.register_buffer("_ref", torch.zeros(()), persistent=False)
@@ -237,7 +259,9 @@ class StochasticFlow(nn.Module):
         return {"family": "stochastic_flow", "features": self.features, "layers": layers}
 
     def prior_energy(self, z: Tensor) -> Tensor:
-        """``-log N(z; 0, I)``: the normalised prior energy ``u_Z``."""
+        """The normalised prior energy ``u_Z``: ``-log N(z; 0, I)`` on R^d, ``D log 2 pi`` (uniform) on the torus."""
+        if self.domain == "circle":
+            return z.new_full((z.shape[0],), self.features * math.log(2 * math.pi))
         return _prior_energy(z) + 0.5 * self.features * math.log(2 * math.pi)
 
     def sample_with_path(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -245,7 +269,10 @@ class StochasticFlow(nn.Module):
         if not (isinstance(n, int) and n >= 1):
             raise ConfigError(f"number of samples must be an int >= 1; got n={n!r}")
         dev = self._ref.device if generator is None else generator.device
-        z = torch.randn(n, self.features, generator=generator, dtype=self._ref.dtype, device=dev).to(self._ref.device)
+        draw = torch.rand if self.domain == "circle" else torch.randn
+        z = draw(n, self.features, generator=generator, dtype=self._ref.dtype, device=dev).to(self._ref.device)
+        if self.domain == "circle":
+            z = (2 * z - 1) * math.pi
         x, total = z, z.new_zeros(n)
         for layer in self.layers:
             if isinstance(layer, Transform):
