@@ -13,10 +13,12 @@ recipe: ``--ml-steps`` of maximum likelihood on samples, then ``--mixed-steps`` 
   each block of two, on ``lambda = 1/3, 2/3, 1`` (the paper's interpolated energies); on the torus one block on
   the target after the last layer.
 
-On the torus the flow is real-valued (genkit's circular flows are not on this branch): the couplings act on
-R^2 and a final elementwise ``theta = pi tanh(x)`` maps them into the open box ``(-pi, pi)^2`` with its exact
-log-det, so the density and the weights are exact on the box (the torus cut at its seam); the Metropolis
-block wraps its proposals on the torus.
+On the torus (``--torus-flow circular``, the default) the couplings are six
+:class:`~genkit.models.flows.CircularCoupling` layers (circular RQ splines, 8 bins) and the flow lives on
+``[-pi, pi)^2`` with the uniform prior; the SNF's Metropolis blocks sit after each pair on ``lambda = 1/3, 2/3,
+1`` (interpolated from the uniform prior) and wrap their proposals. ``--torus-flow squash`` is the earlier
+real-valued variant: affine couplings on R^2 and a final ``theta = pi tanh(x)`` onto the open box with its exact
+log-det, one Metropolis block on the target after it.
 
 The double well also gets ``flow_kl``: the same flow trained by the energy (reverse KL) alone, data-free, for
 the same total steps: it shows what a log Z bar alone does not catch (it sits in one well).
@@ -98,11 +100,27 @@ def couplings(hidden: int, seed: int) -> list[AffineCoupling]:
     return [AffineCoupling(2, hidden=hidden, parity=i % 2) for i in range(6)]
 
 
-def build(kind: str, energy: Any, hidden: int, mc_steps: int, seed: int) -> StochasticFlow:
+def circular_couplings(hidden: int, seed: int) -> list[Any]:
+    from genkit.models.flows import CircularCoupling
+
+    torch.manual_seed(seed)
+    return [CircularCoupling(2, bins=8, hidden=hidden, parity=i % 2) for i in range(6)]
+
+
+def build(kind: str, energy: Any, hidden: int, mc_steps: int, seed: int, torus_flow: str = "circular"
+          ) -> StochasticFlow:
     """Layers in sampling order; the deterministic part is the same for every kind at one seed."""
-    cs = couplings(hidden, seed)
     torus = energy.domain == "torus"
-    layers: list[torch.nn.Module] = []
+    if torus and torus_flow == "circular":  # on the torus itself: uniform prior, blocks as on the double well
+        cs = circular_couplings(hidden, seed)
+        layers: list[torch.nn.Module] = []
+        for b in range(3):
+            layers += cs[2 * b:2 * b + 2]
+            if kind == "snf":
+                layers.append(MetropolisBlock(energy, (b + 1) / 3, step_size=0.3, n_steps=mc_steps))
+        return StochasticFlow(layers, 2)
+    cs = couplings(hidden, seed)
+    layers = []
     for b in range(3):
         layers += cs[2 * b:2 * b + 2]
         if kind == "snf" and not torus:
@@ -220,6 +238,8 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=100000)
     ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                     help="LR of the mixed phase: constant (the SNF paper's) or cosine-decayed to 0")
+    ap.add_argument("--torus-flow", choices=["circular", "squash"], default="circular",
+                    help="circular couplings on the torus itself (default), or real couplings squashed by pi tanh")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench_snf")
     args = ap.parse_args()
@@ -251,7 +271,7 @@ def main() -> None:
             data = q.sample(args.train_samples, generator=torch.Generator().manual_seed(seed), periodic=torus).float()
             order = kinds[seed % len(kinds):] + kinds[:seed % len(kinds)]  # rotate who runs first
             for kind in order:
-                model = build(kind, energy, args.hidden, args.mc_steps, seed)
+                model = build(kind, energy, args.hidden, args.mc_steps, seed, args.torus_flow)
                 secs = train(model, kind, energy, data, args, seed, f"{tmp}/{name}-{kind}-{seed}")
                 rec = {"energy": name, "model": kind, "seed": seed, "train_s": secs,
                        **evaluate(model, energy, exact_p, q.log_z, args.eval_samples, seed, bins)}
@@ -296,8 +316,11 @@ def main() -> None:
     md = (f"Medians over {args.seeds} seeds; ML {args.ml_steps} steps then 0.5 ML + 0.5 KL {args.mixed_steps} steps "
           f"(flow_kl: KL only, {args.ml_steps + args.mixed_steps} steps), batch {args.batch}, Adam lr {args.lr} "
           f"({args.schedule} in the mixed phase), gradient clipping at norm 1, "
-          f"six affine couplings hidden {args.hidden}; SNF Metropolis blocks of {args.mc_steps} steps (torus: one "
-          f"block of {3 * args.mc_steps}). Errors are absolute, largest over the modes; 'rw' reweighted by the "
+          f"six couplings hidden {args.hidden} (affine on the double well; on the torus "
+          + ("circular RQ, uniform prior" if args.torus_flow == "circular" else "affine squashed by pi tanh")
+          + f"); SNF Metropolis blocks of {args.mc_steps} steps after each pair"
+          + ("" if args.torus_flow == "circular" else f" (torus: one block of {3 * args.mc_steps})")
+          + ". Errors are absolute, largest over the modes; 'rw' reweighted by the "
           f"exact path weights, 'uw' the raw samples. {args.eval_samples} evaluation samples. Whole run "
           f"{time.perf_counter() - t_start:.0f} s.\n\nQuadrature:\n{exact_lines}\n\n"
           + markdown_table(header, rows) + "\n")
