@@ -122,12 +122,6 @@ class CircularCoupling(Transform):
         out[:, self.trans_idx] = z
         return out, ld.sum(1)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._run(x, context, False)
-
-    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._run(y, context, True)
-
     @classmethod
     def example(cls) -> tuple[CircularCoupling, Tensor, Tensor | None]:
         t = cls(3, 2, bins=5, hidden=8, layers=2).double()

@@ -201,12 +201,6 @@ class SmoothCoupling(Transform):
         out[:, self.trans_idx] = z
         return out, -ld if inverse else ld
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._run(x, context, False)
-
-    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._run(y, context, True)
-
     @classmethod
     def example(cls) -> tuple[SmoothCoupling, Tensor, Tensor | None]:
         t = cls(3, 2, components=4, hidden=8, layers=2).double()

@@ -54,11 +54,17 @@ class Transform(nn.Module):
             raise ShapeError(f"{type(self).__name__} expects context [{x.shape[0]}, {self.context_features}] "
                              f"(one row per input); got {tuple(context.shape)}")
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:  # pragma: no cover
-        raise NotImplementedError
+    def _run(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} defines neither _run nor forward / inverse")
 
-    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:  # pragma: no cover
-        raise NotImplementedError
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(y, log|det dy/dx|)`` towards the base (a transform may define ``_run(x, context, inverse)`` for
+        both directions at once)."""
+        return self._run(x, context, False)
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(x, log|det dx/dy|)`` back from the base."""
+        return self._run(y, context, True)
 
 
 def _mlp(n_in: int, n_out: int, hidden: int, layers: int) -> nn.Sequential:
@@ -140,12 +146,6 @@ class CouplingSpline(Transform, _SplineOptions):
         out = x.clone()
         out[:, self.trans_idx] = z
         return out, ld.sum(1)
-
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._run(x, context, False)
-
-    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._run(y, context, True)
 
     @classmethod
     def example(cls) -> tuple[CouplingSpline, Tensor, Tensor | None]:
