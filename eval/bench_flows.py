@@ -69,6 +69,19 @@ from genkit.data.toy import gmm_params  # noqa: E402
 from genkit.models.flows import AutoregressiveSpline, CouplingSpline, Flow, LULinear, Permutation  # noqa: E402
 
 BINS, BOUND, HIDDEN, LAYERS, TRANSFORMS = 8, 5.0, 64, 2, 3
+DEVICE = torch.device("cpu")  # --device; every contender and every tensor of a row lives there
+
+
+def sync() -> None:
+    """Wait for the device, so a timer around a step or a draw measures the work and not its launch."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def step_clock() -> float:
+    """Per-step time: CPU process time on the CPU (what the machine's other load does not inflate), wall clock
+    after a synchronize on a GPU (where the host's process time would miss the kernels)."""
+    return time.process_time() if DEVICE.type == "cpu" else time.perf_counter()
 KINDS = ("coupling", "autoregressive")
 
 
@@ -212,8 +225,11 @@ def available(lib: str) -> bool:
 def build(lib: str, kind: str, d: int, seed: int, n_transforms: int = TRANSFORMS) -> Contender:
     torch.manual_seed(seed)  # the same seed for every contender (their parameter layouts differ)
     if n_transforms != TRANSFORMS or kind not in KINDS:
-        return build_genkit(kind, d, n_transforms)
-    return {**LIBRARIES, **DIAGNOSTICS}[lib](kind, d)
+        c = build_genkit(kind, d, n_transforms)
+    else:
+        c = {**LIBRARIES, **DIAGNOSTICS}[lib](kind, d)
+    c.module.to(DEVICE)  # in place: the contender's closures keep pointing at the moved module
+    return c
 
 
 def contender_key(lib: str, kind: str, n_transforms: int = TRANSFORMS) -> str:
@@ -299,14 +315,16 @@ def train_lockstep(data: Split, names: list[tuple[str, str, int]], seed: int, st
             r = runs[key]
             if r["failed"]:
                 continue
-            c0, w0 = time.process_time(), time.perf_counter()
+            sync()
+            c0, w0 = step_clock(), time.perf_counter()
             loss = -r["c"].log_prob(xb).mean()
             r["opt"].zero_grad(set_to_none=True)
             loss.backward()
             r["opt"].step()
             value = loss.item()
             r["sched"].step()  # timed: the same LR schedule runs on every side
-            r["cpu_ms"].append(1e3 * (time.process_time() - c0))
+            sync()
+            r["cpu_ms"].append(1e3 * (step_clock() - c0))
             r["wall_ms"].append(1e3 * (time.perf_counter() - w0))
             if not math.isfinite(value):
                 r["failed"] = f"non-finite loss at step {step}"
@@ -342,8 +360,10 @@ def time_sampling(dims: list[int], libs: list[str], repeats: int, extra: list[tu
             flows[k].sample(n)
         for r in range(repeats):
             for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+                sync()
                 t0 = time.perf_counter()
                 x = flows[k].sample(n)
+                sync()
                 times[k].append(1e3 * (time.perf_counter() - t0))
                 if x.shape != (n, d) or not torch.isfinite(x).all():
                     raise RuntimeError(f"{k} at D={d} returned {tuple(x.shape)} samples or non-finite values")
@@ -456,7 +476,9 @@ def build_report(payload: dict[str, Any], args: argparse.Namespace, libs: list[s
         *diagnostics,
         "## Train step time (ms per Adam step, median over all steps and seeds)",
         "",
-        "Ratio genkit/zuko paired within each step (process CPU time; wall clock beside it). Target <= 1.0.",
+        ("Ratio genkit/zuko paired within each step (process CPU time; wall clock beside it). Target <= 1.0."
+         if DEVICE.type == "cpu" else f"On {DEVICE}: the 'cpu' columns are synchronised wall-clock step times too. "
+         "Ratio genkit/zuko paired within each step. Target <= 1.0."),
         "",
         markdown_table(["set", "D", "flow", "genkit cpu ms", "zuko cpu ms", "nflows cpu ms", "ratio (cpu)",
                         "ratio (wall)", "target"], time_rows),
@@ -521,9 +543,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--diagnostic-sets", nargs="*", default=["moons", "wine"],
                    help="sets on which zuko's GeneralCouplingTransform with genkit's coupling split also trains")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: every library's flows and data run there (step "
+                                                    "times: CPU process time on cpu, synchronised wall clock on cuda)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to test the script (~1 min)")
     p.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}; --quick: a temp dir)")
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
     table = QUICK if args.quick else SETS
     if args.quick:
         args.sample_repeats, args.sample_dims = 2, [2, 8]
@@ -546,6 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         steps, batch, seeds, n_train, n_eval, eval_every = table[name]
         steps = max(1, round(steps * args.steps_scale))
         data = load_split(name, n_train, n_eval)
+        data.train, data.validation, data.test = (t.to(DEVICE) for t in (data.train, data.validation, data.test))
         row_libs = [lib for lib in libs if lib != "nflows" or name in args.nflows_sets]
         names = [(lib, kind, TRANSFORMS) for kind in KINDS for lib in row_libs]  # each kind's side by side
         names += [("genkit", kind, t) for kind, t in EXTRA_COUPLING.get(name, [])]

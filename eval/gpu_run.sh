@@ -4,6 +4,7 @@
 #   2. the digits VP-eps model of bench_solvers part (b), trained with train/train.py for a step count sized to
 #      TRAIN_SECONDS from a short calibration run (the chosen count is printed and kept in its trainer_state.json)
 #   3. eval/bench_solvers.py --fields digits on that checkpoint, DSS search included, on CUDA
+#   4. (FLOWS=1) eval/bench_flows.py --device cuda: genkit's flows against zuko on the device
 # Writes under $OUT (default out/gpu): gpu_run.log, gpu_check.json, digits_run.tar.gz, bench_solvers_digits.tar.gz.
 # Usage (repo root, a CUDA machine): bash eval/gpu_run.sh   [TRAIN_SECONDS=200 BATCH=256 bash eval/gpu_run.sh]
 # Wheels under .whl/ (packages the machine lacks, e.g. diffusers) are installed to /tmp/site first.
@@ -59,4 +60,10 @@ timeout 420 $PY eval/bench_solvers.py --fields digits --digits-checkpoint "$RUN/
   --device "$DEVICE" $BENCH_ARGS \
   --out /tmp/bench >>"$LOG" 2>&1; echo "bench exit $?" >>"$LOG"
 tar czf "$OUT/bench_solvers_digits.tar.gz" -C /tmp/bench . 2>>"$LOG"
+
+if [ "${FLOWS:-0}" = 1 ]; then  # FLOWS=1: issue 10's flow benchmark against zuko on the device (needs zuko)
+  stamp "4. bench_flows on $DEVICE"
+  timeout 300 $PY eval/bench_flows.py --device "$DEVICE" --out "$OUT/bench_flows" $BENCH_ARGS >>"$LOG" 2>&1
+  echo "bench_flows exit $?" >>"$LOG"
+fi
 stamp "done"
