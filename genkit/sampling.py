@@ -219,8 +219,23 @@ class JumpSampler(Sampler):
         return JumpSampler(steps) if self.grid is None else JumpSampler(steps, self.grid)
 
 
+class _OnePassSampler(Sampler):
+    """A sampler with no time grid: ``steps``, ``grid`` and ``solver`` are ConfigErrors naming ``refusal``."""
+
+    takes_steps = False
+    refusal: ClassVar[str] = "it samples in one pass"
+
+    def __init__(self, steps: int | None = None, grid: Any = None, solver: Any = None):
+        given = [f"{k}={v!r}" for k, v in (("steps", steps), ("grid", grid), ("solver", solver)) if v is not None]
+        if given:
+            raise ConfigError(f"the {self.name} sampler takes no {', '.join(given)}: {self.refusal}; drop them")
+
+    def with_steps(self, steps: int | None) -> _OnePassSampler:
+        return type(self)(steps)
+
+
 @SAMPLERS.register("exact")
-class ExactSampler(Sampler):
+class ExactSampler(_OnePassSampler):
     """A normalizing flow's exact sampling: the base draw ``z ~ N(0, I)`` goes once through the inverse
     transforms, ``x = T^-1(z)`` (``model.from_base(z, context)``). There is no time, so ``steps``, ``grid`` and
     ``solver`` are ConfigErrors; NFE is 1: one evaluation of the model's inverse map, the cost unit of a
@@ -230,13 +245,8 @@ class ExactSampler(Sampler):
 
     name = "exact"
     needs = "an exact inverse from a base distribution (a normalizing flow: --family nsf or realnvp)"
-    takes_steps = False
-
-    def __init__(self, steps: int | None = None, grid: Any = None, solver: Any = None):
-        given = [f"{k}={v!r}" for k, v in (("steps", steps), ("grid", grid), ("solver", solver)) if v is not None]
-        if given:
-            raise ConfigError(f"the exact sampler takes no {', '.join(given)}: a normalizing flow samples in one "
-                              "pass through its inverse transforms, with no time grid to step or solve; drop them")
+    refusal = ("a normalizing flow samples in one pass through its inverse transforms, with no time grid to step "
+               "or solve")
 
     def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
         inverse = getattr(model, "from_base", None)
@@ -248,12 +258,9 @@ class ExactSampler(Sampler):
     def describe(self) -> str:
         return "one pass through the flow's inverse"
 
-    def with_steps(self, steps: int | None) -> ExactSampler:
-        return ExactSampler(steps)
-
 
 @SAMPLERS.register("path")
-class PathSampler(Sampler):
+class PathSampler(_OnePassSampler):
     """A stochastic normalizing flow's sampling (``snf``): the base draw ``z ~ N(0, I)`` goes once through the
     flow's layers in sampling order, its flow layers by their inverse and its stochastic blocks (Langevin or
     Metropolis steps on the interpolated energies) with their noise drawn from ``generator``
@@ -267,14 +274,8 @@ class PathSampler(Sampler):
 
     name = "path"
     needs = "a stochastic path from a base distribution (a stochastic normalizing flow: --family snf)"
-    takes_steps = False
-
-    def __init__(self, steps: int | None = None, grid: Any = None, solver: Any = None):
-        given = [f"{k}={v!r}" for k, v in (("steps", steps), ("grid", grid), ("solver", solver)) if v is not None]
-        if given:
-            raise ConfigError(f"the path sampler takes no {', '.join(given)}: a stochastic normalizing flow samples in "
-                              "one pass through its flow layers and stochastic blocks, with no time grid to step or "
-                              "solve (its blocks' step counts are the model's block_steps); drop them")
+    refusal = ("a stochastic normalizing flow samples in one pass through its flow layers and stochastic blocks, "
+               "with no time grid to step or solve (its blocks' step counts are the model's block_steps)")
 
     def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
         path = getattr(model, "sample_path", None)
@@ -287,9 +288,6 @@ class PathSampler(Sampler):
 
     def describe(self) -> str:
         return "one pass, flow layers and stochastic blocks"
-
-    def with_steps(self, steps: int | None) -> PathSampler:
-        return PathSampler(steps)
 
 
 def get_sampler(sampler: str | Sampler, **options: Any) -> Sampler:

@@ -78,7 +78,7 @@ from genkit.data import (
     load_labelled,
     load_table,
 )
-from genkit.energies import get_energy
+from genkit.energies import energy_from_config
 from genkit.errors import ConfigError
 from genkit.models import FAMILIES, build
 from genkit.nets import MLP, UNet
@@ -373,7 +373,8 @@ def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
             if value is not None:
                 raise ConfigError(f"{flag} and --energy {energy} both name what to learn; an energy run trains on its "
                                   f"own samples: drop {flag}")
-        return None, torch.Size([get_energy(**energy_config(args)).dim])
+        config = FAMILIES.get(args.family).energy_from_args(args)  # the flow family parses its own flags
+        return None, torch.Size([energy_from_config(config).dim])
     data, shape = _load_samples(args)
     if args.class_dropout is not None and not args.conditional:
         raise ConfigError(f"--class-dropout {args.class_dropout} applies to --conditional training only; add "
@@ -433,7 +434,7 @@ def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
         if args.channels is not None:
             raise ConfigError(f"--channels sets a UNet; --family {args.family} builds its own networks "
                               "(--hidden / --depth set their width and depth)")
-        model = family.from_args(args, None, shape)
+        net = None
     elif len(shape) == 1:
         if args.channels is not None:
             raise ConfigError("--channels sets the UNet of image data; this data is vectors, use --hidden/--depth")
@@ -453,8 +454,7 @@ def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
                    **family.net_options(args, "unet"))
     else:
         raise ConfigError(f"samples of shape {tuple(shape)} are neither vectors nor images [C, H, W]")
-    if getattr(family, "needs_net", True):
-        model = family.from_args(args, net, shape)
+    model = family.from_args(args, net, shape)
     if getattr(args, "num_classes", None) is not None and getattr(model, "num_classes", None) != args.num_classes:
         raise ConfigError(f"--family {args.family} does not train class-conditional models; drop --conditional or "
                           "use --family flow_matching or diffusion")
@@ -482,22 +482,6 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def energy_config(args: argparse.Namespace) -> dict[str, Any]:
-    """``--energy NAME`` and ``--energy-options JSON`` as ``{"name": NAME, **options}``, checked."""
-    try:
-        options = json.loads(args.energy_options) if getattr(args, "energy_options", None) else {}
-    except ValueError as e:
-        raise ConfigError(f"--energy-options must be a JSON object of the energy's arguments, e.g. '{{\"dim\": 2}}'; "
-                          f"got {args.energy_options!r} ({e})") from None
-    if not isinstance(options, dict):
-        raise ConfigError(f"--energy-options must be a JSON object {{...}}; got {args.energy_options!r}")
-    try:
-        get_energy(args.energy, **options)
-    except ConfigError as e:
-        raise ConfigError(f"--energy {args.energy}: {e}") from None
-    return {"name": args.energy, **options}
-
-
 def data_identity(args: argparse.Namespace) -> dict[str, Any]:
     """What the run trains on, kept in out/train_data.json so a resume on other data is caught."""
     if args.table is not None:
@@ -506,7 +490,7 @@ def data_identity(args: argparse.Namespace) -> dict[str, Any]:
         return {"image_folder": str(Path(args.image_folder).expanduser().absolute()), "image_size": args.image_size,
                 "image_channels": 3 if args.image_channels is None else args.image_channels}
     if getattr(args, "energy", None) is not None:
-        return {"energy": get_energy(**energy_config(args)).config()}
+        return {"energy": FAMILIES.get(args.family).energy_from_args(args)}
     return {"data": args.data}
 
 

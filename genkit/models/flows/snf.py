@@ -264,29 +264,39 @@ class StochasticFlow(nn.Module):
             return z.new_full((z.shape[0],), self.features * math.log(2 * math.pi))
         return _prior_energy(z) + 0.5 * self.features * math.log(2 * math.pi)
 
-    def sample_with_path(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(x, u_Z(z), sum Delta S)`` from one forward (prior -> target) pass."""
+    def run_path(self, z: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(x, sum Delta S)`` for prior draws ``z [n, D]``: one pass prior -> target, transforms by their
+        ``inverse`` (``Delta S`` their log-det), blocks with their noise from ``generator``."""
+        x, total = z, z.new_zeros(z.shape[0])
+        for layer in self.layers:
+            x, ds = layer.inverse(x) if isinstance(layer, Transform) else layer(x, generator)
+            total = total + ds
+        return x, total
+
+    def path_log_weights(self, z: Tensor, target: Any, generator: torch.Generator | None = None
+                         ) -> tuple[Tensor, Tensor]:
+        """``(x, log w)`` of the paths from prior draws ``z``: ``log w = -u_X(x) + u_Z(z) + sum Delta S``."""
+        x, ds = self.run_path(z, generator)
+        return x, -_check_finite(target.energy(x), x, "the target energy") + self.prior_energy(z) + ds
+
+    def _prior_draw(self, n: int, generator: torch.Generator | None) -> Tensor:
         if not (isinstance(n, int) and n >= 1):
             raise ConfigError(f"number of samples must be an int >= 1; got n={n!r}")
         dev = self._ref.device if generator is None else generator.device
         draw = torch.rand if self.domain == "circle" else torch.randn
         z = draw(n, self.features, generator=generator, dtype=self._ref.dtype, device=dev).to(self._ref.device)
-        if self.domain == "circle":
-            z = (2 * z - 1) * math.pi
-        x, total = z, z.new_zeros(n)
-        for layer in self.layers:
-            if isinstance(layer, Transform):
-                x, ds = layer.inverse(x)
-            else:
-                x, ds = layer(x, generator)
-            total = total + ds
+        return (2 * z - 1) * math.pi if self.domain == "circle" else z
+
+    def sample_with_path(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x, u_Z(z), sum Delta S)`` from one forward (prior -> target) pass."""
+        z = self._prior_draw(n, generator)
+        x, total = self.run_path(z, generator)
         return x, self.prior_energy(z), total
 
     def sample_with_log_weights(self, n: int, target: Any, *, generator: torch.Generator | None = None
                                 ) -> tuple[Tensor, Tensor]:
         """``(x [n, D], log_w [n])`` with ``log w = -u_X(x) + u_Z(z) + sum Delta S``; ``u_X = target.energy``."""
-        x, u_z, ds = self.sample_with_path(n, generator)
-        return x, -_check_finite(target.energy(x), x, "the target energy") + u_z + ds
+        return self.path_log_weights(self._prior_draw(n, generator), target, generator)
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:

@@ -171,13 +171,9 @@ class StochasticNSF(FlowFamily):
 
     # --- the stochastic path --------------------------------------------------------------------------------
     def sample_path(self, z: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """``(x, sum Delta S)`` for base draws ``z [n, features]``: one pass through the layers in sampling order,
-        flow layers by their inverse (``Delta S`` their log-det), blocks with their noise from ``generator``."""
-        x, total = z, z.new_zeros(z.shape[0])
-        for layer in self.snf.layers:
-            x, ds = layer.inverse(x) if isinstance(layer, Transform) else layer(x, generator)
-            total = total + ds
-        return x, total
+        """``(x, sum Delta S)`` for base draws ``z [n, features]``: one pass through the layers in sampling order
+        (:meth:`StochasticFlow.run_path`), flow layers by their inverse, blocks with their noise from ``generator``."""
+        return self.snf.run_path(z, generator)
 
     def path_evaluations(self) -> int:
         """Target-energy evaluations of one path (the ``path`` sampler's NFE): a Metropolis block evaluates the
@@ -192,8 +188,7 @@ class StochasticNSF(FlowFamily):
         I)``), exact per path: ``mean(exp(log w))`` estimates the target's ``Z``. Differentiable like
         :meth:`rsample` (the same ``x`` for the same generator)."""
         z, _ = self._base_draw(n, generator, device, None, None)
-        x, ds = self.sample_path(z, generator=generator)
-        return x, -self.energy.energy(x) + self.snf.prior_energy(z) + ds
+        return self.snf.path_log_weights(z, self.energy, generator)
 
     def samplers(self) -> tuple[str, ...]:
         return ("path",)
