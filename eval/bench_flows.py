@@ -33,7 +33,9 @@ Rows:
    dependencies within a half).
 
 Diagnostic contender ``zuko-plain`` (on ``--diagnostic-sets``): zuko's ``GeneralCouplingTransform`` with zuko's
-spline, split like genkit's coupling, to tell the spline parameterisation from zuko's coupling structure.
+spline, split like genkit's coupling, to tell the spline parameterisation from zuko's coupling structure; and
+``genkit masked_coupling`` (same sets): genkit's ``MaskedCouplingSpline``, zuko's coupling structure with genkit's
+spline, against zuko's ``NSF(passes=2)`` (a summary row of its own).
 
 Differences that remain (each library's own definitions, listed in the results): the spline parameterisation
 (genkit: floored softmax bins, ``1e-3 + softplus`` interior derivatives; zuko: softmax of soft-clamped logits,
@@ -66,7 +68,14 @@ from bench_common import RESULTS, markdown_table, median, write_results  # noqa:
 
 from genkit.data import held_out, load_dataset, load_tabular  # noqa: E402
 from genkit.data.toy import gmm_params  # noqa: E402
-from genkit.models.flows import AutoregressiveSpline, CouplingSpline, Flow, LULinear, Permutation  # noqa: E402
+from genkit.models.flows import (  # noqa: E402
+    AutoregressiveSpline,
+    CouplingSpline,
+    Flow,
+    LULinear,
+    MaskedCouplingSpline,
+    Permutation,
+)
 
 BINS, BOUND, HIDDEN, LAYERS, TRANSFORMS = 8, 5.0, 64, 2, 3
 DEVICE = torch.device("cpu")  # --device; every contender and every tensor of a row lives there
@@ -98,14 +107,16 @@ class Contender:
 
 
 def build_genkit(kind: str, d: int, n_transforms: int = TRANSFORMS) -> Contender:
-    """``kind`` "coupling", "autoregressive", or "coupling+lu": an ``LULinear`` before each coupling layer (the
-    NSF paper's coupling flow; a fixed half split never models dependencies within a half)."""
+    """``kind`` "coupling", "autoregressive", "coupling+lu": an ``LULinear`` before each coupling layer (the
+    NSF paper's coupling flow; a fixed half split never models dependencies within a half), or
+    "masked_coupling": ``MaskedCouplingSpline``, zuko's ``NSF(passes=2)`` structure (both halves get splines)."""
     transforms: list = []
     for i in range(n_transforms):
         if kind == "coupling+lu":
             transforms.append(LULinear(d, seed=i))
-        if kind in ("coupling", "coupling+lu"):
-            transforms.append(CouplingSpline(d, bins=BINS, bound=BOUND, hidden=HIDDEN, layers=LAYERS, parity=i % 2))
+        if kind in ("coupling", "coupling+lu", "masked_coupling"):
+            layer = MaskedCouplingSpline if kind == "masked_coupling" else CouplingSpline
+            transforms.append(layer(d, bins=BINS, bound=BOUND, hidden=HIDDEN, layers=LAYERS, parity=i % 2))
         else:
             if i:
                 transforms.append(Permutation.reverse(d))
@@ -434,16 +445,22 @@ def build_report(payload: dict[str, Any], args: argparse.Namespace, libs: list[s
             per_seed = "/".join(f"{r['genkit coupling']['test_nll'] - r['zuko-plain coupling']['test_nll']:+.3f}"
                                 for r in row["runs"].values())
             gap = med["genkit coupling"] - med["zuko-plain coupling"]
+            masked = med.get("genkit masked_coupling", math.nan)
             diag_rows.append([name, row["dim"], fmt(med["genkit coupling"]), fmt(med["zuko coupling"]),
-                              fmt(med["zuko-plain coupling"]), f"{gap:+.3f}", per_seed])
+                              fmt(med["zuko-plain coupling"]), f"{gap:+.3f}", per_seed, fmt(masked),
+                              f"{masked - med['zuko coupling']:+.3f}"])
     diagnostics = [] if not diag_rows else [
         "### Diagnostic: zuko with genkit's coupling structure", "",
         "`zuko-plain`: zuko's `GeneralCouplingTransform` with zuko's spline (`MonotonicRQSTransform`, slope 1e-3), "
         "split like genkit's coupling (the conditioning half passes unchanged, the MLP reads that half only; the same "
         "parameter count as genkit's). Against genkit it isolates the spline parameterisation and initialisation; "
-        "against zuko's `NSF(passes=2)` it isolates that setting's extra unconditional splines.", "",
+        "against zuko's `NSF(passes=2)` it isolates that setting's extra unconditional splines. `genkit masked "
+        "coupling`: genkit's `MaskedCouplingSpline` (nsf `transform=\"masked_coupling\"`), zuko's `NSF(passes=2)` "
+        "structure (the first ceil(D/2) features condition and get splines from the context alone) with genkit's "
+        "spline and initialisation.", "",
         markdown_table(["set", "D", "genkit coupling", "zuko NSF(passes=2)", "zuko-plain coupling",
-                        "genkit - zuko-plain", "per seed"], diag_rows), ""]
+                        "genkit - zuko-plain", "per seed", "genkit masked coupling", "masked - zuko"], diag_rows),
+        ""]
     sample_rows = []
     for d, row in payload["sampling"].items():
         for kind in KINDS:
@@ -579,7 +596,7 @@ def main(argv: list[str] | None = None) -> None:
         names = [(lib, kind, TRANSFORMS) for kind in KINDS for lib in row_libs]  # each kind's side by side
         names += [("genkit", kind, t) for kind, t in EXTRA_COUPLING.get(name, [])]
         if name in args.diagnostic_sets:
-            names.append(("zuko-plain", "coupling", TRANSFORMS))
+            names += [("zuko-plain", "coupling", TRANSFORMS), ("genkit", "masked_coupling", TRANSFORMS)]
         runs = {}
         for seed in range(seeds):
             t0 = time.perf_counter()
@@ -618,6 +635,11 @@ def main(argv: list[str] | None = None) -> None:
             diff = row["median_test_nll"][f"genkit {kind}"] - row["median_test_nll"][f"zuko {kind}"]
             rows.append([f"NLL {name} {kind}: genkit <= zuko + 0.01", f"{diff:+.3f} nats",
                          "met" if diff <= 0.01 else "missed"])
+        masked = row["median_test_nll"].get("genkit masked_coupling")
+        if masked is not None:  # zuko's coupling structure on genkit's side (--diagnostic-sets)
+            diff = masked - row["median_test_nll"]["zuko coupling"]
+            rows.append([f"NLL {name} masked coupling (zuko's NSF(passes=2) structure): genkit <= zuko + 0.01",
+                         f"{diff:+.3f} nats", "met" if diff <= 0.01 else "missed"])
     for name, row in payload["nll"].items():
         for kind in KINDS:
             r = row["step_time"][kind]["paired_ratio_cpu"]

@@ -74,7 +74,7 @@ def test_score_of_an_affine_flow_is_the_gaussian_score():
 
 
 @pytest.mark.parametrize("family, options", [("nsf", {"bins": 5}), ("nsf", {"transform": "autoregressive"}),
-                                             ("realnvp", {})])
+                                             ("nsf", {"transform": "masked_coupling"}), ("realnvp", {})])
 def test_score_is_the_gradient_of_log_prob(family, options):
     """Central differences of the exact log_prob (float64, h = 1e-6) against the autograd score."""
     model = jiggle(build({"family": family, "features": 3, "layers": 3, "hidden": 8, "depth": 1, **options}).double(),
@@ -89,6 +89,7 @@ def test_score_is_the_gradient_of_log_prob(family, options):
 
 
 @pytest.mark.parametrize("family, options", [("nsf", {}), ("nsf", {"transform": "autoregressive", "mixing": "reverse"}),
+                                             ("nsf", {"transform": "masked_coupling", "mixing": "none"}),
                                              ("realnvp", {"mixing": "none"})])
 def test_log_prob_integrates_to_one_on_a_grid(family, options):
     model = jiggle(build({"family": family, "features": 2, "layers": 3, "hidden": 12, "depth": 1, **options}).double(),

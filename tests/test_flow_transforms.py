@@ -61,7 +61,40 @@ def _in_domain(t, x: torch.Tensor) -> bool:
 
 def test_the_registry_holds_every_transform() -> None:
     assert set(NAMES) >= {"coupling_spline", "autoregressive_spline", "affine_coupling", "lu_linear", "permutation",
-                          "circular_coupling", "smooth_coupling", "circular_smooth_coupling"}
+                          "circular_coupling", "smooth_coupling", "circular_smooth_coupling", "masked_coupling_spline"}
+
+
+@pytest.mark.parametrize("parity", [0, 1])
+def test_masked_coupling_is_zuko_two_pass_structure(parity: int) -> None:
+    """The masked coupling layer is a two-degree-class MADE (zuko's NSF(passes=2)): the ceil(D/2) conditioning
+    features (the first, or the last with parity 1) each get a spline of their own that no input moves (its
+    Jacobian rows are diagonal and the same at every point), the others a spline conditioned on them alone."""
+    from genkit.models.flows import MaskedCouplingSpline
+
+    t = MaskedCouplingSpline(5, bins=5, bound=2.5, hidden=8, layers=2, parity=parity).double()
+    _randomise_all(t)
+    cond = [0, 1, 2] if parity == 0 else [2, 3, 4]
+    trans = [i for i in range(5) if i not in cond]
+    assert t.cond_idx.tolist() == cond
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, generator=g, dtype=F64)
+    jac = torch.autograd.functional.jacobian(lambda v: t(v[None])[0][0], x)
+    assert torch.count_nonzero(jac[cond][:, trans]) == 0  # no conditioning feature sees a transformed one
+    assert torch.count_nonzero(jac[cond][:, cond] - torch.diag(torch.diagonal(jac[cond][:, cond]))) == 0
+    assert torch.count_nonzero(jac[trans][:, trans] - torch.diag(torch.diagonal(jac[trans][:, trans]))) == 0
+    assert (jac[trans][:, cond].abs() > 1e-6).any()  # the conditioning half does condition
+    moved = x.clone()
+    moved[trans] += 0.7  # moving the other features leaves the conditioning half's spline where it was
+    jac2 = torch.autograd.functional.jacobian(lambda v: t(v[None])[0][0], moved)
+    assert torch.allclose(jac2[cond][:, cond], jac[cond][:, cond], rtol=0, atol=1e-14)
+    assert not torch.allclose(torch.diagonal(jac[cond][:, cond]), torch.ones(3, dtype=F64))  # a spline, not id
+
+
+def _randomise_all(module: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -33,12 +33,13 @@ from .transforms import (
     AutoregressiveSpline,
     CouplingSpline,
     LULinear,
+    MaskedCouplingSpline,
     Permutation,
     Transform,
 )
 
 __all__ = ["Flow", "FlowFamily", "NeuralSplineFlow", "RealNVP", "StochasticNSF", "FlowScoreField", "FlowEnergy",
-           "rq_spline", "spline_knots", "FLOW_TRANSFORMS", "Transform", "CouplingSpline",
+           "rq_spline", "spline_knots", "FLOW_TRANSFORMS", "Transform", "CouplingSpline", "MaskedCouplingSpline",
            "AutoregressiveSpline",
            "AffineCoupling", "LULinear", "Permutation",
            "InterpolatedEnergy", "LangevinBlock", "MetropolisBlock", "StochasticFlow", "EnergyObjective",

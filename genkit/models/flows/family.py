@@ -50,7 +50,15 @@ from ...sampling import ExactSampler, Sampler, get_sampler
 from ...solvers import Solution
 from ..registry import FAMILIES
 from .flow import Flow
-from .transforms import AffineCoupling, AutoregressiveSpline, CouplingSpline, LULinear, Permutation, Transform
+from .transforms import (
+    AffineCoupling,
+    AutoregressiveSpline,
+    CouplingSpline,
+    LULinear,
+    MaskedCouplingSpline,
+    Permutation,
+    Transform,
+)
 
 __all__ = ["FlowFamily", "NeuralSplineFlow", "RealNVP", "FlowScoreField", "FlowEnergy", "MIXINGS", "NSF_TRANSFORMS"]
 
@@ -59,7 +67,7 @@ __all__ = ["FlowFamily", "NeuralSplineFlow", "RealNVP", "FlowScoreField", "FlowE
 MIXINGS = ("lu", "reverse", "random", "none")
 #: The spline layers of ``nsf``: coupling (parallel both ways) or autoregressive (MADE; density in one pass,
 #: sampling sequential in the features).
-NSF_TRANSFORMS = ("coupling", "autoregressive")
+NSF_TRANSFORMS = ("coupling", "autoregressive", "masked_coupling")
 
 
 def _positive_int(name: str, value: Any, least: int = 1) -> int:
@@ -468,7 +476,10 @@ class NeuralSplineFlow(FlowFamily):
     batch_size=256)``. Each layer is a rational-quadratic spline on ``[-bound, bound]`` (identity outside) with
     ``bins`` bins, its parameters from an MLP of ``depth`` hidden layers ``hidden`` wide: a coupling layer
     (:class:`~genkit.models.flows.CouplingSpline`) or, with ``transform="autoregressive"``, a MADE
-    (:class:`~genkit.models.flows.AutoregressiveSpline`: density in one pass, sampling in ``features`` passes).
+    (:class:`~genkit.models.flows.AutoregressiveSpline`: density in one pass, sampling in ``features`` passes),
+    or with ``transform="masked_coupling"`` a coupling layer whose conditioning half (``ceil(features / 2)``) gets
+    splines of its own from the context alone (:class:`~genkit.models.flows.MaskedCouplingSpline`, the layer of
+    ``zuko.flows.NSF(passes=2)``).
     """
 
     family = "nsf"
@@ -508,7 +519,7 @@ def set_spline_options(model: FlowFamily, features: int, bins: Any, bound: Any, 
         raise ConfigError(f"bound must be a finite number > 0 (the spline's interval [-bound, bound]); got "
                           f"{bound!r}")
     model.bound = float(bound)
-    if transform == "coupling" and features == 1:
+    if transform in ("coupling", "masked_coupling") and features == 1:
         raise ConfigError("a coupling flow needs features >= 2 (one half conditions the other); use "
                           "transform='autoregressive' for 1-D data")
 
@@ -518,7 +529,8 @@ def spline_layer(model: FlowFamily, i: int, context_features: int) -> Transform:
     if model.transform == "autoregressive":
         return AutoregressiveSpline(model.features, context_features, bins=model.bins, bound=model.bound,
                                     hidden=model.hidden, layers=model.depth)
-    return CouplingSpline(model.features, context_features, bins=model.bins, bound=model.bound, hidden=model.hidden,
+    layer = MaskedCouplingSpline if model.transform == "masked_coupling" else CouplingSpline
+    return layer(model.features, context_features, bins=model.bins, bound=model.bound, hidden=model.hidden,
                           layers=model.depth, parity=model.parity(i))
 
 

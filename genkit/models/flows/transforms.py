@@ -26,8 +26,8 @@ from ...errors import ConfigError, ShapeError
 from ...registry import Registry
 from .splines import DEFAULT_MIN_DERIVATIVE, DEFAULT_MIN_HEIGHT, DEFAULT_MIN_WIDTH, _check_options, rq_spline
 
-__all__ = ["Transform", "FLOW_TRANSFORMS", "CouplingSpline", "AutoregressiveSpline", "AffineCoupling",
-           "LULinear", "Permutation", "MaskedLinear"]
+__all__ = ["Transform", "FLOW_TRANSFORMS", "CouplingSpline", "MaskedCouplingSpline", "AutoregressiveSpline",
+           "AffineCoupling", "LULinear", "Permutation", "MaskedLinear"]
 
 FLOW_TRANSFORMS: Registry = Registry("flow transform")
 
@@ -122,36 +122,73 @@ class _SplineOptions:
 @FLOW_TRANSFORMS.register("coupling_spline")
 class CouplingSpline(Transform, _SplineOptions):
     """Coupling RQ-spline layer: one half of the features (``parity`` 0: the first ``features // 2``) passes
-    unchanged and conditions, through an MLP (with the context concatenated), a spline on each of the others."""
+    unchanged and conditions, through an MLP (with the context concatenated), a spline on each of the others.
+
+    With ``free_half=True`` (:class:`MaskedCouplingSpline`) the conditioning half is the first ``ceil(features /
+    2)`` (``parity`` 1: the last) and gets a spline of its own whose parameters depend on the context alone
+    (learned constants without one); the MLP still reads that half *before* its spline. This is the coupling
+    layer of a MADE with two degree classes, what ``zuko.flows.NSF(passes=2)`` builds."""
+
+    free_half: bool = False
 
     def __init__(self, features: int, context_features: int = 0, *, bins: int = 8, bound: float = 3.0,
                  hidden: int = 64, layers: int = 2, parity: int = 0):
         super().__init__()
-        _check_features("CouplingSpline", features, 2)
+        _check_features(type(self).__name__, features, 2)
         self._spline_setup(bins, bound)
         self.features, self.context_features, self.parity = features, context_features, parity % 2
         idx = torch.arange(features)
-        cond = idx < features // 2 if self.parity == 0 else idx >= features - features // 2
+        n_cond = (features + 1) // 2 if self.free_half else features // 2
+        cond = idx < n_cond if self.parity == 0 else idx >= features - n_cond
         self.register_buffer("cond_idx", idx[cond], persistent=False)
         self.register_buffer("trans_idx", idx[~cond], persistent=False)
         self.net = _mlp(len(self.cond_idx) + context_features, len(self.trans_idx) * (3 * bins - 1), hidden, layers)
         self._start_at_identity(self.net[-1])
+        if self.free_half:  # the conditioning half's own splines: an affine map of the context (a constant)
+            self.free = nn.Linear(max(context_features, 1), n_cond * (3 * bins - 1))
+            nn.init.zeros_(self.free.weight)
+            nn.init.zeros_(self.free.bias)
+            self._start_at_identity(self.free)
+
+    def _free_params(self, x: Tensor, context: Tensor | None) -> Tensor:
+        inp = context if self.context_features else x.new_zeros(x.shape[0], 1)
+        return self.free(inp).view(x.shape[0], len(self.cond_idx), 3 * self.bins - 1)
 
     def _run(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         self._check(x, context)
-        xc = x[:, self.cond_idx]
+        xc, ld_c = x[:, self.cond_idx], 0.0
+        out = x.clone()
+        if self.free_half and inverse:  # undo the conditioning half's spline first: the MLP reads its input
+            xc, ld_c = self._spline(xc, self._free_params(x, context), True)
+            out[:, self.cond_idx] = xc
         inp = xc if context is None or not self.context_features else torch.cat([xc, context], dim=1)
         params = self.net(inp).view(x.shape[0], len(self.trans_idx), 3 * self.bins - 1)
         z, ld = self._spline(x[:, self.trans_idx], params, inverse)
-        out = x.clone()
         out[:, self.trans_idx] = z
-        return out, ld.sum(1)
+        ld = ld.sum(1)
+        if self.free_half and not inverse:
+            out[:, self.cond_idx], ld_c = self._spline(xc, self._free_params(x, context), False)
+        return out, ld + (ld_c.sum(1) if torch.is_tensor(ld_c) else ld_c)
 
     @classmethod
     def example(cls) -> tuple[CouplingSpline, Tensor, Tensor | None]:
         t = cls(3, 2, bins=5, bound=2.5, hidden=8, layers=2).double()
         _randomise(t, 0)
         return (t, *_example_inputs(3, 2))
+
+
+@FLOW_TRANSFORMS.register("masked_coupling_spline")
+class MaskedCouplingSpline(CouplingSpline):
+    """:class:`CouplingSpline` with ``free_half=True``: both halves get splines, the conditioning half's from
+    the context alone (zuko's ``NSF(passes=2)`` layer; see there)."""
+
+    free_half = True
+
+    @classmethod
+    def example(cls) -> tuple[CouplingSpline, Tensor, Tensor | None]:
+        t = cls(5, 2, bins=5, bound=2.5, hidden=8, layers=2, parity=1).double()  # odd: ceil(5 / 2) = 3 condition
+        _randomise(t, 0)
+        return (t, *_example_inputs(5, 2))
 
 
 class MaskedLinear(nn.Linear):
