@@ -101,6 +101,13 @@ def test_float64_times_are_resolved_in_float64():
     assert not torch.equal(unet.unet.time_proj(times.double() + 1e-9), precise)
 
 
+@pytest.mark.parametrize("k", [None, 3])
+def test_two_time_unet_runs_in_bfloat16_weights(k):
+    net = TwoTimeUNet(8, **SMALL_UNET, num_classes=k).to(torch.bfloat16)  # diffusers' timestep slot took fp32 only
+    x, y = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16), (None if k is None else torch.tensor([0, 2]))
+    assert net(x, 0.5, 0.2, y).dtype == torch.bfloat16
+
+
 # --------------------------------------------------------------------------------------------- class labels
 def test_conditional_two_time_unet_starts_as_the_conditional_unet():
     torch.manual_seed(0)

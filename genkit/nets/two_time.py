@@ -104,6 +104,10 @@ class TwoTimeMLP(nn.Module):
         return {**self.base.config(), "name": self.name}
 
 
+def _to_weight_dtype(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return (args[0].to(module.linear_1.weight.dtype), *args[1:])
+
+
 class TwoTimeUNet(nn.Module):
     """``net(x, t, s, y=None) -> [B, C, H, W]``: :class:`~genkit.nets.UNet` (same arguments) plus a
     zero-initialised embedding of the gap ``t - s``, added to diffusers' time embedding; no diffusers code
@@ -149,6 +153,8 @@ class TwoTimeUNet(nn.Module):
         unet = self.base.unet
         if num_classes is None:
             self.gap_embed, self.label_embed = None, None
+            # diffusers hands this embedding its float32 projection as is: cast it to the weights' dtype.
+            unet.class_embedding.register_forward_pre_hook(_to_weight_dtype)
             last = unet.class_embedding.linear_2
         else:
             from diffusers.models.embeddings import TimestepEmbedding
