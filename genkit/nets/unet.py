@@ -127,6 +127,11 @@ class UNet(nn.Module):
         num_classes: if set, ``y`` (integer labels ``[B]``) is required (diffusers' ``num_class_embeds``).
         unet2d_kwargs: any other ``UNet2DModel`` argument (e.g. ``{"dropout": 0.1}``).
 
+    Two of diffusers' parameter-free modules are swapped for equivalents (same float32 results, same
+    ``state_dict``): the sinusoidal time projection projects float64 times in float64 (diffusers rounds them
+    to float32, so a float64 net could not resolve ``t``), and dropout draws its mask in the row-major layout
+    of its input, so a plain pass and a ``torch.func.jvp`` pass from the same RNG state drop the same units.
+
     >>> import torch
     >>> net = UNet(8)
     >>> net(torch.randn(2, 1, 8, 8), torch.rand(2)).shape
@@ -218,7 +223,8 @@ class UNet(nn.Module):
         """Wrap an existing diffusers ``UNet2DModel`` (weights shared, not copied).
 
         Its non-default settings are kept in ``config()["unet2d_kwargs"]``, so
-        ``build(net.config())`` makes an identical architecture.
+        ``build(net.config())`` makes an identical architecture. Its time projection and dropout modules are
+        swapped in place for genkit's equivalents (see the class docstring).
         """
         if not isinstance(model, _unet2d_class()):
             raise ConfigError(f"from_unet2d expects a diffusers UNet2DModel, got {type(model).__name__}")
