@@ -317,8 +317,9 @@ def test_bad_input_names_the_fix():
         Secant(MLP(2, hidden=8), sample_shape=(2,), loss="stee", teacher=GAUSS)
     with pytest.raises(ConfigError, match="MLP or UNet"):
         to_two_time(nn.Linear(2, 2))
-    with pytest.raises(ConfigError, match="class-conditional"):
-        to_two_time(UNet(8, block_out_channels=(8, 16), norm_num_groups=4, num_classes=3))
+    with pytest.raises(ConfigError, match="class embedding"):  # a UNet with num_classes extends (test_two_time.py)
+        to_two_time(UNet(8, block_out_channels=(8, 16), norm_num_groups=4,
+                         unet2d_kwargs={"class_embed_type": "timestep"}))
     with pytest.raises(ConfigError, match="valid options"):
         build_net({"name": "two_time_mlp", "dim": 2, "width": 8})
 

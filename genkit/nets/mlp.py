@@ -57,24 +57,35 @@ class FourierTimeEmbedding(nn.Module):
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, t: Tensor) -> Tensor:
-        # Embedding arithmetic stays in fp32 whatever the training dtype.
-        arg = t.float()[:, None] * self.freqs
+        # Embedding arithmetic runs in fp32 at least whatever the training dtype (bf16 / fp16 times are
+        # promoted), and in fp64 for fp64 times, so a float64 net resolves t to float64 precision.
+        arg = t.to(torch.promote_types(t.dtype, torch.float32))[:, None] * self.freqs
         return torch.cat([arg.sin(), arg.cos()], dim=-1)
 
 
-class _ResidualBlock(nn.Module):
-    """``h + W2 silu(W1 silu(norm h) + W_t temb)``, shapes ``[B, hidden]``."""
+def _check_dropout(dropout: Any) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"dropout must be a probability in [0, 1) (0 turns it off; 0.1 is usual); got {dropout!r}")
+    return float(dropout)
 
-    def __init__(self, hidden: int):
+
+class _ResidualBlock(nn.Module):
+    """``h + W2 dropout(silu(W1 silu(norm h) + W_t temb))``, shapes ``[B, hidden]``.
+
+    The dropout has no parameters, so the ``state_dict`` is the same for every ``dropout``.
+    """
+
+    def __init__(self, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
         self.lin1 = nn.Linear(hidden, hidden)
         self.time = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
         self.lin2 = nn.Linear(hidden, hidden)
 
     def forward(self, h: Tensor, temb: Tensor) -> Tensor:
         z = self.lin1(F.silu(self.norm(h))) + self.time(temb)
-        return h + self.lin2(F.silu(z))
+        return h + self.lin2(self.dropout(F.silu(z)))
 
 
 class MLP(nn.Module):
@@ -87,6 +98,10 @@ class MLP(nn.Module):
         time_dim: size of the Fourier embedding of ``t`` (even).
         num_classes: if set, the net is class-conditional and takes integer
             labels ``y`` of shape ``[B]`` in ``[0, num_classes)``.
+        dropout: dropout probability inside each residual block (before its last layer), active in
+            ``train()`` mode only; 0 (the default) adds nothing. A JVP or finite difference of a net with
+            dropout needs the same mask in every pass: fork and reset the RNG around each
+            (``torch.random.fork_rng``).
 
     >>> net = MLP(2, hidden=32, depth=2)
     >>> net(torch.randn(5, 2), torch.rand(5)).shape
@@ -95,9 +110,11 @@ class MLP(nn.Module):
 
     name: ClassVar[str] = "mlp"
 
-    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_dim: int = 64, num_classes: int | None = None):
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_dim: int = 64, num_classes: int | None = None,
+                 dropout: float = 0.0):
         super().__init__()
         _check_positive(dim=dim, hidden=hidden, depth=depth)
+        self.dropout = _check_dropout(dropout)
         if num_classes is not None:
             _check_positive(num_classes=num_classes)
         self.dim, self.hidden, self.depth, self.time_dim = dim, hidden, depth, time_dim
@@ -107,7 +124,7 @@ class MLP(nn.Module):
         )
         self.label_embed = nn.Embedding(num_classes, hidden) if num_classes is not None else None
         self.inp = nn.Linear(dim, hidden)
-        self.blocks = nn.ModuleList(_ResidualBlock(hidden) for _ in range(depth))
+        self.blocks = nn.ModuleList(_ResidualBlock(hidden, self.dropout) for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, dim)
 
@@ -128,8 +145,9 @@ class MLP(nn.Module):
         return self.out(F.silu(self.out_norm(h)))
 
     def config(self) -> dict[str, Any]:
-        """JSON-serialisable constructor arguments; ``genkit.nets.build(net.config())`` rebuilds the net."""
-        return {
+        """JSON-serialisable constructor arguments; ``genkit.nets.build(net.config())`` rebuilds the net.
+        ``dropout`` appears only when it is not 0, so configs written before it existed are unchanged."""
+        config = {
             "name": self.name,
             "dim": self.dim,
             "hidden": self.hidden,
@@ -137,3 +155,6 @@ class MLP(nn.Module):
             "time_dim": self.time_dim,
             "num_classes": self.num_classes,
         }
+        if self.dropout:
+            config["dropout"] = self.dropout
+        return config

@@ -7,8 +7,8 @@ a net made from a trained one-time net (:meth:`TwoTimeMLP.from_net`, :func:`to_t
 that net's output for every ``s``: a velocity teacher is a flow map that is right at ``s = t`` from step 0.
 
 - :class:`TwoTimeMLP` wraps :class:`~genkit.nets.MLP` (vectors ``[B, dim]``);
-- :class:`TwoTimeUNet` wraps :class:`~genkit.nets.UNet` (images), feeding the gap through diffusers'
-  ``class_embed_type="timestep"`` embedding, so no diffusers code is changed.
+- :class:`TwoTimeUNet` wraps :class:`~genkit.nets.UNet` (images), feeding the gap (and, with ``num_classes``,
+  the labels) through diffusers' class-embedding slot, so no diffusers code is changed.
 
 They are registered in :data:`TWO_TIME_NETS` and rebuilt from ``config()`` by :func:`build`.
 
@@ -51,8 +51,9 @@ def is_two_time(net: Any) -> bool:
 
 
 class TwoTimeMLP(nn.Module):
-    """``net(x, t, s, y=None) -> [B, dim]``: :class:`~genkit.nets.MLP` (same arguments) whose time embedding
-    gains a zero-initialised embedding of ``t - s``; shapes ``x [B, dim]``, ``t, s [B]`` (or scalars).
+    """``net(x, t, s, y=None) -> [B, dim]``: :class:`~genkit.nets.MLP` (same arguments, ``num_classes`` and
+    ``dropout`` included) whose time embedding gains a zero-initialised embedding of ``t - s``; shapes
+    ``x [B, dim]``, ``t, s [B]`` (or scalars), labels ``y [B]`` for a class-conditional net.
 
     >>> net = TwoTimeMLP(2, hidden=32, depth=1)
     >>> net(torch.randn(3, 2), 0.5, 0.25).shape
@@ -62,9 +63,10 @@ class TwoTimeMLP(nn.Module):
     name: ClassVar[str] = "two_time_mlp"
     two_times: ClassVar[bool] = True
 
-    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_dim: int = 64, num_classes: int | None = None):
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_dim: int = 64, num_classes: int | None = None,
+                 dropout: float = 0.0):
         super().__init__()
-        self.base = MLP(dim, hidden, depth, time_dim, num_classes)
+        self.base = MLP(dim, hidden, depth, time_dim, num_classes, dropout)
         self.gap_embed = nn.Sequential(FourierTimeEmbedding(time_dim), nn.Linear(time_dim, hidden), nn.SiLU(),
                                        nn.Linear(hidden, hidden))
         nn.init.zeros_(self.gap_embed[-1].weight)
@@ -102,10 +104,28 @@ class TwoTimeMLP(nn.Module):
         return {**self.base.config(), "name": self.name}
 
 
+def _to_weight_dtype(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return (args[0].to(module.linear_1.weight.dtype), *args[1:])
+
+
 class TwoTimeUNet(nn.Module):
-    """``net(x, t, s) -> [B, C, H, W]``: :class:`~genkit.nets.UNet` (same arguments) with the gap ``t - s`` fed
-    to diffusers' ``class_embed_type="timestep"`` embedding (zero-initialised). Unconditional only: diffusers
-    has one class-embedding slot and the gap uses it.
+    """``net(x, t, s, y=None) -> [B, C, H, W]``: :class:`~genkit.nets.UNet` (same arguments) plus a
+    zero-initialised embedding of the gap ``t - s``, added to diffusers' time embedding; no diffusers code
+    is changed. The gap is scaled like ``t`` (``(t - s) * time_scale``) and goes through the UNet's own
+    sinusoidal projection, then a two-layer embedding whose last layer starts at zero.
+
+    - Unconditional (``num_classes=None``): the gap embedding is diffusers' ``class_embed_type="timestep"``
+      embedding (``base.unet.class_embedding``), the layout of every TwoTimeUNet checkpoint so far.
+    - Class-conditional (``num_classes=K``, integer labels ``y [B]``): diffusers' one class-embedding slot is
+      ``class_embed_type="identity"``, fed ``gap_embed(t - s) + label_embed(y)`` (``label_embed`` an
+      ``nn.Embedding(K, time_embed_dim)``, as the one-time UNet's ``num_classes`` embedding).
+
+    ``unet2d_kwargs`` takes any other ``UNet2DModel`` argument, ``{"dropout": p}`` included (active in
+    ``train()`` mode); ``class_embed_type`` is set here and cannot be given.
+
+    >>> net = TwoTimeUNet(8, block_out_channels=(8, 16), norm_num_groups=4, num_classes=3)
+    >>> net(torch.randn(2, 1, 8, 8), 0.5, 0.25, y=torch.tensor([0, 2])).shape
+    torch.Size([2, 1, 8, 8])
     """
 
     name: ClassVar[str] = "two_time_unet"
@@ -115,52 +135,88 @@ class TwoTimeUNet(nn.Module):
                  block_out_channels: list[int] | tuple[int, ...] = (32, 64), layers_per_block: int = 1,
                  down_block_types: list[str] | None = None, up_block_types: list[str] | None = None,
                  norm_num_groups: int = 8, time_scale: float = 999.0, unet2d_kwargs: dict[str, Any] | None = None,
-                 time_shift: float = 0.0):
+                 time_shift: float = 0.0, num_classes: int | None = None):
         super().__init__()
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ConfigError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        self.num_classes = num_classes
+        slot = "timestep" if num_classes is None else "identity"
         extra = dict(unet2d_kwargs or {})
-        if extra.get("class_embed_type", "timestep") != "timestep":
-            raise ConfigError("TwoTimeUNet feeds the time gap through class_embed_type='timestep'; drop "
+        if extra.get("class_embed_type", slot) != slot:
+            raise ConfigError(f"TwoTimeUNet sets class_embed_type={slot!r} itself (the time gap"
+                              f"{'' if num_classes is None else ' and the labels'} use it); drop "
                               f"class_embed_type={extra['class_embed_type']!r} from unet2d_kwargs")
-        extra["class_embed_type"] = "timestep"
+        extra["class_embed_type"] = slot
         self.base = UNet(sample_size, in_channels, out_channels, block_out_channels, layers_per_block,
                          down_block_types, up_block_types, norm_num_groups, time_scale, None, extra, time_shift)
-        last = self.base.unet.class_embedding.linear_2
+        unet = self.base.unet
+        if num_classes is None:
+            self.gap_embed, self.label_embed = None, None
+            # diffusers hands this embedding its float32 projection as is: cast it to the weights' dtype.
+            unet.class_embedding.register_forward_pre_hook(_to_weight_dtype)
+            last = unet.class_embedding.linear_2
+        else:
+            from diffusers.models.embeddings import TimestepEmbedding
+
+            proj_dim, embed_dim = unet.time_embedding.linear_1.in_features, unet.time_embedding.linear_2.out_features
+            self.gap_embed = TimestepEmbedding(proj_dim, embed_dim)
+            self.label_embed = nn.Embedding(num_classes, embed_dim)
+            last = self.gap_embed.linear_2
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
     @classmethod
     def from_net(cls, net: UNet) -> TwoTimeUNet:
-        """A two-time copy of a trained unconditional ``UNet``: equal to it for every ``s`` until trained."""
+        """A two-time copy of a trained ``UNet`` (unconditional, or class-conditional through ``num_classes``,
+        whose label embedding is copied): equal to it for every ``s`` until trained."""
         if not isinstance(net, UNet):
             raise ConfigError(f"TwoTimeUNet.from_net needs a genkit UNet; got {type(net).__name__}")
         config = {k: v for k, v in net.config().items() if k != "name"}
-        if config.pop("num_classes", None) is not None or net.unet.class_embedding is not None:
-            raise ConfigError("TwoTimeUNet cannot extend a class-conditional UNet (the gap needs diffusers' one "
-                              "class-embedding slot); train the flow map from scratch on an unconditional net")
+        embedding = net.unet.class_embedding
+        if embedding is not None and not (config["num_classes"] is not None and isinstance(embedding, nn.Embedding)):
+            raise ConfigError(f"TwoTimeUNet cannot extend a UNet whose class embedding is "
+                              f"class_embed_type={net.unet.config.class_embed_type!r} (the gap needs diffusers' "
+                              "class-embedding slot); use an unconditional UNet or one built with num_classes=K")
         two = cls(**config).to(next(net.parameters()))
-        missing, unexpected = two.base.load_state_dict(net.state_dict(), strict=False)
+        weights = dict(net.state_dict())
+        if two.label_embed is not None:
+            two.label_embed.weight.data.copy_(weights.pop("unet.class_embedding.weight"))
+        missing, unexpected = two.base.load_state_dict(weights, strict=False)
         if unexpected or any(not k.startswith("unet.class_embedding.") for k in missing):
             raise ConfigError(f"UNet weights do not fit TwoTimeUNet (missing {missing[:4]}, unexpected "
                               f"{unexpected[:4]}); rebuild the UNet with genkit.nets.UNet")
         return two
 
-    def forward(self, x: Tensor, t: Tensor | float, s: Tensor | float) -> Tensor:
-        """``x [B, C, H, W]``, ``t [B]``, ``s [B]`` -> ``[B, C_out, H, W]``."""
+    def forward(self, x: Tensor, t: Tensor | float, s: Tensor | float, y: Tensor | None = None) -> Tensor:
+        """``x [B, C, H, W]``, ``t [B]``, ``s [B]``, labels ``y [B]`` (class-conditional only) ->
+        ``[B, C_out, H, W]``."""
         t, s = broadcast_time(t, x), broadcast_time(s, x)
+        check_labels(y, x, self.num_classes, "TwoTimeUNet")
         b = self.base
-        # UNet.forward passes y on as diffusers' class_labels; here they carry the scaled gap, not a label.
-        return b(x, t, y=(t - s) * b.time_scale)
+        gap = (t - s) * b.time_scale
+        if self.gap_embed is None:
+            # UNet.forward passes y on as diffusers' class_labels; here they carry the scaled gap, not a label.
+            return b(x, t, y=gap)
+        # class_embed_type="identity": diffusers adds this [B, time_embed_dim] tensor to its time embedding.
+        dtype = self.gap_embed.linear_1.weight.dtype
+        cond = self.gap_embed(b.unet.time_proj(gap).to(dtype)) + self.label_embed(y)
+        return b(x, t, y=cond)
 
     def config(self) -> dict[str, Any]:
-        """JSON constructor arguments; :func:`build` rebuilds the net from them."""
+        """JSON constructor arguments; :func:`build` rebuilds the net from them. An unconditional net's has no
+        ``num_classes`` key (as before conditional TwoTimeUNets existed)."""
         c = {k: v for k, v in self.base.config().items() if k != "num_classes"}
         c["unet2d_kwargs"] = {k: v for k, v in c.get("unet2d_kwargs", {}).items() if k != "class_embed_type"}
+        if self.num_classes is not None:
+            c["num_classes"] = self.num_classes
         return {**c, "name": self.name}
 
 
 def to_two_time(net: nn.Module) -> nn.Module:
-    """A two-time network made from ``net``: a two-time net is returned as is, an ``MLP`` or unconditional
-    ``UNet`` becomes a :class:`TwoTimeMLP` / :class:`TwoTimeUNet` holding a copy of its weights."""
+    """A two-time network made from ``net``: a two-time net is returned as is, an ``MLP`` or ``UNet``
+    (unconditional or with ``num_classes``) becomes a :class:`TwoTimeMLP` / :class:`TwoTimeUNet` holding a
+    copy of its weights."""
     if is_two_time(net):
         return net
     if isinstance(net, MLP):

@@ -10,9 +10,12 @@ to diffusers as ``t * time_scale + time_shift``.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ShapeError
@@ -51,6 +54,58 @@ def _tuple_or_int(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+class _Timesteps(nn.Module):
+    """diffusers' sinusoidal ``Timesteps`` projection (same settings, same float32 result), except that
+    float64 times are projected in float64: diffusers rounds every time to float32 first, so a float64 UNet
+    would only resolve ``t`` to float32 precision and finite differences in ``t`` would be noise."""
+
+    def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float, scale: float = 1):
+        super().__init__()
+        self.num_channels, self.flip_sin_to_cos = num_channels, flip_sin_to_cos
+        self.downscale_freq_shift, self.scale = downscale_freq_shift, scale
+
+    def forward(self, timesteps: Tensor) -> Tensor:
+        if timesteps.dtype != torch.float64:
+            from diffusers.models.embeddings import get_timestep_embedding
+
+            return get_timestep_embedding(timesteps, self.num_channels, flip_sin_to_cos=self.flip_sin_to_cos,
+                                          downscale_freq_shift=self.downscale_freq_shift, scale=self.scale)
+        half = self.num_channels // 2
+        exponent = -math.log(10000) * torch.arange(half, dtype=torch.float64, device=timesteps.device)
+        emb = self.scale * (timesteps[:, None] * torch.exp(exponent / (half - self.downscale_freq_shift))[None])
+        emb = torch.cat([emb.sin(), emb.cos()], dim=-1)
+        if self.flip_sin_to_cos:
+            emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+        return F.pad(emb, (0, 1, 0, 0)) if self.num_channels % 2 else emb
+
+
+class _Dropout(nn.Dropout):
+    """``nn.Dropout`` whose mask is drawn in the row-major layout of the input's shape, whatever its strides.
+
+    torch draws the mask in the input's memory order, and a forward-mode AD pass (``torch.func.jvp``) can lay
+    a non-contiguous activation out differently from a plain pass, so the same RNG state gave two different
+    masks in diffusers' UNet (its middle blocks see permuted activations). Drawn like this, a plain pass and
+    a JVP pass from the same RNG state drop the same units. On CPU, for contiguous inputs, the result is
+    torch's own, bit for bit.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p == 1:
+            return x * 0
+        noise = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p).div_(1 - self.p)
+        return x * noise
+
+
+def _float64_timesteps(proj: nn.Module) -> nn.Module:
+    from diffusers.models.embeddings import Timesteps
+
+    if type(proj) is not Timesteps:  # fourier / learned projections are left as they are
+        return proj
+    return _Timesteps(proj.num_channels, proj.flip_sin_to_cos, proj.downscale_freq_shift, proj.scale)
+
+
 class UNet(nn.Module):
     """Image network ``net(x, t, y=None) -> [B, out_channels, H, W]`` backed by diffusers' ``UNet2DModel``.
 
@@ -71,6 +126,11 @@ class UNet(nn.Module):
             a DDPM checkpoint trained on integer steps ``i = N t - 1`` uses ``N`` and ``-1``).
         num_classes: if set, ``y`` (integer labels ``[B]``) is required (diffusers' ``num_class_embeds``).
         unet2d_kwargs: any other ``UNet2DModel`` argument (e.g. ``{"dropout": 0.1}``).
+
+    Two of diffusers' parameter-free modules are swapped for equivalents (same float32 results, same
+    ``state_dict``): the sinusoidal time projection projects float64 times in float64 (diffusers rounds them
+    to float32, so a float64 net could not resolve ``t``), and dropout draws its mask in the row-major layout
+    of its input, so a plain pass and a ``torch.func.jvp`` pass from the same RNG state drop the same units.
 
     >>> import torch
     >>> net = UNet(8)
@@ -148,6 +208,11 @@ class UNet(nn.Module):
             raise ConfigError(f"time_scale must be a positive number, got {time_scale!r}")
         if not isinstance(time_shift, (int, float)):
             raise ConfigError(f"time_shift must be a number, got {time_shift!r}")
+        model.time_proj = _float64_timesteps(model.time_proj)
+        for module in list(model.modules()):  # dropout masks that do not depend on memory layout
+            for key, child in module.named_children():
+                if type(child) is nn.Dropout:
+                    setattr(module, key, _Dropout(child.p))
         self.unet = model
         self.time_scale = float(time_scale)
         self.time_shift = float(time_shift)
@@ -158,7 +223,8 @@ class UNet(nn.Module):
         """Wrap an existing diffusers ``UNet2DModel`` (weights shared, not copied).
 
         Its non-default settings are kept in ``config()["unet2d_kwargs"]``, so
-        ``build(net.config())`` makes an identical architecture.
+        ``build(net.config())`` makes an identical architecture. Its time projection and dropout modules are
+        swapped in place for genkit's equivalents (see the class docstring).
         """
         if not isinstance(model, _unet2d_class()):
             raise ConfigError(f"from_unet2d expects a diffusers UNet2DModel, got {type(model).__name__}")
