@@ -33,16 +33,17 @@ official repositories both call their knob "ratio" with opposite meanings (the J
 on the JVP term, ``L = w || u + (t - r) SG_lambda[du/dt] - v ||^2`` (same weighting, ``w`` stop-gradiented).
 The loss *value* does not depend on lambda; its parameter gradient does: ``lambda = 0`` is exactly MeanFlow's
 (the JVP term is a constant), ``lambda = 1`` backpropagates through the JVP, a double-backward (the JVP is kept
-on the graph: ``torch.func.jvp`` outputs are differentiable with respect to the parameters it closes over).
+on the graph: ``torch.func.jvp`` outputs are differentiable with respect to the parameters it closes over). The
+gradient is affine in lambda, ``(1 - lambda) g_MeanFlow + lambda g_1``; at ``lambda = 0`` (also the warm-up's
+first step) no graph of the JVP is built, and the gradient is MeanFlow's bit for bit.
 (The unofficial ``primepake/modular_meanflow`` recomputes the unmodulated target after modulating it, so its
 lambda has no effect; here it is tested against autograd of the un-stopped residual.) The curriculum is
 ``lambda(step) = modulation * min(1, step / modulation_warmup)`` (no warm-up: ``modulation`` throughout).
 ``step`` is the buffer :attr:`MeanFlow.loss_steps`, the number of training-mode loss calls with gradients so far
 (one per trainer step), saved with the weights: a resumed run continues the curriculum exactly, and it is the
-same on every rank. **Cost of lambda > 0**: the JVP pass keeps its graph and the backward runs through the
-tangent computation as well: measured on a 2-D MLP (256 x 3, batch 256, CPU) a step takes about 1.3x the time
-of the ``lambda = 0`` step (see tests/test_meanflow.py's benchmark note and the report of issue 11). Any
-``modulation > 0`` takes this path, also while the warm-up holds lambda at 0.
+same on every rank. **Cost of lambda > 0**: the JVP pass keeps its graph (memory: the activations of the
+forward-mode pass, about twice a forward's) and the backward runs through the tangent computation as well
+(second-order derivatives of every layer): COST_PLACEHOLDER
 
 **Class-conditional** (``num_classes``, ``class_dropout``; :class:`~genkit.models.continuous.ContinuousModel`'s
 contract: the net gets the labels as ``y``, dropped labels become the null label): classifier-free guidance is
@@ -66,10 +67,12 @@ guidance is in the weights); with ``sampler="ode"`` it guides the velocity view 
 - Precision: the JVP runs in float32 with autocast disabled; the primal forward (``u_pred``) keeps the
   caller's autocast.
 - Attention: the JVP runs under ``sdpa_kernel(SDPBackend.MATH)``.
-- ``u_pred``: with ``modulation = 0`` the JVP runs under ``no_grad`` (its output is stop-gradiented) and
-  ``u_pred`` comes from a separate ordinary forward (py-meanflow's memory advice: no graph of the JVP is kept,
-  at the price of one more forward); with ``modulation > 0`` the JVP's primal output is ``u_pred`` (one pass,
-  whose graph the double-backward needs anyway).
+- ``u_pred`` comes from a separate ordinary forward (same dropout mask), not from the JVP's primal output: with
+  ``modulation = 0`` the JVP runs under ``no_grad`` (its output is stop-gradiented), so no graph of the JVP pass
+  is kept (py-meanflow's memory advice for uncompiled models), at the price of one more forward. The forward-mode
+  kernels also compute the primal by other routes (e.g. ``mm`` then ``add`` for ``addmm``), so the JVP's primal
+  can differ from the forward in the last bits; with the separate forward, the loss value is the same for
+  every lambda.
 
 >>> import torch
 >>> from genkit.nets import MLP
@@ -317,6 +320,7 @@ class MeanFlow(FlowMapModel):
         a = torch.sigmoid(torch.randn(2, n, generator=generator, device=device, dtype=torch.float64)
                           * self.time_std + self.time_mean)
         t, r = a.max(0).values, a.min(0).values
+        dtype = torch.get_default_dtype() if dtype is None else dtype
         keep = torch.rand(n, generator=generator, device=device, dtype=torch.float64) < self.frac_r_neq_t
         r = torch.where(keep, r, t)
         span = self.t_max - self.t_min
@@ -374,14 +378,13 @@ class MeanFlow(FlowMapModel):
                 v = self._guide(z, t, v, labels, y)
         training = self.training and torch.is_grad_enabled()
         lam = self.modulation_at(int(self.loss_steps))
-        graph = self.modulation > 0 and torch.is_grad_enabled()
+        graph = lam > 0 and torch.is_grad_enabled()  # lambda = 0 (the warm-up's start): MeanFlow's own path
         with seeded_rng(seed, device):
             u, dudt = self.time_derivative(z, r, t, v, create_graph=graph, **cond)
-        if graph:  # SG_lambda[du/dt]; u from the same pass (its graph is needed anyway)
+        if graph:  # SG_lambda[du/dt]
             dudt = lam * dudt + (1.0 - lam) * dudt.detach()
-        else:  # a separate forward with the same dropout mask
-            with seeded_rng(seed, device):
-                u = self.net(z, t, r, **cond)
+        with seeded_rng(seed, device):  # u from an ordinary forward with the JVP pass's dropout mask
+            u = self.net(z, t, r, **cond)
         gap = (t - r).reshape((-1,) + (1,) * (x0.ndim - 1))
         target = v - gap * dudt
         err = (u - target).flatten(1).pow(2).sum(1)
