@@ -26,8 +26,10 @@ from .continuous import ContinuousModel
 from .diffusion import Diffusion
 from .flow_matching import FlowMatching, ot_pairing
 from .flows import FlowFamily, NeuralSplineFlow, RealNVP, StochasticNSF
+from .meanflow import MeanFlow
 from .registry import FAMILIES, build
 from .secant import Secant
 
-__all__ = ["FAMILIES", "build", "ContinuousModel", "Diffusion", "FlowMatching", "Secant", "ot_pairing",
+__all__ = ["FAMILIES", "build", "ContinuousModel", "Diffusion", "FlowMatching", "MeanFlow", "Secant",
+           "ot_pairing",
            "FlowFamily", "NeuralSplineFlow", "RealNVP", "StochasticNSF"]

@@ -44,24 +44,15 @@ from ..fields import Field, as_velocity, check_field
 from ..frozen import Frozen
 from ..nets.two_time import build as build_net
 from ..nets.two_time import to_two_time
-from ..paths import Path, broadcast_time, path_from_config
-from ..sampling import JumpSampler, Sampler
-from ..solvers import Solution, Uniform, get_grid
-from .continuous import ContinuousModel, _explain_integer
+from ..paths import Path, path_from_config
+from .continuous import ContinuousModel
+from .flow_map import FlowMapModel, check_teacher, teacher_range, teacher_shape
 from .registry import FAMILIES
 
 __all__ = ["Secant", "LOSSES", "TEACHER_FREE"]
 
 LOSSES = ("sdei", "stei", "sdee", "stee")
 TEACHER_FREE = ("stee",)
-
-
-def _teacher_shape(teacher: Any) -> tuple[int, ...] | None:
-    base = getattr(teacher, "base", teacher)  # through as_* views
-    if getattr(base, "sample_shape", None) is not None:
-        return tuple(base.sample_shape)
-    dim = getattr(base, "dim", None)  # analytic fields
-    return (int(dim),) if isinstance(dim, int) and not isinstance(base, nn.Module) else None
 
 
 def _refuse_secant_teacher(teacher: Any) -> None:
@@ -79,16 +70,8 @@ def _refuse_secant_teacher(teacher: Any) -> None:
                           "own jumps: model.sample(n, steps=k) with k in model.steps")
 
 
-def _teacher_range(teacher: Any) -> tuple[float | None, float | None]:
-    """``(t_min, t_max)`` of the teacher's own sampling grid (e.g. a diffusion model's training range)."""
-    if not hasattr(teacher, "default_grid"):
-        return None, None
-    t_max, t_min = (float(v) for v in get_grid(teacher.default_grid("uniform")).times(1, teacher.path))
-    return t_min, t_max
-
-
 @FAMILIES.register("secant")
-class Secant(ContinuousModel):
+class Secant(FlowMapModel):
     """``Secant(net, path=None, *, sample_shape, loss="sdei", steps=4, teacher=None, tangent_weight=None,
     t_min=None, t_max=None)``.
 
@@ -122,11 +105,10 @@ class Secant(ContinuousModel):
         if not float(tangent_weight) >= 0:
             raise ConfigError(f"tangent_weight must be >= 0; got {tangent_weight}")
         if teacher is not None and t_min is None and t_max is None:
-            t_min, t_max = _teacher_range(teacher)
+            t_min, t_max = teacher_range(teacher)
         t_max = 1.0 if t_max is None else float(t_max)
         t_min = self.path.t_min if t_min is None else float(t_min)
-        if not 0.0 <= t_min < t_max <= 1.0:
-            raise ConfigError(f"need 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}")
+        self._check_range(t_min, t_max)
         self.loss_name, self.steps, self.tangent_weight = loss, steps, float(tangent_weight)
         self.t_min, self.t_max = t_min, t_max
         # the frozen teacher: never trained nor saved, moved by .to() / .double(), recorded by reference
@@ -145,13 +127,7 @@ class Secant(ContinuousModel):
         if self.loss_name in TEACHER_FREE:
             raise ConfigError(f"loss {self.loss_name!r} trains without a teacher; drop teacher= or use one of "
                               f"{[n for n in LOSSES if n not in TEACHER_FREE]}")
-        if teacher.path != self.path:
-            raise ConfigError(f"the teacher uses path {teacher.path!r} but the model {self.path!r}; build the secant "
-                              "model with path=teacher.path")
-        shape = _teacher_shape(teacher)
-        if shape is not None and shape != self.sample_shape:
-            raise ShapeError(f"the teacher makes samples of shape {shape} but the secant model was built for "
-                             f"{self.sample_shape}; build it with sample_shape={shape}")
+        check_teacher(teacher, self.path, self.sample_shape, self.family)
         self.frozen.set("teacher", teacher)
 
     @classmethod
@@ -161,7 +137,7 @@ class Secant(ContinuousModel):
         a velocity network on unscaled inputs (flow matching); other keyword arguments go to :class:`Secant`."""
         check_field(teacher)
         _refuse_secant_teacher(teacher)
-        shape = _teacher_shape(teacher)
+        shape = teacher_shape(teacher)
         if shape is None:
             raise ConfigError(f"cannot tell the sample shape of teacher {type(teacher).__name__}; build "
                               "Secant(net, sample_shape=..., teacher=teacher) directly")
@@ -174,7 +150,7 @@ class Secant(ContinuousModel):
                                   "starting secant; pass net= (e.g. genkit.nets.two_time.TwoTimeMLP) to train from "
                                   "scratch")
             net = teacher.net
-        t_min, t_max = _teacher_range(teacher)
+        t_min, t_max = teacher_range(teacher)
         kwargs = {"path": teacher.path, "t_min": t_min, "t_max": t_max, **kwargs}
         if kwargs.get("loss", "sdei") in TEACHER_FREE:  # the teacher gave the start, the loss needs no more
             return cls(net, sample_shape=shape, **kwargs)
@@ -190,63 +166,10 @@ class Secant(ContinuousModel):
         teacher = self.frozen.get("teacher")
         return [] if teacher is None else [teacher, as_velocity(teacher)]
 
-    # --- field, secant and flow map ---------------------------------------------------------------------
-    def _check(self, x: Tensor, t: Tensor | float, s: Tensor | float) -> tuple[Tensor, Tensor]:
-        if tuple(x.shape[1:]) != self.sample_shape:
-            raise ShapeError(f"secant model expects inputs of shape [batch, {', '.join(map(str, self.sample_shape))}]"
-                             f"; got {tuple(x.shape)}")
-        _explain_integer(x, "x", self.family)  # a dtype test, no sync
-        t, s = broadcast_time(t, x), broadcast_time(s, x)
-        if bool(((t < 0) | (t > 1) | (s < 0) | (s > 1)).any()):
-            raise ConfigError(f"times must lie in [0, 1] (0 = data, 1 = noise); got t in [{float(t.min()):.4g}, "
-                              f"{float(t.max()):.4g}], s in [{float(s.min()):.4g}, {float(s.max()):.4g}]")
-        return t, s
-
-    def secant(self, x: Tensor, t: Tensor | float, s: Tensor | float, **cond: Any) -> Tensor:
-        """The average velocity ``f(x, t, s)`` over ``[t, s]``: ``x [B, *sample_shape]``, ``t, s [B]`` or floats."""
-        t, s = self._check(x, t, s)
-        return self.net(x, t, s, **cond)
-
-    def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
-        """The velocity view ``f(x, t, t)`` (a genkit field with prediction ``velocity``)."""
-        return self.secant(x, t, t, **cond)
-
-    def flow_map(self, x: Tensor, t: Tensor | float, s: Tensor | float, steps: int = 1, **cond: Any) -> Tensor:
-        """Jump from ``t`` to ``s`` in ``steps`` equal learned jumps; ``x`` and the result ``[B, *sample_shape]``."""
-        if not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"steps must be a positive integer; got {steps!r}")
-        t, s = self._check(x, t, s)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        for k in range(steps):
-            a, b = t + (s - t) * (k / steps), t + (s - t) * ((k + 1) / steps)
-            x = x + (b - a).reshape(shape) * self.net(x, a, b, **cond)
-        return x
-
-    def samplers(self) -> tuple[str, ...]:
-        """Learned jumps first (the default), and any ODE solver on the velocity view."""
-        return ("jumps", "ode")
-
-    def default_sampler(self) -> Sampler:
-        """The learned jumps at the first trained step count, uniform over ``[t_min, t_max]`` (NFE = steps)."""
-        return JumpSampler(self.steps[0])
-
-    @torch.no_grad()
-    def integrate(self, x: Tensor, steps: int | None = None, **cond: Any) -> Solution:
-        """``steps`` uniform learned jumps from ``t_max`` to ``t_min`` starting at ``x [B, *sample_shape]`` (noise
-        at ``t_max``); returns a :class:`~genkit.solvers.Solution` with ``nfe = steps`` and the trajectory.
-        The same as ``JumpSampler(steps).sample(model, x)``."""
-        steps = self.steps[0] if steps is None else steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ConfigError(f"steps must be a positive integer; got {steps!r}")
-        return JumpSampler(steps).sample(self, x, **cond)
-
-    def default_grid(self, grid):
-        """A solver's ``"uniform"`` grid runs over the secant's range ``[t_min, t_max]``."""
-        return Uniform(self.t_max, self.t_min) if grid == "uniform" else grid
-
-    def time_range(self) -> tuple[float, float]:
-        """``(t_min, t_max)`` the model was trained on and samples over."""
-        return self.t_min, self.t_max
+    @property
+    def default_jumps(self) -> int:
+        """The first trained step count."""
+        return self.steps[0]
 
     # --- training ---------------------------------------------------------------------------------------
     def _times(self, b: int, like: Tensor, g: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
