@@ -57,8 +57,9 @@ class SMD(_ScoreOfMixture):
 
     Args:
         net: the generator's network, read as ``prediction`` at ``t_top`` (from_teacher: a copy of the teacher's).
-        fake_net: the fake score's network (a one-time genkit ``MLP`` / ``UNet``, same reading; from_teacher: a
-            copy of the teacher's). The density-ratio logit ``l(x_t; t)`` is a head on its bottleneck feature.
+        fake_net: the fake score's network (a one-time genkit ``MLP`` / ``UNet``, same reading; default a copy of
+            ``net``; from_teacher: a copy of the teacher's). The density-ratio logit ``l(x_t; t)`` is a head on its
+            bottleneck feature, trained jointly with it (the official ``--joint_training``).
         path: the teacher's (a teacher on another path is an error).
         teacher: the frozen real score, any genkit field (``genkit.load(folder)``, ``genkit.from_diffusers(...)``,
             an analytic field): never trained nor saved, recorded by reference; ``set_teacher`` attaches one.
@@ -68,7 +69,8 @@ class SMD(_ScoreOfMixture):
             drawn each score update) or ``"data"`` (the training batch, as the official SMD code uses real
             images; then ``fit(data)``).
         gen_gan_weight: the generator's GAN term ``softplus(-(l + log(alpha / (1 - alpha))))`` (official 3e-3).
-        Other arguments as :class:`SMT` (``generator_alpha`` defaults to ``"upper"``, alpha in [1/2, 1]).
+        Other arguments as :class:`SMT` (``generator_alpha`` defaults to ``"upper"``, alpha in [1/2, 1]; the point
+        mass to 0 exactly a quarter of the time, as the official SMD code).
 
     The score update trains the fake score by DSM on generator samples and ``l`` by the explicit mixture's DSM
     loss ``alpha w |D f_p + (1 - D) f_q - f_p|^2`` on real and ``(1 - alpha) w |... - f_q|^2`` on fake samples
@@ -80,13 +82,14 @@ class SMD(_ScoreOfMixture):
     _score_modules = ("fake_net", "head")
     REALS: ClassVar[tuple[str, ...]] = ("teacher", "data")
 
-    def __init__(self, net: nn.Module, fake_net: nn.Module, path: Path | str | None = None, *,
+    def __init__(self, net: nn.Module, fake_net: nn.Module | None = None, path: Path | str | None = None, *,
                  teacher: Field | None = None, sample_shape: Sequence[int] = (2,), prediction: str = "velocity",
                  input_sigma_data: float | None = None, real: str = "teacher", teacher_steps: int = 16,
                  batch_size: int = 64, score_updates: int = 5, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  rho: float = 7.0, levels: int = 1000, sigma_data: float = 0.5,
                  generator_levels: Sequence[float] = (0.02, 0.98),
-                 alpha_grid: int = 1001, alpha_zero_prob: float = 0.25, generator_alpha: str = "upper",
+                 alpha_grid: int = 1001, alpha_points: Sequence[float] = (0.0,), alpha_point_prob: float = 0.25,
+                 generator_alpha: str = "upper",
                  gen_gan_weight: float = 3e-3, generator_lr_scale: float = 1.0, score_lr_scale: float = 5.0,
                  t_top: float | None = None, t_bottom: float | None = None, warmup_steps: int = 0):
         if teacher is not None:
@@ -95,12 +98,15 @@ class SMD(_ScoreOfMixture):
         super().__init__(net, "linear" if path is None else path, sample_shape=sample_shape, prediction=prediction,
                          input_sigma_data=input_sigma_data, score_updates=score_updates, warmup_steps=warmup_steps,
                          sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, levels=levels, sigma_data=sigma_data,
-                         generator_levels=generator_levels, alpha_grid=alpha_grid, alpha_zero_prob=alpha_zero_prob,
+                         generator_levels=generator_levels, alpha_grid=alpha_grid, alpha_points=alpha_points,
+                         alpha_point_prob=alpha_point_prob,
                          generator_alpha=generator_alpha, generator_lr_scale=generator_lr_scale,
                          score_lr_scale=score_lr_scale, t_top=t_top, t_bottom=t_bottom)
         if self.warmup_steps:
             raise ConfigError("SMD starts from the teacher and has no warm-up; drop warmup_steps (SMT from scratch "
                               "has one)")
+        if fake_net is None:
+            fake_net = copy.deepcopy(net)  # the fake score starts where the generator does (from_teacher: both teacher)
         if fake_net is net:
             raise ConfigError("the fake score's network must be another module than the generator's; pass a copy "
                               "(SMD.from_teacher makes one)")

@@ -48,11 +48,15 @@ applied through the surrogate ``0.5 ||x - sg(x - g)||^2 / N`` (``N`` the element
   DMD's normalisation, as the official ``sjsd_dist`` code. (SMT's alpha-ratio factor would cancel ``D / alpha``
   exactly and make SMD DMD.) Unnormalised, the two directions are equal when ``D`` is exact.
 
-**alpha.** Score updates draw alpha ``alpha_zero_prob`` (25%) of the time exactly 0 (``s(.; 0)``, the fake score,
-is needed at every generator step), else uniformly on the ``alpha_grid`` (1001) points of [0, 1]; the generator
-draws from the grid without 0 (SMT, ``generator_alpha="zeroless"``: alpha = 0 gives a zero direction) or from
-its upper half [1/2, 1] (SMD, ``"upper"``, the official distillation script). The official SMT code's point mass
-is {0, 1/2, 1} with probability 0.5; METHODS.md and the SMD code put it at 0 exactly, as here.
+**alpha.** Score updates draw alpha from a point mass with probability ``alpha_point_prob`` (uniform over
+``alpha_points``), else uniformly on the ``alpha_grid`` (1001) points of [0, 1]; the generator draws from the grid
+without 0 (SMT, ``generator_alpha="zeroless"``: alpha = 0 gives a zero direction) or from its upper half [1/2, 1]
+(SMD, ``"upper"``, the official distillation script). The point masses follow each official code: SMT's
+(``sjsd/utils.py``) is {0, 1/2, 1} with probability 1/2: every generator step reads ``s(.; 0)`` and ``s(.; 1)``
+(and the GAN head ``1/2``), and without the mass at 1 the alpha = 1 score, sharp in alpha where q dominates,
+is learned slowly (measured: 10% relative error where {0, 1/2, 1} gives under 5%, tests/test_smt.py); SMD's
+(``sjsd_dist/utils.py``) is 0 exactly with probability 1/4 (METHODS.md's "25% exactly 0"), since its alpha = 1
+is the frozen teacher.
 """
 
 from __future__ import annotations
@@ -92,15 +96,20 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> Ten
     return torch.flip((hi + r * (lo - hi)) ** rho, dims=[0])
 
 
-def sample_alpha(n: int, grid: int, generator: torch.Generator | None, device: Any, *, zero_prob: float = 0.0,
-                 low: str = "all") -> Tensor:
+def sample_alpha(n: int, grid: int, generator: torch.Generator | None, device: Any, *, point_prob: float = 0.0,
+                 points: Sequence[float] = (0.0,), low: str = "all") -> Tensor:
     """``n`` alphas on the ``grid``-point grid of [0, 1] (float64): ``low="all"`` every point, ``"zeroless"``
-    all but 0, ``"upper"`` those >= 1/2; then each is 0 with probability ``zero_prob`` (the point mass)."""
+    all but 0, ``"upper"`` those >= 1/2; then each is, with probability ``point_prob``, one of ``points``
+    (uniformly): the point masses."""
     start = {"all": 0, "zeroless": 1, "upper": (grid - 1) // 2}[low]
-    u = torch.rand(2, n, generator=generator, device=device, dtype=torch.float64)
+    u = torch.rand(3, n, generator=generator, device=device, dtype=torch.float64)
     k = start + torch.floor(u[0] * (grid - start)).clamp(max=grid - 1 - start)
     alpha = k / (grid - 1)
-    return torch.where(u[1] < zero_prob, torch.zeros_like(alpha), alpha) if zero_prob > 0 else alpha
+    if point_prob <= 0:
+        return alpha
+    support = torch.tensor([float(p) for p in points], dtype=torch.float64, device=device)
+    mass = support[torch.floor(u[2] * len(support)).clamp(max=len(support) - 1).long()]
+    return torch.where(u[1] < point_prob, mass, alpha)
 
 
 def _mean(x: Tensor) -> Tensor:
@@ -168,7 +177,8 @@ class _ScoreOfMixture(ContinuousModel):
     def __init__(self, net: nn.Module, path: Path | str, *, sample_shape: Sequence[int], prediction: str,
                  input_sigma_data: float | None, score_updates: int, warmup_steps: int, sigma_min: float,
                  sigma_max: float, rho: float, levels: int, sigma_data: float, generator_levels: Sequence[float],
-                 alpha_grid: int, alpha_zero_prob: float, generator_alpha: str, generator_lr_scale: float,
+                 alpha_grid: int, alpha_points: Sequence[float], alpha_point_prob: float, generator_alpha: str,
+                 generator_lr_scale: float,
                  score_lr_scale: float, t_top: float | None, t_bottom: float | None):
         super().__init__(net, path, prediction, sample_shape)
         if prediction == "score":
@@ -196,7 +206,13 @@ class _ScoreOfMixture(ContinuousModel):
         if self.alpha_grid < 3:
             raise ConfigError(f"alpha_grid must have at least 3 points (0, 1/2, 1); got {alpha_grid}. The paper uses "
                               "1001")
-        self.alpha_zero_prob = _real("alpha_zero_prob", alpha_zero_prob, 0.0, 1.0, open_hi=True)
+        self.alpha_point_prob = _real("alpha_point_prob", alpha_point_prob, 0.0, 1.0)
+        points = alpha_points if isinstance(alpha_points, (list, tuple)) else None
+        if not points or not all(isinstance(a, numbers.Real) and not isinstance(a, bool) and 0 <= a <= 1
+                                 for a in points):
+            raise ConfigError(f"alpha_points must be a non-empty list of alphas in [0, 1] (the score updates' point "
+                              f"masses, e.g. [0.0] or [0.0, 0.5, 1.0]); got {alpha_points!r}")
+        self.alpha_points = tuple(float(a) for a in points)
         if generator_alpha not in GENERATOR_ALPHAS:
             raise ConfigError(f"generator_alpha must be one of {GENERATOR_ALPHAS} (zeroless: the grid without 0, "
                               f"as SMT; upper: [1/2, 1], as SMD); got {generator_alpha!r}")
@@ -296,7 +312,8 @@ class _ScoreOfMixture(ContinuousModel):
     def _alpha(self, b: int, like: Tensor, g: torch.Generator | None, generator_side: bool) -> Tensor:
         if generator_side:
             return sample_alpha(b, self.alpha_grid, g, like.device, low=self.generator_alpha).to(like.dtype)
-        return sample_alpha(b, self.alpha_grid, g, like.device, zero_prob=self.alpha_zero_prob).to(like.dtype)
+        return sample_alpha(b, self.alpha_grid, g, like.device, point_prob=self.alpha_point_prob,
+                            points=self.alpha_points).to(like.dtype)
 
     def _fake(self, b: int, like: Tensor, g: torch.Generator | None) -> Tensor:
         """``b`` generator samples ``g(z)`` (with gradients)."""
@@ -321,14 +338,15 @@ class _ScoreOfMixture(ContinuousModel):
                 "warmup_steps": self.warmup_steps, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
                 "rho": self.rho, "levels": self.levels, "sigma_data": self.sigma_data,
                 "generator_levels": list(self.generator_levels), "alpha_grid": self.alpha_grid,
-                "alpha_zero_prob": self.alpha_zero_prob, "generator_alpha": self.generator_alpha,
+                "alpha_points": list(self.alpha_points), "alpha_point_prob": self.alpha_point_prob,
+                "generator_alpha": self.generator_alpha,
                 "generator_lr_scale": self.generator_lr_scale, "score_lr_scale": self.score_lr_scale,
                 "t_top": self.t_top, "t_bottom": self.t_bottom}
 
     @staticmethod
     def _shared_kwargs(c: dict[str, Any]) -> dict[str, Any]:
         keys = ("input_sigma_data", "score_updates", "warmup_steps", "sigma_min", "sigma_max", "rho", "levels",
-                "sigma_data", "generator_levels", "alpha_grid", "alpha_zero_prob", "generator_alpha",
+                "sigma_data", "generator_levels", "alpha_grid", "alpha_points", "alpha_point_prob", "generator_alpha",
                 "generator_lr_scale", "score_lr_scale", "t_top", "t_bottom")
         return {"sample_shape": c["sample_shape"], "prediction": c["prediction"], **{k: c[k] for k in keys}}
 
@@ -352,7 +370,8 @@ class SMT(_ScoreOfMixture):
     Args:
         net: the generator's network (a genkit ``MLP`` / ``UNet``), read as ``prediction`` at ``t_top``.
         score_net: the amortised mixture-score network ``f_psi(x_t; alpha, t)``: an :class:`AlphaNet`, a two-time
-            network, or a one-time ``MLP`` / ``UNet`` (wrapped; see :mod:`genkit.models.smt_nets`).
+            network, or a one-time ``MLP`` / ``UNet`` (wrapped; see :mod:`genkit.models.smt_nets`). Default: a
+            network of ``net``'s configuration with its own initialisation.
         path: the genkit path (default ``linear``).
         prediction: what both networks output, read as x0 through the path (default ``velocity``).
         score_updates: score updates per generator update (paper: 5).
@@ -361,7 +380,8 @@ class SMT(_ScoreOfMixture):
             levels), as the paper does before SMT from scratch (40k steps on ImageNet).
         sigma_min, sigma_max, rho, levels, sigma_data: EDM's noise levels and weight (module docstring).
         generator_levels: the fractions of the levels the generator direction uses (official 2%..98%).
-        alpha_grid, alpha_zero_prob, generator_alpha: alpha sampling (module docstring).
+        alpha_grid, alpha_points, alpha_point_prob, generator_alpha: alpha sampling (module docstring; default the
+            official SMT code's: point masses {0, 1/2, 1} half of the time).
         gan: the GAN head (a logit on the score network's bottleneck feature at alpha = 1/2): discriminator loss
             ``gan_weight * [alpha softplus(-l(real)) + (1 - alpha) softplus(l(fake))]`` in the score update,
             generator loss ``gen_gan_weight * softplus(-l(fake))``. Off by default: the official SMT scripts turn
@@ -372,7 +392,7 @@ class SMT(_ScoreOfMixture):
 
     >>> import torch
     >>> from genkit.nets import MLP
-    >>> model = SMT(MLP(2, hidden=16, depth=1), MLP(2, hidden=16, depth=1), sample_shape=(2,))
+    >>> model = SMT(MLP(2, hidden=16, depth=1), sample_shape=(2,))  # the score network: another MLP like it
     >>> [model.update(k) for k in range(7)]
     ['score', 'score', 'score', 'score', 'score', 'generator', 'score']
     >>> loss, _ = model.loss(torch.randn(8, 2), generator=torch.Generator().manual_seed(0), update="score")
@@ -383,23 +403,27 @@ class SMT(_ScoreOfMixture):
     family = "smt"
     _score_modules = ("score_net", "head")
 
-    def __init__(self, net: nn.Module, score_net: nn.Module, path: Path | str = "linear", *,
+    def __init__(self, net: nn.Module, score_net: nn.Module | None = None, path: Path | str = "linear", *,
                  sample_shape: Sequence[int] = (2,), prediction: str = "velocity",
                  input_sigma_data: float | None = 0.5, score_updates: int = 5, warmup_steps: int = 0,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, levels: int = 1000,
                  sigma_data: float = 0.5, generator_levels: Sequence[float] = (0.02, 0.98), alpha_grid: int = 1001,
-                 alpha_zero_prob: float = 0.25, generator_alpha: str = "zeroless", gan: bool = False,
+                 alpha_points: Sequence[float] = (0.0, 0.5, 1.0), alpha_point_prob: float = 0.5,
+                 generator_alpha: str = "zeroless", gan: bool = False,
                  gan_weight: float = 1e-2, gen_gan_weight: float = 3e-3, generator_lr_scale: float = 1.0,
                  score_lr_scale: float = 5.0, t_top: float | None = None, t_bottom: float | None = None):
         super().__init__(net, path, sample_shape=sample_shape, prediction=prediction,
                          input_sigma_data=input_sigma_data, score_updates=score_updates, warmup_steps=warmup_steps,
                          sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, levels=levels, sigma_data=sigma_data,
-                         generator_levels=generator_levels, alpha_grid=alpha_grid, alpha_zero_prob=alpha_zero_prob,
+                         generator_levels=generator_levels, alpha_grid=alpha_grid, alpha_points=alpha_points,
+                         alpha_point_prob=alpha_point_prob,
                          generator_alpha=generator_alpha, generator_lr_scale=generator_lr_scale,
                          score_lr_scale=score_lr_scale, t_top=t_top, t_bottom=t_bottom)
+        if score_net is None:
+            score_net = build_net(net.config())  # the generator's architecture, its own initialisation
         if score_net is net:
             raise ConfigError("the score network must be another module than the generator's network; pass a "
-                              "second network (e.g. MLP(dim) again)")
+                              "second network (e.g. MLP(dim) again) or none (one of the same configuration)")
         self.score_net = score_net if isinstance(score_net, AlphaNet) else AlphaNet(score_net)
         if not isinstance(gan, bool):
             raise ConfigError(f"gan must be True or False; got {gan!r}")
@@ -566,7 +590,5 @@ class SMT(_ScoreOfMixture):
         """The generator network ``net`` and a score network of the same configuration."""
         if args.gan not in ("on", "off"):
             raise ConfigError(f"--gan must be on or off; got {args.gan!r}")
-        config = net.config()
-        score_net = build_net(config)
-        return cls(net, score_net, args.path, sample_shape=sample_shape, score_updates=args.score_updates,
+        return cls(net, None, args.path, sample_shape=sample_shape, score_updates=args.score_updates,
                    warmup_steps=args.smt_warmup, gan=args.gan == "on")

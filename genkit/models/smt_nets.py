@@ -28,7 +28,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..nets import MLP, UNet
+from ..nets import MLP, FourierTimeEmbedding, UNet
 from ..nets.two_time import build as build_two_time
 from ..nets.two_time import to_two_time
 from ..paths import broadcast_time
@@ -43,23 +43,30 @@ class AlphaNet(nn.Module):
     for every ``alpha`` until trained). ``alpha`` is ``[B]`` (or a float) in ``[0, 1]``.
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, max_freq: float = 16.0):
         super().__init__()
         self.net = to_two_time(net)
+        self.max_freq = float(max_freq)
+        if not self.max_freq >= 1.0:
+            raise ConfigError(f"max_freq (the alpha embedding's highest frequency) must be >= 1; got {max_freq!r}")
+        embed = getattr(self.net, "gap_embed", None)  # a two-time MLP: its gap features at alpha's frequencies
+        if isinstance(embed, nn.Sequential) and isinstance(embed[0], FourierTimeEmbedding):
+            dim = embed[1].in_features
+            embed[0] = FourierTimeEmbedding(dim, 1.0, self.max_freq).to(embed[1].weight.device)
 
     def forward(self, x: Tensor, t: Tensor | float, alpha: Tensor | float, **cond: Any) -> Tensor:
         t, alpha = broadcast_time(t, x), broadcast_time(alpha, x)
         return self.net(x, t, t - alpha, **cond)
 
     def config(self) -> dict[str, Any]:
-        return {"name": "alpha", "net": self.net.config()}
+        return {"name": "alpha", "net": self.net.config(), "max_freq": self.max_freq}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> AlphaNet:
         if not isinstance(config, dict) or config.get("name") != "alpha" or "net" not in config:
             raise ConfigError("an alpha-conditioned network config is {'name': 'alpha', 'net': a two-time net's "
                               f"config}}; got {config!r}")
-        return cls(build_two_time(config["net"]))
+        return cls(build_two_time(config["net"]), config.get("max_freq", 16.0))
 
 
 def _site(net: nn.Module) -> tuple[nn.Module, int, str]:
