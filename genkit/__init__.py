@@ -14,10 +14,19 @@ from .gaussian_fit import GaussianFit, GaussianFlowMap, fit_gaussian
 from .guidance import Guidance, GuidedField, guide
 from .interop import DiffusersScheduler, KDiffusionSampler, from_diffusers, to_diffusers
 from .loading import load
-from .models import Diffusion, FlowMatching, MeanFlow, NeuralSplineFlow, RealNVP, Secant, StochasticNSF
+from .models import SMD, SMT, Diffusion, FlowMatching, MeanFlow, NeuralSplineFlow, RealNVP, Secant, StochasticNSF
 from .objective import ParamGroup
 from .paths import get_path
-from .sampling import SAMPLERS, ExactSampler, JumpSampler, ODESampler, PathSampler, Sampler, get_sampler
+from .sampling import (
+    SAMPLERS,
+    ExactSampler,
+    JumpSampler,
+    ODESampler,
+    PathSampler,
+    RestartSampler,
+    Sampler,
+    get_sampler,
+)
 from .solvers import ODEFlowMap, get_grid, get_solver, ode_log_prob, solve
 from .solvers.teleport import steps_saved, teleport, teleport_solve
 
@@ -27,8 +36,9 @@ __all__ = [
     "errors", "GenkitError",
     "get_path", "FunctionField", "as_velocity", "as_score", "as_x0", "as_eps",
     "Gaussian", "GaussianMixture", "ClassConditionalMixture", "Guidance", "GuidedField", "guide",
-    "Diffusion", "FlowMatching", "MeanFlow", "Secant", "NeuralSplineFlow", "RealNVP", "StochasticNSF",
-    "Sampler", "ODESampler", "JumpSampler", "ExactSampler", "PathSampler", "SAMPLERS", "get_sampler",
+    "Diffusion", "FlowMatching", "MeanFlow", "Secant", "NeuralSplineFlow", "RealNVP", "StochasticNSF", "SMT", "SMD",
+    "Sampler", "ODESampler", "JumpSampler", "ExactSampler", "PathSampler", "RestartSampler", "SAMPLERS",
+    "get_sampler",
     "solve", "get_solver", "get_grid", "ode_log_prob", "ODEFlowMap",
     "load", "save", "Frozen", "ParamGroup",
     "from_diffusers", "to_diffusers", "DiffusersScheduler", "KDiffusionSampler",

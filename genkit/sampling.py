@@ -14,7 +14,9 @@ Registered in :data:`SAMPLERS` (strings name them in scripts and configs):
 - ``exact``: :class:`ExactSampler`, one pass of a normalizing flow's base draw through its inverse transforms
   (``nsf``, ``realnvp``): no steps, no grid, no solver;
 - ``path``: :class:`PathSampler`, one pass of a stochastic normalizing flow (``snf``) through its flow layers and
-  stochastic blocks, their noise drawn from the generator: no steps, no grid, no solver.
+  stochastic blocks, their noise drawn from the generator: no steps, no grid, no solver;
+- ``restart``: :class:`RestartSampler`, the multistep sampler of a one-step generator (consistency models, DMD2,
+  ``smt`` / ``smd``): denoise, re-noise to the next grid time with fresh noise, denoise again.
 
 A sampler declares ``takes_steps`` (False for ``exact`` and ``path``): whether a step count means anything to it.
 
@@ -46,7 +48,8 @@ from .registry import Registry
 from .solvers import Custom, Solution, Solver, TimeGrid, get_grid, get_solver, solve
 from .solvers.base import steps_or_default
 
-__all__ = ["SAMPLERS", "Sampler", "ODESampler", "JumpSampler", "ExactSampler", "PathSampler", "get_sampler"]
+__all__ = ["SAMPLERS", "Sampler", "ODESampler", "JumpSampler", "ExactSampler", "PathSampler", "RestartSampler",
+           "get_sampler"]
 
 SAMPLERS: Registry = Registry("sampler")
 
@@ -288,6 +291,60 @@ class PathSampler(_OnePassSampler):
 
     def describe(self) -> str:
         return "one pass, flow layers and stochastic blocks"
+
+
+@SAMPLERS.register("restart")
+class RestartSampler(Sampler):
+    """Multistep sampling of a one-step generator: ``RestartSampler(steps=None, grid=None)``.
+
+    The multistep sampler of consistency models (Song et al. 2023, arXiv 2303.01469, Algorithm 1) and DMD2
+    (Yin et al. 2024, arXiv 2405.14867): on a grid ``t_0 > t_1 > ... > t_k = t_min`` (uniform in ``t`` over the
+    model's ``time_range()`` unless explicit times are given), ``x0 = model.denoise(x, t_j)``, then ``x =
+    path.sample(x0, t_{j+1}, eps)`` with fresh ``eps ~ N(0, I)`` drawn from ``generator``, until the last
+    ``x0`` is returned. NFE is ``steps`` (one network evaluation per grid time above the end). One step is the
+    generator itself. ``steps`` None takes the model's default sampler's when it is a restart sampler, else 1.
+    """
+
+    name = "restart"
+    needs = "a one-step generator with denoise(x, t) (the smt and smd families)"
+
+    def __init__(self, steps: int | None = None, grid: str | Tensor | Sequence[float] | None = None):
+        jumps = JumpSampler(steps, grid)  # the same grid checks
+        self.steps, self.grid = jumps.steps, jumps.grid
+
+    def times(self, model: Any) -> Tensor:
+        """The grid ``[steps + 1]`` (float64) for ``model``."""
+        if self.grid is not None:
+            return self.grid
+        steps = self.steps
+        if steps is None:
+            default = model.default_sampler() if callable(getattr(model, "default_sampler", None)) else None
+            steps = getattr(default, "steps", None) if isinstance(default, RestartSampler) else None
+            steps = 1 if steps is None else steps
+        t_min, t_max = model.time_range() if callable(getattr(model, "time_range", None)) else (0.0, 1.0)
+        return torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
+
+    def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
+        denoise = getattr(model, "denoise", None)
+        if not callable(denoise):
+            raise ConfigError(f"the restart sampler needs {self.needs}; {type(model).__name__} has no denoise")
+        times = self.times(model)
+        traj = [x]
+        for k in range(len(times) - 1):
+            x0 = denoise(traj[-1], float(times[k]), **cond)
+            if k == len(times) - 2:
+                traj.append(x0)
+                break
+            on = generator.device if generator is not None else x.device
+            eps = torch.randn(x.shape, generator=generator, device=on, dtype=x.dtype).to(x.device)
+            traj.append(model.path.sample(x0, float(times[k + 1]), eps))
+        return Solution(traj[-1], len(times) - 1, times, torch.stack(traj))
+
+    def describe(self) -> str:
+        return f"{'default' if self.steps is None else self.steps} restart steps"
+
+    def with_steps(self, steps: int | None) -> RestartSampler:
+        return RestartSampler(steps) if self.grid is None else RestartSampler(steps, self.grid)
 
 
 def get_sampler(sampler: str | Sampler, **options: Any) -> Sampler:

@@ -1,7 +1,9 @@
 """The family property suite, generated from the family registry (genkit.models.FAMILIES): every family
 registers a tiny ``example()`` and must pass, with each sampler it supports, the same contracts: config and
 checkpoint round trips (bitwise-identical samples), a finite loss with a gradient on every trainable
-parameter, sample shapes, determinism under a generator, and pathwise gradients from ``rsample``.
+parameter (for a family with several optimizers, ``optimizers()``: each update's loss reaches its own optimizer's
+parameters and together they reach all), sample shapes, determinism under a generator, and pathwise gradients
+from ``rsample``.
 
 A family with ``example_variants`` (e.g. a flow trained by data, and by an energy) runs every contract on each
 ``example(variant)``; a data-free example (``data_free = True``) has the batch None. A sampler without steps
@@ -57,7 +59,7 @@ def example(request):
 
 
 def test_the_registry_holds_the_known_families():
-    assert {"flow_matching", "diffusion", "secant", "nsf", "realnvp", "snf"} <= set(NAMES)
+    assert {"flow_matching", "diffusion", "secant", "nsf", "realnvp", "snf", "smt", "smd"} <= set(NAMES)
     assert any(getattr(check_example(FAMILIES.get(n), v)[0], "data_free", False) for n, v in CASES)  # one by energy
 
 
@@ -105,19 +107,43 @@ def test_checkpoint_round_trip_gives_identical_samples(example, tmp_path):
     assert torch.equal(model.sample(16, generator=gen(1)), loaded.sample(16, generator=gen(1)))  # default sampler
 
 
+def updates(model) -> list[str | None]:
+    """The optimizer names of a model that trains several in turn (``optimizers()``, ``update(step)``: the trainer
+    calls ``loss(..., update=name)``), else ``[None]``: one loss, called without ``update=``."""
+    declared = getattr(model, "optimizers", None)
+    names = list(declared()) if callable(declared) else []
+    return names if len(names) > 1 else [None]
+
+
 def test_loss_is_finite_and_reaches_every_trainable_parameter(example):
+    """Each update's loss (one loss, or one per optimizer of a model with several) is finite, drawn from the
+    generator alone and reaches its own optimizer's parameters; together they reach every trainable parameter."""
     model, batch = example
-    loss, logs = model.loss(batch, generator=gen(0))
-    assert loss.ndim == 0 and torch.isfinite(loss) and isinstance(logs, dict)
-    again, _ = model.loss(batch, generator=gen(0))
-    assert torch.equal(loss, again)  # the generator draws all of the loss's randomness
-    loss.backward()
     trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     assert trainable
-    for key, p in trainable:
-        assert p.grad is not None, f"{key} gets no gradient from the loss"
-        assert torch.isfinite(p.grad).all(), key
-    assert sum(float(p.grad.abs().sum()) for _, p in trainable) > 0
+    names = {id(p): k for k, p in trainable}
+    reached: set[int] = set()
+    for update in updates(model):
+        kw = {} if update is None else {"update": update}
+        model.zero_grad(set_to_none=True)
+        loss, logs = model.loss(batch, generator=gen(0), **kw)
+        assert loss.ndim == 0 and torch.isfinite(loss) and isinstance(logs, dict), update
+        again, _ = model.loss(batch, generator=gen(0), **kw)
+        assert torch.equal(loss, again), update  # the generator draws all of the loss's randomness
+        loss.backward()
+        if update is None:
+            own = [p for _, p in trainable]
+        else:
+            groups = {g.name: g for g in model.param_groups()}
+            own = [p for group in model.optimizers()[update] for p in groups[group].params]
+            assert own, f"optimizer {update!r} has no parameters"
+        for p in own:
+            assert p.grad is not None, f"{names[id(p)]} gets no gradient from the loss of update {update!r}"
+            assert torch.isfinite(p.grad).all(), (names[id(p)], update)
+        assert sum(float(p.grad.abs().sum()) for p in own) > 0, update
+        reached |= {id(p) for _, p in trainable if p.grad is not None}
+    missing = [k for k, p in trainable if id(p) not in reached]
+    assert not missing, f"no update's loss reaches {missing}"
 
 
 def test_a_loss_that_needs_data_says_so_when_given_none(example):

@@ -18,6 +18,11 @@ The normalizing-flow families ``nsf`` and ``realnvp`` (:mod:`genkit.models.flows
 an exact ``log_prob``, sampled by the ``exact`` sampler; the stochastic normalizing flow ``snf``
 (:mod:`genkit.models.flows.snf_family`) has exact path weights instead of a density (``exact_likelihood = False``),
 sampled by the ``path`` sampler. Flows trained by an energy share ``sample_with_log_weights(n, generator=)``.
+
+The one-step families ``smt`` and ``smd`` (:mod:`genkit.models.smt`: Score-of-Mixture Training from data, and
+:mod:`genkit.models.smd`: Distillation from a frozen teacher) train two optimizers in turn (``optimizers()``,
+``update(step)``, ``loss(batch, generator=, update=name)``) and sample in one network evaluation (``jumps``) or
+several (``restart``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from .flows import FlowFamily, NeuralSplineFlow, RealNVP, StochasticNSF
 from .meanflow import MeanFlow
 from .registry import FAMILIES, build
 from .secant import Secant
+from .smd import SMD
+from .smt import SMT
 
-__all__ = ["FAMILIES", "build", "ContinuousModel", "Diffusion", "FlowMatching", "MeanFlow", "Secant",
+__all__ = ["FAMILIES", "build", "ContinuousModel", "Diffusion", "FlowMatching", "MeanFlow", "Secant", "SMT", "SMD",
            "ot_pairing",
            "FlowFamily", "NeuralSplineFlow", "RealNVP", "StochasticNSF"]
