@@ -1,12 +1,16 @@
 """Two-process training harness for tests/test_train.py (run under ``torchrun --nproc_per_node 2``).
 
-Usage: ``dist_train_script.py OUT_DIR PARAMS_DIR``. Trains a tiny linear regression with genkit's Trainer
+Usage: ``dist_train_script.py OUT_DIR PARAMS_DIR [onestep]``. Trains a tiny linear regression with genkit's Trainer
 (gloo, CPU); rank 1 returns a NaN loss on its second call, so both ranks must skip that step together.
 Afterwards the harness (not the trainer) writes each rank's parameters, EMA and a digest of the data it saw
 to ``PARAMS_DIR/rank{r}.safetensors``. In the same launch it trains the data-free objective
 :class:`ReverseKL` (into ``OUT_DIR-free``) and the alternating two-optimizer :class:`Game` fed by the batch
 source :class:`NormalSource` (into ``OUT_DIR-game``), written to ``PARAMS_DIR/{free,game}{r}.safetensors``.
-The test file uses these objectives too.
+The test file uses these objectives too. With ``onestep``, then genkit's one-step families: MeanFlow (its JVP runs
+inside the DDP-wrapped loss, on the module itself) on data into ``OUT_DIR-meanflow``, and SMD (data-free, two
+alternating optimizers: 5 score updates per generator update) into ``OUT_DIR-smd``, plus an SMD run cut after its
+step-4 checkpoint (mid-way through the score updates) and resumed by a fresh trainer into ``OUT_DIR-smd-cut``, written
+to ``PARAMS_DIR/{meanflow,smd,smdcut}{r}.safetensors``.
 """
 
 from __future__ import annotations
@@ -203,6 +207,57 @@ def record(objective: nn.Module, result, path: Path) -> None:
     save_file(tensors, str(path))
 
 
+class _Cut(Exception):
+    pass
+
+
+def cut_at(step: int):
+    """A callback that stops a run (on every rank) after the log step ``step``, its checkpoint written."""
+    def callback(trainer: Trainer, record) -> None:
+        if record.step == step:
+            raise _Cut
+    return callback
+
+
+def onestep_config(out_dir: str, **changes) -> TrainConfig:
+    base = dict(steps=12, batch_size=8, lr=1e-2, ema_decay=0.9, checkpoint_every=4, log_every=4, out_dir=out_dir,
+                progress=False, cpu=True)
+    return TrainConfig(**{**base, **changes})
+
+
+def train_onestep(out_dir: str, params_dir: Path, rank: int) -> None:
+    from genkit.models import SMD, MeanFlow
+
+    class Seen(MeanFlow):  # MeanFlow, plus a digest of the batches this rank trained on
+        seen = 0.0
+
+        def loss(self, batch, generator=None):
+            self.seen += float(batch.double().sum())
+            return super().loss(batch, generator=generator)
+
+    example, data = MeanFlow.example()
+    meanflow = Seen(example.net, sample_shape=example.sample_shape, frac_r_neq_t=example.frac_r_neq_t)
+    data = torch.cat([data, -data])  # 64 points: each rank trains on its own part of every batch
+    result = Trainer(meanflow, onestep_config(out_dir + "-meanflow", steps=6)).fit(data)
+    record(meanflow, result, params_dir / f"meanflow{rank}.safetensors")
+    smd, _ = SMD.example()
+    result = Trainer(smd, onestep_config(out_dir + "-smd")).fit()
+    smd.seen = 0.0
+    record(smd, result, params_dir / f"smd{rank}.safetensors")
+    cut, _ = SMD.example()
+    try:
+        Trainer(cut, onestep_config(out_dir + "-smd-cut"), callbacks=[cut_at(4)]).fit()
+    except _Cut:
+        pass
+    resumed, _ = SMD.example()
+    with torch.no_grad():  # another init: the resume must restore every tensor
+        for p in resumed.parameters():
+            p.add_(1.0)
+    result = Trainer(resumed, onestep_config(out_dir + "-smd-cut")).fit()
+    resumed.seen = 0.0
+    record(resumed, result, params_dir / f"smdcut{rank}.safetensors")
+
+
 def main() -> None:
     out_dir, params_dir = sys.argv[1], Path(sys.argv[2])
     rank = int(os.environ["RANK"])
@@ -216,6 +271,8 @@ def main() -> None:
     game = Game()
     result = Trainer(game, objective_config(out_dir + "-game")).fit(NormalSource())
     record(game, result, params_dir / f"game{rank}.safetensors")
+    if "onestep" in sys.argv[3:]:
+        train_onestep(out_dir, params_dir, rank)
 
 
 if __name__ == "__main__":

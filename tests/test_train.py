@@ -349,7 +349,9 @@ def test_two_processes_keep_identical_parameters(tmp_path: Path, launcher: str) 
     params.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, *LAUNCHERS[launcher](str(_free_port())), str(Path(script.__file__)), str(out), str(params)]
+    onestep = ["onestep"] if launcher == "torchrun" else []  # the one-step families under one launcher only
+    cmd = [sys.executable, *LAUNCHERS[launcher](str(_free_port())), str(Path(script.__file__)), str(out), str(params),
+           *onestep]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (load_file(str(params / f"rank{r}.safetensors")) for r in (0, 1))
@@ -387,6 +389,52 @@ def test_two_processes_keep_identical_parameters(tmp_path: Path, launcher: str) 
     game_ckpt = tmp_path / "run-game" / "checkpoint"
     assert {"optimizer.gen.json", "optimizer.critic.json", "scheduler.gen.json", "objective.safetensors"} <= {
         p.name for p in game_ckpt.iterdir()}
+
+    if not onestep:
+        return
+    # ... and the one-step families: MeanFlow (its JVP inside the DDP-wrapped loss) and SMD (two alternating
+    # optimizers, 5 score updates per generator update: DDP finds the unused half of the parameters each step).
+    for kind in ("meanflow", "smd", "smdcut"):
+        a, b = (load_file(str(params / f"{kind}{r}.safetensors")) for r in (0, 1))
+        for key in a:
+            if key != "seen":
+                assert torch.equal(a[key], b[key]), (kind, key)  # every tensor agrees across ranks
+    mf0, mf1 = (load_file(str(params / f"meanflow{r}.safetensors")) for r in (0, 1))
+    assert mf0["seen"].item() != mf1["seen"].item()  # each rank trained on its own part of the data
+    from genkit.models import SMD, MeanFlow
+
+    start = MeanFlow.example()[0].state_dict()
+    assert any(not torch.equal(mf0[f"param.{k}"], v) for k, v in start.items())  # it trained
+    loaded = genkit.load(tmp_path / "run-meanflow", ema=False)
+    assert all(torch.equal(v, mf0[f"param.{k}"]) for k, v in loaded.state_dict().items())
+    # the SMD run cut after step 4 (inside the score updates) and resumed by a fresh trainer from another init
+    # ends bit for bit where the uninterrupted one does, EMA and logged losses included
+    full, cut = (load_file(str(params / f"{kind}0.safetensors")) for kind in ("smd", "smdcut"))
+    assert set(full) == set(cut) and all(torch.equal(full[k], cut[k]) for k in full if k != "losses"), "resume"
+    assert torch.equal(full["losses"][-2:], cut["losses"][-2:])
+    assert [SMD.example()[0].update(k) for k in range(6)] == ["score"] * 5 + ["generator"]
+    state = checkpoint.read_trainer_state(tmp_path / "run-smd")
+    assert state["step"] == 12 and state["world_size"] == 2
+
+
+def test_alternating_optimizers_under_ddp_need_an_accelerator_that_finds_unused_parameters() -> None:
+    """Each update of an objective with several optimizers leaves the others' parameters without gradient; DDP
+    refuses that unless it finds unused parameters: the trainer's own accelerator does, a user's must."""
+    from types import SimpleNamespace
+
+    from dist_train_script import Game
+
+    from genkit.train.config import alternates, check_accelerator
+
+    acc = SimpleNamespace(mixed_precision="no", gradient_accumulation_steps=1, num_processes=2,
+                          distributed_type=SimpleNamespace(value="MULTI_CPU"), ddp_handler=None)
+    assert alternates(Game()) and not alternates(make())
+    check_accelerator(acc, TrainConfig(), make())  # one optimizer: fine
+    with pytest.raises(ConfigError, match=r"alternates optimizers \['critic', 'gen'\].*make_accelerator\(config, "
+                                          r"objective\).*find_unused_parameters=True"):
+        check_accelerator(acc, TrainConfig(), Game())
+    acc.ddp_handler = SimpleNamespace(find_unused_parameters=True)
+    check_accelerator(acc, TrainConfig(), Game())
 
 
 # --- objectives: data-free, batch sources, several optimizers, frozen parts, token tensors -------------------

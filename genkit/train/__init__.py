@@ -13,8 +13,8 @@ groups, optimizers, LR schedule), ``resume`` (the resume policy), ``signals``, `
 """
 
 from .batching import _Batches, _derive_seed  # noqa: F401  (private names importable as before the split)
-from .config import TrainConfig, resume_changes
+from .config import TrainConfig, make_accelerator, resume_changes
 from .loop import LogRecord, Trainer, TrainResult
 from .signals import _ignore_signals, _Interrupt  # noqa: F401
 
-__all__ = ["TrainConfig", "Trainer", "TrainResult", "LogRecord", "resume_changes"]
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "LogRecord", "resume_changes", "make_accelerator"]

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["TrainConfig", "resume_changes", "check_accelerator", "make_accelerator"]
+__all__ = ["TrainConfig", "resume_changes", "check_accelerator", "make_accelerator", "alternates"]
 
 
 def _bad(name: str, value: Any, need: str) -> ConfigError:
@@ -148,8 +148,22 @@ def resume_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, tupl
     return {k: (saved[k], v) for k, v in now.items() if k not in _RESUME_FREE and k in saved and saved[k] != v}
 
 
-def check_accelerator(acc: Any, config: TrainConfig) -> None:
-    """The accelerator must agree with ``config`` and be of a kind the trainer supports (one device or DDP)."""
+def alternates(objective: Any) -> bool:
+    """Whether ``objective`` declares several optimizers (``optimizers()`` with two or more): each step's loss
+    then reaches only the parameters of its update, the others' are unused in that step."""
+    optimizers = getattr(objective, "optimizers", None)
+    return callable(optimizers) and len(optimizers()) > 1
+
+
+def _finds_unused(acc: Any) -> bool:
+    handler = getattr(acc, "ddp_handler", None)
+    return bool(getattr(handler, "find_unused_parameters", False))
+
+
+def check_accelerator(acc: Any, config: TrainConfig, objective: Any = None) -> None:
+    """The accelerator must agree with ``config`` and be of a kind the trainer supports (one device or DDP); for
+    an ``objective`` with several optimizers under DDP, find unused parameters (an update leaves the others'
+    parameters without gradient, which DDP otherwise refuses at the next step)."""
     if acc.mixed_precision != config.mixed_precision:
         raise ConfigError(f"the accelerator uses mixed_precision={acc.mixed_precision!r} but TrainConfig has "
                           f"{config.mixed_precision!r}; make them agree")
@@ -158,14 +172,23 @@ def check_accelerator(acc: Any, config: TrainConfig) -> None:
                           "use 1 and raise batch_size (or add processes)")
     if acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
         raise ConfigError(f"Trainer supports one device and DDP; got distributed_type={acc.distributed_type.value}")
+    if objective is not None and acc.num_processes > 1 and alternates(objective) and not _finds_unused(acc):
+        raise ConfigError(f"{type(objective).__name__} alternates optimizers {sorted(objective.optimizers())}: each "
+                          "update leaves the other parameters without gradient, which DDP refuses; build the "
+                          "accelerator with genkit.train.make_accelerator(config, objective), or pass "
+                          "kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]")
 
 
-def make_accelerator(cfg: TrainConfig) -> Any:
-    """An Accelerator for ``cfg`` (the CPU when asked or without CUDA); a ConfigError when one exists already."""
-    from accelerate import Accelerator
+def make_accelerator(cfg: TrainConfig, objective: Any = None) -> Any:
+    """An Accelerator for ``cfg`` (the CPU when asked or without CUDA); for an ``objective`` with several
+    optimizers its DDP finds unused parameters (see :func:`check_accelerator`). A ConfigError when an
+    Accelerator of other settings exists already."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if alternates(objective) else None
     try:
-        return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+        return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+                           kwargs_handlers=handlers)
     except ValueError as e:  # accelerate's state is a per-process singleton
         raise ConfigError(f"cannot create an Accelerator with mixed_precision={cfg.mixed_precision!r} ({e}); "
                           "pass the existing one as Trainer(accelerator=...) or restart the process") from e

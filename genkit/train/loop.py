@@ -94,7 +94,8 @@ class Trainer:
     ``callbacks`` run on every process at each log step as ``callback(trainer, record)``: they may use
     collectives (e.g. sharded sampling) and should write files only when ``record.is_main_process``.
     Supports one device and DDP; a loss that leaves parameters unused needs an ``accelerator`` built with
-    ``DistributedDataParallelKwargs(find_unused_parameters=True)``.
+    ``DistributedDataParallelKwargs(find_unused_parameters=True)``, which the trainer's own accelerator has for an
+    objective with several optimizers (:func:`~genkit.train.make_accelerator`).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, *, accelerator: Any = None,
@@ -108,8 +109,8 @@ class Trainer:
         self.model = checkpoint.unwrap(model_of(self.objective))
         self.family = checkpoint.model_config(self.model)["family"]  # fail now, not at the first save
         self.config, self.callbacks, self._fitted = config, list(callbacks), False
-        self.accelerator = accelerator if accelerator is not None else make_accelerator(config)
-        check_accelerator(self.accelerator, config)
+        self.accelerator = accelerator if accelerator is not None else make_accelerator(config, self.objective)
+        check_accelerator(self.accelerator, config, self.objective)
         acc = self.accelerator
         self._opts = build_optimizers(self.objective, self.model, config, acc.device)
         self._fused, self._lr_factor = self._opts.fused, lr_factor(config)
