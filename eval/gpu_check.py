@@ -21,7 +21,14 @@ What it runs:
    1024 points (median of ``--repeats``); and a stochastic normalizing flow (flow layers with Langevin and
    Metropolis blocks) on the double well: finite importance weights and their effective sample size.
 
-``--checks diffusion,flows`` (the default) picks the parts; 1-4 are ``diffusion``.
+6. One-step models on the device (``--checks onestep``): the digits UNet of part 1 trained through the ``Trainer``
+   under bf16 autocast as flow matching, as MeanFlow (its JVP target in float32 with the math attention kernel)
+   and as SMD distilling the flow-matching model (two alternating optimizers): median ms/step over ``--windows``
+   windows and the peak memory of each, reported as ratios to flow matching (issue target: MeanFlow <= 2x); the
+   MeanFlow JVP under autocast must come back float32, every loss finite and the parameters float32; one-step
+   sampling of both on the device.
+
+``--checks diffusion,flows,onestep`` (the default) picks the parts; 1-4 are ``diffusion``.
 
 Prints a summary and writes ``eval/results/gpu_check.json``. Exit status: 0 when every check passes, 1 when
 one fails, 77 (the usual "skipped") when there is no CUDA device. ``--allow-cpu`` runs the same steps on the
@@ -252,6 +259,61 @@ def flow_check(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
             "snf_finite": bool(torch.isfinite(log_w).all()), "snf_ess_fraction": effective_sample_size(log_w) / 1024}
 
 
+def onestep_check(data: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Part 6: flow matching, MeanFlow and SMD (from the flow-matching model) on the digits UNet under bf16."""
+    from genkit.models import SMD, FlowMatching, MeanFlow
+    from genkit.nets import UNet
+    from genkit.train import Trainer
+
+    steps = args.window * (args.windows + 1)
+    out: dict[str, Any] = {"steps": steps, "batch_size": args.batch_size}
+    finite, fp32 = {}, {}
+    models: dict[str, Any] = {}
+    for name in ("flow_matching", "meanflow", "smd"):
+        _reset_accelerate()
+        torch.manual_seed(args.seed)
+        if name == "flow_matching":
+            model = FlowMatching(UNet(8), sample_shape=(1, 8, 8))
+        elif name == "meanflow":
+            model = MeanFlow(UNet(8), sample_shape=(1, 8, 8))
+        else:
+            model = SMD.from_teacher(models["flow_matching"], batch_size=args.batch_size)
+        records: list = []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with tempfile.TemporaryDirectory() as folder:
+            trainer = Trainer(model, _config(folder, steps, args), callbacks=[lambda t, r, log=records: log.append(r)])
+            result = trainer.fit(None if name == "smd" else data)
+        window_ms = [1e3 * args.batch_size / r.samples_per_s for r in records[1:]]
+        out[name] = {"ms_per_step_median": median(window_ms), "ms_per_step_windows": window_ms,
+                     "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+                     "losses": [loss for _, loss in result.losses]}
+        finite[name] = all(math.isfinite(loss) for _, loss in result.losses)
+        fp32[name] = all(p.dtype == torch.float32 for p in model.parameters())
+        models[name] = model
+    fm = out["flow_matching"]
+    for name in ("meanflow", "smd"):
+        out[name]["time_ratio_to_flow_matching"] = out[name]["ms_per_step_median"] / fm["ms_per_step_median"]
+        if fm["peak_memory_mb"]:
+            out[name]["memory_ratio_to_flow_matching"] = out[name]["peak_memory_mb"] / fm["peak_memory_mb"]
+    mf = models["meanflow"]
+    z = torch.randn(8, 1, 8, 8, device=device)
+    t, r = torch.full((8,), 0.7, device=device), torch.full((8,), 0.2, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        u, dudt = mf.time_derivative(z, r, t, torch.randn_like(z))
+    samples = {name: models[name].sample(64, generator=torch.Generator(device=device).manual_seed(0))
+               for name in ("meanflow", "smd")}
+    out["jvp_dtypes_under_autocast"] = [str(u.dtype), str(dudt.dtype)]
+    out["checks"] = {
+        **{f"onestep_{k}_losses_finite": v for k, v in finite.items()},
+        **{f"onestep_{k}_params_fp32": v for k, v in fp32.items()},
+        "meanflow_jvp_float32_under_bf16_autocast": out["jvp_dtypes_under_autocast"] == ["torch.float32"] * 2,
+        "meanflow_time_per_step_within_2x_flow_matching": out["meanflow"]["time_ratio_to_flow_matching"] <= 2.0,
+        **{f"{k}_one_step_samples_finite_on_device": bool(torch.isfinite(v).all()) and v.device.type == device.type
+           for k, v in samples.items()}}
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--window", type=int, default=20, help="steps per timed window (and warm-up)")
@@ -260,7 +322,8 @@ def main() -> int:
     parser.add_argument("--sample-n", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="timed sampling runs per solver")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checks", default="diffusion,flows", help="comma-separated parts: diffusion, flows")
+    parser.add_argument("--checks", default="diffusion,flows,onestep",
+                        help="comma-separated parts: diffusion, flows, onestep")
     parser.add_argument("--allow-cpu", action="store_true", help="test this script on a CPU (timings meaningless)")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.allow_cpu:
@@ -272,8 +335,8 @@ def main() -> int:
     from genkit.data import digits
 
     parts = {p.strip() for p in args.checks.split(",") if p.strip()}
-    if not parts or parts - {"diffusion", "flows"}:
-        parser.error(f"--checks takes diffusion and/or flows; got {args.checks!r}")
+    if not parts or parts - {"diffusion", "flows", "onestep"}:
+        parser.error(f"--checks takes diffusion, flows and / or onestep; got {args.checks!r}")
     record: dict[str, Any] = {"benchmark": "gpu_check",
                               "command": "python " + " ".join(["eval/gpu_check.py", *sys.argv[1:]]),
                               "machine": machine_info(), "settings": vars(args)}
@@ -300,6 +363,10 @@ def main() -> int:
             "flow_sample_on_device": flows["sample_device"].startswith(device.type),
             "snf_finite_on_device": flows["snf_finite"] and flows["snf_device"].startswith(device.type)})
         record["flows"] = flows
+    if "onestep" in parts:
+        onestep = onestep_check(digits("train").to(device), args, device)
+        checks.update(onestep.pop("checks"))
+        record["onestep"] = onestep
     record.update({"checks": checks, "passed": all(checks.values())})
     name = "gpu_check" if device.type == "cuda" else "gpu_check_cpu_dryrun"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -309,6 +376,12 @@ def main() -> int:
         f = record["flows"]
         print(f"flow bf16: {f['ms_per_step_median']:.2f} ms/step; sample 1024: {f['sample_1024_ms_median']:.2f} ms; "
               f"SNF ESS {f['snf_ess_fraction']:.3f}; round trip {f['round_trip_max_abs_autocast']:.2g}")
+    if "onestep" in record:
+        o = record["onestep"]
+        print(f"one-step bf16: flow matching {o['flow_matching']['ms_per_step_median']:.2f} ms/step; "
+              + "; ".join(f"{k} {o[k]['ms_per_step_median']:.2f} ms/step ({o[k]['time_ratio_to_flow_matching']:.2f}x"
+                          + (f", memory {o[k]['memory_ratio_to_flow_matching']:.2f}x" if "memory_ratio_to_flow_matching"
+                             in o[k] else "") + ")" for k in ("meanflow", "smd")))
     if "diffusion" in parts:
         train, resume, sampling = record["train_bf16"], record["resume"], record["sampling"]
         print(f"train bf16: {train['ms_per_step_median']:.2f} ms/step (median of {len(train['ms_per_step_windows'])} "

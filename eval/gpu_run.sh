@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in order, each under its own time limit so a failure leaves the others' results:
-#   1. eval/gpu_check.py: bf16 Trainer steps, exact resume and sampling on CUDA -> gpu_check.json
+#   1. eval/gpu_check.py: bf16 Trainer steps, exact resume and sampling on CUDA, flows, one-step models -> gpu_check.json
 #   2. the digits VP-eps model of bench_solvers part (b), trained with train/train.py for a step count sized to
 #      TRAIN_SECONDS from a short calibration run (the chosen count is printed and kept in its trainer_state.json)
 #   3. eval/bench_solvers.py --fields digits on that checkpoint, DSS search included, on CUDA
@@ -30,7 +30,7 @@ stamp "versions"
 { nvidia-smi -L; $PY -c "import torch, diffusers, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), 'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__)"; } >>"$LOG" 2>&1
 
 stamp "1. gpu_check"
-timeout 180 $PY eval/gpu_check.py >>"$LOG" 2>&1; echo "gpu_check exit $?" >>"$LOG"
+timeout 300 $PY eval/gpu_check.py >>"$LOG" 2>&1; echo "gpu_check exit $?" >>"$LOG"
 cp eval/results/gpu_check.json "$OUT/" 2>>"$LOG"
 
 stamp "2a. calibration (300 steps)"
