@@ -56,7 +56,7 @@ def train_mixture_score(steps: int, hidden: int, batch: int, lr: float, t: float
     torch.manual_seed(0)
     model = SMT(MLP(2, hidden=8, depth=1, time_dim=8), MLP(2, hidden=hidden, depth=2, time_dim=16),
                 sample_shape=(2,))
-    opt = torch.optim.Adam(model.score_net.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.score_net.parameters(), lr=lr, fused=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = gen(1)
     for _ in range(steps):
@@ -71,8 +71,8 @@ def train_mixture_score(steps: int, hidden: int, batch: int, lr: float, t: float
 
 def test_mixture_score_matches_the_closed_form_at_one_time():
     """grad log(alpha N(a mu1, a^2 S1 + s^2 I) + (1 - alpha) N(a mu2, a^2 S2 + s^2 I)) at t = 0.5 (linear path)
-    within 5% for alpha in {0, 0.3, 0.7, 1}: one network for every alpha (measured 2.6%, 2.3%, 2.7%, 2.7%)."""
-    model = train_mixture_score(steps=800, hidden=32, batch=256, lr=5e-3, t=0.5)
+    within 5% for alpha in {0, 0.3, 0.7, 1}: one network for every alpha (measured 3.5%, 2.9%, 3.3%, 2.6%)."""
+    model = train_mixture_score(steps=400, hidden=32, batch=256, lr=8e-3, t=0.5)
     errors = {a: weighted_error(model, a, 0.5) for a in (0.0, 0.3, 0.7, 1.0)}
     assert max(errors.values()) < 0.05, errors
 
@@ -337,21 +337,21 @@ def distil(teacher, out, steps: int, batch: int, lr: float, hidden: int = 32) ->
     torch.manual_seed(0)
     model = SMD(MLP(2, hidden=hidden, depth=2, time_dim=16), MLP(2, hidden=hidden, depth=2, time_dim=16),
                 teacher=teacher, sample_shape=(2,), batch_size=batch)
-    ref = teacher.sample(4000, generator=gen(5))
+    ref = teacher.sample(2000, generator=gen(5))
 
     def sw(x):
-        return metrics.sliced_wasserstein(x, ref, generator=gen(0))
+        return metrics.sliced_wasserstein(x, ref, n_projections=64, generator=gen(0))
 
-    before = sw(model.sample(4000, generator=gen(7)))
+    before = sw(model.sample(2000, generator=gen(7)))
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, out_dir=str(out), log_every=steps, progress=False,
                       cpu=True, ema_decay=None, checkpoint_every=None)
     Trainer(model, cfg).fit()
-    return before, sw(model.sample(4000, generator=gen(7))), sw(teacher.sample(4000, generator=gen(9)))
+    return before, sw(model.sample(2000, generator=gen(7))), sw(teacher.sample(2000, generator=gen(9)))
 
 
 def test_smd_improves_the_one_step_samples_of_a_gaussian(tmp_path):
     """300 steps (50 generator updates) from an analytic Gaussian teacher: sliced W2 falls at least 1.7x
-    (measured 1.17 -> 0.58; floor 0.02)."""
+    (measured 1.29 -> 0.62; floor of two exact draws 0.02)."""
     teacher = Gaussian(torch.tensor([1.0, -0.5]), torch.tensor([[0.3, 0.1], [0.1, 0.15]]), LINEAR)
-    before, after, floor = distil(teacher, tmp_path, steps=300, batch=128, lr=1e-3)
+    before, after, floor = distil(teacher, tmp_path, steps=300, batch=64, lr=1e-3)
     assert after < before / 1.7, (before, after, floor)
