@@ -323,6 +323,14 @@ class _ScoreOfMixture(ContinuousModel):
     def _noise(self, x: Tensor, g: torch.Generator | None) -> Tensor:
         return torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
 
+    def _touch_all(self, loss: Tensor) -> Tensor:
+        """``loss + 0 * (one entry of every trainable parameter)``: the same value and gradients, but every
+        parameter takes part in every update's loss, so DDP (whose default does not look for unused parameters)
+        reduces the same set on every step; the other optimizer's parameters get zero gradients, which the
+        trainer clears."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return loss + 0.0 * sum(p.reshape(-1)[0] for p in params) if params else loss
+
     def _check_update(self, update: str | None) -> str:
         if update is None:
             raise ConfigError(f"{self.family}.loss trains two optimizers in turn: pass update='generator' or "
@@ -532,10 +540,12 @@ class SMT(_ScoreOfMixture):
         if update == "score":
             with torch.no_grad():
                 fake = self._fake(x0.shape[0], x0, generator)
-            return self.score_loss(x0, fake, generator)
-        if self._warming:
-            return self.warmup_loss(x0, generator)
-        return self.generator_loss(x0.shape[0], x0, generator)
+            loss, logs = self.score_loss(x0, fake, generator)
+        elif self._warming:
+            loss, logs = self.warmup_loss(x0, generator)
+        else:
+            loss, logs = self.generator_loss(x0.shape[0], x0, generator)
+        return self._touch_all(loss), logs
 
     #: Whether the next generator update is a warm-up one: set by :meth:`update` (the trainer calls it right
     #: before the loss of each step); :meth:`loss` reads it.
