@@ -29,7 +29,11 @@ generator 1e-4 and score 5e-4 are ``TrainConfig(lr=1e-4)`` with the default scal
 a pure function of the step (so resume is exact): the first ``warmup_steps`` steps update the generator (SMT:
 its warm-up), then each cycle of ``score_updates + 1`` steps runs ``score_updates`` score updates and one
 generator update (the official loop: the score model every step, the generator every 5th).
-``loss(batch, generator=..., update=name)`` computes that update's loss only.
+``loss(batch, generator=..., update=name)`` computes that update's loss only; without ``update`` it is a
+ConfigError. Every update's loss also touches each trainable parameter with weight 0, so that DDP's default
+reducer (which does not look for unused parameters) sees the same set on every step; the other optimizer's
+parameters get zero gradients, which the trainer clears. In ``train/train.py`` pass ``--lr 1e-4`` for the
+paper's rates (the script's default 2e-3 is flow matching's).
 
 **The generator direction** (both families; Prop. 3.1): with ``p_a = x - f(x_t; a)`` (x the clean generator
 sample, ``f(.; a)`` the denoiser of the mixture ``a p + (1 - a) q``), ``p_a - p_0 = (s^2 / a_t)(s_0 - s_a)`` is
@@ -531,9 +535,10 @@ class SMT(_ScoreOfMixture):
     def loss(self, batch: Tensor, generator: torch.Generator | None = None, update: str | None = None
              ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of update ``update`` (``"generator"`` or ``"score"``, as :meth:`update` names it) on a data
-        batch ``[B, *sample_shape]``: the score update's mixture DSM on the batch and ``B`` generator samples;
-        the generator update's warm-up denoising (while ``warmup`` is on: pass the step's name from
-        :meth:`update`, which knows) or its SMT direction on ``B`` generator samples."""
+        batch ``[B, *sample_shape]``: the score update's mixture DSM on the batch and ``B`` generator samples; the
+        generator update's SMT direction on ``B`` generator samples, or during the warm-up its denoising loss
+        (:meth:`update` of a warm-up step marks the next generator loss as a warm-up one; the trainer calls it
+        before every step's loss, so a resumed run marks the same steps)."""
         x0 = self.check_batch(batch)
         check_generator(generator, f"{self.family}.loss")
         update = self._check_update(update)
