@@ -304,8 +304,10 @@ class SMD(_ScoreOfMixture):
             with torch.no_grad():
                 fake = self._fake(b, like, generator)
                 real = self._teacher_samples(b, like, generator) if self.data_free else like
-            return self.score_loss(real, fake, generator)
-        return self.generator_loss(b, like, generator)
+            loss, logs = self.score_loss(real, fake, generator)
+        else:
+            loss, logs = self.generator_loss(b, like, generator)
+        return self._touch_all(loss), logs
 
     # --- config -------------------------------------------------------------------------------------------
     def extra_config(self) -> dict[str, Any]:

@@ -29,7 +29,11 @@ generator 1e-4 and score 5e-4 are ``TrainConfig(lr=1e-4)`` with the default scal
 a pure function of the step (so resume is exact): the first ``warmup_steps`` steps update the generator (SMT:
 its warm-up), then each cycle of ``score_updates + 1`` steps runs ``score_updates`` score updates and one
 generator update (the official loop: the score model every step, the generator every 5th).
-``loss(batch, generator=..., update=name)`` computes that update's loss only.
+``loss(batch, generator=..., update=name)`` computes that update's loss only; without ``update`` it is a
+ConfigError. Every update's loss also touches each trainable parameter with weight 0, so that DDP's default
+reducer (which does not look for unused parameters) sees the same set on every step; the other optimizer's
+parameters get zero gradients, which the trainer clears. In ``train/train.py`` pass ``--lr 1e-4`` for the
+paper's rates (the script's default 2e-3 is flow matching's).
 
 **The generator direction** (both families; Prop. 3.1): with ``p_a = x - f(x_t; a)`` (x the clean generator
 sample, ``f(.; a)`` the denoiser of the mixture ``a p + (1 - a) q``), ``p_a - p_0 = (s^2 / a_t)(s_0 - s_a)`` is
@@ -323,6 +327,14 @@ class _ScoreOfMixture(ContinuousModel):
     def _noise(self, x: Tensor, g: torch.Generator | None) -> Tensor:
         return torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
 
+    def _touch_all(self, loss: Tensor) -> Tensor:
+        """``loss + 0 * (one entry of every trainable parameter)``: the same value and gradients, but every
+        parameter takes part in every update's loss, so DDP (whose default does not look for unused parameters)
+        reduces the same set on every step; the other optimizer's parameters get zero gradients, which the
+        trainer clears."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return loss + 0.0 * sum(p.reshape(-1)[0] for p in params) if params else loss
+
     def _check_update(self, update: str | None) -> str:
         if update is None:
             raise ConfigError(f"{self.family}.loss trains two optimizers in turn: pass update='generator' or "
@@ -523,19 +535,22 @@ class SMT(_ScoreOfMixture):
     def loss(self, batch: Tensor, generator: torch.Generator | None = None, update: str | None = None
              ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of update ``update`` (``"generator"`` or ``"score"``, as :meth:`update` names it) on a data
-        batch ``[B, *sample_shape]``: the score update's mixture DSM on the batch and ``B`` generator samples;
-        the generator update's warm-up denoising (while ``warmup`` is on: pass the step's name from
-        :meth:`update`, which knows) or its SMT direction on ``B`` generator samples."""
+        batch ``[B, *sample_shape]``: the score update's mixture DSM on the batch and ``B`` generator samples; the
+        generator update's SMT direction on ``B`` generator samples, or during the warm-up its denoising loss
+        (:meth:`update` of a warm-up step marks the next generator loss as a warm-up one; the trainer calls it
+        before every step's loss, so a resumed run marks the same steps)."""
         x0 = self.check_batch(batch)
         check_generator(generator, f"{self.family}.loss")
         update = self._check_update(update)
         if update == "score":
             with torch.no_grad():
                 fake = self._fake(x0.shape[0], x0, generator)
-            return self.score_loss(x0, fake, generator)
-        if self._warming:
-            return self.warmup_loss(x0, generator)
-        return self.generator_loss(x0.shape[0], x0, generator)
+            loss, logs = self.score_loss(x0, fake, generator)
+        elif self._warming:
+            loss, logs = self.warmup_loss(x0, generator)
+        else:
+            loss, logs = self.generator_loss(x0.shape[0], x0, generator)
+        return self._touch_all(loss), logs
 
     #: Whether the next generator update is a warm-up one: set by :meth:`update` (the trainer calls it right
     #: before the loss of each step); :meth:`loss` reads it.
