@@ -325,7 +325,7 @@ def test_one_step_and_restart_sampling():
 @pytest.mark.parametrize("family", ["smt", "smd"])
 def test_each_update_moves_only_its_own_parameters(family):
     """The score update's gradient is zero on the generator and SMT's generator update's zero on the score side
-    (every parameter is touched, with weight 0, for DDP); each is non-zero on its own. SMD's generator update
+    (none or zero); each is non-zero on its own. SMD's generator update
     reaches the score side too: its GAN term runs through the fake score's trunk and the head (the trainer clears
     those gradients; the optimizer of the step only steps the generator)."""
     model, batch = (SMT if family == "smt" else SMD).example()
@@ -333,9 +333,8 @@ def test_each_update_moves_only_its_own_parameters(family):
     for update, other in (("score", "generator"), ("generator", "score")):
         model.zero_grad(set_to_none=True)
         model.loss(batch, generator=gen(0), update=update)[0].backward()
-        assert all(p.grad is not None for p in groups[other]), update
         if not (family == "smd" and update == "generator"):
-            assert not any(p.grad.any() for p in groups[other]), update
+            assert not any(p.grad is not None and p.grad.any() for p in groups[other]), update
         assert sum(float(p.grad.abs().sum()) for p in groups[update]) > 0, update
 
 
@@ -440,8 +439,8 @@ def test_smt_from_scratch_learns_a_gaussian(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_train_smt_and_smd_to_identical_parameters(tmp_path):
-    """torchrun, 2 CPU processes (gloo): after 12 alternating steps every tensor agrees on both ranks (each update's
-    loss touches every parameter, so DDP's default reducer runs on both optimizers' steps)."""
+    """torchrun, 2 CPU processes (gloo): after 12 alternating steps every tensor agrees on both ranks (the trainer's
+    accelerator finds the parameters each update leaves unused; tests/test_train.py runs SMD in CI)."""
     import os
     import socket
     import subprocess

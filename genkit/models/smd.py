@@ -307,7 +307,7 @@ class SMD(_ScoreOfMixture):
             loss, logs = self.score_loss(real, fake, generator)
         else:
             loss, logs = self.generator_loss(b, like, generator)
-        return self._touch_all(loss), logs
+        return loss, logs
 
     # --- config -------------------------------------------------------------------------------------------
     def extra_config(self) -> dict[str, Any]:

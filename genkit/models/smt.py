@@ -30,9 +30,9 @@ a pure function of the step (so resume is exact): the first ``warmup_steps`` ste
 its warm-up), then each cycle of ``score_updates + 1`` steps runs ``score_updates`` score updates and one
 generator update (the official loop: the score model every step, the generator every 5th).
 ``loss(batch, generator=..., update=name)`` computes that update's loss only; without ``update`` it is a
-ConfigError. Every update's loss also touches each trainable parameter with weight 0, so that DDP's default
-reducer (which does not look for unused parameters) sees the same set on every step; the other optimizer's
-parameters get zero gradients, which the trainer clears. In ``train/train.py`` pass ``--lr 1e-4`` for the
+ConfigError. Each update leaves the other optimizer's parameters without gradient; under DDP the trainer's
+accelerator finds unused parameters for an objective with several optimizers (``genkit.train.make_accelerator``).
+In ``train/train.py`` pass ``--lr 1e-4`` for the
 paper's rates (the script's default 2e-3 is flow matching's).
 
 **The generator direction** (both families; Prop. 3.1): with ``p_a = x - f(x_t; a)`` (x the clean generator
@@ -327,14 +327,6 @@ class _ScoreOfMixture(ContinuousModel):
     def _noise(self, x: Tensor, g: torch.Generator | None) -> Tensor:
         return torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
 
-    def _touch_all(self, loss: Tensor) -> Tensor:
-        """``loss + 0 * (one entry of every trainable parameter)``: the same value and gradients, but every
-        parameter takes part in every update's loss, so DDP (whose default does not look for unused parameters)
-        reduces the same set on every step; the other optimizer's parameters get zero gradients, which the
-        trainer clears."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return loss + 0.0 * sum(p.reshape(-1)[0] for p in params) if params else loss
-
     def _check_update(self, update: str | None) -> str:
         if update is None:
             raise ConfigError(f"{self.family}.loss trains two optimizers in turn: pass update='generator' or "
@@ -550,7 +542,7 @@ class SMT(_ScoreOfMixture):
             loss, logs = self.warmup_loss(x0, generator)
         else:
             loss, logs = self.generator_loss(x0.shape[0], x0, generator)
-        return self._touch_all(loss), logs
+        return loss, logs
 
     #: Whether the next generator update is a warm-up one: set by :meth:`update` (the trainer calls it right
     #: before the loss of each step); :meth:`loss` reads it.
