@@ -1,7 +1,8 @@
 """What the scripts in train/, samplers/ and eval/ share: finding a checkpoint, turning the sampling flags
 (``--solver``, ``--steps``, ``--grid``, ``--t-max``) into a model's sampler the same way in every script
 (:func:`resolve_sampler`), a log line per log step without a progress bar, and reporting genkit errors as one
-line. The library itself never imports this module."""
+line, and loading a distillation teacher (:func:`load_teacher`: a genkit checkpoint or a diffusers folder). The
+library itself never imports this module."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Any
 from .errors import ConfigError, GenkitError, SolverError, TrainingInterrupted
 
 __all__ = ["checkpoint_dir", "script_device", "run_main", "ScriptSampler", "resolve_sampler", "named_grids",
-           "AUTO_T_MAX", "log_lines", "trained_data", "check_data_matches"]
+           "AUTO_T_MAX", "log_lines", "trained_data", "check_data_matches", "step_list", "is_diffusers_folder",
+           "load_teacher", "TeacherSamples", "sample_distances", "digits_features"]
 
 #: The start chosen for a stochastic solver whose reverse SDE is singular at the model's own start (t = 1 of a
 #: flow-matching path, where alpha = 0): what the SDE solvers' own error suggests. ``--t-max`` overrides it.
@@ -325,3 +327,94 @@ def table_held_out(path: str | Path, n: int, seed: int = 0) -> tuple[Any, Any]:
     train = load_table(path, "train", seed=seed)
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))[:min(len(ref), n)]
     return ref, train[pick]
+
+
+def step_list(text: str, flag: str = "step counts") -> tuple[int, ...]:
+    """``"1,2,4"`` as ``(1, 2, 4)``: comma-separated positive integers, else a ConfigError naming ``flag``.
+
+    >>> step_list("1,2,4")
+    (1, 2, 4)
+    """
+    try:
+        steps = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated positive integers like 1,2,4; got {text!r}") from None
+    if not steps or min(steps) < 1:
+        raise ConfigError(f"{flag} must be positive integers; got {text!r}")
+    return steps
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a diffusers pipeline folder (``model_index.json``, or ``unet/`` and ``scheduler/``)."""
+    p = Path(path)
+    return (p / "model_index.json").is_file() or ((p / "unet").is_dir() and (p / "scheduler").is_dir())
+
+
+def load_teacher(path: str | Path, device: Any = "cpu") -> Any:
+    """The frozen teacher of a distillation script: a genkit checkpoint folder (or a train.py run folder holding
+    ``checkpoint/``), loaded with its EMA weights, or a diffusers pipeline folder through
+    :func:`genkit.from_diffusers`. It must be a multi-step field with a sample shape (flow matching or
+    diffusion); anything else is a ConfigError naming what it holds."""
+    from . import checkpoint
+    from .fields import check_field
+    from .interop import from_diffusers
+    from .loading import load
+    from .sampling import ODESampler
+
+    p = Path(path)
+    if is_diffusers_folder(p):
+        teacher = from_diffusers(p).to(device)
+    else:
+        p = checkpoint_dir(p)
+        if not p.is_dir():
+            raise ConfigError(f"--teacher {path}: no such folder; pass a genkit checkpoint (or train.py run folder) "
+                              "or a diffusers pipeline folder")
+        teacher = load(p, map_location=device)
+        family = checkpoint.read_config(p).get("family")
+        default = teacher.default_sampler() if callable(getattr(teacher, "default_sampler", None)) else None
+        if not hasattr(teacher, "sample_shape") or not isinstance(default, ODESampler):
+            raise ConfigError(f"{p} holds a {family!r} model, not a multi-step flow-matching or diffusion field; "
+                              "pass a checkpoint of either (or a diffusers pipeline folder)")
+    check_field(teacher)
+    return teacher
+
+
+class TeacherSamples:
+    """A batch source: each step's batch is ``batch_size`` fresh samples of ``teacher`` (``solver`` x ``steps``),
+    drawn with the trainer's generator, seeded from (seed, step, rank) alone: resume and multi-process exact."""
+
+    def __init__(self, teacher: Any, batch_size: int, solver: str, steps: int):
+        self.teacher, self.batch_size, self.solver, self.steps = teacher, batch_size, solver, steps
+
+    def batch(self, step: int, rank: int, generator: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return self.teacher.sample(self.batch_size, solver=self.solver, steps=self.steps, generator=generator,
+                                       device=generator.device)
+
+
+def sample_distances(x: Any, ref: Any, features: Callable | None, seed: int) -> dict[str, float]:
+    """The sample-quality numbers eval/evaluate.py reports: the Frechet distance in ``features`` (digits: the
+    digits classifier's) for images, else sliced W2, energy distance and MMD (vectors)."""
+    import torch
+
+    from . import metrics
+
+    if features is not None:
+        return {"frechet_digits": metrics.fid(x.clamp(-1, 1), ref, features)}
+    return {"sliced_w2": metrics.sliced_wasserstein(x, ref, generator=torch.Generator().manual_seed(seed)),
+            "energy_distance": metrics.energy_distance(x, ref), "mmd": metrics.mmd(x, ref)}
+
+
+def digits_features() -> Callable:
+    """The features of genkit's small digits classifier (trained on the train split, seed 0), in which the
+    digits Frechet distance is measured."""
+    import torch
+
+    from . import metrics
+    from .data import digits, digits_labels
+
+    classifier = metrics.train_digits_classifier(digits("train"), digits_labels("train"),
+                                                 generator=torch.Generator().manual_seed(0))
+    return classifier.features

@@ -39,10 +39,9 @@ import torch
 
 import genkit
 from genkit import checkpoint
-from genkit.cli import log_lines, run_main, trained_data
+from genkit.cli import TeacherSamples, checkpoint_dir, load_teacher, log_lines, run_main, step_list, trained_data
 from genkit.data import DATASETS, load_dataset
 from genkit.errors import ConfigError
-from genkit.fields import check_field
 from genkit.metrics import ENDPOINT_ERROR, endpoint_rms
 from genkit.models.secant import LOSSES, Secant
 from genkit.nets import MLP, UNet
@@ -60,16 +59,6 @@ class _Parser(argparse.ArgumentParser):
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         return action.help or "" if action.default in (None, False) else super()._get_help_string(action)
-
-
-def step_list(text: str) -> tuple[int, ...]:
-    try:
-        steps = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"step counts must be comma-separated positive integers like 1,2,4; got {text!r}") from None
-    if not steps or min(steps) < 1:
-        raise ConfigError(f"step counts must be positive integers; got {text!r}")
-    return steps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,28 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ConfigError(f"unknown --loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
     if args.init not in ("auto", "teacher", "scratch"):
         raise ConfigError(f"unknown --init {args.init!r}; choose auto, teacher or scratch")
-    args.steps_inference, args.table_steps = step_list(args.steps_inference), step_list(args.table_steps)
+    args.steps_inference = step_list(args.steps_inference, "--steps-inference")
+    args.table_steps = step_list(args.table_steps, "--table-steps")
     for flag in ("n_data", "train_steps", "batch_size", "eval_samples", "ref_steps", "threads"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer; got {getattr(args, flag)}")
     genkit.get_solver(args.ref_solver)
     return args
-
-
-def teacher_checkpoint(path: str) -> Path:
-    """The teacher's checkpoint folder (a train.py run folder holds it as checkpoint/)."""
-    p = Path(path)
-    return p / "checkpoint" if not (p / "config.json").exists() and (p / "checkpoint").is_dir() else p
-
-
-def load_teacher(path: str, device: torch.device) -> Any:
-    p = teacher_checkpoint(path)
-    teacher = genkit.load(p, map_location=device)
-    check_field(teacher)
-    if not hasattr(teacher, "sample_shape"):
-        raise ConfigError(f"{p} holds a {checkpoint.read_config(p)['family']!r} model, not a flow-matching or "
-                          "diffusion field; pass a checkpoint of either")
-    return teacher
 
 
 def build_model(args: argparse.Namespace, teacher: Any) -> Secant:
@@ -166,18 +140,6 @@ def build_model(args: argparse.Namespace, teacher: Any) -> Secant:
     else:
         raise ConfigError(f"no two-time network matches the teacher's {type(net).__name__}; use an MLP or UNet teacher")
     return Secant.from_teacher(teacher, net=two, **kw)
-
-
-class TeacherSamples:
-    """A batch source: each step's batch is ``batch_size`` fresh samples of the teacher (``solver`` x ``steps``),
-    drawn with the trainer's generator, seeded from (seed, step, rank) alone: resume and multi-process exact."""
-
-    def __init__(self, teacher: Any, batch_size: int, solver: str, steps: int):
-        self.teacher, self.batch_size, self.solver, self.steps = teacher, batch_size, solver, steps
-
-    def batch(self, step: int, rank: int, generator: torch.Generator) -> torch.Tensor:
-        return self.teacher.sample(self.batch_size, solver=self.solver, steps=self.steps, generator=generator,
-                                   device=generator.device)
 
 
 def training_data(args: argparse.Namespace, teacher: Any, device: torch.device) -> torch.Tensor | TeacherSamples:
@@ -246,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     if acc.is_main_process:
         logging.basicConfig(format="%(message)s", stream=sys.stdout)
         logging.getLogger("genkit").setLevel(logging.INFO)
-        learned = {"data": args.data} if args.data != "teacher" else trained_data(teacher_checkpoint(args.teacher))
+        learned = {"data": args.data} if args.data != "teacher" else trained_data(checkpoint_dir(args.teacher))
         if learned:  # what eval/evaluate.py scores the model against by default
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "train_data.json").write_text(json.dumps(learned) + "\n", encoding="utf-8")
