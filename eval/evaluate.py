@@ -12,10 +12,18 @@ Every distance comes with its noise floor: the same distance between two held-ou
 model would score at this sample size.
 
 The model is scored with its own sampler unless --solver says otherwise (a secant model's learned jumps, a
-searched solver's own steps and times), and the report says which ("sampler": learned jumps, ODE solver or
-SDE solver; "solver", "steps", "grid", "t_max"). --data defaults to what the checkpoint's run trained on
-(train_data.json, written by train/train.py and train/secant.py); another data set than that is an error
-unless --allow-other-data.
+searched solver's own steps and times), and the report says which ("sampler": learned jumps, ODE solver,
+SDE solver or restart; "solver", "steps", "grid", "t_max"; "nfe" the network evaluations). --data defaults to
+what the checkpoint's run trained on (train_data.json, written by train/train.py and train/secant.py); another
+data set than that is an error unless --allow-other-data; a checkpoint saved by hand (genkit.save, a Trainer's
+out_dir) has no train_data.json: pass --data.
+
+The one-step models MeanFlow, SMT and SMD are scored with 1 learned jump by default ("sampler": "learned jumps",
+"steps": 1, "nfe": 1); --steps k scores k jumps. MeanFlow's velocity view also takes ODE solvers (--solver heun),
+and its --nll is that velocity view's probability-flow density, not the density of its jump samples (the report's
+"nll" says so). SMT and SMD take --solver restart --steps k but no ODE solver, and have no density: their report
+holds "nll": null with "note_nll" saying why, and --nll is an error. An SMD checkpoint is scored without its
+teacher (which is never saved).
 
 A normalizing flow (--family nsf / realnvp) has an exact density: the report always holds the held-out NLL
 in nats from its log_prob ("nll" with "method": "exact"; a class-conditional flow is scored as the mixture
@@ -35,6 +43,8 @@ examples:
   python eval/evaluate.py --checkpoint runs/default
   python eval/evaluate.py --checkpoint runs/default --data moons --solver euler --steps 8 --nll
   python eval/evaluate.py --checkpoint runs/secant               # a secant model: scored with its learned jumps
+  python eval/evaluate.py --checkpoint runs/meanflow --steps 2    # a one-step model with 2 jumps (default 1)
+  python eval/evaluate.py --checkpoint runs/smd_by_hand --data moons   # saved by hand: no train_data.json
   python eval/evaluate.py --checkpoint runs/digits --data digits --n 500 --out runs/digits/eval.json
   python eval/evaluate.py --checkpoint runs/nsf_moons              # a flow: distances and exact held-out NLL
   python eval/evaluate.py --checkpoint runs/nsf_double_well        # a flow trained by an energy: ESS, log Z
@@ -87,11 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="score the model against another --data than its run trained on")
     p.add_argument("--n", type=int, default=2000, help="samples to draw (and held-out size for toy sets)")
     p.add_argument("--solver", help=f"one of {', '.join(SOLVERS.names())}, a searched solver saved by name or its "
-                                    "folder, or jumps (a flow-map model's learned jumps) (default: the model's own "
-                                    "sampler: heun for flow matching and diffusion, the learned jumps of secant "
-                                    "models; the report says which)")
+                                    "folder, jumps (a flow-map or one-step model's learned jumps) or restart (smt / "
+                                    "smd) (default: the model's own sampler: heun for flow matching and diffusion, "
+                                    "the learned jumps of secant models, 1 learned jump for meanflow / smt / smd; "
+                                    "the report says which)")
     p.add_argument("--steps", type=int, help="solver steps or jumps (default: the sampler's own: a searched solver's "
-                                             "N, a jump model's first trained count, else 32)")
+                                             "N, a secant model's first trained count, 1 jump for meanflow / smt / "
+                                             "smd, else 32)")
     p.add_argument("--grid", help=f"time grid, one of {', '.join(named_grids())} (default: uniform over the model's "
                                   "time range; refused where the solver runs on its own times)")
     p.add_argument("--t-max", type=float, metavar="T",
@@ -222,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: {chosen.note}")
     if getattr(model, "energy", None) is not None and args.data is None:
         return evaluate_energy(args, model, ckpt, chosen, device)
+    if args.nll and getattr(model, "no_likelihood", None) is not None:  # before any sampling: say why, at once
+        raise ConfigError(f"--nll: the {model.family} model has no likelihood to score ({model.no_likelihood}); "
+                          "drop --nll (its report holds \"nll\": null and why)")
     record = trained_data(ckpt) or {}
     if args.table is None and args.data is None and "table" in record:
         args.table = record["table"]
@@ -270,9 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         report["noise_floor"] = distances(floor, ref, features, args.seed)
     if getattr(model, "exact_likelihood", False):
         report["nll"] = exact_nll(model, ref[:args.nll_n].to(device), args)
-    elif getattr(model, "no_likelihood", None) is not None:  # no density at all (an snf): --nll is refused by it
-        if args.nll:
-            model.log_prob(ref[:1].to(device))  # the model's own ConfigError, saying why
+    elif getattr(model, "no_likelihood", None) is not None:  # no density at all (an snf, smt, smd)
         report.update(nll=None, note_nll=model.no_likelihood)
     elif args.nll:
         data = ref[:args.nll_n].to(device)
@@ -291,13 +304,16 @@ def main(argv: list[str] | None = None) -> None:
                          "n": len(data), "divergence": mode, "solver": args.nll_solver,
                          "method": f"probability-flow ODE, {mode} divergence",
                          "time_s": time.perf_counter() - t0}
+        if chosen.kind == "learned jumps":  # the distances above score the jumps, this number the velocity view
+            report["nll"]["note"] = (f"the density of the model's velocity view through the probability-flow ODE "
+                                     f"({args.nll_solver}), not of the samples of its {chosen.describe()}")
     out = Path(args.out) if args.out else ckpt.parent / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     shown = {k: v for k, v in report.items() if k in ("sliced_w2", "energy_distance", "mmd", "frechet_digits")}
     print(f"{args.n} samples with {chosen.describe()} (NFE {sol.nfe}): "
           + ", ".join(f"{k} {v:.4g} (floor {report['noise_floor'][k]:.4g})" for k, v in shown.items()))
-    if "nll" in report:
+    if report.get("nll") is not None:
         print(f"NLL of {report['nll']['n']} held-out samples: {report['nll']['nats']:.4f} nats "
               f"({report['nll']['bits_per_dim']:.4f} bits/dim, {report['nll']['method']})")
     print(f"metrics: {out}")

@@ -102,6 +102,8 @@ class ScriptSampler:
         steps = "adaptive steps" if self.steps is None else f"{self.steps} {unit}"
         if self.kind == "learned jumps":
             return f"{'default' if self.steps is None else self.steps} learned jumps, uniform in t"
+        if self.grid == "uniform in t":  # another named sampler on the model's range (restart)
+            return f"{self.steps} {self.kind} steps, uniform in t"
         grid = "its own searched times" if self.grid == "searched" else f"{self.grid} grid"
         start = f" from t={self.t_range[0]:g}" if self.t_range is not None and self.t_range[0] < 1 else ""
         return f"{self.solver} ({self.kind}), {steps}, {grid}{start}"
@@ -163,8 +165,10 @@ def resolve_sampler(model: Any, solver: str | None = None, steps: int | None = N
             return ScriptSampler(one_pass, cls.name, cls.name, None, "none")
         for flag, value in ((f_grid, grid), (f_tmax, t_max)):
             if value is not None:
+                other = (f"or pick a solver (e.g. {f_solver} heun)" if "ode" in model.samplers() else
+                         f"(the {family!r} model takes no ODE solver)")
                 raise ConfigError(f"{flag} {value} would be ignored: {cls.name} run over the model's trained range, "
-                                  f"uniform in t; drop {flag} or pick a solver (e.g. {f_solver} heun)")
+                                  f"uniform in t; drop {flag} {other}")
         sampler = model.get_sampler(cls.name, steps=steps)
         kind = "learned jumps" if isinstance(sampler, JumpSampler) else cls.name
         lo_hi = model.time_range() if callable(getattr(model, "time_range", None)) else None

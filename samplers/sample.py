@@ -9,6 +9,9 @@ examples:
   python samplers/sample.py --checkpoint runs/default/checkpoint --solver euler --steps 8 --grid karras
   python samplers/sample.py --checkpoint runs/digits --n 64 --device cuda --out runs/digits/heun32
   python samplers/sample.py --checkpoint runs/secant --steps 4   # a train/secant.py model: its 4 learned jumps
+  python samplers/sample.py --checkpoint runs/meanflow            # a one-step model: 1 learned jump, NFE 1
+  python samplers/sample.py --checkpoint runs/meanflow --steps 2  # 2 learned jumps, NFE 2
+  python samplers/sample.py --checkpoint runs/smt --solver restart --steps 2   # SMT / SMD: 2 steps, fresh noise
   python samplers/sample.py --checkpoint runs/digits_cond --class 3 --guidance 2.0   # classifier-free guidance
   python samplers/sample.py --checkpoint runs/nsf_moons --n 1000   # a normalizing flow: its exact sampler, NFE 1
   python samplers/sample.py --checkpoint runs/snf_dw --n 1000      # a stochastic flow: its path sampler
@@ -19,6 +22,13 @@ step count); any ODE solver still integrates their velocity view (--solver heun 
 realnvp) sample exactly, one pass through their inverse (--solver exact; --steps / --grid / --t-max are refused);
 a stochastic normalizing flow (snf) in one pass through its flow layers and stochastic blocks, the blocks' noise
 from --seed (--solver path, NFE = the target-energy evaluations along the path; the same refusals).
+
+The one-step models MeanFlow, SMT and SMD (--family meanflow / smt / smd) sample with 1 learned jump by default
+(NFE 1); --steps k takes k jumps, uniform in t (NFE k). Jumps are uniform in t, so --grid and --t-max are refused
+with them. MeanFlow's network at r = t is a velocity, so ODE solvers run on it too (--solver heun ...); SMT and
+SMD have no velocity view (an ODE solver is a ConfigError) but a restart sampler (--solver restart --steps k:
+denoise, re-noise with fresh noise from --seed, k times). An SMD checkpoint samples without its teacher, which
+is never saved.
 """
 
 from __future__ import annotations
@@ -53,12 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--solver", help=f"one of {', '.join(SOLVERS.names())}, a searched solver saved by name "
                                     "(search_solver.py --name) or its folder (--out), or a sampler: "
-                                    f"{', '.join(NAMED_SAMPLERS)} (jumps: the learned jumps of a secant model) "
+                                    f"{', '.join(NAMED_SAMPLERS)} (jumps: the learned jumps of a secant, "
+                                    "meanflow, smt or smd model; restart: smt / smd re-noised steps) "
                                     "(default: the model's default sampler: jumps for models that have them, "
-                                    "else heun)")
+                                    "1 jump for the one-step models meanflow / smt / smd, else heun)")
     p.add_argument("--steps", type=int, help="solver steps (adaptive solvers choose their own) or jumps (default: 32 "
-                                             "solver steps; a searched solver's own N; a jump model's first trained "
-                                             "step count)")
+                                             "solver steps; a searched solver's own N; a secant model's first "
+                                             "trained step count; 1 jump for meanflow / smt / smd, --steps k for "
+                                             "k jumps)")
     p.add_argument("--grid", help=f"time grid of a solver, one of {', '.join(named_grids())} (default: uniform "
                                   "over the model's time range; a searched solver runs on its own times and jumps "
                                   "are uniform in t, so --grid is refused there)")
@@ -69,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the prior draw and solver noise")
     p.add_argument("--out", metavar="DIR",
                    help="output folder (default: samples_SOLVERSTEPS_GRID/ next to the checkpoint folder; "
-                        "samples_exact/ or samples_path/ for a flow)")
+                        "samples_jumpsK/ or samples_restartK/ for K jumps or restart steps; samples_exact/ or "
+                        "samples_path/ for a flow)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     g = p.add_argument_group("class-conditional models")
@@ -139,9 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         if "guidance" in conditioning:
             how += f", guidance {args.guidance:g}"
             tag += f"_cfg{args.guidance:g}"
-    grid_tag = "jumps" if chosen.kind == "learned jumps" else args.grid
     start = f"_tmax{chosen.t_range[0]:g}" if chosen.t_range is not None and chosen.t_range[0] < 1 else ""
-    grid_part = "" if grid_tag in (None, "none") else f"_{grid_tag}"  # one-pass samplers have no grid
+    if chosen.kind not in ("ODE solver", "SDE solver"):  # jumps / restart are uniform in t, flows have no grid
+        start = ""  # a one-step model's top time (SMD: the teacher's t_max) is not a --t-max
+    grid_part = "" if chosen.kind not in ("ODE solver", "SDE solver") or args.grid is None else f"_{args.grid}"
     name = f"samples_{Path(label).name}{args.steps if args.steps is not None else ''}{grid_part}{start}{tag}"
     out = Path(args.out) if args.out else ckpt.parent / name
     t0 = time.perf_counter()

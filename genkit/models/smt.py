@@ -177,6 +177,11 @@ class _ScoreOfMixture(ContinuousModel):
 
     family = "score_of_mixture"
     _score_modules: ClassVar[tuple[str, ...]] = ()
+    #: why there is no likelihood (eval/evaluate.py writes it beside ``"nll": null``; ``log_prob`` raises it).
+    no_likelihood: ClassVar[str] = (
+        "none: a one-step generator (smt, smd) has no tractable density; its field is the generator read as a "
+        "denoiser, not the score of the distribution it samples, so a probability-flow ODE on it would score "
+        "another distribution (for smd mostly the teacher's)")
 
     def __init__(self, net: nn.Module, path: Path | str, *, sample_shape: Sequence[int], prediction: str,
                  input_sigma_data: float | None, score_updates: int, warmup_steps: int, sigma_min: float,
@@ -257,6 +262,10 @@ class _ScoreOfMixture(ContinuousModel):
         if cond:
             raise ConfigError(f"one-step models here are unconditional; got {sorted(cond)}")
         return self.generate(x, t)
+
+    def log_prob(self, x: Tensor, **kwargs: Any) -> Tensor:
+        """Not available: a ConfigError saying why (:attr:`no_likelihood`)."""
+        raise ConfigError(f"log_prob of the {self.family} model: {self.no_likelihood}")
 
     def samplers(self) -> tuple[str, ...]:
         """One jump (the default), the restart sampler with fresh noise, and deterministic jumps."""
