@@ -57,7 +57,6 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +71,7 @@ from genkit.cli import (
     named_grids,
     resolve_sampler,
     run_main,
+    sample_distances,
     script_device,
     table_held_out,
     trained_data,
@@ -126,13 +126,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--nll-steps", type=int, default=100, help="steps of a fixed-step --nll-solver")
     g.add_argument("--nll-batch-size", type=int, default=500, help="held-out samples per likelihood solve")
     return p.parse_args(argv)
-
-
-def distances(x: torch.Tensor, ref: torch.Tensor, features: Callable | None, seed: int) -> dict[str, float]:
-    if features is not None:
-        return {"frechet_digits": metrics.fid(x.clamp(-1, 1), ref, features)}
-    return {"sliced_w2": metrics.sliced_wasserstein(x, ref, generator=torch.Generator().manual_seed(seed)),
-            "energy_distance": metrics.energy_distance(x, ref), "mmd": metrics.mmd(x, ref)}
 
 
 def evaluation_labels(model: Any, args: argparse.Namespace) -> tuple[torch.Tensor | None, str | None]:
@@ -277,12 +270,12 @@ def main(argv: list[str] | None = None) -> None:
                                                       generator=torch.Generator().manual_seed(0))
                       if is_image else None)
         features = classifier.features if classifier is not None else None
-        report.update(distances(x, ref, features, args.seed))
+        report.update(sample_distances(x, ref, features, args.seed))
         if classifier is not None and labels is not None and args.data == "digits":
             with torch.no_grad():
                 read = classifier(x.clamp(-1, 1)).argmax(1)
             report["class_accuracy"] = float((read == labels.cpu()).double().mean())
-        report["noise_floor"] = distances(floor, ref, features, args.seed)
+        report["noise_floor"] = sample_distances(floor, ref, features, args.seed)
     if getattr(model, "exact_likelihood", False):
         report["nll"] = exact_nll(model, ref[:args.nll_n].to(device), args)
     elif getattr(model, "no_likelihood", None) is not None:  # no density at all (an snf, smt, smd)

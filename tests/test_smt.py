@@ -16,6 +16,7 @@ from genkit.analytic import Gaussian, GaussianMixture
 from genkit.errors import ConfigError, DataError, ShapeError
 from genkit.fields import as_score, as_x0
 from genkit.models import SMD, SMT, FlowMatching
+from genkit.models.secant import Secant
 from genkit.models.smt import _surrogate, sample_alpha, smd_direction, smt_direction
 from genkit.models.smt_nets import AlphaNet
 from genkit.nets import MLP
@@ -263,13 +264,21 @@ def test_bad_input_is_named():
 
 def test_a_teacher_of_another_path_or_shape_is_refused(tmp_path):
     net = MLP(2, hidden=8, depth=1)
-    with pytest.raises(ConfigError, match=r"path.*build the model with path=teacher.path"):
+    with pytest.raises(ConfigError, match=r"path.*build the SMD model with path=teacher.path"):
         SMD(net, path="linear", teacher=Gaussian(torch.zeros(2), torch.eye(2), get_path("cosine")), sample_shape=(2,))
     with pytest.raises(ShapeError, match=r"shape \(3,\).*sample_shape=\(3,\)"):
         SMD(net, teacher=Gaussian(torch.zeros(3), torch.eye(3), LINEAR), sample_shape=(2,))
     one_step, _ = SMT.example()
-    with pytest.raises(ConfigError, match="smt model as the teacher"):
+    with pytest.raises(ConfigError, match="smt model as the SMD teacher"):
         SMD.from_teacher(one_step)
+    from genkit.models.meanflow import MeanFlow  # every one-step family refuses every other as its teacher
+
+    with pytest.raises(ConfigError, match="meanflow model as the SMD teacher: its velocity view"):
+        SMD.from_teacher(MeanFlow.example()[0])
+    with pytest.raises(ConfigError, match="smt model as the MeanFlow teacher: its field is its one-step generator"):
+        MeanFlow.from_teacher(one_step)
+    with pytest.raises(ConfigError, match="smd model as the secant teacher"):
+        Secant.from_teacher(SMD.example()[0])
     model, _ = SMD.example()
     with pytest.raises(ConfigError, match="data_free.*without data"):
         model.loss(torch.zeros(4, 2), generator=gen(0), update="score")

@@ -1,6 +1,6 @@
 """What the two-time flow-map families (secant models, MeanFlow) share: a two-time network read as a learned
-jump ``x_s = x_t + (s - t) net(x_t, t, s)``, its velocity view ``net(x, t, t)``, the jump sampler, a time range,
-and the checks of a frozen teacher (path, sample shape, time range).
+jump ``x_s = x_t + (s - t) net(x_t, t, s)``, its velocity view ``net(x, t, t)``, the jump sampler and a time
+range (the checks of a frozen teacher are in :mod:`genkit.models.teachers`).
 
 ``net(x, t, s)`` is the average velocity over ``[t, s]`` (a secant; MeanFlow's ``u(z, r, t) = net(z, t, r)``);
 ``net(x, t, t)`` is the instantaneous velocity, so a flow-map model is also a genkit field (prediction
@@ -9,49 +9,18 @@ and the checks of a frozen teacher (path, sample shape, time range).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
-from ..fields import Field, check_field
-from ..paths import Path, broadcast_time
+from ..paths import broadcast_time
 from ..sampling import JumpSampler, Sampler
-from ..solvers import Solution, Uniform, get_grid
+from ..solvers import Solution, Uniform
 from .continuous import ContinuousModel, _check_label_range, _explain_integer
 
-__all__ = ["FlowMapModel", "teacher_shape", "teacher_range", "check_teacher"]
-
-
-def teacher_shape(teacher: Any) -> tuple[int, ...] | None:
-    """The sample shape of a teacher field (through ``as_*`` views), or None when it cannot be told."""
-    base = getattr(teacher, "base", teacher)  # through as_* views
-    if getattr(base, "sample_shape", None) is not None:
-        return tuple(base.sample_shape)
-    dim = getattr(base, "dim", None)  # analytic fields
-    return (int(dim),) if isinstance(dim, int) and not isinstance(base, nn.Module) else None
-
-
-def teacher_range(teacher: Any) -> tuple[float | None, float | None]:
-    """``(t_min, t_max)`` of the teacher's own sampling grid (e.g. a diffusion model's training range)."""
-    if not hasattr(teacher, "default_grid"):
-        return None, None
-    t_max, t_min = (float(v) for v in get_grid(teacher.default_grid("uniform")).times(1, teacher.path))
-    return t_min, t_max
-
-
-def check_teacher(teacher: Field, path: Path, sample_shape: tuple[int, ...], family: str) -> None:
-    """A ConfigError for a teacher on another path, a ShapeError for one of another sample shape (each naming the
-    fix); an unknown shape (a plain function field) passes."""
-    check_field(teacher)
-    if teacher.path != path:
-        raise ConfigError(f"the teacher uses path {teacher.path!r} but the {family} model {path!r}; build the "
-                          f"{family} model with path=teacher.path")
-    shape = teacher_shape(teacher)
-    if shape is not None and shape != tuple(sample_shape):
-        raise ShapeError(f"the teacher makes samples of shape {shape} but the {family} model was built for "
-                         f"{tuple(sample_shape)}; build it with sample_shape={shape}")
+__all__ = ["FlowMapModel"]
 
 
 class FlowMapModel(ContinuousModel):
@@ -59,6 +28,11 @@ class FlowMapModel(ContinuousModel):
     :attr:`default_jumps` (the jump count of the default sampler), ``loss`` and the config hooks."""
 
     family = "flow_map"
+    #: why a flow-map model is no distillation teacher (:func:`~genkit.models.teachers.refuse_one_step_teacher`)
+    not_a_teacher: ClassVar[str] = (
+        "its velocity view is only the short-jump limit of its learned jumps (and from_teacher would share its "
+        "network); distil from the flow-matching or diffusion model it was trained from, or sample it with its "
+        "own jumps")
 
     @property
     def default_jumps(self) -> int:

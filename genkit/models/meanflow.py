@@ -109,8 +109,9 @@ from ..paths import Path, path_from_config
 from ..sampling import Sampler
 from ..solvers import Solution
 from .continuous import ContinuousModel
-from .flow_map import FlowMapModel, check_teacher, teacher_range, teacher_shape
+from .flow_map import FlowMapModel
 from .registry import FAMILIES
+from .teachers import check_teacher, refuse_one_step_teacher, teacher_range, teacher_shape
 
 __all__ = ["MeanFlow"]
 
@@ -126,14 +127,6 @@ def _unit(name: str, value: Any, meaning: str) -> float:
     if not 0.0 <= v <= 1.0:
         raise ConfigError(f"{name} must lie in [0, 1] ({meaning}); got {v}")
     return v
-
-
-def _refuse_flow_map_teacher(teacher: Any) -> None:
-    base = getattr(teacher, "base", teacher)
-    if isinstance(base, FlowMapModel):
-        raise ConfigError(f"a {base.family} model as the MeanFlow teacher: its velocity view is only the short-jump "
-                          "limit of its learned jumps (and from_teacher would share its network); distil from the "
-                          "flow-matching or diffusion model it was trained from, or sample it with its own jumps")
 
 
 @FAMILIES.register("meanflow")
@@ -242,7 +235,7 @@ class MeanFlow(FlowMapModel):
             self.frozen.set("teacher", None)
             return
         check_field(teacher)
-        _refuse_flow_map_teacher(teacher)
+        refuse_one_step_teacher(teacher, "MeanFlow")
         check_teacher(teacher, self.path, self.sample_shape, self.family)
         base = getattr(teacher, "base", teacher)
         k = getattr(teacher, "num_classes", getattr(base, "num_classes", None))
@@ -272,7 +265,7 @@ class MeanFlow(FlowMapModel):
         teacher's own samples (then the student learns exactly the teacher's flow map). Other keyword arguments
         go to :class:`MeanFlow`."""
         check_field(teacher)
-        _refuse_flow_map_teacher(teacher)
+        refuse_one_step_teacher(teacher, "MeanFlow")
         shape = teacher_shape(teacher)
         if shape is None:
             raise ConfigError(f"cannot tell the sample shape of teacher {type(teacher).__name__}; build "

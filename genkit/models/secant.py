@@ -46,8 +46,9 @@ from ..nets.two_time import build as build_net
 from ..nets.two_time import to_two_time
 from ..paths import Path, path_from_config
 from .continuous import ContinuousModel
-from .flow_map import FlowMapModel, check_teacher, teacher_range, teacher_shape
+from .flow_map import FlowMapModel
 from .registry import FAMILIES
+from .teachers import check_teacher, refuse_one_step_teacher, teacher_range, teacher_shape
 
 __all__ = ["Secant", "LOSSES", "TEACHER_FREE"]
 
@@ -124,6 +125,7 @@ class Secant(FlowMapModel):
             return
         check_field(teacher)
         _refuse_secant_teacher(teacher)
+        refuse_one_step_teacher(teacher, "secant")
         if self.loss_name in TEACHER_FREE:
             raise ConfigError(f"loss {self.loss_name!r} trains without a teacher; drop teacher= or use one of "
                               f"{[n for n in LOSSES if n not in TEACHER_FREE]}")
@@ -137,6 +139,7 @@ class Secant(FlowMapModel):
         a velocity network on unscaled inputs (flow matching); other keyword arguments go to :class:`Secant`."""
         check_field(teacher)
         _refuse_secant_teacher(teacher)
+        refuse_one_step_teacher(teacher, "secant")
         shape = teacher_shape(teacher)
         if shape is None:
             raise ConfigError(f"cannot tell the sample shape of teacher {type(teacher).__name__}; build "

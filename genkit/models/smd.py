@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_generator
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError
 from ..fields import Field, as_x0, check_field
 from ..frozen import Frozen
 from ..nets import build as build_net
@@ -30,24 +30,9 @@ from .continuous import ContinuousModel
 from .registry import FAMILIES
 from .smt import _positive_int, _read_x0, _real, _scaled, _ScoreOfMixture, _surrogate, smd_direction
 from .smt_nets import FeatureTap, LogitHead
+from .teachers import check_teacher, refuse_one_step_teacher, teacher_shape
 
 __all__ = ["SMD"]
-
-
-def _teacher_shape(teacher: Any) -> tuple[int, ...] | None:
-    base = getattr(teacher, "base", teacher)
-    if getattr(base, "sample_shape", None) is not None:
-        return tuple(base.sample_shape)
-    dim = getattr(base, "dim", None)  # analytic fields
-    return (int(dim),) if isinstance(dim, int) and not isinstance(base, nn.Module) else None
-
-
-def _refuse_one_step_teacher(teacher: Any) -> None:
-    base = getattr(teacher, "base", teacher)
-    if isinstance(base, _ScoreOfMixture):
-        raise ConfigError(f"a {base.family} model as the teacher: its field is its one-step generator read as a "
-                          "denoiser, not the score of the data; distil from the flow-matching or diffusion model the "
-                          "data was learned by")
 
 
 @FAMILIES.register("smd")
@@ -137,15 +122,8 @@ class SMD(_ScoreOfMixture):
         if teacher is None:
             self.frozen.set("teacher", None)
             return
-        check_field(teacher)
-        _refuse_one_step_teacher(teacher)
-        if teacher.path != self.path:
-            raise ConfigError(f"the teacher uses path {teacher.path!r} but the SMD model {self.path!r}; build the "
-                              "model with path=teacher.path (SMD.from_teacher does)")
-        shape = _teacher_shape(teacher)
-        if shape is not None and shape != self.sample_shape:
-            raise ShapeError(f"the teacher makes samples of shape {shape} but the SMD model was built for "
-                             f"{self.sample_shape}; build it with sample_shape={shape} (SMD.from_teacher does)")
+        refuse_one_step_teacher(teacher, "SMD")
+        check_teacher(teacher, self.path, self.sample_shape, "SMD")
         self.frozen.set("teacher", teacher)
 
     @property
@@ -160,8 +138,8 @@ class SMD(_ScoreOfMixture):
         prediction and input scaling. ``teacher`` is a genkit flow-matching or diffusion model (``genkit.load``,
         ``genkit.from_diffusers``); for another field pass ``net`` and ``fake_net``. Keywords go to :class:`SMD`."""
         check_field(teacher)
-        _refuse_one_step_teacher(teacher)
-        shape = _teacher_shape(teacher)
+        refuse_one_step_teacher(teacher, "SMD")
+        shape = teacher_shape(teacher)
         if shape is None:
             raise ConfigError(f"cannot tell the sample shape of teacher {type(teacher).__name__}; build "
                               "SMD(net, fake_net, sample_shape=..., teacher=teacher) directly")

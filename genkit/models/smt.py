@@ -176,6 +176,10 @@ class _ScoreOfMixture(ContinuousModel):
     the alternating schedule, sampling, config. Subclasses define the score side."""
 
     family = "score_of_mixture"
+    #: why a one-step generator is no distillation teacher (:func:`~genkit.models.teachers.refuse_one_step_teacher`)
+    not_a_teacher: ClassVar[str] = (
+        "its field is its one-step generator read as a denoiser, not the score of the data; distil from the "
+        "flow-matching or diffusion model the data was learned by")
     _score_modules: ClassVar[tuple[str, ...]] = ()
     #: why there is no likelihood (eval/evaluate.py writes it beside ``"nll": null``; ``log_prob`` raises it).
     no_likelihood: ClassVar[str] = (
