@@ -6,18 +6,19 @@ library itself never imports this module."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import ConfigError, GenkitError, SolverError, TrainingInterrupted
 
 __all__ = ["checkpoint_dir", "script_device", "run_main", "ScriptSampler", "resolve_sampler", "named_grids",
            "AUTO_T_MAX", "log_lines", "trained_data", "check_data_matches", "step_list", "is_diffusers_folder",
-           "load_teacher", "TeacherSamples", "sample_distances", "digits_features"]
+           "load_teacher", "TeacherSamples", "sample_distances", "digits_features", "ScriptParser", "HelpFormatter"]
 
 #: The start chosen for a stochastic solver whose reverse SDE is singular at the model's own start (t = 1 of a
 #: flow-matching path, where alpha = 0): what the SDE solvers' own error suggests. ``--t-max`` overrides it.
@@ -422,3 +423,22 @@ def digits_features() -> Callable:
     classifier = metrics.train_digits_classifier(digits("train"), digits_labels("train"),
                                                  generator=torch.Generator().manual_seed(0))
     return classifier.features
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one ``error: ... (see --help)`` line and status 2, like every
+    other bad input of a script."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keep the description's line breaks and show defaults, but not the None / False placeholders of flags whose
+    default depends on others (nor a second default where the help states one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_scripts import run_main
 
 import genkit
 from genkit.cli import sample_distances
@@ -36,15 +37,7 @@ def script():
 
 
 def run(*args: str) -> int:
-    argv = sys.argv
-    sys.argv = [str(SCRIPT), *map(str, args)]
-    try:
-        runpy.run_path(str(SCRIPT), run_name="__main__")
-        return 0
-    except SystemExit as e:
-        return e.code
-    finally:
-        sys.argv = argv
+    return run_main(SCRIPT, *map(str, args))
 
 
 @pytest.fixture(scope="module")

@@ -43,13 +43,15 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
 import genkit
 from genkit import checkpoint
 from genkit.cli import (
+    HelpFormatter,
+    ScriptParser,
     TeacherSamples,
     checkpoint_dir,
     digits_features,
@@ -81,19 +83,8 @@ METHOD_FLAGS = {
 PRIMARY = {"image": "frechet_digits", "vector": "sliced_w2"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, like every other bad input
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help or "" if action.default in (None, False) else super()._get_help_string(action)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="distill.py", description=__doc__, formatter_class=_Formatter)
+    p = ScriptParser(prog="distill.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--teacher", required=True, metavar="DIR",
                    help="genkit checkpoint (or train.py run folder) or diffusers pipeline folder")
     p.add_argument("--method", required=True, metavar="NAME", help=f"one of {', '.join(METHODS)}")

@@ -33,13 +33,23 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
 import genkit
 from genkit import checkpoint
-from genkit.cli import TeacherSamples, checkpoint_dir, load_teacher, log_lines, run_main, step_list, trained_data
+from genkit.cli import (
+    HelpFormatter,
+    ScriptParser,
+    TeacherSamples,
+    checkpoint_dir,
+    load_teacher,
+    log_lines,
+    run_main,
+    step_list,
+    trained_data,
+)
 from genkit.data import DATASETS, load_dataset
 from genkit.errors import ConfigError
 from genkit.metrics import ENDPOINT_ERROR, endpoint_rms
@@ -50,19 +60,8 @@ from genkit.solvers import SOLVERS
 from genkit.train import TrainConfig, Trainer
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, like every other bad input
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help or "" if action.default in (None, False) else super()._get_help_string(action)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="secant.py", description=__doc__, formatter_class=_Formatter)
+    p = ScriptParser(prog="secant.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--teacher", required=True, metavar="DIR", help="teacher checkpoint (or a train.py run folder)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory; an existing one is resumed")
     g = p.add_argument_group("secant model")

@@ -64,7 +64,7 @@ import torch
 
 import genkit
 from genkit import checkpoint, metrics
-from genkit.cli import energy_metrics, run_main, table_held_out
+from genkit.cli import HelpFormatter, energy_metrics, run_main, table_held_out
 from genkit.data import (
     COMPONENTS,
     DATASETS,
@@ -93,15 +93,6 @@ NAMED_SAMPLERS = [name for name in SAMPLERS.names() if name != "ode"]  # --solve
 FAMILY_FLAGS: dict[str, list[str]] = {}  # family -> the dests of its own flags (filled by build_parser)
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults, but not the None/False placeholders of flags whose default depends on others."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or "default:" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off") else float(text)
 
@@ -109,7 +100,7 @@ def optional_float(text: str) -> float | None:
 def build_parser() -> argparse.ArgumentParser:
     """train.py's flags: the shared ones, then one group per registered family with that family's own flags
     (recorded in FAMILY_FLAGS, so that a flag given to another family is caught)."""
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=_Formatter)
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", metavar="FILE", help="read flags from a .json or .toml file ({flag: value}); "
                                                     "command-line flags override it")
     g = p.add_argument_group("model")
