@@ -14,7 +14,12 @@ from genkit.nets import MLP, NETS, FourierTimeEmbedding, UNet, build
 EXAMPLES = {
     "mlp": ({"name": "mlp", "dim": 3, "hidden": 32, "depth": 2, "time_dim": 16}, (5, 3)),
     "unet": ({"name": "unet", "sample_size": 8, "block_out_channels": [8, 16], "norm_num_groups": 4}, (3, 1, 8, 8)),
+    # sequence denoisers: x is a soft one-hot [B, L, V + 1] (here random floats), the output logits [B, L, V]
+    "sequence_transformer": ({"name": "sequence_transformer", "vocab_size": 4, "length": 6, "dim": 16, "depth": 1,
+                              "heads": 2}, (3, 6, 5)),
+    "conv_dna": ({"name": "conv_dna", "vocab_size": 4, "length": 6, "channels": 8, "depth": 2}, (3, 6, 5)),
 }
+OUT_SHAPES = {"sequence_transformer": (3, 6, 4), "conv_dna": (3, 6, 4)}  # nets whose output is not shaped like x
 
 
 def test_every_registered_net_has_an_example():
@@ -28,7 +33,7 @@ def test_config_round_trip_gives_identical_outputs(name):
     net = build(config).eval()
     x, t = torch.randn(*shape), torch.rand(shape[0])
     out = net(x, t)
-    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert out.shape == OUT_SHAPES.get(name, x.shape) and torch.isfinite(out).all()
     saved = json.loads(json.dumps(net.config()))  # must survive JSON
     assert saved["name"] == name
     torch.manual_seed(1)  # different init, so equality below comes from the state_dict
@@ -154,7 +159,7 @@ def test_unet_bad_input_and_config():
 
 
 def test_build_rejects_bad_configs():
-    with pytest.raises(ConfigError, match="mlp, unet"):
+    with pytest.raises(ConfigError, match="conv_dna, mlp, sequence_transformer, unet"):
         build({"name": "transformerr", "dim": 2})
     with pytest.raises(ConfigError, match="'name'"):
         build({"dim": 2})

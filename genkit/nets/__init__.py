@@ -1,5 +1,8 @@
 """Backbone networks with the one calling convention ``net(x, t, **cond) -> Tensor`` shaped like ``x``.
 
+The sequence denoisers (:mod:`genkit.nets.sequence`) are the exception by nature: they take token ids
+``[B, L]`` or a soft one-hot ``[B, L, V + 1]`` and return logits ``[B, L, V]``.
+
 ``t`` is a float tensor of shape ``[B]`` in ``[0, 1]`` (t = 0 data, t = 1
 noise). Every network has ``config() -> dict`` (JSON-serialisable, with
 ``"name"``), and :func:`build` makes the network back from it, so checkpoints
@@ -21,12 +24,13 @@ from torch import nn
 from ..errors import ConfigError
 from ..registry import Registry
 from .mlp import MLP, FourierTimeEmbedding
+from .sequence import ConvDNA, SequenceTransformer
 from .unet import UNet
 
-__all__ = ["NETS", "build", "MLP", "UNet", "FourierTimeEmbedding"]
+__all__ = ["NETS", "build", "MLP", "UNet", "FourierTimeEmbedding", "SequenceTransformer", "ConvDNA"]
 
 NETS: Registry[type[nn.Module]] = Registry("network")
-for _cls in (MLP, UNet):
+for _cls in (MLP, UNet, SequenceTransformer, ConvDNA):
     NETS.register(_cls.name)(_cls)
 
 
