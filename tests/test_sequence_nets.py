@@ -83,6 +83,32 @@ def test_permutation_behaviour(kind):
         assert not torch.allclose(permuted_out, out_permuted, atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_all_masked_input_is_position_symmetric_only_without_absolute_positions(kind):
+    net = small(kind)
+    out = net(torch.full((B, L), V), torch.ones(B))  # t = 1: every token is the mask
+    same = torch.allclose(out, out[:, :1].expand_as(out), atol=1e-5)
+    assert same == (kind in ("rotary", "none"))  # learned positions, and the conv's zero padding, break the tie
+
+
+@pytest.mark.parametrize("kind", ["rotary", "conv"])
+def test_learns_to_unmask_a_fixed_batch(kind):
+    net = small(kind).train()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, V, (8, L), generator=g)
+    masked = torch.rand(8, L, generator=g) < 0.5
+    xt = torch.where(masked, torch.full_like(x0, V), x0)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = F.cross_entropy(net(xt, torch.full((8,), 0.5)).flatten(0, 1), x0.flatten())
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
 def test_blocks_start_as_plain_pre_norm_blocks_independent_of_time():
     net = small("rotary")
     block = net.blocks[0]

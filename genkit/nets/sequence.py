@@ -139,6 +139,11 @@ class SequenceTransformer(nn.Module):
 
     The blocks' adaLN modulation starts at zero (see ``_Block``); the final norm's modulation does not, so ``t``
     conditions the logits from the first step and every parameter has a gradient at initialisation.
+
+    With rotary or no positions, an input that is the same token everywhere (all masked, at t = 1) gives the
+    same logits at every position: attention scores depend on offsets but the values are all equal. The first
+    unmasking step then draws every position from one marginal; use learned positions when the per-position
+    marginals differ (as in aligned DNA or protein data).
     """
 
     name: ClassVar[str] = "sequence_transformer"
