@@ -41,6 +41,8 @@ def test_logits_shape_and_soft_one_hot_of_ids_is_exactly_the_ids(kind):
     soft = torch.softmax(torch.randn(B, L, V + 1), -1)  # a genuinely soft state embeds as the mixture of rows
     assert torch.allclose(net.embed.weight.T @ soft[0, 0], (soft @ net.embed.weight)[0, 0])
     assert torch.isfinite(net(soft, t)).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision keeps the two paths identical
+        assert torch.equal(net(F.one_hot(x, V + 1).float(), t), net(x, t))
 
 
 @pytest.mark.parametrize("kind", KINDS)

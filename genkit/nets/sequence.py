@@ -71,7 +71,10 @@ def embed_tokens(x: Tensor, embedding: nn.Embedding, net: str) -> Tensor:
                 f"mask), got {list(x.shape)}; add the mask channel or pass ids [B, L] instead"
             )
         weight = embedding.weight
-        return x.to(weight.dtype) @ weight
+        # Outside autocast, like the lookup (which returns rows in the table's dtype), so a hard one-hot embeds
+        # exactly as its ids do (in fp32; TF32 matmuls would round the table).
+        with torch.autocast(x.device.type, enabled=False):
+            return x.to(weight.dtype) @ weight
     raise ShapeError(f"{net} takes long ids [B, L] or a float soft one-hot [B, L, {symbols}], got dtype {x.dtype}")
 
 
