@@ -329,3 +329,17 @@ def test_config_round_trip_rebuilds_the_same_sampler_output():
     clone.load_state_dict(model.state_dict())
     assert clone.config() == model.config()
     assert torch.equal(model.sample(8, steps=5, generator=gen(0)), clone.sample(8, steps=5, generator=gen(0)))
+
+
+def test_the_generic_trainer_fits_token_data_and_genkit_load_rebuilds_the_model(tmp_path):
+    import genkit
+    from genkit.train import TrainConfig, Trainer
+
+    model, _ = MaskedDiffusion.example()
+    data = torch.randint(0, 4, (128, 3), generator=gen(0))
+    Trainer(model, TrainConfig(steps=4, batch_size=32, out_dir=tmp_path, progress=False, checkpoint_every=4,
+                               log_every=2, ema_decay=None)).fit(data)
+    loaded = genkit.load(tmp_path)
+    assert isinstance(loaded, MaskedDiffusion) and loaded.config() == model.config()
+    model.eval()
+    assert torch.equal(loaded.sample(6, steps=4, generator=gen(1)), model.sample(6, steps=4, generator=gen(1)))
