@@ -14,13 +14,25 @@ from .gaussian_fit import GaussianFit, GaussianFlowMap, fit_gaussian
 from .guidance import Guidance, GuidedField, guide
 from .interop import DiffusersScheduler, KDiffusionSampler, from_diffusers, to_diffusers
 from .loading import load
-from .models import SMD, SMT, Diffusion, FlowMatching, MeanFlow, NeuralSplineFlow, RealNVP, Secant, StochasticNSF
+from .models import (
+    SMD,
+    SMT,
+    Diffusion,
+    FlowMatching,
+    MaskedDiffusion,
+    MeanFlow,
+    NeuralSplineFlow,
+    RealNVP,
+    Secant,
+    StochasticNSF,
+)
 from .objective import ParamGroup
 from .paths import get_path
 from .sampling import (
     SAMPLERS,
     ExactSampler,
     JumpSampler,
+    MaskedAncestralSampler,
     ODESampler,
     PathSampler,
     RestartSampler,
@@ -37,7 +49,9 @@ __all__ = [
     "get_path", "FunctionField", "as_velocity", "as_score", "as_x0", "as_eps",
     "Gaussian", "GaussianMixture", "ClassConditionalMixture", "Guidance", "GuidedField", "guide",
     "Diffusion", "FlowMatching", "MeanFlow", "Secant", "NeuralSplineFlow", "RealNVP", "StochasticNSF", "SMT", "SMD",
-    "Sampler", "ODESampler", "JumpSampler", "ExactSampler", "PathSampler", "RestartSampler", "SAMPLERS",
+    "MaskedDiffusion",
+    "Sampler", "ODESampler", "JumpSampler", "ExactSampler", "PathSampler", "RestartSampler", "MaskedAncestralSampler",
+    "SAMPLERS",
     "get_sampler",
     "solve", "get_solver", "get_grid", "ode_log_prob", "ODEFlowMap",
     "load", "save", "Frozen", "ParamGroup",

@@ -16,12 +16,13 @@ Registered in :data:`SAMPLERS` (strings name them in scripts and configs):
 - ``path``: :class:`PathSampler`, one pass of a stochastic normalizing flow (``snf``) through its flow layers and
   stochastic blocks, their noise drawn from the generator: no steps, no grid, no solver;
 - ``restart``: :class:`RestartSampler`, the multistep sampler of a one-step generator (consistency models, DMD2,
-  ``smt`` / ``smd``): denoise, re-noise to the next grid time with fresh noise, denoise again.
+  ``smt`` / ``smd``): denoise, re-noise to the next grid time with fresh noise, denoise again;
+- ``masked_ancestral``: :class:`MaskedAncestralSampler`, the ancestral sampler of masked discrete diffusion
+  (``mdlm``): from all-MASK tokens, unmask positions step by step with the reverse probabilities.
 
 A sampler declares ``takes_steps`` (False for ``exact`` and ``path``): whether a step count means anything to it.
 
-Room is kept for others (a masked ancestral sampler over tokens): a sampler is
-anything with ``name``, ``needs``, ``sample(model, x, generator=None, **cond)`` and ``describe()``.
+A sampler is anything with ``name``, ``needs``, ``sample(model, x, generator=None, **cond)`` and ``describe()``.
 
 >>> import torch
 >>> from genkit.analytic import Gaussian
@@ -49,7 +50,7 @@ from .solvers import Custom, Solution, Solver, TimeGrid, get_grid, get_solver, s
 from .solvers.base import steps_or_default
 
 __all__ = ["SAMPLERS", "Sampler", "ODESampler", "JumpSampler", "ExactSampler", "PathSampler", "RestartSampler",
-           "get_sampler"]
+           "MaskedAncestralSampler", "get_sampler"]
 
 SAMPLERS: Registry = Registry("sampler")
 
@@ -345,6 +346,73 @@ class RestartSampler(Sampler):
 
     def with_steps(self, steps: int | None) -> RestartSampler:
         return RestartSampler(steps) if self.grid is None else RestartSampler(steps, self.grid)
+
+
+@SAMPLERS.register("masked_ancestral")
+class MaskedAncestralSampler(Sampler):
+    """Ancestral sampling of masked (absorbing-state) discrete diffusion: ``MaskedAncestralSampler(steps=None,
+    cache=True)`` (MDLM, Sahoo et al. 2024, arXiv 2406.07524; METHODS.md section 3).
+
+    The target is a model with ``logits(x_t, t) -> log p(x_0 | x_t) [B, L, V + 1]`` (the SUBS
+    parameterisation: no mass on MASK, one-hot carry-over at unmasked positions), ``schedule.alpha(t)`` and
+    ``mask_id`` (``= V``); ``x`` is the all-MASK prior ``[B, L]``. On the uniform grid ``1 = t_0 > ... >
+    t_steps = 0``, each masked position moves from ``t`` to ``s`` to token ``y`` with probability
+    ``p(x_0 = y | x_t) (alpha_s - alpha_t) / (1 - alpha_t)`` and stays MASK with ``(1 - alpha_s) / (1 -
+    alpha_t)``; unmasked positions are copied. The last step (``s = 0``, ``alpha_s = 1``) gives MASK no mass,
+    so it samples every remaining position from ``p(x_0 | x_t)`` (a draw, not the argmax: the output is
+    then exact for an exact denoiser at one step per position). Any ``steps >= 1`` (None: 64); one step
+    samples each position independently from its marginal ``p(x_0 | all MASK)``.
+
+    ``cache`` (MDLM's caching of unchanged states): when a step changes no position of the batch, the next
+    step reuses the previous log-probabilities instead of calling the network. This is exact for a denoiser
+    that ignores ``t`` (the true ``p(x_0 | x_t)`` depends on the unmasked tokens only) and MDLM's
+    approximation for a time-conditioned one. NFE counts the network calls actually made.
+    """
+
+    name = "masked_ancestral"
+    needs = "a masked discrete diffusion model with logits(x_t, t), schedule and mask_id (--family mdlm)"
+
+    def __init__(self, steps: int | None = None, cache: bool = True):
+        if not isinstance(cache, bool):
+            raise ConfigError(f"cache must be True or False (reuse the logits when no position changed); got "
+                              f"{cache!r}")
+        self.steps, self.cache = _check_steps(steps), cache
+
+    def times(self) -> Tensor:
+        """The grid ``[steps + 1]`` (float64) from 1 down to 0."""
+        return torch.linspace(1, 0, (64 if self.steps is None else self.steps) + 1, dtype=torch.float64)
+
+    def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
+        if not callable(getattr(model, "logits", None)) or getattr(model, "mask_id", None) is None:
+            raise ConfigError(f"the masked ancestral sampler needs {self.needs}; {type(model).__name__} has none")
+        if cond:
+            raise ConfigError(f"the masked ancestral sampler takes no conditioning; got {sorted(cond)}")
+        times, mask_id = self.times(), model.mask_id
+        logp, nfe = None, 0
+        on = generator.device if generator is not None else x.device
+        for k in range(len(times) - 1):
+            t, s = float(times[k]), float(times[k + 1])
+            if logp is None or not self.cache:
+                logp = model.logits(x, torch.full((x.shape[0],), t, device=x.device))
+                nfe += 1
+            a_t, a_s = (float(model.schedule.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
+            probs = logp.exp()
+            probs = torch.cat([probs[..., :mask_id] * (a_s - a_t), torch.full_like(probs[..., :1], 1 - a_s)], -1)
+            cdf = probs.cumsum(-1)
+            u = torch.rand(x.shape, generator=generator, device=on, dtype=cdf.dtype).to(x.device) * cdf[..., -1]
+            draw = (cdf <= u[..., None]).sum(-1).clamp(max=mask_id)
+            new = torch.where(x == mask_id, draw, x)
+            if not torch.equal(new, x):
+                logp = None  # a changed state needs a fresh network call
+            x = new
+        return Solution(x, nfe, times)
+
+    def describe(self) -> str:
+        return f"{'default (64)' if self.steps is None else self.steps} ancestral steps" + (
+            ", cached" if self.cache else "")
+
+    def with_steps(self, steps: int | None) -> MaskedAncestralSampler:
+        return MaskedAncestralSampler(steps, self.cache)
 
 
 def get_sampler(sampler: str | Sampler, **options: Any) -> Sampler:

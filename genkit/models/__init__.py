@@ -12,7 +12,8 @@
   under ``--conditional``), and flags shared by several families (declared alike in each ``add_arguments``);
 - optional: ``data_free`` (True when ``loss(None)`` makes its own samples, e.g. a flow trained by an energy),
   ``example_variants`` (names ``example(variant)`` takes; the property suite runs each), and
-  ``exact_likelihood`` (``log_prob(x, labels=None)`` is exact, with no ODE options).
+  ``exact_likelihood`` (``log_prob(x, labels=None)`` is exact, with no ODE options), and ``discrete`` (samples
+  are tokens: ``rsample`` is a ConfigError, and two seeds may draw the same token at a position).
 
 The normalizing-flow families ``nsf`` and ``realnvp`` (:mod:`genkit.models.flows.family`) are distributions with
 an exact ``log_prob``, sampled by the ``exact`` sampler; the stochastic normalizing flow ``snf``
@@ -23,6 +24,9 @@ The one-step families ``smt`` and ``smd`` (:mod:`genkit.models.smt`: Score-of-Mi
 :mod:`genkit.models.smd`: Distillation from a frozen teacher) train two optimizers in turn (``optimizers()``,
 ``update(step)``, ``loss(batch, generator=, update=name)``) and sample in one network evaluation (``jumps``) or
 several (``restart``).
+
+Masked discrete diffusion ``mdlm`` (:mod:`genkit.models.masked`) samples token sequences (``discrete = True``:
+``rsample`` refuses, as tokens have no pathwise derivative) with the ``masked_ancestral`` sampler.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .continuous import ContinuousModel
 from .diffusion import Diffusion
 from .flow_matching import FlowMatching, ot_pairing
 from .flows import FlowFamily, NeuralSplineFlow, RealNVP, StochasticNSF
+from .masked import MaskedDiffusion
 from .meanflow import MeanFlow
 from .registry import FAMILIES, build
 from .secant import Secant
@@ -38,5 +43,6 @@ from .smd import SMD
 from .smt import SMT
 
 __all__ = ["FAMILIES", "build", "ContinuousModel", "Diffusion", "FlowMatching", "MeanFlow", "Secant", "SMT", "SMD",
+           "MaskedDiffusion",
            "ot_pairing",
            "FlowFamily", "NeuralSplineFlow", "RealNVP", "StochasticNSF"]

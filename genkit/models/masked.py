@@ -1,0 +1,262 @@
+"""Masked (absorbing-state) discrete diffusion, MDLM (Sahoo et al. 2024, arXiv 2406.07524; METHODS.md section 3),
+registered in :data:`genkit.models.FAMILIES` as ``mdlm``.
+
+Sequences are long tensors ``x [B, L]`` of tokens in ``0..V-1``; the MASK token is ``V``. The forward process
+masks each position independently with probability ``1 - alpha(t)`` (a :mod:`genkit.models.masking` schedule;
+``t = 0`` data, ``t = 1`` all MASK). A denoiser ``net(x_t, t) -> logits [B, L, V]`` takes token ids ``[B, L]``
+in ``0..V`` or a float soft one-hot ``[B, L, V + 1]`` (e.g. :class:`genkit.nets.tokens.TokenMLP`).
+
+- :meth:`MaskedDiffusion.logits` is the SUBS parameterisation, ``log p(x_0 | x_t) [B, L, V + 1]``: the MASK
+  column is ``-inf`` (never predict MASK) and an unmasked position is the one-hot of its own token
+  (carry-over; for a soft one-hot, the positions whose argmax is not MASK).
+- :meth:`MaskedDiffusion.loss` is the continuous-time negative ELBO per token, :meth:`nll_bound` the negative
+  ELBO per sequence in nats, an upper bound on ``-log p(x)``.
+- :meth:`MaskedDiffusion.concrete_score` is the ratio view of the same denoiser (SEDD / SEPO style).
+- It samples with :class:`genkit.sampling.MaskedAncestralSampler` (``masked_ancestral``).
+
+>>> import torch
+>>> model, batch = MaskedDiffusion.example()
+>>> model.sample(2, steps=4, generator=torch.Generator().manual_seed(0)).shape
+torch.Size([2, 3])
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checks import check_device, check_generator
+from ..errors import ConfigError, DataError, ShapeError
+from ..nets import build as build_net
+from ..nets.tokens import TokenMLP, token_one_hot
+from ..sampling import SAMPLERS, MaskedAncestralSampler, Sampler
+from ..solvers import Solution
+from .masking import MaskSchedule, get_schedule
+from .registry import FAMILIES
+
+__all__ = ["MaskedDiffusion"]
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer; got {value!r}")
+    return int(value)
+
+
+@FAMILIES.register("mdlm")
+class MaskedDiffusion(nn.Module):
+    """MDLM: ``MaskedDiffusion(net, *, vocab_size, length, schedule="log_linear", t_min=1e-3)``.
+
+    ``net(x_t, t) -> logits [B, L, vocab_size]`` is the denoiser; ``schedule`` a
+    :data:`~genkit.models.masking.MASK_SCHEDULES` name or a MaskSchedule; ``t_min`` the lowest training time
+    (the loss draws ``t`` in ``[t_min, 1]``, where the weight ``1 / t`` of the log-linear schedule is at most
+    ``1 / t_min``). Samples are ``[n, length]`` long tokens (``sample_shape = (length,)``).
+    """
+
+    family = "mdlm"
+    #: samples are tokens: no pathwise derivative (``rsample`` refuses), and two seeds may agree at a position.
+    discrete: ClassVar[bool] = True
+    data_free: ClassVar[bool] = False
+
+    def __init__(self, net: nn.Module, *, vocab_size: int, length: int, schedule: str | MaskSchedule = "log_linear",
+                 t_min: float = 1e-3):
+        super().__init__()
+        self.vocab_size = _positive_int("vocab_size", vocab_size)
+        self.length = _positive_int("length", length)
+        if isinstance(t_min, bool) or not isinstance(t_min, numbers.Real) or not 0 < t_min < 1:
+            raise ConfigError(f"t_min must be a number in (0, 1) (the lowest training time; MDLM uses 1e-3); got "
+                              f"{t_min!r}")
+        self.t_min = float(t_min)
+        self.schedule = get_schedule(schedule)
+        self.net = net
+        self.sample_shape = (self.length,)
+
+    @property
+    def mask_id(self) -> int:
+        """The MASK token, ``vocab_size``."""
+        return self.vocab_size
+
+    def _device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    # --- the forward process and the denoiser ----------------------------------------------------------------
+    def check_tokens(self, x: Any, where: str, name: str = "x") -> Tensor:
+        """``x`` when it is a long tensor ``[B, length]`` of data tokens ``0..V-1``; a ShapeError naming the fix."""
+        if not torch.is_tensor(x) or x.is_floating_point() or x.dtype == torch.bool or x.ndim != 2 \
+                or x.shape[1] != self.length:
+            what = f"{x.dtype} of shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+            raise ShapeError(f"{where}: {name} must be a long tensor of token ids [B, {self.length}] in "
+                             f"0..{self.vocab_size - 1}; got {what}. Convert with {name}.long(), or build the model "
+                             f"with length={x.shape[-1] if torch.is_tensor(x) and x.ndim else '...'}")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size):
+            raise ShapeError(f"{where}: {name} holds token ids in {int(x.min())}..{int(x.max())} but data tokens lie "
+                             f"in 0..{self.vocab_size - 1} ({self.vocab_size} is MASK); remap the data or build the "
+                             f"model with vocab_size={int(x.max()) + 1}")
+        return x.long()
+
+    def _time(self, t: Tensor | float, batch: int, device: torch.device) -> Tensor:
+        if not torch.is_tensor(t):
+            return torch.full((batch,), float(t), device=device)
+        if not t.is_floating_point() or t.ndim > 1 or (t.ndim == 1 and t.shape[0] != batch):
+            raise ShapeError(f"t must be a float or a float tensor [{batch}]; got {t.dtype} of shape {tuple(t.shape)}")
+        return t.expand(batch) if t.ndim == 0 else t
+
+    def mask(self, x0: Tensor, t: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
+        """The forward process: ``x_t [B, L]``, each position of ``x0`` MASK with probability ``1 - alpha(t)``
+        (``t [B]`` or a float), independently, drawn from ``generator``."""
+        x0 = self.check_tokens(x0, f"{self.family}.mask", "x0")
+        t = self._time(t, x0.shape[0], x0.device)
+        on = generator.device if generator is not None else x0.device
+        u = torch.rand(x0.shape, generator=generator, device=on).to(x0.device)
+        return torch.where(u < self.schedule.mask_prob(t)[:, None].to(u.dtype), self.mask_id, x0)
+
+    def logits(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """SUBS log-probabilities ``log p(x_0 | x_t) [B, L, V + 1]`` for tokens ``x_t [B, L]`` in ``0..V`` or a
+        soft one-hot ``[B, L, V + 1]``: the network's log-softmax at masked positions, ``-inf`` in the MASK
+        column, the exact one-hot (``0`` at the token, ``-inf`` elsewhere) at unmasked positions."""
+        where = f"{self.family}.logits"
+        onehot = token_one_hot(x_t, self.vocab_size, self.length, where)
+        t = self._time(t, x_t.shape[0], x_t.device)
+        out = self.net(x_t, t)
+        if not torch.is_tensor(out) or tuple(out.shape) != (x_t.shape[0], self.length, self.vocab_size):
+            got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise ShapeError(f"{where}: the denoiser must return logits [B, L, V] = [{x_t.shape[0]}, {self.length}, "
+                             f"{self.vocab_size}] (no MASK column); {type(self.net).__name__} returned {got}")
+        logp = torch.cat([out.log_softmax(-1), torch.full_like(out[..., :1], -torch.inf)], -1)
+        token = onehot.argmax(-1)
+        carry = torch.zeros_like(logp).masked_fill(F.one_hot(token, self.vocab_size + 1) == 0, -torch.inf)
+        return torch.where((token != self.mask_id)[..., None], carry, logp)
+
+    def concrete_score(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """The concrete score ``[B, L, V]`` of the noisy marginal: at a masked position ``l`` of ``x_t``,
+        ``p_t(x_t with l := y) / p_t(x_t) = alpha_t / (1 - alpha_t) * p(x_0^l = y | x_t)``.
+
+        Derivation: ``p_t(x) = sum_{x_0} p(x_0) prod_j [1(x^j = MASK)(1 - alpha_t) + 1(x^j = x_0^j) alpha_t]``;
+        unmasking position ``l`` to ``y`` swaps its factor ``1 - alpha_t`` for ``alpha_t 1(x_0^l = y)``, so the
+        ratio is ``alpha_t / (1 - alpha_t) * P(x_0^l = y | x_t)``. Unmasked positions hold 0: the absorbing
+        reverse process never moves a token that is already unmasked."""
+        logp = self.logits(x_t, t)[..., :self.vocab_size]
+        t = self._time(t, x_t.shape[0], x_t.device)
+        a = self.schedule.alpha(t).to(logp.dtype)[:, None, None]
+        masked = (token_one_hot(x_t, self.vocab_size, self.length, "concrete_score").argmax(-1) == self.mask_id)
+        return torch.where(masked[..., None], a / (1 - a) * logp.exp(), torch.zeros_like(logp))
+
+    # --- training and the likelihood bound -------------------------------------------------------------------
+    def _token_nll(self, x0: Tensor, t: Tensor, generator: torch.Generator | None) -> Tensor:
+        """``-weight(t) * 1(masked) * -log p(x_0^l | x_t)`` per token, ``[B, L]``."""
+        x_t = self.mask(x0, t, generator)
+        logp = self.logits(x_t, t)
+        nll = -logp.gather(-1, x0[..., None])[..., 0]
+        w = -self.schedule.weight(t).to(nll.dtype)[:, None]
+        return torch.where(x_t == self.mask_id, w * nll, torch.zeros_like(nll))
+
+    def loss(self, batch: Any, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """The MDLM negative ELBO per token: ``mean over the batch and the L positions of -alpha'(t) / (1 -
+        alpha(t)) * 1(x_t^l = MASK) * -log p(x_0^l | x_t)`` (``1 / t`` for the log-linear schedule; MDLM's
+        per-token report). ``t`` is low-discrepancy in ``[t_min, 1]``: ``t_i = t_min + (1 - t_min) ((u + i / B)
+        mod 1)`` with one uniform ``u``; ``u`` and the masks are drawn from ``generator``."""
+        check_generator(generator, f"{self.family}.loss")
+        if batch is None:
+            raise DataError(f"{self.family}.loss trains on data and got none (batch=None); pass a tensor of token "
+                            "sequences [n, length] (Trainer.fit(data)); only data-free objectives train without it")
+        x0 = self.check_tokens(batch, f"{self.family}.loss", "batch")
+        b = x0.shape[0]
+        on = generator.device if generator is not None else x0.device
+        u = torch.rand((), generator=generator, device=on).to(x0.device)
+        t = self.t_min + (1 - self.t_min) * ((u + torch.arange(b, device=x0.device) / b) % 1)
+        per_token = self._token_nll(x0, t, generator)
+        loss = per_token.mean()
+        return loss, {"nelbo_per_token": float(loss.detach())}
+
+    def nll_bound(self, x: Tensor, *, n_mc: int = 64, generator: torch.Generator | None = None) -> Tensor:
+        """The negative ELBO per sequence in nats, ``[B]``: ``int_0^1 -alpha'(t) / (1 - alpha(t)) E[sum over
+        masked positions of -log p(x_0^l | x_t)] dt``, estimated with ``n_mc`` stratified times ``t_k = (k +
+        u) / n_mc`` in ``(0, 1)`` (not truncated at ``t_min``) and one mask draw each, from ``generator``. Its
+        expectation is an upper bound on ``-log p(x)`` of the model's continuous-time process (equal to it
+        for the exact denoiser of a distribution); per token, divide by ``length``."""
+        n_mc = _positive_int("n_mc", n_mc)
+        check_generator(generator, f"{self.family}.nll_bound")
+        x = self.check_tokens(x, f"{self.family}.nll_bound")
+        on = generator.device if generator is not None else x.device
+        u = torch.rand((), generator=generator, device=on).to(x.device)
+        total = torch.zeros(x.shape[0], device=x.device)
+        for k in range(n_mc):
+            t = ((k + u) / n_mc).clamp(min=1e-6).expand(x.shape[0])
+            total = total + self._token_nll(x, t, generator).sum(-1)
+        return total / n_mc
+
+    # --- sampling --------------------------------------------------------------------------------------------
+    def samplers(self) -> tuple[str, ...]:
+        return ("masked_ancestral",)
+
+    def default_sampler(self) -> Sampler:
+        return MaskedAncestralSampler()
+
+    def get_sampler(self, sampler: str | Sampler | None = None, steps: int | None = None) -> Sampler:
+        sampler = self.default_sampler() if sampler is None else sampler
+        if isinstance(sampler, str):
+            sampler = SAMPLERS.get(sampler)(steps=steps) if sampler in self.samplers() else sampler
+        elif steps is not None and isinstance(sampler, Sampler):
+            sampler = sampler.with_steps(steps)
+        if not isinstance(sampler, Sampler) or sampler.name not in self.samplers():
+            raise ConfigError(f"{self.family} samples with {self.samplers()}; got sampler {sampler!r}")
+        return sampler
+
+    @torch.no_grad()
+    def sample(self, n: int, *, sampler: str | Sampler | None = None, steps: int | None = None,
+               generator: torch.Generator | None = None, device: torch.device | str | None = None,
+               return_solution: bool = False) -> Tensor | Solution:
+        """``n`` token sequences ``[n, length]`` (long) from the all-MASK prior through ``sampler`` (default
+        :class:`~genkit.sampling.MaskedAncestralSampler`, 64 steps; ``steps`` sets its count).
+        ``return_solution=True`` returns the :class:`~genkit.solvers.Solution` (its NFE counts network calls)."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ConfigError(f"n must be a positive integer; got {n!r}")
+        sampler = self.get_sampler(sampler, steps)
+        check_generator(generator, f"{self.family}.sample")
+        device = check_device(device, f"{self.family}.sample") if device is not None else self._device()
+        x = torch.full((int(n), self.length), self.mask_id, dtype=torch.long, device=device)
+        sol = sampler.sample(self, x, generator=generator)
+        return sol if return_solution else sol.samples
+
+    def rsample(self, n: int, **options: Any) -> Tensor:
+        """Not available: token samples are discrete, so they have no pathwise derivative."""
+        raise ConfigError(f"{self.family} samples discrete tokens, which have no pathwise derivative (rsample); use "
+                          "sample(n) without gradients, or a relaxed (Gumbel-softmax) trajectory through soft one-hot "
+                          "states as DRAKES does")
+
+    # --- config and the family registry's hooks --------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        net = self.net.config() if callable(getattr(self.net, "config", None)) else None
+        if not isinstance(net, dict):
+            raise ConfigError(f"{self.family}.config(): the denoiser {type(self.net).__name__} has no config(); use "
+                              "a genkit network (TokenMLP, or one in genkit.nets.NETS)")
+        return {"family": self.family, "vocab_size": self.vocab_size, "length": self.length,
+                "schedule": self.schedule.name, "t_min": self.t_min, "net": net}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MaskedDiffusion:
+        config = dict(config)
+        if config.pop("family", cls.family) != cls.family:
+            raise ConfigError(f"not an {cls.family} config: {config!r}")
+        net = dict(config.pop("net"))
+        net = TokenMLP(**{k: v for k, v in net.items() if k != "name"}) if net.get("name") == TokenMLP.name \
+            else build_net(net)
+        return cls(net, **config)
+
+    @classmethod
+    def example(cls) -> tuple[MaskedDiffusion, Tensor]:
+        """A tiny seeded model (V = 4 tokens, L = 3, a TokenMLP) and 16 token sequences it trains on."""
+        with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's global RNG untouched
+            torch.manual_seed(0)
+            model = cls(TokenMLP(vocab_size=4, length=3, hidden=16, depth=1, embed_dim=4, time_dim=8),
+                        vocab_size=4, length=3)
+        batch = torch.randint(0, 4, (16, 3), generator=torch.Generator().manual_seed(0))
+        return model, batch
