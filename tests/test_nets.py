@@ -18,8 +18,11 @@ EXAMPLES = {
     "sequence_transformer": ({"name": "sequence_transformer", "vocab_size": 4, "length": 6, "dim": 16, "depth": 1,
                               "heads": 2}, (3, 6, 5)),
     "conv_dna": ({"name": "conv_dna", "vocab_size": 4, "length": 6, "channels": 8, "depth": 2}, (3, 6, 5)),
+    "token_mlp": ({"name": "token_mlp", "vocab_size": 4, "length": 6, "hidden": 16, "depth": 1, "embed_dim": 4,
+                   "time_dim": 8}, (3, 6, 5)),
 }
-OUT_SHAPES = {"sequence_transformer": (3, 6, 4), "conv_dna": (3, 6, 4)}  # nets whose output is not shaped like x
+# nets whose output is not shaped like x: the sequence denoisers' logits
+OUT_SHAPES = {"sequence_transformer": (3, 6, 4), "conv_dna": (3, 6, 4), "token_mlp": (3, 6, 4)}
 
 
 def test_every_registered_net_has_an_example():
@@ -159,7 +162,7 @@ def test_unet_bad_input_and_config():
 
 
 def test_build_rejects_bad_configs():
-    with pytest.raises(ConfigError, match="conv_dna, mlp, sequence_transformer, unet"):
+    with pytest.raises(ConfigError, match="conv_dna, mlp, sequence_transformer, token_mlp, unet"):
         build({"name": "transformerr", "dim": 2})
     with pytest.raises(ConfigError, match="'name'"):
         build({"dim": 2})

@@ -246,10 +246,7 @@ class MaskedDiffusion(nn.Module):
         config = dict(config)
         if config.pop("family", cls.family) != cls.family:
             raise ConfigError(f"not an {cls.family} config: {config!r}")
-        net = dict(config.pop("net"))
-        net = TokenMLP(**{k: v for k, v in net.items() if k != "name"}) if net.get("name") == TokenMLP.name \
-            else build_net(net)
-        return cls(net, **config)
+        return cls(build_net(config.pop("net")), **config)
 
     @classmethod
     def example(cls) -> tuple[MaskedDiffusion, Tensor]:

@@ -25,12 +25,13 @@ from ..errors import ConfigError
 from ..registry import Registry
 from .mlp import MLP, FourierTimeEmbedding
 from .sequence import ConvDNA, SequenceTransformer
+from .tokens import TokenMLP
 from .unet import UNet
 
-__all__ = ["NETS", "build", "MLP", "UNet", "FourierTimeEmbedding", "SequenceTransformer", "ConvDNA"]
+__all__ = ["NETS", "build", "MLP", "UNet", "FourierTimeEmbedding", "SequenceTransformer", "ConvDNA", "TokenMLP"]
 
 NETS: Registry[type[nn.Module]] = Registry("network")
-for _cls in (MLP, UNet, SequenceTransformer, ConvDNA):
+for _cls in (MLP, UNet, SequenceTransformer, ConvDNA, TokenMLP):
     NETS.register(_cls.name)(_cls)
 
 
