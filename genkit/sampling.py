@@ -50,7 +50,7 @@ from .solvers import Custom, Solution, Solver, TimeGrid, get_grid, get_solver, s
 from .solvers.base import steps_or_default
 
 __all__ = ["SAMPLERS", "Sampler", "ODESampler", "JumpSampler", "ExactSampler", "PathSampler", "RestartSampler",
-           "MaskedAncestralSampler", "get_sampler"]
+           "MaskedAncestralSampler", "masked_reverse_step", "get_sampler"]
 
 SAMPLERS: Registry = Registry("sampler")
 
@@ -387,21 +387,14 @@ class MaskedAncestralSampler(Sampler):
             raise ConfigError(f"the masked ancestral sampler needs {self.needs}; {type(model).__name__} has none")
         if cond:
             raise ConfigError(f"the masked ancestral sampler takes no conditioning; got {sorted(cond)}")
-        times, mask_id = self.times(), model.mask_id
+        times = self.times()
         logp, nfe = None, 0
-        on = generator.device if generator is not None else x.device
         for k in range(len(times) - 1):
             t, s = float(times[k]), float(times[k + 1])
             if logp is None or not self.cache:
                 logp = model.logits(x, torch.full((x.shape[0],), t, device=x.device))
                 nfe += 1
-            a_t, a_s = (float(model.schedule.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
-            probs = logp.exp()
-            probs = torch.cat([probs[..., :mask_id] * (a_s - a_t), torch.full_like(probs[..., :1], 1 - a_s)], -1)
-            cdf = probs.cumsum(-1)
-            u = torch.rand(x.shape, generator=generator, device=on, dtype=cdf.dtype).to(x.device) * cdf[..., -1]
-            draw = (cdf <= u[..., None]).sum(-1).clamp(max=mask_id)
-            new = torch.where(x == mask_id, draw, x)
+            new = masked_reverse_step(model, x, logp, t, s, generator)
             if not torch.equal(new, x):
                 logp = None  # a changed state needs a fresh network call
             x = new
@@ -413,6 +406,24 @@ class MaskedAncestralSampler(Sampler):
 
     def with_steps(self, steps: int | None) -> MaskedAncestralSampler:
         return MaskedAncestralSampler(steps, self.cache)
+
+
+def masked_reverse_step(model: Any, x: Tensor, logp: Tensor, t: float, s: float,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """One reverse step ``t -> s`` of masked diffusion, ``x_s [B, L]``, from ``x_t [B, L]`` and its SUBS
+    log-probabilities ``logp = model.logits(x_t, t) [B, L, V + 1]``: a masked position moves to ``y`` with
+    probability ``p(x_0 = y | x_t) (alpha_s - alpha_t) / (1 - alpha_t)`` and stays MASK with ``(1 - alpha_s) /
+    (1 - alpha_t)``; unmasked positions are copied. One uniform per position, ``[B, L]``, from ``generator``
+    (shared by :class:`MaskedAncestralSampler` and reward-guided samplers such as ``genkit.finetune.svdd``)."""
+    mask_id = model.mask_id
+    a_t, a_s = (float(model.schedule.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
+    probs = logp.exp()
+    probs = torch.cat([probs[..., :mask_id] * (a_s - a_t), torch.full_like(probs[..., :1], 1 - a_s)], -1)
+    cdf = probs.cumsum(-1)
+    on = generator.device if generator is not None else x.device
+    u = torch.rand(x.shape, generator=generator, device=on, dtype=cdf.dtype).to(x.device) * cdf[..., -1]
+    draw = (cdf <= u[..., None]).sum(-1).clamp(max=mask_id)
+    return torch.where(x == mask_id, draw, x)
 
 
 def get_sampler(sampler: str | Sampler, **options: Any) -> Sampler:

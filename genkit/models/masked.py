@@ -206,7 +206,11 @@ class MaskedDiffusion(nn.Module):
             sampler = SAMPLERS.get(sampler)(steps=steps) if sampler in self.samplers() else sampler
         elif steps is not None and isinstance(sampler, Sampler):
             sampler = sampler.with_steps(steps)
-        if not isinstance(sampler, Sampler) or sampler.name not in self.samplers():
+        # a guided sampler (genkit.finetune.svdd) is passed as an object, built with its reward; it declares the
+        # sampler whose reverse step it reweights (``guides``), so it runs wherever that one does
+        supported = isinstance(sampler, Sampler) and (sampler.name in self.samplers()
+                                                       or getattr(sampler, "guides", None) in self.samplers())
+        if not supported:
             raise ConfigError(f"{self.family} samples with {self.samplers()}; got sampler {sampler!r}")
         return sampler
 
