@@ -126,6 +126,25 @@ def test_meanflow_student_starts_as_the_teacher_and_resumes(teacher_dir, tmp_pat
         assert not torch.allclose(script()["build_student"](scratch, teacher).average_velocity(z, t, t), teacher(z, t))
 
 
+def test_meanflow_with_the_conditional_velocity_keeps_the_teachers_weights_but_not_its_velocity(teacher_dir):
+    s = script()
+    teacher = genkit.load(teacher_dir / "checkpoint")
+    flags = ["--teacher", str(teacher_dir), "--method", "meanflow", "--out", "o", "--frac-r-neq-t", "0"]
+    args = s["parse_args"]([*flags, "--velocity", "conditional"])
+    student = s["build_meanflow"](args, teacher)
+    assert student.teacher is None and (student.t_min, student.t_max) == (0.0, 1.0)
+    z, t = torch.randn(8, 2), torch.rand(8)
+    with torch.no_grad():  # the init is still the teacher's (a two-time copy)
+        torch.testing.assert_close(student.average_velocity(z, t, t), teacher(z, t), rtol=1e-5, atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    _, logs = student.loss(x, generator=g)  # all pairs r = t: the target is e - x, not the copied velocity
+    attached = s["build_meanflow"](s["parse_args"](flags), teacher)
+    assert attached.teacher is teacher
+    _, logs_teacher = attached.loss(x, generator=torch.Generator().manual_seed(0))
+    assert logs_teacher["mse"] < 1e-10 < 0.1 < logs["mse"]  # the teacher's velocity is its own copy's target
+
+
 def test_smd_student_copies_the_teacher(teacher_dir):
     s = script()
     teacher = genkit.load(teacher_dir / "checkpoint")
@@ -143,6 +162,8 @@ def test_smd_student_copies_the_teacher(teacher_dir):
     (["--method", "smd", "--init", "scratch"], "--init scratch does not apply to --method smd"),
     (["--method", "smd", "--data", "teacher"], "drop --data teacher"),
     (["--method", "meanflow", "--init", "copy"], "unknown --init 'copy'"),
+    (["--method", "meanflow", "--velocity", "marginal"], "unknown --velocity 'marginal'"),
+    (["--method", "smd", "--velocity", "conditional"], "--velocity conditional does not apply to --method smd"),
     (["--method", "meanflow", "--student-nfe", "1,0"], "--student-nfe must be positive"),
     (["--method", "meanflow", "--data", "mnist"], "unknown --data 'mnist'"),
     (["--method", "meanflow", "--modulation", "1.5"], "lambda"),
