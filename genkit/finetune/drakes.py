@@ -1,0 +1,278 @@
+"""DRAKES: reward fine-tuning of masked discrete diffusion by backpropagating a differentiable reward through a
+Gumbel-softmax relaxation of the reverse process (Wang et al., ICLR 2025; METHODS.md section 3).
+
+:class:`DRAKES` is a data-free objective (``data_free = True``; ``loss(None, generator) -> (loss, logs)``) for
+:class:`genkit.train.Trainer`. The module it trains (``model``) is an ``mdlm`` model, a copy of the pretrained
+one; the pretrained model itself (``reference``) and the reward are frozen parts (:class:`genkit.frozen.Frozen`).
+
+**The rollout** (:meth:`DRAKES.rollout`). From the all-MASK prior, over the uniform grid ``1 = t_0 > ... >
+t_steps = 0``, each reverse step ``t -> s`` draws every masked position from ``q(y) ∝ p_theta(x_0 = y | x_t)
+(alpha_s - alpha_t)`` for a token ``y`` and ``∝ 1 - alpha_s`` for MASK (:func:`genkit.sampling.masked_reverse_step`).
+
+- The first ``steps - truncate`` steps draw hard tokens, as the ancestral sampler does, and are detached.
+- The last ``truncate`` steps replace the draw by a Gumbel-softmax sample ``softmax((log(q + 1e-8) + g) / tau)``
+  (``g`` standard Gumbel, ``1e-10`` inside its logs), and the new state is ``soft_copy * x + (1 - soft_copy) *
+  sample`` with ``soft_copy = 1 - x[..., MASK]``. The soft one-hots ``[B, L, V + 1]`` are fed back to the network.
+- The final sample is straight-through: ``hard + (soft - sg(soft))`` over the ``V`` token columns, so the
+  forward value is exactly the one-hot of the argmax (the reward sees hard tokens) and the gradient is the soft
+  sample's. With ``truncate = 0`` the whole path is hard and the reward term has no gradient at all.
+
+**The loss** is ``-mean r(x_0) + alpha(step) * mean over the batch of KL``, where ``alpha(step) = alpha *
+min(1, (step + 1) / alpha_warmup)`` (constant ``alpha`` when ``alpha_warmup = 0``; the official code's linear
+warm-up) and ``step`` is the buffer :attr:`DRAKES.loss_steps`, the training-mode loss calls with gradients so far
+(part of the objective's resume state, saved by the trainer beside the model's weights).
+
+``kl="paper"`` (default), the paper's path KL of the two CTMCs: the rate out of MASK into ``y`` is ``-alpha'(t) /
+(1 - alpha(t)) * p(x_0 = y | x_t)`` (``1 / t`` for the log-linear schedule), so the path KL is ``int_0^1
+-alpha'(t) / (1 - alpha(t)) * sum over masked positions of KL(p_theta(.|x_t) || p_ref(.|x_t)) dt``. Its Riemann
+sum on the sampling grid is
+
+    ``KL = sum_k (t_k - t_{k+1}) * -w(t_k) * sum_{l: x_t^l = MASK} sum_y p_theta(y) log(p_theta(y) / p_ref(y))``
+
+(``w`` the schedule's :meth:`~genkit.models.masking.MaskSchedule.weight`, ``-w(t) = 1 / t`` log-linear; a position
+counts as masked when the argmax of its soft one-hot is MASK, which is where SUBS gives the network's
+probabilities; at unmasked positions both models are the same one-hot and contribute 0).
+
+``kl="code"``, the estimator of the released code (``drakes_dna/finetune_reward_bp.py``): per step ``k``, with
+``copy = 1 - x_t[..., MASK]`` (1 at *unmasked* inputs) and the current state's token part ``x_t[..., :V]``,
+
+    ``KL_k = sum_l copy_l * sum_y x_t^l(y) * [p_ref(y) - p_theta(y) + p_theta(y) log(p_theta(y) / p_ref(y))]
+    / (1 - alpha(t_k))``
+
+summed over all steps with no ``dt``. Under SUBS both models are the same one-hot at unmasked positions, so this
+picks up only the "leakage" of soft states (METHODS.md section 3, pitfalls); it is offered for comparison.
+
+In both forms the KL is evaluated at every step (the official default ``truncate_kl=False``): the network's
+probabilities carry gradients at every step, the states only in the last ``truncate`` steps.
+
+Gradient accumulation: :class:`genkit.train.Trainer` refuses ``gradient_accumulation_steps != 1`` (the official
+runs accumulate 4 or 8 batches of 32 or 16); raise ``batch_size`` instead.
+
+>>> import copy, torch
+>>> from genkit.models import MaskedDiffusion
+>>> from genkit.finetune import Reward
+>>> pre, _ = MaskedDiffusion.example()
+>>> reward = Reward(lambda x: x[..., 0].sum(-1), differentiable=True, name="count0")
+>>> obj = DRAKES(copy.deepcopy(pre), pre, reward, steps=4, truncate=2, batch_size=8)
+>>> loss, logs = obj.loss(None, torch.Generator().manual_seed(0))
+>>> sorted(logs)
+['alpha', 'kl', 'reward']
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checks import check_generator
+from ..errors import ConfigError
+from ..frozen import Frozen
+from ..sampling import masked_reverse_step
+from .rewards import Reward
+
+__all__ = ["DRAKES", "Rollout", "gumbel_softmax"]
+
+KL_FORMS = ("paper", "code")
+_LOG_FLOOR = -1e4  # stands in for log 0 (SUBS's -inf) in the KL, so 0 * (log 0 - log 0) is 0, not nan
+
+
+def _int(name: str, value: Any, low: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}. {hint}")
+    return int(value)
+
+
+def _real(name: str, value: Any, hint: str, *, positive: bool) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) \
+        and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ConfigError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}; got {value!r}. {hint}")
+    return float(value)
+
+
+def gumbel_softmax(logits: Tensor, tau: float, generator: torch.Generator | None = None) -> Tensor:
+    """A Gumbel-softmax sample ``softmax((logits + g) / tau)`` over the last dimension, ``g = -log(-log(u +
+    1e-10) + 1e-10)`` with ``u`` uniform from ``generator`` (as tau -> 0 its argmax is a draw from
+    ``softmax(logits)``: the Gumbel-max trick)."""
+    on = generator.device if generator is not None else logits.device
+    u = torch.rand(logits.shape, generator=generator, device=on, dtype=logits.dtype).to(logits.device)
+    g = -torch.log(-torch.log(u + 1e-10) + 1e-10)
+    return ((logits + g) / tau).softmax(-1)
+
+
+class Rollout(NamedTuple):
+    """One relaxed trajectory: ``x0`` the straight-through final sample ``[B, L, V]``; per step ``k`` (from
+    ``t = 1``), ``states[k]`` the state ``x_{t_k}`` ``[B, L, V + 1]`` fed to the network, ``logp[k]`` the model's
+    SUBS log-probabilities there ``[B, L, V + 1]`` (with gradients), ``times`` the grid ``[steps + 1]``."""
+
+    x0: Tensor
+    states: list[Tensor]
+    logp: list[Tensor]
+    times: Tensor
+
+
+class DRAKES(nn.Module):
+    """``DRAKES(model, reference, reward, *, steps=128, truncate=50, tau=1.0, alpha=1e-3, alpha_warmup=0,
+    kl="paper", batch_size=32)`` (official DNA settings); see the module docstring.
+
+    Args:
+        model: the ``mdlm`` model to fine-tune (a copy of ``reference``, e.g. ``copy.deepcopy(pretrained)``).
+        reference: the frozen pretrained ``mdlm`` model (same vocabulary, length and schedule).
+        reward: a differentiable :class:`~genkit.finetune.Reward` on soft one-hots ``[B, L, V]``.
+        steps: reverse steps of the rollout; truncate: how many of the last steps carry gradients (0..steps).
+        tau: the Gumbel-softmax temperature (> 0); alpha: the KL weight (>= 0); alpha_warmup: loss steps of its
+            linear warm-up (0: none); kl: ``"paper"`` or ``"code"``; batch_size: rollouts per loss.
+    """
+
+    data_free = True
+
+    def __init__(self, model: nn.Module, reference: nn.Module, reward: Reward, *, steps: int = 128,
+                 truncate: int = 50, tau: float = 1.0, alpha: float = 1e-3, alpha_warmup: int = 0,
+                 kl: str = "paper", batch_size: int = 32):
+        super().__init__()
+        for name, m in (("model", model), ("reference", reference)):
+            if not isinstance(m, nn.Module) or not callable(getattr(m, "logits", None)) \
+                    or getattr(m, "mask_id", None) is None or getattr(m, "schedule", None) is None:
+                raise ConfigError(f"DRAKES fine-tunes masked diffusion: {name} must be an mdlm model "
+                                  f"(genkit.models.MaskedDiffusion); got {type(m).__name__}")
+        if model is reference:
+            raise ConfigError("model and reference are the same object; fine-tune a copy: DRAKES(copy.deepcopy("
+                              "pretrained), pretrained, reward, ...)")
+        for attr in ("vocab_size", "length"):
+            if getattr(model, attr) != getattr(reference, attr):
+                raise ConfigError(f"reference has {attr}={getattr(reference, attr)} but model has {attr}="
+                                  f"{getattr(model, attr)}; the reference must be the pretrained model the fine-"
+                                  "tuned one was copied from (same vocabulary and length)")
+        if getattr(model.schedule, "name", None) != getattr(reference.schedule, "name", None):
+            raise ConfigError(f"reference uses the {reference.schedule.name!r} schedule but model uses "
+                              f"{model.schedule.name!r}; use the reference's schedule for the model")
+        if not isinstance(reward, Reward):
+            raise ConfigError(f"reward must be a genkit Reward; got {type(reward).__name__}. Wrap it: "
+                              "Reward(fn, differentiable=True) with fn taking soft one-hots [B, L, V]")
+        if not reward.differentiable:
+            raise ConfigError(f"DRAKES backpropagates through the reward, but reward {reward.name!r} is not "
+                              "differentiable; declare Reward(fn, differentiable=True) if fn has gradients on "
+                              "soft one-hots [B, L, V], else use SEPO or SVDD (genkit.finetune.SVDDSampler), "
+                              "which need only reward values")
+        self.steps = _int("steps", steps, 1, "It is the number of reverse steps of the rollout (official: 128).")
+        self.truncate = _int("truncate", truncate, 0, "It is how many of the last steps carry gradients.")
+        if self.truncate > self.steps:
+            raise ConfigError(f"truncate={truncate} exceeds steps={steps}; use 0 <= truncate <= steps (official: "
+                              "50 of 128)")
+        self.tau = _real("tau", tau, "It is the Gumbel-softmax temperature (official: 1.0 DNA, 0.5 protein).",
+                         positive=True)
+        self.alpha = _real("alpha", alpha, "It is the KL weight (official: 1e-3; 0 disables the KL).",
+                           positive=False)
+        self.alpha_warmup = _int("alpha_warmup", alpha_warmup, 0, "It is the loss steps of alpha's linear warm-up "
+                                 "(0: none).")
+        if kl not in KL_FORMS:
+            raise ConfigError(f"kl must be one of {KL_FORMS} (the paper's masked-position KL, or the released "
+                              f"code's estimator); got {kl!r}")
+        self.kl = kl
+        self.batch_size = _int("batch_size", batch_size, 1, "It is the number of rollouts per loss.")
+        self.model = model
+        self.frozen = Frozen(reference=reference, reward=reward)
+        self.register_buffer("loss_steps", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def reference(self) -> nn.Module:
+        return self.frozen.reference
+
+    @property
+    def reward(self) -> Reward:
+        return self.frozen.reward
+
+    def config(self) -> dict[str, Any]:
+        return {"steps": self.steps, "truncate": self.truncate, "tau": self.tau, "alpha": self.alpha,
+                "alpha_warmup": self.alpha_warmup, "kl": self.kl, "batch_size": self.batch_size}
+
+    def alpha_at(self, step: int) -> float:
+        """The KL weight at loss step ``step`` (0-based): ``alpha * min(1, (step + 1) / alpha_warmup)``."""
+        if self.alpha_warmup == 0:
+            return self.alpha
+        return self.alpha * min(1.0, (step + 1) / self.alpha_warmup)
+
+    def _device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return self.loss_steps.device
+
+    def times(self) -> Tensor:
+        """The grid ``[steps + 1]`` (float64) from 1 down to 0, the masked ancestral sampler's."""
+        return torch.linspace(1, 0, self.steps + 1, dtype=torch.float64)
+
+    # --- the relaxed trajectory -------------------------------------------------------------------------------
+    def rollout(self, n: int, generator: torch.Generator | None = None) -> Rollout:
+        """``n`` relaxed trajectories of the model from all-MASK (the module docstring's rollout), drawn from
+        ``generator``."""
+        m = self.model
+        v, mask_id = m.vocab_size, m.mask_id
+        device = self._device()
+        times = self.times()
+        x = F.one_hot(torch.full((n, m.length), mask_id, dtype=torch.long, device=device), v + 1)
+        x = x.to(torch.get_default_dtype())
+        states, logps = [], []
+        first_soft = self.steps - self.truncate
+        for k in range(self.steps):
+            t, s = float(times[k]), float(times[k + 1])
+            logp = m.logits(x, t)
+            states.append(x)
+            logps.append(logp)
+            if k < first_soft:  # hard and detached, exactly the ancestral sampler's step
+                tokens = masked_reverse_step(m, x.argmax(-1), logp.detach(), t, s, generator)
+                x = F.one_hot(tokens, v + 1).to(x.dtype)
+                continue
+            a_t, a_s = (float(m.schedule.alpha(torch.tensor(u, dtype=torch.float64))) for u in (t, s))
+            p = logp.exp()[..., :v] * ((a_s - a_t) / (1 - a_t))
+            q = torch.cat([p, torch.full_like(p[..., :1], (1 - a_s) / (1 - a_t))], -1)
+            sample = gumbel_softmax(torch.log(q + 1e-8), self.tau, generator)
+            soft_copy = 1 - x[..., mask_id:]
+            x = soft_copy * x + (1 - soft_copy) * sample
+        soft = x[..., :v]
+        hard = F.one_hot(soft.argmax(-1), v).to(soft.dtype)
+        x0 = hard + (soft - soft.detach())  # exactly the one-hot forward, the soft sample's gradient
+        return Rollout(x0, states, logps, times)
+
+    def kl_terms(self, roll: Rollout) -> Tensor:
+        """The KL of each step and sample, ``[steps, B]`` (``kl`` form; its sum over steps is the KL)."""
+        ref, v, mask_id = self.reference, self.model.vocab_size, self.model.mask_id
+        out = []
+        for k, (x, logp) in enumerate(zip(roll.states, roll.logp)):
+            t, s = roll.times[k], roll.times[k + 1]
+            logq = ref.logits(x, float(t))
+            lp, lq = logp[..., :v].clamp(min=_LOG_FLOOR), logq[..., :v].clamp(min=_LOG_FLOOR)
+            p = lp.exp()
+            if self.kl == "paper":
+                rate = float(-self.model.schedule.weight(t))
+                masked = (x.argmax(-1) == mask_id).to(p.dtype)
+                per_pos = (p * (lp - lq)).sum(-1) * masked
+                out.append(float(t - s) * rate * per_pos.sum(-1))
+            else:
+                move = float(1 - self.model.schedule.alpha(t))
+                copy = 1 - x[..., mask_id]
+                term = (lq.exp() - p + p * (lp - lq)) * x[..., :v]
+                out.append((copy * term.sum(-1)).sum(-1) / move)
+        return torch.stack(out)
+
+    def loss(self, batch: Any, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``-mean r(x_0) + alpha(step) * mean KL`` over ``batch_size`` rollouts drawn from ``generator``;
+        ``batch`` must be None (data-free). Logs the mean reward (of the hard samples), KL and alpha."""
+        check_generator(generator, "DRAKES.loss")
+        if batch is not None:
+            raise ConfigError("DRAKES is data-free (its rollouts are its samples); call loss(None, generator) and "
+                              "Trainer.fit() without data")
+        training = self.training and torch.is_grad_enabled()
+        alpha = self.alpha_at(int(self.loss_steps))
+        roll = self.rollout(self.batch_size, generator)
+        r = self.reward(roll.x0)
+        kl = self.kl_terms(roll).sum(0).mean()
+        loss = -r.mean() + alpha * kl
+        if training:
+            self.loss_steps += 1
+        logs = {"reward": r.detach().mean(), "kl": kl.detach(), "alpha": torch.tensor(alpha)}
+        return loss, logs

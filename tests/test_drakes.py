@@ -1,0 +1,185 @@
+"""DRAKES (genkit.finetune.drakes): truncation and straight-through gradients, the KL forms against enumeration,
+the Gumbel-softmax relaxation at small tau, a short fine-tuning run, and the ConfigErrors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical, kl_divergence
+
+from genkit.errors import ConfigError
+from genkit.finetune import DRAKES, Reward
+from genkit.models import MaskedDiffusion
+from genkit.nets.tokens import TokenMLP
+
+
+def count0(x: torch.Tensor) -> torch.Tensor:
+    return x[..., 0].sum(-1)
+
+
+REWARD = Reward(count0, differentiable=True, name="count0")
+ALPHAS = (0.0, 0.3)  # measured: pretrained 0.76 tokens 0 of 3; alpha 0 -> 3.00 (collapse), 0.3 -> 1.55
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def pair(perturb: float = 0.0) -> tuple[MaskedDiffusion, MaskedDiffusion]:
+    pre, _ = MaskedDiffusion.example()
+    model = copy.deepcopy(pre)
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(perturb * torch.randn(p.shape, generator=gen(1)))
+    return model, pre
+
+
+def test_truncation_controls_which_steps_get_reward_gradient() -> None:
+    model, pre = pair()
+    # K = 0: the whole path is hard, the straight-through sample is a constant: no reward gradient at all
+    obj = DRAKES(model, pre, REWARD, steps=4, truncate=0, alpha=0.0, batch_size=16)
+    roll = obj.rollout(16, gen())
+    assert not obj.reward(roll.x0).requires_grad
+    loss, _ = obj.loss(None, gen())
+    loss.backward()  # the 0 * KL term keeps a graph; every parameter gets exactly zero
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    model.zero_grad()
+    # K = steps: the reward reaches the network's output at every step, and the parameters
+    for truncate, live in ((4, [True] * 4), (2, [False, False, True, True])):
+        obj = DRAKES(model, pre, REWARD, steps=4, truncate=truncate, alpha=0.0, batch_size=16)
+        roll = obj.rollout(16, gen())
+        for lp in roll.logp:
+            lp.retain_grad()
+        (-obj.reward(roll.x0).mean()).backward()
+        got = [lp.grad is not None and bool(lp.grad.nan_to_num().abs().sum() > 0) for lp in roll.logp]
+        assert got == live, (truncate, got)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+        model.zero_grad()
+
+
+def test_straight_through_sample_is_exactly_one_hot() -> None:
+    model, pre = pair()
+    obj = DRAKES(model, pre, REWARD, steps=4, truncate=4, batch_size=32)
+    x0 = obj.rollout(32, gen()).x0
+    assert x0.shape == (32, 3, 4) and x0.requires_grad
+    assert torch.equal(x0.detach(), F.one_hot(x0.detach().argmax(-1), 4).to(x0.dtype))
+
+
+def _enumerated_kl(model: MaskedDiffusion, pre: MaskedDiffusion, x: torch.Tensor, t: float) -> torch.Tensor:
+    """sum over masked positions of KL(p_theta || p_ref), by torch.distributions on the raw network logits."""
+    tt = torch.full((x.shape[0],), t)
+    kl = kl_divergence(Categorical(logits=model.net(x, tt)), Categorical(logits=pre.net(x, tt)))
+    return (kl * (x.argmax(-1) == model.mask_id)).sum(-1)
+
+
+def test_kl_zero_at_reference_positive_after_perturbing_and_enumerated() -> None:
+    model, pre = pair()
+    for kl in ("paper", "code"):
+        obj = DRAKES(model, pre, REWARD, steps=4, truncate=4, kl=kl, batch_size=8)
+        assert float(obj.kl_terms(obj.rollout(8, gen())).detach().abs().max()) == 0.0
+    model, pre = pair(perturb=0.5)
+    obj = DRAKES(model, pre, REWARD, steps=1, truncate=1, batch_size=8)
+    roll = obj.rollout(8, gen())
+    terms = obj.kl_terms(roll)
+    assert terms.shape == (1, 8) and bool((terms > 0).all())
+    # one step from t = 1 (all MASK): dt = 1, rate 1 / t = 1, every position masked
+    torch.testing.assert_close(terms[0], _enumerated_kl(model, pre, roll.states[0], 1.0))
+    # two hard steps: the second from t = 1/2 weighs (1/2) * (1 / (1/2)) = 1 over the positions still masked
+    obj = DRAKES(model, pre, REWARD, steps=2, truncate=0, batch_size=64)
+    roll = obj.rollout(64, gen(3))
+    terms = obj.kl_terms(roll)
+    torch.testing.assert_close(terms[1], _enumerated_kl(model, pre, roll.states[1], 0.5))
+    # the code's estimator at hard states: unmasked positions are the same one-hot under both models -> 0
+    obj = DRAKES(model, pre, REWARD, steps=2, truncate=0, kl="code", batch_size=64)
+    assert float(obj.kl_terms(obj.rollout(64, gen(3))).detach().abs().max()) == 0.0
+
+
+def test_small_tau_relaxation_matches_reverse_step_probabilities() -> None:
+    model, pre = pair(perturb=0.5)
+    n = 6000
+    obj = DRAKES(model, pre, REWARD, steps=2, truncate=2, tau=0.02, batch_size=n)
+    with torch.no_grad():
+        roll = obj.rollout(n, gen(5))
+    # first step 1 -> 1/2 from all-MASK: q = [p(x_0 | MASK) / 2, 1/2]
+    q = torch.cat([roll.logp[0][0, :, :4].exp() / 2, torch.full((3, 1), 0.5)], -1)
+    soft = roll.states[1]
+    assert float((soft.max(-1).values).mean()) > 0.95  # nearly one-hot
+    freq = F.one_hot(soft.argmax(-1), 5).float().mean(0)
+    assert float((freq - q).abs().max()) < 0.03, (freq, q)
+
+
+def _mean_reward(model: MaskedDiffusion, seed: int) -> float:
+    x = model.sample(1000, steps=4, generator=gen(seed))
+    return float((x == 0).float().sum(-1).mean())
+
+
+def test_training_raises_reward_and_alpha_restrains_it() -> None:
+    torch.manual_seed(0)
+    results = {}
+    for alpha in ALPHAS:
+        model, pre = pair()
+        obj = DRAKES(model, pre, REWARD, steps=4, truncate=4, alpha=alpha, batch_size=64)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+        kls = []
+        for step in range(40):
+            loss, logs = obj.loss(None, gen(100 + step))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            kls.append(float(logs["kl"]))
+        assert int(obj.loss_steps) == 40
+        results[alpha] = (_mean_reward(model, 7), sum(kls[-5:]) / 5)
+    before = _mean_reward(pre, 7)
+    (r0, kl0), (r1, kl1) = results[0.0], results[ALPHAS[1]]
+    assert r0 > 2.9 and r1 > before + 0.5, (before, results)  # the reward rises; alpha = 0 collapses onto 000
+    assert r1 < 2.5 and kl1 < 0.5 * kl0, (before, results)  # alpha > 0 keeps the samples off the collapse
+
+
+def test_trainer_runs_drakes_data_free(tmp_path) -> None:
+    from genkit.train import TrainConfig, Trainer
+
+    model, pre = pair()
+    obj = DRAKES(model, pre, REWARD, steps=3, truncate=2, alpha=0.1, alpha_warmup=4, batch_size=16)
+    cfg = TrainConfig(steps=6, lr=1e-2, cpu=True, out_dir=str(tmp_path), checkpoint_every=None, ema_decay=None,
+                      progress=False, log_every=3)
+    Trainer(obj, cfg).fit()
+    assert int(obj.loss_steps) == 6 and obj.alpha_at(0) == pytest.approx(0.025) and obj.alpha_at(9) == 0.1
+    assert "loss_steps" in obj.state_dict() and not any(k.startswith("frozen") for k in obj.state_dict())
+
+
+def test_loss_is_seeded_by_generator() -> None:
+    model, pre = pair(perturb=0.3)
+    obj = DRAKES(model, pre, REWARD, steps=4, truncate=2, alpha=0.1, batch_size=8).eval()
+    a, b = obj.loss(None, gen(4))[0], obj.loss(None, gen(4))[0]
+    assert torch.equal(a, b)
+
+
+def test_bad_inputs_name_the_fix() -> None:
+    model, pre = pair()
+    cases = [
+        (dict(reward=Reward(count0, name="oracle")), "SEPO or SVDD"),
+        (dict(reward=count0), "Reward\\(fn, differentiable=True\\)"),
+        (dict(reference=MaskedDiffusion(TokenMLP(vocab_size=5, length=3, hidden=8, depth=1), vocab_size=5,
+                                        length=3)), "vocab_size"),
+        (dict(reference=MaskedDiffusion(TokenMLP(vocab_size=4, length=2, hidden=8, depth=1), vocab_size=4,
+                                        length=2)), "length"),
+        (dict(reference=model), "copy.deepcopy"),
+        (dict(steps=4, truncate=5), "truncate <= steps"),
+        (dict(truncate=-1), "truncate"),
+        (dict(tau=0.0), "tau"),
+        (dict(alpha=-1e-3), "alpha"),
+        (dict(kl="exact"), "paper"),
+        (dict(batch_size=0), "batch_size"),
+    ]
+    for change, match in cases:
+        args = dict(model=model, reference=pre, reward=REWARD, steps=4, truncate=2)
+        args.update(change)
+        with pytest.raises(ConfigError, match=match):
+            DRAKES(args.pop("model"), args.pop("reference"), args.pop("reward"), **args)
+    obj = DRAKES(model, pre, REWARD, steps=2, truncate=1, batch_size=2)
+    with pytest.raises(ConfigError, match="data-free"):
+        obj.loss(torch.zeros(2, 3, dtype=torch.long), gen())
