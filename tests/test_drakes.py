@@ -183,3 +183,16 @@ def test_bad_inputs_name_the_fix() -> None:
     obj = DRAKES(model, pre, REWARD, steps=2, truncate=1, batch_size=2)
     with pytest.raises(ConfigError, match="data-free"):
         obj.loss(torch.zeros(2, 3, dtype=torch.long), gen())
+
+
+def test_code_kl_sees_only_soft_leakage_and_kl_trains_every_step() -> None:
+    model, pre = pair(perturb=0.5)
+    obj = DRAKES(model, pre, REWARD, steps=4, truncate=4, kl="code", batch_size=16)
+    terms = obj.kl_terms(obj.rollout(16, gen(2)))
+    assert float(terms[0].detach().abs().max()) == 0.0  # all MASK: copy = 0 everywhere
+    assert float(terms[1:].detach().sum()) > 0  # soft states put weight on unmasked-looking positions
+    # K = 0: the reward has no gradient, but the KL still trains the network at every (detached) state
+    obj = DRAKES(model, pre, REWARD, steps=4, truncate=0, alpha=1.0, batch_size=16)
+    loss, _ = obj.loss(None, gen())
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
