@@ -5,6 +5,9 @@ on: a fresh draw for toy sets, the test split for digits):
 
   vectors  sliced W2, energy distance and MMD
   digits   Frechet distance in the features of genkit.metrics' small digits classifier
+  tokens   (mdlm) per-position token-frequency total variation, the data set's own statistics (motifs: the
+           share of samples holding a motif), and always the held-out negative ELBO in nats per sequence
+           ("nll" with "method": "ELBO (upper bound)"), through the family's sample_report
   --nll    negative log-likelihood of held-out data through the probability-flow ODE, in nats and
            bits/dim (exact divergence for vectors, Hutchinson's estimator for images)
 
@@ -253,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     sol = model.sample(args.n, sampler=chosen.sampler, return_solution=True, labels=labels,
                        **({} if args.guidance is None else {"guidance": args.guidance}),
                        generator=torch.Generator(device=device).manual_seed(args.seed))
-    x = sol.samples.float().cpu()
+    x = sol.samples.cpu()
+    x = x.float() if x.is_floating_point() else x  # token ids stay long
     report: dict[str, Any] = {
         "checkpoint": str(ckpt), "family": model.family, "data": args.data or args.table, "n": args.n,
         **chosen.record(),
@@ -262,7 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     if labels is not None:
         report.update({"labels": labels_from, "guidance": args.guidance})
-    if is_image and args.data != "digits":
+    if callable(getattr(model, "sample_report", None)):  # the family's own report (token models: mdlm)
+        report.update(model.sample_report(x, ref, floor, data=args.data, nll_n=args.nll_n,
+                                          generator=torch.Generator(device=device).manual_seed(args.seed)))
+    elif is_image and args.data != "digits":
         report["note"] = ("no sample-quality metric for these images: only digits have a built-in feature network; "
                           "use genkit.metrics.fid with inception_features")
     else:
@@ -280,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         report["nll"] = exact_nll(model, ref[:args.nll_n].to(device), args)
     elif getattr(model, "no_likelihood", None) is not None:  # no density at all (an snf, smt, smd)
         report.update(nll=None, note_nll=model.no_likelihood)
-    elif args.nll:
+    elif args.nll and "nll" not in report:
         data = ref[:args.nll_n].to(device)
         mode = "hutchinson" if is_image else "exact"
         g = torch.Generator(device=device).manual_seed(args.seed)
@@ -303,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else ckpt.parent / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    shown = {k: v for k, v in report.items() if k in ("sliced_w2", "energy_distance", "mmd", "frechet_digits")}
+    shown = {k: v for k, v in report.items()
+             if k in ("sliced_w2", "energy_distance", "mmd", "frechet_digits", "token_tv", "motif_rate")}
     print(f"{args.n} samples with {chosen.describe()} (NFE {sol.nfe}): "
           + ", ".join(f"{k} {v:.4g} (floor {report['noise_floor'][k]:.4g})" for k, v in shown.items()))
     if report.get("nll") is not None:

@@ -1,4 +1,5 @@
-"""PNG pictures of samples: a scatter for vectors, a grid for images, optionally next to reference data.
+"""PNG pictures of samples: a scatter for vectors, a grid for images, a per-position token-frequency heatmap for
+token sequences (integer tensors [N, L]), optionally next to reference data.
 
 Scripts and notebooks share this one function so every run's pictures look alike. Figures are drawn
 with matplotlib's Agg canvas on a private ``Figure``: nothing touches pyplot's global state or the
@@ -54,6 +55,17 @@ def _scatter(ax: Any, x: Tensor, title: str, color: str) -> None:
     ax.set_title(title + (f" ({dropped} non-finite dropped)" if dropped else ""), fontsize=10)
 
 
+def _token_heatmap(ax: Any, x: Tensor, vocab_size: int, title: str) -> Any:
+    """Per-position token frequencies: a [V, L] heatmap (rows tokens, columns positions, colour in [0, 1])."""
+    freq = torch.nn.functional.one_hot(x.long(), vocab_size).double().mean(0).T  # [V, L]
+    image = ax.imshow(freq.numpy(), aspect="auto", interpolation="nearest", vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xlabel("position")
+    ax.set_ylabel("token")
+    ax.set_yticks(range(vocab_size))
+    ax.set_title(f"{title}: token frequency (n = {x.shape[0]})", fontsize=10)
+    return image
+
+
 def _grid(ax: Any, x: Tensor, title: str) -> None:
     from torchvision.utils import make_grid
 
@@ -80,6 +92,8 @@ def save_samples_png(samples: Tensor, path: str | Path, reference: Tensor | None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    if torch.is_tensor(samples) and not samples.is_floating_point() and samples.ndim == 2:
+        return _save_tokens_png(samples, path, reference, title)
     x = _check(samples, "samples")
     ref = _check(reference, "reference") if reference is not None else None
     if ref is not None and (ref.ndim != x.ndim or (x.ndim == 4 and ref.shape[1] != x.shape[1])
@@ -98,6 +112,37 @@ def save_samples_png(samples: Tensor, path: str | Path, reference: Tensor | None
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _save_tokens_png(samples: Tensor, path: str | Path, reference: Tensor | None, title: str | None) -> Path:
+    """Token sequences ``[N, L]`` (integer ids): a per-position token-frequency heatmap, beside the reference's."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    x = samples.detach().cpu()
+    if x.shape[0] < 1 or (x.numel() and int(x.min()) < 0):
+        raise ShapeError(f"token samples must be ids >= 0 [N, L] with N >= 1; got shape {tuple(x.shape)}")
+    ref = None
+    if reference is not None:
+        if not torch.is_tensor(reference) or reference.is_floating_point() or reference.ndim != 2 \
+                or reference.shape[1] != x.shape[1]:
+            raise ShapeError(f"reference {getattr(reference, 'shape', type(reference).__name__)} is not token "
+                             f"sequences like samples {tuple(x.shape)}; pass token ids [N, {x.shape[1]}]")
+        ref = reference.detach().cpu()
+    vocab = 1 + max(int(t.max()) for t in (x, ref) if t is not None and t.numel())
+    panels = [("samples", x)] + ([("data", ref)] if ref is not None else [])
+    fig = Figure(figsize=(5.0 * len(panels), 3.6 if title else 3.3))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, data) in zip(axes, panels):
+        image = _token_heatmap(ax, data, vocab, name)
+    fig.colorbar(image, ax=list(axes), shrink=0.9)
+    if title:
+        fig.suptitle(title, fontsize=11)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

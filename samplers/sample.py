@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(args.seed)
     sol = model.sample(args.n, sampler=sampler, return_solution=True, generator=gen, **conditioning)
-    samples = sol.samples.float().cpu().contiguous()  # .cpu() waits for the GPU, so the time is honest
+    samples = sol.samples.cpu().contiguous()  # .cpu() waits for the GPU, so the time is honest
+    samples = samples.float() if samples.is_floating_point() else samples  # token ids stay long
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     save_file({"samples": samples}, str(out / "samples.safetensors"))

@@ -8,7 +8,8 @@ heun at 32 steps. The out dir (--out) ends up holding:
 
   checkpoint/     safetensors weights + EMA + JSON config (resume state included)
   metrics.jsonl   training log (loss, lr, grad norm, throughput)
-  samples.png     samples next to held-out data (scatter for vectors, image grid for images)
+  samples.png     samples next to held-out data (scatter for vectors, image grid for images, per-position
+                  token frequencies for token sequences)
   metrics.json    sample quality against held-out data, with the noise floor of a second held-out draw
   samples/        step_XXXXXXX.png every --sample-every steps (when asked)
 
@@ -40,6 +41,7 @@ examples:
   python train/train.py --family realnvp --table my_table.csv --out runs/realnvp_table
   python train/train.py --family nsf --energy double_well --out runs/nsf_dw   # data-free: the reverse KL
   python train/train.py --family snf --energy double_well --blocks metropolis --block-steps 5 --out runs/snf_dw
+  python train/train.py --family mdlm --data motifs --net sequence_transformer --hidden 64 --depth 2
   python train/train.py --config run.toml --steps 3000
   accelerate launch train/train.py --image-folder ~/faces --image-size 64 --channels 64,128,256
 """
@@ -418,6 +420,22 @@ def _load_samples(args: argparse.Namespace) -> tuple[Any, torch.Size]:
     return data, data.shape[1:]
 
 
+def check_data_kind(args: argparse.Namespace, data: Any) -> None:
+    """The family's ``prepare_data(args, data)`` hook where it has one (a token family checks that the data are
+    token ids and reads their vocabulary); else token data (integer tensors) are a ConfigError, as a family
+    without the hook learns real-valued data."""
+    family = FAMILIES.get(args.family)
+    prepare = getattr(family, "prepare_data", None)
+    if callable(prepare):
+        prepare(args, data)
+        return
+    x = getattr(data, "data", data)
+    if torch.is_tensor(x) and not x.is_floating_point():
+        tokens = [name for name, cls in _families() if callable(getattr(cls, "prepare_data", None))]
+        raise ConfigError(f"--data {args.data} holds token ids ({x.dtype}), which --family {args.family} cannot "
+                          f"learn (it models real-valued data); use --family {' or '.join(tokens) or 'mdlm'}")
+
+
 def build_model(args: argparse.Namespace, shape: torch.Size) -> torch.nn.Module:
     """MLP for vectors, UNet for images, read through the chosen family (which builds itself from the flags)."""
     family = FAMILIES.get(args.family)
@@ -569,7 +587,8 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     t0 = time.perf_counter()
     sol = model.sample(n, sampler=sampler, return_solution=True, labels=sample_labels(data, n, args.seed),
                        generator=torch.Generator(device=device).manual_seed(args.seed))
-    x = sol.samples.float().cpu()
+    samples = sol.samples.cpu()  # token ids stay long (the picture shows their frequencies)
+    x = samples.float() if samples.is_floating_point() else samples
     sample_time = time.perf_counter() - t0
     ref, floor = held_out_sets(args, n)
     record = chosen.record()
@@ -585,6 +604,9 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     }
     if energy is not None:  # trained by an energy: importance weights against it, no held-out data
         report["energy"] = energy_metrics(model, n, torch.Generator(device=device).manual_seed(args.seed + 1))
+    elif ref is not None and callable(getattr(model, "sample_report", None)):  # the family's own report (tokens)
+        report.update(model.sample_report(x, ref, floor, data=args.data,
+                                          generator=torch.Generator(device=device).manual_seed(args.seed + 1)))
     elif ref is None or (is_image and args.data != "digits"):
         report["note"] = ("no sample-quality metric for these images: a Frechet distance needs a feature network "
                           "for them (genkit.metrics.fid with inception_features); only digits have a built-in one")
@@ -628,6 +650,7 @@ def main(argv: list[str] | None = None) -> None:
         if threads < 1:
             raise ConfigError(f"--threads must be a positive integer; got {threads}")
         torch.set_num_threads(threads)
+    check_data_kind(args, data)  # token data for a token family only (its prepare_data hook), before the model
     torch.manual_seed(args.seed)  # the initial weights: the same on every rank and every re-run
     model = build_model(args, shape)  # every model flag is checked before the slow file check below
     chosen = check_final_sampling(args, model)  # and the final sampling's settings, before training
@@ -670,7 +693,10 @@ def main(argv: list[str] | None = None) -> None:
             f"and safe (step {result.step}): sample it with samplers/sample.py --checkpoint {out}, or score it with "
             f"eval/evaluate.py --checkpoint {out}", result.step, out / "checkpoint", signal.SIGINT) from None
     scores = ", ".join(f"{k} {v:.4g} (floor {report['noise_floor'][k]:.4g})" for k, v in report.items()
-                       if k in ("sliced_w2", "energy_distance", "frechet_digits"))
+                       if k in ("sliced_w2", "energy_distance", "frechet_digits", "token_tv", "motif_rate"))
+    if isinstance(report.get("nll"), dict):
+        scores += f", held-out NLL <= {report['nll']['nats']:.4g} nats ({report['nll']['method']})"
+
     if "energy" in report:
         e = report["energy"]
         scores = (f"ESS {e['ess']:.1f} of {e['n']}, log Z {e['log_z']:.4f} +- {e['log_z_stderr']:.4f}"

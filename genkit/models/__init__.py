@@ -10,6 +10,12 @@
   ``net_options(args, kind)`` (see :class:`ContinuousModel`); optional: ``needs_net = False`` (the family builds
   its own networks: ``from_args`` gets ``net=None``), ``default_class_dropout`` (``--class-dropout``'s default
   under ``--conditional``), and flags shared by several families (declared alike in each ``add_arguments``);
+  ``prepare_data(args, data)`` (a classmethod train.py calls on the training data before the model is built: it
+  refuses data the family cannot learn and reads what ``from_args`` needs from it, e.g. mdlm's vocabulary; a
+  family without it is refused token data);
+- optional script report: ``sample_report(samples, reference, floor, *, data=, nll_n=, generator=) -> dict``
+  (train.py's metrics.json and evaluate.py use it instead of their vector / image distances: mdlm's token
+  statistics with their noise floor, and its held-out ``nll`` ELBO);
 - optional: ``data_free`` (True when ``loss(None)`` makes its own samples, e.g. a flow trained by an energy),
   ``example_variants`` (names ``example(variant)`` takes; the property suite runs each), and
   ``exact_likelihood`` (``log_prob(x, labels=None)`` is exact, with no ODE options), and ``discrete`` (samples
@@ -26,7 +32,10 @@ The one-step families ``smt`` and ``smd`` (:mod:`genkit.models.smt`: Score-of-Mi
 several (``restart``).
 
 Masked discrete diffusion ``mdlm`` (:mod:`genkit.models.masked`) samples token sequences (``discrete = True``:
-``rsample`` refuses, as tokens have no pathwise derivative) with the ``masked_ancestral`` sampler.
+``rsample`` refuses, as tokens have no pathwise derivative) with the ``masked_ancestral`` sampler. train.py trains it
+on token data (``--data motifs``, :mod:`genkit.data.sequences`) with ``--net token_mlp | sequence_transformer |
+conv_dna``; its ``sample_report`` scores samples by per-position token-frequency total variation and the data
+set's own statistics, and held-out data by the negative ELBO in nats.
 """
 
 from __future__ import annotations

@@ -22,7 +22,10 @@ torch.Size([2, 3])
 
 from __future__ import annotations
 
+import argparse
+import math
 import numbers
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -217,10 +220,13 @@ class MaskedDiffusion(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, *, sampler: str | Sampler | None = None, steps: int | None = None,
                generator: torch.Generator | None = None, device: torch.device | str | None = None,
-               return_solution: bool = False) -> Tensor | Solution:
+               return_solution: bool = False, labels: None = None) -> Tensor | Solution:
         """``n`` token sequences ``[n, length]`` (long) from the all-MASK prior through ``sampler`` (default
         :class:`~genkit.sampling.MaskedAncestralSampler`, 64 steps; ``steps`` sets its count).
-        ``return_solution=True`` returns the :class:`~genkit.solvers.Solution` (its NFE counts network calls)."""
+        ``return_solution=True`` returns the :class:`~genkit.solvers.Solution` (its NFE counts network calls).
+        ``labels`` must be None (the scripts pass it to every family): this model is unconditional."""
+        if labels is not None:
+            raise ConfigError(f"{self.family} models are unconditional; got labels={labels!r} (drop --class)")
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ConfigError(f"n must be a positive integer; got {n!r}")
         sampler = self.get_sampler(sampler, steps)
@@ -251,6 +257,113 @@ class MaskedDiffusion(nn.Module):
         if config.pop("family", cls.family) != cls.family:
             raise ConfigError(f"not an {cls.family} config: {config!r}")
         return cls(build_net(config.pop("net")), **config)
+
+    # --- train/train.py and eval/evaluate.py hooks ----------------------------------------------------------
+    #: train.py fills these where the flag is not given (the flags' argparse defaults are None)
+    cli_defaults: ClassVar[dict[str, Any]] = {"schedule": "log_linear", "net": "token_mlp", "t_min": 1e-3,
+                                              "heads": 4}
+    #: the family builds its denoiser from --net / --hidden / --depth (train.py's MLP and UNet are for floats)
+    needs_net: ClassVar[bool] = False
+    #: --net names and the keyword each of train.py's --hidden / --depth sets in them (with their defaults)
+    NETS: ClassVar[dict[str, tuple[str, int, str, int]]] = {
+        "token_mlp": ("hidden", 128, "depth", 2),
+        "sequence_transformer": ("dim", 128, "depth", 4),
+        "conv_dna": ("channels", 128, "depth", 20),
+    }
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        from .masking import MASK_SCHEDULES
+
+        group.add_argument("--schedule", help=f"masking schedule, one of {', '.join(MASK_SCHEDULES.names())} "
+                                              f"(default: {cls.cli_defaults['schedule']})")
+        group.add_argument("--net", help=f"denoiser, one of {', '.join(cls.NETS)} (default: token_mlp); --hidden sets "
+                                         "its width (hidden / dim / channels: 128), --depth its blocks (2 / 4 / 20)")
+        group.add_argument("--heads", type=int, help="--net sequence_transformer: attention heads (default: 4)")
+        group.add_argument("--t-min", type=float, help="lowest training time (default: 1e-3)")
+
+    @classmethod
+    def prepare_data(cls, args: argparse.Namespace, data: Any) -> None:
+        """train.py's check of the training data before the model is built: token ids (a long tensor [N, L]),
+        else a ConfigError naming the token data sets; sets ``args.vocab_size`` (a named set's vocabulary, else
+        the largest id + 1)."""
+        from ..data import TOKEN_SETS
+
+        x = getattr(data, "data", data)
+        if not torch.is_tensor(x) or x.is_floating_point() or x.dtype == torch.bool or x.ndim != 2:
+            what = (f"{x.dtype} of shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__)
+            raise ConfigError(f"--family {cls.family} trains on token sequences (a long tensor [N, L]); "
+                              f"{getattr(args, 'data', None) or 'this data'} is {what}. Use a token data set: "
+                              f"--data {' or '.join(TOKEN_SETS)}")
+        named = TOKEN_SETS.get(getattr(args, "data", None))
+        args.vocab_size = named if named is not None else int(x.max()) + 1
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, net: Any, sample_shape: Sequence[int]) -> MaskedDiffusion:
+        if len(sample_shape) != 1:
+            raise ConfigError(f"--family {cls.family} needs token sequences [N, L]; got samples of shape "
+                              f"{tuple(sample_shape)}")
+        vocab = getattr(args, "vocab_size", None)
+        if vocab is None:
+            raise ConfigError(f"--family {cls.family}: the vocabulary is read from the data (prepare_data) first")
+        if args.net not in cls.NETS:
+            raise ConfigError(f"unknown --net {args.net!r}; choose one of {', '.join(cls.NETS)}")
+        width, width_default, blocks, blocks_default = cls.NETS[args.net]
+        options: dict[str, Any] = {width: width_default if args.hidden is None else args.hidden,
+                                   blocks: blocks_default if args.depth is None else args.depth}
+        if args.net == "sequence_transformer":
+            options["heads"] = args.heads
+        elif args.heads != cls.cli_defaults["heads"]:
+            raise ConfigError(f"--heads applies to --net sequence_transformer only; drop it (--net {args.net})")
+        length = int(sample_shape[0])
+        net = build_net({"name": args.net, "vocab_size": vocab, "length": length, **options})
+        return cls(net, vocab_size=vocab, length=length, schedule=args.schedule, t_min=args.t_min)
+
+    @classmethod
+    def net_options(cls, args: argparse.Namespace, kind: str) -> dict[str, Any]:
+        return {}
+
+    @torch.no_grad()
+    def sample_report(self, samples: Tensor, reference: Tensor, floor: Tensor, *, data: str | None = None,
+                      nll_n: int = 1000, n_mc: int = 16, generator: torch.Generator | None = None
+                      ) -> dict[str, Any]:
+        """What train.py and evaluate.py report for token samples ``[n, L]`` against held-out ``reference``,
+        with ``floor`` (a second held-out draw) as the noise floor:
+
+        - ``token_tv``: the per-position total variation ``mean_l 1/2 sum_v |p_samples(l, v) - p_ref(l, v)|``
+          between the token frequencies (0 for equal marginals; a statistic of the marginals only);
+        - the data set's own statistics (:func:`genkit.data.sequence_statistics`: ``motif_rate`` for motifs),
+          for the samples, and for the reference in ``reference_statistics``;
+        - ``noise_floor``: the same numbers for ``floor`` against ``reference``;
+        - ``nll``: the negative ELBO of the first ``nll_n`` reference sequences (:meth:`nll_bound`, ``n_mc``
+          times each) in nats per sequence, an upper bound on their NLL in expectation, with its standard error
+          and ``bits_per_dim`` (bits per token); ``data_entropy_nats`` holds the data's known entropy bounds
+          where they are known (motifs), which the true NLL is at least."""
+        from ..data.sequences import motifs_entropy_bounds, sequence_statistics, token_frequencies
+
+        def tv(x: Tensor) -> float:
+            p, q = token_frequencies(x, self.vocab_size), token_frequencies(reference, self.vocab_size)
+            return float(0.5 * (p - q).abs().sum(-1).mean())
+
+        samples, reference, floor = (self.check_tokens(x.cpu(), f"{self.family}.sample_report", name)
+                                     for x, name in ((samples, "samples"), (reference, "reference"),
+                                                     (floor, "floor")))
+        report: dict[str, Any] = {"token_tv": tv(samples), **sequence_statistics(data, samples)}
+        report["noise_floor"] = {"token_tv": tv(floor), **sequence_statistics(data, floor)}
+        report["reference_statistics"] = sequence_statistics(data, reference)
+        device = self._device()
+        held = reference[:nll_n].to(device)
+        values = torch.cat([self.nll_bound(batch, n_mc=n_mc, generator=generator).double().cpu()
+                            for batch in held.split(500)])
+        nats = float(values.mean())
+        report["nll"] = {"nats": nats, "bits_per_dim": nats / (self.length * math.log(2)),
+                         "stderr_nats": float(values.std() / math.sqrt(len(values))) if len(values) > 1 else None,
+                         "n": len(values), "n_mc": n_mc, "method": "ELBO (upper bound)",
+                         "note": "negative ELBO per sequence (nll_bound), bits_per_dim is bits per token"}
+        if data == "motifs":
+            low, high = motifs_entropy_bounds(self.length)
+            report["data_entropy_nats"] = {"lower": low, "upper": high}
+        return report
 
     @classmethod
     def example(cls) -> tuple[MaskedDiffusion, Tensor]:
