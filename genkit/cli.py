@@ -103,8 +103,8 @@ class ScriptSampler:
         steps = "adaptive steps" if self.steps is None else f"{self.steps} {unit}"
         if self.kind == "learned jumps":
             return f"{'default' if self.steps is None else self.steps} learned jumps, uniform in t"
-        if self.grid == "uniform in t":  # another named sampler on the model's range (restart)
-            return f"{self.steps} {self.kind} steps, uniform in t"
+        if self.grid == "uniform in t":  # another named sampler on the model's range (restart, masked ancestral)
+            return f"{self.sampler.describe()}, uniform in t"
         grid = "its own searched times" if self.grid == "searched" else f"{self.grid} grid"
         start = f" from t={self.t_range[0]:g}" if self.t_range is not None and self.t_range[0] < 1 else ""
         return f"{self.solver} ({self.kind}), {steps}, {grid}{start}"
