@@ -186,3 +186,15 @@ def test_bad_input_config_errors() -> None:
             SEPO(kw.pop("model"), kw.pop("reward"), **kw)
     with pytest.raises(ConfigError, match="data-free"):
         SEPO(model, r, steps=2).loss(torch.zeros(2, 3), gen())
+
+
+def test_trainer_runs_sepo_data_free(tmp_path) -> None:
+    from genkit.train import TrainConfig, Trainer
+
+    model, _ = MaskedDiffusion.example()
+    obj = SEPO(model, Reward(lambda x: (x[:, 1] == 2).float()), group=4, inner=3, steps=2, batch_size=2)
+    cfg = TrainConfig(steps=7, lr=1e-2, cpu=True, out_dir=str(tmp_path), checkpoint_every=None, ema_decay=None,
+                      progress=False, log_every=3)
+    Trainer(obj, cfg).fit()
+    assert int(obj.loss_steps) == 7 and int(obj.rollout_at) == 6  # draws at loss steps 0, 3, 6
+    assert "rollout_x" in obj.state_dict() and not any(k.startswith("frozen") for k in obj.state_dict())
