@@ -196,3 +196,116 @@ def test_code_kl_sees_only_soft_leakage_and_kl_trains_every_step() -> None:
     loss, _ = obj.loss(None, gen())
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+# --- METHODS.md section 3, the CPU-scale faithful test: exact p* on an enumerable space -------------------------
+def _pretrained_on_markov_chain(v: int, length: int, train_steps: int) -> MaskedDiffusion:
+    """A TokenMLP mdlm trained briefly (Adam, lr 1e-2, batch 128) on 4096 draws of a seeded random Markov chain."""
+    from test_masked import sequences
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        init = torch.distributions.Dirichlet(torch.ones(v)).sample()
+        trans = torch.distributions.Dirichlet(0.5 * torch.ones(v)).sample((v,))
+        seqs = sequences(v, length)
+        p = init[seqs[:, 0]] * torch.stack([trans[seqs[:, i], seqs[:, i + 1]] for i in range(length - 1)]).prod(0)
+        data = seqs[torch.multinomial(p.double(), 4096, replacement=True, generator=gen(1))]
+        pre = MaskedDiffusion(TokenMLP(vocab_size=v, length=length, hidden=32, depth=1, embed_dim=4, time_dim=8),
+                              vocab_size=v, length=length)
+    opt = torch.optim.Adam(pre.parameters(), lr=1e-2)
+    for step in range(train_steps):
+        loss, _ = pre.loss(data[torch.randint(0, len(data), (128,), generator=gen(1000 + step))], gen(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return pre
+
+
+def _faithful_runs(v: int, length: int, train_steps: int, tune_steps: int, settings) -> dict:
+    """Fine-tune copies of the pretrained model with DRAKES (steps = truncate = 4, tau 1, Adam lr 1e-2, batch
+    64) for each (alpha, kl); return, per setting, the exact law of the 4-step sampler (test_masked.exact_chain)
+    before and after: mean reward, TV to p* ∝ p_model exp(r / alpha) (argmax r for alpha = 0), TV to p_model."""
+    from test_masked import exact_chain, sequences
+
+    pre = _pretrained_on_markov_chain(v, length, train_steps)
+    with torch.no_grad():
+        p_pre = exact_chain(pre, 4)  # the pretrained MODEL's own sampling law: what the KL is to
+    w = torch.randn(length, v, generator=gen(2))
+    reward = Reward(lambda x: (x * w).sum((-1, -2)), differentiable=True, name="linear")
+    r = (F.one_hot(sequences(v, length), v).double() * w.double()).sum((-1, -2))
+    out = {}
+    for alpha, kl in settings:
+        target = (r == r.max()).double() if alpha == 0 else p_pre * torch.exp((r - r.max()) / alpha)
+        target = target / target.sum()
+        model = copy.deepcopy(pre).requires_grad_(True)  # pre was frozen by the previous setting's DRAKES
+        obj = DRAKES(model, pre, reward, steps=4, truncate=4, alpha=alpha, kl=kl, batch_size=64)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for step in range(tune_steps):
+            loss, _ = obj.loss(None, gen(100 + step))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            p_ft = exact_chain(model, 4)
+        out[alpha, kl] = {"reward_pre": float(p_pre @ r), "reward": float(p_ft @ r), "reward_target":
+                          float(target @ r), "tv_pre": float((p_pre - target).abs().sum() / 2),
+                          "tv": float((p_ft - target).abs().sum() / 2),
+                          "tv_to_pre": float((p_ft - p_pre).abs().sum() / 2)}
+    return out
+
+
+def test_model_copied_from_a_frozen_reference_is_refused() -> None:
+    """Regression: the Frozen holder sets requires_grad=False on the reference, so a second ``DRAKES(copy.deepcopy(
+    pre), pre, ...)`` got a model with no trainable parameters and its loss had no gradient at all (loss.backward()
+    raised 'does not require grad' for a linear reward; with an optimizer step nothing would change)."""
+    pre, _ = MaskedDiffusion.example()
+    DRAKES(copy.deepcopy(pre), pre, REWARD, steps=2, truncate=2, batch_size=2)
+    with pytest.raises(ConfigError, match="requires_grad_"):
+        DRAKES(copy.deepcopy(pre), pre, REWARD, steps=2, truncate=2, batch_size=2)
+    obj = DRAKES(copy.deepcopy(pre).requires_grad_(True), pre, REWARD, steps=2, truncate=2, batch_size=2)
+    assert obj.loss(None, gen())[0].requires_grad
+
+
+@pytest.mark.slow
+def test_pstar_faithful_paper_kl_moves_toward_target() -> None:
+    """METHODS.md section 3 faithful test, V = 4, L = 4 (256 sequences), exact laws by enumeration (see
+    _faithful_runs; 600 pretraining steps, 200 DRAKES Adam steps). Measured (reward: E r under the exact law of the
+    4-step sampler; p* ∝ p_model exp(r / alpha); TV(p_model, p*) in brackets):
+
+    - alpha 1, paper KL: reward -1.015 -> -0.08 (E_p* r = 1.27); TV 0.567 -> 0.37 [0.567]. It moves toward p*
+      and ends below TV(p_model, p*), but stalls far from it (reward ~1.3 short of the target's).
+    - alpha 1, code KL: reward -> 3.435 (max r 3.437): collapses onto argmax r, TV 0.81 [0.567]: the code's
+      estimator, leakage only, does not regularise toward p*.
+    - alpha 100, paper KL: TV to p_model 0.003, TV to p* 0.004 [0.006]; code KL: TV to p_model 0.40.
+    - alpha 0 (either form): reward 3.437 = max r, TV to the argmax point mass 0.000.
+    """
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    res = _faithful_runs(4, 4, 600, 200, [(1.0, "paper"), (1.0, "code"), (100.0, "paper"), (100.0, "code"),
+                                          (0.0, "paper")])
+    a = res[1.0, "paper"]
+    assert a["reward"] > a["reward_pre"] + 0.6, res  # (a)
+    assert a["tv"] < a["tv_pre"] - 0.12, res  # (b), measured 0.37 vs 0.567
+    c = res[1.0, "code"]
+    assert c["reward"] > c["reward_target"] + 1.5 and c["tv"] > c["tv_pre"], res  # code KL overshoots p*
+    big = res[100.0, "paper"]
+    assert big["tv_to_pre"] < 0.03 and big["tv"] < 0.03, res  # (c) large alpha stays at p_model
+    assert res[100.0, "code"]["tv_to_pre"] > 0.2, res  # the code's KL does not hold it there
+    assert res[0.0, "paper"]["tv"] < 0.05, res  # (c) alpha 0 collapses onto argmax r
+
+
+def test_pstar_faithful_ci_size() -> None:
+    """The faithful test at CI size (~4 s): V = 3, L = 3 (27 sequences), 200 pretraining steps, 60 DRAKES steps.
+    Measured: alpha 1 paper: reward 0.548 -> 0.947 (E_p* r 1.383), TV 0.362 -> 0.218 [TV(p_model, p*) 0.362];
+    alpha 1 code: reward 2.008 (max r 2.010), TV 0.568; alpha 100 paper: TV to p_model 0.009, code 0.114;
+    alpha 0: TV to the argmax point mass 0.000. Looser thresholds than the slow test."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    res = _faithful_runs(3, 3, 200, 60, [(1.0, "paper"), (1.0, "code"), (100.0, "paper"), (100.0, "code"),
+                                         (0.0, "paper")])
+    a = res[1.0, "paper"]
+    assert a["reward"] > a["reward_pre"] + 0.2 and a["tv"] < a["tv_pre"] - 0.07, res  # (a), (b)
+    c = res[1.0, "code"]
+    assert c["reward"] > c["reward_target"] + 0.3 and c["tv"] > c["tv_pre"], res  # code KL overshoots p*
+    assert res[100.0, "paper"]["tv_to_pre"] < 0.04 and res[100.0, "code"]["tv_to_pre"] > 0.06, res  # (c)
+    assert res[0.0, "paper"]["tv"] < 0.05, res  # (c) alpha 0 collapses onto argmax r

@@ -148,6 +148,10 @@ class DRAKES(nn.Module):
                 raise ConfigError(f"reference has {attr}={getattr(reference, attr)} but model has {attr}="
                                   f"{getattr(model, attr)}; the reference must be the pretrained model the fine-"
                                   "tuned one was copied from (same vocabulary and length)")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError("model has no trainable parameters (all requires_grad=False), so fine-tuning would "
+                              "change nothing; a copy.deepcopy of a reference already frozen by another objective "
+                              "copies its frozen flags: pass copy.deepcopy(pretrained).requires_grad_(True)")
         if getattr(model.schedule, "name", None) != getattr(reference.schedule, "name", None):
             raise ConfigError(f"reference uses the {reference.schedule.name!r} schedule but model uses "
                               f"{model.schedule.name!r}; use the reference's schedule for the model")
