@@ -198,3 +198,13 @@ def test_trainer_runs_sepo_data_free(tmp_path) -> None:
     Trainer(obj, cfg).fit()
     assert int(obj.loss_steps) == 7 and int(obj.rollout_at) == 6  # draws at loss steps 0, 3, 6
     assert "rollout_x" in obj.state_dict() and not any(k.startswith("frozen") for k in obj.state_dict())
+
+
+def test_a_model_without_trainable_parameters_is_refused():
+    """A copy of a model another objective froze (Frozen sets requires_grad=False) would train nothing."""
+    from genkit.models import MaskedDiffusion
+
+    model, _ = MaskedDiffusion.example()
+    model.requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"no trainable parameters.*requires_grad_\(True\)"):
+        SEPO(model, lambda x: (x == 0).float().sum(-1))

@@ -169,6 +169,10 @@ class SEPO(nn.Module):
         if not _is_mdlm(model):
             raise ConfigError(f"SEPO fine-tunes masked diffusion: model must be an mdlm model "
                               f"(genkit.models.MaskedDiffusion); got {type(model).__name__}")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError("model has no trainable parameters (all requires_grad=False), so fine-tuning would "
+                              "change nothing; a copy.deepcopy of a reference already frozen by another objective "
+                              "copies its frozen flags: pass copy.deepcopy(pretrained).requires_grad_(True)")
         if not isinstance(reward, Reward) and not callable(reward):
             raise ConfigError(f"reward must be a genkit Reward or a callable on long tokens [N, L] returning [N]; "
                               f"got {type(reward).__name__}. Wrap it: Reward(fn)")
