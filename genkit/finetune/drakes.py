@@ -61,8 +61,6 @@ runs accumulate 4 or 8 batches of 32 or 16); raise ``batch_size`` instead.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, NamedTuple
 
 import torch
@@ -73,26 +71,13 @@ from ..checks import check_generator
 from ..errors import ConfigError
 from ..frozen import Frozen
 from ..sampling import masked_reverse_step
+from .checks import _int, _real, check_policy, check_reference
 from .rewards import Reward
 
 __all__ = ["DRAKES", "Rollout", "gumbel_softmax"]
 
 KL_FORMS = ("paper", "code")
 _LOG_FLOOR = -1e4  # stands in for log 0 (SUBS's -inf) in the KL, so 0 * (log 0 - log 0) is 0, not nan
-
-
-def _int(name: str, value: Any, low: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}. {hint}")
-    return int(value)
-
-
-def _real(name: str, value: Any, hint: str, *, positive: bool) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) \
-        and (value > 0 if positive else value >= 0)
-    if not ok:
-        raise ConfigError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}; got {value!r}. {hint}")
-    return float(value)
 
 
 def gumbel_softmax(logits: Tensor, tau: float, generator: torch.Generator | None = None) -> Tensor:
@@ -135,26 +120,8 @@ class DRAKES(nn.Module):
                  truncate: int = 50, tau: float = 1.0, alpha: float = 1e-3, alpha_warmup: int = 0,
                  kl: str = "paper", batch_size: int = 32):
         super().__init__()
-        for name, m in (("model", model), ("reference", reference)):
-            if not isinstance(m, nn.Module) or not callable(getattr(m, "logits", None)) \
-                    or getattr(m, "mask_id", None) is None or getattr(m, "schedule", None) is None:
-                raise ConfigError(f"DRAKES fine-tunes masked diffusion: {name} must be an mdlm model "
-                                  f"(genkit.models.MaskedDiffusion); got {type(m).__name__}")
-        if model is reference:
-            raise ConfigError("model and reference are the same object; fine-tune a copy: DRAKES(copy.deepcopy("
-                              "pretrained), pretrained, reward, ...)")
-        for attr in ("vocab_size", "length"):
-            if getattr(model, attr) != getattr(reference, attr):
-                raise ConfigError(f"reference has {attr}={getattr(reference, attr)} but model has {attr}="
-                                  f"{getattr(model, attr)}; the reference must be the pretrained model the fine-"
-                                  "tuned one was copied from (same vocabulary and length)")
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ConfigError("model has no trainable parameters (all requires_grad=False), so fine-tuning would "
-                              "change nothing; a copy.deepcopy of a reference already frozen by another objective "
-                              "copies its frozen flags: pass copy.deepcopy(pretrained).requires_grad_(True)")
-        if getattr(model.schedule, "name", None) != getattr(reference.schedule, "name", None):
-            raise ConfigError(f"reference uses the {reference.schedule.name!r} schedule but model uses "
-                              f"{model.schedule.name!r}; use the reference's schedule for the model")
+        check_policy(model, "DRAKES")
+        check_reference(model, reference, "DRAKES", "DRAKES(copy.deepcopy(pretrained), pretrained, reward, ...)")
         if not isinstance(reward, Reward):
             raise ConfigError(f"reward must be a genkit Reward; got {type(reward).__name__}. Wrap it: "
                               "Reward(fn, differentiable=True) with fn taking soft one-hots [B, L, V]")

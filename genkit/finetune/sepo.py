@@ -83,7 +83,7 @@ from ..checks import check_generator
 from ..errors import ConfigError
 from ..frozen import Frozen
 from ..sampling import MaskedAncestralSampler
-from .drakes import _int, _real
+from .checks import _int, _real, check_policy, check_reference
 from .rewards import Reward, as_reward
 
 __all__ = ["SEPO", "group_advantages", "neighbour_log_scores", "snis_weights", "sepo_surrogate", "REDUCTIONS"]
@@ -140,11 +140,6 @@ def sepo_surrogate(adv: Tensor, log_s: Tensor, log_s_old: Tensor, *, clip: float
     return j, {"ratio": ratio.mean(), "clip_frac": out}
 
 
-def _is_mdlm(m: Any) -> bool:
-    return isinstance(m, nn.Module) and getattr(m, "family", None) == "mdlm" and callable(getattr(m, "logits", None)) \
-        and getattr(m, "mask_id", None) is not None
-
-
 class SEPO(nn.Module):
     """``SEPO(model, reward, *, reference=None, group=8, inner=5, clip=0.2, snis=2, steps=128, kl=0.0,
     batch_size=16, reduction="batch", score_time=None)`` (official DNA settings); see the module docstring.
@@ -166,13 +161,7 @@ class SEPO(nn.Module):
                  inner: int = 5, clip: float = 0.2, snis: int = 2, steps: int = 128, kl: float = 0.0,
                  batch_size: int = 16, reduction: str = "batch", score_time: float | None = None):
         super().__init__()
-        if not _is_mdlm(model):
-            raise ConfigError(f"SEPO fine-tunes masked diffusion: model must be an mdlm model "
-                              f"(genkit.models.MaskedDiffusion); got {type(model).__name__}")
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ConfigError("model has no trainable parameters (all requires_grad=False), so fine-tuning would "
-                              "change nothing; a copy.deepcopy of a reference already frozen by another objective "
-                              "copies its frozen flags: pass copy.deepcopy(pretrained).requires_grad_(True)")
+        check_policy(model, "SEPO")
         if not isinstance(reward, Reward) and not callable(reward):
             raise ConfigError(f"reward must be a genkit Reward or a callable on long tokens [N, L] returning [N]; "
                               f"got {type(reward).__name__}. Wrap it: Reward(fn)")
@@ -195,17 +184,8 @@ class SEPO(nn.Module):
                               f"{score_time!r}")
         self.score_time = float(score_time)
         if reference is not None:
-            if not _is_mdlm(reference):
-                raise ConfigError(f"reference must be an mdlm model (the pretrained one); got "
-                                  f"{type(reference).__name__}")
-            if reference is model:
-                raise ConfigError("model and reference are the same object; fine-tune a copy: SEPO(copy.deepcopy("
-                                  "pretrained), reward, reference=pretrained, ...)")
-            for attr in ("vocab_size", "length"):
-                if getattr(model, attr) != getattr(reference, attr):
-                    raise ConfigError(f"reference has {attr}={getattr(reference, attr)} but model has {attr}="
-                                      f"{getattr(model, attr)}; use the pretrained model the fine-tuned one was "
-                                      "copied from")
+            check_reference(model, reference, "SEPO",
+                            "SEPO(copy.deepcopy(pretrained), reward, reference=pretrained, ...)")
         if self.kl > 0 and reference is None:
             raise ConfigError(f"kl={kl} needs a reference model: SEPO(model, reward, reference=pretrained, kl=...)"
                               ", or set kl=0")

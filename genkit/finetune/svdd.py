@@ -49,6 +49,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..sampling import SAMPLERS, MaskedAncestralSampler, Sampler, _check_steps, masked_reverse_step
 from ..solvers import Solution
+from .checks import is_mdlm
 from .rewards import Reward, as_reward
 
 __all__ = ["SVDDSampler", "VALUES"]
@@ -119,8 +120,7 @@ class SVDDSampler(Sampler):
 
     @torch.no_grad()
     def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
-        if not callable(getattr(model, "logits", None)) or getattr(model, "mask_id", None) is None \
-                or getattr(model, "schedule", None) is None:
+        if not is_mdlm(model):
             raise ConfigError(f"SVDD needs {self.needs}; {type(model).__name__} is not one. Reward-guided sampling "
                               "of continuous models is not available")
         if cond:
