@@ -180,10 +180,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def student_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The method's flags the user gave, as the model's keyword arguments (the rest keep the model's defaults)."""
-    names = {"meanflow": ("frac_r_neq_t", "modulation", "modulation_warmup", "norm_p"),
-             "smd": ("score_updates", "teacher_steps", "gen_gan_weight"),
-             "secant": ("loss", "tangent_weight")}[args.method]
-    kw = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    script_only = ("init", "velocity", "steps_inference")  # read by build_student / build_meanflow, or below
+    kw = {k: getattr(args, k) for k in METHOD_FLAGS[args.method]
+          if k not in script_only and getattr(args, k) is not None}
     if args.method == "secant":
         kw.setdefault("loss", "sdei")
         kw["steps"] = args.steps_inference or (1, 2, 4)

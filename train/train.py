@@ -692,8 +692,9 @@ def main(argv: list[str] | None = None) -> None:
             f"interrupted during the final sampling, after training; the checkpoint {out / 'checkpoint'} is complete "
             f"and safe (step {result.step}): sample it with samplers/sample.py --checkpoint {out}, or score it with "
             f"eval/evaluate.py --checkpoint {out}", result.step, out / "checkpoint", signal.SIGINT) from None
-    scores = ", ".join(f"{k} {v:.4g} (floor {report['noise_floor'][k]:.4g})" for k, v in report.items()
-                       if k in ("sliced_w2", "energy_distance", "frechet_digits", "token_tv", "motif_rate"))
+    floor = report.get("noise_floor", {})  # every distance the report has, the family's own ones included
+    scores = ", ".join(f"{k} {report[k]:.4g} (floor {v:.4g})" for k, v in floor.items()
+                       if isinstance(report.get(k), float))
     if isinstance(report.get("nll"), dict):
         scores += f", held-out NLL <= {report['nll']['nats']:.4g} nats ({report['nll']['method']})"
 
