@@ -28,6 +28,7 @@ __all__ = [
     "frechet_gaussians", "frechet_distance", "fid",
     "DigitsClassifier", "train_digits_classifier", "inception_features",
     "effective_sample_size", "log_z", "reweighted_mean", "reweighted_free_energy",
+    "kmer_frequencies", "kmer_correlation", "sequence_diversity", "unique_fraction",
 ]  # fmt: skip
 
 
@@ -373,3 +374,57 @@ def reweighted_free_energy(coord: Tensor, log_w: Tensor | None, edges: Tensor, *
     if shift:
         f = f - f[torch.isfinite(f)].min()
     return 0.5 * (e[1:] + e[:-1]), f
+
+
+# --- token sequences ---------------------------------------------------------------------------------------------
+def _tokens(x: Tensor, what: str) -> Tensor:
+    if not torch.is_tensor(x) or x.ndim != 2 or x.is_floating_point():
+        raise ShapeError(f"{what} takes token ids [N, L] (long); got "
+                         f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+    if x.numel() and int(x.min()) < 0:
+        raise DataError(f"{what}: token ids must be >= 0; got {int(x.min())}")
+    return x.long().cpu()
+
+
+def kmer_frequencies(x: Tensor, k: int, vocab_size: int) -> Tensor:
+    """The frequencies ``[vocab_size ** k]`` (float64, summing to 1) of the ``k``-mers of ids ``x [N, L]``, over
+    all ``N * (L - k + 1)`` windows; the k-mer ``(a_1, ..., a_k)`` has index ``sum_j a_j vocab_size ** (k - j)``."""
+    x = _tokens(x, "kmer_frequencies")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= x.shape[1]:
+        raise ConfigError(f"k must be an int in [1, L = {x.shape[1]}]; got {k!r}")
+    if x.numel() and int(x.max()) >= vocab_size:
+        raise DataError(f"kmer_frequencies: token id {int(x.max())} is outside the vocabulary of {vocab_size} "
+                        "(a MASK id means the sequences are not fully sampled)")
+    powers = vocab_size ** torch.arange(k - 1, -1, -1)
+    index = (x.unfold(1, k, 1) * powers).sum(-1).flatten()
+    counts = torch.bincount(index, minlength=vocab_size ** k).double()
+    return counts / counts.sum()
+
+
+def kmer_correlation(x: Tensor, y: Tensor, *, k: int = 3, vocab_size: int | None = None) -> float:
+    """Pearson correlation between the ``k``-mer frequencies of samples ``x`` and data ``y`` (ids ``[N, L]``), the
+    DRAKES benchmark's "3-mer Corr" naturalness measure: 1 for the same k-mer spectrum. ``vocab_size`` defaults to
+    one more than the largest id in either."""
+    x, y = _tokens(x, "kmer_correlation"), _tokens(y, "kmer_correlation")
+    v = vocab_size if vocab_size is not None else int(max(x.max(), y.max())) + 1
+    fx, fy = kmer_frequencies(x, k, v), kmer_frequencies(y, k, v)
+    return float(torch.corrcoef(torch.stack([fx, fy]))[0, 1])
+
+
+def sequence_diversity(x: Tensor) -> float:
+    """The mean normalised Hamming distance between two different sequences of ``x [N, L]`` (``N >= 2``), over
+    all ``N (N - 1)`` ordered pairs, computed exactly from per-position counts: ``1 - sum_l sum_v c_lv (c_lv - 1)
+    / (N (N - 1) L)``. 0 when every sequence is the same; ``1 - 1 / V`` on average for uniform random ones."""
+    x = _tokens(x, "sequence_diversity")
+    n, length = x.shape
+    if n < 2:
+        raise DataError(f"sequence_diversity needs at least 2 sequences; got {n}")
+    counts = F.one_hot(x).double().sum(0)  # [L, V]
+    same = (counts * (counts - 1)).sum() / (n * (n - 1))
+    return float(1 - same / length)
+
+
+def unique_fraction(x: Tensor) -> float:
+    """The share of distinct sequences among ``x [N, L]``."""
+    x = _tokens(x, "unique_fraction")
+    return float(torch.unique(x, dim=0).shape[0] / x.shape[0])

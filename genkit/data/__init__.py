@@ -1,7 +1,7 @@
 """Data: toy 2D / nD sets, shipped 8x8 digits, tabular sets (digits64, wine, breast_cancer; the user's CSV /
-``.npy`` through :func:`load_table`), the user's image folders, token sequences (the synthetic ``motifs`` set,
-long tensors ``[N, L]``; the user's own through :func:`load_tokens`, :mod:`genkit.data.sequences`), and data
-checks.
+``.npy`` through :func:`load_table`), the user's image folders, token sequences (the synthetic ``motifs`` set and
+the DNA-like task ``dna`` with a known activity, :mod:`genkit.data.dna_task`; long tensors ``[N, L]``; the
+user's own through :func:`load_tokens`, :mod:`genkit.data.sequences`), and data checks.
 
 Scripts name a training set by string through :data:`DATASETS`:
 
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError
 from ..registry import Registry
+from .dna_task import dna
 from .images import IMAGE_EXTENSIONS, ImageFolder, digits, digits_labels, image_folder
 from .labelled import LabelledData
 from .sequences import TOKEN_SETS, load_tokens, motifs, sequence_statistics
@@ -39,7 +40,7 @@ __all__ = [
     "TOY", "toy", "toy_components", "COMPONENTS", "gmm_params",
     "digits", "digits_labels", "image_folder", "ImageFolder", "IMAGE_EXTENSIONS",
     "LabelledData", "TABULAR", "load_tabular", "tabular_stats", "load_table",
-    "TOKEN_SETS", "motifs", "load_tokens", "sequence_statistics",
+    "TOKEN_SETS", "motifs", "dna", "load_tokens", "sequence_statistics",
     "check_finite", "DATASETS", "load_dataset", "load_labelled", "held_out",
 ]  # fmt: skip
 
@@ -89,6 +90,13 @@ def _load_digits(n: int | None = None, *, generator: torch.Generator | None = No
     if not isinstance(n, int) or not 1 <= n <= x.shape[0]:
         raise ConfigError(f"n must be an int in [1, {x.shape[0]}] for digits split {split!r}, got {n!r}")
     return x[torch.randperm(x.shape[0], generator=generator)[:n]]
+
+
+@DATASETS.register("dna")
+def _load_dna(n: int | None = None, *, generator: torch.Generator | None = None, length: int = 100) -> Tensor:
+    """``n`` (default 10 000) sequences ``[n, length]`` of the DNA-like task (long, A C G T as 0..3): a Markov
+    background with planted motifs whose activity is known (:mod:`genkit.data.dna_task`)."""
+    return dna(DEFAULT_TOY_SIZE if n is None else n, generator=generator, length=length)
 
 
 @DATASETS.register("motifs")

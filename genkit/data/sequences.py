@@ -31,6 +31,7 @@ sorted set of the file's characters); blank lines are skipped.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +41,18 @@ from torch import Tensor
 from ..errors import ConfigError, DataError
 
 __all__ = ["DNA", "MOTIFS", "motifs", "motif_rate", "motifs_entropy_bounds", "encode", "decode", "load_tokens",
-           "token_frequencies", "TOKEN_SETS", "sequence_statistics"]
+           "token_frequencies", "TOKEN_SETS", "TOKEN_STATISTICS", "sequence_statistics"]
 
 #: The ``motifs`` alphabet: token id ``i`` is ``DNA[i]``.
 DNA = "ACGT"
 #: The planted motifs of ``motifs``.
 MOTIFS = ("TATAAT", "CACGTG")
 #: Named token sets: name -> vocabulary size (their samples are long tensors [N, L]).
-TOKEN_SETS: dict[str, int] = {"motifs": len(DNA)}
+TOKEN_SETS: dict[str, int] = {"motifs": len(DNA), "dna": len(DNA)}
+#: Each named token set's own statistics of samples ``[N, L]`` (:func:`sequence_statistics`); a set's module
+#: adds its entry (:mod:`genkit.data.dna_task` adds ``dna``).
+TOKEN_STATISTICS: dict[str, Callable[[Tensor], dict[str, float]]] = {
+    "motifs": lambda x: {"motif_rate": motif_rate(x)}}
 
 
 def encode(text: str, alphabet: str = DNA) -> Tensor:
@@ -110,9 +115,10 @@ def token_frequencies(x: Tensor, vocab_size: int) -> Tensor:
 
 
 def sequence_statistics(name: str | None, x: Tensor) -> dict[str, float]:
-    """The data set ``name``'s own statistics of token samples ``x`` (``motif_rate`` for ``motifs``; ``{}`` for
-    other sets)."""
-    return {"motif_rate": motif_rate(x)} if name == "motifs" else {}
+    """The data set ``name``'s own statistics of token samples ``x`` (:data:`TOKEN_STATISTICS`: ``motif_rate``
+    for ``motifs``, mean activity and motif shares for ``dna``; ``{}`` for other sets)."""
+    stats = TOKEN_STATISTICS.get(name) if name is not None else None
+    return stats(x) if stats is not None else {}
 
 
 def load_tokens(path: str | Path, alphabet: str | None = None) -> tuple[Tensor, str | None]:
