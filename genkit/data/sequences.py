@@ -126,7 +126,8 @@ def sequence_statistics(name: str | None, x: Tensor) -> dict[str, float]:
 
 def token_file_format(path: str | Path) -> str:
     """``"npy"``, ``"fasta"`` or ``"text"``: how :func:`load_tokens` reads ``path`` (FASTA: a ``.fa``, ``.fasta``,
-    ``.fna``, ``.faa`` or ``.fas`` name, or a file whose first non-blank line starts with ``>``)."""
+    ``.fna``, ``.faa`` or ``.fas`` name, or a file whose first line (blank and ``;`` comment lines skipped) starts
+    with ``>``)."""
     path = Path(path).expanduser()
     suffix = path.suffix.lower()
     if suffix == ".npy":
@@ -135,10 +136,12 @@ def token_file_format(path: str | Path) -> str:
         return "fasta"
     try:
         with path.open("rb") as f:
-            head = f.read(4096).lstrip()
+            head = f.read(65536)
     except OSError:
         return "text"
-    return "fasta" if head.startswith(b">") else "text"
+    first = next((line for line in (raw.strip() for raw in head.splitlines()) if line and not line.startswith(b";")),
+                 b"")
+    return "fasta" if first.startswith(b">") else "text"
 
 
 def _fasta_records(path: Path, text: str) -> list[tuple[str, str]]:
