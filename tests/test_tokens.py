@@ -164,6 +164,8 @@ def test_train_on_a_fasta_file_records_its_alphabet_and_split(fasta_run):
     assert config["family"] == "mdlm" and config["vocab_size"] == 5 and config["length"] == 12  # canonical name
     m = json.loads((out / "metrics.json").read_text())
     assert m["family"] == "mdlm" and m["data"] == str(fasta) and m["nfe"] == 4
+    final, _ = load_tokens(out / "samples.fasta", alphabet="ACGTN")  # the final samples, decoded
+    assert final.shape == (32, 12)
     assert m["nll"]["n"] == 4 and m["nll"]["method"] == "ELBO (upper bound)"  # the 4 held-out sequences
     assert 0 <= m["token_tv"] <= 1 and 0 <= m["noise_floor"]["token_tv"] <= 1
     finite_numbers(m)
@@ -228,3 +230,27 @@ def test_tokens_errors(tmp_path, capsys):
     assert run_main(TRAIN, "--family", "mdlm", "--tokens", str(tmp_path / "missing.fa"), "--out", o) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_resume_with_another_alphabet_is_refused(fasta_run, capsys):
+    fasta, out = fasta_run
+    before = (out / "train_data.json").read_text()
+    assert run_main(TRAIN, "--family", "mdlm", "--tokens", str(fasta), "--alphabet", "NACGT", *TINY,
+                    "--out", str(out)) == 2  # same vocabulary, another id per letter: other data
+    assert "--alphabet 'ACGTN' there, 'NACGT' now" in capsys.readouterr().err
+    assert (out / "train_data.json").read_text() == before
+
+
+def test_npy_tokens_take_the_whole_files_vocabulary(tmp_path):
+    x = torch.randint(0, 3, (20, 5), generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "rows.npy", np.arange(20).reshape(20, 1))  # which rows the test split holds
+    held = load_tokens(tmp_path / "rows.npy", split="test")[0][:, 0].tolist()
+    x[held[0], 0] = 6  # id 6 only in a held-out sequence: the model still needs 7 tokens to score it
+    np.save(tmp_path / "ids.npy", x.numpy())
+    out = tmp_path / "run"
+    assert run_main(TRAIN, "--family", "mdlm", "--tokens", str(tmp_path / "ids.npy"), *TINY, "--out", str(out)) == 0
+    record = json.loads((out / "train_data.json").read_text())
+    assert record["format"] == "npy" and record["alphabet"] is None and record["vocab_size"] == 7
+    assert json.loads((out / "checkpoint" / "config.json").read_text())["vocab_size"] == 7
+    assert not (out / "samples.txt").exists()  # no alphabet: ids only
+

@@ -10,6 +10,8 @@ heun at 32 steps. The out dir (--out) ends up holding:
   metrics.jsonl   training log (loss, lr, grad norm, throughput)
   samples.png     samples next to held-out data (scatter for vectors, image grid for images, per-position
                   token frequencies for token sequences)
+  samples.txt     token sequences with a known alphabet (--tokens FILE, motifs): the samples as text, one a
+                  line (samples.fasta after a FASTA file)
   metrics.json    sample quality against held-out data, with the noise floor of a second held-out draw
   samples/        step_XXXXXXX.png every --sample-every steps (when asked)
 
@@ -83,7 +85,7 @@ from genkit.data import (
     load_tokens,
     token_file_format,
 )
-from genkit.data.sequences import TOKEN_HOLDOUT
+from genkit.data.sequences import TOKEN_ALPHABETS, TOKEN_HOLDOUT, save_tokens
 from genkit.energies import energy_from_config
 from genkit.errors import ConfigError
 from genkit.models import FAMILIES, build
@@ -336,7 +338,8 @@ def resolve_model_flags(args: argparse.Namespace) -> None:
 
 
 #: What a train.py run folder holds; a non-empty --out with none of these is someone else's folder.
-RUN_FILES = ("checkpoint", "train_data.json", "metrics.jsonl", "metrics.json", "samples.png", "samples")
+RUN_FILES = ("checkpoint", "train_data.json", "metrics.jsonl", "metrics.json", "samples.png", "samples",
+             "samples.txt", "samples.fasta")
 
 
 def check_out_is_a_run(out: Path, flag: str) -> None:
@@ -409,7 +412,7 @@ def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
 
 
 def _load_samples(args: argparse.Namespace) -> tuple[Any, torch.Size]:
-    args.token_alphabet = args.token_format = None
+    args.token_alphabet = args.token_format = args.token_vocab = None
     if args.alphabet is not None and args.tokens is None:
         raise ConfigError(f"--alphabet {args.alphabet} applies to --tokens FILE only (a named token set has its own "
                           "alphabet); drop it or add --tokens FILE")
@@ -421,7 +424,11 @@ def _load_samples(args: argparse.Namespace) -> tuple[Any, torch.Size]:
             raise ConfigError(f"--conditional needs classes; the token file {args.tokens} has none; drop "
                               "--conditional")
         args.token_format = token_file_format(args.tokens)
-        data, args.token_alphabet = load_tokens(args.tokens, args.alphabet, split="train", holdout=TOKEN_HOLDOUT)
+        every, args.token_alphabet = load_tokens(args.tokens, args.alphabet)
+        data, _ = load_tokens(args.tokens, args.token_alphabet, split="train", holdout=TOKEN_HOLDOUT)
+        # the vocabulary of the whole file (its alphabet, or its largest id + 1), not only of the train split: a
+        # token only the held-out split holds must still be one the model can score
+        args.token_vocab = len(args.token_alphabet) if args.token_alphabet is not None else int(every.max()) + 1
         return data, data.shape[1:]
     if args.table is not None:
         for flag, value in (("--data", args.data), ("--image-folder", args.image_folder)):
@@ -460,8 +467,8 @@ def check_data_kind(args: argparse.Namespace, data: Any) -> None:
     prepare = getattr(family, "prepare_data", None)
     if callable(prepare):
         prepare(args, data)
-        if getattr(args, "token_alphabet", None) is not None and getattr(args, "vocab_size", None) is not None:
-            args.vocab_size = len(args.token_alphabet)  # the file's alphabet, even letters its train split lacks
+        if getattr(args, "token_vocab", None) is not None and getattr(args, "vocab_size", None) is not None:
+            args.vocab_size = max(args.vocab_size, args.token_vocab)  # --tokens: the whole file's vocabulary
         return
     x = getattr(data, "data", data)
     if torch.is_tensor(x) and not x.is_floating_point():
@@ -664,6 +671,10 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
         ref = torch.stack([images[i] for i in range(min(MAX_IMAGES, len(images)))])
     save_samples_png(x, out / "samples.png", reference=ref,
                      title=f"{args.family} on {report['data']}: {chosen.describe()} (NFE {sol.nfe}), step {step}")
+    alphabet = getattr(args, "token_alphabet", None) or TOKEN_ALPHABETS.get(args.data)
+    if alphabet is not None and not x.is_floating_point():  # token samples as sequences, as sample.py writes them
+        save_tokens(out / ("samples.fasta" if getattr(args, "token_format", None) == "fasta" else "samples.txt"),
+                    x, alphabet)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 
