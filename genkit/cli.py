@@ -288,6 +288,10 @@ def check_data_matches(ckpt: Path, data: str | None, allow_other: bool) -> str:
         raise ConfigError(f"--data {data}: {ckpt} was trained on {trained!r} (per {where}); scoring it against "
                           f"{data!r} measures the wrong target. Pass --data {trained}, or --allow-other-data to "
                           f"score it against {data!r} anyway")
+    if "tokens" in record and not allow_other:
+        raise ConfigError(f"--data {data}: {ckpt} was trained on the token file {record['tokens']} (per {where}), "
+                          f"which evaluate.py scores by default (drop --data); pass --allow-other-data to score it "
+                          f"against {data!r} anyway")
     if "image_folder" in record and not allow_other:
         raise ConfigError(f"--data {data}: {ckpt} was trained on the image folder {record['image_folder']} (per "
                           f"{where}); pass --allow-other-data to score it against {data!r} anyway")

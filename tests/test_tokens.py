@@ -187,7 +187,7 @@ def test_sample_script_decodes_with_the_runs_alphabet(fasta_run, tmp_path, capsy
     assert "has 4 letters but" in capsys.readouterr().err and not (tmp_path / "t").exists()
 
 
-def test_evaluate_scores_the_held_out_split_of_the_file(fasta_run, tmp_path):
+def test_evaluate_scores_the_held_out_split_of_the_file(fasta_run, tmp_path, capsys):
     fasta, out = fasta_run
     report = tmp_path / "eval.json"
     assert run_main(EVALUATE, "--checkpoint", str(out), "--n", "20", "--steps", "4", "--device", "cpu",
@@ -195,6 +195,9 @@ def test_evaluate_scores_the_held_out_split_of_the_file(fasta_run, tmp_path):
     r = json.loads(report.read_text())
     assert r["family"] == "mdlm" and r["data"] == str(fasta.absolute()) and r["nll"]["n"] == 4
     finite_numbers(r)
+    assert run_main(EVALUATE, "--checkpoint", str(out), "--data", "motifs", "--device", "cpu",
+                    "--out", str(tmp_path / "other.json")) == 2
+    assert "trained on the token file" in capsys.readouterr().err
 
 
 def test_train_on_a_text_file_writes_text_samples(tmp_path, capsys):
