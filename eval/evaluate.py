@@ -19,7 +19,8 @@ searched solver's own steps and times), and the report says which ("sampler": le
 SDE solver or restart; "solver", "steps", "grid", "t_max"; "nfe" the network evaluations). --data defaults to
 what the checkpoint's run trained on (train_data.json, written by train/train.py and train/secant.py); another
 data set than that is an error unless --allow-other-data; a checkpoint saved by hand (genkit.save, a Trainer's
-out_dir) has no train_data.json: pass --data.
+out_dir) has no train_data.json: pass --data. A run of train.py --tokens FILE is scored against the file's
+held-out 10 % (the split train.py held out, genkit.data.load_tokens split="test"), read with its recorded alphabet.
 
 The one-step models MeanFlow, SMT and SMD are scored with 1 learned jump by default ("sampler": "learned jumps",
 "steps": 1, "nfe": 1); --steps k scores k jumps. MeanFlow's velocity view also takes ODE solvers (--solver heun),
@@ -77,6 +78,7 @@ from genkit.cli import (
     sample_distances,
     script_device,
     table_held_out,
+    tokens_held_out,
     trained_data,
 )
 from genkit.data import DATASETS, digits, digits_labels, held_out, load_labelled
@@ -234,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"--nll: the {model.family} model has no likelihood to score ({model.no_likelihood}); "
                           "drop --nll (its report holds \"nll\": null and why)")
     record = trained_data(ckpt) or {}
+    tokens = record.get("tokens") if args.table is None and args.data is None else None  # train.py --tokens FILE
     if args.table is None and args.data is None and "table" in record:
         args.table = record["table"]
     if args.table is not None:
@@ -242,12 +245,16 @@ def main(argv: list[str] | None = None) -> None:
         if "table" in record and Path(args.table).absolute() != Path(record["table"]) and not args.allow_other_data:
             raise ConfigError(f"--table {args.table}: {ckpt} was trained on the table {record['table']}; pass that "
                               "one, or --allow-other-data")
-    else:
+    elif tokens is None:
         args.data = check_data_matches(ckpt, args.data, args.allow_other_data)
-    ref, floor = (held_out(args.data, args.n, args.seed) if args.table is None
-                  else table_held_out(args.table, args.n, args.seed))
+    if tokens is not None:
+        ref, floor = tokens_held_out(tokens, args.n, args.seed, record.get("alphabet"), record.get("holdout"))
+    else:
+        ref, floor = (held_out(args.data, args.n, args.seed) if args.table is None
+                      else table_held_out(args.table, args.n, args.seed))
     if tuple(ref.shape[1:]) != model.sample_shape:
-        what = f"--data {args.data}" if args.table is None else f"--table {args.table}"
+        what = (f"the token file {tokens}" if tokens is not None else f"--data {args.data}" if args.table is None
+                else f"--table {args.table}")
         raise ShapeError(f"{ckpt} makes samples of shape {model.sample_shape} but {what} has "
                          f"{tuple(ref.shape[1:])}; pass the data set the model was trained on")
     is_image = ref.ndim == 4
@@ -259,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     x = sol.samples.cpu()
     x = x.float() if x.is_floating_point() else x  # token ids stay long
     report: dict[str, Any] = {
-        "checkpoint": str(ckpt), "family": model.family, "data": args.data or args.table, "n": args.n,
+        "checkpoint": str(ckpt), "family": model.family, "data": args.data or args.table or tokens, "n": args.n,
         **chosen.record(),
         "sampled_with": chosen.describe(), "nfe": sol.nfe, "sample_time_s": time.perf_counter() - t0,
         "weights": "raw" if args.raw_weights or not (ckpt / "ema.safetensors").is_file() else "ema",

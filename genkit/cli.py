@@ -17,8 +17,9 @@ from typing import Any, NoReturn
 from .errors import ConfigError, GenkitError, SolverError, TrainingInterrupted
 
 __all__ = ["checkpoint_dir", "script_device", "run_main", "ScriptSampler", "resolve_sampler", "named_grids",
-           "AUTO_T_MAX", "log_lines", "trained_data", "check_data_matches", "step_list", "is_diffusers_folder",
-           "load_teacher", "TeacherSamples", "sample_distances", "digits_features", "ScriptParser", "HelpFormatter"]
+           "AUTO_T_MAX", "log_lines", "trained_data", "check_data_matches", "tokens_held_out", "step_list",
+           "is_diffusers_folder", "load_teacher", "TeacherSamples", "sample_distances", "digits_features",
+           "ScriptParser", "HelpFormatter"]
 
 #: The start chosen for a stochastic solver whose reverse SDE is singular at the model's own start (t = 1 of a
 #: flow-matching path, where alpha = 0): what the SDE solvers' own error suggests. ``--t-max`` overrides it.
@@ -287,6 +288,10 @@ def check_data_matches(ckpt: Path, data: str | None, allow_other: bool) -> str:
         raise ConfigError(f"--data {data}: {ckpt} was trained on {trained!r} (per {where}); scoring it against "
                           f"{data!r} measures the wrong target. Pass --data {trained}, or --allow-other-data to "
                           f"score it against {data!r} anyway")
+    if "tokens" in record and not allow_other:
+        raise ConfigError(f"--data {data}: {ckpt} was trained on the token file {record['tokens']} (per {where}), "
+                          f"which evaluate.py scores by default (drop --data); pass --allow-other-data to score it "
+                          f"against {data!r} anyway")
     if "image_folder" in record and not allow_other:
         raise ConfigError(f"--data {data}: {ckpt} was trained on the image folder {record['image_folder']} (per "
                           f"{where}); pass --allow-other-data to score it against {data!r} anyway")
@@ -330,6 +335,22 @@ def table_held_out(path: str | Path, n: int, seed: int = 0) -> tuple[Any, Any]:
 
     ref = load_table(path, "test", seed=seed)
     train = load_table(path, "train", seed=seed)
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))[:min(len(ref), n)]
+    return ref, train[pick]
+
+
+def tokens_held_out(path: str | Path, n: int, seed: int = 0, alphabet: str | None = None,
+                    holdout: float | None = None) -> tuple[Any, Any]:
+    """``(reference, floor)`` of a user's token file (:func:`genkit.data.load_tokens`, as train.py --tokens reads
+    it), as :func:`table_held_out` gives for a table: its held-out test split, and ``min(len(test), n)``
+    sequences of its train split (drawn with ``seed + 1``), the statistics a perfect model would score."""
+    import torch
+
+    from .data.sequences import TOKEN_HOLDOUT, load_tokens
+
+    holdout = TOKEN_HOLDOUT if holdout is None else holdout
+    ref, _ = load_tokens(path, alphabet, split="test", holdout=holdout)
+    train, _ = load_tokens(path, alphabet, split="train", holdout=holdout)
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))[:min(len(ref), n)]
     return ref, train[pick]
 

@@ -1,7 +1,11 @@
 """Draw samples from a genkit checkpoint with any solver, grid and step budget.
 
 Writes OUT/samples.safetensors (tensor key "samples", [n, *sample_shape]) and OUT/samples.png (a scatter
-for vectors, an image grid for images) and prints the number of network evaluations (NFE) and the time.
+for vectors, an image grid for images, per-position token frequencies for token sequences) and prints the number
+of network evaluations (NFE) and the time. A token model (mdlm) whose alphabet is known (its run's
+train_data.json: train.py --tokens FILE [--alphabet ACGT], or a named set such as motifs; else --alphabet) also
+gets its samples as sequences: OUT/samples.fasta when it was trained on a FASTA file, else OUT/samples.txt
+(one sequence per line), both readable by genkit.data.load_tokens.
 Results are reproducible: --seed fixes the prior draw and any solver noise.
 
 examples:
@@ -15,6 +19,7 @@ examples:
   python samplers/sample.py --checkpoint runs/digits_cond --class 3 --guidance 2.0   # classifier-free guidance
   python samplers/sample.py --checkpoint runs/nsf_moons --n 1000   # a normalizing flow: its exact sampler, NFE 1
   python samplers/sample.py --checkpoint runs/snf_dw --n 1000      # a stochastic flow: its path sampler
+  python samplers/sample.py --checkpoint runs/promoters --n 100   # train.py --tokens x.fasta: samples.fasta too
 
 Each model samples with its own default sampler unless told otherwise (the model says which it supports):
 models with learned jumps (train/secant.py) use them (--solver jumps, NFE = steps, default their first trained
@@ -42,7 +47,8 @@ import torch
 from safetensors.torch import save_file
 
 import genkit
-from genkit.cli import checkpoint_dir, named_grids, resolve_sampler, run_main, script_device
+from genkit.cli import checkpoint_dir, named_grids, resolve_sampler, run_main, script_device, trained_data
+from genkit.data.sequences import TOKEN_ALPHABETS, save_tokens
 from genkit.errors import ConfigError
 from genkit.plotting import save_samples_png
 from genkit.sampling import SAMPLERS
@@ -85,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "samples_path/ for a flow)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--alphabet", metavar="LETTERS",
+                   help="a token model: write its samples as sequences over LETTERS (id i = LETTERS[i]) too "
+                        "(default: the alphabet its run recorded in train_data.json, if any)")
     g = p.add_argument_group("class-conditional models")
     g.add_argument("--class", dest="class_label", metavar="C",
                    help="sample this class (its id, or its name when the checkpoint records class names)")
@@ -130,6 +139,26 @@ def class_and_guidance(args: argparse.Namespace, model: torch.nn.Module, ckpt: P
     return {"labels": label, "guidance": guidance}
 
 
+def token_alphabet(args: argparse.Namespace, model: torch.nn.Module, ckpt: Path) -> tuple[str | None, str]:
+    """``(alphabet, file name)`` for a token model's samples as sequences: --alphabet, else the one its run
+    recorded (train_data.json: a --tokens file's, or a named set's), else None; samples.fasta after a FASTA file,
+    else samples.txt. --alphabet on a model of real-valued samples is a ConfigError."""
+    record = trained_data(ckpt) or {}
+    name = "samples.fasta" if record.get("format") == "fasta" else "samples.txt"
+    vocab = getattr(model, "vocab_size", None)
+    if not getattr(model, "discrete", False) or vocab is None:
+        if args.alphabet is not None:
+            raise ConfigError(f"--alphabet {args.alphabet}: {ckpt} holds a {model.family!r} model of real-valued "
+                              "samples, not tokens; drop --alphabet")
+        return None, name
+    alphabet = args.alphabet or record.get("alphabet") or TOKEN_ALPHABETS.get(record.get("data"))
+    if alphabet is not None and len(alphabet) != vocab:
+        where = "--alphabet" if args.alphabet else f"the alphabet recorded in {ckpt.parent / 'train_data.json'}"
+        raise ConfigError(f"{where} {alphabet!r} has {len(alphabet)} letters but {ckpt} models {vocab} tokens; pass "
+                          f"--alphabet with {vocab} letters (id i = LETTERS[i])")
+    return alphabet, name
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.n < 1:
@@ -139,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"--steps must be a positive integer; got {args.steps}")
     ckpt = checkpoint_dir(args.checkpoint)
     model = genkit.load(ckpt, ema=not args.raw_weights, map_location=device)
+    alphabet, text_name = token_alphabet(args, model, ckpt)  # before sampling: a wrong --alphabet fails now
     chosen = resolve_sampler(model, args.solver, args.steps, args.grid, args.t_max)  # as in every script
     if chosen.note:
         print(f"note: {chosen.note}")
@@ -171,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.n} samples {tuple(samples.shape[1:])} from {ckpt} ({weights} weights) with {how} on {device}: "
           f"NFE {sol.nfe}, {seconds:.2f} s")
     print(f"samples: {out / 'samples.safetensors'}\npicture: {out / 'samples.png'}")
+    if alphabet is not None:
+        print(f"sequences: {save_tokens(out / text_name, samples, alphabet)} (alphabet {alphabet})")
 
 
 if __name__ == "__main__":

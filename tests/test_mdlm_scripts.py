@@ -47,6 +47,7 @@ def test_sample_script_writes_long_tokens(run, tmp_path, capsys):
     x = load_file(str(tmp_path / "s" / "samples.safetensors"))["samples"]
     assert x.shape == (5, 32) and x.dtype == torch.long and int(x.min()) >= 0 and int(x.max()) < 4
     assert (tmp_path / "s" / "samples.png").is_file()
+    assert (tmp_path / "s" / "samples.txt").read_text().splitlines() == decode(x)  # motifs' alphabet, ACGT
 
 
 def test_evaluate_reports_the_elbo_and_token_statistics(run, tmp_path):

@@ -10,6 +10,8 @@ heun at 32 steps. The out dir (--out) ends up holding:
   metrics.jsonl   training log (loss, lr, grad norm, throughput)
   samples.png     samples next to held-out data (scatter for vectors, image grid for images, per-position
                   token frequencies for token sequences)
+  samples.txt     token sequences with a known alphabet (--tokens FILE, motifs): the samples as text, one a
+                  line (samples.fasta after a FASTA file)
   metrics.json    sample quality against held-out data, with the noise floor of a second held-out draw
   samples/        step_XXXXXXX.png every --sample-every steps (when asked)
 
@@ -42,6 +44,7 @@ examples:
   python train/train.py --family nsf --energy double_well --out runs/nsf_dw   # data-free: the reverse KL
   python train/train.py --family snf --energy double_well --blocks metropolis --block-steps 5 --out runs/snf_dw
   python train/train.py --family mdlm --data motifs --net sequence_transformer --hidden 64 --depth 2
+  python train/train.py --family masked_diffusion --tokens promoters.fasta --alphabet ACGT --out runs/promoters
   python train/train.py --config run.toml --steps 3000
   accelerate launch train/train.py --image-folder ~/faces --image-size 64 --channels 64,128,256
 """
@@ -66,7 +69,7 @@ import torch
 
 import genkit
 from genkit import checkpoint, metrics
-from genkit.cli import HelpFormatter, energy_metrics, run_main, table_held_out
+from genkit.cli import HelpFormatter, energy_metrics, run_main, table_held_out, tokens_held_out
 from genkit.data import (
     COMPONENTS,
     DATASETS,
@@ -79,7 +82,10 @@ from genkit.data import (
     load_dataset,
     load_labelled,
     load_table,
+    load_tokens,
+    token_file_format,
 )
+from genkit.data.sequences import TOKEN_ALPHABETS, TOKEN_HOLDOUT, save_tokens
 from genkit.energies import energy_from_config
 from genkit.errors import ConfigError
 from genkit.models import FAMILIES, build
@@ -106,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="read flags from a .json or .toml file ({flag: value}); "
                                                     "command-line flags override it")
     g = p.add_argument_group("model")
-    g.add_argument("--family", default="flow_matching", help=f"one of {', '.join(FAMILIES.names())}")
+    aliases = ", ".join(f"{alias} = {name}" for alias, name in FAMILIES.aliases().items())
+    g.add_argument("--family", default="flow_matching", help=f"one of {', '.join(FAMILIES.names())}"
+                                                             + (f" (aliases: {aliases})" if aliases else ""))
     paths = ", ".join(f"{cls.cli_defaults['path']} for {name}" for name, cls in _families()
                       if "path" in getattr(cls, "cli_defaults", {}))
     g.add_argument("--path", help=f"probability path, one of {', '.join(PATHS.names())} (default: {paths})")
@@ -122,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on your own table instead: a .csv (numbers, an optional header) or .npy [rows, "
                         "columns], split 70/10/20 and standardised with its train split (genkit.data.load_table); "
                         "the test split is held out")
+    g.add_argument("--tokens", metavar="FILE",
+                   help="train a token family (mdlm) on your own sequences instead: a FASTA file (.fa/.fasta/.fna, "
+                        "or '>' headers; upper-cased), a text file of one sequence per line, or a .npy of token ids "
+                        "[N, L]; all of one length. A fixed 10%% of the sequences (a permutation seeded by 0, "
+                        "whatever --seed) is held out for the final metrics and eval/evaluate.py")
+    g.add_argument("--alphabet", metavar="LETTERS",
+                   help="with --tokens (text or FASTA): the token letters, id i = LETTERS[i], e.g. ACGT (default: "
+                        "the sorted letters of the file); recorded in the run, so samplers/sample.py writes its "
+                        "samples as sequences")
     g.add_argument("--image-size", type=int, metavar="N", help="with --image-folder: resize and centre-crop to N x N")
     g.add_argument("--image-channels", type=int, help="with --image-folder: 1 (grey) or 3 (RGB) (default: 3)")
     g.add_argument("--num-workers", type=int, default=0, help="data-loading processes for --image-folder")
@@ -273,7 +290,10 @@ def read_config_file(file: str, parser: argparse.ArgumentParser) -> dict[str, An
 
 # --------------------------------------------------------------------------------------------- settings
 def resolve_model_flags(args: argparse.Namespace) -> None:
-    """Family-specific flags: reject those the family would ignore, then fill the family's defaults."""
+    """Family-specific flags: reject those the family would ignore, then fill the family's defaults. An alias
+    (--family masked_diffusion) becomes the family's own name (mdlm), which the run records."""
+    if args.family in FAMILIES:
+        args.family = FAMILIES.canonical(args.family)
     if args.family not in FAMILY_FLAGS:
         raise ConfigError(f"unknown --family {args.family!r}; choose one of {', '.join(FAMILY_FLAGS)}")
     own = set(FAMILY_FLAGS[args.family])
@@ -318,7 +338,8 @@ def resolve_model_flags(args: argparse.Namespace) -> None:
 
 
 #: What a train.py run folder holds; a non-empty --out with none of these is someone else's folder.
-RUN_FILES = ("checkpoint", "train_data.json", "metrics.jsonl", "metrics.json", "samples.png", "samples")
+RUN_FILES = ("checkpoint", "train_data.json", "metrics.jsonl", "metrics.json", "samples.png", "samples",
+             "samples.txt", "samples.fasta")
 
 
 def check_out_is_a_run(out: Path, flag: str) -> None:
@@ -362,7 +383,7 @@ def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
     energy = getattr(args, "energy", None)
     if energy is not None:  # a family trained by an energy (data-free): no data set
         for flag, value in (("--data", args.data), ("--image-folder", args.image_folder), ("--table", args.table),
-                            ("--conditional", args.conditional or None)):
+                            ("--tokens", args.tokens), ("--conditional", args.conditional or None)):
             if value is not None:
                 raise ConfigError(f"{flag} and --energy {energy} both name what to learn; an energy run trains on its "
                                   f"own samples: drop {flag}")
@@ -391,6 +412,24 @@ def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
 
 
 def _load_samples(args: argparse.Namespace) -> tuple[Any, torch.Size]:
+    args.token_alphabet = args.token_format = args.token_vocab = None
+    if args.alphabet is not None and args.tokens is None:
+        raise ConfigError(f"--alphabet {args.alphabet} applies to --tokens FILE only (a named token set has its own "
+                          "alphabet); drop it or add --tokens FILE")
+    if args.tokens is not None:
+        for flag, value in (("--data", args.data), ("--table", args.table), ("--image-folder", args.image_folder)):
+            if value is not None:
+                raise ConfigError(f"{flag} {value} and --tokens {args.tokens} both name the training data; keep one")
+        if args.conditional:
+            raise ConfigError(f"--conditional needs classes; the token file {args.tokens} has none; drop "
+                              "--conditional")
+        args.token_format = token_file_format(args.tokens)
+        every, args.token_alphabet = load_tokens(args.tokens, args.alphabet)
+        data, _ = load_tokens(args.tokens, args.token_alphabet, split="train", holdout=TOKEN_HOLDOUT)
+        # the vocabulary of the whole file (its alphabet, or its largest id + 1), not only of the train split: a
+        # token only the held-out split holds must still be one the model can score
+        args.token_vocab = len(args.token_alphabet) if args.token_alphabet is not None else int(every.max()) + 1
+        return data, data.shape[1:]
     if args.table is not None:
         for flag, value in (("--data", args.data), ("--image-folder", args.image_folder)):
             if value is not None:
@@ -428,11 +467,14 @@ def check_data_kind(args: argparse.Namespace, data: Any) -> None:
     prepare = getattr(family, "prepare_data", None)
     if callable(prepare):
         prepare(args, data)
+        if getattr(args, "token_vocab", None) is not None and getattr(args, "vocab_size", None) is not None:
+            args.vocab_size = max(args.vocab_size, args.token_vocab)  # --tokens: the whole file's vocabulary
         return
     x = getattr(data, "data", data)
     if torch.is_tensor(x) and not x.is_floating_point():
         tokens = [name for name, cls in _families() if callable(getattr(cls, "prepare_data", None))]
-        raise ConfigError(f"--data {args.data} holds token ids ({x.dtype}), which --family {args.family} cannot "
+        what = f"--tokens {args.tokens}" if args.tokens is not None else f"--data {args.data}"
+        raise ConfigError(f"{what} holds token ids ({x.dtype}), which --family {args.family} cannot "
                           f"learn (it models real-valued data); use --family {' or '.join(tokens) or 'mdlm'}")
 
 
@@ -492,7 +534,12 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def data_identity(args: argparse.Namespace) -> dict[str, Any]:
-    """What the run trains on, kept in out/train_data.json so a resume on other data is caught."""
+    """What the run trains on, kept in out/train_data.json so a resume on other data is caught, and so that
+    samplers/sample.py and eval/evaluate.py find it (a token file: its alphabet, vocabulary and held-out share)."""
+    if args.tokens is not None:
+        return {"tokens": str(Path(args.tokens).expanduser().absolute()), "format": args.token_format,
+                "alphabet": args.token_alphabet, "vocab_size": getattr(args, "vocab_size", None),
+                "holdout": TOKEN_HOLDOUT}
     if args.table is not None:
         return {"table": str(Path(args.table).expanduser().absolute())}
     if args.image_folder is not None:
@@ -540,6 +587,8 @@ def held_out_sets(args: argparse.Namespace, n: int) -> tuple[torch.Tensor | None
         return None, None
     if args.table is not None:
         return table_held_out(args.table, n, args.seed)
+    if args.tokens is not None:
+        return tokens_held_out(args.tokens, n, args.seed, args.token_alphabet, TOKEN_HOLDOUT)
     return held_out(args.data, n, args.seed)
 
 
@@ -595,7 +644,8 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     record["sample_steps"] = record.pop("steps")
     energy = getattr(model, "energy", None)
     report: dict[str, Any] = {
-        "data": args.image_folder or args.table or args.data or f"energy {getattr(args, 'energy', None)}",
+        "data": (args.image_folder or args.table or args.tokens or args.data
+                 or f"energy {getattr(args, 'energy', None)}"),
         "family": args.family, "step": step,
         "n_samples": n,
         **record, "sampled_with": chosen.describe(), "nfe": sol.nfe,
@@ -621,6 +671,10 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
         ref = torch.stack([images[i] for i in range(min(MAX_IMAGES, len(images)))])
     save_samples_png(x, out / "samples.png", reference=ref,
                      title=f"{args.family} on {report['data']}: {chosen.describe()} (NFE {sol.nfe}), step {step}")
+    alphabet = getattr(args, "token_alphabet", None) or TOKEN_ALPHABETS.get(args.data)
+    if alphabet is not None and not x.is_floating_point():  # token samples as sequences, as sample.py writes them
+        save_tokens(out / ("samples.fasta" if getattr(args, "token_format", None) == "fasta" else "samples.txt"),
+                    x, alphabet)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 

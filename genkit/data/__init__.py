@@ -32,7 +32,7 @@ from ..registry import Registry
 from .dna_task import dna
 from .images import IMAGE_EXTENSIONS, ImageFolder, digits, digits_labels, image_folder
 from .labelled import LabelledData
-from .sequences import TOKEN_SETS, load_tokens, motifs, sequence_statistics
+from .sequences import TOKEN_SETS, load_tokens, motifs, sequence_statistics, token_file_format
 from .tabular import TABULAR, load_table, load_tabular, load_tabular_labelled, tabular_stats
 from .toy import COMPONENTS, TOY, gmm_params, toy, toy_components
 
@@ -40,7 +40,7 @@ __all__ = [
     "TOY", "toy", "toy_components", "COMPONENTS", "gmm_params",
     "digits", "digits_labels", "image_folder", "ImageFolder", "IMAGE_EXTENSIONS",
     "LabelledData", "TABULAR", "load_tabular", "tabular_stats", "load_table",
-    "TOKEN_SETS", "motifs", "dna", "load_tokens", "sequence_statistics",
+    "TOKEN_SETS", "motifs", "dna", "load_tokens", "token_file_format", "sequence_statistics",
     "check_finite", "DATASETS", "load_dataset", "load_labelled", "held_out",
 ]  # fmt: skip
 

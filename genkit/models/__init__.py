@@ -34,7 +34,9 @@ several (``restart``).
 Masked discrete diffusion ``mdlm`` (:mod:`genkit.models.masked`) samples token sequences (``discrete = True``:
 ``rsample`` refuses, as tokens have no pathwise derivative) with the ``masked_ancestral`` sampler. train.py trains it
 on token data (``--data motifs``, :mod:`genkit.data.sequences`) with ``--net token_mlp | sequence_transformer |
-conv_dna``; its ``sample_report`` scores samples by per-position token-frequency total variation and the data
+conv_dna``, or on the user's own file (``--tokens FILE``: text, FASTA or ``.npy``); ``masked_diffusion`` is an
+alias of ``mdlm`` (``FAMILIES.get("masked_diffusion")`` is the same class; checkpoints record ``mdlm``). Its
+``sample_report`` scores samples by per-position token-frequency total variation and the data
 set's own statistics, and held-out data by the negative ELBO in nats.
 """
 
@@ -50,6 +52,8 @@ from .registry import FAMILIES, build
 from .secant import Secant
 from .smd import SMD
 from .smt import SMT
+
+FAMILIES.alias("masked_diffusion", "mdlm")  # the name issue 12 and the MDLM paper's readers use
 
 __all__ = ["FAMILIES", "build", "ContinuousModel", "Diffusion", "FlowMatching", "MeanFlow", "Secant", "SMT", "SMD",
            "MaskedDiffusion",
