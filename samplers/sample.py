@@ -20,6 +20,7 @@ examples:
   python samplers/sample.py --checkpoint runs/nsf_moons --n 1000   # a normalizing flow: its exact sampler, NFE 1
   python samplers/sample.py --checkpoint runs/snf_dw --n 1000      # a stochastic flow: its path sampler
   python samplers/sample.py --checkpoint runs/promoters --n 100   # train.py --tokens x.fasta: samples.fasta too
+  python samplers/sample.py --checkpoint runs/dna --solver svdd --reward dna_oracle --candidates 10
 
 Each model samples with its own default sampler unless told otherwise (the model says which it supports):
 models with learned jumps (train/secant.py) use them (--solver jumps, NFE = steps, default their first trained
@@ -34,6 +35,10 @@ with them. MeanFlow's network at r = t is a velocity, so ODE solvers run on it t
 SMD have no velocity view (an ODE solver is a ConfigError) but a restart sampler (--solver restart --steps k:
 denoise, re-noise with fresh noise from --seed, k times). An SMD checkpoint samples without its teacher, which
 is never saved.
+
+A masked diffusion model (mdlm) steers toward a reward without fine-tuning through SVDD (--solver svdd --reward
+SPEC [--candidates M] [--svdd-alpha A], genkit.finetune.SVDDSampler): at each of --steps reverse steps it draws M
+candidates and keeps one by their values (NFE 1 + (steps - 1) * M; the reward is queried M times per step).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -103,7 +109,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="guide only for T_LO < t <= T_HI (Kynkaanniemi et al. 2024), conditional elsewhere")
     g.add_argument("--guidance-rescale", type=float, metavar="PHI",
                    help="rescaled guidance phi in [0, 1] (Lin et al. 2023; 0.7 in the paper)")
+    g = p.add_argument_group("reward-guided sampling (--solver svdd: soft value-based decoding, no fine-tuning)")
+    g.add_argument("--reward", metavar="SPEC", help="the reward: a registered name (genkit.finetune.oracles.REWARDS, "
+                                                    "e.g. dna_oracle), module:attribute or path/to/file.py:attribute")
+    g.add_argument("--candidates", type=int, metavar="M", help="candidates per sample and step (10)")
+    g.add_argument("--svdd-alpha", type=float, metavar="A",
+                   help="selection temperature: 0 keeps the best candidate (the papers' DNA setting), inf a uniform "
+                        "one (0)")
     return p.parse_args(argv)
+
+
+def svdd_sampler(args: argparse.Namespace, steps: int | None) -> Any:
+    """The SVDD sampler of --solver svdd --reward ... (None for another solver; its flags without it are a
+    ConfigError)."""
+    given = [f for f, v in (("--reward", args.reward), ("--candidates", args.candidates),
+                            ("--svdd-alpha", args.svdd_alpha)) if v is not None]
+    if args.solver != "svdd":
+        if given:
+            raise ConfigError(f"{' and '.join(given)} only apply to --solver svdd (reward-guided sampling); add "
+                              "--solver svdd or drop them")
+        return None
+    if args.reward is None:
+        raise ConfigError("--solver svdd needs --reward SPEC: a registered name (e.g. dna_oracle), "
+                          "module:attribute or path/to/file.py:attribute")
+    from genkit.finetune import SVDDSampler
+    from genkit.finetune.oracles import get_reward
+
+    options = {k: v for k, v in (("candidates", args.candidates), ("alpha", args.svdd_alpha)) if v is not None}
+    return SVDDSampler(get_reward(args.reward), steps=steps, **options)
 
 
 def class_and_guidance(args: argparse.Namespace, model: torch.nn.Module, ckpt: Path) -> dict:
@@ -169,10 +202,14 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = checkpoint_dir(args.checkpoint)
     model = genkit.load(ckpt, ema=not args.raw_weights, map_location=device)
     alphabet, text_name = token_alphabet(args, model, ckpt)  # before sampling: a wrong --alphabet fails now
-    chosen = resolve_sampler(model, args.solver, args.steps, args.grid, args.t_max)  # as in every script
+    guided = args.solver == "svdd"  # SVDD reweights the model's own stepwise sampler
+    chosen = resolve_sampler(model, None if guided else args.solver, args.steps, args.grid, args.t_max)
     if chosen.note:
         print(f"note: {chosen.note}")
     sampler, label, how = chosen.sampler, chosen.solver, chosen.describe()
+    svdd = svdd_sampler(args, args.steps)
+    if svdd is not None:
+        sampler, label, how = svdd, "svdd", svdd.describe()
     args.steps, args.grid = chosen.steps, chosen.grid
     conditioning = class_and_guidance(args, model, ckpt)
     tag = ""
