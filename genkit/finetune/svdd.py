@@ -60,7 +60,8 @@ __all__ = ["SVDDSampler", "VALUES"]
 #: the value estimates by name: the argmax decode (posterior mean) and, for masked models, one draw per position
 VALUES = ("posterior_mean", "sample")
 
-_MASKED_NEEDS = "a masked discrete diffusion model with logits(x_t, t), schedule and mask_id (--family mdlm)"
+_MASKED_NEEDS = ("a masked discrete diffusion model with logits(x_t, t), schedule and mask_id (--family mdlm), or "
+                 "solver= a stochastic solver for a continuous model")
 _CONTINUOUS_NEEDS = "a continuous model or field (a network read through a path) and a stochastic solver"
 
 
@@ -188,8 +189,8 @@ class SVDDSampler(Sampler):
                                   "step: drop solver= (and grid=)")
             return self._continuous(model, x, generator, cond)
         if not is_mdlm(model):
-            raise ConfigError(f"SVDD needs {self.needs}; {type(model).__name__} is not one. For a continuous model "
-                              "give a stochastic solver: SVDDSampler(reward, solver='ancestral')")
+            raise ConfigError(f"SVDD needs {self.needs}; {type(model).__name__} is not a masked model. For a "
+                              "continuous model give a stochastic solver: SVDDSampler(reward, solver='ancestral')")
         if cond:
             raise ConfigError(f"SVDD takes no conditioning for a masked model; got {sorted(cond)}")
         return self._masked(model, x, generator)
