@@ -5,7 +5,8 @@ expectations:
   grid time is a backward recursion through its exact transition matrices; the rollouts' per-state mean rewards
   agree with it within Monte-Carlo error (chi-square), and the fitted network within twice that error;
 - on 2-D Gaussian data with a linear reward the ancestral chain's value is ``w . E[x_0 | x_t]`` in closed form (the
-  chain's transition means composed, which equals the analytic denoiser to rounding); the fitted MLP matches it;
+  chain's transition means composed, which equals the analytic denoiser to rounding); the fitted MLP matches it and
+  guides as SVDD-PM (then exact) does;
 - the fitted network guides SVDD as well as the exact values do, at one denoiser call a step;
 - bad input gets genkit errors naming the fix.
 """
@@ -26,6 +27,7 @@ from genkit.fields import as_x0
 from genkit.finetune import Reward, Rollouts, SVDDSampler, ValueNetwork, collect_rollouts, fit_value
 from genkit.nets import MLP, TokenMLP
 from genkit.paths import get_path
+from genkit.sampling import ODESampler
 from genkit.solvers import get_solver
 
 Tensor = torch.Tensor
@@ -136,6 +138,16 @@ def test_fitted_mlp_matches_the_closed_form_value_of_gaussian_data_and_a_linear_
             spread += float(exact.var())
     rmse, sd = math.sqrt(sq / (steps - 1)), math.sqrt(spread / (steps - 1))
     assert rmse < 0.15 * sd, (rmse, sd)  # measured ~0.09 of the value's spread (residual sd of r given x_t ~0.8)
+    # here SVDD-PM's r(E[x_0 | x_t]) is the exact value, so the network guides as it does, at a transition a step
+    prior = torch.randn(n, 2, generator=gen(8))
+    runs = [SVDDSampler(reward, candidates=4, steps=steps, solver="ancestral", value=v).sample(g, prior,
+                                                                                              generator=gen(9))
+            for v in ("posterior_mean", net)]
+    (pm, by_net), plain = (reward(sol.samples) for sol in runs), reward(ODESampler("ancestral", steps).sample(
+        g, prior, generator=gen(9)).samples)
+    assert [sol.nfe for sol in runs] == [steps + 4 * (steps - 1), steps]
+    se = math.hypot(float(pm.std()), float(by_net.std())) / math.sqrt(n)
+    assert float(pm.mean() - plain.mean()) > 0.5 and abs(float(by_net.mean() - pm.mean())) < 4 * se
 
 
 def test_the_fitted_network_guides_like_the_exact_values_at_one_denoiser_call_a_step():

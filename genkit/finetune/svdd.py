@@ -1,31 +1,49 @@
-"""SVDD: soft value-based decoding of masked discrete diffusion, reward-guided sampling without fine-tuning (Li et
-al. 2024, "Derivative-Free Guidance in Continuous and Discrete Diffusion Models with Soft Value-Based Decoding",
-arXiv 2408.08252, Algorithm 1; METHODS.md section 8). Registered in :data:`genkit.sampling.SAMPLERS` as ``svdd``
-when :mod:`genkit.finetune` is imported.
+"""SVDD: soft value-based decoding, reward-guided sampling without fine-tuning, of masked discrete diffusion and of
+continuous models with a stochastic solver (Li et al. 2024, "Derivative-Free Guidance in Continuous and Discrete
+Diffusion Models with Soft Value-Based Decoding", arXiv 2408.08252, Algorithm 1; METHODS.md section 8). Registered
+in :data:`genkit.sampling.SAMPLERS` as ``svdd`` when :mod:`genkit.finetune` is imported.
 
 The target is ``p*(x_0) ∝ p_pre(x_0) exp(r(x_0) / alpha)``. At every reverse step ``t -> s`` of the pretrained
-model's ancestral sampler, each sample draws ``M`` candidates ``x_s^(m) ~ p_pre(x_s | x_t)``, scores them with a
-value estimate ``v(x_s^(m))`` and keeps one with probability ``softmax(v / alpha)`` over the ``M``: ``alpha = 0``
-keeps the best (ties broken by the generator; the paper's DNA/RNA decoders), ``alpha = inf`` a uniform one (plain
-ancestral sampling). ``M = 1`` is the pretrained sampler, draw for draw.
+sampler, each sample draws ``M`` candidates ``x_s^(m) ~ p_pre(x_s | x_t)``, scores them with a value estimate
+``v(x_s^(m))`` and keeps one with probability ``softmax(v / alpha)`` over the ``M``: ``alpha = 0`` keeps the best
+(ties broken by the generator; the paper's DNA/RNA decoders), ``alpha = inf`` a uniform one (plain sampling). ``M =
+1`` is the pretrained sampler, draw for draw (nothing is scored or chosen). There is no resampling across samples.
 
-Values are SVDD-PM's (posterior mean): ``v(x_s) = r(x0_hat(x_s))``, where ``x0_hat`` keeps the unmasked tokens of
-``x_s`` and fills its masked positions from the denoiser's ``p(x_0 | x_s)`` at time ``s``: by the argmax
-(``value="posterior_mean"``, the official code's decode, standing in for the posterior mean the paper writes) or by
-one draw per position (``value="sample"``, a one-sample Monte-Carlo value). The reward needs no gradient (it is
-called under ``no_grad``, on long tokens ``[B * M, L]``). The regression-trained value network (SVDD-MC) and the
-continuous-model variant are not implemented.
+**The pretrained step.** For a masked model (``mdlm``; ``solver=None``), the ancestral sampler's reverse step
+(:func:`genkit.sampling.masked_reverse_step`, unmasked tokens carried over). For a continuous model or field
+(``solver=`` a stochastic solver with Gaussian transitions: ``ancestral`` (DDPM, any ``eta > 0``),
+``euler_maruyama`` with fresh noise), the step's Gaussian ``N(mean, std^2)`` (``Solver.transition``, one field
+evaluation on the ``B`` states), from which the ``B * M`` candidates are drawn exactly as the solver's own step
+draws (``Transition.sample``); the grid is the ODE sampler's (:meth:`genkit.sampling.ODESampler.plan`: the model's
+time range, a diffusion model's final denoising step ``E[x_0 | x_{t_eps}]``). A deterministic solver is refused; a
+deterministic step (onto ``t = 0``) has one candidate.
+
+**Values** (``value=``), and what each costs (``Solution.nfe`` counts denoiser / field evaluations per sample, a
+batched call on ``B * M`` candidates counted ``M``; the reward is called once a step on ``B * M`` candidates):
+
+- ``"posterior_mean"`` (SVDD-PM), ``v(x_s) = r(x0_hat(x_s))``. Masked: ``x0_hat`` keeps the unmasked tokens of
+  ``x_s`` and fills its masked positions by the argmax of the denoiser's ``p(x_0 | x_s)`` (the official code's
+  decode, standing in for the posterior mean the paper writes); continuous: the model's denoiser ``E[x_0 | x_s]``
+  (:func:`genkit.fields.as_x0`). ``M`` denoiser calls a step. Masked: the kept candidate's log-probabilities are the
+  next step's own call, so ``nfe = 1 + (steps - 1) * M``; continuous: ``nfe = steps + M * (noisy steps before the
+  last)``, plus ``M + 1`` when a final denoising step follows the last step (the solver's transition does not take
+  the kept candidate's ``x0``, so that call is not shared with the next step).
+- ``"sample"`` (masked only), one draw per masked position from ``p(x_0 | x_s)``: a one-sample Monte-Carlo value,
+  the same cost.
+- a value network ``value(x_s, s) -> [N]`` (SVDD-MC: :class:`~genkit.finetune.ValueNetwork` regressed on pretrained
+  rollouts by :func:`~genkit.finetune.fit_value`, approximating ``E[r(x_0) | x_s]``; any callable of that form, e.g.
+  exact soft values in a test). One value-network call on the ``B * M`` candidates a step and no denoiser call on
+  them: masked ``nfe = steps`` (one call on the kept sample a step), continuous ``nfe = steps`` (+ ``M + 1`` as
+  above with a final denoising step, where the reward of ``x0_hat`` is the exact value).
+
+At the last step the candidates are the samples (or become them through the final denoising step), so they are
+scored by the reward itself whatever ``value`` is. The reward needs no gradient (it is called under ``no_grad``, on
+long tokens ``[B * M, L]`` or the samples ``[B * M, *shape]``).
 
 Why a sampler object and not a family: :mod:`genkit.sampling` may not import :mod:`genkit.finetune` (samplers see no
-family), so this module registers itself; a masked model accepts it as ``model.sample(n, sampler=SVDDSampler(...))``
-because it declares ``guides = "masked_ancestral"``, the sampler whose step it reweights. By name alone it cannot be
-built (it needs a reward): ``get_sampler("svdd", reward=r, candidates=8)``.
-
-Cost (``Solution.nfe``, denoiser evaluations per sample): one call on the prior, then at each step but the last one
-call on the ``B * M`` candidates (batched into a single network call, counted ``M``); the kept candidate's
-log-probabilities at ``s`` are exactly the next step's own call, so they are reused. The last step's candidates are
-fully unmasked and score without the denoiser: ``nfe = 1 + (steps - 1) * M``. The reward is called once per step on
-``B * M`` sequences.
+family), so this module registers itself; a model accepts it as ``model.sample(n, sampler=SVDDSampler(...))``
+because it declares ``guides``, the sampler whose step it reweights (``"masked_ancestral"``, or ``"ode"`` with a
+solver). By name alone it cannot be built (it needs a reward): ``get_sampler("svdd", reward=r, candidates=8)``.
 
 >>> import torch
 >>> from genkit.models import MaskedDiffusion
@@ -34,6 +52,11 @@ fully unmasked and score without the denoiser: ``nfe = 1 + (steps - 1) * M``. Th
 >>> sol = model.sample(2, sampler=sampler, generator=torch.Generator().manual_seed(0), return_solution=True)
 >>> sol.samples.shape, sol.nfe
 (torch.Size([2, 3]), 9)
+>>> from genkit.models import FAMILIES
+>>> flow, _ = FAMILIES.get("flow_matching").example()
+>>> guided = SVDDSampler(Reward(lambda x: -x.square().sum(-1)), candidates=4, steps=8, solver="ancestral")
+>>> flow.sample(2, sampler=guided, generator=torch.Generator().manual_seed(0), return_solution=True).nfe
+36
 """
 
 from __future__ import annotations

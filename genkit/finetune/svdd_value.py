@@ -22,8 +22,8 @@ functional of the backbone's last hidden features.
 
 Cost: the rollouts are ``n`` pretrained samples (the sampler's NFE each); guided sampling with a value network then
 scores ``B * M`` candidates a step with one value-network call and spends one denoiser call on the kept sample
-only (masked: ``nfe = steps``; continuous: ``nfe = steps`` plus ``M`` on the last step when the final denoising
-step follows it), against ``M`` denoiser calls a step for SVDD-PM.
+only (masked: ``nfe = steps``; continuous: ``nfe = steps``, plus ``M + 1`` when a final denoising step follows the
+last step), against ``M`` denoiser calls a step for SVDD-PM.
 
 >>> import torch
 >>> from genkit.models import MaskedDiffusion
