@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_masked import exact_chain, exact_model, frequencies, gen, sequences
 
-from genkit.analytic import GaussianMixture
+from genkit.analytic import ClassConditionalMixture, GaussianMixture
 from genkit.errors import ConfigError, ShapeError
 from genkit.finetune import Reward, SVDDSampler
 from genkit.models import FAMILIES, MaskedDiffusion
@@ -283,6 +283,23 @@ def test_component_weights_move_to_the_tilted_mixture_as_m_grows():
             if m == 1:
                 assert abs(right - float(WEIGHTS[1])) < 0.03  # the pretrained chain: the prior's weight
         assert all(a - b > 8 * se for a, b in zip(gaps, gaps[1:])) and gaps[-1] < final, (value, gaps)
+
+
+def test_conditioning_reaches_every_candidate():
+    f = ClassConditionalMixture(torch.tensor([0.5, 0.5]), torch.tensor([[-2.0], [2.0]]), 0.1 * torch.ones(2, 1, 1),
+                                torch.tensor([0, 1]), get_path("linear"), "x0")
+    x, labels = torch.randn(500, 1, generator=gen(0)), torch.randint(0, 3, (500,), generator=gen(1))  # 2: null
+    reward = Reward(lambda x: x[:, 0].double(), name="x")
+    plain = ODESampler("ancestral", 6).sample(f, x, generator=gen(2), labels=labels)
+    one = SVDDSampler(reward, candidates=1, steps=6, solver="ancestral").sample(f, x, generator=gen(2), labels=labels)
+    assert torch.equal(plain.samples, one.samples)
+    guided = SVDDSampler(reward, candidates=8, steps=6, solver="ancestral").sample(f, x, generator=gen(2),
+                                                                                  labels=labels).samples[:, 0]
+    # class 0 lives at -2 +- 0.3: the reward pushes it right, yet no candidate leaves its class; the null label's
+    # mixture moves to the right component, well beyond its plain half
+    assert bool((guided[labels == 0] < -0.5).all()) and bool((guided[labels == 1] > 0.5).all())
+    assert float((guided[labels == 2] > 0).double().mean()) > 0.9 > 0.7 > float((plain.samples[labels == 2] > 0)
+                                                                                 .double().mean())
 
 
 def test_continuous_bad_input_names_the_fix():
