@@ -69,6 +69,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import check_generator, check_state
 from ..errors import ConfigError, ShapeError
 from ..fields import as_x0, check_field
 from ..sampling import SAMPLERS, MaskedAncestralSampler, ODESampler, Sampler, _check_steps, masked_reverse_step
@@ -252,6 +253,8 @@ class SVDDSampler(Sampler):
     def _continuous(self, model: Any, x: Tensor, generator: torch.Generator | None, cond: dict[str, Any]) -> Solution:
         field, grid, steps, cut = self._ode.plan(model)
         check_field(field)
+        check_state(x, "SVDD")
+        check_generator(generator, "SVDD")
         denoise = as_x0(field)
         if cut is not None and len(cut) == 2:  # one step onto t = 0: the final denoising step alone, nothing to pick
             return Solution(denoise(x, float(cut[0]), **cond), 1, cut)
