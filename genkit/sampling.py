@@ -124,7 +124,12 @@ class ODESampler(Sampler):
                 raise ConfigError(f"sampling runs from noise (t = 1) down to data (t = 0); the grid runs up, from "
                                   f"t={ends[0]:g} to t={ends[1]:g}: reverse it")
 
-    def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
+    def plan(self, model: Any) -> tuple[Any, Any, int | None, Tensor | None]:
+        """``(field, grid, steps, cut)``, what :meth:`sample` hands to :func:`genkit.solve`: the field (x0-limited
+        when the model asks for it), the grid with the model's time range filled in, and the step count (32 when
+        nothing sets one). For a model with ``denoise_end`` a grid ending at t = 0 is cut before it (its last step
+        is the final denoising step) and ``cut`` is the full grid, else None. Reward-guided samplers that step the
+        solver themselves (``genkit.finetune.svdd``) use it to sample on the same grid."""
         limit = getattr(model, "x0_limit", None)
         if limit is not None and limit.active and not isinstance(model, LimitedX0):
             model = LimitedX0(model, limit)  # x0 clipping / thresholding, read by every solver
@@ -138,10 +143,13 @@ class ODESampler(Sampler):
             g = get_grid(grid)
             times = g.times(steps_or_default(steps, self._solver, g), model.path)
             if len(times) >= 2 and float(times[-1]) == 0 and float(times[-2]) > 0:
-                if len(times) == 2:
-                    x0 = as_x0(model)(x, float(times[0]), **cond)
-                    return Solution(x0, 1, times)
-                grid, steps = times[:-1], None
+                return model, times[:-1], None, times
+        return model, grid, steps, None
+
+    def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
+        model, grid, steps, cut = self.plan(model)
+        if cut is not None and len(cut) == 2:
+            return Solution(as_x0(model)(x, float(cut[0]), **cond), 1, cut)
         sol = solve(model, x, self._solver, steps, grid, generator=generator, **cond)
         t_end = float(sol.times[-1])
         if t_end > 0 and getattr(model, "denoise_end", False):

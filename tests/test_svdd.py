@@ -19,10 +19,13 @@ import pytest
 import torch
 from test_masked import exact_chain, exact_model, frequencies, gen, sequences
 
+from genkit.analytic import ClassConditionalMixture, GaussianMixture
 from genkit.errors import ConfigError, ShapeError
 from genkit.finetune import Reward, SVDDSampler
 from genkit.models import FAMILIES, MaskedDiffusion
-from genkit.sampling import SAMPLERS, MaskedAncestralSampler, get_sampler
+from genkit.paths import get_path
+from genkit.sampling import SAMPLERS, MaskedAncestralSampler, ODESampler, get_sampler
+from genkit.solvers import Ancestral, EulerMaruyama, Uniform
 
 V, L = 3, 2
 Tensor = torch.Tensor
@@ -181,3 +184,143 @@ def test_bad_input_names_the_fix():
     flow, _ = FAMILIES.get("flow_matching").example()  # another family refuses it through its sampler check
     with pytest.raises(ConfigError):
         flow.sample(2, sampler=SVDDSampler(reward))
+
+
+# --- continuous models with a stochastic solver -------------------------------------------------------------------
+
+MEANS = torch.tensor([[-2.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
+WEIGHTS, COV = torch.tensor([0.7, 0.3], dtype=torch.float64), 0.3  # components N(m_k, 0.3 I)
+
+
+def mixture() -> GaussianMixture:
+    return GaussianMixture(WEIGHTS, MEANS, COV * torch.eye(2, dtype=torch.float64).expand(2, 2, 2), get_path("linear"))
+
+
+class SoftValue:
+    """The exact soft value ``alpha log E[exp(w . x_0 / alpha) | x_t]`` of :func:`mixture` data under the true
+    reverse process: ``p(x_0 | x_t)`` is a mixture of ``N(m_k + a C S^-1 (x - a m_k), C - a^2 C S^-1 C)`` with
+    ``S = a^2 C + s^2 I`` and the components' responsibilities, and a Gaussian's ``E[exp(w . x_0 / alpha)]`` is
+    ``exp(w . mu / alpha + w' Sigma w / (2 alpha^2))``."""
+
+    def __init__(self, w: Tensor, alpha: float):
+        self.w, self.alpha, self.path = w, alpha, get_path("linear")
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        x, t = x.double(), t.double()
+        a, s = self.path.alpha(t)[:, None], self.path.sigma(t)[:, None]
+        var_t = a ** 2 * COV + s ** 2  # [N, 1]: S is isotropic
+        diff = x[:, None, :] - a[:, None] * MEANS[None]  # [N, K, 2]
+        log_resp = torch.log(WEIGHTS) - 0.5 * diff.square().sum(-1) / var_t - torch.log(2 * math.pi * var_t)
+        mu = MEANS[None] + (a * COV / var_t)[:, None] * diff
+        post_var = COV - a ** 2 * COV ** 2 / var_t  # [N, 1]
+        tilt = mu @ self.w / self.alpha + post_var * float(self.w @ self.w) / (2 * self.alpha ** 2)
+        return self.alpha * (torch.logsumexp(log_resp + tilt, -1) - torch.logsumexp(log_resp, -1))
+
+
+@pytest.mark.parametrize("solver, grid", [("ancestral", "uniform"), ("euler_maruyama", Uniform(t_max=0.99)),
+                                          (Ancestral(eta=0.5), "uniform")])
+def test_one_candidate_is_the_stochastic_solver_draw_for_draw(solver, grid):
+    g, reward = mixture(), Reward(lambda x: x[:, 0].double(), name="x")
+    x = torch.randn(300, 2, generator=gen(0))
+    for steps in (2, 7):  # (one step onto t = 0 is deterministic: refused, below)
+        plain = ODESampler(solver, steps, grid).sample(g, x, generator=gen(steps))
+        one = SVDDSampler(reward, candidates=1, steps=steps, solver=solver, grid=grid).sample(g, x,
+                                                                                              generator=gen(steps))
+        assert torch.equal(plain.samples, one.samples) and plain.nfe == one.nfe and torch.equal(plain.times, one.times)
+
+
+def test_one_candidate_samples_a_diffusion_model_as_its_solver_does():
+    model, _ = FAMILIES.get("diffusion").example()  # denoise_end: the last grid time is t_eps, then E[x_0 | x_t]
+    reward = Reward(lambda x: x.flatten(1).sum(-1), name="sum")
+    for steps in (1, 5):
+        plain = model.sample(40, solver="ancestral", steps=steps, generator=gen(3), return_solution=True)
+        one = model.sample(40, sampler=SVDDSampler(reward, candidates=1, solver="ancestral", steps=steps),
+                           generator=gen(3), return_solution=True)
+        assert torch.equal(plain.samples, one.samples) and plain.nfe == one.nfe == steps + 1
+        four = model.sample(40, sampler=SVDDSampler(reward, candidates=4, solver="ancestral", steps=steps),
+                            generator=gen(3), return_solution=True)
+        assert four.nfe == 2 * steps + 1 + 4 * steps - steps  # a transition and 4 x0 calls a step, the last x0
+
+
+@pytest.mark.parametrize("solver, grid", [("ancestral", "uniform"), ("euler_maruyama", Uniform(t_max=0.99))])
+def test_mean_reward_grows_with_m_on_a_mixture(solver, grid):
+    g, c = mixture(), torch.tensor([1.0, 1.0], dtype=torch.float64)
+    reward = Reward(lambda x: -(x.double() - c).square().sum(-1), name="near_c")
+    n, steps = 2000, 8
+    x = torch.randn(n, 2, generator=gen(0))
+
+    def mean_reward(m: int) -> tuple[float, float, int]:
+        sol = SVDDSampler(reward, candidates=m, steps=steps, solver=solver, grid=grid).sample(g, x, generator=gen(m))
+        rx = reward(sol.samples)
+        return float(rx.mean()), float(rx.std()) / math.sqrt(n), sol.nfe
+
+    by_m = [mean_reward(m) for m in (1, 2, 4, 8)]
+    for (a, sa, _), (b, sb, _) in zip(by_m, by_m[1:]):
+        assert b - a > 4 * math.hypot(sa, sb), by_m
+    # a transition a step, and M x0 calls on the candidates of every step but the last (onto t = 0, deterministic)
+    assert [nfe for *_, nfe in by_m] == [steps + (m > 1) * m * (steps - 1) for m in (1, 2, 4, 8)], by_m
+
+
+def test_component_weights_move_to_the_tilted_mixture_as_m_grows():
+    """For a linear reward ``w . x`` the target ``p(x) exp(w . x / alpha)`` is the mixture with components
+    ``N(m_k + C w / alpha, C)`` and weights ``∝ w_k exp(w . m_k / alpha + w' C w / (2 alpha^2))`` (equal C: the
+    second factor cancels). Exact soft values approach it as M grows (the remaining gap, ~0.07 at M = 16, is the
+    finite-M selection and the 20-step chain's own error; 0.03 at 50 steps and M = 64); SVDD-PM's values
+    ``r(E[x_0 | x_t])`` ignore the posterior spread and stop short (~0.09)."""
+    g, w, alpha = mixture(), torch.tensor([1.0, 0.0], dtype=torch.float64), 2.0
+    reward = Reward(lambda x: x.double() @ w, name="linear")
+    tilted = WEIGHTS * torch.exp(MEANS @ w / alpha)
+    tilted = float(tilted[1] / tilted.sum())  # the right component's weight, 0.76 (prior 0.3)
+    n, steps = 4000, 20
+    x = torch.randn(n, 2, generator=gen(0))
+    se = math.sqrt(0.25 / n)
+    for value, final in ((SoftValue(w, alpha), 0.1), ("posterior_mean", 0.13)):
+        gaps = []
+        for m in (1, 4, 16):
+            sampler = SVDDSampler(reward, candidates=m, alpha=alpha, steps=steps, value=value, solver="ancestral")
+            right = float((sampler.sample(g, x, generator=gen(m)).samples[:, 0] > 0).double().mean())
+            gaps.append(abs(right - tilted))
+            if m == 1:
+                assert abs(right - float(WEIGHTS[1])) < 0.03  # the pretrained chain: the prior's weight
+        assert all(a - b > 8 * se for a, b in zip(gaps, gaps[1:])) and gaps[-1] < final, (value, gaps)
+
+
+def test_conditioning_reaches_every_candidate():
+    f = ClassConditionalMixture(torch.tensor([0.5, 0.5]), torch.tensor([[-2.0], [2.0]]), 0.1 * torch.ones(2, 1, 1),
+                                torch.tensor([0, 1]), get_path("linear"), "x0")
+    x, labels = torch.randn(500, 1, generator=gen(0)), torch.randint(0, 3, (500,), generator=gen(1))  # 2: null
+    reward = Reward(lambda x: x[:, 0].double(), name="x")
+    plain = ODESampler("ancestral", 6).sample(f, x, generator=gen(2), labels=labels)
+    one = SVDDSampler(reward, candidates=1, steps=6, solver="ancestral").sample(f, x, generator=gen(2), labels=labels)
+    assert torch.equal(plain.samples, one.samples)
+    guided = SVDDSampler(reward, candidates=8, steps=6, solver="ancestral").sample(f, x, generator=gen(2),
+                                                                                  labels=labels).samples[:, 0]
+    # class 0 lives at -2 +- 0.3: the reward pushes it right, yet no candidate leaves its class; the null label's
+    # mixture moves to the right component, well beyond its plain half
+    assert bool((guided[labels == 0] < -0.5).all()) and bool((guided[labels == 1] > 0.5).all())
+    assert float((guided[labels == 2] > 0).double().mean()) > 0.9 > 0.7 > float((plain.samples[labels == 2] > 0)
+                                                                                 .double().mean())
+
+
+def test_continuous_bad_input_names_the_fix():
+    reward = Reward(lambda x: x[:, 0].double(), name="x")
+    with pytest.raises(ConfigError, match="Gaussian transition.*'heun'.*ancestral"):
+        SVDDSampler(reward, solver="heun")
+    with pytest.raises(ConfigError, match="noise='fresh'"):
+        SVDDSampler(reward, solver=EulerMaruyama(noise="brownian_tree"))
+    with pytest.raises(ConfigError, match="value='sample'.*continuous"):
+        SVDDSampler(reward, solver="ancestral", value="sample")
+    with pytest.raises(ConfigError, match="adds no noise"):
+        SVDDSampler(reward, candidates=2, steps=4, solver=Ancestral(eta=0.0)).sample(mixture(), torch.zeros(3, 2))
+    with pytest.raises(ConfigError, match="give a stochastic solver"):
+        SVDDSampler(reward, steps=4).sample(mixture(), torch.zeros(3, 2))
+    masked, _ = exact_model()
+    with pytest.raises(ConfigError, match="drop solver="):
+        SVDDSampler(reward, steps=2, solver="ancestral").sample(masked, torch.full((3, L), V))
+    with pytest.raises(ConfigError):  # a masked model refuses the continuous sampler through its sampler check
+        masked.sample(2, sampler=SVDDSampler(reward, solver="ancestral"))
+    model, _ = FAMILIES.get("flow_matching").example()
+    with pytest.raises(ConfigError, match="cannot sample with .*or solver= a stochastic solver"):
+        model.sample(2, sampler=SVDDSampler(reward))
+    s = model.get_sampler(SVDDSampler(reward, solver="euler_maruyama", grid=Uniform(t_max=0.99)))
+    assert s.guides == "ode" and "euler_maruyama" in s.describe()

@@ -165,7 +165,8 @@ class ContinuousModel(nn.Module):
                 sampler = default if steps is None else default.with_steps(steps)
         else:
             sampler = get_sampler(sampler, **options)
-        if sampler.name not in self.samplers():
+        # a guided sampler (genkit.finetune.svdd given a solver) declares the sampler whose steps it reweights
+        if sampler.name not in self.samplers() and getattr(sampler, "guides", None) not in self.samplers():
             raise ConfigError(f"the {self.family} model cannot sample with {sampler!r}, which needs {sampler.needs}; "
                               f"its samplers are {self.samplers()}")
         if sampler.steps is None:  # e.g. jumps by name: the model's own count (an ODE sampler's None means 32)

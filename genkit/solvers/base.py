@@ -27,7 +27,7 @@ from .grids import Custom, TimeGrid, get_grid
 from .state import SolverState, Transition
 
 __all__ = ["Solution", "Solver", "SolverState", "Transition", "SOLVERS", "get_solver", "solve", "SolverResolver",
-           "register_resolver", "check_finite_result", "prepared", "unwrap", "apply_map"]
+           "register_resolver", "solve_times", "check_finite_result", "prepared", "unwrap", "apply_map"]
 
 SOLVERS: Registry = Registry("solver")
 
@@ -262,6 +262,25 @@ def steps_or_default(steps: Any, solver: Solver, grid: TimeGrid) -> int | None:
     return int(steps)
 
 
+def solve_times(field: Field, solver: Solver, steps: int | None = None,
+                grid: str | TimeGrid | Tensor | Sequence[float] | None = None) -> Tensor:
+    """The times ``[n + 1]`` (float64) :func:`solve` runs ``solver`` on for ``steps`` and ``grid`` (see there):
+    the solver's own grid for None, a named grid filled in with the field's training range, checked against it.
+    Samplers that step a solver themselves (``genkit.finetune.svdd``) use it to step on the same grid."""
+    if grid is None:  # a searched solver's own times, unless the steps asked for differ (its check says so)
+        own = solver.default_grid()
+        grid = own if own is not None and steps in (None, solver.default_steps) else "uniform"
+    fill = getattr(field, "default_grid", None)
+    if isinstance(grid, str) and callable(fill):  # a grid by name runs over the model's training range
+        grid = fill(grid)
+    g = get_grid(grid)
+    times = g.times(steps_or_default(steps, solver, g), field.path)
+    check = getattr(field, "check_grid", None)
+    if callable(check) and not solver.own_times:  # a model's training range (Diffusion: t >= t_eps)
+        check(times)
+    return times
+
+
 def solve(field: Field, x: Tensor, solver: str | Solver = "euler", steps: int | None = None,
           grid: str | TimeGrid | Tensor | Sequence[float] | None = None, *,
           generator: torch.Generator | None = None, trajectory: bool = False, **cond: Any) -> Solution:
@@ -292,17 +311,7 @@ def solve(field: Field, x: Tensor, solver: str | Solver = "euler", steps: int | 
     check_field(field)
     check_state(x, "solve()")
     solver = get_solver(solver)
-    if grid is None:  # a searched solver's own times, unless the steps asked for differ (its check says so)
-        own = solver.default_grid()
-        grid = own if own is not None and steps in (None, solver.default_steps) else "uniform"
-    fill = getattr(field, "default_grid", None)
-    if isinstance(grid, str) and callable(fill):  # a grid by name runs over the model's training range
-        grid = fill(grid)
-    g = get_grid(grid)
-    times = g.times(steps_or_default(steps, solver, g), field.path)
-    check = getattr(field, "check_grid", None)
-    if callable(check) and not solver.own_times:  # a model's training range (Diffusion: t >= t_eps)
-        check(times)
+    times = solve_times(field, solver, steps, grid)
     if x.ndim == 0 or x.shape[0] == 0:
         raise ConfigError(f"x must be a batch [n, ...] with n >= 1; got shape {tuple(x.shape)}")
     check_generator(generator, "solve()")

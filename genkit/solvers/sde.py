@@ -163,12 +163,11 @@ class EulerMaruyama(Solver):
              **cond: Any) -> SolverState:
         """Draw from :meth:`transition`: ``x + h drift + g dW`` with ``dW = sqrt(-h) z`` (or the tree's increment)."""
         tr = self.transition(field, state, **cond)
-        _, _, root_h, g, _, noisy, s, bm = state.plan
+        _, _, _, g, _, noisy, s, bm = state.plan
         n, x = state.n, tr.mean
         if noisy[n]:
-            if bm is None:
-                dw = root_h[n] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if bm is None:  # exactly Transition.sample, so a sampler drawing from the transition draws the same
+                x = tr.sample(generator)
             else:
-                dw = bm(s[n], s[n + 1]).reshape(x.shape)
-            x = x + g[n] * dw
+                x = x + g[n] * bm(s[n], s[n + 1]).reshape(x.shape)
         return state.advance(x, 1, (), tr)
