@@ -57,6 +57,7 @@ from genkit.cli import (
     HelpFormatter,
     ScriptParser,
     TeacherSamples,
+    check_method,
     checkpoint_dir,
     digits_features,
     is_diffusers_folder,
@@ -149,14 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.method not in METHODS:
-        raise ConfigError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
-    for method, dests in METHOD_FLAGS.items():
-        for dest in dests:
-            if method != args.method and dest not in METHOD_FLAGS[args.method] and getattr(args, dest) is not None:
-                flag = "--" + dest.replace("_", "-")
-                raise ConfigError(f"{flag} {getattr(args, dest)} does not apply to --method {args.method}; drop "
-                                  f"{flag} or use --method {method}")
+    check_method(args, METHOD_FLAGS)
     if args.velocity not in (None, "teacher", "conditional"):
         raise ConfigError(f"unknown --velocity {args.velocity!r}; choose teacher or conditional")
     if args.init not in (None, "auto", "teacher", "scratch"):

@@ -50,6 +50,7 @@ import genkit
 from genkit.cli import (
     HelpFormatter,
     ScriptParser,
+    check_method,
     checkpoint_dir,
     log_lines,
     run_main,
@@ -124,14 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.method not in METHODS:
-        raise ConfigError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
-    for method, dests in METHOD_FLAGS.items():
-        for dest in dests:
-            if method != args.method and getattr(args, dest) is not None:
-                flag = "--" + dest.replace("_", "-")
-                raise ConfigError(f"{flag} {getattr(args, dest)} does not apply to --method {args.method}; drop "
-                                  f"{flag} or use --method {method}")
+    check_method(args, METHOD_FLAGS)
     for flag in ("train_steps", "sample_steps", "eval_samples", "threads", "checkpoint_every", "batch_size",
                  "eval_every"):
         value = getattr(args, flag)
