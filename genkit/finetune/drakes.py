@@ -45,8 +45,13 @@ picks up only the "leakage" of soft states (METHODS.md section 3, pitfalls); it 
 In both forms the KL is evaluated at every step (the official default ``truncate_kl=False``): the network's
 probabilities carry gradients at every step, the states only in the last ``truncate`` steps.
 
-Gradient accumulation: :class:`genkit.train.Trainer` refuses ``gradient_accumulation_steps != 1`` (the official
-runs accumulate 4 or 8 batches of 32 or 16); raise ``batch_size`` instead.
+Gradient accumulation (the official runs accumulate 4 (DNA) or 8 (protein) batches of 32 or 16):
+``TrainConfig(batch_size=..., gradient_accumulation_steps=4)``. The trainer then calls :meth:`DRAKES.loss` 4 times
+per optimizer step, each with its own generator, and steps on the gradient of the mean of the 4 losses, as the
+code's ``loss / num_accum_steps`` does; ``batch_size`` here is the rollouts of one call (the code's 32). The
+loss calls count micro-batches, so :attr:`loss_steps` advances ``A`` per optimizer step and ``alpha_warmup`` is
+in loss calls: the code's warm-up over ``W`` updates ("epochs") is ``alpha_warmup = W * A`` (the code keeps alpha
+constant over an update's micro-batches; here it also rises within one).
 
 >>> import copy, torch
 >>> from genkit.models import MaskedDiffusion
