@@ -208,3 +208,115 @@ def test_a_model_without_trainable_parameters_is_refused():
     model.requires_grad_(False)
     with pytest.raises(ConfigError, match=r"no trainable parameters.*requires_grad_\(True\)"):
         SEPO(model, lambda x: (x == 0).float().sum(-1))
+
+
+# --- the options of the released code: Dr. GRPO scaling, the entropy bonus, the code-form KL -----------------
+def test_dr_grpo_advantages_are_reward_minus_group_mean() -> None:
+    r = torch.tensor([0.0, 1.0, 1.0, 1.0, 2.0, 2.0, 5.0, 3.0], dtype=torch.float64)
+    a = group_advantages(r, 4, normalise=False)
+    assert torch.equal(a, torch.tensor([-0.75, 0.25, 0.25, 0.25, -1.0, -1.0, 2.0, 0.0], dtype=torch.float64))
+    model, _ = MaskedDiffusion.example()
+    obj = SEPO(model, Reward(lambda x: x.sum(-1).float()), group=4, inner=2, steps=3, batch_size=3,
+               scaling="dr_grpo")
+    obj.loss(None, gen(0))
+    g = obj.rollout_reward.reshape(3, 4).double()
+    manual = (g - g.sum(1, keepdim=True) / 4).reshape(-1)
+    assert float(manual.abs().max()) > 0  # the rewards vary within groups
+    torch.testing.assert_close(obj.rollout_adv.double(), manual, rtol=0, atol=1e-6)
+
+
+def _loss_and_grads(model, **kw):
+    obj = SEPO(model, Reward(lambda x: (x[:, 1] == 2).float()), group=4, inner=3, steps=3, batch_size=3, **kw)
+    loss, logs = obj.loss(None, gen(4))
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    return obj, loss, logs, [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]
+
+
+def test_code_dr_grpo_is_the_grpo_objective_times_batch_size() -> None:
+    """The released code's dr_grpo flag multiplies the reward loss by its batch size (unb * _compute_loss_sepo):
+    the same rollouts, advantages (still std-normalised) and neighbours give exactly batch_size x the loss."""
+    model, _ = MaskedDiffusion.example()
+    obj_a, a, _, ga = _loss_and_grads(model)
+    obj_b, b, _, gb = _loss_and_grads(model, scaling="code_dr_grpo")
+    assert torch.equal(obj_a.rollout_adv, obj_b.rollout_adv) and float(a.detach().abs()) > 0
+    assert torch.equal(b, 3 * a)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(y, 3 * x)
+
+
+def test_entropy_bonus_gradient_is_that_of_the_conditional_entropy() -> None:
+    """loss(entropy=c) - loss(entropy=0) is -c H, H = mean over rollouts and positions of the entropy of
+    p(x^l | x^{-l}) at score_time, computed here from model.logits with that one position masked."""
+    model, _ = MaskedDiffusion.example()
+    c = 0.7
+    obj, with_h, logs, g1 = _loss_and_grads(model, entropy=c)
+    _, without, logs0, g0 = _loss_and_grads(model)
+    x, length = obj.rollout_x, model.length
+    hs = []
+    for pos in range(length):
+        xm = x.clone()
+        xm[:, pos] = model.mask_id
+        lp = model.logits(xm, 1 / length)[:, pos, :model.vocab_size]
+        hs.append(-(lp.exp() * lp).sum(-1))
+    h = torch.stack(hs, 1).mean()
+    gh = torch.autograd.grad(h, list(model.parameters()))
+    torch.testing.assert_close(logs["entropy"], h.detach())
+    assert logs0["entropy"] == logs["entropy"]  # logged whatever the weight
+    torch.testing.assert_close(with_h - without, -c * h.detach())
+    for a, b, e in zip(g1, g0, gh):
+        torch.testing.assert_close(a - b, -c * e, rtol=1e-5, atol=1e-6)
+    assert any(float(e.abs().max()) > 1e-4 for e in gh)
+
+
+def test_code_form_kl_resyncs_its_reference_and_sees_only_the_soft_steps() -> None:
+    """kl_form='code': the reference is the model's own weights, re-copied at every ref_sync-th training loss call
+    (so the KL is exactly 0 there), kept in the objective's state, never trained. DRAKES' code estimator is 0
+    at hard states (both models are the same one-hot at unmasked positions under SUBS), so summing its last
+    kl_truncate steps, the soft ones, is the whole estimator."""
+    from genkit.finetune.drakes import kl_terms, relaxed_rollout
+
+    model, _ = MaskedDiffusion.example()
+    obj = SEPO(model, Reward(lambda x: (x[:, 1] == 2).float()), group=4, inner=2, steps=4, batch_size=4, kl=0.5,
+               kl_form="code", kl_truncate=2, ref_sync=3)
+    assert obj.config()["kl_form"] == "code" and obj.kl_truncate == 2 and obj.ref_sync == 3
+    assert not any(p.requires_grad for p in obj.synced.parameters()) and not obj.synced.training
+    assert any(k.startswith("synced.") for k in obj.state_dict())
+    opt = torch.optim.Adam(model.parameters(), lr=5e-2)
+    snapshots, kls = {}, []
+    for k in range(7):
+        snapshots[k] = {n: v.clone() for n, v in model.state_dict().items()}
+        loss, logs = obj.loss(None, gen(k))
+        kls.append(float(logs["kl"]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert kls[0] == 0.0 and kls[3] == 0.0 and kls[6] == 0.0, kls  # loss calls 0, 3, 6 re-sync first
+    assert kls[1] > 0 and kls[5] > 0, kls
+    assert all(torch.equal(v, snapshots[6][n]) for n, v in obj.synced.state_dict().items())
+    assert not all(torch.equal(v, snapshots[6][n]) for n, v in model.state_dict().items())
+    terms = kl_terms(model, obj.synced, relaxed_rollout(model, 8, 4, 2, 1.0, gen(9)), "code")
+    assert terms.shape == (4, 8) and torch.equal(terms[:2].detach(), torch.zeros(2, 8))
+    assert float(terms[2:].detach().sum()) > 0
+
+
+def test_option_mistakes_name_the_fix() -> None:
+    import copy
+
+    model, _ = MaskedDiffusion.example()
+    pre = copy.deepcopy(model)
+    r = Reward(lambda x: x[:, 0].float())
+    cases = [
+        (dict(scaling="drgrpo"), "scaling"),
+        (dict(entropy=-1e-5), "entropy"),
+        (dict(kl_form="exact"), "kl_form"),
+        (dict(kl_truncate=2), "kl_form='code'"),
+        (dict(ref_sync=10), "kl_form='code'"),
+        (dict(kl_form="code", reference=pre), "reference=None"),
+        (dict(kl_form="code", steps=3, kl_truncate=4), "kl_truncate <= steps"),
+        (dict(kl_form="code", ref_sync=0), "ref_sync"),
+    ]
+    for over, word in cases:
+        kw = dict(steps=3) | over
+        with pytest.raises(ConfigError, match=word):
+            SEPO(model, r, **kw)
+    SEPO(model, r, steps=3, kl=0.1, kl_form="code")  # no reference needed: it keeps its own
