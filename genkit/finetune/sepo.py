@@ -1,5 +1,5 @@
 """SEPO: policy-gradient fine-tuning of masked discrete diffusion for non-differentiable rewards through the
-concrete score (Zekri & Boullé 2025; METHODS.md section 4). A first version (issue 12, item 4).
+concrete score (Zekri & Boullé 2025, arXiv 2502.01384; METHODS.md section 4).
 
 :class:`SEPO` is a data-free objective (``data_free = True``; ``loss(None, generator) -> (loss, logs)``) for
 :class:`genkit.train.Trainer`; the module it trains (``model``) is an ``mdlm`` model, the reward (and the optional
@@ -93,6 +93,16 @@ KL off (1e-4 when on, the code form), entropy off (1e-5 when on), ``scaling="grp
 With ``TrainConfig(gradient_accumulation_steps=A)`` every micro-batch is one loss call: ``inner`` and ``ref_sync``
 count loss calls, so a rollout batch serves ``inner`` micro-batches (choose ``inner`` a multiple of ``A`` for
 whole optimizer steps per rollout batch).
+
+**What the enumerable toy shows** (``tests/test_sepo.py``, exact sampler laws, non-differentiable bigram reward,
+the KL to the pretrained model): the reward rises and the law moves toward ``p* ∝ p_pre exp(r / kl)`` (TV to
+``p*`` down to 0.4-0.5 of ``TV(p_pre, p*)``; a quarter with ``scaling="dr_grpo"``), with a clip fraction of
+0.16-0.22 at ``eps = 0.2`` and lr 3e-3; but ``p*`` is not a fixed point. With GRPO's std-normalised advantages
+the reward overshoots ``E_p* r`` (the std rescales the reward), and with either scaling the pseudo-likelihood KL
+holds the one-masked conditionals the scores are made of, not the ancestral sampler's law, so long runs drift
+(TV back up to 0.5-0.7 of ``TV(p_pre, p*)``). A KL on the sampler's path (DRAKES' paper form on the rollout
+trajectories) was tried and pinned the law at ``p_pre``: the SEPO update moves the sampler only through the
+one-masked conditionals, which that KL also holds; it is not offered.
 
 >>> import torch
 >>> from genkit.models import MaskedDiffusion
