@@ -95,14 +95,15 @@ count loss calls, so a rollout batch serves ``inner`` micro-batches (choose ``in
 whole optimizer steps per rollout batch).
 
 **What the enumerable toy shows** (``tests/test_sepo.py``, exact sampler laws, non-differentiable bigram reward,
-the KL to the pretrained model): the reward rises and the law moves toward ``p* ∝ p_pre exp(r / kl)`` (TV to
-``p*`` down to 0.4-0.5 of ``TV(p_pre, p*)``; a quarter with ``scaling="dr_grpo"``), with a clip fraction of
-0.16-0.22 at ``eps = 0.2`` and lr 3e-3; but ``p*`` is not a fixed point. With GRPO's std-normalised advantages
-the reward overshoots ``E_p* r`` (the std rescales the reward), and with either scaling the pseudo-likelihood KL
-holds the one-masked conditionals the scores are made of, not the ancestral sampler's law, so long runs drift
-(TV back up to 0.5-0.7 of ``TV(p_pre, p*)``). A KL on the sampler's path (DRAKES' paper form on the rollout
-trajectories) was tried and pinned the law at ``p_pre``: the SEPO update moves the sampler only through the
-one-masked conditionals, which that KL also holds; it is not offered.
+the KL to the pretrained model): the reward rises and the law moves toward ``p* ∝ p_pre exp(r / kl)``, the TV
+to ``p*`` falling to 0.4-0.5 of ``TV(p_pre, p*)`` (to a quarter with ``scaling="dr_grpo"`` at V = L = 3, to
+0.6-0.7 at V = L = 4), with a clip fraction of 0.16-0.22 at ``eps = 0.2`` and lr 3e-3; but ``p*`` is not a
+fixed point. With GRPO's std-normalised advantages the reward overshoots ``E_p* r`` (the std rescales the
+reward), and with either scaling the pseudo-likelihood KL holds the one-masked conditionals the scores are made
+of, not the ancestral sampler's law, so long runs drift (TV back up to 0.5-0.7 of ``TV(p_pre, p*)``). A KL on
+the sampler's path (DRAKES' paper form on the rollout trajectories) was tried and pinned the law at ``p_pre``:
+the SEPO update moves the sampler only through the one-masked conditionals, which that KL also holds; it is not
+offered.
 
 >>> import torch
 >>> from genkit.models import MaskedDiffusion
