@@ -4,7 +4,8 @@ Usage: ``dist_train_script.py OUT_DIR PARAMS_DIR [onestep]``. Trains a tiny line
 (gloo, CPU); rank 1 returns a NaN loss on its second call, so both ranks must skip that step together.
 Afterwards the harness (not the trainer) writes each rank's parameters, EMA and a digest of the data it saw
 to ``PARAMS_DIR/rank{r}.safetensors``; the same regression with 2 accumulated micro-batches of 2 per rank goes
-to ``PARAMS_DIR/accum{r}.safetensors``. In the same launch it trains the data-free objective
+to ``PARAMS_DIR/accum{r}.safetensors``, and the Game with 2 micro-batches a step to
+``PARAMS_DIR/gameaccum{r}.safetensors``. In the same launch it trains the data-free objective
 :class:`ReverseKL` (into ``OUT_DIR-free``) and the alternating two-optimizer :class:`Game` fed by the batch
 source :class:`NormalSource` (into ``OUT_DIR-game``), written to ``PARAMS_DIR/{free,game}{r}.safetensors``.
 The test file uses these objectives too. With ``onestep``, then genkit's one-step families: MeanFlow (its JVP runs
@@ -276,6 +277,10 @@ def main() -> None:
     game = Game()
     result = Trainer(game, objective_config(out_dir + "-game")).fit(NormalSource())
     record(game, result, params_dir / f"game{rank}.safetensors")
+    torch.manual_seed(0)
+    game = Game()  # the same, 2 micro-batches a step: no DDP sync on the first, unused parameters found
+    result = Trainer(game, objective_config(out_dir + "-gameaccum", gradient_accumulation_steps=2)).fit(NormalSource())
+    record(game, result, params_dir / f"gameaccum{rank}.safetensors")
     if "onestep" in sys.argv[3:]:
         train_onestep(out_dir, params_dir, rank)
 

@@ -385,6 +385,9 @@ def test_two_processes_keep_identical_parameters(tmp_path: Path, launcher: str) 
     torch.testing.assert_close(a0["losses"], torch.tensor([x for _, x in result.losses], dtype=torch.float64),
                                rtol=1e-5, atol=1e-7)
     assert float(a0["seen"] + a1["seen"]) == pytest.approx(ref.seen, rel=1e-9)
+    g0, g1 = (load_file(str(params / f"gameaccum{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(g0[k], g1[k]) for k in g0 if k != "seen") and g0["seen"].item() != g1["seen"].item()
+    assert checkpoint.read_trainer_state(tmp_path / "run-gameaccum")["step"] == 9
 
     # The same launch trained the data-free objective and the alternating two-optimizer one (batch source).
     for kind, run in (("free", "run-free"), ("game", "run-game")):
@@ -936,6 +939,23 @@ def test_accumulation_settings_are_checked_and_part_of_the_resume_state(tmp_path
     acc = SimpleNamespace(mixed_precision="no", gradient_accumulation_steps=4)
     with pytest.raises(ConfigError, match=r"TrainConfig\(gradient_accumulation_steps=4\)"):
         check_accelerator(acc, cfg(tmp_path))
+
+
+def test_a_non_finite_micro_batch_drops_the_whole_step(tmp_path: Path) -> None:
+    """With 2 micro-batches a step, a NaN loss on loss call 3 (the first micro-batch of step 2, already
+    backpropagated when the step's one collective sees it) drops step 2: its weights are step 1's."""
+    weights = []
+
+    def keep(trainer: Trainer, record: LogRecord) -> None:
+        weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+
+    model = make(0, nan_calls=(3,))
+    result = Trainer(model, cfg(tmp_path, steps=4, gradient_accumulation_steps=2, nonfinite="skip", log_every=1),
+                     callbacks=[keep]).fit(DATA)
+    assert result.skipped == 1 and model.calls == 8
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[1][k], weights[2][k]) for k in weights[0])
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
 
 
 def test_accumulated_run_resumes_exactly(tmp_path: Path) -> None:
