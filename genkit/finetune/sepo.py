@@ -54,8 +54,10 @@ gradient ``-ratio grad log s_theta``, so ``sum_m pi_theta(z_m) rho_m`` has the g
   estimator (:func:`genkit.finetune.drakes.kl_terms`, form ``"code"``) on a fresh relaxed rollout of
   ``batch_size`` sequences of the current model (:func:`~genkit.finetune.drakes.relaxed_rollout`, the last
   ``kl_truncate`` steps Gumbel-softmax at tau 1), summed over those last ``kl_truncate`` steps only (official:
-  50 of 128; ``truncate_kl=True``). No ``reference`` is passed: the re-synced copy is the objective's own state
-  (saved with the resume state, not a frozen part).
+  50 of 128; ``truncate_kl=True``). That estimator is exactly 0 at the hard (detached) steps, where both
+  models are the same one-hot at unmasked positions under SUBS, so with the relaxation and the KL truncated to
+  the same last steps (the code's two settings, both 50) the sum drops only zeros. No ``reference`` is passed:
+  the re-synced copy is the objective's own state (saved with the resume state, not a frozen part).
 
 **Entropy bonus** (``entropy > 0``; the code's ``entropy``, coefficient 1e-5 when on): ``H = mean_{i, l}
 H(p_theta(. | x_i^{-l}))`` at ``score_time`` on the rollout batch, the entropy of the conditionals the scores
@@ -68,8 +70,8 @@ advantages and the batch reduction:
 
 - ``"grpo"`` (default, the code's): ``A = (R - mean) / (std + 1e-8)`` within each group (unbiased std; a
   constant group gets 0), ``J`` a mean over the ``G * batch_size`` samples.
-- ``"dr_grpo"`` (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783): ``A = R - mean``, no std normalisation, which
-  biases the update toward groups of small reward spread; the paper's other change, no ``1 / |o|`` length
+- ``"dr_grpo"`` (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783): ``A = R - mean``, without the std normalisation
+  (which over-weights groups of small reward spread); the paper's other change, no ``1 / |o|`` length
   normalisation, has nothing to remove here (sequences have one length ``L``, and ``J`` sums over neighbours).
 - ``"code_dr_grpo"``: the released code's ``dr_grpo`` flag, which keeps the std-normalised advantages and
   multiplies the reward loss by its batch size (``unb * _compute_loss_sepo``): ``J`` times ``batch_size``, a

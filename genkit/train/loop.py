@@ -264,7 +264,7 @@ class Trainer:
                     done.append(loss.detach())
         if micro > 1:
             logs = _mean_logs(micro_logs)
-            step_loss = (torch.stack([*done, loss.detach()]).float().mean())
+            step_loss = torch.stack([*done, loss.detach()]).float().mean()
             loss = loss / micro
         else:
             step_loss = loss
