@@ -902,7 +902,16 @@ def test_accumulated_micro_batches_are_one_big_batch(tmp_path: Path, split: bool
         c = cfg(tmp_path / f"a{micro}", steps=4, batch_size=size, gradient_accumulation_steps=micro, grad_clip=0.5,
                 log_every=1, checkpoint_every=None)
         trainer = Trainer(model, c)
+        entered = []
+        no_sync = trainer.accelerator.no_sync
+
+        def counting(module, no_sync=no_sync, entered=entered, wrapped=trainer._forward):
+            entered.append(module is wrapped)  # the DDP gradient sync is skipped on all micro-batches but the last
+            return no_sync(module)
+
+        trainer.accelerator.no_sync = counting
         result = trainer.fit(data)
+        assert entered == [True] * (4 * (micro - 1))
         rows = [json.loads(line) for line in (tmp_path / f"a{micro}" / "metrics.jsonl").read_text().splitlines()]
         runs[micro] = (model, result, rows, trainer)
     (big, rb, rows_b, tb), (acc, ra, rows_a, ta) = runs[1], runs[3]
