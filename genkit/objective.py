@@ -21,6 +21,10 @@ Everything else is optional and read by :class:`genkit.train.Trainer`:
 A **batch source** replaces a dataset: ``source.batch(step, rank, generator) -> batch``, where ``generator``
 is seeded from ``(seed, step, rank)`` alone, so a resumed or multi-process run draws the same batches.
 
+With ``TrainConfig.gradient_accumulation_steps = A`` the trainer calls ``loss`` ``A`` times per optimizer step
+(``update(step)`` once, with the optimizer step): ``step`` of a batch source and the seed of ``loss``'s generator
+are then the micro-batch number ``k * A + i``, and an objective that counts its loss calls counts micro-batches.
+
 >>> import torch
 >>> net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.LayerNorm(4))
 >>> [(g.name, len(g.params), g.weight_decay) for g in default_groups(net.parameters())]

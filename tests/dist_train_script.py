@@ -3,7 +3,9 @@
 Usage: ``dist_train_script.py OUT_DIR PARAMS_DIR [onestep]``. Trains a tiny linear regression with genkit's Trainer
 (gloo, CPU); rank 1 returns a NaN loss on its second call, so both ranks must skip that step together.
 Afterwards the harness (not the trainer) writes each rank's parameters, EMA and a digest of the data it saw
-to ``PARAMS_DIR/rank{r}.safetensors``. In the same launch it trains the data-free objective
+to ``PARAMS_DIR/rank{r}.safetensors``; the same regression with 2 accumulated micro-batches of 2 per rank goes
+to ``PARAMS_DIR/accum{r}.safetensors``, and the Game with 2 micro-batches a step to
+``PARAMS_DIR/gameaccum{r}.safetensors``. In the same launch it trains the data-free objective
 :class:`ReverseKL` (into ``OUT_DIR-free``) and the alternating two-optimizer :class:`Game` fed by the batch
 source :class:`NormalSource` (into ``OUT_DIR-game``), written to ``PARAMS_DIR/{free,game}{r}.safetensors``.
 The test file uses these objectives too. With ``onestep``, then genkit's one-step families: MeanFlow (its JVP runs
@@ -183,9 +185,10 @@ def make_model(nan_calls: tuple[int, ...] = ()) -> LinReg:
     return LinReg(nan_calls=nan_calls)
 
 
-def config(out_dir: str, batch_size: int) -> TrainConfig:
-    return TrainConfig(steps=6, batch_size=batch_size, lr=0.05, ema_decay=0.9, checkpoint_every=3, log_every=2,
-                       grad_clip=None, nonfinite="skip", out_dir=out_dir, progress=False, cpu=True)
+def config(out_dir: str, batch_size: int, **changes) -> TrainConfig:
+    base = dict(steps=6, batch_size=batch_size, lr=0.05, ema_decay=0.9, checkpoint_every=3, log_every=2,
+                grad_clip=None, nonfinite="skip", out_dir=out_dir, progress=False, cpu=True)
+    return TrainConfig(**{**base, **changes})
 
 
 def objective_config(out_dir: str, **changes) -> TrainConfig:
@@ -264,6 +267,9 @@ def main() -> None:
     model = make_model(nan_calls=(2,) if rank == 1 else ())
     result = Trainer(model, config(out_dir, batch_size=4)).fit(make_data())
     record(model, result, params_dir / f"rank{rank}.safetensors")
+    accum = make_model()  # 2 micro-batches of 2 per rank and step: the global batch of 8 of a single process
+    result = Trainer(accum, config(out_dir + "-accum", batch_size=2, gradient_accumulation_steps=2)).fit(make_data())
+    record(accum, result, params_dir / f"accum{rank}.safetensors")
     torch.manual_seed(0)
     free = ReverseKL()
     record(free, Trainer(free, objective_config(out_dir + "-free")).fit(), params_dir / f"free{rank}.safetensors")
@@ -271,6 +277,10 @@ def main() -> None:
     game = Game()
     result = Trainer(game, objective_config(out_dir + "-game")).fit(NormalSource())
     record(game, result, params_dir / f"game{rank}.safetensors")
+    torch.manual_seed(0)
+    game = Game()  # the same, 2 micro-batches a step: no DDP sync on the first, unused parameters found
+    result = Trainer(game, objective_config(out_dir + "-gameaccum", gradient_accumulation_steps=2)).fit(NormalSource())
+    record(game, result, params_dir / f"gameaccum{rank}.safetensors")
     if "onestep" in sys.argv[3:]:
         train_onestep(out_dir, params_dir, rank)
 

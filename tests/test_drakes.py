@@ -151,6 +151,70 @@ def test_trainer_runs_drakes_data_free(tmp_path) -> None:
     assert "loss_steps" in obj.state_dict() and not any(k.startswith("frozen") for k in obj.state_dict())
 
 
+def test_trainer_accumulates_drakes_micro_batches(tmp_path) -> None:
+    """TrainConfig(gradient_accumulation_steps=2): two loss calls per optimizer step, each with the generator of
+    micro-batch k * 2 + i; the logged loss, reward and KL of step 1 are the means of those two calls on the
+    initial weights, and loss_steps (hence the alpha warm-up) counts the calls."""
+    from genkit.train import TrainConfig, Trainer
+    from genkit.train.batching import NOISE, derive_seed
+
+    model, pre = pair(perturb=0.3)
+    obj = DRAKES(model, pre, REWARD, steps=3, truncate=2, alpha=0.1, alpha_warmup=4, batch_size=8)
+    twin = copy.deepcopy(obj)
+    direct = [twin.loss(None, gen(derive_seed(0, NOISE, m, 0))) for m in (0, 1)]
+    cfg = TrainConfig(steps=3, lr=1e-2, cpu=True, out_dir=str(tmp_path), checkpoint_every=None, ema_decay=None,
+                      progress=False, log_every=1, gradient_accumulation_steps=2)
+    seen = []
+    Trainer(obj, cfg, callbacks=[lambda trainer, record: seen.append(record)]).fit()
+    assert int(obj.loss_steps) == 6 and [r.step for r in seen] == [1, 2, 3]
+    first = seen[0]
+    assert first.loss == pytest.approx(float(direct[0][0].detach() + direct[1][0].detach()) / 2, rel=1e-6)
+    for key in ("reward", "kl", "alpha"):  # alpha: 0.025 and 0.05 on the two calls (warm-up in loss calls)
+        assert first.logs[key] == pytest.approx((float(direct[0][1][key]) + float(direct[1][1][key])) / 2, rel=1e-6)
+    assert first.logs["alpha"] == pytest.approx(0.0375)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), twin.model.parameters()))
+
+
+class _Cut(Exception):
+    pass
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_trainer_resume_continues_drakes_exactly(tmp_path) -> None:
+    """The trainer saves DRAKES' loss_steps (the alpha warm-up's clock) with the resume state: a run cut after its
+    step-2 checkpoint and resumed by a fresh objective from another init (the same frozen reference and reward)
+    logs the same next losses and ends on the same weights, bit for bit, as the uninterrupted run (each step's
+    generator is seeded by the step, so the same generator state)."""
+    from genkit.train import TrainConfig, Trainer
+
+    def run(out, perturb=0.0, callbacks=()):
+        model, pre = pair(perturb)
+        obj = DRAKES(model, pre, REWARD, steps=3, truncate=2, alpha=0.1, alpha_warmup=8, batch_size=8)
+        cfg = TrainConfig(steps=4, lr=1e-2, cpu=True, out_dir=str(out), checkpoint_every=2, ema_decay=0.9,
+                          progress=False, log_every=1, gradient_accumulation_steps=2)
+        seen = []
+        try:
+            Trainer(obj, cfg, callbacks=[lambda t, rec: seen.append(rec), *callbacks]).fit()
+        except _Cut:
+            pass
+        return obj, seen
+
+    full, full_logs = run(tmp_path / "full")
+
+    def cut(trainer, record):
+        if record.step == 2:
+            raise _Cut
+
+    part, _ = run(tmp_path / "cut", callbacks=[cut])
+    assert int(part.loss_steps) == 4
+    resumed, resumed_logs = run(tmp_path / "cut", perturb=0.5)
+    assert int(resumed.loss_steps) == int(full.loss_steps) == 8
+    assert [(r.step, r.loss, r.logs) for r in resumed_logs] == [(r.step, r.loss, r.logs) for r in full_logs[2:]]
+    assert resumed_logs[0].logs["alpha"] == pytest.approx(0.1 * 5.5 / 8)  # loss calls 4 and 5: the clock resumed
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_loss_is_seeded_by_generator() -> None:
     model, pre = pair(perturb=0.3)
     obj = DRAKES(model, pre, REWARD, steps=4, truncate=2, alpha=0.1, batch_size=8).eval()

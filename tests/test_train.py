@@ -373,6 +373,22 @@ def test_two_processes_keep_identical_parameters(tmp_path: Path, launcher: str) 
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, r0[f"param.{name}"]), name
 
+    # Accumulating 2 micro-batches of 2 on each of 2 ranks (no DDP sync on the first) is the global batch of 8 of
+    # one process: the same rows (k * A + i indexing), the same mean gradient, the same parameters and losses.
+    a0, a1 = (load_file(str(params / f"accum{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(a0[k], a1[k]) for k in a0 if k != "seen") and a0["seen"].item() != a1["seen"].item()
+    _reset()
+    ref = script.make_model()
+    result = Trainer(ref, script.config(str(tmp_path / "single-accum"), batch_size=8)).fit(script.make_data())
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(a0[f"param.{name}"], value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a0["losses"], torch.tensor([x for _, x in result.losses], dtype=torch.float64),
+                               rtol=1e-5, atol=1e-7)
+    assert float(a0["seen"] + a1["seen"]) == pytest.approx(ref.seen, rel=1e-9)
+    g0, g1 = (load_file(str(params / f"gameaccum{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(g0[k], g1[k]) for k in g0 if k != "seen") and g0["seen"].item() != g1["seen"].item()
+    assert checkpoint.read_trainer_state(tmp_path / "run-gameaccum")["step"] == 9
+
     # The same launch trained the data-free objective and the alternating two-optimizer one (batch source).
     for kind, run in (("free", "run-free"), ("game", "run-game")):
         a, b = (load_file(str(params / f"{kind}{r}.safetensors")) for r in (0, 1))
@@ -842,3 +858,135 @@ def test_a_class_conditional_model_with_class_dropout_resumes_exactly(tmp_path: 
     loaded = genkit.load(tmp_path / "cut", ema=False)
     assert (loaded.num_classes, loaded.null_label, loaded.class_names) == (3, 3, ["low", "mid", "high"])
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), full.state_dict().values()))
+
+
+def _split_linreg():
+    """dist_train_script.LinReg with two optimizers: the weight on steps 0, 1, 3, 4, ..., the bias on 2, 5, ..."""
+    from dist_train_script import LinReg
+
+    from genkit.objective import ParamGroup
+
+    class SplitLinReg(LinReg):
+        updates: list
+
+        def param_groups(self):
+            return [ParamGroup("w", [self.lin.weight]), ParamGroup("b", [self.lin.bias])]
+
+        def optimizers(self):
+            return {"w": ["w"], "b": ["b"]}
+
+        def update(self, step: int) -> str:
+            return "b" if step % 3 == 2 else "w"
+
+        def loss(self, batch, generator=None, update=None):
+            self.updates = [*getattr(self, "updates", []), update]
+            return super().loss(batch, generator)
+
+    return SplitLinReg()
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_accumulated_micro_batches_are_one_big_batch(tmp_path: Path, split: bool) -> None:
+    """A deterministic regression: 3 micro-batches of 4 per step give, step for step, the parameters, EMA, LR
+    schedule, logged loss and logs of one batch of 12 (the same rows: micro-batch i of step k is batch 3k + i),
+    with the gradient clipped once per optimizer step (the clip is active: the first grad norm is above it), for
+    one optimizer and for two alternating ones."""
+    from dist_train_script import LinReg, make_data
+
+    data = make_data(96)
+    runs = {}
+    for micro, size in ((1, 12), (3, 4)):
+        _reset()
+        torch.manual_seed(0)
+        model = _split_linreg() if split else LinReg()
+        c = cfg(tmp_path / f"a{micro}", steps=4, batch_size=size, gradient_accumulation_steps=micro, grad_clip=0.5,
+                log_every=1, checkpoint_every=None)
+        trainer = Trainer(model, c)
+        entered = []
+        no_sync = trainer.accelerator.no_sync
+
+        def counting(module, no_sync=no_sync, entered=entered, wrapped=trainer._forward):
+            entered.append(module is wrapped)  # the DDP gradient sync is skipped on all micro-batches but the last
+            return no_sync(module)
+
+        trainer.accelerator.no_sync = counting
+        result = trainer.fit(data)
+        assert entered == [True] * (4 * (micro - 1))
+        rows = [json.loads(line) for line in (tmp_path / f"a{micro}" / "metrics.jsonl").read_text().splitlines()]
+        runs[micro] = (model, result, rows, trainer)
+    (big, rb, rows_b, tb), (acc, ra, rows_a, ta) = runs[1], runs[3]
+    assert big.calls == 4 and acc.calls == 12 and ra.step == rb.step == 4
+    for name, value in big.state_dict().items():
+        torch.testing.assert_close(acc.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ra.ema[name], rb.ema[name], rtol=1e-5, atol=1e-6)
+    assert big.seen == pytest.approx(acc.seen, rel=1e-12)  # the same rows
+    assert rows_b[0]["grad_norm"] > 0.5  # the clip acts, so clipping per micro-batch would differ
+    for a, b in zip(rows_a, rows_b, strict=True):
+        assert a["step"] == b["step"] and a["lr"] == b["lr"]
+        for key in ("loss", "mse", "grad_norm"):  # mse: each micro-batch's, averaged over the step
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a, b)
+        assert a["samples_per_s"] > 0
+    if split:
+        assert acc.updates == [u for u in big.updates for _ in range(3)] == ["w"] * 6 + ["b"] * 3 + ["w"] * 3
+        assert all(s.last_epoch == 4 for s in ta.schedulers.values())
+    else:
+        assert ta.scheduler.last_epoch == tb.scheduler.last_epoch == 4
+
+
+def test_accumulation_settings_are_checked_and_part_of_the_resume_state(tmp_path: Path) -> None:
+    from genkit.train import resume_changes
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+            cfg(tmp_path, gradient_accumulation_steps=bad)
+    assert resume_changes(cfg(tmp_path).to_dict(), cfg(tmp_path, gradient_accumulation_steps=2)) == {
+        "gradient_accumulation_steps": (1, 2)}
+    from types import SimpleNamespace
+
+    from genkit.train.config import check_accelerator
+
+    acc = SimpleNamespace(mixed_precision="no", gradient_accumulation_steps=4)
+    with pytest.raises(ConfigError, match=r"TrainConfig\(gradient_accumulation_steps=4\)"):
+        check_accelerator(acc, cfg(tmp_path))
+
+
+def test_a_non_finite_micro_batch_drops_the_whole_step(tmp_path: Path) -> None:
+    """With 2 micro-batches a step, a NaN loss on loss call 3 (the first micro-batch of step 2, already
+    backpropagated when the step's one collective sees it) drops step 2: its weights are step 1's."""
+    weights = []
+
+    def keep(trainer: Trainer, record: LogRecord) -> None:
+        weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+
+    model = make(0, nan_calls=(3,))
+    result = Trainer(model, cfg(tmp_path, steps=4, gradient_accumulation_steps=2, nonfinite="skip", log_every=1),
+                     callbacks=[keep]).fit(DATA)
+    assert result.skipped == 1 and model.calls == 8
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[1][k], weights[2][k]) for k in weights[0])
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_accumulated_run_resumes_exactly(tmp_path: Path) -> None:
+    """TinyDenoiser (dropout: the global RNG, and the step generator) with 2 micro-batches a step, cut after the
+    step-6 checkpoint and resumed by a fresh trainer from another init: bit for bit the uninterrupted run (the
+    micro-batches and their generators are a function of k * A + i, 40 rows = 2.5 steps an epoch)."""
+    c = dict(gradient_accumulation_steps=2, checkpoint_every=6)
+    full_model = make(0)
+    full = Trainer(full_model, cfg(tmp_path / "full", **c)).fit(DATA)
+    assert full_model.calls == 24
+
+    def stop_at_6(trainer: Trainer, record: LogRecord) -> None:
+        if record.step == 6:
+            raise Interrupt
+
+    _reset()
+    with pytest.raises(Interrupt):
+        Trainer(make(0), cfg(tmp_path / "cut", **c), callbacks=[stop_at_6]).fit(DATA)
+    _reset()
+    resumed_model = make(3)
+    resumed = Trainer(resumed_model, cfg(tmp_path / "cut", **c)).fit(DATA)
+    assert resumed_model.calls == 12 and resumed.losses == full.losses[3:]
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert all(torch.equal(full.ema[k], resumed.ema[k]) for k in full.ema)

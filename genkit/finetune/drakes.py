@@ -45,8 +45,13 @@ picks up only the "leakage" of soft states (METHODS.md section 3, pitfalls); it 
 In both forms the KL is evaluated at every step (the official default ``truncate_kl=False``): the network's
 probabilities carry gradients at every step, the states only in the last ``truncate`` steps.
 
-Gradient accumulation: :class:`genkit.train.Trainer` refuses ``gradient_accumulation_steps != 1`` (the official
-runs accumulate 4 or 8 batches of 32 or 16); raise ``batch_size`` instead.
+Gradient accumulation (the official runs accumulate 4 (DNA) or 8 (protein) batches of 32 or 16):
+``TrainConfig(batch_size=..., gradient_accumulation_steps=4)``. The trainer then calls :meth:`DRAKES.loss` 4 times
+per optimizer step, each with its own generator, and steps on the gradient of the mean of the 4 losses, as the
+code's ``loss / num_accum_steps`` does; ``batch_size`` here is the rollouts of one call (the code's 32). The
+loss calls count micro-batches, so :attr:`loss_steps` advances ``A`` per optimizer step and ``alpha_warmup`` is
+in loss calls: the code's warm-up over ``W`` updates ("epochs") is ``alpha_warmup = W * A`` (the code keeps alpha
+constant over an update's micro-batches; here it also rises within one).
 
 >>> import copy, torch
 >>> from genkit.models import MaskedDiffusion
@@ -74,7 +79,7 @@ from ..sampling import masked_reverse_step
 from .checks import _int, _real, check_policy, check_reference
 from .rewards import Reward
 
-__all__ = ["DRAKES", "Rollout", "gumbel_softmax"]
+__all__ = ["DRAKES", "Rollout", "gumbel_softmax", "kl_terms", "relaxed_rollout"]
 
 KL_FORMS = ("paper", "code")
 _LOG_FLOOR = -1e4  # stands in for log 0 (SUBS's -inf) in the KL, so 0 * (log 0 - log 0) is 0, not nan
@@ -99,6 +104,62 @@ class Rollout(NamedTuple):
     states: list[Tensor]
     logp: list[Tensor]
     times: Tensor
+
+
+def relaxed_rollout(model: nn.Module, n: int, steps: int, truncate: int, tau: float,
+                    generator: torch.Generator | None = None) -> Rollout:
+    """``n`` relaxed trajectories of ``model`` from all-MASK over ``steps`` reverse steps, the last ``truncate``
+    of them Gumbel-softmax at temperature ``tau`` (the module docstring's rollout), drawn from ``generator``."""
+    m = model
+    v, mask_id = m.vocab_size, m.mask_id
+    device = next((p.device for p in m.parameters()), torch.device("cpu"))
+    times = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    x = F.one_hot(torch.full((n, m.length), mask_id, dtype=torch.long, device=device), v + 1)
+    x = x.to(torch.get_default_dtype())
+    states, logps = [], []
+    first_soft = steps - truncate
+    for k in range(steps):
+        t, s = float(times[k]), float(times[k + 1])
+        logp = m.logits(x, t)
+        states.append(x)
+        logps.append(logp)
+        if k < first_soft:  # hard and detached, exactly the ancestral sampler's step
+            tokens = masked_reverse_step(m, x.argmax(-1), logp.detach(), t, s, generator)
+            x = F.one_hot(tokens, v + 1).to(x.dtype)
+            continue
+        a_t, a_s = (float(m.schedule.alpha(torch.tensor(u, dtype=torch.float64))) for u in (t, s))
+        p = logp.exp()[..., :v] * ((a_s - a_t) / (1 - a_t))
+        q = torch.cat([p, torch.full_like(p[..., :1], (1 - a_s) / (1 - a_t))], -1)
+        sample = gumbel_softmax(torch.log(q + 1e-8), tau, generator)
+        soft_copy = 1 - x[..., mask_id:]
+        x = soft_copy * x + (1 - soft_copy) * sample
+    soft = x[..., :v]
+    hard = F.one_hot(soft.argmax(-1), v).to(soft.dtype)
+    x0 = hard + (soft - soft.detach())  # exactly the one-hot forward, the soft sample's gradient
+    return Rollout(x0, states, logps, times)
+
+
+def kl_terms(model: nn.Module, reference: nn.Module, roll: Rollout, form: str = "paper") -> Tensor:
+    """The KL of ``model`` to ``reference`` at each step and sample of ``roll``, ``[steps, B]``, in ``form``
+    ``"paper"`` or ``"code"`` (the module docstring; its sum over steps is the KL)."""
+    v, mask_id = model.vocab_size, model.mask_id
+    out = []
+    for k, (x, logp) in enumerate(zip(roll.states, roll.logp)):
+        t, s = roll.times[k], roll.times[k + 1]
+        logq = reference.logits(x, float(t))
+        lp, lq = logp[..., :v].clamp(min=_LOG_FLOOR), logq[..., :v].clamp(min=_LOG_FLOOR)
+        p = lp.exp()
+        if form == "paper":
+            rate = float(-model.schedule.weight(t))
+            masked = (x.argmax(-1) == mask_id).to(p.dtype)
+            per_pos = (p * (lp - lq)).sum(-1) * masked
+            out.append(float(t - s) * rate * per_pos.sum(-1))
+        else:
+            move = float(1 - model.schedule.alpha(t))
+            copy = 1 - x[..., mask_id]
+            term = (lq.exp() - p + p * (lp - lq)) * x[..., :v]
+            out.append((copy * term.sum(-1)).sum(-1) / move)
+    return torch.stack(out)
 
 
 class DRAKES(nn.Module):
@@ -168,11 +229,6 @@ class DRAKES(nn.Module):
             return self.alpha
         return self.alpha * min(1.0, (step + 1) / self.alpha_warmup)
 
-    def _device(self) -> torch.device:
-        for p in self.model.parameters():
-            return p.device
-        return self.loss_steps.device
-
     def times(self) -> Tensor:
         """The grid ``[steps + 1]`` (float64) from 1 down to 0, the masked ancestral sampler's."""
         return torch.linspace(1, 0, self.steps + 1, dtype=torch.float64)
@@ -181,54 +237,11 @@ class DRAKES(nn.Module):
     def rollout(self, n: int, generator: torch.Generator | None = None) -> Rollout:
         """``n`` relaxed trajectories of the model from all-MASK (the module docstring's rollout), drawn from
         ``generator``."""
-        m = self.model
-        v, mask_id = m.vocab_size, m.mask_id
-        device = self._device()
-        times = self.times()
-        x = F.one_hot(torch.full((n, m.length), mask_id, dtype=torch.long, device=device), v + 1)
-        x = x.to(torch.get_default_dtype())
-        states, logps = [], []
-        first_soft = self.steps - self.truncate
-        for k in range(self.steps):
-            t, s = float(times[k]), float(times[k + 1])
-            logp = m.logits(x, t)
-            states.append(x)
-            logps.append(logp)
-            if k < first_soft:  # hard and detached, exactly the ancestral sampler's step
-                tokens = masked_reverse_step(m, x.argmax(-1), logp.detach(), t, s, generator)
-                x = F.one_hot(tokens, v + 1).to(x.dtype)
-                continue
-            a_t, a_s = (float(m.schedule.alpha(torch.tensor(u, dtype=torch.float64))) for u in (t, s))
-            p = logp.exp()[..., :v] * ((a_s - a_t) / (1 - a_t))
-            q = torch.cat([p, torch.full_like(p[..., :1], (1 - a_s) / (1 - a_t))], -1)
-            sample = gumbel_softmax(torch.log(q + 1e-8), self.tau, generator)
-            soft_copy = 1 - x[..., mask_id:]
-            x = soft_copy * x + (1 - soft_copy) * sample
-        soft = x[..., :v]
-        hard = F.one_hot(soft.argmax(-1), v).to(soft.dtype)
-        x0 = hard + (soft - soft.detach())  # exactly the one-hot forward, the soft sample's gradient
-        return Rollout(x0, states, logps, times)
+        return relaxed_rollout(self.model, n, self.steps, self.truncate, self.tau, generator)
 
     def kl_terms(self, roll: Rollout) -> Tensor:
         """The KL of each step and sample, ``[steps, B]`` (``kl`` form; its sum over steps is the KL)."""
-        ref, v, mask_id = self.reference, self.model.vocab_size, self.model.mask_id
-        out = []
-        for k, (x, logp) in enumerate(zip(roll.states, roll.logp)):
-            t, s = roll.times[k], roll.times[k + 1]
-            logq = ref.logits(x, float(t))
-            lp, lq = logp[..., :v].clamp(min=_LOG_FLOOR), logq[..., :v].clamp(min=_LOG_FLOOR)
-            p = lp.exp()
-            if self.kl == "paper":
-                rate = float(-self.model.schedule.weight(t))
-                masked = (x.argmax(-1) == mask_id).to(p.dtype)
-                per_pos = (p * (lp - lq)).sum(-1) * masked
-                out.append(float(t - s) * rate * per_pos.sum(-1))
-            else:
-                move = float(1 - self.model.schedule.alpha(t))
-                copy = 1 - x[..., mask_id]
-                term = (lq.exp() - p + p * (lp - lq)) * x[..., :v]
-                out.append((copy * term.sum(-1)).sum(-1) / move)
-        return torch.stack(out)
+        return kl_terms(self.model, self.reference, roll, self.kl)
 
     def loss(self, batch: Any, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``-mean r(x_0) + alpha(step) * mean KL`` over ``batch_size`` rollouts drawn from ``generator``;

@@ -1,5 +1,5 @@
 """SEPO: policy-gradient fine-tuning of masked discrete diffusion for non-differentiable rewards through the
-concrete score (Zekri & Boullé 2025; METHODS.md section 4). A first version (issue 12, item 4).
+concrete score (Zekri & Boullé 2025, arXiv 2502.01384; METHODS.md section 4).
 
 :class:`SEPO` is a data-free objective (``data_free = True``; ``loss(None, generator) -> (loss, logs)``) for
 :class:`genkit.train.Trainer`; the module it trains (``model``) is an ``mdlm`` model, the reward (and the optional
@@ -40,13 +40,45 @@ gradient ``-ratio grad log s_theta``, so ``sum_m pi_theta(z_m) rho_m`` has the g
   compares the ratio-valued surrogates, whose gradients are the same as the code's.)
 - ``"sample"`` (**textbook PPO**): ``J = mean_i min(A_i u_i, A_i c_i)``, the min per sample.
 
-``loss = -J + kl * KL``; ``KL`` (only with ``kl > 0`` and a ``reference``) is a pseudo-likelihood estimate on the
-rollouts, ``mean_i sum_l KL(p_theta(x^l | x^{-l}) || p_ref(x^l | x^{-l}))`` at ``score_time`` (not the code's
-DRAKES-style truncated path KL, and the reference is not re-synced: it stays the model given).
+``loss = -J + kl * KL - entropy * H``.
+
+**The KL** (only with ``kl > 0``), ``kl_form``:
+
+- ``"pseudo"`` (default): the paper's objective, ``E r - kl * KL(q_theta || q_pre)`` with the *pretrained*
+  model as the fixed ``reference``, through genkit's pseudo-likelihood estimate on the rollouts, ``mean_i
+  sum_l KL(p_theta(x^l | x^{-l}) || p_ref(x^l | x^{-l}))`` at ``score_time`` (the conditionals the concrete
+  score is made of; 0 exactly when the two conditionals agree everywhere).
+- ``"code"``: the released code's (``grpo_train.py``, ``put_kl``): the reference is the model's own weights,
+  re-copied every ``ref_sync`` training loss calls (official: every epoch of 10 GRPO steps x ``mu`` 5 = 50),
+  so the KL is a trust region to a recent iterate, not a pull to the pretrained model; it is DRAKES' code
+  estimator (:func:`genkit.finetune.drakes.kl_terms`, form ``"code"``) on a fresh relaxed rollout of
+  ``batch_size`` sequences of the current model (:func:`~genkit.finetune.drakes.relaxed_rollout`, the last
+  ``kl_truncate`` steps Gumbel-softmax at tau 1), summed over those last ``kl_truncate`` steps only (official:
+  50 of 128; ``truncate_kl=True``). That estimator is exactly 0 at the hard (detached) steps, where both
+  models are the same one-hot at unmasked positions under SUBS, so with the relaxation and the KL truncated to
+  the same last steps (the code's two settings, both 50) the sum drops only zeros. No ``reference`` is passed:
+  the re-synced copy is the objective's own state (saved with the resume state, not a frozen part).
+
+**Entropy bonus** (``entropy > 0``; the code's ``entropy``, coefficient 1e-5 when on): ``H = mean_{i, l}
+H(p_theta(. | x_i^{-l}))`` at ``score_time`` on the rollout batch, the entropy of the conditionals the scores
+are made of (the code's is of the per-position softmax on a clean fresh sample at ``t = dt``, its "full_scores"
+proxy); it costs no extra network call and is logged (``"entropy"``) whatever the coefficient.
 
 **GRPO groups and inner passes.** A rollout batch is ``batch_size`` groups of ``group`` (``G``) samples of the
-model from all-MASK (:class:`~genkit.sampling.MaskedAncestralSampler`, ``steps`` steps); advantages are
-``(R - mean) / (std + 1e-8)`` within each group (unbiased std; a constant group gets advantage 0). The Trainer
+model from all-MASK (:class:`~genkit.sampling.MaskedAncestralSampler`, ``steps`` steps); ``scaling`` sets the
+advantages and the batch reduction:
+
+- ``"grpo"`` (default, the code's): ``A = (R - mean) / (std + 1e-8)`` within each group (unbiased std; a
+  constant group gets 0), ``J`` a mean over the ``G * batch_size`` samples.
+- ``"dr_grpo"`` (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783): ``A = R - mean``, without the std normalisation
+  (which over-weights groups of small reward spread); the paper's other change, no ``1 / |o|`` length
+  normalisation, has nothing to remove here (sequences have one length ``L``, and ``J`` sums over neighbours).
+- ``"code_dr_grpo"``: the released code's ``dr_grpo`` flag, which keeps the std-normalised advantages and
+  multiplies the reward loss by its batch size (``unb * _compute_loss_sepo``): ``J`` times ``batch_size``, a
+  sum over each group index's batch instead of a mean. (Under Adam a constant factor mostly matters against
+  ``kl``, ``entropy`` and the gradient clip.)
+
+The Trainer
 asks for one loss per step, so the objective draws a new rollout batch at every training loss call whose count
 ``loss_steps`` is a multiple of ``inner`` (``mu``), from that step's generator and the current weights, which
 are then the "old" policy; the next ``inner - 1`` steps are the inner passes on the same batch. At the draw, the
@@ -58,7 +90,22 @@ covered: the neighbour draws use each step's generator (exact when the trainer s
 genkit's does), and nondeterministic device kernels are outside genkit's control.
 
 Official DNA settings: lr 1e-4, grad-clip 1.0, batch 16, 128 sampling steps, G = 8, mu = 5, eps = 0.2, M = 2,
-KL off (1e-4 when on).
+KL off (1e-4 when on, the code form), entropy off (1e-5 when on), ``scaling="grpo"``.
+
+With ``TrainConfig(gradient_accumulation_steps=A)`` every micro-batch is one loss call: ``inner`` and ``ref_sync``
+count loss calls, so a rollout batch serves ``inner`` micro-batches (choose ``inner`` a multiple of ``A`` for
+whole optimizer steps per rollout batch).
+
+**What the enumerable toy shows** (``tests/test_sepo.py``, exact sampler laws, non-differentiable bigram reward,
+the KL to the pretrained model): the reward rises and the law moves toward ``p* ∝ p_pre exp(r / kl)``, the TV
+to ``p*`` falling to 0.4-0.5 of ``TV(p_pre, p*)`` (to a quarter with ``scaling="dr_grpo"`` at V = L = 3, to
+0.6-0.7 at V = L = 4), with a clip fraction of 0.16-0.22 at ``eps = 0.2`` and lr 3e-3; but ``p*`` is not a
+fixed point. With GRPO's std-normalised advantages the reward overshoots ``E_p* r`` (the std rescales the
+reward), and with either scaling the pseudo-likelihood KL holds the one-masked conditionals the scores are made
+of, not the ancestral sampler's law, so long runs drift (TV back up to 0.5-0.7 of ``TV(p_pre, p*)``). A KL on
+the sampler's path (DRAKES' paper form on the rollout trajectories) was tried and pinned the law at ``p_pre``:
+the SEPO update moves the sampler only through the one-masked conditionals, which that KL also holds; it is not
+offered.
 
 >>> import torch
 >>> from genkit.models import MaskedDiffusion
@@ -68,11 +115,12 @@ KL off (1e-4 when on).
 >>> obj = SEPO(model, reward, group=4, inner=2, steps=3, batch_size=2)
 >>> loss, logs = obj.loss(None, torch.Generator().manual_seed(0))
 >>> sorted(logs)
-['clip_frac', 'kl', 'ratio', 'reward']
+['clip_frac', 'entropy', 'kl', 'ratio', 'reward']
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -84,19 +132,30 @@ from ..errors import ConfigError
 from ..frozen import Frozen
 from ..sampling import MaskedAncestralSampler
 from .checks import _int, _real, check_policy, check_reference
+from .drakes import kl_terms, relaxed_rollout
 from .rewards import Reward, as_reward
 
-__all__ = ["SEPO", "group_advantages", "neighbour_log_scores", "snis_weights", "sepo_surrogate", "REDUCTIONS"]
+__all__ = ["SEPO", "group_advantages", "neighbour_log_scores", "snis_weights", "sepo_surrogate", "conditional_entropy",
+           "REDUCTIONS", "SCALINGS", "KL_FORMS"]
 
 REDUCTIONS = ("batch", "sample")
+SCALINGS = ("grpo", "dr_grpo", "code_dr_grpo")
+KL_FORMS = ("pseudo", "code")
 _LOG_SCORE_FLOOR = math.log(1e-8)  # scores clamped >= 1e-8 before inversion
 
 
-def group_advantages(r: Tensor, group: int) -> Tensor:
+def group_advantages(r: Tensor, group: int, normalise: bool = True) -> Tensor:
     """GRPO advantages ``(R - mean) / (std + 1e-8)`` within consecutive groups of ``group`` rewards ``[N]``
-    (unbiased std); a group of equal rewards gets 0."""
+    (unbiased std); a group of equal rewards gets 0. ``normalise=False``: Dr. GRPO's ``R - mean``."""
     g = r.reshape(-1, group)
-    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-8)).reshape(-1)
+    centred = g - g.mean(1, keepdim=True)
+    return (centred / (g.std(1, keepdim=True) + 1e-8) if normalise else centred).reshape(-1)
+
+
+def conditional_entropy(logp: Tensor) -> Tensor:
+    """``mean_{i, l} H(p_i^l)`` of log-probabilities ``logp [N, L, V]`` (a zero probability contributes 0)."""
+    p = logp.exp()
+    return -(p * logp.clamp(min=-1e4)).sum(-1).mean()
 
 
 def neighbour_log_scores(model: nn.Module, x: Tensor, t: float) -> tuple[Tensor, Tensor]:
@@ -142,7 +201,8 @@ def sepo_surrogate(adv: Tensor, log_s: Tensor, log_s_old: Tensor, *, clip: float
 
 class SEPO(nn.Module):
     """``SEPO(model, reward, *, reference=None, group=8, inner=5, clip=0.2, snis=2, steps=128, kl=0.0,
-    batch_size=16, reduction="batch", score_time=None)`` (official DNA settings); see the module docstring.
+    batch_size=16, reduction="batch", score_time=None, scaling="grpo", entropy=0.0, kl_form="pseudo",
+    kl_truncate=None, ref_sync=None)`` (official DNA settings); see the module docstring.
 
     Args:
         model: the ``mdlm`` model to fine-tune (trained in place; pass a copy to keep the pretrained one).
@@ -152,14 +212,20 @@ class SEPO(nn.Module):
         clip: the PPO ``eps`` (> 0); snis: neighbours drawn per sample (``M``, >= 1); steps: sampling steps of
         the rollouts; kl: the KL weight (>= 0); batch_size: groups per rollout batch; reduction: ``"batch"``
         (the code's min after the batch mean) or ``"sample"`` (textbook PPO); score_time: the time of the
-        one-masked-position score (None: ``1 / length``).
+        one-masked-position score (None: ``1 / length``); scaling: ``"grpo"``, ``"dr_grpo"`` or
+        ``"code_dr_grpo"``; entropy: the entropy bonus weight (>= 0); kl_form: ``"pseudo"`` (to the pretrained
+        ``reference``) or ``"code"`` (to a re-synced copy, no ``reference``); kl_truncate: the last steps of
+        the code-form KL (None: ``min(50, steps)``); ref_sync: loss calls between re-syncs of the code form's
+        reference (None: 50). The last two only with ``kl_form="code"``.
     """
 
     data_free = True
 
     def __init__(self, model: nn.Module, reward: Reward | Any, *, reference: nn.Module | None = None, group: int = 8,
                  inner: int = 5, clip: float = 0.2, snis: int = 2, steps: int = 128, kl: float = 0.0,
-                 batch_size: int = 16, reduction: str = "batch", score_time: float | None = None):
+                 batch_size: int = 16, reduction: str = "batch", score_time: float | None = None,
+                 scaling: str = "grpo", entropy: float = 0.0, kl_form: str = "pseudo", kl_truncate: int | None = None,
+                 ref_sync: int | None = None):
         super().__init__()
         check_policy(model, "SEPO")
         if not isinstance(reward, Reward) and not callable(reward):
@@ -183,14 +249,45 @@ class SEPO(nn.Module):
             raise ConfigError(f"score_time must be in (0, 1] (the time of the one-masked-position score); got "
                               f"{score_time!r}")
         self.score_time = float(score_time)
+        if scaling not in SCALINGS:
+            raise ConfigError(f"scaling must be one of {SCALINGS} (GRPO's std-normalised advantages, Dr. GRPO's "
+                              f"R - mean, or the released code's dr_grpo flag); got {scaling!r}")
+        self.scaling = scaling
+        self.entropy = _real("entropy", entropy, "It is the entropy bonus weight (official: 0, 1e-5 when on).",
+                             positive=False)
+        if kl_form not in KL_FORMS:
+            raise ConfigError(f"kl_form must be one of {KL_FORMS} (the KL to the pretrained reference, or the "
+                              f"released code's KL to a re-synced copy); got {kl_form!r}")
+        self.kl_form = kl_form
+        if kl_form == "pseudo":
+            for name, value in (("kl_truncate", kl_truncate), ("ref_sync", ref_sync)):
+                if value is not None:
+                    raise ConfigError(f"{name}={value!r} is a setting of the code-form KL; pass kl_form='code' "
+                                      f"with it, or leave {name} out")
+            self.kl_truncate, self.ref_sync = 0, 0
+        else:
+            if reference is not None:
+                raise ConfigError("kl_form='code' keeps its own reference, a copy of the model re-synced every "
+                                  "ref_sync loss calls; pass reference=None (or kl_form='pseudo' for the KL to "
+                                  "the pretrained reference)")
+            self.kl_truncate = _int("kl_truncate", min(50, steps) if kl_truncate is None else kl_truncate, 1,
+                                    "It is how many of the last rollout steps the code-form KL sums (official: "
+                                    "50).")
+            if self.kl_truncate > self.steps:
+                raise ConfigError(f"kl_truncate={kl_truncate} exceeds steps={steps}; use 1 <= kl_truncate <= "
+                                  "steps (official: 50 of 128)")
+            self.ref_sync = _int("ref_sync", 50 if ref_sync is None else ref_sync, 1, "It is the loss calls "
+                                 "between re-syncs of the reference (official: 10 GRPO steps x mu 5 = 50).")
         if reference is not None:
             check_reference(model, reference, "SEPO",
                             "SEPO(copy.deepcopy(pretrained), reward, reference=pretrained, ...)")
-        if self.kl > 0 and reference is None:
+        if self.kl > 0 and reference is None and kl_form == "pseudo":
             raise ConfigError(f"kl={kl} needs a reference model: SEPO(model, reward, reference=pretrained, kl=...)"
-                              ", or set kl=0")
+                              ", or set kl=0 (or kl_form='code', the KL to a re-synced copy of the model)")
         self.model = model
         self.frozen = Frozen(reward=reward) if reference is None else Frozen(reward=reward, reference=reference)
+        # the code form's reference: trained state (re-synced), so saved with the objective, never trained
+        self.synced = copy.deepcopy(model).requires_grad_(False).eval() if kl_form == "code" else None
         n, length, v = self.batch_size * self.group, model.length, model.vocab_size
         self.register_buffer("loss_steps", torch.zeros((), dtype=torch.int64))
         self.register_buffer("rollout_at", torch.full((), -1, dtype=torch.int64))  # loss step of the last draw
@@ -210,7 +307,14 @@ class SEPO(nn.Module):
     def config(self) -> dict[str, Any]:
         return {"group": self.group, "inner": self.inner, "clip": self.clip, "snis": self.snis,
                 "steps": self.steps, "kl": self.kl, "batch_size": self.batch_size, "reduction": self.reduction,
-                "score_time": self.score_time}
+                "score_time": self.score_time, "scaling": self.scaling, "entropy": self.entropy,
+                "kl_form": self.kl_form, "kl_truncate": self.kl_truncate, "ref_sync": self.ref_sync}
+
+    def train(self, mode: bool = True) -> SEPO:
+        super().train(mode)
+        if self.synced is not None:  # the re-synced reference is evaluated, never trained
+            self.synced.eval()
+        return self
 
     def _device(self) -> torch.device:
         return self.loss_steps.device
@@ -225,7 +329,7 @@ class SEPO(nn.Module):
         r = self.reward(x).to(self.rollout_adv.dtype)
         self.rollout_x.copy_(x)
         self.rollout_reward.copy_(r)
-        self.rollout_adv.copy_(group_advantages(r, self.group))
+        self.rollout_adv.copy_(group_advantages(r, self.group, normalise=self.scaling != "dr_grpo"))
         self.rollout_log_s.copy_(neighbour_log_scores(m, x, self.score_time)[0])
         self.rollout_at.fill_(int(self.loss_steps))
 
@@ -240,9 +344,10 @@ class SEPO(nn.Module):
         return pos, other + (other >= own).long()
 
     def loss(self, batch: Any, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """``-J + kl * KL`` on the current rollout batch (drawn anew every ``inner`` training loss calls);
-        ``batch`` must be None (data-free). Logs the rollout batch's mean reward, the mean ratio, the clip
-        fraction and the KL."""
+        """``-J + kl * KL - entropy * H`` on the current rollout batch (drawn anew every ``inner`` training loss
+        calls); ``batch`` must be None (data-free). Logs the rollout batch's mean reward, the mean ratio, the
+        clip fraction (the share of drawn neighbours whose ratio is outside ``[1 - clip, 1 + clip]``), the KL
+        and the entropy ``H``."""
         check_generator(generator, "SEPO.loss")
         if batch is not None:
             raise ConfigError("SEPO is data-free (its rollouts are its samples); call loss(None, generator) and "
@@ -251,6 +356,8 @@ class SEPO(nn.Module):
             raise ConfigError("SEPO needs vocab_size >= 2 (a sequence needs Hamming-1 neighbours)")
         training = self.training and torch.is_grad_enabled()
         step = int(self.loss_steps)
+        if self.synced is not None and training and step % self.ref_sync == 0:
+            self.sync_reference()
         if int(self.rollout_at) < 0 or (training and step % self.inner == 0 and int(self.rollout_at) != step):
             self.draw_rollouts(generator)
         x, adv = self.rollout_x, self.rollout_adv
@@ -260,13 +367,30 @@ class SEPO(nn.Module):
         ls = log_s.flatten(1).gather(1, idx)
         lo = self.rollout_log_s.flatten(1).gather(1, idx)
         j, logs = sepo_surrogate(adv, ls, lo, clip=self.clip, reduction=self.reduction)
-        kl = torch.zeros((), dtype=j.dtype, device=j.device)
-        if self.kl > 0:
-            with torch.no_grad():
-                ref = neighbour_log_scores(self.reference, x, self.score_time)[1]
-            kl = (logp.exp() * (logp - ref)).sum(-1).sum(-1).mean()
+        if self.scaling == "code_dr_grpo":
+            j = j * self.batch_size
+        kl = self.kl_estimate(x, logp, generator) if self.kl > 0 else torch.zeros((), dtype=j.dtype,
+                                                                                  device=j.device)
+        h = conditional_entropy(logp)
         loss = -j + self.kl * kl
+        if self.entropy > 0:
+            loss = loss - self.entropy * h
         if training:
             self.loss_steps += 1
         return loss, {"reward": self.rollout_reward.mean(), "ratio": logs["ratio"].detach(),
-                      "clip_frac": logs["clip_frac"], "kl": kl.detach()}
+                      "clip_frac": logs["clip_frac"], "kl": kl.detach(), "entropy": h.detach()}
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """Copy the model's current weights into the code-form KL's reference."""
+        self.synced.load_state_dict(self.model.state_dict())
+
+    def kl_estimate(self, x: Tensor, logp: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The KL term (``kl_form``; the module docstring): ``"pseudo"`` from the rollouts ``x`` and their
+        conditionals ``logp [N, L, V]``, ``"code"`` on a fresh relaxed rollout drawn from ``generator``."""
+        if self.kl_form == "pseudo":
+            with torch.no_grad():
+                ref = neighbour_log_scores(self.reference, x, self.score_time)[1]
+            return (logp.exp() * (logp - ref)).sum(-1).sum(-1).mean()
+        roll = relaxed_rollout(self.model, self.batch_size, self.steps, self.kl_truncate, 1.0, generator)
+        return kl_terms(self.model, self.synced, roll, "code")[-self.kl_truncate:].sum(0).mean()

@@ -34,6 +34,14 @@ class TrainConfig:
     transforms should be deterministic, randomness belongs in ``loss(batch, generator)``.
     ``nonfinite="skip"`` drops a step whose loss or gradient is NaN/inf, and still stops (NonFiniteLossError)
     after ``nonfinite_patience`` such steps in a row: a run that only skips has diverged.
+
+    ``gradient_accumulation_steps`` (``A``) makes each training step ``A`` micro-batches of ``batch_size``: the
+    gradient of the mean of their losses, then one optimizer step, one gradient clip, one EMA update and one
+    scheduler step, so ``steps``, ``warmup_steps``, ``checkpoint_every`` and ``log_every`` count optimizer steps
+    and the global batch is ``batch_size * world_size * A``. Micro-batch ``i`` of step ``k`` is batch number ``k
+    * A + i`` of the data (a batch source's ``step`` argument) and its ``loss`` generator is seeded from ``(seed,
+    k * A + i, rank)``; with ``A = 1`` everything is as before. Under DDP the gradients are synchronised only on
+    the last micro-batch (``accelerator.no_sync`` on the others).
     """
 
     steps: int = 1000
@@ -55,6 +63,7 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     cpu: bool = False
+    gradient_accumulation_steps: int = 1
 
     def __new__(cls, *args: Any, **kwargs: Any) -> TrainConfig:
         # the dataclass __init__ would raise a bare TypeError for TrainConfig(stepz=10); name the close field
@@ -77,7 +86,7 @@ class TrainConfig:
                 span = f"{'(' if open_low else '['}{low}, {high}]"
                 raise _bad(name, v, f"use a finite number in {span}" + (" or None" if none_ok else ""))
 
-        for name in ("steps", "batch_size", "log_every", "nonfinite_patience"):
+        for name in ("steps", "batch_size", "log_every", "nonfinite_patience", "gradient_accumulation_steps"):
             integer(name, 1)
         for name in ("warmup_steps", "num_workers", "seed"):
             integer(name, 0)
@@ -168,8 +177,9 @@ def check_accelerator(acc: Any, config: TrainConfig, objective: Any = None) -> N
         raise ConfigError(f"the accelerator uses mixed_precision={acc.mixed_precision!r} but TrainConfig has "
                           f"{config.mixed_precision!r}; make them agree")
     if acc.gradient_accumulation_steps != 1:
-        raise ConfigError(f"gradient_accumulation_steps={acc.gradient_accumulation_steps} is not supported; "
-                          "use 1 and raise batch_size (or add processes)")
+        raise ConfigError(f"the accelerator has gradient_accumulation_steps={acc.gradient_accumulation_steps}; "
+                          "build it with 1 and set TrainConfig(gradient_accumulation_steps="
+                          f"{acc.gradient_accumulation_steps}) instead (the trainer accumulates micro-batches itself)")
     if acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
         raise ConfigError(f"Trainer supports one device and DDP; got distributed_type={acc.distributed_type.value}")
     if objective is not None and acc.num_processes > 1 and alternates(objective) and not _finds_unused(acc):

@@ -6,12 +6,13 @@ device or DDP, through ``accelerate``, with EMA, exact resume and a one-collecti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,17 @@ class _LossForward(nn.Module):
 
 
 Callback = Callable[["Trainer", LogRecord], None]
+
+
+def _mean_logs(micro: list[dict[str, Any]]) -> dict[str, float]:
+    """Each key's mean over the micro-batches of a step that reported it."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for logs in micro:
+        for key, value in logs.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
+    return {key: v / counts[key] for key, v in sums.items()}
 
 
 def _check_classes(data: LabelledData, model: nn.Module) -> None:
@@ -183,9 +195,9 @@ class Trainer:
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             trim_metrics(out / "metrics.jsonl", start)
-        log.info("training %s: steps %d..%d, global batch %d (%d x %d processes), precision %s, device %s",
-                 self.family, start, cfg.steps, batches.glob, cfg.batch_size,
-                 acc.num_processes, cfg.mixed_precision, acc.device)
+        log.info("training %s: steps %d..%d, global batch %d (%d x %d processes x %d accumulated), precision %s, "
+                 "device %s", self.family, start, cfg.steps, batches.glob * cfg.gradient_accumulation_steps,
+                 cfg.batch_size, acc.num_processes, cfg.gradient_accumulation_steps, cfg.mixed_precision, acc.device)
         self._forward.train()  # a family that keeps parts frozen in eval mode does so in its own train()
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True,
                    disable=not (acc.is_main_process and cfg.progress))
@@ -193,18 +205,15 @@ class Trainer:
         self._clock, self._skipped_logged = (time.perf_counter(), start), run["skipped"]
         try:
             with self._interrupt:
-                it = batches.iterate(start, cfg.steps, acc.device)
+                micro = cfg.gradient_accumulation_steps
+                it = batches.iterate(start * micro, cfg.steps * micro, acc.device)  # micro-batches
                 for k in range(start, cfg.steps):
-                    seed_global(derive_seed(cfg.seed, GLOBAL, k, acc.process_index), acc.device)  # dropout etc.
-                    batch = to_device(next(it), acc.device)
-                    if k == start and acc.is_main_process:
-                        warn_scale(batch)  # once per fit, on its first batch
-                    self._step(k, batch, run)
+                    self._step(k, it, run, first=k == start)
                     bar.update(1)
                     s = run["step"] = k + 1
                     record = None
                     if s % cfg.log_every == 0 or s == cfg.steps:
-                        record = self._log(s, run, batches.glob, out / "metrics.jsonl")
+                        record = self._log(s, run, batches.glob * micro, out / "metrics.jsonl")
                         losses.append((s, record.loss))
                         bar.set_postfix(loss=f"{record.loss:.4g}", samples_s=short(record.samples_per_s))
                     saved = (cfg.checkpoint_every and s % cfg.checkpoint_every == 0) or s == cfg.steps
@@ -229,10 +238,37 @@ class Trainer:
                            ema=self.ema.state_dict() if self.ema is not None else None, skipped=run["skipped"])
 
     # --- one step: loss, the collective, the non-finite policy, backward, update, log window ---------------
-    def _step(self, k: int, batch: Any, run: dict[str, Any]) -> None:
+    def _step(self, k: int, it: Iterator[Any], run: dict[str, Any], first: bool = False) -> None:
+        """Optimizer step ``k`` over ``gradient_accumulation_steps`` micro-batches drawn from ``it``: each but the
+        last is backpropagated at once (``loss / A``, no DDP gradient sync); the last waits for the step's one
+        collective, which judges the mean micro-batch loss, then syncs the accumulated gradients."""
+        cfg, acc = self.config, self.accelerator
+        micro = cfg.gradient_accumulation_steps
         name = self._opts.check_update(self.objective.update(k), k, self.objective) if self._multi else None
-        loss, logs = self._loss(k, batch, name)
-        per_rank = self._agree(k, loss, batch)
+        done: list[Tensor] = []
+        micro_logs: list[dict[str, Any]] = []
+        ok = torch.ones((), dtype=torch.bool, device=acc.device)
+        for i in range(micro):
+            m = k * micro + i
+            seed_global(derive_seed(cfg.seed, GLOBAL, m, acc.process_index), acc.device)  # dropout etc.
+            batch = to_device(next(it), acc.device)
+            if first and i == 0 and acc.is_main_process:
+                warn_scale(batch)  # once per fit, on its first batch
+            last = i == micro - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self._forward):
+                loss, logs = self._loss(m, batch, name)
+                ok = ok & finite(batch, acc.device)
+                micro_logs.append(logs)
+                if not last:
+                    acc.backward(loss / micro)
+                    done.append(loss.detach())
+        if micro > 1:
+            logs = _mean_logs(micro_logs)
+            step_loss = torch.stack([*done, loss.detach()]).float().mean()
+            loss = loss / micro
+        else:
+            step_loss = loss
+        per_rank = self._agree(k, step_loss, ok)
         what, grad_norm = ("loss" if not all(map(math.isfinite, per_rank)) else None), math.nan
         if what is None:
             grad_norm = self._backward(loss, name)
@@ -267,11 +303,12 @@ class Trainer:
                              f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
         return loss, logs
 
-    def _agree(self, k: int, loss: Tensor, batch: Any) -> list[float]:
-        """The one collective (and host sync) of a step: every rank's loss, whether its batch is finite and
-        whether a signal is pending. Sets ``_stop``; returns the losses per rank; bad data is a DataError."""
+    def _agree(self, k: int, loss: Tensor, ok: Tensor) -> list[float]:
+        """The one collective (and host sync) of a step: every rank's loss, whether its batches were finite
+        (``ok``) and whether a signal is pending. Sets ``_stop``; returns the losses per rank; bad data is a
+        DataError."""
         acc = self.accelerator
-        parts = [loss.detach().float(), finite(batch, loss.device).float()]
+        parts = [loss.detach().float(), ok.to(loss.device).float()]
         if acc.num_processes > 1:  # one collective decides for all ranks, a pending signal included
             parts.append(torch.full((), float(self._interrupt.signum is not None), device=loss.device))
             stats = acc.gather(torch.stack(parts)).tolist()
