@@ -29,7 +29,8 @@ def pretrained(tmp_path_factory):
 def test_drakes_writes_checkpoint_log_report_and_plot(pretrained, tmp_path):
     out = tmp_path / "drakes"
     assert run_main(FINETUNE, "--model", str(pretrained), "--method", "drakes", "--train-steps", "4",
-                    "--batch-size", "4", "--eval-every", "2", "--lr", "1e-2", "--out", str(out), *FAST) == 0
+                    "--batch-size", "4", "--grad-accum", "2", "--eval-every", "2", "--lr", "1e-2", "--out", str(out),
+                    *FAST) == 0
     for name in ("checkpoint", "finetune_log.jsonl", "finetune_report.json", "finetune_report.md",
                  "reward_naturalness.png", "metrics.jsonl", "train_data.json"):
         assert (out / name).exists(), name
@@ -39,6 +40,8 @@ def test_drakes_writes_checkpoint_log_report_and_plot(pretrained, tmp_path):
         assert all(key in line for line in log), key
     report = json.loads((out / "finetune_report.json").read_text())
     assert report["pretrained"] == log[0] and report["finetuned"] == log[-1]
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["train_config"][
+        "gradient_accumulation_steps"] == 2
     finite_numbers(report["log"])
     # step 0 scores the pretrained model itself, from the evaluation noise
     pre = genkit.load(pretrained / "checkpoint")

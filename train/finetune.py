@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW, cosine decay; both papers' 1e-4)")
     g.add_argument("--warmup", type=int, default=0, metavar="N", help="linear warm-up steps")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (both papers' 1.0)")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="A",
+                   help="micro-batches per optimizer step (DRAKES' DNA runs: 4); the gradient is their mean's")
     g.add_argument("--seed", type=int, default=0, help="seeds rollouts and evaluation")
     g.add_argument("--checkpoint-every", type=int, default=100, metavar="N", help="steps between checkpoints")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -127,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     check_method(args, METHOD_FLAGS)
     for flag in ("train_steps", "sample_steps", "eval_samples", "threads", "checkpoint_every", "batch_size",
-                 "eval_every"):
+                 "eval_every", "grad_accum"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer; got {value}")
@@ -272,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(steps=args.train_steps, batch_size=objective.batch_size, lr=args.lr,
                          warmup_steps=min(args.warmup, args.train_steps), ema_decay=None, grad_clip=args.grad_clip,
+                         gradient_accumulation_steps=args.grad_accum,
                          seed=args.seed, checkpoint_every=args.checkpoint_every, out_dir=out,
                          log_every=args.eval_every, progress=not args.no_progress)
     evaluator = Evaluator(args, pretrained, rewards, data, task, out)
