@@ -38,7 +38,9 @@ is never saved.
 
 A masked diffusion model (mdlm) steers toward a reward without fine-tuning through SVDD (--solver svdd --reward
 SPEC [--candidates M] [--svdd-alpha A], genkit.finetune.SVDDSampler): at each of --steps reverse steps it draws M
-candidates and keeps one by their values (NFE 1 + (steps - 1) * M; the reward is queried M times per step).
+candidates and keeps one by their values (NFE 1 + (steps - 1) * M; the reward is queried M times per step). A
+continuous model steers the same way over the Gaussian steps of a stochastic solver (--svdd-solver, default
+ancestral for diffusion, euler_maruyama otherwise), each candidate valued by the reward of its denoised x0.
 """
 
 from __future__ import annotations
@@ -116,14 +118,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--svdd-alpha", type=float, metavar="A",
                    help="selection temperature: 0 keeps the best candidate (the papers' DNA setting), inf a uniform "
                         "one (0)")
+    g.add_argument("--svdd-solver", metavar="NAME",
+                   help="a continuous model: the stochastic solver whose Gaussian steps draw the candidates "
+                        "(default: ancestral for diffusion, euler_maruyama otherwise); --steps, --grid, --t-max "
+                        "set its grid as for any solver")
     return p.parse_args(argv)
 
 
-def svdd_sampler(args: argparse.Namespace, steps: int | None) -> Any:
+def svdd_sampler(args: argparse.Namespace, model: Any, chosen: Any) -> Any:
     """The SVDD sampler of --solver svdd --reward ... (None for another solver; its flags without it are a
-    ConfigError)."""
+    ConfigError): a masked model's over its ancestral steps, a continuous model's over the Gaussian steps of
+    --svdd-solver on the grid ``chosen`` (resolve_sampler's) sets."""
     given = [f for f, v in (("--reward", args.reward), ("--candidates", args.candidates),
-                            ("--svdd-alpha", args.svdd_alpha)) if v is not None]
+                            ("--svdd-alpha", args.svdd_alpha), ("--svdd-solver", args.svdd_solver)) if v is not None]
     if args.solver != "svdd":
         if given:
             raise ConfigError(f"{' and '.join(given)} only apply to --solver svdd (reward-guided sampling); add "
@@ -136,7 +143,13 @@ def svdd_sampler(args: argparse.Namespace, steps: int | None) -> Any:
     from genkit.finetune.oracles import get_reward
 
     options = {k: v for k, v in (("candidates", args.candidates), ("alpha", args.svdd_alpha)) if v is not None}
-    return SVDDSampler(get_reward(args.reward), steps=steps, **options)
+    if getattr(model, "discrete", False):
+        if args.svdd_solver is not None:
+            raise ConfigError(f"--svdd-solver {args.svdd_solver}: a {model.family!r} model draws its candidates from "
+                              "its own reverse steps; drop --svdd-solver")
+        return SVDDSampler(get_reward(args.reward), steps=args.steps, **options)
+    return SVDDSampler(get_reward(args.reward), steps=chosen.steps, solver=chosen.sampler.solver,
+                       grid=chosen.sampler.grid, **options)
 
 
 def class_and_guidance(args: argparse.Namespace, model: torch.nn.Module, ckpt: Path) -> dict:
@@ -202,12 +215,15 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = checkpoint_dir(args.checkpoint)
     model = genkit.load(ckpt, ema=not args.raw_weights, map_location=device)
     alphabet, text_name = token_alphabet(args, model, ckpt)  # before sampling: a wrong --alphabet fails now
-    guided = args.solver == "svdd"  # SVDD reweights the model's own stepwise sampler
-    chosen = resolve_sampler(model, None if guided else args.solver, args.steps, args.grid, args.t_max)
+    solver = args.solver
+    if solver == "svdd":  # SVDD reweights a stochastic sampler's steps: a masked model's own, else --svdd-solver
+        solver = None if getattr(model, "discrete", False) else (
+            args.svdd_solver or ("ancestral" if model.family == "diffusion" else "euler_maruyama"))
+    chosen = resolve_sampler(model, solver, args.steps, args.grid, args.t_max)
     if chosen.note:
         print(f"note: {chosen.note}")
     sampler, label, how = chosen.sampler, chosen.solver, chosen.describe()
-    svdd = svdd_sampler(args, args.steps)
+    svdd = svdd_sampler(args, model, chosen)
     if svdd is not None:
         sampler, label, how = svdd, "svdd", svdd.describe()
     args.steps, args.grid = chosen.steps, chosen.grid

@@ -121,3 +121,24 @@ def test_sample_script_svdd(pretrained, tmp_path, capsys):
     assert "needs --reward" in capsys.readouterr().err
     assert run_main(SAMPLE, "--checkpoint", str(pretrained), "--candidates", "3", "--out", str(out)) == 2
     assert "--solver svdd" in capsys.readouterr().err
+
+
+def test_sample_script_svdd_on_a_continuous_model(tmp_path, capsys):
+    """--solver svdd on a flow-matching run steers through Euler-Maruyama's Gaussian steps (from t = 0.99, as
+    any stochastic solver there): with the reward x_0 the samples move right of plain Euler-Maruyama's."""
+    run = tmp_path / "fm"
+    assert run_main(TRAIN, "--steps", "30", "--hidden", "16", "--depth", "1", "--n-samples", "16", "--sample-steps",
+                    "2", "--no-progress", "--out", str(run)) == 0
+    reward = tmp_path / "right.py"
+    reward.write_text("def right(x):\n    return x[:, 0].float()\n")
+    common = ["--checkpoint", str(run), "--steps", "8", "--n", "400", "--device", "cpu"]
+    assert run_main(SAMPLE, *common, "--solver", "euler_maruyama", "--out", str(tmp_path / "plain")) == 0
+    assert run_main(SAMPLE, *common, "--solver", "svdd", "--reward", f"{reward}:right", "--candidates", "4",
+                    "--out", str(tmp_path / "svdd")) == 0
+    assert "solver euler_maruyama" in capsys.readouterr().out
+    plain = load_file(str(tmp_path / "plain" / "samples.safetensors"))["samples"]
+    guided = load_file(str(tmp_path / "svdd" / "samples.safetensors"))["samples"]
+    assert guided[:, 0].mean() > plain[:, 0].mean() + 0.3, (guided[:, 0].mean(), plain[:, 0].mean())
+    assert run_main(SAMPLE, *common, "--solver", "svdd", "--svdd-solver", "heun", "--reward", f"{reward}:right",
+                    "--out", str(tmp_path / "x")) == 2
+    assert "Gaussian transition" in capsys.readouterr().err
