@@ -28,7 +28,15 @@ What it runs:
    MeanFlow JVP under autocast must come back float32, every loss finite and the parameters float32; one-step
    sampling of both on the device.
 
-``--checks diffusion,flows,onestep`` (the default) picks the parts; 1-4 are ``diffusion``.
+7. Masked discrete diffusion on the device (``--checks discrete``): an ``mdlm`` model with the DRAKES-style
+   ``ConvDNA`` backbone (64 channels, 8 blocks) on the DNA-like task (length 100) trained through the ``Trainer``
+   under bf16 autocast (median ms/step; finite losses, float32 parameters), ancestral sampling on the device,
+   DRAKES fine-tuning (the exact differentiable activity as reward, 32 reverse steps, the last 8 differentiable,
+   ``min(16, --batch-size)`` rollouts) for a few steps through the ``Trainer`` (median ms/step, finite losses and
+   rewards, float32 parameters), and
+   SVDD sampling on the device.
+
+``--checks diffusion,flows,onestep,discrete`` (the default) picks the parts; 1-4 are ``diffusion``.
 
 Prints a summary and writes ``eval/results/gpu_check.json``. Exit status: 0 when every check passes, 1 when
 one fails, 77 (the usual "skipped") when there is no CUDA device. ``--allow-cpu`` runs the same steps on the
@@ -314,6 +322,63 @@ def onestep_check(data: torch.Tensor, args: argparse.Namespace, device: torch.de
     return out
 
 
+def discrete_check(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Part 7: masked diffusion (ConvDNA on the DNA-like task) under bf16, DRAKES fine-tuning and SVDD on the device."""
+    import copy
+
+    from genkit.data import dna_task
+    from genkit.finetune import DRAKES, SVDDSampler
+    from genkit.finetune.oracles import get_reward
+    from genkit.models import MaskedDiffusion
+    from genkit.nets import ConvDNA
+    from genkit.train import Trainer
+
+    steps = args.window * (args.windows + 1)
+    _reset_accelerate()
+    torch.manual_seed(args.seed)
+    model = MaskedDiffusion(ConvDNA(4, 100, channels=64, depth=8), vocab_size=4, length=100)
+    data = dna_task.dna(20 * args.batch_size, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    records: list = []
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = Trainer(model, _config(folder, steps, args, lr=1e-3),
+                          callbacks=[lambda t, r, log=records: log.append(r)])
+        result = trainer.fit(data)
+    window_ms = [1e3 * args.batch_size / r.samples_per_s for r in records[1:]]
+    out: dict[str, Any] = {"steps": steps, "batch_size": args.batch_size,
+                           "mdlm": {"ms_per_step_median": median(window_ms), "ms_per_step_windows": window_ms,
+                                    "losses": [loss for _, loss in result.losses]}}
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = model.eval().sample(args.sample_n, steps=32, generator=gen)
+    reward = get_reward("dna_activity")
+    _reset_accelerate()
+    rollouts = min(16, args.batch_size)
+    obj = DRAKES(copy.deepcopy(model).requires_grad_(True).train(), model, reward, steps=32, truncate=8,
+                 batch_size=rollouts)
+    records = []
+    ft_steps = 2 * max(1, args.window // 4)
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = Trainer(obj, _config(folder, ft_steps, args, lr=1e-4, ema_decay=None,
+                                       log_every=max(1, ft_steps // 2)),
+                          callbacks=[lambda t, r, log=records: log.append(r)])
+        result = trainer.fit()
+    out["drakes"] = {"steps": ft_steps,
+                     "ms_per_step_median": median([1e3 * rollouts / r.samples_per_s for r in records]),
+                     "losses": [loss for _, loss in result.losses],
+                     "rewards": [float(r.logs["reward"]) for r in records]}
+    guided = model.sample(args.sample_n, sampler=SVDDSampler(reward, candidates=4, steps=16),
+                          generator=torch.Generator(device=device).manual_seed(0))
+    out["svdd_activity_mean"] = float(dna_task.activity(guided.cpu()).mean())
+    out["plain_activity_mean"] = float(dna_task.activity(x.cpu()).mean())
+    out["checks"] = {
+        "mdlm_losses_finite": all(math.isfinite(loss) for loss in out["mdlm"]["losses"]),
+        "mdlm_params_fp32": all(p.dtype == torch.float32 for p in model.parameters()),
+        "mdlm_samples_on_device": x.device.type == device.type and int(x.max()) < 4,
+        "drakes_losses_finite": all(math.isfinite(v) for v in out["drakes"]["losses"] + out["drakes"]["rewards"]),
+        "drakes_params_fp32": all(p.dtype == torch.float32 for p in obj.model.parameters()),
+        "svdd_samples_on_device": guided.device.type == device.type and int(guided.max()) < 4}
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--window", type=int, default=20, help="steps per timed window (and warm-up)")
@@ -322,8 +387,8 @@ def main() -> int:
     parser.add_argument("--sample-n", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="timed sampling runs per solver")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checks", default="diffusion,flows,onestep",
-                        help="comma-separated parts: diffusion, flows, onestep")
+    parser.add_argument("--checks", default="diffusion,flows,onestep,discrete",
+                        help="comma-separated parts: diffusion, flows, onestep, discrete")
     parser.add_argument("--allow-cpu", action="store_true", help="test this script on a CPU (timings meaningless)")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.allow_cpu:
@@ -335,8 +400,8 @@ def main() -> int:
     from genkit.data import digits
 
     parts = {p.strip() for p in args.checks.split(",") if p.strip()}
-    if not parts or parts - {"diffusion", "flows", "onestep"}:
-        parser.error(f"--checks takes diffusion, flows and / or onestep; got {args.checks!r}")
+    if not parts or parts - {"diffusion", "flows", "onestep", "discrete"}:
+        parser.error(f"--checks takes diffusion, flows, onestep and / or discrete; got {args.checks!r}")
     record: dict[str, Any] = {"benchmark": "gpu_check",
                               "command": "python " + " ".join(["eval/gpu_check.py", *sys.argv[1:]]),
                               "machine": machine_info(), "settings": vars(args)}
@@ -367,6 +432,10 @@ def main() -> int:
         onestep = onestep_check(digits("train").to(device), args, device)
         checks.update(onestep.pop("checks"))
         record["onestep"] = onestep
+    if "discrete" in parts:
+        discrete = discrete_check(args, device)
+        checks.update(discrete.pop("checks"))
+        record["discrete"] = discrete
     record.update({"checks": checks, "passed": all(checks.values())})
     name = "gpu_check" if device.type == "cuda" else "gpu_check_cpu_dryrun"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -382,6 +451,11 @@ def main() -> int:
               + "; ".join(f"{k} {o[k]['ms_per_step_median']:.2f} ms/step ({o[k]['time_ratio_to_flow_matching']:.2f}x"
                           + (f", memory {o[k]['memory_ratio_to_flow_matching']:.2f}x" if "memory_ratio_to_flow_matching"
                              in o[k] else "") + ")" for k in ("meanflow", "smd")))
+    if "discrete" in record:
+        d = record["discrete"]
+        print(f"masked diffusion bf16 (ConvDNA, L = 100): {d['mdlm']['ms_per_step_median']:.2f} ms/step; DRAKES "
+              f"{d['drakes']['ms_per_step_median']:.2f} ms/step; SVDD activity {d['svdd_activity_mean']:.3f} vs plain "
+              f"{d['plain_activity_mean']:.3f}")
     if "diffusion" in parts:
         train, resume, sampling = record["train_bf16"], record["resume"], record["sampling"]
         print(f"train bf16: {train['ms_per_step_median']:.2f} ms/step (median of {len(train['ms_per_step_windows'])} "
