@@ -82,6 +82,7 @@ from .rewards import Reward
 __all__ = ["DRAKES", "Rollout", "gumbel_softmax", "kl_terms", "relaxed_rollout"]
 
 KL_FORMS = ("paper", "code")
+STATES = ("soft", "straight_through")
 _LOG_FLOOR = -1e4  # stands in for log 0 (SUBS's -inf) in the KL, so 0 * (log 0 - log 0) is 0, not nan
 
 
@@ -89,10 +90,14 @@ def gumbel_softmax(logits: Tensor, tau: float, generator: torch.Generator | None
     """A Gumbel-softmax sample ``softmax((logits + g) / tau)`` over the last dimension, ``g = -log(-log(u +
     1e-10) + 1e-10)`` with ``u`` uniform from ``generator`` (as tau -> 0 its argmax is a draw from
     ``softmax(logits)``: the Gumbel-max trick)."""
-    on = generator.device if generator is not None else logits.device
-    u = torch.rand(logits.shape, generator=generator, device=on, dtype=logits.dtype).to(logits.device)
-    g = -torch.log(-torch.log(u + 1e-10) + 1e-10)
-    return ((logits + g) / tau).softmax(-1)
+    return ((logits + _gumbel(logits, generator)) / tau).softmax(-1)
+
+
+def _gumbel(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard Gumbel noise of ``like``'s shape, dtype and device, ``-log(-log(u + 1e-10) + 1e-10)``."""
+    on = generator.device if generator is not None else like.device
+    u = torch.rand(like.shape, generator=generator, device=on, dtype=like.dtype).to(like.device)
+    return -torch.log(-torch.log(u + 1e-10) + 1e-10)
 
 
 class Rollout(NamedTuple):
@@ -107,9 +112,14 @@ class Rollout(NamedTuple):
 
 
 def relaxed_rollout(model: nn.Module, n: int, steps: int, truncate: int, tau: float,
-                    generator: torch.Generator | None = None) -> Rollout:
+                    generator: torch.Generator | None = None, *, states: str = "soft") -> Rollout:
     """``n`` relaxed trajectories of ``model`` from all-MASK over ``steps`` reverse steps, the last ``truncate``
-    of them Gumbel-softmax at temperature ``tau`` (the module docstring's rollout), drawn from ``generator``."""
+    of them Gumbel-softmax at temperature ``tau`` (the module docstring's rollout), drawn from ``generator``;
+    ``states`` ``"soft"`` (the paper's and code's soft one-hots) or ``"straight_through"`` (the exact one-hot
+    Gumbel-max draw forward, the Gumbel-softmax gradient backward)."""
+    if states not in STATES:
+        raise ConfigError(f"states must be one of {STATES} (soft one-hot states as in the paper and code, or "
+                          f"hard one-hot states with straight-through gradients); got {states!r}")
     m = model
     v, mask_id = m.vocab_size, m.mask_id
     device = next((p.device for p in m.parameters()), torch.device("cpu"))
@@ -130,7 +140,11 @@ def relaxed_rollout(model: nn.Module, n: int, steps: int, truncate: int, tau: fl
         a_t, a_s = (float(m.schedule.alpha(torch.tensor(u, dtype=torch.float64))) for u in (t, s))
         p = logp.exp()[..., :v] * ((a_s - a_t) / (1 - a_t))
         q = torch.cat([p, torch.full_like(p[..., :1], (1 - a_s) / (1 - a_t))], -1)
-        sample = gumbel_softmax(torch.log(q + 1e-8), tau, generator)
+        z = torch.log(q + 1e-8) + _gumbel(q, generator)
+        sample = (z / tau).softmax(-1)
+        if states == "straight_through":  # argmax z is a Gumbel-max draw from q (q = 0 excluded: exact law)
+            hard = F.one_hot(z.masked_fill(q == 0, -torch.inf).argmax(-1), v + 1).to(sample.dtype)
+            sample = hard + (sample - sample.detach())
         soft_copy = 1 - x[..., mask_id:]
         x = soft_copy * x + (1 - soft_copy) * sample
     soft = x[..., :v]
@@ -150,10 +164,10 @@ def kl_terms(model: nn.Module, reference: nn.Module, roll: Rollout, form: str = 
         lp, lq = logp[..., :v].clamp(min=_LOG_FLOOR), logq[..., :v].clamp(min=_LOG_FLOOR)
         p = lp.exp()
         if form == "paper":
-            rate = float(-model.schedule.weight(t))
+            a_t, a_s = float(model.schedule.alpha(t)), float(model.schedule.alpha(s))
             masked = (x.argmax(-1) == mask_id).to(p.dtype)
             per_pos = (p * (lp - lq)).sum(-1) * masked
-            out.append(float(t - s) * rate * per_pos.sum(-1))
+            out.append((a_s - a_t) / (1 - a_t) * per_pos.sum(-1))
         else:
             move = float(1 - model.schedule.alpha(t))
             copy = 1 - x[..., mask_id]
@@ -164,7 +178,7 @@ def kl_terms(model: nn.Module, reference: nn.Module, roll: Rollout, form: str = 
 
 class DRAKES(nn.Module):
     """``DRAKES(model, reference, reward, *, steps=128, truncate=50, tau=1.0, alpha=1e-3, alpha_warmup=0,
-    kl="paper", batch_size=32)`` (official DNA settings); see the module docstring.
+    kl="paper", states="soft", batch_size=32)`` (official DNA settings); see the module docstring.
 
     Args:
         model: the ``mdlm`` model to fine-tune (a copy of ``reference``, e.g. ``copy.deepcopy(pretrained)``).
@@ -172,14 +186,16 @@ class DRAKES(nn.Module):
         reward: a differentiable :class:`~genkit.finetune.Reward` on soft one-hots ``[B, L, V]``.
         steps: reverse steps of the rollout; truncate: how many of the last steps carry gradients (0..steps).
         tau: the Gumbel-softmax temperature (> 0); alpha: the KL weight (>= 0); alpha_warmup: loss steps of its
-            linear warm-up (0: none); kl: ``"paper"`` or ``"code"``; batch_size: rollouts per loss.
+            linear warm-up (0: none); kl: ``"paper"`` or ``"code"``; states: ``"soft"`` (the paper's and code's
+            soft one-hot states) or ``"straight_through"`` (hard states forward, soft gradients; closer to the
+            objective's optimum on the toy, see "What the toy shows"); batch_size: rollouts per loss.
     """
 
     data_free = True
 
     def __init__(self, model: nn.Module, reference: nn.Module, reward: Reward, *, steps: int = 128,
                  truncate: int = 50, tau: float = 1.0, alpha: float = 1e-3, alpha_warmup: int = 0,
-                 kl: str = "paper", batch_size: int = 32):
+                 kl: str = "paper", states: str = "soft", batch_size: int = 32):
         super().__init__()
         check_policy(model, "DRAKES")
         check_reference(model, reference, "DRAKES", "DRAKES(copy.deepcopy(pretrained), pretrained, reward, ...)")
@@ -206,6 +222,10 @@ class DRAKES(nn.Module):
             raise ConfigError(f"kl must be one of {KL_FORMS} (the paper's masked-position KL, or the released "
                               f"code's estimator); got {kl!r}")
         self.kl = kl
+        if states not in STATES:
+            raise ConfigError(f"states must be one of {STATES} (the paper's and code's soft one-hot states, or "
+                              f"hard one-hot states with straight-through gradients at every step); got {states!r}")
+        self.states = states
         self.batch_size = _int("batch_size", batch_size, 1, "It is the number of rollouts per loss.")
         self.model = model
         self.frozen = Frozen(reference=reference, reward=reward)
@@ -221,7 +241,8 @@ class DRAKES(nn.Module):
 
     def config(self) -> dict[str, Any]:
         return {"steps": self.steps, "truncate": self.truncate, "tau": self.tau, "alpha": self.alpha,
-                "alpha_warmup": self.alpha_warmup, "kl": self.kl, "batch_size": self.batch_size}
+                "alpha_warmup": self.alpha_warmup, "kl": self.kl, "states": self.states,
+                "batch_size": self.batch_size}
 
     def alpha_at(self, step: int) -> float:
         """The KL weight at loss step ``step`` (0-based): ``alpha * min(1, (step + 1) / alpha_warmup)``."""
@@ -237,7 +258,7 @@ class DRAKES(nn.Module):
     def rollout(self, n: int, generator: torch.Generator | None = None) -> Rollout:
         """``n`` relaxed trajectories of the model from all-MASK (the module docstring's rollout), drawn from
         ``generator``."""
-        return relaxed_rollout(self.model, n, self.steps, self.truncate, self.tau, generator)
+        return relaxed_rollout(self.model, n, self.steps, self.truncate, self.tau, generator, states=self.states)
 
     def kl_terms(self, roll: Rollout) -> Tensor:
         """The KL of each step and sample, ``[steps, B]`` (``kl`` form; its sum over steps is the KL)."""
