@@ -501,12 +501,12 @@ def test_pstar_faithful_v4_l4() -> None:
     enumeration (see _faithful_runs; 600 pretraining steps, 200 tuning steps). TV(p_model, p*) = 0.567 at
     alpha 1. Measured (E r under the exact 4-step law; E_p* r = 1.27, max r 3.44):
 
-    - exact objective optimum: TV 0.026 (a free table of logits: 0.021);
+    - exact objective optimum: TV 0.021 (a free table of logits: 0.021 too);
     - soft states, tau 1 (official): reward -1.015 -> -0.08, TV 0.370, above half of 0.567: the bar is not met;
       TV to p_model exp(r / 2.5) is 0.072;
     - straight-through states, tau 0.3: reward 1.015, TV 0.097 < 0.283: the bar is met;
     - code KL, alpha 1: reward 3.435 (collapse), TV 0.81; alpha 100: TV to p_model 0.003 (soft), code 0.40;
-      alpha 0: TV to the argmax point mass 0.000.
+      alpha 0: TV to the argmax point mass 0.000; straight-through alpha 100: TV to p_model 0.006, alpha 0: 0.000.
     """
     torch.set_num_threads(1)
     torch.manual_seed(0)

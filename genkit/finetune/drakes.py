@@ -59,22 +59,25 @@ chain, no histograms). The target is ``p* ∝ p_pre exp(r / alpha)`` with ``p_pr
 4-step law, ``TV(p_pre, p*) = 0.567``.
 
 - The discretised objective is not the obstacle: maximising the exact ``E r - alpha KL`` of the 4-step chains
-  (the expectation and the KL above by enumeration) reaches ``TV(., p*) = 0.021`` with a free table of
-  per-state logits and ``0.026`` with the same small network after 60 Adam steps (the factorised chain cannot
-  represent the tilted path law exactly, but nearly).
-- The estimator is. With the default ``states="soft", tau=1`` DRAKES converges (the same over 60-600 steps,
-  learning rates 3e-3-1e-2, batches 64-256) to ``TV = 0.37``, above half of 0.567, and its law is instead close
-  to the tilted target at a larger alpha: ``TV(., p_pre exp(r / 2.5)) = 0.07``. Averaged over 25600 rollouts
-  (V = L = 3), its reward gradient is ``0.43`` (at ``p_pre``) to ``0.52`` (at the exact optimum) times the exact
-  one along it (cosine 0.96) and its KL gradient ``1.29`` times: the Gumbel-softmax relaxation damps the
-  reward's pull and the soft states (inputs the network never saw, half-masked positions) inflate the KL's,
-  so the fixed point is that of ``alpha * ~2.5``. Smaller ``tau`` with soft states helps little and gets noisy
-  (``tau = 0.3``: 0.27; ``tau = 0.1``: 0.09-0.19 between runs, V = L = 3).
-- ``states="straight_through"`` makes the KL gradient exact (projection 1.00, cosine 1.000 at the optimum) and the
-  reward's ``0.73`` (``tau = 1``) or ``0.87`` (``tau = 0.3``): ``TV = 0.25`` and ``0.10`` at V = L = 4, below
-  half, which is the issue's quality bar; a large alpha still stays at ``p_pre`` and alpha = 0 still collapses
-  onto the argmax. The official DNA and protein runs use soft states at ``tau = 1`` and ``0.5``; read their alpha
-  as a larger effective one.
+  (the expectation and the KL above by enumeration) reaches ``TV(., p*) = 0.021``, with a free table of
+  per-state logits as with the same small network after 200 Adam steps (the factorised chain cannot represent
+  the tilted path law exactly, but nearly).
+- The estimator is. With the default ``states="soft", tau=1`` DRAKES ends at ``TV = 0.37`` after 200 steps,
+  above half of 0.567, and its law is instead close to the tilted target of a larger alpha: ``TV(., p_pre exp(r
+  / 2.5)) = 0.07``. It is a fixed point, not slow progress: at V = L = 3 the TV is 0.218, 0.214 and 0.215 after
+  60 steps, 300 steps, and 300 steps at lr 3e-3 with batch 256. Averaged over 25600 rollouts (V = L = 3), its
+  reward gradient is ``0.43`` (at ``p_pre``) to ``0.52`` (at the exact optimum) times the exact one along it
+  (cosine 0.96) and its KL gradient ``1.29`` times: the Gumbel-softmax relaxation damps the reward's pull and
+  the soft states (inputs the network never saw in pretraining, partly masked positions) inflate the KL's, so
+  the fixed point is that of ``alpha * ~2.5``. Smaller ``tau`` with soft states helps some and gets noisy
+  (``tau = 0.3``: 0.27 at V = L = 4, just under half; ``tau = 0.1`` at V = L = 3: 0.09 and 0.19 after 300 and
+  600 steps).
+- ``states="straight_through"`` (the states the network sees are the sampler's own) makes the KL gradient
+  right (projection 1.00, cosine 1.000 at the optimum, V = L = 3) and damps the reward's less, ``0.73`` at
+  ``tau = 1`` and ``0.87`` at ``tau = 0.3``: ``TV = 0.25`` and ``0.10`` at V = L = 4, both below half, which
+  is the issue's quality bar; a large alpha still stays at ``p_pre`` and alpha = 0 still collapses onto the
+  argmax. The default stays the paper's and code's soft states; the official DNA and protein runs use them at
+  ``tau = 1`` and ``0.5``, so on this evidence their alpha acts as a larger one.
 - ``kl="code"`` is no regulariser here: it sees only the leakage of soft states (0 at one-hot states), and
   alpha = 1 collapses onto the argmax of r as alpha = 0 does.
 
