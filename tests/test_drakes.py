@@ -468,26 +468,27 @@ ST = "straight_through"
 SOFT_1, ST_03 = ("paper", "soft", 1.0), ("paper", ST, 0.3)  # (kl, states, tau): the official default; genkit's
 
 
-def _check_pstar(res: dict, tune_gap: float, bar_margin: float) -> None:
-    """The assertions shared by the two sizes (the numbers are in their docstrings and in drakes.py's "What the
-    toy shows")."""
+def _check_pstar(res: dict, reward_gain: float, tv_gain: float, overshoot: float, code_drift: float) -> None:
+    """The assertions shared by the two sizes, with their size's margins (the numbers are in their docstrings and
+    in drakes.py's "What the toy shows")."""
     exact = res[1.0, "exact"]
     # the exact optimum of the discretised objective is (nearly) p*: the bar measures the DRAKES estimator
     assert exact["tv"] < 0.1 * exact["tv_pre"], res
     soft = res[(1.0, *SOFT_1)]
-    assert soft["reward"] > soft["reward_pre"] + tune_gap and soft["tv"] < soft["tv_pre"] - 0.07, res  # (a), (b)
+    assert soft["reward"] > soft["reward_pre"] + reward_gain and soft["tv"] < soft["tv_pre"] - tv_gain, res  # (a), (b)
     # (b) is not met by the default: soft states at tau 1 damp the reward gradient and inflate the KL's, so the
     # estimator's fixed point is the tilted target of a larger alpha (~2.5), not p*. Measured, not a bound:
     assert soft["tv"] > 0.5 * soft["tv_pre"], res
     assert _tv_to_tilted(res, soft["law"], 2.5) < soft["tv"] / 3, res
     st = res[(1.0, *ST_03)]
-    assert st["reward"] > st["reward_pre"] + tune_gap and st["tv"] < bar_margin * st["tv_pre"], res  # (b): the bar
+    assert st["reward"] > st["reward_pre"] + reward_gain and st["tv"] < 0.5 * st["tv_pre"], res  # (b): the bar
     c = res[1.0, "code", "soft", 1.0]
-    assert c["reward"] > c["reward_target"] + 0.3 and c["tv"] > c["tv_pre"], res  # code KL overshoots p*
+    assert c["reward"] > c["reward_target"] + overshoot and c["tv"] > c["tv_pre"], res  # code KL overshoots p*
     for form in (SOFT_1, ST_03):  # (c) a large alpha stays at p_model, alpha 0 collapses onto argmax r
         if (100.0, *form) in res:
-            assert res[(100.0, *form)]["tv_to_pre"] < 0.04 and res[(0.0, *form)]["tv"] < 0.05, res
-    assert res[100.0, "code", "soft", 1.0]["tv_to_pre"] > 0.06, res  # the code's KL does not hold it there
+            big = res[(100.0, *form)]
+            assert big["tv_to_pre"] < 0.03 and big["tv"] < 0.03 and res[(0.0, *form)]["tv"] < 0.05, res
+    assert res[100.0, "code", "soft", 1.0]["tv_to_pre"] > code_drift, res  # the code's KL does not hold it there
 
 
 SETTINGS = [(1.0, "exact"), (1.0, *SOFT_1), (1.0, *ST_03), (1.0, "code", "soft", 1.0), (100.0, *SOFT_1),
@@ -511,7 +512,7 @@ def test_pstar_faithful_v4_l4() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     res = _faithful_runs(4, 4, 600, 200, SLOW_SETTINGS)
-    _check_pstar(res, 0.6, 0.5)
+    _check_pstar(res, reward_gain=0.6, tv_gain=0.12, overshoot=1.5, code_drift=0.2)
 
 
 def test_pstar_faithful_ci_size() -> None:
@@ -524,7 +525,7 @@ def test_pstar_faithful_ci_size() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     res = _faithful_runs(3, 3, 200, 60, SETTINGS)
-    _check_pstar(res, 0.2, 0.5)
+    _check_pstar(res, reward_gain=0.2, tv_gain=0.07, overshoot=0.3, code_drift=0.06)
 
 
 @pytest.mark.slow
