@@ -12,6 +12,7 @@ from torch.distributions import Categorical, kl_divergence
 
 from genkit.errors import ConfigError
 from genkit.finetune import DRAKES, Reward
+from genkit.finetune.drakes import Rollout
 from genkit.models import MaskedDiffusion
 from genkit.nets.tokens import TokenMLP
 
@@ -96,6 +97,100 @@ def test_kl_zero_at_reference_positive_after_perturbing_and_enumerated() -> None
     # the code's estimator at hard states: unmasked positions are the same one-hot under both models -> 0
     obj = DRAKES(model, pre, REWARD, steps=2, truncate=0, kl="code", batch_size=64)
     assert float(obj.kl_terms(obj.rollout(64, gen(3))).detach().abs().max()) == 0.0
+
+
+def _chain_kernels(model: MaskedDiffusion, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Every state over 0..V (MASK = V) ``[S, L]`` and the full next-state kernels ``[S, S]`` of the factorised
+    reverse chain, one per step, re-derived by enumeration (float64)."""
+    from test_masked import sequences
+
+    v, length = model.vocab_size, model.length
+    states = sequences(v, length, mask=True)
+    times = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    kernels = []
+    for k in range(steps):
+        t, s = float(times[k]), float(times[k + 1])
+        a_t, a_s = (float(model.schedule.alpha(torch.tensor(u, dtype=torch.float64))) for u in (t, s))
+        p0 = model.logits(states, t).double().exp()[..., :v]
+        per = torch.cat([p0 * (a_s - a_t) / (1 - a_t), torch.full_like(p0[..., :1], (1 - a_s) / (1 - a_t))], -1)
+        per = torch.where((states == v)[..., None], per, F.one_hot(states, v + 1).double())
+        trans = torch.ones(len(states), len(states), dtype=torch.float64)
+        for pos in range(length):
+            trans = trans * per[:, pos, states[:, pos]]
+        kernels.append(trans)
+    return states, kernels
+
+
+@pytest.mark.parametrize("schedule", ["log_linear", "cosine"])
+def test_paper_kl_is_the_exact_kl_of_the_two_sampling_chains(schedule: str) -> None:
+    """The paper form's expectation over the model's sampling chain equals KL(P_theta || P_ref) of the two
+    discrete-time path laws on the same grid, computed by the chain rule over the FULL next-state kernels
+    (enumerated, not factorised by position): each step weighs the masked positions by the exact unmasking
+    probability (a_s - a_t) / (1 - a_t). For the log-linear schedule that is the left Riemann sum dt / t of the
+    continuous path KL; for the cosine one the Riemann sum is off (its last step weighs 2 instead of 1)."""
+    torch.manual_seed(0)
+    steps = 3
+    pre = MaskedDiffusion(TokenMLP(vocab_size=3, length=2, hidden=16, depth=1, embed_dim=4, time_dim=8),
+                          vocab_size=3, length=2, schedule=schedule).double()
+    model = copy.deepcopy(pre)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.7 * torch.randn(p.shape, generator=gen(1), dtype=p.dtype))
+    with torch.no_grad():
+        states, k_model = _chain_kernels(model, steps)
+        _, k_pre = _chain_kernels(pre, steps)
+        start = torch.zeros(len(states), dtype=torch.float64)
+        start[-1] = 1.0  # all MASK is the last state of sequences(v, L, mask=True)
+        law, exact = start, torch.zeros((), dtype=torch.float64)
+        for km, kp in zip(k_model, k_pre):
+            row = torch.where(km > 0, km * (km.clamp_min(1e-300).log() - kp.clamp_min(1e-300).log()), 0.0)
+            exact = exact + law @ row.sum(-1)
+            law = law @ km
+        # every state as a "rollout" at every step, weighted by its probability under the model's chain
+        obj = DRAKES(model, pre, REWARD, steps=steps, truncate=0, batch_size=1)
+        x = F.one_hot(states, 4).double()
+        times = obj.times()
+        roll = Rollout(x[:, :, :3], [x] * steps, [model.logits(x, float(t)) for t in times[:-1]], times)
+        terms = obj.kl_terms(roll)  # [steps, S]
+        laws = [start]
+        for km in k_model[:-1]:
+            laws.append(laws[-1] @ km)
+        got = sum(d @ term for d, term in zip(laws, terms))
+        riemann = sum(float(times[k] - times[k + 1]) * float(-pre.schedule.weight(times[k])) /
+                      float((pre.schedule.alpha(times[k + 1]) - pre.schedule.alpha(times[k])) /
+                            (1 - pre.schedule.alpha(times[k]))) * (laws[k] @ terms[k]) for k in range(steps))
+    assert float(exact) > 0.05
+    torch.testing.assert_close(got, exact, rtol=1e-10, atol=0)
+    if schedule == "log_linear":
+        torch.testing.assert_close(riemann, exact, rtol=1e-10, atol=0)
+    else:
+        assert abs(float(riemann / exact) - 1) > 0.1, (float(riemann), float(exact))
+
+
+def test_straight_through_states_are_one_hot_and_keep_the_sampler_law() -> None:
+    """states="straight_through": every state fed to the network and the final sample are exactly one-hot in the
+    forward pass (Gumbel-max draws, so the rollout's law is the ancestral sampler's: chi-square against the
+    enumerated law of the 4-step chain), the reward still has gradients at every step, and the default soft
+    states are not one-hot."""
+    from test_masked import exact_chain, frequencies
+
+    model, pre = pair(perturb=0.5)
+    obj = DRAKES(model, pre, REWARD, steps=4, truncate=4, states="straight_through", batch_size=16)
+    roll = obj.rollout(16, gen(2))
+    for x in roll.states + [roll.x0]:
+        assert torch.equal(x.detach(), F.one_hot(x.detach().argmax(-1), x.shape[-1]).to(x.dtype))
+    for lp in roll.logp:
+        lp.retain_grad()
+    (-obj.reward(roll.x0).mean()).backward()
+    assert all(lp.grad is not None and bool(lp.grad.nan_to_num().abs().sum() > 0) for lp in roll.logp)
+    soft = DRAKES(model, pre, REWARD, steps=4, truncate=4, batch_size=16).rollout(16, gen(2))
+    assert float(soft.states[2].detach().max(-1).values.min()) < 0.99
+    n = 20000
+    with torch.no_grad():
+        x0 = obj.rollout(n, gen(3)).x0.argmax(-1)
+        expected = exact_chain(model, 4)
+    chi2 = float(((frequencies(x0, 4) - expected) ** 2 / expected).sum() * n)
+    assert chi2 < 120, chi2  # 63 degrees of freedom: P(chi2 > 120) ~ 2e-5
 
 
 def test_small_tau_relaxation_matches_reverse_step_probabilities() -> None:
@@ -237,6 +332,7 @@ def test_bad_inputs_name_the_fix() -> None:
         (dict(tau=0.0), "tau"),
         (dict(alpha=-1e-3), "alpha"),
         (dict(kl="exact"), "paper"),
+        (dict(states="hard"), "straight_through"),
         (dict(batch_size=0), "batch_size"),
     ]
     for change, match in cases:
@@ -285,37 +381,75 @@ def _pretrained_on_markov_chain(v: int, length: int, train_steps: int) -> Masked
     return pre
 
 
+def _exact_objective(model: MaskedDiffusion, pre_kernels: list[torch.Tensor], r: torch.Tensor, alpha: float,
+                     steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DRAKES' objective E r(x_0) - alpha KL(P_theta || P_ref) of the ``steps``-step sampling chains, exactly:
+    the chain rule over the enumerated full next-state kernels (differentiable in the model). Returns the
+    objective and the model's law over data sequences (order of test_masked.sequences)."""
+    states, kernels = _chain_kernels(model, steps)
+    law = torch.zeros(len(states), dtype=torch.float64)
+    law[-1] = 1.0  # all MASK
+    kl = torch.zeros((), dtype=torch.float64)
+    for km, kp in zip(kernels, pre_kernels):
+        row = torch.where(km > 0, km * (km.clamp_min(1e-300).log() - kp.clamp_min(1e-300).log()), 0.0)
+        kl = kl + law @ row.sum(-1)
+        law = law @ km
+    data = law[(states < model.vocab_size).all(-1)]
+    return data @ r - alpha * kl, data
+
+
 def _faithful_runs(v: int, length: int, train_steps: int, tune_steps: int, settings) -> dict:
-    """Fine-tune copies of the pretrained model with DRAKES (steps = truncate = 4, tau 1, Adam lr 1e-2, batch
-    64) for each (alpha, kl); return, per setting, the exact law of the 4-step sampler (test_masked.exact_chain)
-    before and after: mean reward, TV to p* ∝ p_model exp(r / alpha) (argmax r for alpha = 0), TV to p_model."""
+    """Fine-tune copies of the pretrained model (Adam, lr 1e-2) for each setting and return, per setting, the
+    exact law of the 4-step sampler (test_masked.exact_chain) after it: mean reward, TV to p* ∝ p_model
+    exp(r / alpha) (the argmax point mass for alpha = 0), TV to p_model, and the law itself ("law").
+
+    A setting ``(alpha, kl, states, tau)`` runs DRAKES (steps = truncate = 4, batch 64); ``(alpha, "exact")``
+    maximises the exact objective (_exact_objective) with the same optimizer and steps: the optimum the DRAKES
+    estimator aims at, within this network and this 4-step discretisation."""
     from test_masked import exact_chain, sequences
 
     pre = _pretrained_on_markov_chain(v, length, train_steps)
     with torch.no_grad():
         p_pre = exact_chain(pre, 4)  # the pretrained MODEL's own sampling law: what the KL is to
+        _, pre_kernels = _chain_kernels(pre, 4)
     w = torch.randn(length, v, generator=gen(2))
     reward = Reward(lambda x: (x * w).sum((-1, -2)), differentiable=True, name="linear")
     r = (F.one_hot(sequences(v, length), v).double() * w.double()).sum((-1, -2))
-    out = {}
-    for alpha, kl in settings:
+    out = {"p_pre": p_pre, "r": r}
+    for setting in settings:
+        alpha = setting[0]
         target = (r == r.max()).double() if alpha == 0 else p_pre * torch.exp((r - r.max()) / alpha)
         target = target / target.sum()
         model = copy.deepcopy(pre).requires_grad_(True)  # pre was frozen by the previous setting's DRAKES
-        obj = DRAKES(model, pre, reward, steps=4, truncate=4, alpha=alpha, kl=kl, batch_size=64)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for step in range(tune_steps):
-            loss, _ = obj.loss(None, gen(100 + step))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        if setting[1] == "exact":
+            for _ in range(tune_steps):
+                objective, _ = _exact_objective(model, pre_kernels, r, alpha, 4)
+                opt.zero_grad()
+                (-objective).backward()
+                opt.step()
+        else:
+            _, kl, states, tau = setting
+            obj = DRAKES(model, pre, reward, steps=4, truncate=4, alpha=alpha, kl=kl, states=states, tau=tau,
+                         batch_size=64)
+            for step in range(tune_steps):
+                loss, _ = obj.loss(None, gen(100 + step))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
         with torch.no_grad():
             p_ft = exact_chain(model, 4)
-        out[alpha, kl] = {"reward_pre": float(p_pre @ r), "reward": float(p_ft @ r), "reward_target":
-                          float(target @ r), "tv_pre": float((p_pre - target).abs().sum() / 2),
-                          "tv": float((p_ft - target).abs().sum() / 2),
-                          "tv_to_pre": float((p_ft - p_pre).abs().sum() / 2)}
+        out[setting] = {"reward_pre": float(p_pre @ r), "reward": float(p_ft @ r), "reward_target":
+                        float(target @ r), "tv_pre": float((p_pre - target).abs().sum() / 2),
+                        "tv": float((p_ft - target).abs().sum() / 2),
+                        "tv_to_pre": float((p_ft - p_pre).abs().sum() / 2), "law": p_ft}
     return out
+
+
+def _tv_to_tilted(res: dict, law: torch.Tensor, alpha: float) -> float:
+    """TV of ``law`` to p_model exp(r / alpha), normalised."""
+    target = res["p_pre"] * torch.exp((res["r"] - res["r"].max()) / alpha)
+    return float((law - target / target.sum()).abs().sum() / 2)
 
 
 def test_model_copied_from_a_frozen_reference_is_refused() -> None:
@@ -330,46 +464,122 @@ def test_model_copied_from_a_frozen_reference_is_refused() -> None:
     assert obj.loss(None, gen())[0].requires_grad
 
 
-@pytest.mark.slow
-def test_pstar_faithful_paper_kl_moves_toward_target() -> None:
-    """METHODS.md section 3 faithful test, V = 4, L = 4 (256 sequences), exact laws by enumeration (see
-    _faithful_runs; 600 pretraining steps, 200 DRAKES Adam steps). Measured (reward: E r under the exact law of the
-    4-step sampler; p* ∝ p_model exp(r / alpha); TV(p_model, p*) in brackets):
+ST = "straight_through"
+SOFT_1, ST_03 = ("paper", "soft", 1.0), ("paper", ST, 0.3)  # (kl, states, tau): the official default; genkit's
 
-    - alpha 1, paper KL: reward -1.015 -> -0.08 (E_p* r = 1.27); TV 0.567 -> 0.37 [0.567]. It moves toward p*
-      and ends below TV(p_model, p*), but stalls far from it (reward ~1.3 short of the target's).
-    - alpha 1, code KL: reward -> 3.435 (max r 3.437): collapses onto argmax r, TV 0.81 [0.567]: the code's
-      estimator, leakage only, does not regularise toward p*.
-    - alpha 100, paper KL: TV to p_model 0.003, TV to p* 0.004 [0.006]; code KL: TV to p_model 0.40.
-    - alpha 0 (either form): reward 3.437 = max r, TV to the argmax point mass 0.000.
+
+def _check_pstar(res: dict, reward_gain: float, tv_gain: float, overshoot: float, code_drift: float) -> None:
+    """The assertions shared by the two sizes, with their size's margins (the numbers are in their docstrings and
+    in drakes.py's "What the toy shows")."""
+    exact = res[1.0, "exact"]
+    # the exact optimum of the discretised objective is (nearly) p*: the bar measures the DRAKES estimator
+    assert exact["tv"] < 0.1 * exact["tv_pre"], res
+    soft = res[(1.0, *SOFT_1)]
+    assert soft["reward"] > soft["reward_pre"] + reward_gain and soft["tv"] < soft["tv_pre"] - tv_gain, res  # (a), (b)
+    # (b) is not met by the default: soft states at tau 1 damp the reward gradient and inflate the KL's, so the
+    # estimator's fixed point is the tilted target of a larger alpha (~2.5), not p*. Measured, not a bound:
+    assert soft["tv"] > 0.5 * soft["tv_pre"], res
+    assert _tv_to_tilted(res, soft["law"], 2.5) < soft["tv"] / 3, res
+    st = res[(1.0, *ST_03)]
+    assert st["reward"] > st["reward_pre"] + reward_gain and st["tv"] < 0.5 * st["tv_pre"], res  # (b): the bar
+    c = res[1.0, "code", "soft", 1.0]
+    assert c["reward"] > c["reward_target"] + overshoot and c["tv"] > c["tv_pre"], res  # code KL overshoots p*
+    for form in (SOFT_1, ST_03):  # (c) a large alpha stays at p_model, alpha 0 collapses onto argmax r
+        if (100.0, *form) in res:
+            big = res[(100.0, *form)]
+            assert big["tv_to_pre"] < 0.03 and big["tv"] < 0.03 and res[(0.0, *form)]["tv"] < 0.05, res
+    assert res[100.0, "code", "soft", 1.0]["tv_to_pre"] > code_drift, res  # the code's KL does not hold it there
+
+
+SETTINGS = [(1.0, "exact"), (1.0, *SOFT_1), (1.0, *ST_03), (1.0, "code", "soft", 1.0), (100.0, *SOFT_1),
+            (100.0, "code", "soft", 1.0), (0.0, *SOFT_1)]
+SLOW_SETTINGS = [*SETTINGS, (100.0, *ST_03), (0.0, *ST_03)]
+
+
+@pytest.mark.slow
+def test_pstar_faithful_v4_l4() -> None:
+    """METHODS.md section 3 faithful test at the issue's size, V = 4, L = 4 (256 sequences), exact laws by
+    enumeration (see _faithful_runs; 600 pretraining steps, 200 tuning steps). TV(p_model, p*) = 0.567 at
+    alpha 1. Measured (E r under the exact 4-step law; E_p* r = 1.27, max r 3.44):
+
+    - exact objective optimum: TV 0.021 (a free table of logits: 0.021 too);
+    - soft states, tau 1 (official): reward -1.015 -> -0.08, TV 0.370, above half of 0.567: the bar is not met;
+      TV to p_model exp(r / 2.5) is 0.072;
+    - straight-through states, tau 0.3: reward 1.015, TV 0.097 < 0.283: the bar is met;
+    - code KL, alpha 1: reward 3.435 (collapse), TV 0.81; alpha 100: TV to p_model 0.003 (soft), code 0.40;
+      alpha 0: TV to the argmax point mass 0.000; straight-through alpha 100: TV to p_model 0.006, alpha 0: 0.000.
     """
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    res = _faithful_runs(4, 4, 600, 200, [(1.0, "paper"), (1.0, "code"), (100.0, "paper"), (100.0, "code"),
-                                          (0.0, "paper")])
-    a = res[1.0, "paper"]
-    assert a["reward"] > a["reward_pre"] + 0.6, res  # (a)
-    assert a["tv"] < a["tv_pre"] - 0.12, res  # (b), measured 0.37 vs 0.567
-    c = res[1.0, "code"]
-    assert c["reward"] > c["reward_target"] + 1.5 and c["tv"] > c["tv_pre"], res  # code KL overshoots p*
-    big = res[100.0, "paper"]
-    assert big["tv_to_pre"] < 0.03 and big["tv"] < 0.03, res  # (c) large alpha stays at p_model
-    assert res[100.0, "code"]["tv_to_pre"] > 0.2, res  # the code's KL does not hold it there
-    assert res[0.0, "paper"]["tv"] < 0.05, res  # (c) alpha 0 collapses onto argmax r
+    res = _faithful_runs(4, 4, 600, 200, SLOW_SETTINGS)
+    _check_pstar(res, reward_gain=0.6, tv_gain=0.12, overshoot=1.5, code_drift=0.2)
 
 
 def test_pstar_faithful_ci_size() -> None:
-    """The faithful test at CI size (~4 s): V = 3, L = 3 (27 sequences), 200 pretraining steps, 60 DRAKES steps.
-    Measured: alpha 1 paper: reward 0.548 -> 0.947 (E_p* r 1.383), TV 0.362 -> 0.218 [TV(p_model, p*) 0.362];
-    alpha 1 code: reward 2.008 (max r 2.010), TV 0.568; alpha 100 paper: TV to p_model 0.009, code 0.114;
-    alpha 0: TV to the argmax point mass 0.000. Looser thresholds than the slow test."""
+    """The faithful test at CI size: V = 3, L = 3 (27 sequences), 200 pretraining steps, 60 tuning steps.
+    TV(p_model, p*) = 0.362 at alpha 1. Measured: exact objective optimum TV 0.010; soft tau 1: reward 0.548 ->
+    0.947 (E_p* r 1.383), TV 0.218 (> 0.181; TV to p_model exp(r / 2.5) 0.042); straight-through tau 0.3:
+    reward 1.303, TV 0.042; code KL: reward 2.008 (max r 2.010), TV 0.568; alpha 100: TV to p_model 0.009
+    (soft), 0.114 (code); alpha 0: TV to the argmax 0.0005 (soft); the slow test also runs alpha 100 and 0 with
+    straight-through states (here 0.003 and 0.007)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    res = _faithful_runs(3, 3, 200, 60, [(1.0, "paper"), (1.0, "code"), (100.0, "paper"), (100.0, "code"),
-                                         (0.0, "paper")])
-    a = res[1.0, "paper"]
-    assert a["reward"] > a["reward_pre"] + 0.2 and a["tv"] < a["tv_pre"] - 0.07, res  # (a), (b)
-    c = res[1.0, "code"]
-    assert c["reward"] > c["reward_target"] + 0.3 and c["tv"] > c["tv_pre"], res  # code KL overshoots p*
-    assert res[100.0, "paper"]["tv_to_pre"] < 0.04 and res[100.0, "code"]["tv_to_pre"] > 0.06, res  # (c)
-    assert res[0.0, "paper"]["tv"] < 0.05, res  # (c) alpha 0 collapses onto argmax r
+    res = _faithful_runs(3, 3, 200, 60, SETTINGS)
+    _check_pstar(res, reward_gain=0.2, tv_gain=0.07, overshoot=0.3, code_drift=0.06)
+
+
+@pytest.mark.slow
+def test_relaxation_gradient_bias_at_the_exact_optimum() -> None:
+    """Why soft states miss p* (drakes.py, "What the toy shows"), V = L = 3, alpha 1: at the exact optimum of the
+    discretised objective the exact gradients of E r and alpha KL cancel; the DRAKES estimates of each, averaged
+    over 100 x 256 rollouts, point the right way (cosine > 0.9) but with soft states at tau 1 the reward's is
+    damped (projection on the exact one measured 0.52) and the KL's inflated (1.29), so their fixed point is
+    elsewhere; straight-through states give the KL's exactly (1.00) and damp the reward's less (0.73). The
+    projections' Monte-Carlo standard errors (over the 100 batches) are below 0.02."""
+    from test_masked import sequences
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    pre = _pretrained_on_markov_chain(3, 3, 200)
+    w = torch.randn(3, 3, generator=gen(2))
+    reward = Reward(lambda x: (x * w).sum((-1, -2)), differentiable=True, name="linear")
+    r = (F.one_hot(sequences(3, 3), 3).double() * w.double()).sum((-1, -2))
+    with torch.no_grad():
+        _, pre_kernels = _chain_kernels(pre, 4)
+    model = copy.deepcopy(pre).requires_grad_(True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        objective, _ = _exact_objective(model, pre_kernels, r, 1.0, 4)
+        opt.zero_grad()
+        (-objective).backward()
+        opt.step()
+    params = list(model.parameters())
+
+    def flat(grads):
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+    _, law = _exact_objective(model, pre_kernels, r, 1.0, 4)
+    exact_r = flat(torch.autograd.grad(law @ r, params)).double()
+    exact_kl = exact_r - flat(torch.autograd.grad(_exact_objective(model, pre_kernels, r, 1.0, 4)[0], params))
+    assert float((exact_r - exact_kl).norm()) < 1e-3 * float(exact_r.norm())  # the optimum: they cancel
+    got = {}
+    for states, tau in (("soft", 1.0), (ST, 1.0)):
+        obj = DRAKES(model, pre, reward, steps=4, truncate=4, alpha=1.0, states=states, tau=tau, batch_size=256)
+        proj, sum_r, sum_kl = [], 0, 0
+        for i in range(100):
+            roll = obj.rollout(256, gen(5000 + i))
+            g_r = flat(torch.autograd.grad(obj.reward(roll.x0).mean(), params, retain_graph=True,
+                                           allow_unused=True)).double()
+            g_kl = flat(torch.autograd.grad(obj.kl_terms(roll).sum(0).mean(), params)).double()
+            proj.append(torch.stack([g_r @ exact_r / (exact_r @ exact_r), g_kl @ exact_kl / (exact_kl @ exact_kl)]))
+            sum_r, sum_kl = sum_r + g_r, sum_kl + g_kl
+        proj = torch.stack(proj)
+        mean, se = proj.mean(0), proj.std(0) / 10
+        assert float(se.max()) < 0.02, (states, mean, se)
+        cos = [float(F.cosine_similarity(a, b, 0)) for a, b in ((sum_r, exact_r), (sum_kl, exact_kl))]
+        assert min(cos) > 0.9, (states, cos)
+        got[states] = (float(mean[0]), float(mean[1]))
+    soft_r, soft_kl = got["soft"]
+    st_r, st_kl = got[ST]
+    assert 0.4 < soft_r < 0.65 and soft_kl > 1.15, got
+    assert abs(st_kl - 1) < 0.05 and 0.6 < st_r < 0.85, got
