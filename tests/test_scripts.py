@@ -741,6 +741,31 @@ def test_train_resume_and_evaluate_an_snf_on_samples_of_its_energy(tmp_path, cap
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
+def test_ml_on_samples_beats_kl_on_held_out_nll_after_the_same_steps(tmp_path, capsys):
+    """The same snf (2 layers, Metropolis blocks of 2 steps), 100 steps each: by ML on 2100 exact samples it scores
+    a lower held-out NLL bound than by the reverse KL alone, by more than three standard errors of the paired
+    per-sample difference. Measured over seeds 0-3 at 100 steps: gaps of 0.11-0.15 nats (7 to 30 standard
+    errors), the bounds near 3.6 nats (2.3 at seed 0) against the entropy's 1.72; at 200 steps the gap is
+    0.23-0.33 for seeds 1-3 but only 0.03 (1.5 se) for seed 0, whose KL run finds both wells."""
+    from genkit.cli import samples_held_out
+
+    samples = double_well_samples(tmp_path / "dw.npy")
+    common = [*map(str, SNF), "--steps", "100", "--ema-decay", "none", "--n-samples", "50"]
+    assert run_main(TRAIN, *common, "--objective", "ml", "--samples", str(samples), "--out", str(tmp_path / "ml")) == 0
+    assert run_main(TRAIN, *common, "--out", str(tmp_path / "kl")) == 0
+    capsys.readouterr()
+    ref, _ = samples_held_out(samples, 2, 1)
+    bounds = {}
+    for name in ("ml", "kl"):
+        model = genkit.load(tmp_path / name)
+        with torch.no_grad():
+            bounds[name] = model.nll_bound(ref, generator=torch.Generator().manual_seed(0)).double()
+    gap = bounds["kl"] - bounds["ml"]
+    assert float(gap.mean()) > 3 * float(gap.std() / len(gap) ** 0.5), (bounds["ml"].mean(), bounds["kl"].mean())
+    assert float(bounds["ml"].mean()) > double_well_entropy() - 3 * float(bounds["ml"].std() / len(ref) ** 0.5)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_bad_samples_for_an_energy_run_exit_2_naming_the_fix(tmp_path, capsys):
     """--samples of another dimension than the energy, --samples without --energy, --samples for a data-free
     model (nsf by energy, snf by kl), and an snf objective that needs samples without them."""
