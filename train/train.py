@@ -714,7 +714,7 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     if energy is not None:  # trained by an energy: importance weights against it (and held-out samples of it)
         report["energy"] = energy_metrics(model, n, torch.Generator(device=device).manual_seed(args.seed + 1))
         if ref is not None:  # --samples FILE: its test split, never trained on
-            report["samples"] = str(args.samples)
+            report["samples"] = str(Path(args.samples).expanduser().absolute())
             report["nll"] = held_out_nll(model, ref.to(device), torch.Generator(device=device).manual_seed(args.seed))
             if report["nll"] is None:
                 report["note_nll"] = getattr(model, "no_likelihood", "none: this model has no likelihood")
