@@ -107,28 +107,30 @@ def circular_couplings(hidden: int, seed: int) -> list[Any]:
     return [CircularCoupling(2, bins=8, hidden=hidden, parity=i % 2) for i in range(6)]
 
 
-def build(kind: str, energy: Any, hidden: int, mc_steps: int, seed: int, torus_flow: str = "circular"
-          ) -> StochasticFlow:
-    """Layers in sampling order; the deterministic part is the same for every kind at one seed."""
+def build(kind: str, energy: Any, hidden: int, mc_steps: int, seed: int, torus_flow: str = "circular",
+          mc_step_size: float | None = None) -> StochasticFlow:
+    """Layers in sampling order; the deterministic part is the same for every kind at one seed. The Metropolis
+    proposal scale is ``mc_step_size`` (default 0.1 on the double well, 0.3 on the torus)."""
     torus = energy.domain == "torus"
+    step = mc_step_size if mc_step_size is not None else (0.3 if torus else 0.1)
     if torus and torus_flow == "circular":  # on the torus itself: uniform prior, blocks as on the double well
         cs = circular_couplings(hidden, seed)
         layers: list[torch.nn.Module] = []
         for b in range(3):
             layers += cs[2 * b:2 * b + 2]
             if kind == "snf":
-                layers.append(MetropolisBlock(energy, (b + 1) / 3, step_size=0.3, n_steps=mc_steps))
+                layers.append(MetropolisBlock(energy, (b + 1) / 3, step_size=step, n_steps=mc_steps))
         return StochasticFlow(layers, 2)
     cs = couplings(hidden, seed)
     layers = []
     for b in range(3):
         layers += cs[2 * b:2 * b + 2]
         if kind == "snf" and not torus:
-            layers.append(MetropolisBlock(energy, (b + 1) / 3, step_size=0.1, n_steps=mc_steps))
+            layers.append(MetropolisBlock(energy, (b + 1) / 3, step_size=step, n_steps=mc_steps))
     if torus:
         layers.append(BoxSquash(2))
         if kind == "snf":
-            layers.append(MetropolisBlock(energy, 1.0, step_size=0.3, n_steps=3 * mc_steps))
+            layers.append(MetropolisBlock(energy, 1.0, step_size=step, n_steps=3 * mc_steps))
     return StochasticFlow(layers, 2)
 
 
@@ -231,6 +233,9 @@ def main() -> None:
     ap.add_argument("--ml-steps", type=int, default=300)
     ap.add_argument("--mixed-steps", type=int, default=300)
     ap.add_argument("--mc-steps", type=int, default=10)
+    ap.add_argument("--mc-step-size", type=float, help="Metropolis proposal scale (default: 0.1 on the double "
+                                                       "well, 0.3 on the torus)")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=5e-3)
@@ -267,11 +272,11 @@ def main() -> None:
                        "mode_weights": exact_p.tolist(), "dF_kT": delta_f(exact_p, int(exact_p.argmax())).tolist(),
                        **floor}
         kinds = ["flow", "snf"] + ([] if torus else ["flow_kl"])
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             data = q.sample(args.train_samples, generator=torch.Generator().manual_seed(seed), periodic=torus).float()
             order = kinds[seed % len(kinds):] + kinds[:seed % len(kinds)]  # rotate who runs first
             for kind in order:
-                model = build(kind, energy, args.hidden, args.mc_steps, seed, args.torus_flow)
+                model = build(kind, energy, args.hidden, args.mc_steps, seed, args.torus_flow, args.mc_step_size)
                 secs = train(model, kind, energy, data, args, seed, f"{tmp}/{name}-{kind}-{seed}")
                 rec = {"energy": name, "model": kind, "seed": seed, "train_s": secs,
                        **evaluate(model, energy, exact_p, q.log_z, args.eval_samples, seed, bins)}
@@ -313,12 +318,15 @@ def main() -> None:
         + (f"; F(x1) error of {args.eval_samples} exact samples (noise floor): "
            f"{v['profile_error_exact_samples_kT']:.3f} kT" if "profile_error_exact_samples_kT" in v else "")
         for n, v in exact.items())
-    md = (f"Medians over {args.seeds} seeds; ML {args.ml_steps} steps then 0.5 ML + 0.5 KL {args.mixed_steps} steps "
+    md = (f"Medians over {args.seeds} seeds"
+          + ("" if not args.first_seed else f" ({args.first_seed}..{args.first_seed + args.seeds - 1})")
+          + f"; ML {args.ml_steps} steps then 0.5 ML + 0.5 KL {args.mixed_steps} steps "
           f"(flow_kl: KL only, {args.ml_steps + args.mixed_steps} steps), batch {args.batch}, Adam lr {args.lr} "
           f"({args.schedule} in the mixed phase), gradient clipping at norm 1, "
           f"six couplings hidden {args.hidden} (affine on the double well; on the torus "
           + ("circular RQ, uniform prior" if args.torus_flow == "circular" else "affine squashed by pi tanh")
-          + f"); SNF Metropolis blocks of {args.mc_steps} steps after each pair"
+          + f"); SNF Metropolis blocks of {args.mc_steps} steps"
+          + ("" if args.mc_step_size is None else f" of scale {args.mc_step_size}") + " after each pair"
           + ("" if args.torus_flow == "circular" else f" (torus: one block of {3 * args.mc_steps})")
           + ". Errors are absolute, largest over the modes; 'rw' reweighted by the "
           f"exact path weights, 'uw' the raw samples. {args.eval_samples} evaluation samples. Whole run "

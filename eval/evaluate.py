@@ -36,7 +36,11 @@ sum_k pi_k p(x | k) over the training set's class frequencies pi). A flow traine
 log w = -U(x) - log q(x), log Z with its standard error (genkit.metrics.log_z), the reference log Z (the energy's
 exact one, else 2-D quadrature) and the reverse KL estimate log Z_ref - mean(log w). A stochastic normalizing
 flow (--family snf) is scored the same way from its exact path weights (model.sample_with_log_weights); it has no
-density, so its report holds "nll": null and "note_nll" saying why.
+density, so its report holds "nll": null and "note_nll" saying why. A run trained with samples of the target
+(train.py --samples FILE, an snf by --objective ml / mixed), or --samples FILE here for any model trained by an
+energy, is also scored on the file's held-out test split (the split train.py held out): "nll" the held-out NLL in
+nats (exact for a flow with a density; for an snf the upper bound of its reverse paths, model.nll_bound), and the
+distances of the model's (unweighted) samples to those samples, with their noise floor.
 
 A class-conditional checkpoint is sampled with class ids drawn at the held-out data's class frequencies (so
 the distances compare like with like), or all of --class; --guidance sets the classifier-free guidance scale
@@ -53,6 +57,7 @@ examples:
   python eval/evaluate.py --checkpoint runs/nsf_moons              # a flow: distances and exact held-out NLL
   python eval/evaluate.py --checkpoint runs/nsf_double_well        # a flow trained by an energy: ESS, log Z
   python eval/evaluate.py --checkpoint runs/snf_double_well        # a stochastic flow: ESS, log Z, no NLL
+  python eval/evaluate.py --checkpoint runs/snf_dw --samples md.npy  # and its NLL bound on held-out samples
 """
 
 from __future__ import annotations
@@ -72,10 +77,12 @@ from genkit.cli import (
     check_data_matches,
     checkpoint_dir,
     energy_metrics,
+    held_out_nll,
     named_grids,
     resolve_sampler,
     run_main,
     sample_distances,
+    samples_held_out,
     script_device,
     table_held_out,
     tokens_held_out,
@@ -98,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                   "its run trained on, from train_data.json beside the checkpoint)")
     p.add_argument("--table", metavar="FILE", help="score against the test split of your own table (.csv / .npy, as "
                                                    "train.py --table; default: the run's, from train_data.json)")
+    p.add_argument("--samples", metavar="FILE",
+                   help="a model trained by an energy: also score it on the test split of this file of samples of "
+                        "the energy's target (.csv / .npy [N, D], as train.py --samples; default: the run's, from "
+                        "train_data.json)")
     p.add_argument("--allow-other-data", action="store_true",
                    help="score the model against another --data than its run trained on")
     p.add_argument("--n", type=int, default=2000, help="samples to draw (and held-out size for toy sets)")
@@ -196,13 +207,23 @@ def evaluate_energy(args: argparse.Namespace, model: Any, ckpt: Path, chosen: An
             raise ConfigError(f"{flag}: {ckpt} was trained by the energy {model.energy.name!r}, not on data; its "
                               "report is the importance-weight ESS and log Z (pass --data NAME to score its samples "
                               "against a data set too)")
+    samples = energy_samples(args, ckpt)
     t0 = time.perf_counter()
     result = energy_metrics(model, args.n, torch.Generator(device=device).manual_seed(args.seed))
     report = {"checkpoint": str(ckpt), "family": model.family, "n": args.n, **chosen.record(),
               "sampled_with": chosen.describe(), "time_s": time.perf_counter() - t0,
               "weights": "raw" if args.raw_weights or not (ckpt / "ema.safetensors").is_file() else "ema",
               "energy": result}
-    if not getattr(model, "exact_likelihood", False):  # no density to score (an snf): the report says so
+    if samples is not None:  # held-out samples of the target: the NLL (exact, or a bound) and sample distances
+        ref, floor = samples_held_out(samples, model.energy.dim, args.n, args.seed)
+        report["samples"] = samples
+        report["nll"] = held_out_nll(model, ref[:args.nll_n].to(device),
+                                     torch.Generator(device=device).manual_seed(args.seed))
+        x = model.sample(args.n, sampler=chosen.sampler, generator=torch.Generator(device=device).manual_seed(
+            args.seed)).cpu()
+        report.update(sample_distances(x, ref, None, args.seed))
+        report["noise_floor"] = sample_distances(floor, ref, None, args.seed)
+    if report.get("nll") is None and not getattr(model, "exact_likelihood", False):  # no density to score (an snf)
         report.update(nll=None, note_nll=getattr(model, "no_likelihood", "none: this model has no exact density"))
     out = Path(args.out) if args.out else ckpt.parent / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +234,24 @@ def evaluate_energy(args: argparse.Namespace, model: Any, ckpt: Path, chosen: An
           f"{result['log_z_stderr']:.4f}" + ("" if ref is None else f" (reference {ref:.4f}, "
                                                                   f"{result['log_z_reference_method']}; reverse KL "
                                                                   f"{result['reverse_kl']:.4f})"))
+    if report.get("nll") is not None:
+        print(f"held-out samples of {samples}: NLL {report['nll']['nats']:.4f} nats ({report['nll']['method']}, "
+              f"{report['nll']['n']} samples), " + ", ".join(f"{k} {report[k]:.4g} (floor {v:.4g})"
+                                                             for k, v in report["noise_floor"].items()))
     print(f"metrics: {out}")
+
+
+def energy_samples(args: argparse.Namespace, ckpt: Path) -> str | None:
+    """The file of samples of the energy's target to score on: --samples, else the run's (train_data.json); another
+    file than the run trained on is an error unless --allow-other-data."""
+    recorded = (trained_data(ckpt) or {}).get("samples")
+    if args.samples is None:
+        return recorded
+    mine = str(Path(args.samples).expanduser().absolute())
+    if recorded is not None and mine != recorded and not args.allow_other_data:
+        raise ConfigError(f"--samples {args.samples}: {ckpt} was trained on the samples {recorded}, whose test split "
+                          "it never saw; pass that file (or drop --samples), or add --allow-other-data")
+    return mine
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,6 +270,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: {chosen.note}")
     if getattr(model, "energy", None) is not None and args.data is None:
         return evaluate_energy(args, model, ckpt, chosen, device)
+    if args.samples is not None:
+        raise ConfigError(f"--samples {args.samples} scores a model trained by an energy on samples of its target; "
+                          f"this {model.family} model " + ("is scored against --data here: drop one of them"
+                                                           if getattr(model, "energy", None) is not None else
+                                                           "was trained on data: use --data or --table"))
     if args.nll and getattr(model, "no_likelihood", None) is not None:  # before any sampling: say why, at once
         raise ConfigError(f"--nll: the {model.family} model has no likelihood to score ({model.no_likelihood}); "
                           "drop --nll (its report holds \"nll\": null and why)")

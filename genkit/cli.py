@@ -18,6 +18,7 @@ from .errors import ConfigError, GenkitError, SolverError, TrainingInterrupted
 
 __all__ = ["checkpoint_dir", "script_device", "run_main", "ScriptSampler", "resolve_sampler", "named_grids",
            "AUTO_T_MAX", "log_lines", "trained_data", "check_data_matches", "tokens_held_out", "step_list",
+           "samples_held_out", "held_out_nll", "SAMPLES_SPLIT_SEED",
            "is_diffusers_folder", "load_teacher", "TeacherSamples", "sample_distances", "digits_features",
            "ScriptParser", "HelpFormatter"]
 
@@ -325,18 +326,64 @@ def energy_metrics(model: Any, n: int, generator: Any = None, *,
             "reverse_kl": None if ref is None else float(ref - log_w.double().mean())}
 
 
-def table_held_out(path: str | Path, n: int, seed: int = 0) -> tuple[Any, Any]:
+def table_held_out(path: str | Path, n: int, seed: int = 0, *, standardize: bool = True,
+                   split_seed: int | None = None) -> tuple[Any, Any]:
     """``(reference, floor)`` of a user's table (:func:`genkit.data.load_table`), as :func:`genkit.data.held_out`
     gives for a named set with a test split: its test split, and ``min(len(test), n)`` rows of its train split
-    (drawn with ``seed + 1``), the distance a perfect model would score; both with the train split's statistics."""
+    (drawn with ``seed + 1``), the distance a perfect model would score; both with the train split's statistics
+    (as they are with ``standardize=False``: samples of an energy). The split is seeded by ``split_seed``
+    (default ``seed``)."""
     import torch
 
     from .data import load_table
 
-    ref = load_table(path, "test", seed=seed)
-    train = load_table(path, "train", seed=seed)
+    split_seed = seed if split_seed is None else split_seed
+    ref = load_table(path, "test", seed=split_seed, standardize=standardize)
+    train = load_table(path, "train", seed=split_seed, standardize=standardize)
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))[:min(len(ref), n)]
     return ref, train[pick]
+
+
+#: The seed of the 70/10/20 split of a file of samples of an energy (train.py --samples FILE), whatever --seed:
+#: eval/evaluate.py scores the same held-out test split.
+SAMPLES_SPLIT_SEED = 0
+
+
+def samples_held_out(path: str | Path, dim: int, n: int, seed: int = 0) -> tuple[Any, Any]:
+    """``(reference, floor)`` of a file of samples of an energy's target (train.py ``--samples FILE``, in the
+    energy's own coordinates: not standardised) as :func:`table_held_out` gives them, split with
+    :data:`SAMPLES_SPLIT_SEED`; a file of another dimension than ``dim`` is a ShapeError."""
+    from .errors import ShapeError
+
+    ref, floor = table_held_out(path, n, seed, standardize=False, split_seed=SAMPLES_SPLIT_SEED)
+    if ref.shape[1] != dim:
+        raise ShapeError(f"the samples file {path} has {ref.shape[1]} columns but the energy is {dim}-D; pass a "
+                         f"file of samples [N, {dim}] of that energy's target")
+    return ref, floor
+
+
+def held_out_nll(model: Any, x: Any, generator: Any = None, batch_size: int = 500) -> dict[str, Any] | None:
+    """The mean negative log-likelihood in nats of held-out samples ``x [n, D]`` under ``model``: exact from its
+    ``log_prob`` (``model.exact_likelihood``: a normalizing flow), else from its ``nll_bound(x, generator=)``
+    where it has one (an upper bound: an snf's reverse path, mdlm's ELBO), else None (no likelihood). A dict
+    ``{"nats", "bits_per_dim", "stderr_nats", "n", "method"}``."""
+    import math
+
+    import torch
+
+    if getattr(model, "exact_likelihood", False):
+        values, how = (lambda b: -model.log_prob(b)), "exact (change of variables)"
+    elif callable(getattr(model, "nll_bound", None)):
+        values, how = (lambda b: model.nll_bound(b, generator=generator)), "upper bound (nll_bound)"
+    else:
+        return None
+    with torch.no_grad():
+        nll = torch.cat([values(b).detach().double().cpu() for b in x.split(batch_size)])
+    nats = float(nll.mean())
+    dim = math.prod(x.shape[1:])
+    return {"nats": nats, "bits_per_dim": nats / (dim * math.log(2)),
+            "stderr_nats": float(nll.std() / math.sqrt(len(nll))) if len(nll) > 1 else None, "n": len(nll),
+            "method": how}
 
 
 def tokens_held_out(path: str | Path, n: int, seed: int = 0, alphabet: str | None = None,

@@ -12,7 +12,9 @@ heun at 32 steps. The out dir (--out) ends up holding:
                   token frequencies for token sequences)
   samples.txt     token sequences with a known alphabet (--tokens FILE, motifs): the samples as text, one a
                   line (samples.fasta after a FASTA file)
-  metrics.json    sample quality against held-out data, with the noise floor of a second held-out draw
+  metrics.json    sample quality against held-out data, with the noise floor of a second held-out draw (an
+                  --energy run: ESS and log Z of its importance weights, and with --samples FILE also the
+                  held-out NLL and distances to the file's held-out samples)
   samples/        step_XXXXXXX.png every --sample-every steps (when asked)
 
 Re-running with the same --out RESUMES from its checkpoint and continues the run exactly (raise --steps to
@@ -43,6 +45,7 @@ examples:
   python train/train.py --family realnvp --table my_table.csv --out runs/realnvp_table
   python train/train.py --family nsf --energy double_well --out runs/nsf_dw   # data-free: the reverse KL
   python train/train.py --family snf --energy double_well --blocks metropolis --block-steps 5 --out runs/snf_dw
+  python train/train.py --family snf --energy double_well --objective mixed --samples md_samples.npy
   python train/train.py --family mdlm --data motifs --net sequence_transformer --hidden 64 --depth 2
   python train/train.py --family masked_diffusion --tokens promoters.fasta --alphabet ACGT --out runs/promoters
   python train/train.py --config run.toml --steps 3000
@@ -69,7 +72,16 @@ import torch
 
 import genkit
 from genkit import checkpoint, metrics
-from genkit.cli import HelpFormatter, energy_metrics, run_main, table_held_out, tokens_held_out
+from genkit.cli import (
+    SAMPLES_SPLIT_SEED,
+    HelpFormatter,
+    energy_metrics,
+    held_out_nll,
+    run_main,
+    samples_held_out,
+    table_held_out,
+    tokens_held_out,
+)
 from genkit.data import (
     COMPONENTS,
     DATASETS,
@@ -87,9 +99,10 @@ from genkit.data import (
 )
 from genkit.data.sequences import TOKEN_ALPHABETS, TOKEN_HOLDOUT, save_tokens
 from genkit.energies import energy_from_config
-from genkit.errors import ConfigError
+from genkit.errors import ConfigError, ShapeError
 from genkit.models import FAMILIES, build
 from genkit.nets import MLP, UNet
+from genkit.objective import is_data_free
 from genkit.paths import PATHS
 from genkit.plotting import MAX_IMAGES, save_samples_png
 from genkit.sampling import SAMPLERS, Sampler
@@ -130,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on your own table instead: a .csv (numbers, an optional header) or .npy [rows, "
                         "columns], split 70/10/20 and standardised with its train split (genkit.data.load_table); "
                         "the test split is held out")
+    g.add_argument("--samples", metavar="FILE",
+                   help="with --energy, for an objective that trains on samples of its target (not data-free: "
+                        "--family snf --objective ml or mixed): a .csv or .npy [N, D] of samples of exp(-U) (MD, "
+                        "MCMC) in the energy's own coordinates, not standardised; split 70/10/20 by a permutation "
+                        "seeded by 0 (whatever --seed), trained on the train split, the test split held out for the "
+                        "final held-out NLL and distances and for eval/evaluate.py")
     g.add_argument("--tokens", metavar="FILE",
                    help="train a token family (mdlm) on your own sequences instead: a FASTA file (.fa/.fasta/.fna, "
                         "or '>' headers; upper-cased), a text file of one sequence per line, or a .npy of token ids "
@@ -388,7 +407,12 @@ def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
                 raise ConfigError(f"{flag} and --energy {energy} both name what to learn; an energy run trains on its "
                                   f"own samples: drop {flag}")
         config = FAMILIES.get(args.family).energy_from_args(args)  # the flow family parses its own flags
-        return None, torch.Size([energy_from_config(config).dim])
+        target = energy_from_config(config)
+        return _energy_samples(args, target), torch.Size([target.dim])
+    if getattr(args, "samples", None) is not None:
+        raise ConfigError(f"--samples {args.samples} holds samples of an energy's target and needs --energy NAME "
+                          "(with a family objective that trains on them); to train on a table of data use --table "
+                          "FILE instead")
     data, shape = _load_samples(args)
     if args.class_dropout is not None and not args.conditional:
         raise ConfigError(f"--class-dropout {args.class_dropout} applies to --conditional training only; add "
@@ -409,6 +433,36 @@ def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
                           "per class")
     args.num_classes, args.class_names = data.num_classes, data.class_names
     return data, shape
+
+
+def _energy_samples(args: argparse.Namespace, target: Any) -> torch.Tensor | None:
+    """The train split of ``--samples FILE`` (in the energy's coordinates, not standardised; split seeded by
+    genkit.cli.SAMPLES_SPLIT_SEED), checked against the energy's dimension; None without --samples."""
+    if args.samples is None:
+        return None
+    data = load_table(args.samples, "train", seed=SAMPLES_SPLIT_SEED, standardize=False)
+    if data.shape[1] != target.dim:
+        raise ShapeError(f"--samples {args.samples} has {data.shape[1]} columns but the energy {target.name!r} is "
+                         f"{target.dim}-D; pass samples [N, {target.dim}] of its target, or the energy they come "
+                         "from (--energy NAME --energy-options JSON)")
+    return data
+
+
+def check_energy_samples(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """An --energy run gets --samples FILE exactly when its model's objective trains on them (not data_free)."""
+    energy = getattr(args, "energy", None)
+    if energy is None:
+        return
+    if is_data_free(model) and args.samples is not None:
+        raise ConfigError(f"--samples {args.samples}: this --family {args.family} model trains by --energy {energy} "
+                          "alone (data-free: its loss makes its own samples), so it would ignore them; drop "
+                          "--samples, or pick an objective that trains on samples (--family snf --objective ml or "
+                          "mixed)")
+    if not is_data_free(model) and args.samples is None:
+        raise ConfigError(f"this --family {args.family} model's objective trains on samples of the target of "
+                          f"--energy {energy} (it is not data-free): pass --samples FILE, a .csv or .npy [N, "
+                          f"{model.sample_shape[0]}] of samples of exp(-U) in the energy's own coordinates (MD, "
+                          "MCMC), or train by the energy alone (--objective kl)")
 
 
 def _load_samples(args: argparse.Namespace) -> tuple[Any, torch.Size]:
@@ -546,7 +600,8 @@ def data_identity(args: argparse.Namespace) -> dict[str, Any]:
         return {"image_folder": str(Path(args.image_folder).expanduser().absolute()), "image_size": args.image_size,
                 "image_channels": 3 if args.image_channels is None else args.image_channels}
     if getattr(args, "energy", None) is not None:
-        return {"energy": FAMILIES.get(args.family).energy_from_args(args)}
+        samples = None if args.samples is None else str(Path(args.samples).expanduser().absolute())
+        return {"energy": FAMILIES.get(args.family).energy_from_args(args), "samples": samples}
     return {"data": args.data}
 
 
@@ -582,7 +637,11 @@ def check_resume(args: argparse.Namespace, model: torch.nn.Module, config: Train
 
 # --------------------------------------------------------------------------------------------- evaluation
 def held_out_sets(args: argparse.Namespace, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``genkit.data.held_out`` for a named set; image folders and energy runs have none."""
+    """``genkit.data.held_out`` for a named set, the test split of a table or of an energy run's --samples FILE;
+    image folders and energy runs without samples have none."""
+    if getattr(args, "energy", None) is not None and args.samples is not None:
+        dim = energy_from_config(FAMILIES.get(args.family).energy_from_args(args)).dim
+        return samples_held_out(args.samples, dim, n, args.seed)
     if args.image_folder is not None or getattr(args, "energy", None) is not None:
         return None, None
     if args.table is not None:
@@ -652,8 +711,15 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
         "sample_time_s": sample_time, "train_time_s": train_time, "train_steps_this_run": step - start,
         "train_steps_per_s": (step - start) / train_time if step > start else None,
     }
-    if energy is not None:  # trained by an energy: importance weights against it, no held-out data
+    if energy is not None:  # trained by an energy: importance weights against it (and held-out samples of it)
         report["energy"] = energy_metrics(model, n, torch.Generator(device=device).manual_seed(args.seed + 1))
+        if ref is not None:  # --samples FILE: its test split, never trained on
+            report["samples"] = str(Path(args.samples).expanduser().absolute())
+            report["nll"] = held_out_nll(model, ref.to(device), torch.Generator(device=device).manual_seed(args.seed))
+            if report["nll"] is None:
+                report["note_nll"] = getattr(model, "no_likelihood", "none: this model has no likelihood")
+            report.update(quality(x, ref, None))
+            report["noise_floor"] = quality(floor, ref, None)
     elif ref is not None and callable(getattr(model, "sample_report", None)):  # the family's own report (tokens)
         report.update(model.sample_report(x, ref, floor, data=args.data,
                                           generator=torch.Generator(device=device).manual_seed(args.seed + 1)))
@@ -707,6 +773,7 @@ def main(argv: list[str] | None = None) -> None:
     check_data_kind(args, data)  # token data for a token family only (its prepare_data hook), before the model
     torch.manual_seed(args.seed)  # the initial weights: the same on every rank and every re-run
     model = build_model(args, shape)  # every model flag is checked before the slow file check below
+    check_energy_samples(args, model)  # an --energy run: --samples exactly when its objective trains on them
     chosen = check_final_sampling(args, model)  # and the final sampling's settings, before training
     if chosen.note and os.environ.get("RANK", "0") == "0":
         print(f"note: {chosen.note}")
@@ -750,12 +817,15 @@ def main(argv: list[str] | None = None) -> None:
     scores = ", ".join(f"{k} {report[k]:.4g} (floor {v:.4g})" for k, v in floor.items()
                        if isinstance(report.get(k), float))
     if isinstance(report.get("nll"), dict):
-        scores += f", held-out NLL <= {report['nll']['nats']:.4g} nats ({report['nll']['method']})"
+        bound = "=" if report["nll"]["method"].startswith("exact") else "<="  # an ELBO, a path bound: <=
+        scores += f", held-out NLL {bound} {report['nll']['nats']:.4g} nats ({report['nll']['method']})"
+    held = scores.lstrip(", ")
 
     if "energy" in report:
         e = report["energy"]
         scores = (f"ESS {e['ess']:.1f} of {e['n']}, log Z {e['log_z']:.4f} +- {e['log_z_stderr']:.4f}"
-                  + ("" if e["log_z_reference"] is None else f" (reference {e['log_z_reference']:.4f})"))
+                  + ("" if e["log_z_reference"] is None else f" (reference {e['log_z_reference']:.4f})")
+                  + (f"; held-out samples: {held}" if held else ""))
     print(f"trained to step {result.step} in {train_time:.1f} s; sampled {report['n_samples']} with "
           f"{report['sampled_with']} (NFE {report['nfe']}) in {report['sample_time_s']:.2f} s"
           + (f"; {scores}" if scores else ""))

@@ -419,7 +419,8 @@ class FlowFamily(nn.Module):
         group.add_argument("--mixing", help=f"between layers, one of {', '.join(MIXINGS)} (default: lu)")
         group.add_argument("--energy", metavar="NAME",
                            help="train by an energy of genkit.energies instead of data (reverse KL, data-free; "
-                                "--batch-size samples a step): e.g. double_well")
+                                "--batch-size samples a step; an objective that also learns from samples of the "
+                                "target, snf --objective ml / mixed, takes them from --samples FILE): e.g. double_well")
         group.add_argument("--energy-options", metavar="JSON", help="the energy's keyword arguments, as JSON, e.g. "
                                                                     "'{\"dim\": 2, \"b\": -4}'")
 

@@ -20,6 +20,10 @@ It trains through :class:`genkit.train.Trainer` by one of three objectives:
   reverse pass (:meth:`~genkit.models.flows.StochasticFlow.reverse`);
 - ``"mixed"``: ``w_ml * ML(batch) + (1 - w_ml) * KL``.
 
+Held-out samples of the target are scored by :meth:`StochasticNSF.nll_bound`, the ML loss per sample: an upper
+bound of ``-log q(x)`` in nats (Jensen over the backward path measure), what train/train.py and
+eval/evaluate.py report as the held-out NLL of an snf trained with ``--samples``.
+
 >>> import torch
 >>> model = StochasticNSF(2, energy="double_well", layers=2, bins=4, hidden=8)
 >>> x, log_w = model.sample_with_log_weights(3, generator=torch.Generator().manual_seed(0))
@@ -75,7 +79,8 @@ class StochasticNSF(FlowFamily):
     Energy; recorded in the config) is the target the blocks interpolate to. ``blocks`` picks the stochastic
     block after each of the ``layers`` spline layers, each running ``block_steps`` steps of ``step_size``
     (default 0.1 for Metropolis proposals, 0.01 for Langevin). ``objective`` ``"kl"`` trains data-free;
-    ``"ml"`` / ``"mixed"`` (weight ``w_ml`` on ML) train on samples of the target. Other options as
+    ``"ml"`` / ``"mixed"`` (weight ``w_ml`` on ML) train on samples of the target (:meth:`nll_bound` scores
+    held-out ones). Other options as
     :class:`~genkit.models.flows.NeuralSplineFlow` (no classes: the energy is one target).
     """
 
@@ -211,9 +216,19 @@ class StochasticNSF(FlowFamily):
         if isinstance(batch, (tuple, list)):
             raise ConfigError(f"snf.loss expects a tensor batch [batch, {self.features}] of samples of the target; "
                               f"got a {type(batch).__name__} of {len(batch)} parts (an snf has no labels)")
-        x = self.check_x(batch, "batch")
+        return self._path_nll(self.check_x(batch, "batch"), generator).mean()
+
+    def _path_nll(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         z, ds = self.snf.reverse(x, generator=generator)
-        return (self.snf.prior_energy(z) - ds).mean()
+        return self.snf.prior_energy(z) - ds
+
+    def nll_bound(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """``[n]`` nats: ``u_Z(z) - sum Delta S`` along one reverse path of each ``x [n, features]`` (its blocks'
+        noise from ``generator``), the ML loss per sample. Its expectation over the path is an upper bound of
+        ``-log q(x)`` (``q(x) = E_backward[p_Z(z) exp(sum Delta S)]``, then Jensen), so its mean over held-out
+        samples of the target bounds the model's cross-entropy, itself ``>=`` the target's entropy."""
+        check_generator(generator, f"{self.family}.nll_bound")
+        return self._path_nll(self.check_x(x), generator)
 
     def loss(self, batch: Any, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """``"kl"`` (``batch`` None): ``-mean log w`` over :attr:`batch_size` paths drawn with ``generator``;
@@ -268,8 +283,11 @@ class StochasticNSF(FlowFamily):
         group.add_argument("--block-steps", type=int, help="Metropolis / Langevin steps per block (default: 1)")
         group.add_argument("--step-size", type=float, help="the blocks' step: Metropolis proposal scale (default: "
                                                            "0.1) or Langevin time step (default: 0.01)")
-        group.add_argument("--objective", help="kl (reverse KL, data-free: the default); ml / mixed train on samples "
-                                               "of the target, which train.py cannot supply (train those in Python)")
+        group.add_argument("--objective", help="kl (reverse KL, data-free: the default); ml (maximum likelihood) or "
+                                               "mixed (--w-ml ML + the rest KL) train on --samples FILE, samples of "
+                                               "the target in the energy's own coordinates")
+        group.add_argument("--w-ml", type=float, help="with --objective mixed: the weight of ML against KL, in (0, 1) "
+                                                      "(default: 0.5, the SNF paper's mix)")
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
@@ -277,15 +295,14 @@ class StochasticNSF(FlowFamily):
             raise ConfigError("--family snf needs --energy NAME: its stochastic blocks run on the interpolated energy "
                               "to that target (e.g. --energy double_well)")
         objective = getattr(args, "objective", None)
-        if objective is not None and objective != "kl":
-            if objective not in SNF_OBJECTIVES:
-                raise ConfigError(f"unknown --objective {objective!r}; choose one of {', '.join(SNF_OBJECTIVES)}")
-            raise ConfigError(f"--objective {objective} trains on samples of the target in the energy's own "
-                              "coordinates, which train.py cannot supply (an --energy run loads no data, and --table "
-                              "standardises its columns): use --objective kl here, or train in Python with "
-                              f"StochasticNSF(..., objective={objective!r}) and genkit.train.Trainer(...).fit(samples)")
+        if objective is not None and objective not in SNF_OBJECTIVES:
+            raise ConfigError(f"unknown --objective {objective!r}; choose one of {', '.join(SNF_OBJECTIVES)} (kl: "
+                              "reverse KL, data-free; ml / mixed: on --samples FILE)")
+        if getattr(args, "w_ml", None) is not None and objective != "mixed":
+            raise ConfigError(f"--w-ml {args.w_ml} weighs ML against KL under --objective mixed only; add "
+                              "--objective mixed or drop --w-ml")
         options = spline_options_from_args(args)
-        for key in ("blocks", "block_steps", "step_size", "objective"):
+        for key in ("blocks", "block_steps", "step_size", "objective", "w_ml"):
             if getattr(args, key, None) is not None:
                 options[key] = getattr(args, key)
         return options
