@@ -77,6 +77,8 @@ def test_sepo_with_a_users_non_differentiable_reward_and_resume(pretrained, tmp_
 @pytest.mark.parametrize("extra, message", [
     (["--method", "drakes", "--group", "3"], "does not apply to --method drakes"),
     (["--method", "sepo", "--alpha", "0.1"], "does not apply to --method sepo"),
+    (["--method", "sepo", "--states", "soft"], "does not apply to --method sepo"),
+    (["--method", "drakes", "--reward", "dna_activity", "--states", "hard"], "states"),
     (["--method", "ppo"], "unknown --method"),
     (["--method", "sepo", "--reward", "nope"], "unknown reward"),
     (["--method", "sepo", "--eval-samples", "1"], "at least 2"),

@@ -67,7 +67,7 @@ from genkit.train import TrainConfig, Trainer
 
 #: each method's own flags (argparse dests): another method's flag is refused
 METHOD_FLAGS = {
-    "drakes": ("truncate", "tau", "alpha", "alpha_warmup", "kl"),
+    "drakes": ("truncate", "tau", "alpha", "alpha_warmup", "kl", "states"),
     "sepo": ("group", "inner", "clip", "snis", "kl_weight", "reduction"),
 }
 METHODS = tuple(METHOD_FLAGS)
@@ -93,6 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--alpha-warmup", type=int, metavar="N", help="linear warm-up steps of alpha (0)")
     g.add_argument("--kl", metavar="FORM", help="paper (masked-position path KL) or code (the released code's) "
                                                 "(paper)")
+    g.add_argument("--states", metavar="HOW",
+                   help="soft (the paper's and code's Gumbel-softmax states) or straight_through (one-hot states, "
+                        "soft gradients: on the enumerable toy it reaches the tilted target p*, which soft states at "
+                        "tau 1 miss, acting like ~2.5x alpha; see genkit.finetune.DRAKES) (soft)")
     g = p.add_argument_group("sepo (--method sepo)")
     g.add_argument("--group", type=int, metavar="G", help="rollouts per group for GRPO advantages (8)")
     g.add_argument("--inner", type=int, metavar="MU", help="training passes per rollout batch (5)")
