@@ -254,6 +254,13 @@ def energy_samples(args: argparse.Namespace, ckpt: Path) -> str | None:
     return mine
 
 
+def table_split_seed(args: argparse.Namespace, record: dict[str, Any]) -> int:
+    """The seed of the train / test split of ``--table``: the run's (train.py records it: the run's --seed) when it
+    is the run's table, else ``--seed``."""
+    same = "table" in record and Path(args.table).expanduser().absolute() == Path(record["table"])
+    return int(record.get("split_seed", args.seed)) if same else args.seed
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for flag in ("n", "steps", "nll_n", "nll_steps", "nll_batch_size"):
@@ -294,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         ref, floor = tokens_held_out(tokens, args.n, args.seed, record.get("alphabet"), record.get("holdout"))
     else:
         ref, floor = (held_out(args.data, args.n, args.seed) if args.table is None
-                      else table_held_out(args.table, args.n, args.seed))
+                      else table_held_out(args.table, args.n, args.seed, split_seed=table_split_seed(args, record)))
     if tuple(ref.shape[1:]) != model.sample_shape:
         what = (f"the token file {tokens}" if tokens is not None else f"--data {args.data}" if args.table is None
                 else f"--table {args.table}")

@@ -847,7 +847,7 @@ def test_train_and_evaluate_read_a_users_table(tmp_path, capsys):
     assert torch.equal(data, load_table(table, "train")) and shape == (3,)
     ref, floor = script["held_out_sets"](args, 1000)
     assert torch.equal(ref, load_table(table, "test")) and floor.shape == ref.shape == (40, 3)
-    assert script["data_identity"](args) == {"table": str(table.absolute())}
+    assert script["data_identity"](args) == {"table": str(table.absolute()), "split_seed": 0}
     model = script["build_model"](args, shape)
     run = tmp_path / "run"
     genkit.save(run / "checkpoint", model)
@@ -859,3 +859,13 @@ def test_train_and_evaluate_read_a_users_table(tmp_path, capsys):
     assert report["data"] == str(table.absolute()) and report["nll"]["nats"] == pytest.approx(want, rel=1e-5)
     with pytest.raises(ConfigError, match="both name the training data"):
         script["load_data"](script["parse_args"](["--table", str(table), "--data", "moons"]))
+    # a run with another --seed splits the table with it; evaluate.py scores that run's own test split, not the one
+    # of its own --seed (which would hold rows the run trained on)
+    args3 = script["parse_args"](["--family", "realnvp", "--table", str(table), "--seed", "3", "--out", str(run)])
+    script["resolve_model_flags"](args3)
+    assert script["data_identity"](args3)["split_seed"] == 3
+    (run / "train_data.json").write_text(json.dumps(script["data_identity"](args3)))
+    assert run_main(EVALUATE, "--checkpoint", str(run), "--n", "50", "--out", str(tmp_path / "e3.json")) == 0
+    with torch.no_grad():
+        want3 = -float(model.log_prob(load_table(table, "test", seed=3)).double().mean())
+    assert json.loads((tmp_path / "e3.json").read_text())["nll"]["nats"] == pytest.approx(want3, rel=1e-5)

@@ -595,7 +595,7 @@ def data_identity(args: argparse.Namespace) -> dict[str, Any]:
                 "alphabet": args.token_alphabet, "vocab_size": getattr(args, "vocab_size", None),
                 "holdout": TOKEN_HOLDOUT}
     if args.table is not None:
-        return {"table": str(Path(args.table).expanduser().absolute())}
+        return {"table": str(Path(args.table).expanduser().absolute()), "split_seed": args.seed}  # the split's seed
     if args.image_folder is not None:
         return {"image_folder": str(Path(args.image_folder).expanduser().absolute()), "image_size": args.image_size,
                 "image_channels": 3 if args.image_channels is None else args.image_channels}
