@@ -17,7 +17,9 @@ solver's own reparameterised draws ``x_{n+1} = mu_theta(x_n) + std_n z_n``:
     ``L = -mean r(x_0) + eta * mean sum_n KL_n``
 
 ``K = N`` is full backpropagation, ``K = 1`` DRaFT-1. The KL terms carry gradients at every step (the states only
-in the last ``K``; an earlier step's mean is recomputed on its detached state). The reward must be differentiable
+in the last ``K``; an earlier step's mean is recomputed on its detached state). ``KL_n`` is a function of the state
+``x_n``: in the last ``K`` steps its gradient through ``x_n`` moves both means (the reference's network is frozen,
+not its input). The reward must be differentiable
 (a non-differentiable one is refused: use VARD or DDPO).
 
 **DDPO** (:class:`DDPO`). A ``rollout`` step draws ``batch_size`` trajectories of the current model without
@@ -139,11 +141,12 @@ class _Chained(nn.Module):
         ref_field, _, _ = self.chain.plan(self.reference)
         total = 0.0
         for n in roll.noisy:
-            tr = roll.states[n + 1].transition
-            if not tr.mean.requires_grad:
+            tr, state = roll.states[n + 1].transition, roll.states[n]
+            if not tr.mean.requires_grad:  # a step taken without gradients: its mean again, on its (detached) state
                 tr = self.chain.transition(field, self.chain.at(roll, n), roll.cond)
-            with torch.no_grad():
-                ref = self.chain.transition(ref_field, self.chain.at(roll, n), roll.cond)
+            # KL_n is a function of x_n: where x_n carries gradients (the last K steps), so does the reference mean
+            with torch.set_grad_enabled(state.x.requires_grad):
+                ref = self.chain.transition(ref_field, state, roll.cond)
             total = total + step_kl(tr.mean, ref.mean, tr.std)
         return total
 
@@ -252,11 +255,13 @@ class DDPO(_Chained):
             return self.chain.rollout(field, x, times, end_x0, cond, generator=generator)
 
     @torch.no_grad()
-    def refresh(self, generator: torch.Generator | None = None) -> Tensor:
-        """A new rollout into the buffers: states, old log-probabilities, advantages; returns its rewards."""
+    def refresh(self, generator: torch.Generator | None = None, *, count: bool = True) -> Tensor:
+        """A new rollout into the buffers: states, old log-probabilities, advantages; returns its rewards (counted
+        in :attr:`reward_queries` when ``count``)."""
         roll = self.rollout(self.batch_size, generator)
         r = self.reward(roll.samples).to(self.buffer_adv.dtype)
-        self._count(r.shape[0])
+        if count:
+            self.reward_queries += r.shape[0]
         labels = roll.cond.get("labels")
         self.buffer_x.copy_(torch.stack([s.x for s in roll.states]))
         self.buffer_noisy.zero_()
@@ -276,15 +281,21 @@ class DDPO(_Chained):
         base = self.chain.init(field, self.buffer_x[0], times, None, cond)
         return [base._replace(x=self.buffer_x[n], n=n) for n in range(len(times))], cond
 
-    def log_probs(self) -> Tensor:
-        """``log p_theta(x_{n+1} | x_n)`` of the buffered rollout at its Gaussian steps, ``[S, B]`` (gradients to
-        the model)."""
+    def step_terms(self) -> tuple[Tensor, Tensor]:
+        """On the buffered rollout, at its Gaussian steps: ``log p_theta(x_{n+1} | x_n)`` ``[S, B]`` and ``sum_n
+        KL_n`` ``[B]`` (zeros when ``eta = 0``), both with gradients to the model (one model call a step)."""
         field, _, _ = self.chain.plan(self.model)
+        ref_field = self.chain.plan(self.reference)[0] if self.eta > 0 else None
         states, cond = self.stored()
-        out = []
+        logps, kl = [], torch.zeros(self.batch_size, dtype=self.buffer_x.dtype, device=self.buffer_x.device)
         for n in map(int, self.buffer_noisy.nonzero().flatten()):
-            out.append(self.chain.transition(field, states[n], cond).log_prob(self.buffer_x[n + 1]))
-        return torch.stack(out)
+            tr = self.chain.transition(field, states[n], cond)
+            logps.append(tr.log_prob(self.buffer_x[n + 1]))
+            if ref_field is not None:
+                with torch.no_grad():
+                    ref = self.chain.transition(ref_field, states[n], cond)
+                kl = kl + step_kl(tr.mean, ref.mean, tr.std)
+        return torch.stack(logps), kl
 
     def loss(self, batch: Any, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """The clipped surrogate summed over steps (+ the KL) on the buffered rollout; a new rollout every
@@ -294,31 +305,15 @@ class DDPO(_Chained):
         training = self.training and torch.is_grad_enabled()
         logs: dict[str, Tensor] = {}
         if int(self.loss_steps) % self.reuse == 0 or not training:
-            r = self.refresh(generator)
+            r = self.refresh(generator, count=training)
             logs["reward"] = r.mean()
         if training:
             self.loss_steps += 1
-        logp = self.log_probs()
-        old = self.buffer_logp[self.buffer_noisy]
-        ratio = torch.exp(logp - old)
+        logp, kl = self.step_terms()
+        ratio = torch.exp(logp - self.buffer_logp[self.buffer_noisy])
         adv = self.buffer_adv[None]
         surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip, 1 + self.clip))
-        loss = surrogate.sum(0).mean()
-        kl = torch.zeros((), dtype=loss.dtype, device=loss.device)
-        if self.eta > 0:
-            kl = self._kl_stored(*self.stored()).mean()
-            loss = loss + self.eta * kl
-        logs.update(ratio=ratio.detach().mean(), kl=kl.detach(),
+        loss = surrogate.sum(0).mean() + self.eta * kl.mean()
+        logs.update(ratio=ratio.detach().mean(), kl=kl.detach().mean(),
                     clipped=((ratio.detach() - 1).abs() > self.clip).to(loss.dtype).mean())
         return loss, logs
-
-    def _kl_stored(self, states: list[SolverState], cond: dict[str, Any]) -> Tensor:
-        field, _, _ = self.chain.plan(self.model)
-        ref_field, _, _ = self.chain.plan(self.reference)
-        total = 0.0
-        for n in map(int, self.buffer_noisy.nonzero().flatten()):
-            tr = self.chain.transition(field, states[n], cond)
-            with torch.no_grad():
-                ref = self.chain.transition(ref_field, states[n], cond)
-            total = total + step_kl(tr.mean, ref.mean, tr.std)
-        return total
