@@ -64,8 +64,7 @@ from ..errors import ConfigError
 from ..frozen import Frozen
 from ..solvers import Solver, SolverState, TimeGrid
 from .checks import _int, _real
-from .gaussian_steps import (ChainRollout, GaussianChain, check_labels, check_policy_pair, draw_cond, draw_prior,
-                             step_kl)
+from .gaussian_steps import ChainRollout, GaussianChain, check_labels, check_policy_pair, draw_cond, draw_prior, step_kl
 from .rewards import Reward, as_reward
 
 __all__ = ["DRaFT", "DDPO", "ADVANTAGES", "advantages"]

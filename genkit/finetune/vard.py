@@ -79,8 +79,7 @@ from ..frozen import Frozen
 from ..objective import ParamGroup
 from ..solvers import Solver, TimeGrid
 from .checks import _int, _real
-from .gaussian_steps import (ChainRollout, GaussianChain, check_labels, check_policy_pair, draw_cond, draw_prior,
-                             step_kl)
+from .gaussian_steps import ChainRollout, GaussianChain, check_labels, check_policy_pair, draw_cond, draw_prior, step_kl
 from .rewards import Reward, as_reward
 
 __all__ = ["VARD", "UPDATES"]
