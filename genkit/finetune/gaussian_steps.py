@@ -8,8 +8,14 @@ the model's SDE) is a Markov chain ``x_{t_0} -> ... -> x_{t_N}`` with ``p_theta(
 std_n^2 I)``. The grid is the one the model's ODE sampler would use (:meth:`genkit.sampling.ODESampler.plan`: the
 model's time range; a diffusion model ends with the deterministic final denoising step ``E[x_0 | x_{t_N}]``,
 ``end_x0``). ``std_n`` depends on the schedule and the grid only, never on the network, so two models on one grid
-share it. A step with ``std_n = 0`` (Euler-Maruyama's last step onto ``t = 0``) is deterministic and has no
-density; the methods leave it out of their KL and log-probability sums (its state is ``mu_theta(x_n)``).
+share it. A step with ``std_n = 0`` (Euler-Maruyama's last step onto ``t = 0``, ancestral's onto ``sigma = 0``) is
+deterministic and has no density; the methods leave it out of their KL and log-probability sums (its state is
+``mu_theta(x_n)``), so nothing ties it to the pretrained step. With a KL penalty, end the grid with a Gaussian step
+(``Uniform(1.0, t_min)`` with ``t_min > 0``, or a diffusion model's grid, which ends at ``t_eps``) so that it
+reaches the whole chain: measured on the 2-D toy of tests/test_vard.py, DRaFT with ``eta = 2`` on a grid ending in a
+deterministic step collapsed every sample onto the reward's maximum (through that unpenalised step), and on
+``Uniform(1.0, 0.02)`` moved toward the tilted target. A diffusion model's final denoising step ``E[x_0 |
+x_{t_eps}]`` is deterministic too (and small: a denoiser at ``t_eps``).
 
 **The per-step KL** of two Gaussians with the same covariance ``std_n^2 I`` is
 ``KL(N(mu_1, s^2 I) || N(mu_2, s^2 I)) = ||mu_1 - mu_2||^2 / (2 s^2)``, summed over the non-batch dimensions
@@ -81,6 +87,16 @@ class GaussianChain:
             raise ConfigError(f"{method} restarts the chain at stored states, so each step's noise must be a fresh "
                               f"draw; {s!r} follows one Brownian path per sample. Use noise='fresh'")
         self.method = method
+
+    def config(self) -> dict[str, Any]:
+        """The solver, step count and grid as JSON values (a grid object by its class and settings)."""
+        grid = self.sampler.grid
+        if torch.is_tensor(grid) or isinstance(grid, (list, tuple)):
+            grid = [float(t) for t in grid]
+        elif not isinstance(grid, str):
+            grid = {"grid": type(grid).__name__, **{k: v for k, v in sorted(vars(grid).items())
+                                                    if v is None or isinstance(v, (bool, int, float, str))}}
+        return {"solver": repr(self.solver), "steps": self.sampler.steps, "grid": grid}
 
     def plan(self, model: Any) -> tuple[Any, Tensor, bool]:
         """``(field, times, end_x0)``: the field the solver steps (x0-limited when the model asks for it), the

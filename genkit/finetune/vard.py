@@ -158,9 +158,7 @@ class VARD(nn.Module):
         return self.frozen.reward
 
     def config(self) -> dict[str, Any]:
-        return {"eta": self.eta, "solver": repr(self.chain.solver), "steps": self.chain.sampler.steps,
-                "grid": self.chain.sampler.grid if isinstance(self.chain.sampler.grid, str) else repr(
-                    self.chain.sampler.grid), "batch_size": self.batch_size,
+        return {"eta": self.eta, **self.chain.config(), "batch_size": self.batch_size,
                 "labels": None if self.labels is None else self.labels.tolist(), "value_warmup": self.value_warmup,
                 "value_updates": self.value_updates, "policy_updates": self.policy_updates,
                 "value_lr_scale": self.value_lr_scale}
