@@ -21,8 +21,8 @@ in the last ``K``; an earlier step's mean is recomputed on its detached state). 
 ``x_n``: in the last ``K`` steps its gradient through ``x_n`` moves both means (the reference's network is frozen,
 not its input). Truncation has a price on multimodal targets: on the 2-D two-component toy of tests/test_vard.py
 (10 steps), ``K = 10`` moved the right component's weight from 0.50 to 0.60 (target 0.66) and ``K = 3`` to 0.51
-in as many updates; pathwise gradients through the last steps move samples within a component, not between them. The reward must be differentiable
-(a non-differentiable one is refused: use VARD or DDPO).
+in as many updates; pathwise gradients through the last steps move samples within a component, not between them.
+The reward must be differentiable (a non-differentiable one is refused: use VARD or DDPO).
 
 **DDPO** (:class:`DDPO`). A ``rollout`` step draws ``batch_size`` trajectories of the current model without
 gradients, its rewards and the old log-probabilities ``log p_old(x_{n+1} | x_n)`` of every Gaussian step (the
