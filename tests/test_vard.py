@@ -544,3 +544,31 @@ def test_ddpo_reuses_a_rollout_and_resumes_it_from_its_state():
     again.load_state_dict(saved)
     torch.testing.assert_close(again.loss(None, torch.Generator().manual_seed(1))[0], second, rtol=0, atol=0)
     assert int(again.loss_steps) == 2
+
+
+def test_a_diffusers_model_fine_tunes_through_from_diffusers(tmp_path):
+    from test_interop import _tiny_pipeline
+
+    from genkit.interop import from_diffusers
+
+    _tiny_pipeline(tmp_path)
+    pre = from_diffusers(tmp_path)
+    reward = Reward(lambda x: x.mean((1, 2, 3)), differentiable=True, name="brightness")
+
+    class FlatValue(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(65, 1)
+
+        def forward(self, x, t):
+            return self.lin(torch.cat([x.flatten(1), t[:, None]], 1)).squeeze(-1)
+
+    kw = {"steps": 3, "batch_size": 2}
+    a, b, c = (copy.deepcopy(pre) for _ in range(3))
+    objs = [VARD(a, pre, reward, FlatValue(), eta=0.1, **kw), DRaFT(b, pre, reward, truncate=1, eta=0.1, **kw),
+            DDPO(c, pre, reward, eta=0.1, **kw)]
+    for obj in objs:
+        loss, _ = obj.loss(None, torch.Generator().manual_seed(0), **({"update": "policy"} if obj is objs[0] else {}))
+        loss.backward()
+        grads = [p.grad for p in obj.model.parameters() if p.grad is not None]
+        assert grads and math.isfinite(float(loss.detach())) and float(sum(g.abs().sum() for g in grads)) > 0
