@@ -572,3 +572,18 @@ def test_a_diffusers_model_fine_tunes_through_from_diffusers(tmp_path):
         loss.backward()
         grads = [p.grad for p in obj.model.parameters() if p.grad is not None]
         assert grads and math.isfinite(float(loss.detach())) and float(sum(g.abs().sum() for g in grads)) > 0
+
+
+def test_vard_fine_tunes_toward_a_non_differentiable_reward():
+    """The reward ``1[x_0 > 1]`` has no gradient (it is queried under no_grad); VARD differentiates only V, and the
+    fraction of samples past the threshold rises."""
+    model, pre = pair()
+    box = Reward(lambda x: (x[:, 0] > 1.0).to(x.dtype), name="box")
+    torch.manual_seed(1)
+    value = ValueNetwork(MLP(2, hidden=32, depth=1, time_dim=16)).double()
+    obj = VARD(model, pre, box, value, eta=0.25, steps=STEPS, grid=GRID, batch_size=64, value_warmup=20,
+               policy_updates=3)
+    train(obj, 80)
+    before, after = (float((samples(m, n=2000)[:, 0] > 1.0).double().mean()) for m in (pre, model))
+    # measured: 0.416 -> 0.548 in 60 policy steps (standard error of each fraction ~0.011; the tilted target's 0.97)
+    assert after > before + 0.08, (before, after)
