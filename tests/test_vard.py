@@ -537,6 +537,10 @@ def test_ddpo_reuses_a_rollout_and_resumes_it_from_its_state():
     loss.backward()
     opt.step()
     saved = copy.deepcopy(obj.state_dict())
+    with torch.no_grad():  # an evaluation call scores its own rollout and leaves the buffers alone
+        _, eval_logs = obj.loss(None, torch.Generator().manual_seed(7))
+    assert "reward" in eval_logs and int(obj.reward_queries) == 16
+    assert all(torch.equal(v, obj.state_dict()[k]) for k, v in saved.items())
     second, logs = obj.loss(None, torch.Generator().manual_seed(1))
     assert "reward" not in logs and int(obj.reward_queries) == 16 and float(logs["ratio"]) != 1.0
     fresh_model, _ = pair()

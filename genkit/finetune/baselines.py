@@ -267,6 +267,7 @@ class DDPO(_Chained):
         self.buffer_adv.copy_(advantages(r, labels, self.advantages))
         if labels is not None:
             self.buffer_labels.copy_(labels)
+        self._last_reward = r.mean()
         return r
 
     def stored(self) -> tuple[list[SolverState], dict[str, Any]]:
@@ -294,16 +295,27 @@ class DDPO(_Chained):
 
     def loss(self, batch: Any, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """The clipped surrogate summed over steps (+ the KL) on the buffered rollout; a new rollout every
-        ``reuse`` training calls (drawn from ``generator``)."""
+        ``reuse`` training calls (drawn from ``generator``). An evaluation call (eval mode or no grad) scores a fresh
+        rollout of its own and leaves the buffers as they were."""
         check_generator(generator, "DDPO.loss")
         _no_batch(batch, "DDPO")
         training = self.training and torch.is_grad_enabled()
+        if not training:  # an evaluation call scores a fresh rollout and leaves the training one in the buffers
+            kept = {name: b.clone() for name, b in self.named_buffers() if name.startswith("buffer_")}
+            try:
+                self.refresh(generator, count=False)
+                return self._surrogate({"reward": self._last_reward})
+            finally:
+                for name, b in kept.items():
+                    getattr(self, name).copy_(b)
         logs: dict[str, Tensor] = {}
-        if int(self.loss_steps) % self.reuse == 0 or not training:
-            r = self.refresh(generator, count=training)
-            logs["reward"] = r.mean()
-        if training:
-            self.loss_steps += 1
+        if int(self.loss_steps) % self.reuse == 0:
+            self.refresh(generator)
+            logs["reward"] = self._last_reward
+        self.loss_steps += 1
+        return self._surrogate(logs)
+
+    def _surrogate(self, logs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         logp, kl = self.step_terms()
         ratio = torch.exp(logp - self.buffer_logp[self.buffer_noisy])
         adv = self.buffer_adv[None]
