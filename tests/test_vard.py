@@ -507,6 +507,10 @@ def test_a_deterministic_chain_and_other_misuse_get_genkit_errors():
     cmodel, cpre = conditional_pair()
     with pytest.raises(ConfigError, match="class-conditional.*labels="):
         DDPO(cmodel, cpre, reward)
+    with pytest.raises(ConfigError, match=r"labels \[5\] are not classes of the model \(0..1\)"):
+        DDPO(cmodel, cpre, reward, labels=[1, 5])
+    with pytest.raises(ConfigError, match="unconditional.*drop labels="):
+        DDPO(model, pre, reward, labels=[0])
 
     class Column(nn.Module):
         def __init__(self):

@@ -132,8 +132,8 @@ class _Chained(nn.Module):
     def kl_terms(self, roll: ChainRollout) -> Tensor:
         """``sum_n KL_n`` per sample ``[B]`` over the Gaussian steps of ``roll``, with gradients to the model at
         every step (a step whose transition has no graph is recomputed on its detached state)."""
-        field, _, _ = self.chain.plan(self.model)
-        ref_field, _, _ = self.chain.plan(self.reference)
+        field = self.chain.field(self.model)
+        ref_field = self.chain.field(self.reference)
         total = 0.0
         for n in roll.noisy:
             tr, state = roll.states[n + 1].transition, roll.states[n]
@@ -280,8 +280,8 @@ class DDPO(_Chained):
     def step_terms(self) -> tuple[Tensor, Tensor]:
         """On the buffered rollout, at its Gaussian steps: ``log p_theta(x_{n+1} | x_n)`` ``[S, B]`` and ``sum_n
         KL_n`` ``[B]`` (zeros when ``eta = 0``), both with gradients to the model (one model call a step)."""
-        field, _, _ = self.chain.plan(self.model)
-        ref_field = self.chain.plan(self.reference)[0] if self.eta > 0 else None
+        field = self.chain.field(self.model)
+        ref_field = self.chain.field(self.reference) if self.eta > 0 else None
         states, cond = self.stored()
         logps, kl = [], torch.zeros(self.batch_size, dtype=self.buffer_x.dtype, device=self.buffer_x.device)
         for n in map(int, self.buffer_noisy.nonzero().flatten()):

@@ -110,6 +110,13 @@ class GaussianChain:
         end_x0 = float(times[-1]) > 0 and bool(getattr(model, "denoise_end", False))
         return field, times, end_x0
 
+    def field(self, model: Any) -> Any:
+        """The field the solver steps for ``model`` (x0-limited when it asks for it), without a grid: a reference's
+        steps are taken on the fine-tuned model's states and grid."""
+        field = self.sampler.plan(model)[0]
+        check_field(field)
+        return field
+
     def init(self, field: Any, x: Tensor, times: Tensor, generator: torch.Generator | None,
              cond: dict[str, Any]) -> SolverState:
         return self.solver.init(field, x, times, generator=generator, **cond)
@@ -158,7 +165,7 @@ class GaussianChain:
 
 def check_policy_pair(model: Any, reference: Any, method: str) -> None:
     """``model`` (trainable module with ``sample_shape``, a field) and its frozen ``reference`` (a field on the same
-    path and with the same prediction: the pretrained model it was copied from)."""
+    path, in any prediction: the pretrained model it was copied from)."""
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"{method}: model must be the nn.Module to fine-tune (a copy of the pretrained model); got "
                           f"{type(model).__name__}")
@@ -189,6 +196,13 @@ def check_labels(labels: Any, model: Any, method: str) -> Tensor | None:
     labels = torch.as_tensor(list(labels) if not torch.is_tensor(labels) else labels).reshape(-1)
     if labels.numel() == 0 or labels.is_floating_point() or labels.dtype == torch.bool:
         raise ConfigError(f"{method}: labels must be integer class ids (at least one); got {labels.tolist()}")
+    if k is None:
+        raise ConfigError(f"{method}: model is unconditional (num_classes None) and takes no labels; drop labels=")
+    null = getattr(model, "null_label", None)
+    bad = [c for c in labels.tolist() if not (0 <= c < k or c == null)]
+    if bad:
+        raise ConfigError(f"{method}: labels {bad} are not classes of the model (0..{k - 1}"
+                          + (f", or its null label {null}" if null is not None else "") + ")")
     return labels.long()
 
 

@@ -201,8 +201,8 @@ class VARD(nn.Module):
     def policy_terms(self, roll: ChainRollout) -> tuple[Tensor, Tensor]:
         """Per sample ``[B]``: ``sum_n V(x_{n+1}(theta), t_{n+1})`` and ``sum_n KL_n`` over the Gaussian steps of
         ``roll`` (a trajectory of the current model), each step restarted from its detached state."""
-        field, _, _ = self.chain.plan(self.model)
-        ref_field, _, _ = self.chain.plan(self.reference)
+        field = self.chain.field(self.model)
+        ref_field = self.chain.field(self.reference)
         values, kls = 0.0, 0.0
         for n in roll.noisy:
             state, nxt = self.chain.at(roll, n), roll.states[n + 1]
