@@ -89,9 +89,10 @@ class ValueNetwork(nn.Module):
         self.net, self.features = net, int(features)
         self.head = nn.Linear(self.features, 1)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """``x [B, ...]`` at times ``t [B]`` (or a float) -> values ``[B]``."""
-        h = self.net(x, t).flatten(1)
+    def forward(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        """``x [B, ...]`` at times ``t [B]`` (or a float) -> values ``[B]``; ``labels [B]`` (class ids) go to a
+        class-conditional backbone as its ``y``."""
+        h = (self.net(x, t) if labels is None else self.net(x, t, y=labels)).flatten(1)
         if h.shape[1] != self.features:
             raise ShapeError(f"the backbone returned {h.shape[1]} values per sample, the head takes {self.features}; "
                              "build ValueNetwork with features= its flattened output size")

@@ -1,0 +1,233 @@
+"""VARD: value-based dense reward fine-tuning of continuous diffusion and flow models (Dai, Zhuang et al. 2025,
+"VARD: Efficient and Dense Fine-Tuning for Diffusion Models with Value-based RL", arXiv 2505.15791; METHODS.md
+section 5).
+
+**No official code or full text was found**: this is reconstructed from the abstract and the mathematics below,
+and every choice the sources leave open is stated as an assumption (A1-A6).
+
+:class:`VARD` is a data-free objective (``data_free = True``) for :class:`genkit.train.Trainer` with two optimizers
+(``optimizers()``: ``"policy"`` over the model, ``"value"`` over the value network; ``update(step)`` names which one
+a step trains). The model is a continuous genkit model (a copy of the pretrained one) sampled by a stochastic
+solver with Gaussian steps, ``p_theta(x_{n+1} | x_n) = N(mu_theta(x_n), std_n^2 I)`` on the model's sampling grid
+``t_0 > ... > t_N`` (:class:`~genkit.finetune.gaussian_steps.GaussianChain`); the pretrained model (``reference``)
+and the reward are frozen parts (:class:`genkit.frozen.Frozen`).
+
+**The value** ``V_phi(x, t) ≈ E[r(x_0) | x_t = x]`` under the current model's chain (a
+:class:`~genkit.finetune.ValueNetwork`, or any module ``value(x, t [B], **cond) -> [B]``). A ``"value"`` update
+draws ``batch_size`` trajectories of the current model without gradients, queries the reward once per final
+sample, and regresses (A1) on every state after a Gaussian step:
+
+    ``L(phi) = mean over samples and Gaussian steps n of (V_phi(x_{n+1}, t_{n+1}) - r(x_0))^2``,
+
+whose minimiser over all functions is the conditional expectation (the states of one trajectory are correlated,
+which leaves that minimiser unchanged; :mod:`genkit.finetune.svdd_value` regresses the same way). Only
+``V_phi`` is ever differentiated, so the reward may be non-differentiable (it is called under ``no_grad`` either
+way). :func:`~genkit.finetune.collect_rollouts` + :func:`~genkit.finetune.fit_value` fit a value on the
+pretrained model before fine-tuning; ``value_warmup`` does the same through the trainer.
+
+**The policy** update draws ``batch_size`` trajectories of the current model without gradients (A2: on-policy,
+no reward query) and, at every Gaussian step ``n`` (dense), restarts the step from the detached state ``x_n``:
+
+    ``x_{n+1}(theta) = mu_theta(sg(x_n)) + sg(x_{n+1} - mu_theta(x_n))``    (the rollout's own noise, A3)
+    ``L(theta) = mean over samples of sum_n [ -V_phi(x_{n+1}(theta), t_{n+1}) + eta * KL_n ]``
+    ``KL_n = KL(p_theta(. | x_n) || p_pre(. | x_n)) = ||mu_theta(x_n) - mu_pre(x_n)||^2 / (2 std_n^2)``
+
+summed over dimensions (the two steps share ``std_n``). ``x_{n+1}(theta)`` equals the rollout's state in value, so
+``V`` is evaluated where the chain is; its gradient reaches ``theta`` through one step only. The per-step KLs sum
+to the KL of the path laws (chain rule), so the objective is ``E_theta sum_n V(x_{n+1}) - eta KL(P_theta ||
+P_pre)``; with ``V`` exact, the per-step terms are the one-step lookahead of the KL-regularised problem
+``max E_theta[r(x_0)] - eta KL(P_theta || P_pre)``, whose optimal final law is the tilted
+``p_pre(x_0) exp(r(x_0) / eta) / Z`` (METHODS.md section 0.5), the target the tests measure against (A4: the
+summed, not averaged, form; ``eta`` is the temperature of that target).
+
+Assumptions: (A1) plain least squares on the final reward (not a soft or discounted value); (A2) the policy and
+the value steps draw their own trajectories; (A3) the reparameterised step uses the rollout's noise, so the
+values are those of states the current chain visits; (A4) the policy loss sums over steps; (A5) deterministic
+steps (Euler-Maruyama's last step onto ``t = 0``, a diffusion model's final denoising step ``E[x_0 | x_{t_N}]``)
+carry no term: they have no density, and the value after the last Gaussian step already predicts the reward of
+the sample they make; (A6) ``update(step)``: ``value_warmup`` value steps, then ``value_updates`` value steps and
+``policy_updates`` policy steps in turn.
+
+Cost: a policy step is ``N`` rollout evaluations, ``N`` with gradients and ``N`` of the reference; a value step
+``N`` evaluations and ``batch_size`` reward queries (:attr:`VARD.reward_queries` counts them).
+
+>>> import copy, torch
+>>> from genkit.models import FAMILIES
+>>> from genkit.nets import MLP
+>>> from genkit.finetune import Reward, ValueNetwork
+>>> pre, _ = FAMILIES.get("diffusion").example()
+>>> reward = Reward(lambda x: -(x - 1).square().sum(-1), name="near1")
+>>> obj = VARD(copy.deepcopy(pre), pre, reward, ValueNetwork(MLP(2, hidden=16, depth=1)), steps=4, batch_size=8)
+>>> [obj.update(k) for k in range(4)]
+['value', 'policy', 'value', 'policy']
+>>> loss, logs = obj.loss(None, torch.Generator().manual_seed(0), update="policy")
+>>> sorted(logs)
+['kl', 'value']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..checks import check_generator
+from ..errors import ConfigError, ShapeError
+from ..frozen import Frozen
+from ..objective import ParamGroup
+from ..solvers import Solver, TimeGrid
+from .checks import _int, _real
+from .gaussian_steps import ChainRollout, GaussianChain, check_labels, check_policy_pair, draw_cond, draw_prior, step_kl
+from .rewards import Reward, as_reward
+
+__all__ = ["VARD", "UPDATES"]
+
+#: the two optimizers of VARD, by name
+UPDATES = ("policy", "value")
+
+
+def call_value(value: nn.Module, x: Tensor, t: float, cond: dict[str, Any]) -> Tensor:
+    """``value(x [B, ...], t [B], **cond) -> [B]``, checked."""
+    v = value(x, torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype), **cond)
+    if not torch.is_tensor(v) or v.shape != (x.shape[0],) or not v.is_floating_point():
+        got = f"{v.dtype} {tuple(v.shape)}" if torch.is_tensor(v) else type(v).__name__
+        raise ShapeError(f"the value network must return one floating value per sample, [{x.shape[0]}]; got {got} "
+                         "(squeeze its last dimension?)")
+    return v
+
+
+class VARD(nn.Module):
+    """``VARD(model, reference, reward, value, *, eta=1.0, solver="ancestral", steps=None, grid="uniform",
+    batch_size=64, labels=None, value_warmup=0, value_updates=1, policy_updates=1, value_lr_scale=1.0)``; see the
+    module docstring.
+
+    Args:
+        model: the continuous model to fine-tune (``copy.deepcopy(pretrained)``): an ``nn.Module`` field with
+            ``path``, ``prediction`` and ``sample_shape``.
+        reference: the frozen pretrained field (same path): a genkit model or an analytic field.
+        reward: a :class:`~genkit.finetune.Reward` (or callable, wrapped non-differentiable) on final samples
+            ``[B, *sample_shape]``; it is only ever queried under ``no_grad``.
+        value: the value network ``value(x, t [B], **cond) -> [B]`` (:class:`~genkit.finetune.ValueNetwork`),
+            trained by this objective (its weights are resume state, not model weights).
+        eta: the KL weight (> 0), the temperature of the tilted target.
+        solver, steps, grid: the stochastic solver with Gaussian steps and its grid (``ancestral``,
+            ``euler_maruyama``), as for :class:`~genkit.sampling.ODESampler`.
+        batch_size: trajectories per loss call.
+        labels: for a class-conditional model, the class ids each trajectory's label is drawn from (uniformly);
+            they go to the model, the reference and the value network as ``labels=``.
+        value_warmup, value_updates, policy_updates: the update schedule (A6).
+        value_lr_scale: the value network's learning rate relative to ``TrainConfig.lr``.
+    """
+
+    data_free = True
+
+    def __init__(self, model: nn.Module, reference: Any, reward: Reward | Any, value: nn.Module, *,
+                 eta: float = 1.0, solver: str | Solver = "ancestral", steps: int | None = None,
+                 grid: str | TimeGrid | Tensor | Sequence[float] = "uniform", batch_size: int = 64,
+                 labels: Tensor | Sequence[int] | None = None, value_warmup: int = 0, value_updates: int = 1,
+                 policy_updates: int = 1, value_lr_scale: float = 1.0):
+        super().__init__()
+        check_policy_pair(model, reference, "VARD")
+        if not isinstance(value, nn.Module) or not any(p.requires_grad for p in value.parameters()):
+            raise ConfigError(f"value must be a trainable nn.Module value(x, t) -> [B] (genkit.finetune.ValueNetwork("
+                              f"MLP(dim))); got {type(value).__name__}")
+        if any(p is q for p in value.parameters() for q in model.parameters()):
+            raise ConfigError("the value network shares parameters with the model; give it its own network")
+        self.eta = _real("eta", eta, "It is the KL weight, the temperature of the tilted target.", positive=True)
+        self.batch_size = _int("batch_size", batch_size, 1, "It is the trajectories per loss call.")
+        self.value_warmup = _int("value_warmup", value_warmup, 0, "It is the value-only updates before the first "
+                                 "policy update.")
+        self.value_updates = _int("value_updates", value_updates, 1, "It is the value updates per round.")
+        self.policy_updates = _int("policy_updates", policy_updates, 1, "It is the policy updates per round.")
+        self.value_lr_scale = _real("value_lr_scale", value_lr_scale, "It scales TrainConfig.lr for the value.",
+                                    positive=True)
+        self.chain = GaussianChain(solver, steps, grid, method="VARD")
+        self.labels = check_labels(labels, model, "VARD")
+        self.model, self.value = model, value
+        self.frozen = Frozen(reference=reference, reward=as_reward(reward))
+        self.register_buffer("reward_queries", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def reference(self) -> Any:
+        return self.frozen.reference
+
+    @property
+    def reward(self) -> Reward:
+        return self.frozen.reward
+
+    def config(self) -> dict[str, Any]:
+        return {"eta": self.eta, **self.chain.config(), "batch_size": self.batch_size,
+                "labels": None if self.labels is None else self.labels.tolist(), "value_warmup": self.value_warmup,
+                "value_updates": self.value_updates, "policy_updates": self.policy_updates,
+                "value_lr_scale": self.value_lr_scale}
+
+    # --- the objective contract -------------------------------------------------------------------------------
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("policy", [p for p in self.model.parameters() if p.requires_grad]),
+                ParamGroup("value", [p for p in self.value.parameters() if p.requires_grad],
+                           lr_scale=self.value_lr_scale)]
+
+    def optimizers(self) -> dict[str, list[str]]:
+        return {"policy": ["policy"], "value": ["value"]}
+
+    def update(self, step: int) -> str:
+        """``"value"`` for the first ``value_warmup`` steps, then ``value_updates`` value and ``policy_updates``
+        policy steps in turn."""
+        if step < self.value_warmup:
+            return "value"
+        k = (step - self.value_warmup) % (self.value_updates + self.policy_updates)
+        return "value" if k < self.value_updates else "policy"
+
+    # --- rollouts -----------------------------------------------------------------------------------------------
+    def rollout(self, n: int, generator: torch.Generator | None = None) -> ChainRollout:
+        """``n`` trajectories of the current model, without gradients."""
+        field, times, end_x0 = self.chain.plan(self.model)
+        x = draw_prior(self.model, n, generator)
+        cond = draw_cond(self.labels, n, generator, x.device)
+        with torch.no_grad():
+            return self.chain.rollout(field, x, times, end_x0, cond, generator=generator)
+
+    def value_loss(self, roll: ChainRollout) -> tuple[Tensor, dict[str, Tensor]]:
+        """Least squares of the final rewards on the values after every Gaussian step of ``roll``."""
+        r = self.reward(roll.samples).to(roll.samples.dtype)
+        if self.training and torch.is_grad_enabled():
+            self.reward_queries += r.shape[0]
+        errs = [(call_value(self.value, roll.states[n + 1].x, roll.states[n + 1].t, roll.cond) - r).square()
+                for n in roll.noisy]
+        return torch.stack(errs).mean(), {"reward": r.mean().detach()}
+
+    def policy_terms(self, roll: ChainRollout) -> tuple[Tensor, Tensor]:
+        """Per sample ``[B]``: ``sum_n V(x_{n+1}(theta), t_{n+1})`` and ``sum_n KL_n`` over the Gaussian steps of
+        ``roll`` (a trajectory of the current model), each step restarted from its detached state."""
+        field = self.chain.field(self.model)
+        ref_field = self.chain.field(self.reference)
+        values, kls = 0.0, 0.0
+        for n in roll.noisy:
+            state, nxt = self.chain.at(roll, n), roll.states[n + 1]
+            tr = self.chain.transition(field, state, roll.cond)
+            with torch.no_grad():
+                ref = self.chain.transition(ref_field, state, roll.cond)
+            x_next = tr.mean + (nxt.x - nxt.transition.mean).detach()
+            values = values + call_value(self.value, x_next, nxt.t, roll.cond)
+            kls = kls + step_kl(tr.mean, ref.mean, tr.std)
+        return values, kls
+
+    def loss(self, batch: Any, generator: torch.Generator | None = None,
+             update: str = "policy") -> tuple[Tensor, dict[str, Tensor]]:
+        """The ``update``'s loss (``"policy"`` or ``"value"``) on ``batch_size`` fresh trajectories drawn from
+        ``generator``; ``batch`` must be None (data-free)."""
+        check_generator(generator, "VARD.loss")
+        if batch is not None:
+            raise ConfigError("VARD is data-free (its rollouts are its samples); call loss(None, generator) and "
+                              "Trainer.fit() without data")
+        if update not in UPDATES:
+            raise ConfigError(f"update must be one of {UPDATES}; got {update!r}")
+        roll = self.rollout(self.batch_size, generator)
+        if update == "value":
+            loss, logs = self.value_loss(roll)
+            return loss, {**logs, "value_mse": loss.detach()}
+        values, kls = self.policy_terms(roll)
+        loss = (-values + self.eta * kls).mean()
+        return loss, {"value": values.detach().mean() / len(roll.noisy), "kl": kls.detach().mean()}
