@@ -404,15 +404,17 @@ def tokens_held_out(path: str | Path, n: int, seed: int = 0, alphabet: str | Non
 
 def check_method(args: Any, method_flags: dict[str, tuple[str, ...]]) -> None:
     """A script's ``--method`` must be one of ``method_flags`` (method -> its own flags' argparse dests), and a
-    flag of another method (not the chosen one's too) given a value is a ConfigError naming the method it is for."""
+    flag of another method (not the chosen one's too) given a value is a ConfigError naming the methods it is for."""
     if args.method not in method_flags:
         raise ConfigError(f"unknown --method {args.method!r}; choose one of {', '.join(method_flags)}")
-    for method, dests in method_flags.items():
+    for dests in method_flags.values():
         for dest in dests:
-            if method != args.method and dest not in method_flags[args.method] and getattr(args, dest) is not None:
+            if dest not in method_flags[args.method] and getattr(args, dest) is not None:
                 flag = "--" + dest.replace("_", "-")
+                takes = [m for m, d in method_flags.items() if dest in d]
+                names = takes[0] if len(takes) == 1 else ", ".join(takes[:-1]) + " or " + takes[-1]
                 raise ConfigError(f"{flag} {getattr(args, dest)} does not apply to --method {args.method}; drop "
-                                  f"{flag} or use --method {method}")
+                                  f"{flag} or use --method {names}")
 
 
 def step_list(text: str, flag: str = "step counts") -> tuple[int, ...]:
