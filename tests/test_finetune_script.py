@@ -333,6 +333,8 @@ def test_a_diffusers_folder_fine_tunes_with_drift_in_digits_features(tmp_path, m
     (["--method", "drakes", "--eta", "1"], "use --method vard, draft or ddpo"),
     (["--method", "vard", "--class", "1"], "unconditional; drop --class"),
     (["--method", "ddpo", "--advantages", "per_prompt"], "use --advantages batch"),
+    (["--method", "drakes", "--class", "1"], "--class 1 does not apply to --method drakes"),
+    (["--method", "ddpo", "--class", "a"], "comma-separated class ids"),
     (["--method", "vard", "--data", "digits"], "shape (1, 8, 8) but the model makes (2,)"),
 ])
 def test_continuous_bad_flags_are_one_line_errors(moons, tmp_path, capsys, extra, message):

@@ -99,7 +99,7 @@ from genkit.sampling import ODESampler
 from genkit.train import TrainConfig, Trainer
 
 #: the continuous methods' common flags (argparse dests)
-CHAIN_FLAGS = ("solver", "labels", "eta")
+CHAIN_FLAGS = ("solver", "class", "eta")
 #: each method's own flags (argparse dests): another method's flag is refused
 METHOD_FLAGS = {
     "drakes": ("truncate", "tau", "alpha", "alpha_warmup", "kl", "states"),
@@ -119,10 +119,9 @@ DRIFT = ("frechet_digits", "sliced_w2")
 def class_ids(text: str) -> list[int]:
     """``--class 3`` or ``--class 0,1,2`` as a list of class ids."""
     try:
-        ids = [int(v) for v in text.split(",")]
+        return [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated class ids like 3 or 0,1,2; got {text!r}") from None
-    return ids
+        raise ConfigError(f"--class must be comma-separated class ids like 3 or 0,1,2; got {text!r}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -163,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("vard, draft, ddpo (continuous models)")
     g.add_argument("--solver", metavar="NAME", help="the stochastic solver with Gaussian steps: ancestral (default "
                                                     "for diffusion) or euler_maruyama (default for flow matching)")
-    g.add_argument("--class", dest="labels", type=class_ids, metavar="IDS",
+    g.add_argument("--class", metavar="IDS",
                    help="a class-conditional model's classes to fine-tune on, e.g. 3 or 0,1,2 (needed for one)")
     g.add_argument("--eta", type=float, help="KL weight to the pretrained steps (vard 1.0, the tilted target's "
                                              "temperature; draft and ddpo 0: off)")
@@ -320,18 +319,21 @@ def value_network(model: Any, width: int | None) -> ValueNetwork:
 
 
 def check_classes(args: argparse.Namespace, model: Any) -> list[int] | None:
+    """The class ids of --class (None without it), checked against the model's classes."""
+    given = getattr(args, "class")
+    labels = None if given is None else class_ids(given)
     k = getattr(model, "num_classes", None)
-    if k is None and args.labels is not None:
-        raise ConfigError(f"--class {','.join(map(str, args.labels))}: the model is unconditional; drop --class")
-    if k is not None and args.labels is None:
+    if k is None and labels is not None:
+        raise ConfigError(f"--class {given}: the model is unconditional; drop --class")
+    if k is not None and labels is None:
         raise ConfigError(f"the model is class-conditional ({k} classes); pass --class IDS, the classes to fine-tune "
                           f"on (e.g. --class 0 or --class 0,...,{k - 1})")
-    if args.labels is not None and any(not 0 <= c < k for c in args.labels):
-        raise ConfigError(f"--class {','.join(map(str, args.labels))}: the model's classes are 0..{k - 1}")
-    if args.advantages == "per_prompt" and args.labels is None:
+    if labels is not None and any(not 0 <= c < k for c in labels):
+        raise ConfigError(f"--class {given}: the model's classes are 0..{k - 1}")
+    if args.advantages == "per_prompt" and labels is None:
         raise ConfigError("--advantages per_prompt normalises the rewards within each class; the model is "
                           "unconditional: use --advantages batch")
-    return args.labels
+    return labels
 
 
 def build_objective(args: argparse.Namespace, pretrained: Any, reward: Any) -> torch.nn.Module:
@@ -355,12 +357,11 @@ def build_objective(args: argparse.Namespace, pretrained: Any, reward: Any) -> t
             given["kl"] = given.pop("kl_weight")
         return SEPO(model, reward, reference=pretrained, **common, **given)
     common.update(chain_settings(args, pretrained))
-    given.pop("solver", None)
-    given.pop("value_hidden", None)
-    if "labels" in given:
-        given["labels"] = check_classes(args, pretrained)
-    else:
-        check_classes(args, pretrained)
+    for dest in ("solver", "value_hidden", "class"):
+        given.pop(dest, None)
+    labels = check_classes(args, pretrained)
+    if labels is not None:
+        given["labels"] = labels
     if args.method == "vard":
         return VARD(model, pretrained, reward, value_network(pretrained, args.value_hidden), **common, **given)
     return (DRaFT if args.method == "draft" else DDPO)(model, pretrained, reward, **common, **given)
