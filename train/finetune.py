@@ -446,10 +446,10 @@ class Evaluator:
         return on_log
 
 
-def markdown(args: argparse.Namespace, before: dict[str, Any], after: dict[str, Any]) -> str:
+def markdown(args: argparse.Namespace, before: dict[str, Any], after: dict[str, Any], note: str = "") -> str:
     keys = [k for k in after if k != "step"]
     lines = [f"# finetune.py --method {args.method}: pretrained vs fine-tuned ({after['step']} steps)", "",
-             f"{args.eval_samples} samples each, {args.sample_steps} reverse steps, the same noise.", "",
+             f"{args.eval_samples} samples each, {args.sample_steps} reverse steps, the same noise.{note}", "",
              "| metric | pretrained | fine-tuned |", "|---|---|---|"]
     lines += [f"| {k} | {before.get(k, float('nan')):.4g} | {after[k]:.4g} |" for k in keys]
     return "\n".join(lines) + "\n"
@@ -566,7 +566,12 @@ def main(argv: list[str] | None = None) -> None:
         payload.update(chain=objective.chain.config(), data=task,
                        reward_queries=int(getattr(objective, "reward_queries", 0)))
     (out / "finetune_report.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    text = markdown(args, before, after)
+    note = ""
+    if continuous:
+        note = (f" Solver {objective.chain.solver!r}; kl: the per-step Gaussian KL to the pretrained steps, summed "
+                "over the chain, averaged over the samples (nats); drift: "
+                + (f"against held-out {task}." if task else "none scored (--data none)."))
+    text = markdown(args, before, after, note)
     (out / "finetune_report.md").write_text(text, encoding="utf-8")
     figure = out / ("reward_kl_drift.png" if continuous else "reward_naturalness.png")
     (plot_chain if continuous else plot)(log, reward.name, figure)
