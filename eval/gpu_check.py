@@ -36,7 +36,11 @@ What it runs:
    rewards, float32 parameters), and
    SVDD sampling on the device.
 
-``--checks diffusion,flows,onestep,discrete`` (the default) picks the parts; 1-4 are ``diffusion``.
+8. Reward fine-tuning of a continuous model on the device (``--checks finetune``): VARD (with a UNet value
+   network), DRaFT and DDPO on a digits ``Diffusion(UNet(8))`` through the ``Trainer`` (ancestral steps, a
+   differentiable brightness reward): median ms/step, finite losses, float32 parameters, samples on the device.
+
+``--checks diffusion,flows,onestep,discrete,finetune`` (the default) picks the parts; 1-4 are ``diffusion``.
 
 Prints a summary and writes ``eval/results/gpu_check.json``. Exit status: 0 when every check passes, 1 when
 one fails, 77 (the usual "skipped") when there is no CUDA device. ``--allow-cpu`` runs the same steps on the
@@ -379,6 +383,48 @@ def discrete_check(args: argparse.Namespace, device: torch.device) -> dict[str, 
     return out
 
 
+def finetune_check(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Part 8: VARD, DRaFT and DDPO on a digits diffusion UNet through the Trainer, on the device."""
+    import copy
+
+    from genkit.finetune import DDPO, VARD, DRaFT, Reward, ValueNetwork
+    from genkit.models import Diffusion
+    from genkit.nets import UNet
+    from genkit.train import Trainer
+
+    torch.manual_seed(args.seed)
+    pre = Diffusion(UNet(8), "cosine", "eps", sample_shape=(1, 8, 8)).to(device).eval()
+    reward = Reward(lambda x: x.flatten(1).mean(-1), differentiable=True, name="brightness")
+    batch, steps = min(16, args.batch_size), 2 * max(2, args.window // 4)
+    out: dict[str, Any] = {"batch_size": batch, "steps": steps}
+    checks: dict[str, bool] = {}
+    for name in ("vard", "draft", "ddpo"):
+        _reset_accelerate()
+        model = copy.deepcopy(pre).requires_grad_(True).train()
+        kw = {"steps": 10, "batch_size": batch}
+        if name == "vard":
+            value = ValueNetwork(UNet(8, block_out_channels=(16, 32)), features=64).to(device)
+            obj = VARD(model, pre, reward, value, **kw)
+        elif name == "draft":
+            obj = DRaFT(model, pre, reward, truncate=2, **kw)
+        else:
+            obj = DDPO(model, pre, reward, **kw)
+        records: list = []
+        with tempfile.TemporaryDirectory() as folder:
+            trainer = Trainer(obj, _config(folder, steps, args, lr=1e-4, ema_decay=None, mixed_precision="no",
+                                           batch_size=batch, log_every=1),
+                              callbacks=[lambda t, r, log=records: log.append(r)])
+            result = trainer.fit()
+        x = model.eval().sample(8, steps=10, generator=torch.Generator(device=device).manual_seed(0))
+        out[name] = {"ms_per_step_median": median([1e3 * batch / r.samples_per_s for r in records[1:] or records]),
+                     "losses": [loss for _, loss in result.losses]}
+        checks[f"{name}_losses_finite"] = all(math.isfinite(v) for v in out[name]["losses"])
+        checks[f"{name}_params_fp32"] = all(p.dtype == torch.float32 for p in model.parameters())
+        checks[f"{name}_samples_finite_on_device"] = bool(torch.isfinite(x).all()) and x.device.type == device.type
+    out["checks"] = checks
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--window", type=int, default=20, help="steps per timed window (and warm-up)")
@@ -387,8 +433,8 @@ def main() -> int:
     parser.add_argument("--sample-n", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="timed sampling runs per solver")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checks", default="diffusion,flows,onestep,discrete",
-                        help="comma-separated parts: diffusion, flows, onestep, discrete")
+    parser.add_argument("--checks", default="diffusion,flows,onestep,discrete,finetune",
+                        help="comma-separated parts: diffusion, flows, onestep, discrete, finetune")
     parser.add_argument("--allow-cpu", action="store_true", help="test this script on a CPU (timings meaningless)")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.allow_cpu:
@@ -400,8 +446,8 @@ def main() -> int:
     from genkit.data import digits
 
     parts = {p.strip() for p in args.checks.split(",") if p.strip()}
-    if not parts or parts - {"diffusion", "flows", "onestep", "discrete"}:
-        parser.error(f"--checks takes diffusion, flows, onestep and / or discrete; got {args.checks!r}")
+    if not parts or parts - {"diffusion", "flows", "onestep", "discrete", "finetune"}:
+        parser.error(f"--checks takes diffusion, flows, onestep, discrete and / or finetune; got {args.checks!r}")
     record: dict[str, Any] = {"benchmark": "gpu_check",
                               "command": "python " + " ".join(["eval/gpu_check.py", *sys.argv[1:]]),
                               "machine": machine_info(), "settings": vars(args)}
@@ -436,6 +482,10 @@ def main() -> int:
         discrete = discrete_check(args, device)
         checks.update(discrete.pop("checks"))
         record["discrete"] = discrete
+    if "finetune" in parts:
+        finetune = finetune_check(args, device)
+        checks.update(finetune.pop("checks"))
+        record["finetune"] = finetune
     record.update({"checks": checks, "passed": all(checks.values())})
     name = "gpu_check" if device.type == "cuda" else "gpu_check_cpu_dryrun"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -456,6 +506,9 @@ def main() -> int:
         print(f"masked diffusion bf16 (ConvDNA, L = 100): {d['mdlm']['ms_per_step_median']:.2f} ms/step; DRAKES "
               f"{d['drakes']['ms_per_step_median']:.2f} ms/step; SVDD activity {d['svdd_activity_mean']:.3f} vs plain "
               f"{d['plain_activity_mean']:.3f}")
+    if "finetune" in record:
+        print("reward fine-tuning (digits UNet, 10 ancestral steps): " + "; ".join(
+            f"{k} {record['finetune'][k]['ms_per_step_median']:.1f} ms/step" for k in ("vard", "draft", "ddpo")))
     if "diffusion" in parts:
         train, resume, sampling = record["train_bf16"], record["resume"], record["sampling"]
         print(f"train bf16: {train['ms_per_step_median']:.2f} ms/step (median of {len(train['ms_per_step_windows'])} "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in order, each under its own time limit so a failure leaves the others' results:
 #   1. eval/gpu_check.py: bf16 Trainer steps, exact resume and sampling on CUDA, flows, one-step models, masked
-#      diffusion with DRAKES and SVDD -> gpu_check.json
+#      diffusion with DRAKES and SVDD, VARD / DRaFT / DDPO -> gpu_check.json
 #   2. the digits VP-eps model of bench_solvers part (b), trained with train/train.py for a step count sized to
 #      TRAIN_SECONDS from a short calibration run (the chosen count is printed and kept in its trainer_state.json)
 #   3. eval/bench_solvers.py --fields digits on that checkpoint, DSS search included, on CUDA
