@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=8, help="SEPO GRPO group")
     p.add_argument("--sepo-batch", type=int, default=2, help="SEPO groups per rollout batch")
     p.add_argument("--inner", type=int, default=2, help="SEPO training steps per rollout batch")
-    p.add_argument("--sepo-kl", type=float, default=0.05, help="SEPO KL weight (to the pretrained model; 0: off), "
+    p.add_argument("--sepo-kl", type=float, default=0.005, help="SEPO KL weight (to the pretrained model; 0: off), "
                                                                 "the target's row")
     p.add_argument("--sepo-kl2", type=float, default=0.0, help="a second SEPO row's KL weight (official: 0)")
     p.add_argument("--lm-dim", type=int, default=64)
