@@ -49,7 +49,7 @@ Targets (issue 12): DRAKES and SEPO at least double the pretrained median reward
 3-mer correlation stays >= 0.8; SVDD beats best-of-N at equal reward queries (evaluation-oracle median); the
 masked-diffusion step time reported against the LM step (no threshold).
 
-    python eval/bench_discrete.py            # ~20 min on one thread of the shared 2-core machine (busy)
+    python eval/bench_discrete.py            # 14-19 min on one thread of the shared 2-core machine
     python eval/bench_discrete.py --quick    # tiny (tiny oracles, not cached), ~1 min, to a temporary folder
 """
 
