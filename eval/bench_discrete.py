@@ -50,7 +50,7 @@ Targets (issue 12): DRAKES and SEPO at least double the pretrained median reward
 sampling seeds of each seed's evaluation-oracle median; the table shows the first seed); the masked-diffusion step
 time reported against the LM step (no threshold).
 
-    python eval/bench_discrete.py            # ~25 min on one thread of the shared 2-core machine
+    python eval/bench_discrete.py            # ~20 min on one thread of the shared 2-core machine
     python eval/bench_discrete.py --quick    # tiny (tiny oracles, not cached), ~1 min, to a temporary folder
 """
 
