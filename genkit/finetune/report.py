@@ -7,7 +7,10 @@
   activity where the task has one);
 - naturalness: the ``k``-mer correlation with the data (:func:`genkit.metrics.kmer_correlation`, the DRAKES
   benchmark's 3-mer Corr) and, given the pretrained model, the mean log-likelihood bound under it
-  (``-nll_bound``: the ELBO in nats per sequence, a lower bound on ``log p_pre(x)``);
+  (``-nll_bound``: the ELBO in nats per sequence, a lower bound on ``log p_pre(x)``). The likelihood alone is not
+  a drift measure: steered samples can be *more* likely than typical data (on the DNA-like task motif-rich
+  sequences are, eval/results/bench_discrete.md: -132 -> -114 nats as the reward rises), so read it beside the
+  k-mer correlation, which falls as samples drift;
 - diversity: the mean normalised Hamming distance between samples and the share of distinct ones;
 - the data set's own statistics (:func:`genkit.data.sequences.sequence_statistics`: mean activity and motif
   shares for ``dna``, the motif rate for ``motifs``).
