@@ -29,9 +29,12 @@ weight ``--eta`` (the tilted target ``p_pre exp(r / eta)``):
 Every ``--eval-every`` reward queries (and before training), from fixed noise: mean reward of ``--n-eval``
 samples; the KL of the fine-tuned chain to the pretrained one (the sum of the per-step Gaussian KLs along the
 fine-tuned model's own trajectories: the path KL, an upper bound of the KL of the final samples' laws); the
-Frechet distance in the features of genkit's standard digits classifier (``genkit.cli.digits_features``: trained on
-the train split, seed 0; not the reward classifier) to the pretrained model's samples from the same noise
-(``fd_drift``, the drift) and to the digits test split (``fd_data``). Evaluation queries are not counted.
+Frechet distance in the features of genkit's standard digits classifier (``genkit.cli.digits_features``' recipe:
+trained on the train split, seed 0; not the reward classifier) to the pretrained model's samples from the same noise
+(``fd_drift``, the drift) and to the digits test split (``fd_data``); and that classifier's own ``p(y = --digit)``
+(``judge_digit``: the classifier reward read by a classifier the fine-tuning never saw, a reward-hacking check).
+For scale, the same numbers for the real train-split images the reward favours (the digit's images; the images
+past the mass threshold). Evaluation queries are not counted.
 
 Targets (issue 13): (1) VARD reaches DDPO's final reward with <= 1/5 of the reward queries (the first evaluation
 at which VARD's reward >= DDPO's final one, for each reward); (2) at equal reward (classifier reward), VARD's
@@ -59,7 +62,6 @@ from bench_common import RESULTS, markdown_table, write_results  # noqa: E402
 
 import genkit  # noqa: E402
 from genkit import metrics  # noqa: E402
-from genkit.cli import digits_features  # noqa: E402
 from genkit.data import digits, digits_labels  # noqa: E402
 from genkit.errors import ConfigError  # noqa: E402
 from genkit.finetune import DDPO, VARD, DRaFT, GaussianChain, Reward, ValueNetwork, step_kl  # noqa: E402
@@ -77,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--net", default="mlp", choices=("mlp", "unet"), help="the generator's network")
     p.add_argument("--hidden", type=int, default=256, help="MLP width")
     p.add_argument("--depth", type=int, default=3, help="MLP residual blocks")
-    p.add_argument("--pretrain-steps", type=int, default=4000)
+    p.add_argument("--pretrain-steps", type=int, default=12000)
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=20, help="sampling steps of the fine-tuned chain")
     p.add_argument("--t-min", type=float, default=0.02, help="the chain's last time before the final denoising "
@@ -89,10 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--digit", type=int, default=3, help="the classifier reward's digit")
     p.add_argument("--mass-quantile", type=float, default=0.8, help="the mass reward's threshold as a quantile "
                                                                     "of the train split's ink")
-    p.add_argument("--queries", type=int, default=12800, help="reward-query budget of every method")
-    p.add_argument("--eval-every", type=int, default=1280, help="reward queries between evaluations")
+    p.add_argument("--queries", type=int, default=19200, help="reward-query budget of every method")
+    p.add_argument("--eval-every", type=int, default=960, help="reward queries between evaluations")
     p.add_argument("--batch-size", type=int, default=64, help="trajectories per rollout")
-    p.add_argument("--lr", type=float, default=2e-4, help="the policy's Adam lr (every method)")
+    p.add_argument("--lr", type=float, default=1e-4, help="the policy's Adam lr (every method)")
     p.add_argument("--eta", type=float, default=0.1, help="KL weight of every method")
     p.add_argument("--value-warmup", type=int, default=10, help="VARD's value-only steps first")
     p.add_argument("--policy-updates", type=int, default=4, help="VARD's policy steps per value step")
@@ -195,7 +197,9 @@ class Evaluator:
     def __init__(self, pre: nn.Module, args: argparse.Namespace):
         self.pre, self.args = pre, args
         self.chain = GaussianChain("ancestral", args.steps, grid(args))
-        self.features = digits_features()
+        # the standard digits classifier (train split, seed 0): the recipe of genkit.cli.digits_features
+        self.judge = metrics.train_digits_classifier(digits("train"), digits_labels("train"), generator=gen(0))
+        self.features = self.judge.features
         self.device = torch.device(args.device)
         self.data_feats = self.embed(digits("test"))
         self.pre_samples = self.samples(pre, args.n_eval)
@@ -227,12 +231,19 @@ class Evaluator:
             total += step_kl(tr.mean, ref.mean, tr.std)
         return float(total.mean())
 
+    @torch.no_grad()
+    def judge_digit(self, x: Tensor) -> float:
+        """The standard classifier's ``p(y = --digit)``, averaged: the reward as a classifier the fine-tuning never
+        saw reads it (a gain in the reward it does not share is reward hacking)."""
+        return float(self.judge(as_images(x.float().cpu()).clamp(-1, 1)).softmax(-1)[:, self.args.digit].mean())
+
     def __call__(self, model: nn.Module, rewards: dict[str, Reward]) -> dict[str, float]:
         was = model.training
         model.eval()
         x = self.samples(model, self.args.n_eval)
         feats = self.embed(x)
         out = {f"reward_{k}": float(r(x).mean()) for k, r in rewards.items()}
+        out["judge_digit"] = self.judge_digit(x)
         out.update(kl=self.path_kl(model) if model is not self.pre else 0.0,
                    fd_drift=metrics.frechet_distance(feats, self.pre_feats),
                    fd_data=metrics.frechet_distance(feats, self.data_feats))
@@ -294,9 +305,9 @@ def run_method(method: str, reward_name: str, pre: nn.Module, rewards: dict[str,
         clock["eval"] += time.perf_counter() - t
         clock["next"] = (q // args.eval_every + 1) * args.eval_every
         curve.append(row)
-        print(f"  {method:5s} {reward_name:10s} q={q:6d} step={record.step:5d} reward={row['reward_' + reward_name]:.3f}"
-              f" kl={row['kl']:.2f} fd_drift={row['fd_drift']:.1f} fd_data={row['fd_data']:.1f} "
-              f"({row['train_s']:.0f} s)", flush=True)
+        print(f"  {method:5s} {reward_name:10s} q={q:6d} step={record.step:5d} "
+              f"reward={row['reward_' + reward_name]:.3f} kl={row['kl']:.2f} fd_drift={row['fd_drift']:.1f} "
+              f"fd_data={row['fd_data']:.1f} ({row['train_s']:.0f} s)", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, min_lr_ratio=1.0, ema_decay=None,
@@ -334,6 +345,7 @@ def targets(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dic
             out[f"queries_{rname}"] = {
                 "ddpo_final_reward": final, "ddpo_queries": q_ddpo, "vard_final_reward": runs["vard"]["curve"][-1][key],
                 "vard_queries_to_reach": None if hit is None else hit["queries"], "fraction": frac,
+                "vard_queries_to_reach_interpolated": interp_at(runs["vard"]["curve"], key, final, "queries"),
                 "met": frac is not None and frac <= 0.2}
         if "vard" in runs and "draft" in runs and "curve" in runs["draft"]:
             cv, cd = runs["vard"]["curve"], runs["draft"]["curve"]
@@ -383,25 +395,30 @@ def report(payload: dict[str, Any]) -> str:
                  f"the test split {pre['fd_data']:.1f} (noise floor: a train subset of the same size "
                  f"{pre['fd_floor']:.1f}).")
     rw = payload["rewards"]
-    lines.append(f"Reward classifier (trained on the test split): accuracy {rw['classifier']['accuracy_on_train_split']:.3f}"
-                 f" on the train split. Mass threshold {rw['mass']['threshold']:.3f} ({rw['mass']['data_reward']:.2f} of "
-                 "the train split pass).")
+    lines.append(f"Reward classifier (trained on the test split): accuracy "
+                 f"{rw['classifier']['accuracy_on_train_split']:.3f} on the train split. Mass threshold "
+                 f"{rw['mass']['threshold']:.3f} ({rw['mass']['data_reward']:.2f} of the train split pass).")
     if payload.get("reduced"):
         lines.append(f"\n**Reduced run**: {payload['reduced']}")
     lines.append("")
     for rname, runs in payload["results"].items():
         lines.append(f"## reward `{rname}`\n")
-        header = ["method", "queries", "trainer steps", "train s", "reward", "path KL", "FD drift", "FD data"]
+        header = ["method", "queries", "trainer steps", "train s", "reward", "judge p(digit)", "path KL", "FD drift",
+                  "FD data"]
         rows = []
         for method, run in runs.items():
             if "curve" not in run:
-                rows.append([method, "refused", "", "", "", "", "", run.get("error", "")[:90]])
+                rows.append([method, "refused", "", "", "", "", "", "", run.get("error", "")[:90]])
                 continue
             c0, c = run["curve"][0], run["curve"][-1]
             if method == next(m for m in runs if "curve" in runs[m]):
-                rows.append(["pretrained", 0, 0, 0.0, c0[f"reward_{rname}"], 0.0, c0["fd_drift"], c0["fd_data"]])
+                rows.append(["pretrained", 0, 0, 0.0, c0[f"reward_{rname}"], c0["judge_digit"], 0.0, c0["fd_drift"],
+                             c0["fd_data"]])
             rows.append([method, run["reward_queries"], run["trainer_steps"], run["train_s"], c[f"reward_{rname}"],
-                         c["kl"], c["fd_drift"], c["fd_data"]])
+                         c["judge_digit"], c["kl"], c["fd_drift"], c["fd_data"]])
+        real = payload["rewards"]["real_rewarded_images"][rname]
+        rows.append([f"(real rewarded train images, {real['images']})", "", "", "", real["reward"],
+                     real["judge_digit"], "", real["fd_drift"], ""])
         lines.append(markdown_table(header, rows))
         lines.append("")
         for method, run in runs.items():
@@ -413,9 +430,11 @@ def report(payload: dict[str, Any]) -> str:
     for name, t in payload["targets"].items():
         if name.startswith("queries_"):
             frac = "never" if t["fraction"] is None else f"{t['fraction']:.3f}"
-            lines.append(f"- **{'met' if t['met'] else 'missed'}** ({name[8:]} reward) VARD reaches DDPO's final reward "
-                         f"{t['ddpo_final_reward']:.3f} (after {t['ddpo_queries']} queries) at "
-                         f"{t['vard_queries_to_reach']} queries: fraction {frac} (target <= 0.2).")
+            lines.append(f"- **{'met' if t['met'] else 'missed'}** ({name[8:]} reward) VARD reaches DDPO's final "
+                         f"reward {t['ddpo_final_reward']:.3f} (after {t['ddpo_queries']} queries) at "
+                         f"{t['vard_queries_to_reach']} queries (the first evaluation past it; linear between "
+                         f"evaluations: {_f(t['vard_queries_to_reach_interpolated'])}): fraction {frac} "
+                         "(target <= 0.2).")
         else:
             levels = "; ".join(
                 f"reward {r['reward']:.3f}: VARD {_f(r['fd_drift_vard'])} vs DRaFT {_f(r['fd_drift_draft'])}"
@@ -442,6 +461,14 @@ def main(argv: list[str] | None = None) -> None:
     ev = Evaluator(pre, args)
     floor = metrics.frechet_distance(ev.embed(digits("train")[:len(ev.data_feats)]), ev.data_feats)
     start = ev(pre, rewards)
+    ideal = {}
+    for rname, sel in (("classifier", digits_labels("train") == args.digit),
+                       ("mass", ink(digits("train")) > reward_info["mass"]["threshold"])):
+        real = digits("train")[sel]
+        ideal[rname] = {"images": int(sel.sum()), "reward": float(rewards[rname](real.flatten(1)).mean()),
+                        "judge_digit": ev.judge_digit(real),
+                        "fd_drift": metrics.frechet_distance(ev.embed(real), ev.pre_feats)}
+    reward_info["real_rewarded_images"] = ideal
     pre_info.update(net=f"MLP {args.hidden} x {args.depth}" if args.net == "mlp" else "UNet 32,64",
                     fd_data=start["fd_data"], fd_floor=floor, rewards={k: start[f"reward_{k}"] for k in rewards})
     print(f"pretrained: {start}, floor {floor:.1f}", flush=True)
@@ -458,8 +485,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  draft refused the {rname} reward: {e}", flush=True)
     payload = {"settings": vars(args), "pretrained": pre_info, "rewards": reward_info,
                "evaluation": {"samples": args.n_eval, "kl_trajectories": args.n_kl,
-                              "features": "genkit.cli.digits_features (standard digits classifier, train split, "
-                                          "seed 0)",
+                              "features": "the standard digits classifier (genkit.cli.digits_features' recipe: "
+                                          "train split, seed 0), not the reward classifier",
+                              "judge_digit": "that classifier's p(digit), averaged: the classifier reward as a "
+                                             "classifier the fine-tuning never saw reads it",
                               "fd_drift": "to the pretrained model's samples from the same noise",
                               "fd_data": "to the digits test split"},
                "results": results, "targets": targets(results, args), "total_s": time.perf_counter() - t_start}
