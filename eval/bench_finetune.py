@@ -128,12 +128,12 @@ def grid(args: argparse.Namespace) -> Uniform:
 # --- the pretrained model ------------------------------------------------------------------------------------
 def pretrain(args: argparse.Namespace, out: Path) -> tuple[nn.Module, dict[str, Any]]:
     data = digits("train").to(args.device)
+    torch.manual_seed(args.seed)  # the network's initialisation
     if args.net == "mlp":
         data = data.flatten(1)
         net = MLP(64, hidden=args.hidden, depth=args.depth)
     else:
         net = UNet(8, in_channels=1, block_out_channels=[32, 64])
-    torch.manual_seed(args.seed)
     model = Diffusion(net, sample_shape=tuple(data.shape[1:]))
     if (out / "checkpoint").exists():
         pre = genkit.load(out, map_location=args.device).eval().requires_grad_(False)
