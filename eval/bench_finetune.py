@@ -107,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--reduced", default=None, help="label the run as reduced, saying how (in the JSON and markdown)")
+    p.add_argument("--rereport", default=None, help="a stored bench_finetune.json: recompute its targets and rewrite "
+                                                    "its markdown and plot (no run)")
     p.add_argument("--quick", action="store_true", help="tiny run to a temporary folder (tests the script)")
     p.add_argument("--out", default=None, help=f"results folder (default {RESULTS}; --quick: a temporary one)")
     args = p.parse_args(argv)
@@ -359,6 +361,22 @@ def targets(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dic
             ok = bool(rows) and all(r["fd_drift_vard"] is not None and r["fd_drift_draft"] is not None and
                                     r["fd_drift_vard"] <= r["fd_drift_draft"] for r in rows)
             out[f"drift_{rname}"] = {"levels": rows, "met": ok}
+        if "vard" in runs and "ddpo" in runs and "curve" in runs["vard"] and "curve" in runs["ddpo"]:
+            cv, start = runs["vard"]["curve"], runs["ddpo"]["curve"][0][key]
+            rows = []
+            for row in runs["ddpo"]["curve"][1:]:
+                if row[key] <= start:
+                    continue
+                q = interp_at(cv, key, row[key], "queries")
+                t = interp_at(cv, key, row[key], "train_s")
+                hit = first_reaching(cv, key, row[key])
+                rows.append({"reward": row[key], "ddpo_queries": row["queries"], "vard_queries": q,
+                             "ratio": None if q is None else q / row["queries"],
+                             "vard_queries_first_eval": None if hit is None else hit["queries"],
+                             "ratio_first_eval": None if hit is None else hit["queries"] / row["queries"],
+                             "ddpo_train_s": row["train_s"], "vard_train_s": t})
+            within = [r["reward"] for r in rows if r["ratio_first_eval"] is not None and r["ratio_first_eval"] <= 0.2]
+            out[f"matched_{rname}"] = {"levels": rows, "highest_reward_within_one_fifth": max(within, default=None)}
     return out
 
 
@@ -435,6 +453,19 @@ def report(payload: dict[str, Any]) -> str:
                          f"{t['vard_queries_to_reach']} queries (the first evaluation past it; linear between "
                          f"evaluations: {_f(t['vard_queries_to_reach_interpolated'])}): fraction {frac} "
                          "(target <= 0.2).")
+        elif name.startswith("matched_"):
+            hi = t["highest_reward_within_one_fifth"]
+            rows = [[r["reward"], r["ddpo_queries"], _f(r["vard_queries_first_eval"]), _r(r["ratio_first_eval"]),
+                     _f(r["vard_queries"]), _r(r["ratio"]), r["ddpo_train_s"], _f(r["vard_train_s"])]
+                    for r in t["levels"]]
+            lines.append(f"- ({name[8:]} reward) at matched reward: the queries VARD needs to reach each of DDPO's "
+                         "evaluated rewards (the first evaluation past it, and linear between evaluations) over "
+                         "DDPO's. Highest DDPO reward VARD matches with <= 1/5 of the queries (first evaluation): "
+                         f"{'none' if hi is None else f'{hi:.3f}'}.\n")
+            lines.append(markdown_table(["DDPO reward", "DDPO queries", "VARD queries", "ratio",
+                                         "VARD queries (interp.)", "ratio (interp.)", "DDPO train s",
+                                         "VARD train s (interp.)"], rows))
+            lines.append("")
         else:
             levels = "; ".join(
                 f"reward {r['reward']:.3f}: VARD {_f(r['fd_drift_vard'])} vs DRaFT {_f(r['fd_drift_draft'])}"
@@ -449,8 +480,36 @@ def _f(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f}"
 
 
+def _r(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def rereport(path: Path) -> None:
+    """Recompute the targets of a stored run and rewrite its markdown and plot (the run's command and machine
+    kept, the re-rendering noted)."""
+    import json
+    import shlex
+
+    from bench_common import machine_info
+
+    record = json.loads(path.read_text())
+    record["targets"] = targets(record["results"], argparse.Namespace(**record["settings"]))
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    m, now = record["machine"], machine_info()
+    head = (f"# {record['benchmark']}\n\nCommand: `{record['command']}`\n\nMachine: {m['cpu']}, {m['logical_cpus']} "
+            f"logical CPUs, torch {m['torch']} ({m['torch_threads']} thread(s)), genkit {m['versions']['genkit']}, "
+            f"git {m['git_commit']}{' (dirty)' if m['git_dirty'] else ''}, {m['date_utc']}.\n\nReport re-rendered "
+            f"from the JSON by `python eval/bench_finetune.py --rereport {shlex.quote(str(path))}` at git "
+            f"{now['git_commit']}{' (dirty)' if now['git_dirty'] else ''}.\n\n")
+    path.with_suffix(".md").write_text(head + report(record).rstrip() + "\n", encoding="utf-8")
+    plot(record["results"], path.with_suffix(".png"))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.rereport:
+        rereport(Path(args.rereport))
+        return
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out) if args.out else (Path(tempfile.mkdtemp()) if args.quick else RESULTS)
     t_start = time.perf_counter()
