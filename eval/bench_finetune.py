@@ -26,21 +26,21 @@ weight ``--eta`` (the tilted target ``p_pre exp(r / eta)``):
 - ``draft``: ``DRaFT(truncate=--draft-truncate)`` (default all steps: full backpropagation through the sampler).
 - ``ddpo``: ``DDPO`` with its defaults (clip 1e-4, one loss call per rollout, batch-normalised advantages).
 
-Every ``--eval-every`` reward queries (and before training), from fixed noise: mean reward of ``--n-eval``
-samples; the KL of the fine-tuned chain to the pretrained one (the sum of the per-step Gaussian KLs along the
-fine-tuned model's own trajectories: the path KL, an upper bound of the KL of the final samples' laws); the
-Frechet distance in the features of genkit's standard digits classifier (``genkit.cli.digits_features``' recipe:
-trained on the train split, seed 0; not the reward classifier) to the pretrained model's samples from the same noise
-(``fd_drift``, the drift) and to the digits test split (``fd_data``); and that classifier's own ``p(y = --digit)``
-(``judge_digit``: the classifier reward read by a classifier the fine-tuning never saw, a reward-hacking check).
-For scale, the same numbers for the real train-split images the reward favours (the digit's images; the images
-past the mass threshold). Evaluation queries are not counted.
+Every ``--eval-every`` reward queries (a third of that until ``--dense-until``; and before training), from fixed
+noise: mean reward of ``--n-eval`` samples; the KL of the fine-tuned chain to the pretrained one (the sum of the
+per-step Gaussian KLs along the fine-tuned model's own trajectories: the path KL, an upper bound of the KL of the
+final samples' laws); the Frechet distance in the features of genkit's standard digits classifier
+(``genkit.cli.digits_features``' recipe: trained on the train split, seed 0; not the reward classifier) to the
+pretrained model's samples from the same noise (``fd_drift``, the drift) and to the digits test split (``fd_data``);
+and that classifier's own ``p(y = --digit)`` (``judge_digit``: the classifier reward read by a classifier the
+fine-tuning never saw, a reward-hacking check). For scale, the same numbers for the real train-split images the
+reward favours (the digit's images; the images past the mass threshold). Evaluation queries are not counted.
 
 Targets (issue 13): (1) VARD reaches DDPO's final reward with <= 1/5 of the reward queries (the first evaluation
 at which VARD's reward >= DDPO's final one, for each reward); (2) at equal reward (classifier reward), VARD's
 Frechet drift is no worse than DRaFT's: both curves' drift interpolated at reward levels both reach.
 
-    python eval/bench_finetune.py            # about 30 min on one thread of the shared 2-core machine
+    python eval/bench_finetune.py            # about 20 min on one thread of the shared 2-core machine
     python eval/bench_finetune.py --quick    # tiny, about a minute, to a temporary folder
 """
 
@@ -72,6 +72,7 @@ from genkit.train import TrainConfig, Trainer  # noqa: E402
 
 METHODS = ("vard", "draft", "ddpo")
 REWARDS = ("classifier", "mass")
+COLORS = {"vard": "tab:blue", "draft": "tab:orange", "ddpo": "tab:green"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                     "of the train split's ink")
     p.add_argument("--queries", type=int, default=19200, help="reward-query budget of every method")
     p.add_argument("--eval-every", type=int, default=960, help="reward queries between evaluations")
+    p.add_argument("--dense-until", type=int, default=3840, help="evaluate every --eval-every / 3 queries until "
+                                                                  "this many (the fast early phase)")
     p.add_argument("--batch-size", type=int, default=64, help="trajectories per rollout")
     p.add_argument("--lr", type=float, default=1e-4, help="the policy's Adam lr (every method)")
     p.add_argument("--eta", type=float, default=0.1, help="KL weight of every method")
@@ -283,6 +286,11 @@ def build(method: str, pre: nn.Module, reward: Reward, args: argparse.Namespace)
     raise ValueError(method)
 
 
+def eval_step(q: int, args: argparse.Namespace) -> int:
+    """Reward queries between evaluations after ``q``: ``--eval-every``, a third of it before ``--dense-until``."""
+    return max(1, args.eval_every // 3) if q < args.dense_until else args.eval_every
+
+
 def trainer_steps(method: str, args: argparse.Namespace) -> int:
     """Trainer steps that spend exactly ``--queries`` reward queries."""
     rounds = args.queries // args.batch_size
@@ -296,7 +304,7 @@ def run_method(method: str, reward_name: str, pre: nn.Module, rewards: dict[str,
     obj = build(method, pre, rewards[reward_name], args)
     steps = trainer_steps(method, args)
     curve = [{"queries": 0, "step": 0, "train_s": 0.0, **start}]
-    clock = {"eval": 0.0, "t0": time.perf_counter(), "next": args.eval_every}
+    clock = {"eval": 0.0, "t0": time.perf_counter(), "next": eval_step(0, args)}
 
     def callback(trainer: Trainer, record: Any) -> None:
         q = int(obj.reward_queries)
@@ -305,7 +313,7 @@ def run_method(method: str, reward_name: str, pre: nn.Module, rewards: dict[str,
         t = time.perf_counter()
         row = {"queries": q, "step": record.step, "train_s": t - clock["t0"] - clock["eval"], **ev(obj.model, rewards)}
         clock["eval"] += time.perf_counter() - t
-        clock["next"] = (q // args.eval_every + 1) * args.eval_every
+        clock["next"] = (q // eval_step(q, args) + 1) * eval_step(q, args)
         curve.append(row)
         print(f"  {method:5s} {reward_name:10s} q={q:6d} step={record.step:5d} "
               f"reward={row['reward_' + reward_name]:.3f} kl={row['kl']:.2f} fd_drift={row['fd_drift']:.1f} "
@@ -396,7 +404,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
             c = run["curve"]
             r = [row[key] for row in c]
             for j, x in enumerate(("queries", "kl", "fd_drift")):
-                axes[i, j].plot([row[x] for row in c], r, "o-", ms=3, label=method)
+                axes[i, j].plot([row[x] for row in c], r, "o-", ms=3, label=method, color=COLORS[method])
         for j, x in enumerate(("reward queries", "path KL to pretrained", "Frechet drift to pretrained")):
             axes[i, j].set_xlabel(x)
             axes[i, j].set_ylabel(f"reward ({rname})")
