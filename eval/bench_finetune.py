@@ -426,6 +426,8 @@ def report(payload: dict[str, Any]) -> str:
                  f"{rw['mass']['threshold']:.3f} ({rw['mass']['data_reward']:.2f} of the train split pass).")
     if payload.get("reduced"):
         lines.append(f"\n**Reduced run**: {payload['reduced']}")
+    if payload.get("note"):
+        lines.append(f"\nNote: {payload['note']}")
     lines.append("")
     for rname, runs in payload["results"].items():
         lines.append(f"## reward `{rname}`\n")
