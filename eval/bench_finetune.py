@@ -482,6 +482,8 @@ def report(payload: dict[str, Any]) -> str:
                 for r in t["levels"])
             lines.append(f"- **{'met' if t['met'] else 'missed'}** ({name[6:]} reward) Frechet drift at equal reward, "
                          f"VARD <= DRaFT: {levels or 'no common reward range'}.")
+    if payload.get("summary"):
+        lines.append(f"\n## reading\n\n{payload['summary']}")
     lines.append("\nPlots: `bench_finetune.png` (reward against queries, path KL, Frechet drift).")
     return "\n".join(lines)
 
