@@ -41,7 +41,7 @@ at which VARD's reward >= DDPO's final one, for each reward); (2) at equal rewar
 Frechet drift is no worse than DRaFT's: both curves' drift interpolated at reward levels both reach.
 
     python eval/bench_finetune.py            # about 20 min on one thread of the shared 2-core machine
-    python eval/bench_finetune.py --quick    # tiny, about a minute, to a temporary folder
+    python eval/bench_finetune.py --quick    # tiny, under a minute, to a temporary folder
 """
 
 from __future__ import annotations
