@@ -7,8 +7,11 @@ Both are data-free objectives (``data_free = True``) for :class:`genkit.train.Tr
 sampled by a stochastic solver with Gaussian steps ``p_theta(x_{n+1} | x_n) = N(mu_theta(x_n), std_n^2 I)``
 (:class:`~genkit.finetune.gaussian_steps.GaussianChain`: ``ancestral``, ``euler_maruyama``), with the pretrained
 model and the reward as frozen parts. Both take the KL penalty VARD takes, ``eta * sum_n ||mu_theta(x_n) -
-mu_pre(x_n)||^2 / (2 std_n^2)`` over the Gaussian steps (0 by default: the papers' plain objectives; ``eta > 0``
-makes the target the same tilted law ``p_pre exp(r / eta)`` as VARD's, as in DPOK, arXiv 2305.16381).
+mu_pre(x_n)||^2 / (2 std_n^2)`` over the Gaussian steps (0 by default: the papers' plain objectives). For DRaFT
+``eta > 0`` makes the target the same tilted law ``p_pre exp(r / eta)`` as VARD's (as in DPOK, arXiv 2305.16381).
+DDPO's policy gradient follows the *normalised* advantages, the gradient of ``E[r] / std(r)`` (batch statistics),
+so its effective temperature is ``eta * std(r)``, which changes as training goes: the same ``eta`` constrains DDPO
+less (eval/results/bench_finetune.md: path KL 11.5 for DDPO against 2.9 for VARD at eta 0.1).
 
 **DRaFT** (:class:`DRaFT`). One trajectory per sample from the prior; the first ``N - K`` steps without gradients,
 the state detached, the last ``K`` steps (and a diffusion model's final denoising step) with gradients through the
