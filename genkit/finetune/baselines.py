@@ -66,10 +66,9 @@ from torch import Tensor, nn
 
 from ..checks import check_generator
 from ..errors import ConfigError
-from ..frozen import Frozen
 from ..solvers import Solver, SolverState, TimeGrid
 from .checks import _int, _real
-from .gaussian_steps import ChainRollout, GaussianChain, check_labels, check_policy_pair, draw_cond, draw_prior, step_kl
+from .gaussian_steps import ChainObjective, ChainRollout, draw_cond, draw_prior, step_kl
 from .rewards import Reward, as_reward
 
 __all__ = ["DRaFT", "DDPO", "ADVANTAGES", "advantages"]
@@ -103,34 +102,9 @@ def advantages(r: Tensor, labels: Tensor | None, how: str = "batch") -> Tensor:
     return out
 
 
-class _Chained(nn.Module):
-    """What DRaFT and DDPO share: the model, the frozen reference and reward, the chain and the KL terms."""
-
-    data_free = True
-
-    def __init__(self, method: str, model: nn.Module, reference: Any, reward: Reward, eta: float,
-                 solver: str | Solver, steps: int | None, grid: Any, batch_size: int, labels: Any):
-        super().__init__()
-        check_policy_pair(model, reference, method)
-        self.eta = _real("eta", eta, "It is the KL weight (0: none).", positive=False)
-        self.batch_size = _int("batch_size", batch_size, 1, "It is the trajectories per rollout.")
-        self.chain = GaussianChain(solver, steps, grid, method=method)
-        self.labels = check_labels(labels, model, method)
-        self.model = model
-        self.frozen = Frozen(reference=reference, reward=reward)
-        self.register_buffer("reward_queries", torch.zeros((), dtype=torch.int64))
-
-    @property
-    def reference(self) -> Any:
-        return self.frozen.reference
-
-    @property
-    def reward(self) -> Reward:
-        return self.frozen.reward
-
-    def _count(self, n: int) -> None:
-        if self.training and torch.is_grad_enabled():
-            self.reward_queries += n
+class _Chained(ChainObjective):
+    """What DRaFT and DDPO share beyond :class:`~genkit.finetune.gaussian_steps.ChainObjective`: the KL terms
+    along a rollout."""
 
     def kl_terms(self, roll: ChainRollout) -> Tensor:
         """``sum_n KL_n`` per sample ``[B]`` over the Gaussian steps of ``roll``, with gradients to the model at

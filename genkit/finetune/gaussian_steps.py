@@ -36,15 +36,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..fields import as_x0, check_field
+from ..frozen import Frozen
 from ..sampling import ODESampler
 from ..solvers import Solver, SolverState, TimeGrid, Transition
 from ..solvers.base import solve_times
+from .checks import _int, _real
+from .rewards import Reward, as_reward
 
-__all__ = ["GaussianChain", "ChainRollout", "step_kl", "check_policy_pair", "check_labels", "draw_cond", "draw_prior"]
+__all__ = ["GaussianChain", "ChainRollout", "ChainObjective", "step_kl", "check_policy_pair", "check_labels",
+           "draw_cond", "draw_prior"]
 
 
 def step_kl(mean: Tensor, ref_mean: Tensor, std: float | Tensor) -> Tensor:
@@ -220,3 +224,38 @@ def draw_prior(model: Any, b: int, generator: torch.Generator | None) -> Tensor:
     """``b`` prior draws ``[b, *sample_shape]`` of ``model`` in its parameters' dtype and device."""
     p = next(model.parameters())
     return model.path.sample_prior((b, *model.sample_shape), generator=generator, device=p.device, dtype=p.dtype)
+
+
+class ChainObjective(nn.Module):
+    """What VARD, DRaFT and DDPO share: a data-free objective on ``model`` (a copy of the pretrained one) with the
+    frozen ``reference`` and ``reward`` (:class:`genkit.frozen.Frozen`), the KL weight ``eta`` (``> 0`` when
+    ``eta_positive``), the :class:`GaussianChain` its rollouts run on, the labels they draw, and the
+    ``reward_queries`` counter (a buffer, so resume keeps it) of training-mode queries."""
+
+    data_free = True
+
+    def __init__(self, method: str, model: nn.Module, reference: Any, reward: Reward | Any, eta: float,
+                 solver: str | Solver, steps: int | None, grid: Any, batch_size: int, labels: Any, *,
+                 eta_positive: bool = False, eta_help: str = "It is the KL weight (0: none)."):
+        super().__init__()
+        check_policy_pair(model, reference, method)
+        self.eta = _real("eta", eta, eta_help, positive=eta_positive)
+        self.batch_size = _int("batch_size", batch_size, 1, "It is the trajectories per rollout.")
+        self.chain = GaussianChain(solver, steps, grid, method=method)
+        self.labels = check_labels(labels, model, method)
+        self.model = model
+        self.frozen = Frozen(reference=reference, reward=as_reward(reward))
+        self.register_buffer("reward_queries", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def reference(self) -> Any:
+        return self.frozen.reference
+
+    @property
+    def reward(self) -> Reward:
+        return self.frozen.reward
+
+    def _count(self, n: int) -> None:
+        """Count ``n`` reward queries (training-mode calls with gradients only)."""
+        if self.training and torch.is_grad_enabled():
+            self.reward_queries += n

@@ -75,12 +75,11 @@ from torch import Tensor, nn
 
 from ..checks import check_generator
 from ..errors import ConfigError, ShapeError
-from ..frozen import Frozen
 from ..objective import ParamGroup
 from ..solvers import Solver, TimeGrid
 from .checks import _int, _real
-from .gaussian_steps import ChainRollout, GaussianChain, check_labels, check_policy_pair, draw_cond, draw_prior, step_kl
-from .rewards import Reward, as_reward
+from .gaussian_steps import ChainObjective, ChainRollout, draw_cond, draw_prior, step_kl
+from .rewards import Reward
 
 __all__ = ["VARD", "UPDATES"]
 
@@ -98,7 +97,7 @@ def call_value(value: nn.Module, x: Tensor, t: float, cond: dict[str, Any]) -> T
     return v
 
 
-class VARD(nn.Module):
+class VARD(ChainObjective):
     """``VARD(model, reference, reward, value, *, eta=1.0, solver="ancestral", steps=None, grid="uniform",
     batch_size=64, labels=None, value_warmup=0, value_updates=1, policy_updates=1, value_lr_scale=1.0)``; see the
     module docstring.
@@ -121,41 +120,25 @@ class VARD(nn.Module):
         value_lr_scale: the value network's learning rate relative to ``TrainConfig.lr``.
     """
 
-    data_free = True
-
     def __init__(self, model: nn.Module, reference: Any, reward: Reward | Any, value: nn.Module, *,
                  eta: float = 1.0, solver: str | Solver = "ancestral", steps: int | None = None,
                  grid: str | TimeGrid | Tensor | Sequence[float] = "uniform", batch_size: int = 64,
                  labels: Tensor | Sequence[int] | None = None, value_warmup: int = 0, value_updates: int = 1,
                  policy_updates: int = 1, value_lr_scale: float = 1.0):
-        super().__init__()
-        check_policy_pair(model, reference, "VARD")
+        super().__init__("VARD", model, reference, reward, eta, solver, steps, grid, batch_size, labels,
+                         eta_positive=True, eta_help="It is the KL weight, the temperature of the tilted target.")
         if not isinstance(value, nn.Module) or not any(p.requires_grad for p in value.parameters()):
             raise ConfigError(f"value must be a trainable nn.Module value(x, t) -> [B] (genkit.finetune.ValueNetwork("
                               f"MLP(dim))); got {type(value).__name__}")
         if any(p is q for p in value.parameters() for q in model.parameters()):
             raise ConfigError("the value network shares parameters with the model; give it its own network")
-        self.eta = _real("eta", eta, "It is the KL weight, the temperature of the tilted target.", positive=True)
-        self.batch_size = _int("batch_size", batch_size, 1, "It is the trajectories per loss call.")
         self.value_warmup = _int("value_warmup", value_warmup, 0, "It is the value-only updates before the first "
                                  "policy update.")
         self.value_updates = _int("value_updates", value_updates, 1, "It is the value updates per round.")
         self.policy_updates = _int("policy_updates", policy_updates, 1, "It is the policy updates per round.")
         self.value_lr_scale = _real("value_lr_scale", value_lr_scale, "It scales TrainConfig.lr for the value.",
                                     positive=True)
-        self.chain = GaussianChain(solver, steps, grid, method="VARD")
-        self.labels = check_labels(labels, model, "VARD")
-        self.model, self.value = model, value
-        self.frozen = Frozen(reference=reference, reward=as_reward(reward))
-        self.register_buffer("reward_queries", torch.zeros((), dtype=torch.int64))
-
-    @property
-    def reference(self) -> Any:
-        return self.frozen.reference
-
-    @property
-    def reward(self) -> Reward:
-        return self.frozen.reward
+        self.value = value
 
     def config(self) -> dict[str, Any]:
         return {"eta": self.eta, **self.chain.config(), "batch_size": self.batch_size,
@@ -192,8 +175,7 @@ class VARD(nn.Module):
     def value_loss(self, roll: ChainRollout) -> tuple[Tensor, dict[str, Tensor]]:
         """Least squares of the final rewards on the values after every Gaussian step of ``roll``."""
         r = self.reward(roll.samples).to(roll.samples.dtype)
-        if self.training and torch.is_grad_enabled():
-            self.reward_queries += r.shape[0]
+        self._count(r.shape[0])
         errs = [(call_value(self.value, roll.states[n + 1].x, roll.states[n + 1].t, roll.cond) - r).square()
                 for n in roll.noisy]
         return torch.stack(errs).mean(), {"reward": r.mean().detach()}
