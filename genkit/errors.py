@@ -11,6 +11,7 @@ __all__ = [
     "NonFiniteLossError",
     "CheckpointError",
     "SolverError",
+    "ActionError",
     "TrainingInterrupted",
     "GenkitWarning",
     "DataWarning",
@@ -47,6 +48,10 @@ class CheckpointError(GenkitError, OSError):
 
 class SolverError(GenkitError, ValueError):
     """A solver cannot run as asked (too few steps, singular field at a grid time, ...)."""
+
+
+class ActionError(GenkitError, ValueError):
+    """An action an environment does not allow in its state (a GFlowNet stepping off the grid, a full slot)."""
 
 
 class TrainingInterrupted(GenkitError):

@@ -18,9 +18,12 @@ Registered in :data:`SAMPLERS` (strings name them in scripts and configs):
 - ``restart``: :class:`RestartSampler`, the multistep sampler of a one-step generator (consistency models, DMD2,
   ``smt`` / ``smd``): denoise, re-noise to the next grid time with fresh noise, denoise again;
 - ``masked_ancestral``: :class:`MaskedAncestralSampler`, the ancestral sampler of masked discrete diffusion
-  (``mdlm``): from all-MASK tokens, unmask positions step by step with the reverse probabilities.
+  (``mdlm``): from all-MASK tokens, unmask positions step by step with the reverse probabilities;
+- ``policy``: :class:`PolicySampler`, a GFlowNet's forward policy rolled out from the initial state until it
+  exits (``gflownet``): no steps, no grid, no solver.
 
-A sampler declares ``takes_steps`` (False for ``exact`` and ``path``): whether a step count means anything to it.
+A sampler declares ``takes_steps`` (False for ``exact``, ``path`` and ``policy``): whether a step count means
+anything to it.
 
 A sampler is anything with ``name``, ``needs``, ``sample(model, x, generator=None, **cond)`` and ``describe()``.
 
@@ -50,7 +53,7 @@ from .solvers import Custom, Solution, Solver, TimeGrid, get_grid, get_solver, s
 from .solvers.base import steps_or_default
 
 __all__ = ["SAMPLERS", "Sampler", "ODESampler", "JumpSampler", "ExactSampler", "PathSampler", "RestartSampler",
-           "MaskedAncestralSampler", "masked_reverse_step", "get_sampler"]
+           "MaskedAncestralSampler", "PolicySampler", "masked_reverse_step", "get_sampler"]
 
 SAMPLERS: Registry = Registry("sampler")
 
@@ -300,6 +303,34 @@ class PathSampler(_OnePassSampler):
 
     def describe(self) -> str:
         return "one pass, flow layers and stochastic blocks"
+
+
+@SAMPLERS.register("policy")
+class PolicySampler(_OnePassSampler):
+    """A GFlowNet's sampling (``gflownet``): the prior draw is a batch of initial states, and the forward policy
+    ``P_F(a | s)`` is rolled out from them (``model.rollout(x, generator=)``), all trajectories stepped together,
+    until each takes the exit action; the samples are the terminal objects. There is no exploration (the policy
+    itself) and no time grid, so ``steps``, ``grid`` and ``solver`` are ConfigErrors; NFE counts the policy
+    evaluations of the longest trajectory (one per action, exit included). The
+    :class:`~genkit.solvers.Solution`'s times are ``[1, 0]``.
+    """
+
+    name = "policy"
+    needs = "a forward policy over an environment's states (a GFlowNet: --family gflownet)"
+    refusal = ("a GFlowNet samples in one pass, its forward policy rolled out until it exits, with no time grid to "
+               "step or solve")
+
+    def sample(self, model: Any, x: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Solution:
+        rollout = getattr(model, "rollout", None)
+        if not callable(rollout):
+            raise ConfigError(f"the policy sampler needs {self.needs}; {type(model).__name__} has no rollout")
+        if any(v is not None for v in cond.values()):
+            raise ConfigError(f"the policy sampler runs unconditional GFlowNets; got {sorted(cond)}")
+        samples, nfe = rollout(x, generator=generator)
+        return Solution(samples, int(nfe), torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+    def describe(self) -> str:
+        return "forward policy rolled out to exit"
 
 
 @SAMPLERS.register("restart")

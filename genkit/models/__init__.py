@@ -31,6 +31,11 @@ The one-step families ``smt`` and ``smd`` (:mod:`genkit.models.smt`: Score-of-Mi
 ``update(step)``, ``loss(batch, generator=, update=name)``) and sample in one network evaluation (``jumps``) or
 several (``restart``).
 
+The GFlowNet family ``gflownet`` (:mod:`genkit.models.gflownet`) is an environment and a policy; it trains
+data-free (its loss rolls out its own trajectories) by FM, DB, TB or SubTB, samples terminal objects (integer states,
+``discrete = True``) with the ``policy`` sampler, and on enumerable environments reports its exact terminal
+distribution against the target (``target_report``).
+
 Masked discrete diffusion ``mdlm`` (:mod:`genkit.models.masked`) samples token sequences (``discrete = True``:
 ``rsample`` refuses, as tokens have no pathwise derivative) with the ``masked_ancestral`` sampler. train.py trains it
 on token data (``--data motifs``, :mod:`genkit.data.sequences`) with ``--net token_mlp | sequence_transformer |
@@ -46,6 +51,7 @@ from .continuous import ContinuousModel
 from .diffusion import Diffusion
 from .flow_matching import FlowMatching, ot_pairing
 from .flows import FlowFamily, NeuralSplineFlow, RealNVP, StochasticNSF
+from .gflownet import GFlowNet
 from .masked import MaskedDiffusion
 from .meanflow import MeanFlow
 from .registry import FAMILIES, build
@@ -58,4 +64,4 @@ FAMILIES.alias("masked_diffusion", "mdlm")  # the name issue 12 and the MDLM pap
 __all__ = ["FAMILIES", "build", "ContinuousModel", "Diffusion", "FlowMatching", "MeanFlow", "Secant", "SMT", "SMD",
            "MaskedDiffusion",
            "ot_pairing",
-           "FlowFamily", "NeuralSplineFlow", "RealNVP", "StochasticNSF"]
+           "FlowFamily", "NeuralSplineFlow", "RealNVP", "StochasticNSF", "GFlowNet"]
