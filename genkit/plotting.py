@@ -1,5 +1,6 @@
 """PNG pictures of samples: a scatter for vectors, a grid for images, a per-position token-frequency heatmap for
-token sequences (integer tensors [N, L]), optionally next to reference data.
+token sequences (integer tensors [N, L]), optionally next to reference data; and heatmaps of distributions on a
+2-D grid (:func:`save_heatmaps_png`, a GFlowNet's samples beside its exact and target distributions).
 
 Scripts and notebooks share this one function so every run's pictures look alike. Figures are drawn
 with matplotlib's Agg canvas on a private ``Figure``: nothing touches pyplot's global state or the
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from .errors import ShapeError
 
-__all__ = ["save_samples_png", "MAX_IMAGES"]
+__all__ = ["save_samples_png", "save_heatmaps_png", "MAX_IMAGES"]
 
 #: At most this many images are drawn per grid (the first ones); more would be unreadable.
 MAX_IMAGES = 64
@@ -141,6 +142,34 @@ def _save_tokens_png(samples: Tensor, path: str | Path, reference: Tensor | None
     for ax, (name, data) in zip(axes, panels):
         image = _token_heatmap(ax, data, vocab, name)
     fig.colorbar(image, ax=list(axes), shrink=0.9)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def save_heatmaps_png(panels: dict[str, Tensor], path: str | Path, title: str | None = None) -> Path:
+    """Write one heatmap per ``{name: [H, W] tensor}`` side by side, on one shared colour scale (e.g. a
+    distribution on a 2-D grid: ``[i, j]`` is the mass at state ``(i, j)``), to the PNG ``path``; return it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not panels or any(not torch.is_tensor(v) or v.ndim != 2 for v in panels.values()):
+        raise ShapeError(f"save_heatmaps_png takes a non-empty dict of 2-D tensors; got "
+                         f"{ {k: tuple(getattr(v, 'shape', ())) for k, v in panels.items()} }")
+    top = max(float(v.max()) for v in panels.values()) or 1.0
+    fig = Figure(figsize=(4.2 * len(panels) + 0.6, 4.6 if title else 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    image = None
+    for ax, (name, grid) in zip(axes, panels.items()):
+        image = ax.imshow(grid.detach().double().cpu().numpy(), origin="lower", vmin=0.0, vmax=top, cmap="viridis")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("x_1")
+        ax.set_ylabel("x_0")
+    fig.colorbar(image, ax=list(axes), shrink=0.8)
     if title:
         fig.suptitle(title, fontsize=11)
     path = Path(path)

@@ -104,7 +104,7 @@ from genkit.models import FAMILIES, build
 from genkit.nets import MLP, UNet
 from genkit.objective import is_data_free
 from genkit.paths import PATHS
-from genkit.plotting import MAX_IMAGES, save_samples_png
+from genkit.plotting import MAX_IMAGES, save_heatmaps_png, save_samples_png
 from genkit.sampling import SAMPLERS, Sampler
 from genkit.solvers import GRIDS, SOLVERS
 from genkit.train import LogRecord, TrainConfig, Trainer, resume_changes
@@ -116,6 +116,10 @@ FAMILY_FLAGS: dict[str, list[str]] = {}  # family -> the dests of its own flags 
 
 def optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off") else float(text)
+
+
+#: --steps / --batch-size / --lr where neither the command line nor the family's ``train_defaults`` set them
+TRAIN_DEFAULTS = {"steps": 1500, "batch_size": 256, "lr": 2e-3}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,9 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "classifier-free guidance needs (default: 0.1; 0 trains no null label, so no guidance; "
                         "a normalizing flow takes none: 0)")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=1500, help="total optimizer steps (a resumed run continues to it)")
-    g.add_argument("--batch-size", type=int, default=256, help="per process")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
+    own = "; ".join(f"{name} {', '.join(f'{k} {v}' for k, v in cls.train_defaults.items())}"
+                    for name, cls in _families() if getattr(cls, "train_defaults", None))
+    g.add_argument("--steps", type=int, help=f"total optimizer steps (a resumed run continues to it; default: "
+                                             f"{TRAIN_DEFAULTS['steps']}, or the family's own: {own})")
+    g.add_argument("--batch-size", type=int, help=f"per process (default: {TRAIN_DEFAULTS['batch_size']}, or the "
+                                                  "family's own)")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (AdamW, cosine decay; default: "
+                                            f"{TRAIN_DEFAULTS['lr']}, or the family's own)")
     g.add_argument("--warmup", type=int, help="linear warm-up steps (default: min(100, steps // 10))")
     g.add_argument("--ema-decay", type=optional_float, default=0.999, help="EMA decay, or 'none'")
     g.add_argument("--grad-clip", type=optional_float, default=1.0, help="max gradient norm, or 'none'")
@@ -325,6 +334,10 @@ def resolve_model_flags(args: argparse.Namespace) -> None:
     for key, value in FAMILIES.get(args.family).cli_defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    own = getattr(FAMILIES.get(args.family), "train_defaults", {})  # e.g. a GFlowNet's batch of 16 trajectories
+    for key, value in {**TRAIN_DEFAULTS, **own}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if "path" in FAMILIES.get(args.family).cli_defaults:
         genkit.get_path(args.path)  # an unknown name fails now, not after loading data
     elif args.path is not None:
@@ -399,6 +412,17 @@ def load_data(args: argparse.Namespace) -> tuple[Any, torch.Size]:
     """The training set (a tensor, or a Dataset for image folders, not yet verified) and one sample's shape.
     With --conditional it is a LabelledData, and ``args.num_classes`` / ``args.class_names`` are set."""
     args.num_classes = args.class_names = None
+    args.target = None
+    own = getattr(FAMILIES.get(args.family), "target_from_args", None)
+    if callable(own):  # a data-free family that names its own target (a GFlowNet's environment): no data set
+        for flag, value in (("--data", args.data), ("--image-folder", args.image_folder), ("--table", args.table),
+                            ("--tokens", args.tokens), ("--samples", args.samples),
+                            ("--conditional", args.conditional or None)):
+            if value is not None:
+                raise ConfigError(f"{flag} names data, but --family {args.family} trains on its own samples (its "
+                                  f"{', '.join(own(args)[0])}): drop {flag}")
+        args.target, shape = own(args)
+        return None, torch.Size(shape)
     energy = getattr(args, "energy", None)
     if energy is not None:  # a family trained by an energy (data-free): no data set
         for flag, value in (("--data", args.data), ("--image-folder", args.image_folder), ("--table", args.table),
@@ -602,6 +626,8 @@ def data_identity(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "energy", None) is not None:
         samples = None if args.samples is None else str(Path(args.samples).expanduser().absolute())
         return {"energy": FAMILIES.get(args.family).energy_from_args(args), "samples": samples}
+    if getattr(args, "target", None) is not None:  # a family's own target (a GFlowNet's environment)
+        return dict(args.target)
     return {"data": args.data}
 
 
@@ -642,7 +668,8 @@ def held_out_sets(args: argparse.Namespace, n: int) -> tuple[torch.Tensor | None
     if getattr(args, "energy", None) is not None and args.samples is not None:
         dim = energy_from_config(FAMILIES.get(args.family).energy_from_args(args)).dim
         return samples_held_out(args.samples, dim, n, args.seed)
-    if args.image_folder is not None or getattr(args, "energy", None) is not None:
+    if (args.image_folder is not None or getattr(args, "energy", None) is not None
+            or getattr(args, "target", None) is not None):
         return None, None
     if args.table is not None:
         return table_held_out(args.table, n, args.seed)
@@ -702,8 +729,11 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     record = chosen.record()
     record["sample_steps"] = record.pop("steps")
     energy = getattr(model, "energy", None)
+    target = getattr(args, "target", None)
     report: dict[str, Any] = {
         "data": (args.image_folder or args.table or args.tokens or args.data
+                 or (", ".join(f"{k} {v.get('name', v) if isinstance(v, dict) else v}" for k, v in target.items())
+                     if target is not None else None)
                  or f"energy {getattr(args, 'energy', None)}"),
         "family": args.family, "step": step,
         "n_samples": n,
@@ -720,9 +750,13 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
                 report["note_nll"] = getattr(model, "no_likelihood", "none: this model has no likelihood")
             report.update(quality(x, ref, None))
             report["noise_floor"] = quality(floor, ref, None)
+    elif target is not None and callable(getattr(model, "target_report", None)):  # e.g. a GFlowNet's exact L1
+        report.update(model.target_report(samples))
     elif ref is not None and callable(getattr(model, "sample_report", None)):  # the family's own report (tokens)
         report.update(model.sample_report(x, ref, floor, data=args.data,
                                           generator=torch.Generator(device=device).manual_seed(args.seed + 1)))
+    elif target is not None:
+        report["note"] = f"--family {args.family} has no report of its samples against its target"
     elif ref is None or (is_image and args.data != "digits"):
         report["note"] = ("no sample-quality metric for these images: a Frechet distance needs a feature network "
                           "for them (genkit.metrics.fid with inception_features); only digits have a built-in one")
@@ -735,14 +769,26 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     if ref is None and data is not None:  # an image folder: show training images next to the samples
         images = data.data if isinstance(data, LabelledData) else data
         ref = torch.stack([images[i] for i in range(min(MAX_IMAGES, len(images)))])
-    save_samples_png(x, out / "samples.png", reference=ref,
-                     title=f"{args.family} on {report['data']}: {chosen.describe()} (NFE {sol.nfe}), step {step}")
+    save_picture(model, samples, out / "samples.png", reference=ref,
+                 title=f"{args.family} on {report['data']}: {chosen.describe()} (NFE {sol.nfe}), step {step}")
     alphabet = getattr(args, "token_alphabet", None) or TOKEN_ALPHABETS.get(args.data)
     if alphabet is not None and not x.is_floating_point():  # token samples as sequences, as sample.py writes them
         save_tokens(out / ("samples.fasta" if getattr(args, "token_format", None) == "fasta" else "samples.txt"),
                     x, alphabet)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def save_picture(model: torch.nn.Module, samples: torch.Tensor, path: Path, *, reference: torch.Tensor | None = None,
+                 title: str) -> None:
+    """The family's own picture where it draws one (``picture(samples)``: heatmaps, e.g. a 2-D hypergrid's
+    samples beside its exact and target distributions), else the samples (beside ``reference``)."""
+    panels = model.picture(samples) if callable(getattr(model, "picture", None)) else None
+    if panels is not None:
+        save_heatmaps_png(panels, path, title=title)
+    else:
+        x = samples.float() if samples.is_floating_point() else samples
+        save_samples_png(x, path, reference=reference, title=title)
 
 
 def sample_callback(args: argparse.Namespace, data: Any = None) -> Callable[[Trainer, LogRecord], None]:
@@ -756,7 +802,7 @@ def sample_callback(args: argparse.Namespace, data: Any = None) -> Callable[[Tra
         model.load_state_dict(trainer.ema.state_dict() if trainer.ema is not None else live.state_dict())
         x = model.eval().sample(64, sampler=final_sampler(args, model), labels=sample_labels(data, 64, args.seed),
                                 generator=torch.Generator(device=device).manual_seed(args.seed))
-        save_samples_png(x, Path(args.out) / "samples" / f"step_{record.step:07d}.png", title=f"step {record.step}")
+        save_picture(model, x, Path(args.out) / "samples" / f"step_{record.step:07d}.png", title=f"step {record.step}")
     return callback
 
 
@@ -821,6 +867,13 @@ def main(argv: list[str] | None = None) -> None:
         scores += f", held-out NLL {bound} {report['nll']['nats']:.4g} nats ({report['nll']['method']})"
     held = scores.lstrip(", ")
 
+    if "l1_exact_sum" in report:  # a GFlowNet on an enumerable environment: its exact distribution
+        scores = (f"exact L1 {report['l1_exact_sum']:.4g} (sum; mean {report['l1_exact_mean']:.3g}), JSD "
+                  f"{report['jsd_exact']:.3g}, log Z {report['log_z_learned']:.4f} (exact "
+                  f"{report['log_z_exact']:.4f}), {report['modes_in_samples']} of {report['modes_total']} modes "
+                  "in the samples")
+    elif "mean_log_reward" in report:
+        scores = f"mean log R {report['mean_log_reward']:.4g}, unique {report['unique_fraction']:.3f}"
     if "energy" in report:
         e = report["energy"]
         scores = (f"ESS {e['ess']:.1f} of {e['n']}, log Z {e['log_z']:.4f} +- {e['log_z_stderr']:.4f}"

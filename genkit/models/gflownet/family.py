@@ -196,6 +196,20 @@ class GFlowNet(nn.Module):
     def default_sampler(self) -> Sampler:
         return PolicySampler()
 
+    def get_sampler(self, sampler: str | Sampler | None = None, **options: Any) -> Sampler:
+        """The sampler named (with ``options``) or given; the ``policy`` sampler by default."""
+        if sampler is None or isinstance(sampler, str):
+            name = "policy" if sampler is None else sampler
+            if name not in self.samplers():
+                raise ConfigError(f"{self.family} samples with {self.samplers()}; got sampler {sampler!r}")
+            return SAMPLERS.get(name)(**{k: v for k, v in options.items() if v is not None or k != "steps"})
+        if options:
+            raise ConfigError(f"{sorted(options)} were given beside the sampler object {sampler!r}; build the "
+                              "sampler with them instead")
+        if not isinstance(sampler, Sampler) or sampler.name not in self.samplers():
+            raise ConfigError(f"{self.family} samples with {self.samplers()}; got sampler {sampler!r}")
+        return sampler
+
     def rollout(self, start: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
         """The policy sampler's pass: trajectories from ``start`` (the initial states) without exploration; the
         terminal objects and the policy evaluations of the longest trajectory."""
@@ -212,16 +226,7 @@ class GFlowNet(nn.Module):
             raise ConfigError(f"{self.family} models are unconditional; got labels={labels!r} (drop --class)")
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ConfigError(f"n must be a positive integer; got {n!r}")
-        if sampler is None or isinstance(sampler, str):
-            name = "policy" if sampler is None else sampler
-            if name not in self.samplers():
-                raise ConfigError(f"{self.family} samples with {self.samplers()}; got sampler {sampler!r}")
-            sampler = SAMPLERS.get(name)(**options)
-        elif options:
-            raise ConfigError(f"{sorted(options)} were given beside the sampler object {sampler!r}; build the "
-                              "sampler with them instead")
-        if sampler.name not in self.samplers():
-            raise ConfigError(f"{self.family} samples with {self.samplers()}; got sampler {sampler!r}")
+        sampler = self.get_sampler(sampler, **options)
         check_generator(generator, f"{self.family}.sample")
         device = check_device(device, f"{self.family}.sample") if device is not None else self._device()
         sol = sampler.sample(self, self.env.initial(int(n), device), generator=generator)
@@ -272,6 +277,18 @@ class GFlowNet(nn.Module):
                            "jsd_samples": exact.jsd(emp, target)})
         return report
 
+    @torch.no_grad()
+    def picture(self, samples: Tensor) -> dict[str, Tensor] | None:
+        """Heatmaps for a 2-D hypergrid (``{name: [H, H]}``: the samples' histogram, the policy's exact ``P_T``
+        and the target ``R / Z``); None for other environments (the scripts then draw the samples themselves)."""
+        env = self.env
+        if env.name != "hypergrid" or env.ndim != 2:
+            return None
+        shape = (env.height, env.height)
+        return {f"samples (n = {len(samples)})": exact.empirical_distribution(env, samples).reshape(shape),
+                "policy P_T (exact)": self.terminal_distribution().reshape(shape),
+                "target R / Z": exact.true_distribution(env).reshape(shape)}
+
     # --- config ---------------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         return {"family": self.family, "env": self.env.config(), "loss": self.loss_name, "hidden": self.hidden,
@@ -316,6 +333,9 @@ class GFlowNet(nn.Module):
 
     #: train.py fills these where the flag is not given
     cli_defaults: ClassVar[dict[str, Any]] = {"env": "hypergrid"}
+    #: train.py's --steps / --batch-size / --lr for this family: 2000 steps of 16 trajectories (32k, the budget of
+    #: torchgfn's hypergrid tests) at the papers' 1e-3 (log Z at 100x that)
+    train_defaults: ClassVar[dict[str, Any]] = {"steps": 2000, "batch_size": 16, "lr": 1e-3}
     #: the family builds its own networks (train.py's MLP and UNet are for data)
     needs_net: ClassVar[bool] = False
 
@@ -354,6 +374,13 @@ class GFlowNet(nn.Module):
             if not isinstance(options, dict):
                 raise ConfigError(f"--env-options must be a JSON object; got {args.env_options!r}")
         return get_env({"name": args.env, **options}).config()
+
+    @classmethod
+    def target_from_args(cls, args: argparse.Namespace) -> tuple[dict[str, Any], tuple[int, ...]]:
+        """train.py's hook for a family that trains on its own samples: what it trains toward (recorded in the
+        run's train_data.json) and the shape of one sample."""
+        config = cls.env_from_args(args)
+        return {"env": config}, tuple(get_env(config).state_shape)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, net: Any, sample_shape: Sequence[int]) -> GFlowNet:
