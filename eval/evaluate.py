@@ -42,6 +42,13 @@ energy, is also scored on the file's held-out test split (the split train.py hel
 nats (exact for a flow with a density; for an snf the upper bound of its reverse paths, model.nll_bound), and the
 distances of the model's (unweighted) samples to those samples, with their noise floor.
 
+A GFlowNet (--family gflownet) learns its environment's reward, not data: it is scored against that target
+(model.target_report): on an enumerable environment the policy's exact terminal distribution P_T (dynamic
+programming over the DAG) and the empirical one of --n samples against R / Z, as L1 in both conventions
+("sum": torchgfn's, in [0, 2]; "mean": the sum over the number of terminal objects, the GFlowNet papers' code),
+JSD, the learned and the exact log Z, and the modes found against the number of samples drawn; otherwise reward
+statistics of the samples.
+
 A class-conditional checkpoint is sampled with class ids drawn at the held-out data's class frequencies (so
 the distances compare like with like), or all of --class; --guidance sets the classifier-free guidance scale
 (model.sample(labels=, guidance=)); on digits the report adds the share of samples the digits classifier reads
@@ -72,6 +79,7 @@ from typing import Any
 import torch
 
 import genkit
+import genkit.models.gflownet
 from genkit import metrics
 from genkit.cli import (
     check_data_matches,
@@ -85,6 +93,7 @@ from genkit.cli import (
     samples_held_out,
     script_device,
     table_held_out,
+    target_summary,
     tokens_held_out,
     trained_data,
 )
@@ -241,6 +250,36 @@ def evaluate_energy(args: argparse.Namespace, model: Any, ckpt: Path, chosen: An
     print(f"metrics: {out}")
 
 
+def evaluate_target(args: argparse.Namespace, model: Any, ckpt: Path, chosen: Any, device: torch.device) -> None:
+    """A model that trains toward its own target (a GFlowNet's environment): its ``target_report`` on --n samples
+    (exact L1 in both conventions, JSD, learned and exact log Z on an enumerable environment; reward statistics
+    otherwise) and the modes found against the number of samples drawn."""
+    for flag, value in (("--nll", args.nll or None), ("--class", args.label), ("--guidance", args.guidance),
+                        ("--data", args.data), ("--table", args.table), ("--samples", args.samples)):
+        if value is not None:
+            raise ConfigError(f"{flag}: {ckpt} holds a {model.family} model, which learns its own target (its "
+                              "environment's reward), not data; it is scored against that target exactly: drop "
+                              f"{flag}")
+    t0 = time.perf_counter()
+    sol = model.sample(args.n, sampler=chosen.sampler, return_solution=True,
+                       generator=torch.Generator(device=device).manual_seed(args.seed))
+    x = sol.samples.cpu()
+    report = {"checkpoint": str(ckpt), "family": model.family, "n": args.n, **chosen.record(),
+              "sampled_with": chosen.describe(), "nfe": sol.nfe,
+              "weights": "raw" if args.raw_weights or not (ckpt / "ema.safetensors").is_file() else "ema",
+              **model.cpu().target_report(x), "time_s": time.perf_counter() - t0}
+    if "modes_in_samples" in report:  # the environment defines modes
+        modes = genkit.models.gflownet.modes_found(model.env, x)
+        marks = sorted({min(args.n, k) for k in (10, 100, 1000, 10_000, 100_000, args.n)})
+        report["modes_found_vs_samples"] = {str(k): int(modes[k - 1]) for k in marks}
+    out = Path(args.out) if args.out else ckpt.parent / "evaluation.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"{args.n} samples of {model.family} on {model.env!r} with {chosen.describe()} (NFE {sol.nfe}): "
+          f"{target_summary(report)}")
+    print(f"metrics: {out}")
+
+
 def energy_samples(args: argparse.Namespace, ckpt: Path) -> str | None:
     """The file of samples of the energy's target to score on: --samples, else the run's (train_data.json); another
     file than the run trained on is an error unless --allow-other-data."""
@@ -277,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: {chosen.note}")
     if getattr(model, "energy", None) is not None and args.data is None:
         return evaluate_energy(args, model, ckpt, chosen, device)
+    if callable(getattr(model, "target_report", None)):  # a GFlowNet: scored against its own target, exactly
+        return evaluate_target(args, model, ckpt, chosen, device)
     if args.samples is not None:
         raise ConfigError(f"--samples {args.samples} scores a model trained by an energy on samples of its target; "
                           f"this {model.family} model " + ("is scored against --data here: drop one of them"

@@ -20,7 +20,7 @@ __all__ = ["checkpoint_dir", "script_device", "run_main", "ScriptSampler", "reso
            "AUTO_T_MAX", "log_lines", "trained_data", "check_data_matches", "tokens_held_out", "step_list",
            "samples_held_out", "held_out_nll", "SAMPLES_SPLIT_SEED",
            "is_diffusers_folder", "load_teacher", "TeacherSamples", "sample_distances", "digits_features",
-           "ScriptParser", "HelpFormatter"]
+           "ScriptParser", "HelpFormatter", "save_picture", "target_summary"]
 
 #: The start chosen for a stochastic solver whose reverse SDE is singular at the model's own start (t = 1 of a
 #: flow-matching path, where alpha = 0): what the SDE solvers' own error suggests. ``--t-max`` overrides it.
@@ -525,3 +525,31 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or action.default is False or "default:" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def save_picture(model: Any, samples: Any, path: str | Path, *, reference: Any = None, title: str | None = None
+                 ) -> Path:
+    """The scripts' picture of ``samples``: the family's own where it draws one (``model.picture(samples)``
+    returns heatmaps, e.g. a 2-D hypergrid GFlowNet's samples beside its exact and target distributions), else
+    :func:`genkit.plotting.save_samples_png` (beside ``reference``)."""
+    from .plotting import save_heatmaps_png, save_samples_png
+
+    panels = model.picture(samples) if callable(getattr(model, "picture", None)) else None
+    if panels is not None:
+        return save_heatmaps_png(panels, path, title=title)
+    x = samples.float() if samples.is_floating_point() else samples
+    return save_samples_png(x, path, reference=reference, title=title)
+
+
+def target_summary(report: dict[str, Any]) -> str:
+    """One line of a ``target_report`` (a GFlowNet's): its exact L1 / JSD / log Z on an enumerable environment,
+    else its reward statistics."""
+    if "l1_exact_sum" in report:
+        return (f"exact L1 {report['l1_exact_sum']:.4g} (sum; mean {report['l1_exact_mean']:.3g}), JSD "
+                f"{report['jsd_exact']:.3g}, log Z {report['log_z_learned']:.4f} (exact {report['log_z_exact']:.4f})"
+                + (f", {report['modes_in_samples']} of {report['modes_total']} modes in the samples"
+                   if "modes_in_samples" in report else ""))
+    if "mean_log_reward" in report:
+        return (f"mean log R {report['mean_log_reward']:.4g}, unique {report['unique_fraction']:.3f}"
+                + (f", {report['modes_in_samples']} modes in the samples" if "modes_in_samples" in report else ""))
+    return "no exact evaluation"

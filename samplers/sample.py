@@ -21,6 +21,7 @@ examples:
   python samplers/sample.py --checkpoint runs/snf_dw --n 1000      # a stochastic flow: its path sampler
   python samplers/sample.py --checkpoint runs/promoters --n 100   # train.py --tokens x.fasta: samples.fasta too
   python samplers/sample.py --checkpoint runs/dna --solver svdd --reward dna_oracle --candidates 10
+  python samplers/sample.py --checkpoint runs/gflownet --n 10000   # a GFlowNet: candidates from its policy
 
 Each model samples with its own default sampler unless told otherwise (the model says which it supports):
 models with learned jumps (train/secant.py) use them (--solver jumps, NFE = steps, default their first trained
@@ -41,6 +42,10 @@ SPEC [--candidates M] [--svdd-alpha A], genkit.finetune.SVDDSampler): at each of
 candidates and keeps one by their values (NFE 1 + (steps - 1) * M; the reward is queried M times per step). A
 continuous model steers the same way over the Gaussian steps of a stochastic solver (--svdd-solver, default
 ancestral for diffusion, euler_maruyama otherwise), each candidate valued by the reward of its denoised x0.
+
+A GFlowNet (--family gflownet) draws candidates, the terminal objects of its forward policy (--solver policy, NFE =
+the actions of the longest trajectory; --steps / --grid / --t-max are refused), and prints how they score against
+its target: on an enumerable environment their empirical and the policy's exact L1 to R / Z (model.target_report).
 """
 
 from __future__ import annotations
@@ -55,10 +60,18 @@ import torch
 from safetensors.torch import save_file
 
 import genkit
-from genkit.cli import checkpoint_dir, named_grids, resolve_sampler, run_main, script_device, trained_data
+from genkit.cli import (
+    checkpoint_dir,
+    named_grids,
+    resolve_sampler,
+    run_main,
+    save_picture,
+    script_device,
+    target_summary,
+    trained_data,
+)
 from genkit.data.sequences import TOKEN_ALPHABETS, save_tokens
 from genkit.errors import ConfigError
-from genkit.plotting import save_samples_png
 from genkit.sampling import SAMPLERS
 from genkit.solvers import SOLVERS
 
@@ -250,12 +263,14 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file({"samples": samples}, str(out / "samples.safetensors"))
     weights = "EMA" if not args.raw_weights and (ckpt / "ema.safetensors").is_file() else "raw"
-    save_samples_png(samples, out / "samples.png", title=f"{model.family}: {how} (NFE {sol.nfe})")
+    save_picture(model, samples, out / "samples.png", title=f"{model.family}: {how} (NFE {sol.nfe})")
     print(f"{args.n} samples {tuple(samples.shape[1:])} from {ckpt} ({weights} weights) with {how} on {device}: "
           f"NFE {sol.nfe}, {seconds:.2f} s")
     print(f"samples: {out / 'samples.safetensors'}\npicture: {out / 'samples.png'}")
     if alphabet is not None:
         print(f"sequences: {save_tokens(out / text_name, samples, alphabet)} (alphabet {alphabet})")
+    if callable(getattr(model, "target_report", None)):  # a GFlowNet's candidates: against its exact target
+        print(f"candidates: {target_summary(model.target_report(samples))}")
 
 
 if __name__ == "__main__":

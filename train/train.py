@@ -104,7 +104,7 @@ from genkit.models import FAMILIES, build
 from genkit.nets import MLP, UNet
 from genkit.objective import is_data_free
 from genkit.paths import PATHS
-from genkit.plotting import MAX_IMAGES, save_heatmaps_png, save_samples_png
+from genkit.plotting import MAX_IMAGES
 from genkit.sampling import SAMPLERS, Sampler
 from genkit.solvers import GRIDS, SOLVERS
 from genkit.train import LogRecord, TrainConfig, Trainer, resume_changes
@@ -769,7 +769,7 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
     if ref is None and data is not None:  # an image folder: show training images next to the samples
         images = data.data if isinstance(data, LabelledData) else data
         ref = torch.stack([images[i] for i in range(min(MAX_IMAGES, len(images)))])
-    save_picture(model, samples, out / "samples.png", reference=ref,
+    genkit.cli.save_picture(model, samples, out / "samples.png", reference=ref,
                  title=f"{args.family} on {report['data']}: {chosen.describe()} (NFE {sol.nfe}), step {step}")
     alphabet = getattr(args, "token_alphabet", None) or TOKEN_ALPHABETS.get(args.data)
     if alphabet is not None and not x.is_floating_point():  # token samples as sequences, as sample.py writes them
@@ -777,18 +777,6 @@ def sample_and_measure(args: argparse.Namespace, data: Any, device: torch.device
                     x, alphabet)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
-
-
-def save_picture(model: torch.nn.Module, samples: torch.Tensor, path: Path, *, reference: torch.Tensor | None = None,
-                 title: str) -> None:
-    """The family's own picture where it draws one (``picture(samples)``: heatmaps, e.g. a 2-D hypergrid's
-    samples beside its exact and target distributions), else the samples (beside ``reference``)."""
-    panels = model.picture(samples) if callable(getattr(model, "picture", None)) else None
-    if panels is not None:
-        save_heatmaps_png(panels, path, title=title)
-    else:
-        x = samples.float() if samples.is_floating_point() else samples
-        save_samples_png(x, path, reference=reference, title=title)
 
 
 def sample_callback(args: argparse.Namespace, data: Any = None) -> Callable[[Trainer, LogRecord], None]:
@@ -802,7 +790,8 @@ def sample_callback(args: argparse.Namespace, data: Any = None) -> Callable[[Tra
         model.load_state_dict(trainer.ema.state_dict() if trainer.ema is not None else live.state_dict())
         x = model.eval().sample(64, sampler=final_sampler(args, model), labels=sample_labels(data, 64, args.seed),
                                 generator=torch.Generator(device=device).manual_seed(args.seed))
-        save_picture(model, x, Path(args.out) / "samples" / f"step_{record.step:07d}.png", title=f"step {record.step}")
+        genkit.cli.save_picture(model, x, Path(args.out) / "samples" / f"step_{record.step:07d}.png",
+                                title=f"step {record.step}")
     return callback
 
 
@@ -867,13 +856,8 @@ def main(argv: list[str] | None = None) -> None:
         scores += f", held-out NLL {bound} {report['nll']['nats']:.4g} nats ({report['nll']['method']})"
     held = scores.lstrip(", ")
 
-    if "l1_exact_sum" in report:  # a GFlowNet on an enumerable environment: its exact distribution
-        scores = (f"exact L1 {report['l1_exact_sum']:.4g} (sum; mean {report['l1_exact_mean']:.3g}), JSD "
-                  f"{report['jsd_exact']:.3g}, log Z {report['log_z_learned']:.4f} (exact "
-                  f"{report['log_z_exact']:.4f}), {report['modes_in_samples']} of {report['modes_total']} modes "
-                  "in the samples")
-    elif "mean_log_reward" in report:
-        scores = f"mean log R {report['mean_log_reward']:.4g}, unique {report['unique_fraction']:.3f}"
+    if "log_z_learned" in report:  # a GFlowNet: its exact distribution against the target, or its rewards
+        scores = genkit.cli.target_summary(report)
     if "energy" in report:
         e = report["energy"]
         scores = (f"ESS {e['ess']:.1f} of {e['n']}, log Z {e['log_z']:.4f} +- {e['log_z_stderr']:.4f}"

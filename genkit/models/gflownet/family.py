@@ -254,8 +254,9 @@ class GFlowNet(nn.Module):
             log_r = self.env.log_reward(samples).double()
             report.update({"n_samples": len(samples), "mean_log_reward": float(log_r.mean()),
                            "mean_reward": float(log_r.exp().mean()),
-                           "unique_fraction": len(set(exact._keys(samples.cpu()))) / len(samples),
-                           "modes_in_samples": int(exact.modes_found(self.env, samples)[-1])})
+                           "unique_fraction": len(set(exact._keys(samples.cpu()))) / len(samples)})
+            if type(self.env).modes is not Environment.modes:  # the environment says what a mode is
+                report["modes_in_samples"] = int(exact.modes_found(self.env, samples)[-1])
         if not self.env.enumerable:
             report["note"] = (f"the {self.env.name} environment is not enumerable: no exact distribution, reward "
                               "statistics only")
