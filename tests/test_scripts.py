@@ -207,7 +207,7 @@ def test_help(script, capsys):
     (TRAIN, ["--prediction", "v"], "--prediction"),
     (TRAIN, ["--family", "diffusion", "--coupling", "ot"], "--coupling"),
     (TRAIN, ["--loss", "stee"], "--loss stee does not apply to --family flow_matching; drop --loss or use --family "
-                                "secant"),
+                                "gflownet or --family secant"),  # every family that takes the flag
     (TRAIN, ["--family", "secant", "--loss", "sdei"], "train/secant.py --teacher"),
     (TRAIN, ["--family", "nope"], "unknown --family 'nope'"),
     (TRAIN, ["--solver", "jumps"], "--solver jumps needs a model with learned jumps"),

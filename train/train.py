@@ -251,6 +251,9 @@ class _FamilyGroup:
             action = first[1]
             dest = kwargs.get("dest", names[0].lstrip("-").replace("-", "_"))
             if action.option_strings == list(names) and action.dest == dest and action.type is kwargs.get("type"):
+                own_help = kwargs.get("help")
+                if own_help and own_help != action.help:  # one flag, two meanings: the help gives both
+                    action.help = f"--family {first[0]}: {action.help}; --family {self.family}: {own_help}"
                 self.actions.append(action)
                 self.shared.append(names[0])
                 self.shared_with.append(first[0])
@@ -329,8 +332,9 @@ def resolve_model_flags(args: argparse.Namespace) -> None:
         for dest in dests:
             if family != args.family and dest not in own and getattr(args, dest) is not None:
                 flag = "--" + dest.replace("_", "-")
+                takers = " or ".join(f"--family {name}" for name, flags in FAMILY_FLAGS.items() if dest in flags)
                 raise ConfigError(f"{flag} {getattr(args, dest)} does not apply to --family {args.family}; "
-                                  f"drop {flag} or use --family {family}")
+                                  f"drop {flag} or use {takers}")
     for key, value in FAMILIES.get(args.family).cli_defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
