@@ -7,7 +7,8 @@ Everything else is optional and read by :class:`genkit.train.Trainer`:
   and ``genkit.load`` rebuilds. Default: the objective itself (a family is its own model). Trained tensors of
   the objective outside ``model`` (e.g. a critic) are part of the resume state, not of the model.
 - ``data_free: bool = False``: ``True`` when ``loss(None, generator)`` makes its own samples (an energy, an
-  environment, a teacher); then ``fit()`` takes no data, and data given to it is an error.
+  environment, a teacher); then ``fit()`` takes no data, and data given to it is an error. Such an objective's
+  ``batch_size`` (an int, optional) is the samples each loss call draws, what the trainer's logs count.
 - ``param_groups() -> Sequence[ParamGroup]``: how the trainable parameters are grouped. Default
   :func:`default_groups`: ``"decay"`` (tensors with 2+ dims, ``TrainConfig.weight_decay``) and ``"no_decay"``
   (biases, norm gains: 0). Every trainable parameter must be in exactly one group.

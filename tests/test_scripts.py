@@ -295,9 +295,10 @@ def test_config_file_sets_flags_and_the_command_line_overrides_it(suffix, tmp_pa
                         'ema_decay = "none"\nno_progress = true\n')
     args = script["parse_args"](["--config", str(file), "--steps", "7"])
     assert (args.family, args.batch_size, args.steps, args.prediction) == ("diffusion", 64, 7, "eps")
-    assert args.ema_decay is None and args.no_progress is True and args.lr == 2e-3  # untouched flags keep defaults
+    assert args.ema_decay is None and args.no_progress is True and args.lr is None  # filled with the family's
     script["resolve_model_flags"](args)
     assert args.weighting == "uniform" and args.path == "cosine"  # the family's defaults fill the rest
+    assert args.lr == 2e-3  # and the shared training defaults where the family sets none of its own
 
 
 def test_config_file_errors_name_the_key(tmp_path, capsys):

@@ -100,10 +100,13 @@ class SourceBatches:
 
 
 class NoBatches:
-    """A data-free objective: every batch is ``None``."""
+    """A data-free objective: every batch is ``None``. Its samples per step (for the logs) are its own
+    ``batch_size`` where it declares one (the trajectories of a GFlowNet), else ``TrainConfig.batch_size``."""
 
-    def __init__(self, cfg: TrainConfig, world: int):
-        self.glob = cfg.batch_size * world
+    def __init__(self, cfg: TrainConfig, world: int, objective: Any = None):
+        own = getattr(objective, "batch_size", None)
+        per = own if isinstance(own, int) and not isinstance(own, bool) and own > 0 else cfg.batch_size
+        self.glob = per * world
 
     def iterate(self, start: int, stop: int, device: torch.device) -> Iterator[None]:
         return (None for _ in range(start, stop))
@@ -118,7 +121,7 @@ def make_batches(data: Any, objective: Any, cfg: TrainConfig, world: int, rank: 
             raise DataError(f"{name} needs training data: pass fit(data) with a Tensor [n, ...], a Dataset or a batch "
                             "source (batch(step, rank, generator)); an objective whose loss(None, generator) makes "
                             "its own samples declares data_free = True")
-        return NoBatches(cfg, world)
+        return NoBatches(cfg, world, objective)
     if free:
         raise ConfigError(f"{name} declares data_free = True (its loss makes its own samples) but fit() was given "
                           f"{type(data).__name__} data; call fit() without data")

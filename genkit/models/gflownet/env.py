@@ -170,6 +170,10 @@ class Environment:
         """The states after forward non-exit ``actions [n]`` (exit ends a trajectory and has no next state)."""
         if self.validate:
             self.check_states(states)
+            if isinstance(actions, Tensor) and actions.shape == (len(states),) and (actions == self.exit).any():
+                i = int((actions == self.exit).nonzero()[0, 0])
+                raise ActionError(f"forward action {self.exit} (row {i}) is the exit, which ends a trajectory: it has "
+                                  "no next state, so step() does not take it (the state itself is the object)")
             mask = self.forward_mask(states).clone()
             mask[:, self.exit] = False
             self._check_actions(states, actions, mask, "forward")

@@ -131,10 +131,12 @@ class GFlowNet(nn.Module):
         return next(self.parameters()).device
 
     # --- log Z ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
     def log_z(self) -> Tensor:
-        """The learned ``log Z``: the parameter (tb / db / subtb), or the out-flow of the initial state (fm)."""
+        """The learned ``log Z`` (detached): the parameter (tb / db / subtb), or the out-flow of the initial state
+        (fm)."""
         if self.policy.log_z is not None:
-            return self.policy.log_z
+            return self.policy.log_z.detach().clone()
         s0 = self.env.initial(1, self._device())
         logits = self.policy(self.env.to_input(s0)).forward_logits
         return logits.masked_fill(~self.env.forward_mask(s0), -torch.inf).logsumexp(-1)[0]
