@@ -60,8 +60,9 @@ def masked_log_softmax(logits: Tensor, mask: Tensor) -> Tensor:
 
 
 def uniform_log_prob(mask: Tensor) -> Tensor:
-    """``[n]`` ``-log(#allowed)`` of each row of ``mask`` (the uniform distribution over its allowed entries)."""
-    return -mask.sum(1).clamp(min=1).double().log().to(torch.get_default_dtype())
+    """``[n]`` ``-log(#allowed)`` of each row of ``mask`` (the uniform distribution over its allowed entries), in
+    float64: the caller casts to its policy's dtype (a float64 policy keeps full precision)."""
+    return -mask.sum(1).clamp(min=1).double().log()
 
 
 class Policy(nn.Module):
