@@ -40,7 +40,13 @@ What it runs:
    network), DRaFT and DDPO on a digits ``Diffusion(UNet(8))`` through the ``Trainer`` (ancestral steps, a
    differentiable brightness reward): median ms/step, finite losses, float32 parameters, samples on the device.
 
-``--checks diffusion,flows,onestep,discrete,finetune`` (the default) picks the parts; 1-4 are ``diffusion``.
+9. GFlowNets on the device (``--checks gflownet``): TB on hypergrid 2-D h=8 and SubTB with a learned backward
+   policy on 4-D h=8 through the ``Trainer`` (at least 300 steps of 16 trajectories), plus a replayed, exploring
+   DB run: median ms/step, finite losses, the exact L1 of the trained policy (dynamic programming on the device's
+   policy) below 0.7 of the untrained one, candidates sampled on the device.
+
+``--checks diffusion,flows,onestep,discrete,finetune,gflownet`` (the default) picks the parts; 1-4 are
+``diffusion``.
 
 Prints a summary and writes ``eval/results/gpu_check.json``. Exit status: 0 when every check passes, 1 when
 one fails, 77 (the usual "skipped") when there is no CUDA device. ``--allow-cpu`` runs the same steps on the
@@ -425,6 +431,41 @@ def finetune_check(args: argparse.Namespace, device: torch.device) -> dict[str, 
     return out
 
 
+def gflownet_check(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Part 9: GFlowNets (rollouts, scoring, losses, replay, exact evaluation) through the Trainer, on the device."""
+    from genkit.models.gflownet import GFlowNet, HyperGrid, l1, true_distribution
+    from genkit.train import Trainer
+
+    steps = max(300, 20 * args.window)
+    runs = {"tb_2d_h8": ({"ndim": 2, "height": 8}, {"loss": "tb"}),
+            "subtb_4d_h8_learned_pb": ({"ndim": 4, "height": 8}, {"loss": "subtb", "backward": "learned"}),
+            "db_2d_h8_replay_explore": ({"ndim": 2, "height": 8}, {"loss": "db", "replay": 256, "epsilon": 0.1})}
+    out: dict[str, Any] = {"steps": steps}
+    checks: dict[str, bool] = {}
+    for name, (grid, options) in runs.items():
+        _reset_accelerate()
+        env = HyperGrid(**grid)
+        model = GFlowNet(env, batch_size=16, seed=args.seed, **options).to(device)
+        target = true_distribution(env)
+        before = l1(model.terminal_distribution(), target)
+        records: list = []
+        with tempfile.TemporaryDirectory() as folder:
+            trainer = Trainer(model, _config(folder, steps, args, lr=1e-3, ema_decay=None, mixed_precision="no",
+                                             batch_size=16, log_every=max(1, steps // 20)),
+                              callbacks=[lambda t, r, log=records: log.append(r)])
+            result = trainer.fit()
+        after = l1(model.terminal_distribution(), target)
+        x = model.sample(1024, generator=torch.Generator(device=device).manual_seed(0))
+        out[name] = {"ms_per_step_median": median([1e3 * 16 / r.samples_per_s for r in records[1:] or records]),
+                     "l1_exact_before": before, "l1_exact_after": after,
+                     "losses": [loss for _, loss in result.losses]}
+        checks[f"gflownet_{name}_losses_finite"] = all(math.isfinite(v) for v in out[name]["losses"])
+        checks[f"gflownet_{name}_l1_improves"] = after < 0.7 * before
+        checks[f"gflownet_{name}_samples_on_device"] = x.device.type == device.type and x.dtype == torch.long
+    out["checks"] = checks
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--window", type=int, default=20, help="steps per timed window (and warm-up)")
@@ -433,8 +474,8 @@ def main() -> int:
     parser.add_argument("--sample-n", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="timed sampling runs per solver")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checks", default="diffusion,flows,onestep,discrete,finetune",
-                        help="comma-separated parts: diffusion, flows, onestep, discrete, finetune")
+    parser.add_argument("--checks", default="diffusion,flows,onestep,discrete,finetune,gflownet",
+                        help="comma-separated parts: diffusion, flows, onestep, discrete, finetune, gflownet")
     parser.add_argument("--allow-cpu", action="store_true", help="test this script on a CPU (timings meaningless)")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.allow_cpu:
@@ -446,8 +487,9 @@ def main() -> int:
     from genkit.data import digits
 
     parts = {p.strip() for p in args.checks.split(",") if p.strip()}
-    if not parts or parts - {"diffusion", "flows", "onestep", "discrete", "finetune"}:
-        parser.error(f"--checks takes diffusion, flows, onestep, discrete and / or finetune; got {args.checks!r}")
+    if not parts or parts - {"diffusion", "flows", "onestep", "discrete", "finetune", "gflownet"}:
+        parser.error(f"--checks takes diffusion, flows, onestep, discrete, finetune and / or gflownet; got "
+                     f"{args.checks!r}")
     record: dict[str, Any] = {"benchmark": "gpu_check",
                               "command": "python " + " ".join(["eval/gpu_check.py", *sys.argv[1:]]),
                               "machine": machine_info(), "settings": vars(args)}
@@ -486,6 +528,10 @@ def main() -> int:
         finetune = finetune_check(args, device)
         checks.update(finetune.pop("checks"))
         record["finetune"] = finetune
+    if "gflownet" in parts:
+        gfn = gflownet_check(args, device)
+        checks.update(gfn.pop("checks"))
+        record["gflownet"] = gfn
     record.update({"checks": checks, "passed": all(checks.values())})
     name = "gpu_check" if device.type == "cuda" else "gpu_check_cpu_dryrun"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -509,6 +555,10 @@ def main() -> int:
     if "finetune" in record:
         print("reward fine-tuning (digits UNet, 10 ancestral steps): " + "; ".join(
             f"{k} {record['finetune'][k]['ms_per_step_median']:.1f} ms/step" for k in ("vard", "draft", "ddpo")))
+    if "gflownet" in record:
+        print("gflownet (hypergrid, Trainer): " + "; ".join(
+            f"{k} {v['ms_per_step_median']:.2f} ms/step, exact L1 {v['l1_exact_before']:.3f} -> "
+            f"{v['l1_exact_after']:.4f}" for k, v in record["gflownet"].items() if isinstance(v, dict)))
     if "diffusion" in parts:
         train, resume, sampling = record["train_bf16"], record["resume"], record["sampling"]
         print(f"train bf16: {train['ms_per_step_median']:.2f} ms/step (median of {len(train['ms_per_step_windows'])} "
