@@ -121,6 +121,9 @@ class GFlowNet(nn.Module):
                                  depth=self.depth, backward=backward, flow=loss in ("db", "subtb"),
                                  log_z=loss != "fm", tied=tied)
         self.buffer = ReplayBuffer(self.env, self.replay, prioritized=replay_prioritized) if self.replay else None
+        #: the distinct modes among the terminal objects of every fresh training trajectory so far (logged as
+        #: "modes_found": the mode-discovery curve against trajectories; not saved, so a resumed run restarts it)
+        self.modes_seen: set[tuple[int, ...]] = set()
 
     # --- shapes and devices ---------------------------------------------------------------------------------
     @property
@@ -187,6 +190,10 @@ class GFlowNet(nn.Module):
         loss = self.objective(traj)
         logs = {self.loss_name: float(loss.detach()), "log_reward": float(traj.log_reward[:self.batch_size].mean()),
                 "length": float(traj.lengths[:self.batch_size].float().mean())}
+        if type(self.env).modes is not Environment.modes:  # the environment says what a mode is
+            fresh = traj.terminal[:self.batch_size]
+            self.modes_seen.update(exact._keys(fresh[self.env.modes(fresh)].cpu()))
+            logs["modes_found"] = float(len(self.modes_seen))
         if self.loss_name != "fm":
             logs["log_z"] = float(self.policy.log_z.detach())
         return loss, logs
