@@ -186,6 +186,16 @@ class Environment:
             self._check_actions(states, actions, self.backward_mask(states), "backward")
         return self._backward_step(states, actions)
 
+    def advance(self, states: Tensor, actions: Tensor, moving: Tensor) -> Tensor:
+        """The rollout's step of a whole batch: ``_step`` on the rows where ``moving`` (their actions allowed
+        non-exit ones), the other rows unchanged. No checks; an environment may override it with a faster
+        batched form that gives the same states."""
+        if not moving.any():
+            return states
+        out = states.clone()
+        out[moving] = self._step(states[moving], actions[moving])
+        return out
+
     def log_reward(self, x: Tensor) -> Tensor:
         """``[n]`` ``log R(x)`` of terminal objects (of any state where ``intermediate_reward``)."""
         if self.validate:

@@ -115,9 +115,9 @@ def sample_trajectories(env: Environment, policy: Policy, n: int, *, generator: 
     samplers hand over as their prior draw. No gradients: :func:`score_trajectories` scores the batch afterwards in
     one pass, which is cheaper than keeping a graph per step.
 
-    Actions are drawn from the environment's own masks, so they are allowed by construction and the rollout calls
-    its ``_step`` directly; with ``env.validate`` it checks the states it reaches (and the masks' shapes) once per
-    batch instead of once per step."""
+    Actions are drawn from the environment's own masks, so they are allowed by construction and the rollout steps
+    them with ``env.advance`` (``_step`` on the moving rows) directly; with ``env.validate`` it checks the states it
+    reaches (and the masks' shapes) once per batch instead of once per step."""
     epsilon, temperature = check_exploration(epsilon, temperature)
     if device is None:
         device = next(policy.parameters()).device
@@ -139,10 +139,7 @@ def sample_trajectories(env: Environment, policy: Policy, n: int, *, generator: 
         if epsilon > 0:
             logp = ((1 - epsilon) * logp.exp() + epsilon * mask / mask.sum(1, keepdim=True)).log()
         a = torch.where(done, -1, _draw(logp, generator))
-        moving = (a >= 0) & (a != env.exit)
-        if moving.any():
-            s = s.clone()
-            s[moving] = env._step(s[moving], a[moving])
+        s = env.advance(s, a, (a >= 0) & (a != env.exit))
         done = done | (a == env.exit)
         actions.append(a)
         states.append(s)
