@@ -136,6 +136,24 @@ def test_random_walks_obey_the_protocol(name, cfg) -> None:
 
 
 @pytest.mark.parametrize("name, cfg", CASES)
+def test_advance_steps_the_moving_rows_only(name, cfg) -> None:
+    """``env.advance(states, actions, moving)`` (the rollout's batched step, which an environment may override)
+    equals ``step`` on the moving rows and leaves the others (exit, or already finished: action -1) unchanged."""
+    from genkit.models.gflownet import Environment
+
+    env = make(name, cfg)
+    for states, actions, children in random_walks(env, 64, seed=3)[0]:
+        mask = env.forward_mask(states)
+        g = torch.Generator().manual_seed(len(states))
+        stop = torch.rand(len(states), generator=g) < 0.3  # mark some rows as exiting or finished
+        a = torch.where(stop, torch.where(mask[:, env.exit], env.exit, -1), actions)
+        moving = (a >= 0) & (a != env.exit)
+        expected = torch.where(moving.view(-1, *[1] * len(env.state_shape)), children, states)
+        assert torch.equal(env.advance(states, a, moving), expected)
+        assert torch.equal(Environment.advance(env, states, a, moving), expected)
+
+
+@pytest.mark.parametrize("name, cfg", CASES)
 def test_exit_allowed_exactly_where_terminating(name, cfg) -> None:
     """terminating(s) is the exit column of forward_mask; where the environment rewards terminal objects only,
     a non-terminating state has no reward (DataError)."""
