@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from .env import Environment
 from .policy import Policy, masked_log_softmax
 
 __all__ = ["true_distribution", "exact_log_z", "forward_log_prob_table", "terminal_distribution",
-           "empirical_distribution", "l1", "jsd", "modes_found", "L1_CONVENTIONS"]
+           "empirical_distribution", "l1", "jsd", "modes_found", "report", "L1_CONVENTIONS"]
 
 #: The two conventions of the L1 distance between terminal distributions.
 L1_CONVENTIONS = ("sum", "mean")
@@ -174,3 +175,37 @@ def log_z_error(env: Environment, log_z: float) -> float:
     if not math.isfinite(log_z):
         raise ConfigError(f"the learned log Z is {log_z}; it must be finite")
     return log_z - value
+
+
+def report(env: Environment, terminal: Callable[[], Tensor], log_z: float, samples: Tensor | None = None
+           ) -> dict[str, Any]:
+    """A sampler's report against its target (``GFlowNet.target_report``): the learned ``log_z``; for
+    ``samples`` (terminal objects) their reward statistics, unique share and modes (where ``env`` defines them);
+    on an enumerable ``env`` the exact ``log Z``, the L1 (both conventions) and JSD of the exact terminal
+    distribution ``terminal()`` (and of the samples' histogram) to ``R / Z``, and the number of modes."""
+    out: dict[str, Any] = {"log_z_learned": log_z}
+    has_modes = type(env).modes is not Environment.modes  # the environment says what a mode is
+    if samples is not None:
+        env.check_states(samples, "samples")
+        log_r = env.log_reward(samples).double()
+        out.update({"n_samples": len(samples), "mean_log_reward": float(log_r.mean()),
+                    "mean_reward": float(log_r.exp().mean()),
+                    "unique_fraction": len(set(_keys(samples.cpu()))) / len(samples)})
+        if has_modes:
+            out["modes_in_samples"] = int(modes_found(env, samples)[-1])
+    if not env.enumerable:
+        out["note"] = (f"the {env.name} environment is not enumerable: no exact distribution, reward statistics "
+                       "only")
+        return out
+    target, p_t = true_distribution(env), terminal()
+    out.update({"log_z_exact": exact_log_z(env), "l1_exact_sum": l1(p_t, target),
+                "l1_exact_mean": l1(p_t, target, env, convention="mean"), "jsd_exact": jsd(p_t, target),
+                "l1_conventions": "sum: sum_x |p - q| in [0, 2] (torchgfn); mean: that sum over the number of "
+                                  "terminal objects (the GFlowNet papers' code)"})
+    if has_modes:
+        out["modes_total"] = int(env.modes(env.all_states()).sum())
+    if samples is not None:
+        emp = empirical_distribution(env, samples)
+        out.update({"l1_samples_sum": l1(emp, target), "l1_samples_mean": l1(emp, target, env, convention="mean"),
+                    "jsd_samples": jsd(emp, target)})
+    return out

@@ -252,40 +252,12 @@ class GFlowNet(nn.Module):
         return exact.terminal_distribution(self.env, self.policy)
 
     @torch.no_grad()
-    def target_report(self, samples: Tensor | None = None, *, visited: Tensor | None = None) -> dict[str, Any]:
-        """What train.py and evaluate.py report: on an enumerable environment the exact ``P_T`` against ``R / Z``
-        (L1 in both conventions, JSD), the learned and the exact ``log Z``, and for ``samples`` (terminal objects)
-        their empirical L1; the modes among ``samples``; reward statistics of ``samples``."""
-        report: dict[str, Any] = {"env": self.env.config(), "loss": self.loss_name,
-                                  "log_z_learned": float(self.log_z())}
-        if samples is not None:
-            self.env.check_states(samples, "samples")
-            log_r = self.env.log_reward(samples).double()
-            report.update({"n_samples": len(samples), "mean_log_reward": float(log_r.mean()),
-                           "mean_reward": float(log_r.exp().mean()),
-                           "unique_fraction": len(set(exact._keys(samples.cpu()))) / len(samples)})
-            if type(self.env).modes is not Environment.modes:  # the environment says what a mode is
-                report["modes_in_samples"] = int(exact.modes_found(self.env, samples)[-1])
-        if not self.env.enumerable:
-            report["note"] = (f"the {self.env.name} environment is not enumerable: no exact distribution, reward "
-                              "statistics only")
-            return report
-        target = exact.true_distribution(self.env)
-        p_t = self.terminal_distribution()
-        states = self.env.all_states()
-        report.update({"log_z_exact": exact.exact_log_z(self.env),
-                       "l1_exact_sum": exact.l1(p_t, target), "l1_exact_mean": exact.l1(p_t, target, self.env,
-                                                                                        convention="mean"),
-                       "jsd_exact": exact.jsd(p_t, target),
-                       "modes_total": int(self.env.modes(states).sum()),
-                       "l1_conventions": "sum: sum_x |p - q| in [0, 2] (torchgfn); mean: that sum over the number "
-                                         "of terminal objects (the GFlowNet papers' code)"})
-        if samples is not None:
-            emp = exact.empirical_distribution(self.env, samples)
-            report.update({"l1_samples_sum": exact.l1(emp, target),
-                           "l1_samples_mean": exact.l1(emp, target, self.env, convention="mean"),
-                           "jsd_samples": exact.jsd(emp, target)})
-        return report
+    def target_report(self, samples: Tensor | None = None) -> dict[str, Any]:
+        """What train.py and evaluate.py report (:func:`genkit.models.gflownet.exact.report`): on an enumerable
+        environment the policy's exact ``P_T`` against ``R / Z`` (L1 in both conventions, JSD) and the learned and
+        exact ``log Z``; for ``samples`` (terminal objects) their empirical L1, modes and reward statistics."""
+        return {"env": self.env.config(), "loss": self.loss_name,
+                **exact.report(self.env, self.terminal_distribution, float(self.log_z()), samples)}
 
     @torch.no_grad()
     def picture(self, samples: Tensor) -> dict[str, Tensor] | None:
