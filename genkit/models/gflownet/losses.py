@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ...errors import ConfigError
 from .env import Environment
-from .policy import Policy
+from .policy import Policy, at_least_float32
 from .trajectories import Scores, Trajectories
 
 __all__ = ["LOSSES", "WEIGHTINGS", "node_log_flows", "trajectory_balance", "detailed_balance",
@@ -121,7 +121,7 @@ def flow_matching(env: Environment, policy: Policy, traj: Trajectories) -> Tenso
     plus ``mean (log F(s -> s_f) - log R(s))^2`` over terminating ones (the policy's forward logits are the log
     edge flows)."""
     states = traj.states[:-1][traj.valid]  # every state an action was taken from
-    out = policy(env.to_input(states)).forward_logits
+    out = at_least_float32(policy(env.to_input(states)).forward_logits)
     mask = env.forward_mask(states)
     out_flow = out.masked_fill(~mask, -torch.inf).logsumexp(-1)
     inner = ~env.is_initial(states)
@@ -132,7 +132,7 @@ def flow_matching(env: Environment, policy: Policy, traj: Trajectories) -> Tenso
         rows, acts = bmask.nonzero().T
         parents = env.backward_step(child[rows], acts)
         fwd = env.forward_action(child[rows], acts)
-        edge = policy(env.to_input(parents)).forward_logits.gather(1, fwd[:, None])[:, 0]
+        edge = at_least_float32(policy(env.to_input(parents)).forward_logits).gather(1, fwd[:, None])[:, 0]
         table = torch.full(bmask.shape, -torch.inf, dtype=edge.dtype, device=edge.device).index_put((rows, acts),
                                                                                                    edge)
         fm = (table.logsumexp(-1) - out_flow[inner]).square().mean()

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError, ShapeError
 
-__all__ = ["Policy", "PolicyOutput", "BACKWARD", "mlp", "masked_log_softmax", "uniform_log_prob"]
+__all__ = ["Policy", "PolicyOutput", "BACKWARD", "mlp", "masked_log_softmax", "uniform_log_prob", "at_least_float32"]
 
 #: How ``P_B`` is given: uniform over a state's parents, or learned.
 BACKWARD = ("uniform", "learned")
@@ -59,6 +59,12 @@ class PolicyOutput:
     forward_logits: Tensor
     backward_logits: Tensor | None
     log_flow: Tensor | None
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` as float32 when it is in half precision (bf16 / fp16 autocast), else unchanged: the balance losses sum
+    log-probabilities and flows along whole trajectories, where half precision loses what they train on."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def masked_log_softmax(logits: Tensor, mask: Tensor) -> Tensor:

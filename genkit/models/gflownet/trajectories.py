@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ...errors import ConfigError, ShapeError
 from .env import Environment
-from .policy import Policy, masked_log_softmax, uniform_log_prob
+from .policy import Policy, PolicyOutput, at_least_float32, masked_log_softmax, uniform_log_prob
 
 __all__ = ["Trajectories", "Scores", "sample_trajectories", "score_trajectories", "check_exploration"]
 
@@ -156,13 +156,21 @@ def sample_trajectories(env: Environment, policy: Policy, n: int, *, generator: 
     return Trajectories(states_t, actions_t, lengths, env.log_reward(s).to(dtype))
 
 
+def _float(out: PolicyOutput) -> PolicyOutput:
+    """The outputs in at least float32 (:func:`~genkit.models.gflownet.policy.at_least_float32`)."""
+    def up(t: Tensor | None) -> Tensor | None:
+        return None if t is None else at_least_float32(t)
+
+    return PolicyOutput(up(out.forward_logits), up(out.backward_logits), up(out.log_flow))
+
+
 def score_trajectories(env: Environment, policy: Policy, traj: Trajectories) -> Scores:
     """The :class:`Scores` of ``policy`` on stored trajectories, from one network pass over their states."""
     T, n = traj.actions.shape
     valid = traj.valid  # [T, n]: states 0..T-1 where an action was taken
     flat = traj.states[:T][valid]  # [m, *shape]
     acts = traj.actions[valid]
-    out = policy(env.to_input(flat))
+    out = _float(policy(env.to_input(flat)))
     logp = masked_log_softmax(out.forward_logits, env.forward_mask(flat)).gather(1, acts[:, None])[:, 0]
     log_pf = torch.zeros(T, n, dtype=logp.dtype, device=logp.device).index_put(tuple(valid.nonzero().T), logp)
     moved = valid & (traj.actions != env.exit)  # transitions s_t -> s_{t+1} with t + 1 a state acting again
