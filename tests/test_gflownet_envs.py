@@ -325,6 +325,29 @@ def test_hypergrid_reward_by_hand(x, reward) -> None:
     assert bool(env.modes(torch.tensor([x]))) == (reward == 2.6)
 
 
+@pytest.mark.parametrize("height", [5, 8, 11, 16, 21, 31, 64])
+def test_hypergrid_reward_is_exact_at_the_band_edges(height) -> None:
+    """The bands' strict inequalities hold exactly, as in rational arithmetic: at H = 16, x_i = 3 has a = |3/15 -
+    1/2| = 3/10, on the inner band's open edge, so (3, 3) is not a mode (R = 0.6), while (2, 2) (a = 11/30) is
+    (R = 2.6); floating point would put 3/15 - 0.5 at -0.30000000000000004, inside the band."""
+    from fractions import Fraction
+
+    env = HyperGrid(ndim=2, height=height)
+    x = env.all_states()
+
+    def exact(v: int) -> tuple[bool, bool]:
+        a = abs(Fraction(v, height - 1) - Fraction(1, 2))
+        return Fraction(1, 4) < a <= Fraction(1, 2), Fraction(3, 10) < a < Fraction(2, 5)
+
+    bands = [[exact(int(v)) for v in row] for row in x]
+    want = torch.tensor([0.1 + 0.5 * all(b[0] for b in row) + 2.0 * all(b[1] for b in row) for row in bands],
+                        dtype=torch.float64)
+    assert torch.allclose(env.reward(x), want, rtol=0, atol=1e-15)
+    if height == 16:
+        assert float(env.reward(torch.tensor([[3, 3]]))) == pytest.approx(0.6)
+        assert float(env.reward(torch.tensor([[2, 2]]))) == pytest.approx(2.6)
+
+
 def test_hypergrid_modes_and_log_z() -> None:
     """H = 8, D = 2: per axis the outer band is {0, 1, 6, 7} and the inner band {1, 6}, so 16 states get R1, the
     4 modes {1, 6}^2 also get R2, and Z = 64 * 0.1 + 16 * 0.5 + 4 * 2 = 22.4."""

@@ -108,10 +108,14 @@ class HyperGrid(Environment):
         return check_linear_reward(self.reward(x), "hypergrid reward")
 
     def reward(self, x: Tensor) -> Tensor:
-        """``[n]`` ``R(x)`` in linear space (float64)."""
-        a = (x.double() / (self.height - 1) - 0.5).abs()
-        band1 = ((a > 0.25) & (a <= 0.5)).all(1)
-        band2 = ((a > 0.3) & (a < 0.4)).all(1)
+        """``[n]`` ``R(x)`` in linear space (float64). The bands are decided in integers, ``a = |x_i / (H-1) - 0.5|
+        = d / D`` with ``d = |2 x_i - (H-1)|`` and ``D = 2 (H-1)``, so a point on a band's edge (``a = 0.3`` at
+        ``x_i = 3`` of ``H = 16``) is outside it exactly as the strict inequality says; in floating point
+        ``3 / 15 - 0.5`` rounds to ``-0.30000000000000004`` and would fall inside."""
+        d = (2 * x - (self.height - 1)).abs()
+        D = 2 * (self.height - 1)
+        band1 = ((4 * d > D) & (2 * d <= D)).all(1)
+        band2 = ((10 * d > 3 * D) & (10 * d < 4 * D)).all(1)
         return self.r0 + self.r1 * band1.double() + self.r2 * band2.double()
 
     def to_input(self, states: Tensor) -> Tensor:
