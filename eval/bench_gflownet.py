@@ -131,7 +131,8 @@ def run_genkit_loop(ndim: int, height: int, loss: str, iters: int, args: argpars
         if evaluate and (it % every == 0 or it == iters):
             curve.append({"iteration": it, "trajectories": it * args.batch_size,
                           **_l1s(env, model.terminal_distribution(), true), "log_z": float(model.log_z().detach())})
-    out: dict[str, Any] = {"times": times, "median_time": median(times), "losses": losses[:: max(1, iters // 200)]}
+    out: dict[str, Any] = {"times": times, "median_time": median(times), "losses": losses[:: max(1, iters // 200)],
+                           "median_time_first": median(times[:max(1, args.novalidate_iters)])}
     if evaluate:
         visited = torch.cat(terminals)
         modes = exact.modes_found(env, visited)
@@ -260,8 +261,13 @@ def main() -> None:
     p.add_argument("--name", default=None, help="results name (default bench_gflownet, _cuda on a GPU)")
     p.add_argument("--quick", action="store_true", help="smoke run (tiny budget) to a temporary folder")
     p.add_argument("--out", default=None, help=f"results folder (default {RESULTS}; --quick: a temporary one)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="write one report (--name, default bench_gflownet) "
+                                                                "from partial runs' JSON files")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.merge:
+        merge(args.merge, args)
+        return
     if args.quick:
         args.budget, args.seeds, args.fresh_samples, args.novalidate_iters = 320, 1, 2000, 20
     out_dir = Path(args.out) if args.out else (Path(tempfile.mkdtemp()) if args.quick else RESULTS)
@@ -292,7 +298,29 @@ def main() -> None:
                       f"{1e3 * gk['median_time']:.2f} torchgfn {1e3 * t['median_time']:.2f}", flush=True)
             results[cfg][loss] = cell
     elapsed = time.perf_counter() - t_start
+    report(results, args, device, name, iters, seeds, elapsed, out_dir)
 
+
+def merge(paths: list[str], args: argparse.Namespace) -> None:
+    """One report from partial runs (``--name ..._part_x`` with disjoint ``--configs``, run concurrently)."""
+    import json
+
+    parts = [json.loads(Path(f).read_text()) for f in paths]
+    first = parts[0]["settings"]
+    for key in ("budget", "batch_size", "seeds", "lr", "losses", "fresh_samples", "novalidate_iters", "device"):
+        if any(q["settings"][key] != first[key] for q in parts):
+            raise SystemExit(f"--merge: the parts differ in {key}")
+    merged = argparse.Namespace(**{**first, "configs": [c for q in parts for c in q["settings"]["configs"]]})
+    results = {cfg: by for q in parts for cfg, by in q["runs"].items()}
+    commands = "; ".join(f"`{q['command']}`" for q in parts)
+    note = (f" The configurations ran as {len(parts)} concurrent processes ({commands}; each interleaves the "
+            "libraries seed by seed, so both see the same machine load), merged by this command.")
+    report(results, merged, torch.device(first["device"]), args.name or "bench_gflownet", parts[0]["iterations"],
+           list(range(first["seeds"])), max(q["elapsed_s"] for q in parts), Path(args.out or RESULTS), note)
+
+
+def report(results: dict[str, Any], args: argparse.Namespace, device: torch.device, name: str, iters: int,
+           seeds: list[int], elapsed: float, out_dir: Path, note: str = "") -> None:
     # --- summary ---------------------------------------------------------------------------------------------
     rows, summary = [], []
     floors = {cfg: noise_floor(_env(*CONFIGS[cfg]), args.fresh_samples) for cfg in args.configs} \
@@ -322,7 +350,7 @@ def main() -> None:
                 s["ms_trainer"] = 1e3 * median([r["median_time"] for r in cell["genkit_trainer"]])
             if cell["genkit_novalidate"]:
                 k = args.novalidate_iters
-                on = median([median(r["times"][:k]) for r in gk])
+                on = median([r["median_time_first"] for r in gk])
                 off = median([r["median_time"] for r in cell["genkit_novalidate"]])
                 s["ms_validate_on_first"], s["ms_validate_off_first"] = 1e3 * on, 1e3 * off
                 s["validation_cost"] = on / off - 1
@@ -346,7 +374,7 @@ def main() -> None:
           "log Z as log F(s_0); torchgfn reduces SubTB by sum over the batch (its script), genkit by the mean. "
           f"Whole run: {elapsed / 60:.1f} min." + (f" Budget cut for time: {len(seeds)} seeds (3 asked for by the "
           f"design), the genkit Trainer rows on the first {args.trainer_seeds} seed(s)." if
-          args.trainer_seeds is not None or len(seeds) < 3 else ""), "",
+          args.trainer_seeds is not None or len(seeds) < 3 else "") + note, "",
           "Final exact L1 (sum convention, torchgfn's, in [0, 2]; the policy's exact terminal distribution by DP vs "
           "R / Z). ms/iter: the median over iterations of sample + loss + backward + step, then over seeds; ratio "
           "= genkit / torchgfn. Modes found: distinct modes among the terminal objects visited in training, after "
@@ -384,7 +412,7 @@ def main() -> None:
                            "log Z exact", "L1 genkit Trainer", "ms/step Trainer", "ms/iter validate on",
                            "ms/iter validate off", "validation cost"], extra), "",
            f"L1 against trajectories: `{name}.png` (log y; thin lines: seeds, thick: medians).", ""]
-    payload = {"settings": {k: v for k, v in vars(args).items()}, "iterations": iters, "elapsed_s": elapsed,
+    payload = {"settings": {k: v for k, v in vars(args).items() if k != "merge"}, "iterations": iters, "elapsed_s": elapsed,
                "torchgfn_version": _torchgfn_version(), "noise_floor": floors, "summary": summary,
                "runs": {cfg: {loss: {lib: [{k: v for k, v in r.items() if k not in ("times",)} for r in runs]
                                      for lib, runs in cell.items()} for loss, cell in by.items()}
