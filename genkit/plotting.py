@@ -142,6 +142,11 @@ def _save_tokens_png(samples: Tensor, path: str | Path, reference: Tensor | None
     for ax, (name, data) in zip(axes, panels):
         image = _token_heatmap(ax, data, vocab, name)
     fig.colorbar(image, ax=list(axes), shrink=0.9)
+    return _save(fig, path, title)
+
+
+def _save(fig: Any, path: str | Path, title: str | None) -> Path:
+    """Title ``fig`` and write it to the PNG ``path`` (parent folders created); return the path."""
     if title:
         fig.suptitle(title, fontsize=11)
     path = Path(path)
@@ -170,9 +175,4 @@ def save_heatmaps_png(panels: dict[str, Tensor], path: str | Path, title: str | 
         ax.set_xlabel("x_1")
         ax.set_ylabel("x_0")
     fig.colorbar(image, ax=list(axes), shrink=0.8)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path, title)
