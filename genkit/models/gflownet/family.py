@@ -61,9 +61,13 @@ def _positive_int(name: str, value: Any, low: int = 1) -> int:
 class GFlowNet(nn.Module):
     """``GFlowNet(env, *, loss="tb", hidden=256, depth=2, backward="uniform", tied=False, forward_looking=False,
     subtb_lambda=0.9, weighting="geometric", epsilon=0.0, temperature=1.0, batch_size=16, replay=0,
-    replay_prioritized=False, log_z_lr_scale=100.0, seed=0)``.
+    replay_prioritized=False, log_z_lr_scale=100.0, s0_flow="log_z", seed=0)``.
 
-    ``env`` is an :class:`~genkit.models.gflownet.Environment`, its registry name or its config.
+    ``env`` is an :class:`~genkit.models.gflownet.Environment`, its registry name or its config. ``s0_flow``
+    (db / subtb): ``"log_z"`` makes the learned scalar ``log Z`` the flow of the initial state (so SubTB with TB
+    weighting is TB, and ``log Z`` trains at ``log_z_lr_scale`` times the rate); ``"head"`` reads ``log F(s_0)``
+    from the state-flow head instead, as torchgfn's DB / SubTB do (the model then has no ``log Z`` parameter; its
+    ``log_z()`` is the head at ``s_0``).
     """
 
     family = "gflownet"
@@ -77,7 +81,7 @@ class GFlowNet(nn.Module):
                  depth: int = 2, backward: str = "uniform", tied: bool = False, forward_looking: bool = False,
                  subtb_lambda: float = 0.9, weighting: str = "geometric", epsilon: float = 0.0,
                  temperature: float = 1.0, batch_size: int = 16, replay: int = 0, replay_prioritized: bool = False,
-                 log_z_lr_scale: float = 100.0, seed: int = 0):
+                 log_z_lr_scale: float = 100.0, s0_flow: str = "log_z", seed: int = 0):
         super().__init__()
         self.env = get_env(env)
         if loss not in LOSSES:
@@ -114,12 +118,19 @@ class GFlowNet(nn.Module):
             raise ConfigError(f"log_z_lr_scale must be a number > 0 (log Z's learning rate over the policy's; 100 is "
                               f"the papers' 0.1 / 1e-3); got {log_z_lr_scale!r}")
         self.log_z_lr_scale = float(log_z_lr_scale)
+        if s0_flow not in ("log_z", "head"):
+            raise ConfigError(f"s0_flow must be 'log_z' (the learned scalar is log F(s_0)) or 'head' (the flow head at "
+                              f"s_0, as torchgfn's DB / SubTB); got {s0_flow!r}")
+        if s0_flow == "head" and loss not in ("db", "subtb"):
+            raise ConfigError(f"s0_flow='head' reads log F(s_0) from the state-flow head of db / subtb; loss {loss!r} "
+                              "has none. Drop s0_flow")
+        self.s0_flow = s0_flow
         self.seed = _positive_int("seed", seed, 0)
         with torch.random.fork_rng(devices=[]):  # the initial weights follow the config's seed alone
             torch.manual_seed(self.seed)
             self.policy = Policy(self.env.input_dim, self.env.n_actions, self.env.n_backward, hidden=self.hidden,
                                  depth=self.depth, backward=backward, flow=loss in ("db", "subtb"),
-                                 log_z=loss != "fm", tied=tied)
+                                 log_z=loss != "fm" and s0_flow == "log_z", tied=tied)
         self.buffer = ReplayBuffer(self.env, self.replay, prioritized=replay_prioritized) if self.replay else None
         #: the distinct modes among the terminal objects of every fresh training trajectory so far (logged as
         #: "modes_found": the mode-discovery curve against trajectories; not saved, so a resumed run restarts it)
@@ -141,6 +152,9 @@ class GFlowNet(nn.Module):
         if self.policy.log_z is not None:
             return self.policy.log_z.detach().clone()
         s0 = self.env.initial(1, self._device())
+        if self.s0_flow == "head":
+            flow = self.policy(self.env.to_input(s0)).log_flow[0]
+            return flow + self.env.log_reward(s0)[0].to(flow.dtype) if self.forward_looking else flow
         logits = self.policy(self.env.to_input(s0)).forward_logits
         return logits.masked_fill(~self.env.forward_mask(s0), -torch.inf).logsumexp(-1)[0]
 
@@ -171,7 +185,9 @@ class GFlowNet(nn.Module):
         state_r = None
         if self.forward_looking:
             flat = traj.states.flatten(0, 1)
-            state_r = self.env.log_reward(flat).reshape(traj.states.shape[:2]).to(log_z.dtype)
+            state_r = self.env.log_reward(flat).reshape(traj.states.shape[:2]).to(scores.log_pf.dtype)
+        if self.s0_flow == "head":  # log F(s_0) from the flow head, per trajectory (all start at s_0)
+            log_z = scores.log_flow[0] + (state_r[0] if state_r is not None else 0)
         if self.loss_name == "db":
             return detailed_balance(traj, scores, log_z, state_r)
         return subtrajectory_balance(traj, scores, log_z, lamda=self.subtb_lambda, weighting=self.weighting,
@@ -195,7 +211,7 @@ class GFlowNet(nn.Module):
             self.modes_seen.update(exact._keys(fresh[self.env.modes(fresh)].cpu()))
             logs["modes_found"] = float(len(self.modes_seen))
         if self.loss_name != "fm":
-            logs["log_z"] = float(self.policy.log_z.detach())
+            logs["log_z"] = float(self.log_z())
         return loss, logs
 
     # --- sampling -------------------------------------------------------------------------------------------
@@ -278,7 +294,7 @@ class GFlowNet(nn.Module):
                 "forward_looking": self.forward_looking, "subtb_lambda": self.subtb_lambda,
                 "weighting": self.weighting, "epsilon": self.epsilon, "temperature": self.temperature,
                 "batch_size": self.batch_size, "replay": self.replay, "replay_prioritized": self.replay_prioritized,
-                "log_z_lr_scale": self.log_z_lr_scale, "seed": self.seed}
+                "log_z_lr_scale": self.log_z_lr_scale, "s0_flow": self.s0_flow, "seed": self.seed}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> GFlowNet:
@@ -291,7 +307,8 @@ class GFlowNet(nn.Module):
 
     # --- the family registry's hooks ------------------------------------------------------------------------
     #: TB (uniform P_B), TB with a learned P_B, DB, forward-looking DB, SubTB on a bit-sequence DAG, FM
-    example_variants: ClassVar[tuple[str, ...]] = ("default", "learned_pb", "db", "fl_db", "subtb_bitseq", "fm")
+    example_variants: ClassVar[tuple[str, ...]] = ("default", "learned_pb", "db", "fl_db", "subtb_bitseq", "fm",
+                                                   "db_head")
 
     @classmethod
     def example(cls, variant: str = "default") -> tuple[GFlowNet, None]:
@@ -301,6 +318,7 @@ class GFlowNet(nn.Module):
             "default": {}, "learned_pb": {"backward": "learned"}, "db": {"loss": "db"},
             "fl_db": {"loss": "db", "forward_looking": True}, "fm": {"loss": "fm"},
             "subtb_bitseq": {"loss": "subtb", "backward": "learned", "tied": True},
+            "db_head": {"loss": "db", "s0_flow": "head", "forward_looking": True},
         }.get(variant)
         if options is None:
             raise ConfigError(f"{cls.family}.example variants are {cls.example_variants}; got {variant!r}")
@@ -342,6 +360,8 @@ class GFlowNet(nn.Module):
         group.add_argument("--replay-prioritized", action="store_const", const=True,
                            help="draw replayed trajectories in proportion to their reward")
         group.add_argument("--log-z-lr-scale", type=float, help="log Z's learning rate over --lr (default: 100)")
+        group.add_argument("--s0-flow", help="--loss db / subtb: log F(s_0) is the learned log Z ('log_z', the "
+                                             "default) or the flow head ('head', as torchgfn)")
 
     @classmethod
     def env_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
@@ -370,7 +390,7 @@ class GFlowNet(nn.Module):
                                    "depth": 2 if args.depth is None else args.depth,
                                    "batch_size": args.batch_size, "seed": args.seed}
         keys = ("loss", "backward", "tied", "forward_looking", "subtb_lambda", "weighting", "epsilon", "temperature",
-                "replay", "replay_prioritized", "log_z_lr_scale")
+                "replay", "replay_prioritized", "log_z_lr_scale", "s0_flow")
         options.update({k: getattr(args, k) for k in keys if getattr(args, k, None) is not None})
         return cls(cls.env_from_args(args), **options)
 
