@@ -288,7 +288,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--budget", type=int, default=32000, help="trajectories per run (default 32000: torchgfn's tests)")
     p.add_argument("--batch-size", type=int, default=16, help="trajectories per iteration (default 16)")
-    p.add_argument("--seeds", type=int, default=3, help="repeats (seeds 0..n-1) per cell (default 3)")
+    p.add_argument("--seeds", type=int, default=3, help="repeats (seeds first..first+n-1) per cell (default 3)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0; more seeds of a run: merge "
+                                                             "a run with --first-seed N into it by --merge)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
     p.add_argument("--lr", type=float, default=1e-3, help="network lr (log Z: 100x, 0.1)")
@@ -321,7 +323,7 @@ def main() -> None:
     device = torch.device(args.device)
     name = args.name or ("bench_gflownet" + ("_cuda" if device.type == "cuda" else ""))
     iters = args.budget // args.batch_size
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     t_start = time.perf_counter()
     results: dict[str, Any] = {}
     for cfg in args.configs:
@@ -337,7 +339,7 @@ def main() -> None:
                     cell["genkit_novalidate"].append(run_genkit_loop(
                         ndim, height, loss, min(iters, args.novalidate_iters), args, seed, device, validate=False,
                         evaluate=False))
-                if not args.no_trainer and (args.trainer_seeds is None or seed < args.trainer_seeds):
+                if not args.no_trainer and (args.trainer_seeds is None or seed - args.first_seed < args.trainer_seeds):
                     cell["genkit_trainer"].append(run_genkit_trainer(ndim, height, loss, iters, args, seed, device))
                 t, gk = cell["torchgfn"][-1], cell["genkit"][-1]
                 print(f"[{time.perf_counter() - t_start:7.0f}s] {cfg} {loss} seed {seed}: L1 genkit "
@@ -358,28 +360,29 @@ def merge(paths: list[str], args: argparse.Namespace) -> None:
     appendix = ""
     for q in own:
         appendix += ("\n## torchgfn against its own target\n\n"
-                     "genkit's hypergrid reward and torchgfn's differ at height 16: torchgfn widens each band bound by "
-                     "1e-12, genkit compares |x / (H - 1) - 0.5| with the bound in floating point, and x = 3, 12 lie "
-                     "exactly on the 0.3 bound of the R2 band, where 12 / 15 - 0.5 = 0.30000000000000004 > 0.3: "
-                     "genkit puts R2 on x_i = 12 (9 modes, not symmetric) and torchgfn does not (4 modes), so on "
-                     "2-D h=16 each library trains toward its own target and the L1 of torchgfn above (against "
-                     "genkit's R / Z) is mostly the gap between the targets. The 2-D h=16 L1 comparison above is "
-                     "therefore not like for like; torchgfn rerun alone (same seeds and set-up, deterministic: its L1 "
-                     "against genkit's target repeats the table's) and scored against its own R / Z "
-                     f"(`{q['command']}`):"
-                     "\n\n" + markdown_table(["config", "loss", "L1 vs genkit target", "L1 vs torchgfn's own target",
-                                               "L1(genkit target, torchgfn target)"], q["rows"]) + "\n")
+                     f"torchgfn alone, scored against genkit's R / Z and its own (`{q['command']}`):\n\n"
+                     + markdown_table(["config", "loss", "L1 vs genkit target", "L1 vs torchgfn's own target",
+                                       "L1(genkit target, torchgfn target)"], q["rows"]) + "\n")
     first = parts[0]["settings"]
-    for key in ("budget", "batch_size", "seeds", "lr", "losses", "fresh_samples", "novalidate_iters", "device"):
+    for key in ("budget", "batch_size", "lr", "losses", "fresh_samples", "novalidate_iters", "device"):
         if any(q["settings"][key] != first[key] for q in parts):
             raise SystemExit(f"--merge: the parts differ in {key}")
-    merged = argparse.Namespace(**{**first, "configs": [c for q in parts for c in q["settings"]["configs"]]})
-    results = {cfg: by for q in parts for cfg, by in q["runs"].items()}
+    configs = list(dict.fromkeys(c for q in parts for c in q["settings"]["configs"]))
+    merged = argparse.Namespace(**{**first, "configs": configs, "trainer_seeds": None})
+    results: dict[str, Any] = {}  # parts of one configuration (other seeds) add their runs to its cells
+    for q in parts:
+        for cfg, by in q["runs"].items():
+            for loss, cell in by.items():
+                into = results.setdefault(cfg, {}).setdefault(loss, {})
+                for lib, runs in cell.items():
+                    into.setdefault(lib, []).extend(runs)
+    seeds = sorted({k for q in parts for k in range(q["settings"].get("first_seed", 0),
+                                                     q["settings"].get("first_seed", 0) + q["settings"]["seeds"])})
     commands = "; ".join(f"`{q['command']}`" for q in parts)
-    note = (f" The configurations ran as {len(parts)} concurrent processes ({commands}; each interleaves the "
+    note = (f" The configurations and seed ranges ran as {len(parts)} processes ({commands}; each interleaves the "
             "libraries seed by seed, so both see the same machine load), merged by this command.")
     report(results, merged, torch.device(first["device"]), args.name or "bench_gflownet", parts[0]["iterations"],
-           list(range(first["seeds"])), max(q["elapsed_s"] for q in parts), Path(args.out or RESULTS), note, appendix)
+           seeds, max(q["elapsed_s"] for q in parts), Path(args.out or RESULTS), note, appendix)
 
 
 def report(results: dict[str, Any], args: argparse.Namespace, device: torch.device, name: str, iters: int,
