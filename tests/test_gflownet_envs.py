@@ -327,9 +327,9 @@ def test_hypergrid_reward_by_hand(x, reward) -> None:
 
 @pytest.mark.parametrize("height", [5, 8, 11, 16, 21, 31, 64])
 def test_hypergrid_reward_is_exact_at_the_band_edges(height) -> None:
-    """The bands' strict inequalities hold exactly, as in rational arithmetic: at H = 16, x_i = 3 has a = |3/15 -
-    1/2| = 3/10, on the inner band's open edge, so (3, 3) is not a mode (R = 0.6), while (2, 2) (a = 11/30) is
-    (R = 2.6); floating point would put 3/15 - 0.5 at -0.30000000000000004, inside the band."""
+    """The bands' strict inequalities hold exactly, as in rational arithmetic: at H = 16, x_i = 3 and 12 have a =
+    3/10, on the inner band's open edge, so (3, 3) and (12, 12) are not modes (R = 0.6), while (2, 2) (a = 11/30)
+    is (R = 2.6); floating point puts 12/15 - 0.5 at 0.30000000000000004, inside the band."""
     from fractions import Fraction
 
     env = HyperGrid(ndim=2, height=height)
@@ -346,6 +346,7 @@ def test_hypergrid_reward_is_exact_at_the_band_edges(height) -> None:
     if height == 16:
         assert float(env.reward(torch.tensor([[3, 3]]))) == pytest.approx(0.6)
         assert float(env.reward(torch.tensor([[2, 2]]))) == pytest.approx(2.6)
+        assert float(env.reward(torch.tensor([[12, 12]]))) == pytest.approx(0.6)
 
 
 def test_hypergrid_modes_and_log_z() -> None:

@@ -110,8 +110,8 @@ class HyperGrid(Environment):
     def reward(self, x: Tensor) -> Tensor:
         """``[n]`` ``R(x)`` in linear space (float64). The bands are decided in integers, ``a = |x_i / (H-1) - 0.5|
         = d / D`` with ``d = |2 x_i - (H-1)|`` and ``D = 2 (H-1)``, so a point on a band's edge (``a = 0.3`` at
-        ``x_i = 3`` of ``H = 16``) is outside it exactly as the strict inequality says; in floating point
-        ``3 / 15 - 0.5`` rounds to ``-0.30000000000000004`` and would fall inside."""
+        ``x_i = 3`` and ``12`` of ``H = 16``) is outside it exactly as the strict inequality says; in floating point
+        ``12 / 15 - 0.5`` rounds to ``0.30000000000000004`` and would fall inside (``x_i = 3`` would not)."""
         d = (2 * x - (self.height - 1)).abs()
         D = 2 * (self.height - 1)
         band1 = ((4 * d > D) & (2 * d <= D)).all(1)
