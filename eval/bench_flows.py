@@ -10,7 +10,13 @@ Normal base; the same Adam, lr, batch size, steps, batches and seeds):
 - **autoregressive**: genkit ``AutoregressiveSpline`` x 3 with ``Permutation.reverse`` between them against
   ``zuko.flows.NSF`` (fully autoregressive, the order flipped every transform: the same thing) and nflows'
   ``MaskedPiecewiseRationalQuadraticAutoregressiveTransform`` (``num_blocks=1``, no residual blocks) with
-  ``ReversePermutation``.
+  ``ReversePermutation``;
+- **coupling+lu**: genkit's ``nsf`` family as a user builds it (``NeuralSplineFlow(D, layers=3, bins=8,
+  bound=5.0, hidden=64, depth=2)``: coupling layers with its default ``mixing="lu"``, an ``LULinear``
+  ``y = P L U x + b`` between them, as the NSF paper's coupling flows alternate LU-linear layers with couplings)
+  against zuko's coupling setting with the same mixing between its transforms (``LULinearTransform`` from the
+  identity, then ``PermutationTransform`` with genkit's permutation) and nflows' coupling with ``LULinear``
+  (``identity_init``) + ``Permutation`` between its layers.
 
 Rows:
 
@@ -28,9 +34,8 @@ Rows:
 3. **Sampling time** of 1024 points at D = 2, 8, 32 (freshly built flows: the time does not depend on the
    weights), contenders interleaved, medians of ``--sample-repeats``.
 4. **Coupling vs autoregressive at D = 32**: genkit's coupling NSF against zuko's autoregressive NSF, sampling
-   speed (target >= 10x) and NLL on the 32-D mixture (target: within 0.05 nats); the plain coupling flow and one
-   with an ``LULinear`` before each coupling layer (``coupling+lu``: a fixed half split alone never models the
-   dependencies within a half).
+   speed (target >= 10x) and NLL on the 32-D mixture (target: within 0.05 nats); the plain coupling flow and the
+   ``nsf`` family's default (``coupling+lu``).
 
 Diagnostic contender ``zuko-plain`` (on ``--diagnostic-sets``): zuko's ``GeneralCouplingTransform`` with zuko's
 spline, split like genkit's coupling, to tell the spline parameterisation from zuko's coupling structure; and
@@ -72,8 +77,8 @@ from genkit.models.flows import (  # noqa: E402
     AutoregressiveSpline,
     CouplingSpline,
     Flow,
-    LULinear,
     MaskedCouplingSpline,
+    NeuralSplineFlow,
     Permutation,
 )
 
@@ -91,7 +96,7 @@ def step_clock() -> float:
     """Per-step time: CPU process time on the CPU (what the machine's other load does not inflate), wall clock
     after a synchronize on a GPU (where the host's process time would miss the kernels)."""
     return time.process_time() if DEVICE.type == "cpu" else time.perf_counter()
-KINDS = ("coupling", "autoregressive")
+KINDS = ("coupling", "autoregressive", "coupling+lu")
 
 
 # ---------------------------------------------------------------------------------------------- contenders
@@ -106,15 +111,27 @@ class Contender:
     sample: Callable[[int], torch.Tensor]
 
 
-def build_genkit(kind: str, d: int, n_transforms: int = TRANSFORMS) -> Contender:
-    """``kind`` "coupling", "autoregressive", "coupling+lu": an ``LULinear`` before each coupling layer (the
-    NSF paper's coupling flow; a fixed half split never models dependencies within a half), or
-    "masked_coupling": ``MaskedCouplingSpline``, zuko's ``NSF(passes=2)`` structure (both halves get splines)."""
+def lu_permutation(d: int, i: int, seed: int) -> torch.Tensor:
+    """The fixed permutation ``P`` of the ``i``-th mixing layer ``W = P L U`` of the nsf family built with ``seed``
+    (``LULinear(d, seed=seed + i)``): the zuko and nflows flows of kind "coupling+lu" use the same one."""
+    return torch.randperm(d, generator=torch.Generator().manual_seed(seed + i))
+
+
+def build_genkit(kind: str, d: int, n_transforms: int = TRANSFORMS, seed: int = 0) -> Contender:
+    """``kind`` "coupling", "autoregressive", "coupling+lu": the ``nsf`` family as a user builds it
+    (``NeuralSplineFlow(d, layers=3, bins=8, bound=5.0, hidden=64, depth=2, seed=seed)``: its default
+    ``mixing="lu"`` puts an ``LULinear`` between coupling layers, as the NSF paper's coupling flows do; a fixed
+    half split alone never models the dependencies within a half), or "masked_coupling":
+    ``MaskedCouplingSpline``, zuko's ``NSF(passes=2)`` structure (both halves get splines)."""
+    if kind == "coupling+lu":
+        family = NeuralSplineFlow(d, layers=n_transforms, bins=BINS, bound=BOUND, hidden=HIDDEN, depth=LAYERS,
+                                  seed=seed)
+        assert family.mixing == "lu" and family.transform == "coupling"  # the defaults this row stands for
+        flow = family.flow
+        return Contender(flow, flow.log_prob, lambda n: flow.sample(n))
     transforms: list = []
     for i in range(n_transforms):
-        if kind == "coupling+lu":
-            transforms.append(LULinear(d, seed=i))
-        if kind in ("coupling", "coupling+lu", "masked_coupling"):
+        if kind in ("coupling", "masked_coupling"):
             layer = MaskedCouplingSpline if kind == "masked_coupling" else CouplingSpline
             transforms.append(layer(d, bins=BINS, bound=BOUND, hidden=HIDDEN, layers=LAYERS, parity=i % 2))
         else:
@@ -125,12 +142,22 @@ def build_genkit(kind: str, d: int, n_transforms: int = TRANSFORMS) -> Contender
     return Contender(flow, flow.log_prob, lambda n: flow.sample(n))
 
 
-def build_zuko(kind: str, d: int) -> Contender:
+def build_zuko(kind: str, d: int, seed: int = 0) -> Contender:
     import zuko
+    from zuko.transforms import LULinearTransform, PermutationTransform
 
     # NSF's spline is MonotonicRQSTransform(bound=5.0, slope=1e-3): the same bound and minimum derivative
     flow = zuko.flows.NSF(d, transforms=TRANSFORMS, bins=BINS, hidden_features=(HIDDEN,) * LAYERS,
-                          passes=2 if kind == "coupling" else None)
+                          passes=2 if kind in ("coupling", "coupling+lu") else None)
+    if kind == "coupling+lu":  # genkit's mixing between the transforms: y = P L U x (L, U from the identity)
+        layers: list = []
+        for i, t in enumerate(flow.transform.transforms):
+            if i:
+                layers += [zuko.flows.UnconditionalTransform(LULinearTransform, torch.eye(d)),
+                           zuko.flows.UnconditionalTransform(PermutationTransform, lu_permutation(d, i, seed),
+                                                             buffer=True)]
+            layers.append(t)
+        flow = zuko.flows.Flow(layers, flow.base)
 
     def sample(n: int) -> torch.Tensor:
         with torch.no_grad():
@@ -139,7 +166,7 @@ def build_zuko(kind: str, d: int) -> Contender:
     return Contender(flow, lambda x: flow().log_prob(x), sample)
 
 
-def build_zuko_plain_coupling(kind: str, d: int) -> Contender:
+def build_zuko_plain_coupling(kind: str, d: int, seed: int = 0) -> Contender:
     """Diagnostic: zuko's ``GeneralCouplingTransform`` with zuko's spline, split like genkit's coupling (the
     conditioning half unchanged, an MLP on that half only): genkit's coupling structure with zuko's spline
     parameterisation and initialisation, to separate the two differences from zuko's coupling setting."""
@@ -178,7 +205,8 @@ class _NflowsMLP(torch.nn.Module):
         return self.net(x)
 
 
-def build_nflows(kind: str, d: int) -> Contender:
+def build_nflows(kind: str, d: int, seed: int = 0) -> Contender:
+    import nflows.transforms as nft
     from nflows.distributions import StandardNormal
     from nflows.flows import Flow as NFlow
     from nflows.nn.nets import MLP
@@ -191,9 +219,11 @@ def build_nflows(kind: str, d: int) -> Contender:
 
     layers: list = []
     for i in range(TRANSFORMS):
-        if kind == "coupling":
+        if kind in ("coupling", "coupling+lu"):
             first = [-1] * (d // 2) + [1] * (d - d // 2)  # nflows: > 0 is transformed; genkit's parity 0 split
-            mask = torch.tensor(first if i % 2 == 0 else first[::-1])
+            mask = torch.tensor(first if i % 2 == 0 or kind == "coupling+lu" else first[::-1])
+            if i and kind == "coupling+lu":  # genkit's mixing: y = P (L U x + b), from the identity
+                layers += [nft.LULinear(d, identity_init=True), nft.Permutation(lu_permutation(d, i, seed))]
             layers.append(PiecewiseRationalQuadraticCouplingTransform(
                 mask, lambda n_in, n_out: _NflowsMLP(MLP([n_in], [n_out], [HIDDEN] * LAYERS)), num_bins=BINS,
                 tails="linear",
@@ -236,9 +266,9 @@ def available(lib: str) -> bool:
 def build(lib: str, kind: str, d: int, seed: int, n_transforms: int = TRANSFORMS) -> Contender:
     torch.manual_seed(seed)  # the same seed for every contender (their parameter layouts differ)
     if n_transforms != TRANSFORMS or kind not in KINDS:
-        c = build_genkit(kind, d, n_transforms)
+        c = build_genkit(kind, d, n_transforms, seed)
     else:
-        c = {**LIBRARIES, **DIAGNOSTICS}[lib](kind, d)
+        c = {**LIBRARIES, **DIAGNOSTICS}[lib](kind, d, seed=seed)
     c.module.to(DEVICE)  # in place: the contender's closures keep pointing at the moved module
     return c
 
@@ -359,12 +389,10 @@ def train_lockstep(data: Split, names: list[tuple[str, str, int]], seed: int, st
 # ---------------------------------------------------------------------------------------------- sampling
 
 
-def time_sampling(dims: list[int], libs: list[str], repeats: int, extra: list[tuple[str, int]],
-                  n: int = 1024) -> dict[str, dict[str, Any]]:
+def time_sampling(dims: list[int], libs: list[str], repeats: int, n: int = 1024) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for d in dims:
         flows = {f"{lib} {kind}": build(lib, kind, d, 0) for lib in libs for kind in KINDS}
-        flows |= {contender_key("genkit", kind, t): build("genkit", kind, d, 0, t) for kind, t in extra}
         keys = list(flows)
         times: dict[str, list[float]] = {k: [] for k in keys}
         for k in keys:  # warm-up, discarded
@@ -405,6 +433,10 @@ DIFFERENCES = [
     "reads all D inputs through a mask and outputs parameters for all D features. genkit's (and nflows') coupling "
     "passes the conditioning half unchanged and runs its MLP on that half only. For odd D (wine, 13) zuko "
     "conditions on ceil(D/2) = 7 features, genkit and nflows on D // 2 = 6.",
+    "coupling+lu: the mixing layer is y = P L U x + b on genkit's (LULinear: diag U = 1e-3 + softplus) and "
+    "nflows' side (LULinear, the same positive diagonal) and y = P L U x on zuko's (LULinearTransform: no bias, an "
+    "unconstrained diagonal of L); all three start at the identity times the same permutation P. genkit's and "
+    "nflows' couplings behind a mixing layer always transform the same half; zuko's keep NSF's flipped orders.",
     "Sampling: genkit's Flow.sample also computes the samples' log-density (one pass); zuko's and nflows' sample "
     "only invert. genkit's autoregressive inverse takes D passes evaluating only feature i's MADE output block and "
     "spline in pass i; zuko's and nflows' evaluate every feature's in each of their D passes.",
@@ -467,9 +499,6 @@ def build_report(payload: dict[str, Any], args: argparse.Namespace, libs: list[s
             g, z = row[f"genkit {kind}"]["median_ms"], row[f"zuko {kind}"]["median_ms"]
             nf = row.get(f"nflows {kind}", {}).get("median_ms", "-")
             sample_rows.append([d, kind, g, z, nf, g / z])
-        for key in row:
-            if key.startswith("genkit coupling") and key.removeprefix("genkit ") not in KINDS:
-                sample_rows.append([d, key.removeprefix("genkit "), row[key]["median_ms"], "-", "-", "-"])
     md = [
         f"Settings: {args.threads} torch thread(s); Adam lr {args.lr}; architecture on every side: "
         f"{TRANSFORMS} transforms, {BINS} bins, bound {BOUND}, hidden ({HIDDEN}, {HIDDEN}); per-set steps x batch "
@@ -479,6 +508,11 @@ def build_report(payload: dict[str, Any], args: argparse.Namespace, libs: list[s
         "Libraries: " + ", ".join(f"{k} {v}" for k, v in payload["libraries"].items()) + ".",
         "",
         "## Summary",
+        "",
+        "Kinds: `coupling` is genkit's coupling layers alone (parity alternating) against zuko's `NSF(passes=2)`; "
+        "`coupling+lu` is the `nsf` family's default (an `LULinear` between coupling layers) against zuko's "
+        "`NSF(passes=2)` with the same mixing between its transforms; `autoregressive` is MADE splines against "
+        "zuko's `NSF`.",
         "",
         markdown_table(["target", "measured", "met?"], summary["rows"]),
         "",
@@ -544,8 +578,6 @@ SETS = {
 }
 QUICK = {"moons": (30, 128, 1, 1024, 256, 10), "checkerboard": (30, 128, 1, 1024, 256, 10),
          "wine": (30, 64, 1, 0, 0, 5), "digits64": (15, 64, 1, 0, 0, 5), "gmm32": (20, 64, 1, 1024, 256, 10)}
-# extra genkit coupling flows for the coupling-vs-autoregressive row: set -> [(kind, transforms)]
-EXTRA_COUPLING = {"gmm32": [("coupling+lu", TRANSFORMS)]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -594,7 +626,6 @@ def main(argv: list[str] | None = None) -> None:
         data.train, data.validation, data.test = (t.to(DEVICE) for t in (data.train, data.validation, data.test))
         row_libs = [lib for lib in libs if lib != "nflows" or name in args.nflows_sets]
         names = [(lib, kind, TRANSFORMS) for kind in KINDS for lib in row_libs]  # each kind's side by side
-        names += [("genkit", kind, t) for kind, t in EXTRA_COUPLING.get(name, [])]
         if name in args.diagnostic_sets:
             names += [("zuko-plain", "coupling", TRANSFORMS), ("genkit", "masked_coupling", TRANSFORMS)]
         runs = {}
@@ -626,8 +657,7 @@ def main(argv: list[str] | None = None) -> None:
                 "median_cpu_ms": median(r["cpu_ms"]) if r["cpu_ms"] else math.nan} for k, r in runs[s].items()}
                 for s in runs},
         }
-    extra = sorted({t for name in args.sets for t in EXTRA_COUPLING.get(name, [])})
-    payload["sampling"] = time_sampling(args.sample_dims, libs, args.sample_repeats, extra)
+    payload["sampling"] = time_sampling(args.sample_dims, libs, args.sample_repeats)
 
     rows = []
     for name, row in payload["nll"].items():
@@ -649,7 +679,7 @@ def main(argv: list[str] | None = None) -> None:
     za = payload["sampling"][top]["zuko autoregressive"]["median_ms"]
     g32 = payload["nll"].get("gmm32", {}).get("median_test_nll", {})
     heads = []
-    for kind, t in [("coupling", TRANSFORMS), *extra]:
+    for kind, t in [("coupling", TRANSFORMS), ("coupling+lu", TRANSFORMS)]:
         key = contender_key("genkit", kind, t)
         gc = payload["sampling"][top][key]["median_ms"]
         h = {"genkit": key, "transforms": t, "dim": int(top), "genkit_coupling_sample_ms": gc,
