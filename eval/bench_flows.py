@@ -77,9 +77,11 @@ from genkit.models.flows import (  # noqa: E402
     AutoregressiveSpline,
     CouplingSpline,
     Flow,
+    LULinear,
     MaskedCouplingSpline,
     NeuralSplineFlow,
     Permutation,
+    half_swap_permutation,
 )
 
 BINS, BOUND, HIDDEN, LAYERS, TRANSFORMS = 8, 5.0, 64, 2, 3
@@ -111,10 +113,12 @@ class Contender:
     sample: Callable[[int], torch.Tensor]
 
 
-def lu_permutation(d: int, i: int, seed: int) -> torch.Tensor:
+def lu_permutation(d: int, i: int, seed: int, conditioning: int) -> torch.Tensor:
     """The fixed permutation ``P`` of the ``i``-th mixing layer ``W = P L U`` of the nsf family built with ``seed``
-    (``LULinear(d, seed=seed + i)``): the zuko and nflows flows of kind "coupling+lu" use the same one."""
-    return torch.randperm(d, generator=torch.Generator().manual_seed(seed + i))
+    (``half_swap_permutation(d, d // 2, seed + i)``: what the coupling before transformed moves to the half the
+    next conditions on): the zuko and nflows flows of kind "coupling+lu" use the same rule for their own split
+    (``conditioning`` features: ``d // 2`` for genkit and nflows, ``ceil(d / 2)`` for zuko's ``passes=2``)."""
+    return half_swap_permutation(d, conditioning, seed + i)
 
 
 def build_genkit(kind: str, d: int, n_transforms: int = TRANSFORMS, seed: int = 0) -> Contender:
@@ -128,6 +132,8 @@ def build_genkit(kind: str, d: int, n_transforms: int = TRANSFORMS, seed: int = 
                                   seed=seed)
         assert family.mixing == "lu" and family.transform == "coupling"  # the defaults this row stands for
         flow = family.flow
+        mixing = [t for t in flow.transforms if isinstance(t, LULinear)]
+        assert all(torch.equal(t.perm, lu_permutation(d, i + 1, seed, d // 2)) for i, t in enumerate(mixing))
         return Contender(flow, flow.log_prob, lambda n: flow.sample(n))
     transforms: list = []
     for i in range(n_transforms):
@@ -143,20 +149,25 @@ def build_genkit(kind: str, d: int, n_transforms: int = TRANSFORMS, seed: int = 
 
 
 def build_zuko(kind: str, d: int, seed: int = 0) -> Contender:
+    from functools import partial
+
     import zuko
-    from zuko.transforms import LULinearTransform, PermutationTransform
+    from zuko.transforms import LULinearTransform, MonotonicRQSTransform, PermutationTransform
 
     # NSF's spline is MonotonicRQSTransform(bound=5.0, slope=1e-3): the same bound and minimum derivative
     flow = zuko.flows.NSF(d, transforms=TRANSFORMS, bins=BINS, hidden_features=(HIDDEN,) * LAYERS,
-                          passes=2 if kind in ("coupling", "coupling+lu") else None)
+                          passes=2 if kind == "coupling" else None)
     if kind == "coupling+lu":  # genkit's mixing between the transforms: y = P L U x (L, U from the identity)
+        split = (d + 1) // 2  # passes=2 in the order 0..d-1: the first ceil(d / 2) features condition
         layers: list = []
-        for i, t in enumerate(flow.transform.transforms):
+        for i in range(TRANSFORMS):
             if i:
                 layers += [zuko.flows.UnconditionalTransform(LULinearTransform, torch.eye(d)),
-                           zuko.flows.UnconditionalTransform(PermutationTransform, lu_permutation(d, i, seed),
-                                                             buffer=True)]
-            layers.append(t)
+                           zuko.flows.UnconditionalTransform(PermutationTransform,
+                                                             lu_permutation(d, i, seed, split), buffer=True)]
+            layers.append(zuko.flows.MaskedAutoregressiveTransform(
+                d, passes=2, order=torch.arange(d), univariate=partial(MonotonicRQSTransform, slope=1e-3),
+                shapes=[(BINS,), (BINS,), (BINS - 1,)], hidden_features=(HIDDEN,) * LAYERS))
         flow = zuko.flows.Flow(layers, flow.base)
 
     def sample(n: int) -> torch.Tensor:
@@ -223,7 +234,7 @@ def build_nflows(kind: str, d: int, seed: int = 0) -> Contender:
             first = [-1] * (d // 2) + [1] * (d - d // 2)  # nflows: > 0 is transformed; genkit's parity 0 split
             mask = torch.tensor(first if i % 2 == 0 or kind == "coupling+lu" else first[::-1])
             if i and kind == "coupling+lu":  # genkit's mixing: y = P (L U x + b), from the identity
-                layers += [nft.LULinear(d, identity_init=True), nft.Permutation(lu_permutation(d, i, seed))]
+                layers += [nft.LULinear(d, identity_init=True), nft.Permutation(lu_permutation(d, i, seed, d // 2))]
             layers.append(PiecewiseRationalQuadraticCouplingTransform(
                 mask, lambda n_in, n_out: _NflowsMLP(MLP([n_in], [n_out], [HIDDEN] * LAYERS)), num_bins=BINS,
                 tails="linear",
@@ -435,8 +446,11 @@ DIFFERENCES = [
     "conditions on ceil(D/2) = 7 features, genkit and nflows on D // 2 = 6.",
     "coupling+lu: the mixing layer is y = P L U x + b on genkit's (LULinear: diag U = 1e-3 + softplus) and "
     "nflows' side (LULinear, the same positive diagonal) and y = P L U x on zuko's (LULinearTransform: no bias, an "
-    "unconstrained diagonal of L); all three start at the identity times the same permutation P. genkit's and "
-    "nflows' couplings behind a mixing layer always transform the same half; zuko's keep NSF's flipped orders.",
+    "unconstrained diagonal of L); all three start at the identity times a permutation P of the same rule, the nsf "
+    "family's half_swap_permutation (the features a coupling transformed move, in a seeded random order, to the "
+    "half the next conditions on), each for its own split (genkit and nflows condition on the first D // 2, zuko's "
+    "NSF(passes=2) transforms, all in the order 0..D-1 here, on the first ceil(D/2)). Behind a mixing layer every "
+    "side's couplings transform the same half (P alternates them).",
     "Sampling: genkit's Flow.sample also computes the samples' log-density (one pass); zuko's and nflows' sample "
     "only invert. genkit's autoregressive inverse takes D passes evaluating only feature i's MADE output block and "
     "spline in pass i; zuko's and nflows' evaluate every feature's in each of their D passes.",

@@ -12,7 +12,15 @@ import torch
 from torch.autograd.functional import jacobian
 
 from genkit.errors import ConfigError, DataError, ShapeError
-from genkit.models.flows import FLOW_TRANSFORMS, Permutation, rq_spline, spline_knots
+from genkit.models.flows import (
+    FLOW_TRANSFORMS,
+    LULinear,
+    NeuralSplineFlow,
+    Permutation,
+    half_swap_permutation,
+    rq_spline,
+    spline_knots,
+)
 
 NAMES = FLOW_TRANSFORMS.names()
 F64 = torch.float64
@@ -177,6 +185,39 @@ def test_permutations() -> None:
     assert torch.equal(Permutation.random(4, seed=1).perm, Permutation.random(4, seed=1).perm)
     with pytest.raises(ConfigError, match="permutation of 0..n-1"):
         Permutation(torch.tensor([0, 0, 1]))
+
+
+
+@pytest.mark.parametrize("features, conditioning", [(2, 1), (5, 2), (5, 3), (8, 4), (13, 6), (13, 7)])
+def test_half_swap_permutation_sends_the_transformed_half_to_the_condition(features: int, conditioning: int) -> None:
+    """Two couplings that condition on the first ``conditioning`` features with ``P`` between them: each
+    feature one of them conditioned on is transformed by the other, as much as the sizes allow."""
+    for seed in range(4):
+        perm = half_swap_permutation(features, conditioning, seed)
+        assert sorted(perm.tolist()) == list(range(features))
+        k = min(conditioning, features - conditioning)
+        assert (perm[:k] >= conditioning).all()  # the conditioning positions take what was transformed
+        conditioned_twice = set(perm[:conditioning].tolist()) & set(range(conditioning))
+        assert len(conditioned_twice) == conditioning - k  # only where the condition outnumbers the rest
+        assert torch.equal(perm, half_swap_permutation(features, conditioning, seed))
+    assert half_swap_permutation(2, 1).tolist() == [1, 0]
+    with pytest.raises(ConfigError, match="conditioning must be an int in 1..4"):
+        half_swap_permutation(5, 5)
+    with pytest.raises(ConfigError, match="LULinear perm must be a permutation"):
+        LULinear(3, perm=torch.tensor([0, 0, 1]))
+
+
+def test_nsf_lu_mixing_alternates_the_halves_at_initialisation() -> None:
+    """The nsf default (LULinear between couplings, L U = I at the start): across consecutive layers every
+    feature is transformed by one of any two consecutive couplings (a random ``P`` draws the identity for half
+    the seeds in 2-D: the next coupling transforms the same feature again)."""
+    for seed in range(6):
+        flow = NeuralSplineFlow(2, layers=3, hidden=8, seed=seed).flow
+        mixing = [t for t in flow.transforms if isinstance(t, LULinear)]
+        assert len(mixing) == 2 and all(t.perm.tolist() == [1, 0] for t in mixing)
+        flow5 = NeuralSplineFlow(5, layers=2, hidden=8, seed=seed, transform="masked_coupling").flow
+        (lu,) = [t for t in flow5.transforms if isinstance(t, LULinear)]
+        assert set(lu.perm[:2].tolist()) == {3, 4}
 
 
 # ----------------------------------------------------------------------------------------------- the spline

@@ -36,12 +36,13 @@ from .transforms import (
     MaskedCouplingSpline,
     Permutation,
     Transform,
+    half_swap_permutation,
 )
 
 __all__ = ["Flow", "FlowFamily", "NeuralSplineFlow", "RealNVP", "StochasticNSF", "FlowScoreField", "FlowEnergy",
            "rq_spline", "spline_knots", "FLOW_TRANSFORMS", "Transform", "CouplingSpline", "MaskedCouplingSpline",
            "AutoregressiveSpline",
-           "AffineCoupling", "LULinear", "Permutation",
+           "AffineCoupling", "LULinear", "Permutation", "half_swap_permutation",
            "InterpolatedEnergy", "LangevinBlock", "MetropolisBlock", "StochasticFlow", "EnergyObjective",
            "MLObjective", "MixedObjective", "flow_log_weights",
            "circular_rq_spline", "wrap", "CircularCoupling", "CompactFlow", "SmoothCoupling", "CircularSmoothCoupling",

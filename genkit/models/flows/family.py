@@ -58,6 +58,7 @@ from .transforms import (
     MaskedCouplingSpline,
     Permutation,
     Transform,
+    half_swap_permutation,
 )
 
 __all__ = ["FlowFamily", "NeuralSplineFlow", "RealNVP", "FlowScoreField", "FlowEnergy", "MIXINGS", "NSF_TRANSFORMS"]
@@ -167,13 +168,23 @@ class FlowFamily(nn.Module):
         return k, class_names
 
     def _mixing(self, i: int) -> list[Transform]:
-        if self.mixing == "lu":
-            return [LULinear(self.features, seed=self.seed + i)]
+        if self.mixing == "lu":  # behind a coupling layer, P moves what it transformed to the next one's condition
+            split = self.conditioning_size()
+            perm = None if split is None else half_swap_permutation(self.features, split, self.seed + i)
+            return [LULinear(self.features, seed=self.seed + i, perm=perm)]
         if self.mixing == "reverse":
             return [Permutation.reverse(self.features)]
         if self.mixing == "random":
             return [Permutation.random(self.features, seed=self.seed + i)]
         return []
+
+    def conditioning_size(self) -> int | None:
+        """How many features (the first, behind a mixing layer) each coupling layer conditions on; None when the
+        layers are not couplings (autoregressive: every feature is transformed)."""
+        transform = getattr(self, "transform", "coupling")
+        if transform == "autoregressive":
+            return None
+        return (self.features + 1) // 2 if transform == "masked_coupling" else self.features // 2
 
     def parity(self, i: int) -> int:
         """Which half a coupling layer ``i`` transforms: always the same half behind a mixing layer (which moves

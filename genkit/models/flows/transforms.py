@@ -27,7 +27,7 @@ from ...registry import Registry
 from .splines import DEFAULT_MIN_DERIVATIVE, DEFAULT_MIN_HEIGHT, DEFAULT_MIN_WIDTH, _check_options, rq_spline
 
 __all__ = ["Transform", "FLOW_TRANSFORMS", "CouplingSpline", "MaskedCouplingSpline", "AutoregressiveSpline",
-           "AffineCoupling", "LULinear", "Permutation", "MaskedLinear"]
+           "AffineCoupling", "LULinear", "Permutation", "MaskedLinear", "half_swap_permutation"]
 
 FLOW_TRANSFORMS: Registry = Registry("flow transform")
 
@@ -328,18 +328,45 @@ class AffineCoupling(Transform):
         return (t, *_example_inputs(3, 2))
 
 
+def half_swap_permutation(features: int, conditioning: int, seed: int = 0) -> Tensor:
+    """The permutation ``P`` of a mixing layer between two coupling layers that both condition on the first
+    ``conditioning`` features and transform the rest: the features the layer before transformed go to the
+    conditioning positions (as many as fit), and what it conditioned on (with any transformed left over) to the
+    transformed positions, each group in a seeded random order. So at ``P``'s identity-initialised ``L U``
+    every feature is transformed by one of any two consecutive layers, as with alternating halves, while the
+    halves are reshuffled at every layer as with a random permutation (a random ``P`` alone leaves about half of
+    the features on the same side: in 2-D, a coupling layer transforming the same feature twice). Returns
+    ``perm`` for ``y[:, j] = x[:, perm[j]]``."""
+    _check_features("half_swap_permutation", features, 1)
+    if isinstance(conditioning, bool) or not isinstance(conditioning, int) or not 0 < conditioning < features:
+        raise ConfigError(f"conditioning must be an int in 1..{features - 1} (the size of the half a coupling "
+                          f"layer conditions on); got {conditioning!r}")
+    g = torch.Generator().manual_seed(seed)
+    transformed = conditioning + torch.randperm(features - conditioning, generator=g)
+    k = min(conditioning, features - conditioning)
+    rest = torch.cat([transformed[k:], torch.arange(conditioning)])
+    rest = rest[torch.randperm(rest.numel(), generator=g)]
+    return torch.cat([transformed[:k], rest])  # conditioning positions first: the k transformed, then from rest
+
+
 @FLOW_TRANSFORMS.register("lu_linear")
 class LULinear(Transform):
     """Invertible linear layer ``y = W x + b`` with ``W = P L U`` (Kingma & Dhariwal 2018, arXiv:1807.03039):
     ``P`` a fixed permutation, ``L`` unit lower triangular, ``U`` upper triangular with diagonal
-    ``eps + softplus(raw)`` > 0, so ``log |det W| = sum log diag U``. Context-free: a context is not accepted."""
+    ``eps + softplus(raw)`` > 0, so ``log |det W| = sum log diag U``. ``L``, ``U`` start at the identity; ``P`` is
+    ``perm`` (``y[:, j] = (L U x)[:, perm[j]]``), a seeded random one without it. Context-free: a context is not
+    accepted."""
 
-    def __init__(self, features: int, *, seed: int = 0, eps: float = 1e-3):
+    def __init__(self, features: int, *, seed: int = 0, eps: float = 1e-3, perm: Tensor | None = None):
         super().__init__()
         _check_features("LULinear", features, 1)
         self.features, self.eps = features, eps
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("perm", torch.randperm(features, generator=g))
+        if perm is None:
+            perm = torch.randperm(features, generator=torch.Generator().manual_seed(seed))
+        perm = torch.as_tensor(perm, dtype=torch.long)
+        if perm.shape != (features,) or not torch.equal(perm.sort().values, torch.arange(features)):
+            raise ConfigError(f"LULinear perm must be a permutation of 0..{features - 1}; got {perm.tolist()}")
+        self.register_buffer("perm", perm.clone())
         self.lower = nn.Parameter(torch.zeros(features, features))
         self.upper = nn.Parameter(torch.zeros(features, features))
         self.diag = nn.Parameter(torch.full((features,), math.log(math.expm1(1 - eps))))  # diag U = 1
