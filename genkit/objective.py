@@ -17,6 +17,11 @@ Everything else is optional and read by :class:`genkit.train.Trainer`:
   ``step`` (0-based) updates, and the trainer calls ``loss(batch, generator=..., update=name)``.
 - ``config() -> dict`` on an objective other than its model: its settings (JSON values), recorded with the
   resume state; a resumed run with other settings is refused.
+- ``run_state() -> dict[str, Tensor]`` and ``load_run_state(state)`` (on the objective or its model): training
+  state that is not weights and may change size (a replay buffer, the modes found so far), saved with the
+  resume state and handed back on resume (an empty dict when the checkpoint has none), so a resumed run goes
+  on as the uninterrupted one. The main process saves its own; under several processes every rank resumes
+  from it.
 - frozen parts (teacher, reference, reward) in a :class:`genkit.frozen.Frozen` holder attribute.
 
 A **batch source** replaces a dataset: ``source.batch(step, rank, generator) -> batch``, where ``generator``
@@ -46,7 +51,7 @@ from torch import Tensor, nn
 from .errors import ConfigError
 
 __all__ = ["ParamGroup", "BatchSource", "default_groups", "model_of", "is_data_free", "is_batch_source",
-           "objective_state", "objective_config"]
+           "objective_state", "objective_config", "load_run_state", "RUN_STATE_PREFIXES"]
 
 
 @dataclass(frozen=True)
@@ -108,13 +113,41 @@ def is_batch_source(data: Any) -> bool:
             and not (hasattr(data, "__len__") and hasattr(data, "__getitem__")))
 
 
+#: Key prefix of the ``run_state()`` tensors in :func:`objective_state`, by owner.
+RUN_STATE_PREFIXES = {"model": "run_state.model.", "objective": "run_state.objective."}
+
+
+def _run_state_owners(objective: nn.Module, model: nn.Module) -> dict[str, Any]:
+    owners = {"model": model} if objective is model else {"objective": objective, "model": model}
+    return {k: o for k, o in owners.items() if callable(getattr(o, "run_state", None))}
+
+
 def objective_state(objective: nn.Module, model: nn.Module) -> dict[str, Tensor] | None:
-    """The objective's ``state_dict`` entries outside ``model`` (a critic, log Z), or None when the objective is
-    its own model. These are trained state: saved with the resume state, not with the model."""
-    if objective is model:
-        return None
-    prefixes = tuple(f"{name}." for name, m in objective.named_modules() if m is model and name)
-    return {k: v for k, v in objective.state_dict().items() if not k.startswith(prefixes)}
+    """The objective's ``state_dict`` entries outside ``model`` (a critic, log Z), and the ``run_state()`` of
+    the objective and of the model (under :data:`RUN_STATE_PREFIXES`); None when there is neither. These are
+    trained state: saved with the resume state, not with the model."""
+    out: dict[str, Tensor] = {}
+    if objective is not model:
+        prefixes = tuple(f"{name}." for name, m in objective.named_modules() if m is model and name)
+        out = {k: v for k, v in objective.state_dict().items() if not k.startswith(prefixes)}
+    for owner, module in _run_state_owners(objective, model).items():
+        state = module.run_state()
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                  for k, v in state.items()):
+            raise ConfigError(f"{type(module).__name__}.run_state() must return a dict of name -> tensor; got "
+                              f"{type(state).__name__}")
+        out.update({RUN_STATE_PREFIXES[owner] + k: v.detach() for k, v in state.items()})
+    return out if out or objective is not model else None
+
+
+def load_run_state(objective: nn.Module, model: nn.Module, saved: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Hand the ``run_state`` tensors of ``saved`` (an :func:`objective_state`) to their owners'
+    ``load_run_state`` (an empty dict to an owner the checkpoint holds none for); returns the other entries."""
+    rest = {k: v for k, v in saved.items() if not k.startswith(tuple(RUN_STATE_PREFIXES.values()))}
+    for owner, module in _run_state_owners(objective, model).items():
+        prefix = RUN_STATE_PREFIXES[owner]
+        module.load_run_state({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
+    return rest
 
 
 def objective_config(objective: nn.Module, model: nn.Module) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ import torch
 from .. import checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..frozen import Frozen, holders, reload
-from ..objective import objective_config, objective_state
+from ..objective import RUN_STATE_PREFIXES, load_run_state, objective_config, objective_state
 from .config import resume_changes
 
 __all__ = ["restore", "check_frozen", "frozen_records"]
@@ -147,13 +147,15 @@ def restore(trainer: Any, source: Path, allow_new_settings: bool = False,
 
 
 def _load_objective_state(trainer: Any, saved: dict[str, torch.Tensor] | None, source: Path) -> None:
-    ours = objective_state(trainer.objective, trainer.model)
-    if not ours and not saved:
-        return
-    if saved is None or set(saved) != set(ours or {}):
-        diff = sorted(set(saved or {}) ^ set(ours or {}))[:8]
+    run_prefixes = tuple(RUN_STATE_PREFIXES.values())
+    ours = {k: v for k, v in (objective_state(trainer.objective, trainer.model) or {}).items()
+            if not k.startswith(run_prefixes)}
+    weights = {k: v for k, v in (saved or {}).items() if not k.startswith(run_prefixes)}
+    if set(weights) != set(ours):
+        diff = sorted(set(weights) ^ set(ours))[:8]
         raise CheckpointError(f"{source}/objective.safetensors does not match {type(trainer.objective).__name__}'s "
                               f"own tensors (differing keys {diff}); resume with the same objective")
     with torch.no_grad():
-        for key, value in saved.items():
+        for key, value in weights.items():
             ours[key].copy_(value)
+    load_run_state(trainer.objective, trainer.model, saved or {})  # the run state (replay buffers) to its owners

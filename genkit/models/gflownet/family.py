@@ -133,7 +133,8 @@ class GFlowNet(nn.Module):
                                  log_z=loss != "fm" and s0_flow == "log_z", tied=tied)
         self.buffer = ReplayBuffer(self.env, self.replay, prioritized=replay_prioritized) if self.replay else None
         #: the distinct modes among the terminal objects of every fresh training trajectory so far (logged as
-        #: "modes_found": the mode-discovery curve against trajectories; not saved, so a resumed run restarts it)
+        #: "modes_found": the mode-discovery curve against trajectories; saved with the resume state, as the
+        #: replay buffer is: :meth:`run_state`)
         self.modes_seen: set[tuple[int, ...]] = set()
 
     # --- shapes and devices ---------------------------------------------------------------------------------
@@ -213,6 +214,28 @@ class GFlowNet(nn.Module):
         if self.loss_name != "fm":
             logs["log_z"] = float(self.log_z())
         return loss, logs
+
+    # --- resume state ---------------------------------------------------------------------------------------
+    def run_state(self) -> dict[str, Tensor]:
+        """What training keeps besides the weights (the objective contract's ``run_state``): the replay
+        buffer's trajectories (``buffer.*``) and the modes found so far (``modes_seen``, ``[k, object size]``
+        int64, sorted)."""
+        state = {f"buffer.{k}": v for k, v in (self.buffer.state_dict() if self.buffer is not None else {}).items()}
+        if self.modes_seen:
+            state["modes_seen"] = torch.tensor(sorted(self.modes_seen), dtype=torch.int64)
+        return state
+
+    def load_run_state(self, state: dict[str, Tensor]) -> None:
+        """Take back :meth:`run_state` (an empty dict: an empty buffer and no modes found)."""
+        extra = sorted(k for k in state if k != "modes_seen" and not k.startswith("buffer."))
+        if extra or (self.buffer is None and any(k.startswith("buffer.") for k in state)):
+            raise ConfigError(f"this gflownet's run state has no {extra or 'replay buffer'} (replay={self.replay}); "
+                              "resume with the settings the checkpoint was trained with")
+        if self.buffer is not None:
+            self.buffer.load_state_dict({k[len("buffer."):]: v for k, v in state.items() if k.startswith("buffer.")},
+                                        device=self._device())
+        modes = state.get("modes_seen")
+        self.modes_seen = set() if modes is None else {tuple(row) for row in modes.tolist()}
 
     # --- sampling -------------------------------------------------------------------------------------------
     def samplers(self) -> tuple[str, ...]:

@@ -5,8 +5,10 @@ off-policy: their scores are always the current policy's, recomputed by
 It holds up to ``capacity`` trajectories, padded to the environment's ``max_actions``, first in first out;
 ``sample(k, generator)`` draws ``k`` of them uniformly, or with ``prioritized=True`` in proportion to their reward
 ``R(x)`` (so high-reward objects are revisited more often). The buffer lives in memory on the device its
-trajectories come from, is not saved in checkpoints (a resumed run starts it empty), and each process of a
-multi-process run keeps its own.
+trajectories come from; :meth:`ReplayBuffer.state_dict` / :meth:`ReplayBuffer.load_state_dict` give and take its
+contents as tensors, which the GFlowNet family saves with a checkpoint's resume state (so a resumed run replays
+what the uninterrupted one would). Each process of a multi-process run keeps its own; a resumed one restarts
+every rank from the main process's.
 
 >>> from genkit.models.gflownet import HyperGrid, Policy, sample_trajectories
 >>> env = HyperGrid(ndim=2, height=4)
@@ -94,3 +96,28 @@ class ReplayBuffer:
     def state(self) -> Tensor | None:
         """The terminal objects held (for inspection)."""
         return None if self._data is None else self._data.terminal
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The trajectories held, as tensors (``states``, ``actions``, ``lengths``, ``log_reward``; empty when
+        the buffer is)."""
+        if self._data is None:
+            return {}
+        d = self._data
+        return {"states": d.states, "actions": d.actions, "lengths": d.lengths, "log_reward": d.log_reward}
+
+    def load_state_dict(self, state: dict[str, Tensor], device: Any = None) -> None:
+        """Hold the trajectories of :meth:`state_dict` (an empty dict empties the buffer), on ``device``."""
+        keys = {"states", "actions", "lengths", "log_reward"}
+        if not state:
+            self._data = None
+            return
+        if set(state) != keys:
+            raise ConfigError(f"a replay buffer state has the tensors {sorted(keys)}; got {sorted(state)}")
+        traj = Trajectories(state["states"], state["actions"], state["lengths"], state["log_reward"])
+        T, n = self.env.max_actions, traj.n
+        if traj.actions.shape != (T, n) or traj.states.shape[:2] != (T + 1, n) or traj.lengths.shape != (n,) \
+                or traj.log_reward.shape != (n,) or n > self.capacity:
+            raise ConfigError(f"the replay buffer state does not fit this buffer (capacity {self.capacity}, "
+                              f"{T} actions per trajectory): actions {tuple(traj.actions.shape)}, states "
+                              f"{tuple(traj.states.shape)}; resume with the same environment and replay capacity")
+        self._data = traj if device is None else traj.to(device)
