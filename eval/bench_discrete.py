@@ -17,8 +17,9 @@ and an exact activity). In one process:
 3. **Methods**, each giving ``--n`` samples with the same ``--sample-steps`` (S) reverse steps:
 
    - ``pretrained``: the masked ancestral sampler;
-   - ``svdd``: :class:`genkit.finetune.SVDDSampler` (SVDD-PM, ``alpha = 0``) with ``--candidates`` (M) candidates
-     per step: M reward queries per step, ``M * S`` per kept sample (counted);
+   - ``svdd``: :class:`genkit.finetune.SVDDSampler` (SVDD-PM, ``alpha = 0``) with ``--candidates`` (M, by default
+     the sampler's own default, 10) candidates per step: M reward queries per step, ``M * S`` per kept sample
+     (counted);
    - ``best_of_n (equal reward queries)``: the best of ``N = M * S`` pretrained samples under the fine-tuning
      oracle (``N`` reward queries per kept sample, as SVDD);
    - ``best_of_n (equal denoiser calls)``: the best of ``N = M`` (``M * S`` network calls per kept sample, SVDD's
@@ -50,7 +51,7 @@ Targets (issue 12): DRAKES and SEPO at least double the pretrained median reward
 sampling seeds of each seed's evaluation-oracle median; the table shows the first seed); the masked-diffusion step
 time reported against the LM step (no threshold).
 
-    python eval/bench_discrete.py            # ~20 min on one thread of the shared 2-core machine
+    python eval/bench_discrete.py            # ~75 min on one thread (best-of-500 takes ~17 min per seed)
     python eval/bench_discrete.py --quick    # tiny (tiny oracles, not cached), ~1 min, to a temporary folder
 """
 
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import sys
 import tempfile
 import time
@@ -101,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=128, help="samples scored per method")
     p.add_argument("--n-ref", type=int, default=2000, help="held-out natural sequences (3-mer reference)")
     p.add_argument("--n-mc", type=int, default=16, help="ELBO times per sequence (log-likelihood)")
-    p.add_argument("--candidates", type=int, default=2, help="M: SVDD candidates per step")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="M: SVDD candidates per step (default: SVDDSampler's, 10, the paper's README value)")
     p.add_argument("--guided-seeds", type=int, default=3, help="sampling seeds of the SVDD / best-of-N comparison "
                                                                 "(the table shows the first)")
     p.add_argument("--finetune-steps", type=int, default=100, help="DRAKES and SEPO optimizer steps")
@@ -133,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help=f"results folder (default {RESULTS}; --quick: a temporary one)")
     p.add_argument("--name", default="bench_discrete", help="results file stem")
     args = p.parse_args(argv)
+    if args.candidates is None:  # what a user gets
+        args.candidates = inspect.signature(SVDDSampler).parameters["candidates"].default
     if args.quick:
         args.train_n, args.channels, args.depth, args.pretrain_steps, args.batch_size = 2000, 16, 2, 60, 32
         args.sample_steps, args.n, args.n_ref, args.n_mc, args.candidates = 8, 32, 200, 2, 2
