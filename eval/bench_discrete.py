@@ -51,7 +51,7 @@ Targets (issue 12): DRAKES and SEPO at least double the pretrained median reward
 sampling seeds of each seed's evaluation-oracle median; the table shows the first seed); the masked-diffusion step
 time reported against the LM step (no threshold).
 
-    python eval/bench_discrete.py            # ~75 min on one thread (best-of-500 takes ~17 min per seed)
+    python eval/bench_discrete.py            # ~45 min on one thread (best-of-500 takes ~17 min per seed)
     python eval/bench_discrete.py --quick    # tiny (tiny oracles, not cached), ~1 min, to a temporary folder
 """
 

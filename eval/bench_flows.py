@@ -152,12 +152,15 @@ def build_zuko(kind: str, d: int, seed: int = 0) -> Contender:
     from functools import partial
 
     import zuko
+    from zuko.distributions import DiagNormal
+    from zuko.lazy import UnconditionalDistribution
     from zuko.transforms import LULinearTransform, MonotonicRQSTransform, PermutationTransform
 
-    # NSF's spline is MonotonicRQSTransform(bound=5.0, slope=1e-3): the same bound and minimum derivative
-    flow = zuko.flows.NSF(d, transforms=TRANSFORMS, bins=BINS, hidden_features=(HIDDEN,) * LAYERS,
-                          passes=2 if kind == "coupling" else None)
-    if kind == "coupling+lu":  # genkit's mixing between the transforms: y = P L U x (L, U from the identity)
+    if kind != "coupling+lu":  # NSF's spline is MonotonicRQSTransform(bound=5.0, slope=1e-3): genkit's bound and
+        # minimum derivative
+        flow = zuko.flows.NSF(d, transforms=TRANSFORMS, bins=BINS, hidden_features=(HIDDEN,) * LAYERS,
+                              passes=2 if kind == "coupling" else None)
+    else:  # NSF(passes=2)'s transforms in one order, genkit's mixing between them: y = P L U x (from the identity)
         split = (d + 1) // 2  # passes=2 in the order 0..d-1: the first ceil(d / 2) features condition
         layers: list = []
         for i in range(TRANSFORMS):
@@ -168,7 +171,8 @@ def build_zuko(kind: str, d: int, seed: int = 0) -> Contender:
             layers.append(zuko.flows.MaskedAutoregressiveTransform(
                 d, passes=2, order=torch.arange(d), univariate=partial(MonotonicRQSTransform, slope=1e-3),
                 shapes=[(BINS,), (BINS,), (BINS - 1,)], hidden_features=(HIDDEN,) * LAYERS))
-        flow = zuko.flows.Flow(layers, flow.base)
+        flow = zuko.flows.Flow(layers, UnconditionalDistribution(DiagNormal, loc=torch.zeros(d), scale=torch.ones(d),
+                                                                 buffer=True))
 
     def sample(n: int) -> torch.Tensor:
         with torch.no_grad():

@@ -138,8 +138,8 @@ def save(directory: PathLike, model: nn.Module, *, ema: dict[str, Tensor] | None
 
     ``ema`` maps state_dict keys to tensors (stored float32). ``optimizer`` / ``scheduler`` (one each, or dicts
     of named ones) are saved through their ``state_dict()``; ``trainer_state`` must be JSON-able (tuples are
-    kept); ``objective_state`` holds trained tensors of an objective outside ``model``. Call it on one
-    process only. Returns the checkpoint path.
+    kept); ``objective_state`` holds trained tensors of an objective outside ``model`` and the run state of
+    both (:func:`genkit.objective.objective_state`). Call it on one process only. Returns the checkpoint path.
 
     ``directory`` must be missing, empty or an earlier checkpoint (replaced whole); any other folder is a
     CheckpointError, as saving would delete its files.

@@ -51,7 +51,8 @@ from torch import Tensor, nn
 from .errors import ConfigError
 
 __all__ = ["ParamGroup", "BatchSource", "default_groups", "model_of", "is_data_free", "is_batch_source",
-           "objective_state", "objective_config", "load_run_state", "RUN_STATE_PREFIXES"]
+           "objective_weights", "objective_state", "objective_config", "split_run_state", "load_run_state",
+           "RUN_STATE_PREFIXES"]
 
 
 @dataclass(frozen=True)
@@ -122,14 +123,20 @@ def _run_state_owners(objective: nn.Module, model: nn.Module) -> dict[str, Any]:
     return {k: o for k, o in owners.items() if callable(getattr(o, "run_state", None))}
 
 
+def objective_weights(objective: nn.Module, model: nn.Module) -> dict[str, Tensor]:
+    """The objective's ``state_dict`` entries outside ``model`` (a critic, log Z); empty when the objective is its
+    own model."""
+    if objective is model:
+        return {}
+    prefixes = tuple(f"{name}." for name, m in objective.named_modules() if m is model and name)
+    return {k: v for k, v in objective.state_dict().items() if not k.startswith(prefixes)}
+
+
 def objective_state(objective: nn.Module, model: nn.Module) -> dict[str, Tensor] | None:
-    """The objective's ``state_dict`` entries outside ``model`` (a critic, log Z), and the ``run_state()`` of
-    the objective and of the model (under :data:`RUN_STATE_PREFIXES`); None when there is neither. These are
+    """:func:`objective_weights` and the ``run_state()`` of the objective and of the model (under
+    :data:`RUN_STATE_PREFIXES`); None when the objective is its own model and there is no run state. These are
     trained state: saved with the resume state, not with the model."""
-    out: dict[str, Tensor] = {}
-    if objective is not model:
-        prefixes = tuple(f"{name}." for name, m in objective.named_modules() if m is model and name)
-        out = {k: v for k, v in objective.state_dict().items() if not k.startswith(prefixes)}
+    out = objective_weights(objective, model)
     for owner, module in _run_state_owners(objective, model).items():
         state = module.run_state()
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
@@ -140,14 +147,20 @@ def objective_state(objective: nn.Module, model: nn.Module) -> dict[str, Tensor]
     return out if out or objective is not model else None
 
 
-def load_run_state(objective: nn.Module, model: nn.Module, saved: dict[str, Tensor]) -> dict[str, Tensor]:
+def split_run_state(saved: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(weights, run state)`` of an :func:`objective_state`: the entries outside and under
+    :data:`RUN_STATE_PREFIXES`."""
+    prefixes = tuple(RUN_STATE_PREFIXES.values())
+    return ({k: v for k, v in saved.items() if not k.startswith(prefixes)},
+            {k: v for k, v in saved.items() if k.startswith(prefixes)})
+
+
+def load_run_state(objective: nn.Module, model: nn.Module, saved: dict[str, Tensor]) -> None:
     """Hand the ``run_state`` tensors of ``saved`` (an :func:`objective_state`) to their owners'
-    ``load_run_state`` (an empty dict to an owner the checkpoint holds none for); returns the other entries."""
-    rest = {k: v for k, v in saved.items() if not k.startswith(tuple(RUN_STATE_PREFIXES.values()))}
+    ``load_run_state`` (an empty dict to an owner the checkpoint holds none for)."""
     for owner, module in _run_state_owners(objective, model).items():
         prefix = RUN_STATE_PREFIXES[owner]
         module.load_run_state({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
-    return rest
 
 
 def objective_config(objective: nn.Module, model: nn.Module) -> dict[str, Any] | None:

@@ -187,7 +187,6 @@ def test_permutations() -> None:
         Permutation(torch.tensor([0, 0, 1]))
 
 
-
 @pytest.mark.parametrize("features, conditioning", [(2, 1), (5, 2), (5, 3), (8, 4), (13, 6), (13, 7)])
 def test_half_swap_permutation_sends_the_transformed_half_to_the_condition(features: int, conditioning: int) -> None:
     """Two couplings that condition on the first ``conditioning`` features with ``P`` between them: each

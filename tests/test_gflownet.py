@@ -520,7 +520,6 @@ def test_replayed_batch_trains() -> None:
     assert replayed.n == 5 and torch.isfinite(model.objective(replayed))
 
 
-
 class _Stop(Exception):
     pass
 

@@ -19,7 +19,7 @@ import torch
 from .. import checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..frozen import Frozen, holders, reload
-from ..objective import RUN_STATE_PREFIXES, load_run_state, objective_config, objective_state
+from ..objective import load_run_state, objective_config, objective_weights, split_run_state
 from .config import resume_changes
 
 __all__ = ["restore", "check_frozen", "frozen_records"]
@@ -147,10 +147,8 @@ def restore(trainer: Any, source: Path, allow_new_settings: bool = False,
 
 
 def _load_objective_state(trainer: Any, saved: dict[str, torch.Tensor] | None, source: Path) -> None:
-    run_prefixes = tuple(RUN_STATE_PREFIXES.values())
-    ours = {k: v for k, v in (objective_state(trainer.objective, trainer.model) or {}).items()
-            if not k.startswith(run_prefixes)}
-    weights = {k: v for k, v in (saved or {}).items() if not k.startswith(run_prefixes)}
+    ours = objective_weights(trainer.objective, trainer.model)
+    weights, run_state = split_run_state(saved or {})
     if set(weights) != set(ours):
         diff = sorted(set(weights) ^ set(ours))[:8]
         raise CheckpointError(f"{source}/objective.safetensors does not match {type(trainer.objective).__name__}'s "
@@ -158,4 +156,4 @@ def _load_objective_state(trainer: Any, saved: dict[str, torch.Tensor] | None, s
     with torch.no_grad():
         for key, value in weights.items():
             ours[key].copy_(value)
-    load_run_state(trainer.objective, trainer.model, saved or {})  # the run state (replay buffers) to its owners
+    load_run_state(trainer.objective, trainer.model, run_state)  # the run state (replay buffers) to its owners
