@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policy-updates", type=int, default=4, help="VARD's policy steps per value step")
     p.add_argument("--value-lr-scale", type=float, default=5.0, help="VARD's value lr / policy lr")
     p.add_argument("--value-hidden", type=int, default=128)
+    p.add_argument("--value-target", default="soft", choices=("reward", "soft"), help="what VARD's value "
+                                                                                         "regresses on")
     p.add_argument("--draft-truncate", type=int, default=None, help="DRaFT's K (default: all steps)")
     p.add_argument("--n-eval", type=int, default=512, help="samples per evaluation")
     p.add_argument("--n-kl", type=int, default=256, help="trajectories of the KL estimate")
@@ -278,7 +280,8 @@ def build(method: str, pre: nn.Module, reward: Reward, args: argparse.Namespace)
         torch.manual_seed(args.seed + 1)
         value = FlatValue(ValueNetwork(MLP(64, hidden=args.value_hidden, depth=2))).to(args.device)
         return VARD(model, pre, reward, value, value_warmup=args.value_warmup, value_updates=1,
-                    policy_updates=args.policy_updates, value_lr_scale=args.value_lr_scale, **kw)
+                    policy_updates=args.policy_updates, value_lr_scale=args.value_lr_scale,
+                    value_target=args.value_target, **kw)
     if method == "draft":
         return DRaFT(model, pre, reward, truncate=args.draft_truncate or args.steps, **kw)
     if method == "ddpo":

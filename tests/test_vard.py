@@ -246,6 +246,46 @@ def test_vard_policy_gradient_is_one_step_backprop_into_the_value():
         [roll.states[n + 1].x @ obj.value.w.detach() for n in range(STEPS)]).sum(0).mean(), rtol=1e-10, atol=1e-12)
 
 
+def test_soft_value_targets_are_the_kl_regularised_return_to_go():
+    """``value_target="soft"``: the value after step ``n`` regresses on ``r(x_0) - eta * sum_{m > n} KL_m``, the
+    per-step KLs of the current chain to the pretrained one along the rollout (the soft value of the current
+    policy, whose one-step lookahead is exactly the policy loss); ``"reward"`` regresses every state on ``r(x_0)``.
+    Checked by hand on the same trajectories with a linear value."""
+    model, pre = pair()
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+
+    class Linear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([0.7, -0.3], dtype=torch.float64))
+
+        def forward(self, x, t):
+            return x @ self.w
+
+    eta, solver = 0.5, Ancestral()
+    losses = {}
+    for target in ("reward", "soft"):
+        obj = VARD(model, pre, Reward(quadratic), Linear(), eta=eta, steps=STEPS, grid=GRID, batch_size=8,
+                   value_target=target)
+        losses[target], _ = obj.loss(None, torch.Generator().manual_seed(3), update="value")
+    roll = obj.rollout(8, torch.Generator().manual_seed(3))  # the same trajectories
+    r = quadratic(roll.samples)
+    kls = [step_kl(solver.transition(model, roll.states[n]).mean, solver.transition(pre, roll.states[n]).mean,
+                   roll.states[n + 1].transition.std) for n in range(STEPS)]
+    assert all(float(kl.min()) > 0 for kl in kls)  # the perturbed model is away from the pretrained one
+    v = [roll.states[n + 1].x @ obj.value.w.detach() for n in range(STEPS)]
+    plain = torch.stack([(v[n] - r).square() for n in range(STEPS)]).mean()
+    soft = torch.stack([(v[n] - (r - eta * sum(kls[n + 1:], torch.zeros_like(r)))).square()
+                        for n in range(STEPS)]).mean()
+    torch.testing.assert_close(losses["reward"].detach(), plain, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(losses["soft"].detach(), soft, rtol=1e-10, atol=1e-12)
+    assert float((losses["soft"] - losses["reward"]).abs()) > 1e-3
+    with pytest.raises(ConfigError, match="value_target"):
+        VARD(model, pre, Reward(quadratic), Linear(), value_target="discounted")
+
+
 # --- the value ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_value_matches_monte_carlo_values_from_fixed_states():

@@ -104,7 +104,8 @@ CHAIN_FLAGS = ("solver", "class", "eta")
 METHOD_FLAGS = {
     "drakes": ("truncate", "tau", "alpha", "alpha_warmup", "kl", "states"),
     "sepo": ("group", "inner", "clip", "snis", "kl_weight", "reduction"),
-    "vard": (*CHAIN_FLAGS, "value_warmup", "value_updates", "policy_updates", "value_lr_scale", "value_hidden"),
+    "vard": (*CHAIN_FLAGS, "value_warmup", "value_updates", "policy_updates", "value_lr_scale", "value_hidden",
+             "value_target"),
     "draft": (*CHAIN_FLAGS, "truncate"),
     "ddpo": (*CHAIN_FLAGS, "clip", "reuse", "advantages"),
 }
@@ -174,6 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--value-hidden", type=int, metavar="H", help="vard: width of the value network: its MLP's "
                                                                  "hidden size for vectors (128), its UNet's first "
                                                                  "channels for images (32)")
+    g.add_argument("--value-target", metavar="WHAT", help="vard: what the value regresses on: soft (the "
+                                                          "KL-regularised return to go) or reward (the final reward, "
+                                                          "as in the paper) (soft)")
     g.add_argument("--reuse", type=int, metavar="N", help="ddpo: loss calls per rollout (1)")
     g.add_argument("--advantages", metavar="HOW", help="ddpo: batch or per_prompt (per class) (batch)")
     g = p.add_argument_group("training")
