@@ -26,12 +26,12 @@ the soft value is the expected KL-regularised return to go: the value whose one-
 is the soft Bellman update of ``max E[r] - eta KL``. With the paper's plain ``E[r | x_t]`` the policy step ignores
 the KL it commits later steps to; the two coincide at the pretrained model (every ``KL_m = 0``). Measured on
 ``eval/bench_finetune.py`` (digits, eta 0.1, 19200 reward queries): the plain value plateaus (classifier reward
-0.81, pixel-mass reward 0.90) where the soft one keeps climbing (0.955, 0.957, at a lower path KL than DDPO's). The minimiser over all functions is
-the conditional expectation of ``y_n`` (the states of one trajectory are correlated, which leaves it unchanged;
-:mod:`genkit.finetune.svdd_value` regresses the same way). Only ``V_phi`` is ever differentiated, so the reward may
-be non-differentiable (it is called under ``no_grad`` either way). :func:`~genkit.finetune.collect_rollouts` +
-:func:`~genkit.finetune.fit_value` fit a value on the pretrained model before fine-tuning; ``value_warmup`` does the
-same through the trainer.
+0.81, pixel-mass reward 0.90) where the soft one keeps climbing (0.955, 0.957, at a lower path KL than DDPO's).
+The minimiser over all functions is the conditional expectation of ``y_n`` (the states of one trajectory are
+correlated, which leaves it unchanged; :mod:`genkit.finetune.svdd_value` regresses the same way). Only ``V_phi`` is
+ever differentiated, so the reward may be non-differentiable (it is called under ``no_grad`` either way).
+:func:`~genkit.finetune.collect_rollouts` + :func:`~genkit.finetune.fit_value` fit a value on the pretrained model
+before fine-tuning; ``value_warmup`` does the same through the trainer.
 
 **The policy** update draws ``batch_size`` trajectories of the current model without gradients (A2: on-policy,
 no reward query) and, at every Gaussian step ``n`` (dense), restarts the step from the detached state ``x_n``:
