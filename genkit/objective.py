@@ -20,8 +20,9 @@ Everything else is optional and read by :class:`genkit.train.Trainer`:
 - ``run_state() -> dict[str, Tensor]`` and ``load_run_state(state)`` (on the objective or its model): training
   state that is not weights and may change size (a replay buffer, the modes found so far), saved with the
   resume state and handed back on resume (an empty dict when the checkpoint has none), so a resumed run goes
-  on as the uninterrupted one. The main process saves its own; under several processes every rank resumes
-  from it.
+  on as the uninterrupted one. Under several processes each rank's run state is gathered to the main process
+  and saved (rank ``r >= 1`` under ``run_state.rank{r}.``), and each rank resumes from its own; a rank the
+  checkpoint holds none for (a run resumed on more processes) resumes from the main process's.
 - frozen parts (teacher, reference, reward) in a :class:`genkit.frozen.Frozen` holder attribute.
 
 A **batch source** replaces a dataset: ``source.batch(step, rank, generator) -> batch``, where ``generator``
@@ -52,6 +53,7 @@ from .errors import ConfigError
 
 __all__ = ["ParamGroup", "BatchSource", "default_groups", "model_of", "is_data_free", "is_batch_source",
            "objective_weights", "objective_state", "objective_config", "split_run_state", "load_run_state",
+           "run_state", "has_run_state",
            "RUN_STATE_PREFIXES"]
 
 
@@ -114,7 +116,9 @@ def is_batch_source(data: Any) -> bool:
             and not (hasattr(data, "__len__") and hasattr(data, "__getitem__")))
 
 
-#: Key prefix of the ``run_state()`` tensors in :func:`objective_state`, by owner.
+_RUN_STATE = "run_state."
+#: Key prefix of the ``run_state()`` tensors in :func:`objective_state`, by owner (the main process's; rank ``r >=
+#: 1``'s under ``run_state.rank{r}.`` + the owner).
 RUN_STATE_PREFIXES = {"model": "run_state.model.", "objective": "run_state.objective."}
 
 
@@ -132,11 +136,14 @@ def objective_weights(objective: nn.Module, model: nn.Module) -> dict[str, Tenso
     return {k: v for k, v in objective.state_dict().items() if not k.startswith(prefixes)}
 
 
-def objective_state(objective: nn.Module, model: nn.Module) -> dict[str, Tensor] | None:
-    """:func:`objective_weights` and the ``run_state()`` of the objective and of the model (under
-    :data:`RUN_STATE_PREFIXES`); None when the objective is its own model and there is no run state. These are
-    trained state: saved with the resume state, not with the model."""
-    out = objective_weights(objective, model)
+def has_run_state(objective: nn.Module, model: nn.Module) -> bool:
+    """Whether the objective or its model keeps a ``run_state()``."""
+    return bool(_run_state_owners(objective, model))
+
+
+def run_state(objective: nn.Module, model: nn.Module) -> dict[str, Tensor]:
+    """The ``run_state()`` of the objective and of the model, under :data:`RUN_STATE_PREFIXES` (detached)."""
+    out: dict[str, Tensor] = {}
     for owner, module in _run_state_owners(objective, model).items():
         state = module.run_state()
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
@@ -144,23 +151,46 @@ def objective_state(objective: nn.Module, model: nn.Module) -> dict[str, Tensor]
             raise ConfigError(f"{type(module).__name__}.run_state() must return a dict of name -> tensor; got "
                               f"{type(state).__name__}")
         out.update({RUN_STATE_PREFIXES[owner] + k: v.detach() for k, v in state.items()})
+    return out
+
+
+def _rank_prefix(rank: int) -> str:
+    return f"{_RUN_STATE}rank{rank}."
+
+
+def objective_state(objective: nn.Module, model: nn.Module,
+                    ranks: Sequence[dict[str, Tensor]] | None = None) -> dict[str, Tensor] | None:
+    """:func:`objective_weights` and the run state (:func:`run_state`); None when the objective is its own model
+    and there is no run state. ``ranks``: every process's :func:`run_state`, by rank (rank ``r >= 1`` saved
+    under ``run_state.rank{r}.``), in place of this process's. These are trained state: saved with the resume
+    state, not with the model."""
+    out = objective_weights(objective, model)
+    for r, state in enumerate([run_state(objective, model)] if ranks is None else ranks):
+        out.update(state if r == 0 else {_rank_prefix(r) + k[len(_RUN_STATE):]: v for k, v in state.items()})
     return out if out or objective is not model else None
 
 
 def split_run_state(saved: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``(weights, run state)`` of an :func:`objective_state`: the entries outside and under
-    :data:`RUN_STATE_PREFIXES`."""
-    prefixes = tuple(RUN_STATE_PREFIXES.values())
-    return ({k: v for k, v in saved.items() if not k.startswith(prefixes)},
-            {k: v for k, v in saved.items() if k.startswith(prefixes)})
+    """``(weights, run state)`` of an :func:`objective_state`: the entries outside and under ``run_state.``
+    (every rank's)."""
+    return ({k: v for k, v in saved.items() if not k.startswith(_RUN_STATE)},
+            {k: v for k, v in saved.items() if k.startswith(_RUN_STATE)})
 
 
-def load_run_state(objective: nn.Module, model: nn.Module, saved: dict[str, Tensor]) -> None:
-    """Hand the ``run_state`` tensors of ``saved`` (an :func:`objective_state`) to their owners'
-    ``load_run_state`` (an empty dict to an owner the checkpoint holds none for)."""
+def load_run_state(objective: nn.Module, model: nn.Module, saved: dict[str, Tensor], rank: int = 0) -> bool:
+    """Hand rank ``rank``'s ``run_state`` tensors of ``saved`` (an :func:`objective_state`) to their owners'
+    ``load_run_state`` (an empty dict to an owner the checkpoint holds none for). A rank ``>= 1`` the checkpoint
+    holds no state for gets the main process's; returns whether the state was this rank's own."""
+    own = _rank_prefix(rank)
+    mine = rank == 0 or any(k.startswith(own) for k in saved)
+    if rank and mine:
+        saved = {_RUN_STATE + k[len(own):]: v for k, v in saved.items() if k.startswith(own)}
+    else:
+        saved = {k: v for k, v in saved.items() if not k.startswith(f"{_RUN_STATE}rank")}
     for owner, module in _run_state_owners(objective, model).items():
         prefix = RUN_STATE_PREFIXES[owner]
         module.load_run_state({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
+    return mine
 
 
 def objective_config(objective: nn.Module, model: nn.Module) -> dict[str, Any] | None:

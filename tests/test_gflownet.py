@@ -564,6 +564,47 @@ def test_a_resumed_run_replays_what_the_uninterrupted_one_would(tmp_path) -> Non
     assert full_model.modes_seen == resumed_model.modes_seen and full_model.modes_seen
 
 
+def test_two_processes_resume_each_ranks_own_replay_buffer(tmp_path) -> None:
+    """torchrun, 2 CPU processes (gloo): each rank keeps its own replay buffer; the checkpoint holds both (rank 1's
+    under ``run_state.rank1.``), and a run cut at step 4 and resumed ends, on each rank, with the weights, buffer,
+    modes and losses of the uninterrupted run."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gflownet_dist_script as script
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    params = tmp_path / "params"
+    params.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           str(Path(script.__file__)), str(tmp_path / "run"), str(params)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {(kind, r): load_file(str(params / f"{kind}{r}.safetensors")) for kind in ("full", "resumed")
+            for r in (0, 1)}
+    a, b = runs["full", 0], runs["full", 1]
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("buffer."))  # the ranks' buffers differ
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("param."))  # their weights agree
+    for r in (0, 1):
+        full, resumed = runs["full", r], runs["resumed", r]
+        assert set(full) == set(resumed)
+        for key in full:
+            want = full[key][-2:] if key == "losses" else full[key]  # the resumed run logs steps 6 and 8
+            assert torch.equal(want, resumed[key]), (r, key)
+    keys = set(load_file(str(tmp_path / "run-cut" / "checkpoint" / "objective.safetensors")))
+    assert any(k.startswith("run_state.model.") for k in keys) and any(
+        k.startswith("run_state.rank1.model.") for k in keys)
+
+
 def test_run_state_round_trip_and_mismatch() -> None:
     model = GFlowNet({"name": "hypergrid", "ndim": 2, "height": 4}, hidden=8, batch_size=4, replay=6)
     for i in range(3):
@@ -582,6 +623,31 @@ def test_run_state_round_trip_and_mismatch() -> None:
     without = GFlowNet({"name": "hypergrid", "ndim": 2, "height": 4}, hidden=8, batch_size=4)
     with pytest.raises(ConfigError, match="replay buffer"):
         without.load_run_state(state)
+
+
+
+def test_each_rank_takes_its_own_run_state_or_the_main_processs() -> None:
+    """``objective_state(..., ranks=[s0, s1])`` keeps rank 1's under ``run_state.rank1.``; ``load_run_state``
+    hands each rank its own, and a rank the checkpoint holds none for (rank 2 of a run resumed on more processes)
+    the main process's."""
+    from genkit.objective import load_run_state, objective_state, run_state, split_run_state
+
+    def make(seed):
+        model = GFlowNet({"name": "hypergrid", "ndim": 2, "height": 4}, hidden=8, batch_size=4, replay=6)
+        for i in range(2):
+            model.loss(None, generator=gen(seed + i))
+        return model
+
+    m0, m1 = make(0), make(10)
+    saved = objective_state(m0, m0, ranks=[run_state(m0, m0), run_state(m1, m1)])
+    assert any(k.startswith("run_state.rank1.model.buffer.") for k in saved)
+    _, state = split_run_state(saved)
+    assert state == saved  # a GFlowNet is its own objective: everything it saves beside the model is run state
+    for rank, want, own in ((0, m0, True), (1, m1, True), (2, m0, False)):
+        twin = GFlowNet({"name": "hypergrid", "ndim": 2, "height": 4}, hidden=8, batch_size=4, replay=6)
+        assert load_run_state(twin, twin, state, rank) is own
+        assert torch.equal(twin.buffer.state(), want.buffer.state()), rank
+    assert not torch.equal(m0.buffer.state(), m1.buffer.state())
 
 # --- 8. metric conventions -----------------------------------------------------------------------------------
 def test_l1_conventions() -> None:

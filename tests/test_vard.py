@@ -379,7 +379,8 @@ def test_fine_tuning_moves_the_samples_toward_the_tilted_mixture(method):
     before, after = samples(pre), samples(model)
     w_star = float(target[0][1])
     w_pre, w_ft = (float((x[:, 0] > 0).double().mean()) for x in (before, after))
-    # measured (w* = 0.661, w_pre = 0.502, KL_pre = 0.114; reward queries): VARD w 0.585, KL 0.053 (7232); DRaFT
+    # measured (w* = 0.661, w_pre = 0.502, KL_pre = 0.114; reward queries): VARD w 0.599, KL 0.048 (7232; 0.585, 0.053
+    # with value_target="reward"); DRaFT
     # (K = N) 0.600, 0.059 (9600); DDPO 0.618, 0.062 (9600). DRaFT-3 (K = 3 of 10) stays at 0.507, 0.109: pathwise
     # gradients through the last steps do not move mass between the components.
     # 4000 samples: the weights' standard error is <= 0.008; the gap to the target must close by a third

@@ -25,7 +25,7 @@ from .. import checkpoint
 from ..data.labelled import LabelledData
 from ..ema import EMA
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeError, TrainingInterrupted
-from ..objective import BatchSource, model_of, objective_config, objective_state
+from ..objective import BatchSource, has_run_state, model_of, objective_config, objective_state, run_state
 from .batching import (
     GLOBAL,
     NOISE,
@@ -412,6 +412,11 @@ class Trainer:
 
     def _save(self, ckpt: Path, run: dict[str, Any]) -> None:
         acc = self.accelerator
+        ranks = None
+        if acc.num_processes > 1 and has_run_state(self.objective, self.model):  # every rank's, to the main one
+            ranks = [None] * acc.num_processes
+            mine = {k: v.cpu() for k, v in run_state(self.objective, self.model).items()}
+            torch.distributed.all_gather_object(ranks, mine)
         if acc.is_main_process:
             import accelerate
 
@@ -426,5 +431,5 @@ class Trainer:
             checkpoint.save(ckpt, self.model, ema=self.ema.state_dict() if self.ema is not None else None,
                             optimizer=self.optimizer if single else self.optimizers,
                             scheduler=self.scheduler if single else self.schedulers, trainer_state=state,
-                            objective_state=objective_state(self.objective, self.model))
+                            objective_state=objective_state(self.objective, self.model, ranks))
         acc.wait_for_everyone()

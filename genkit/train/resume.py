@@ -156,4 +156,6 @@ def _load_objective_state(trainer: Any, saved: dict[str, torch.Tensor] | None, s
     with torch.no_grad():
         for key, value in weights.items():
             ours[key].copy_(value)
-    load_run_state(trainer.objective, trainer.model, run_state)  # the run state (replay buffers) to its owners
+    rank = trainer.accelerator.process_index  # the run state (replay buffers) to its owners, this rank's own
+    if not load_run_state(trainer.objective, trainer.model, run_state, rank) and run_state:
+        log.info("rank %d resumes from the main process's run state: %s holds none of its own", rank, source)
