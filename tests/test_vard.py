@@ -110,6 +110,26 @@ def pair(gm=None, **kw) -> tuple[Residual, Residual]:
     return copy.deepcopy(pre), pre
 
 
+def perturbed_pair() -> tuple[Residual, Residual]:
+    """:func:`pair` with the model's correction perturbed, so it differs from the pretrained model (KL > 0)."""
+    model, pre = pair()
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    return model, pre
+
+
+class LinearValue(nn.Module):
+    """``V(x, t) = w . x``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.7, -0.3], dtype=torch.float64))
+
+    def forward(self, x, t):
+        return x @ self.w
+
+
 def train(obj, iters: int, lr: float = 3e-3, seed: int = 1000, decay: float = 1.0) -> None:
     """Adam on the objective's optimizers in turn (what the Trainer does, without its overhead), the learning rate
     falling geometrically to ``decay * lr``."""
@@ -214,20 +234,8 @@ def test_draft_truncated_gradient_is_autograd_through_the_last_k_steps():
 def test_vard_policy_gradient_is_one_step_backprop_into_the_value():
     """With ``V(x, t) = w . x`` the policy loss is ``-sum_n w . mu_theta(sg(x_n)) + eta sum_n KL_n`` up to
     constants: its gradient is autograd through one step from each detached state of the rollout."""
-    model, pre = pair()
-    with torch.no_grad():
-        for p in model.net.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
-
-    class Linear(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.tensor([0.7, -0.3], dtype=torch.float64))
-
-        def forward(self, x, t):
-            return x @ self.w
-
-    obj = VARD(model, pre, Reward(quadratic), Linear(), eta=0.5, steps=STEPS, grid=GRID, batch_size=8)
+    model, pre = perturbed_pair()
+    obj = VARD(model, pre, Reward(quadratic), LinearValue(), eta=0.5, steps=STEPS, grid=GRID, batch_size=8)
     loss, logs = obj.loss(None, torch.Generator().manual_seed(2), update="policy")
     got = torch.autograd.grad(loss, list(model.net.parameters()))
     roll = obj.rollout(8, torch.Generator().manual_seed(2))  # the same trajectories
@@ -251,23 +259,11 @@ def test_soft_value_targets_are_the_kl_regularised_return_to_go():
     per-step KLs of the current chain to the pretrained one along the rollout (the soft value of the current
     policy, whose one-step lookahead is exactly the policy loss); ``"reward"`` regresses every state on ``r(x_0)``.
     Checked by hand on the same trajectories with a linear value."""
-    model, pre = pair()
-    with torch.no_grad():
-        for p in model.net.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
-
-    class Linear(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.tensor([0.7, -0.3], dtype=torch.float64))
-
-        def forward(self, x, t):
-            return x @ self.w
-
+    model, pre = perturbed_pair()
     eta, solver = 0.5, Ancestral()
     losses = {}
     for target in ("reward", "soft"):
-        obj = VARD(model, pre, Reward(quadratic), Linear(), eta=eta, steps=STEPS, grid=GRID, batch_size=8,
+        obj = VARD(model, pre, Reward(quadratic), LinearValue(), eta=eta, steps=STEPS, grid=GRID, batch_size=8,
                    value_target=target)
         losses[target], _ = obj.loss(None, torch.Generator().manual_seed(3), update="value")
     roll = obj.rollout(8, torch.Generator().manual_seed(3))  # the same trajectories
@@ -283,7 +279,7 @@ def test_soft_value_targets_are_the_kl_regularised_return_to_go():
     torch.testing.assert_close(losses["soft"].detach(), soft, rtol=1e-10, atol=1e-12)
     assert float((losses["soft"] - losses["reward"]).abs()) > 1e-3
     with pytest.raises(ConfigError, match="value_target"):
-        VARD(model, pre, Reward(quadratic), Linear(), value_target="discounted")
+        VARD(model, pre, Reward(quadratic), LinearValue(), value_target="discounted")
 
 
 # --- the value ---------------------------------------------------------------------------------------------------
