@@ -206,7 +206,8 @@ def test_vard_on_flow_matching_writes_outputs_and_the_reward_rises(moons, tmp_pa
     run, rewards = moons
     out = tmp_path / "vard"
     assert run_main(FINETUNE, "--model", str(run), "--method", "vard", "--reward", f"{rewards}:quad",
-                    "--value-warmup", "15", "--policy-updates", "3", "--train-steps", "30", "--eval-every", "10",
+                    "--value-warmup", "15", "--policy-updates", "3", "--value-lr-scale", "1",
+                    "--train-steps", "30", "--eval-every", "10",
                     "--lr", "1e-2", "--batch-size", "64", "--eval-samples", "128", "--out", str(out), *CHAIN) == 0
     for name in ("checkpoint", "finetune_log.jsonl", "finetune_report.json", "finetune_report.md",
                  "reward_kl_drift.png", "metrics.jsonl", "train_data.json"):

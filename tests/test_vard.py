@@ -471,7 +471,7 @@ def test_trainer_alternates_the_value_and_policy_optimizers(tmp_path):
     model = copy.deepcopy(pre)
     value = ValueNetwork(MLP(2, hidden=16, depth=1, time_dim=16))
     obj = VARD(model, pre, Reward(lambda x: -(x - 1).square().sum(-1)), value, steps=4, batch_size=16,
-               value_warmup=1)
+               value_warmup=1, policy_updates=1)
     assert [obj.update(k) for k in range(5)] == ["value", "value", "policy", "value", "policy"]
     before_v = [p.detach().clone() for p in value.parameters()]
     seen = []

@@ -168,10 +168,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eta", type=float, help="KL weight to the pretrained steps (vard 1.0, the tilted target's "
                                              "temperature; draft and ddpo 0: off)")
     g.add_argument("--value-warmup", type=int, metavar="N", help="vard: value-only steps before the first policy "
-                                                                 "step (0)")
+                                                                 "step (10)")
     g.add_argument("--value-updates", type=int, metavar="N", help="vard: value steps per round (1)")
-    g.add_argument("--policy-updates", type=int, metavar="N", help="vard: policy steps per round (1)")
-    g.add_argument("--value-lr-scale", type=float, metavar="S", help="vard: value learning rate / --lr (1.0)")
+    g.add_argument("--policy-updates", type=int, metavar="N", help="vard: policy steps per round (4)")
+    g.add_argument("--value-lr-scale", type=float, metavar="S", help="vard: value learning rate / --lr (5.0)")
     g.add_argument("--value-hidden", type=int, metavar="H", help="vard: width of the value network: its MLP's "
                                                                  "hidden size for vectors (128), its UNet's first "
                                                                  "channels for images (32)")
