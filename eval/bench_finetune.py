@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import sys
 import tempfile
 import time
@@ -65,6 +66,7 @@ from genkit import metrics  # noqa: E402
 from genkit.data import digits, digits_labels  # noqa: E402
 from genkit.errors import ConfigError  # noqa: E402
 from genkit.finetune import DDPO, VARD, DRaFT, GaussianChain, Reward, ValueNetwork, step_kl  # noqa: E402
+from genkit.finetune.vard import VALUE_TARGETS  # noqa: E402
 from genkit.models import Diffusion  # noqa: E402
 from genkit.nets import MLP, UNet  # noqa: E402
 from genkit.solvers import Uniform  # noqa: E402
@@ -99,12 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="trajectories per rollout")
     p.add_argument("--lr", type=float, default=1e-4, help="the policy's Adam lr (every method)")
     p.add_argument("--eta", type=float, default=0.1, help="KL weight of every method")
-    p.add_argument("--value-warmup", type=int, default=10, help="VARD's value-only steps first")
-    p.add_argument("--policy-updates", type=int, default=4, help="VARD's policy steps per value step")
-    p.add_argument("--value-lr-scale", type=float, default=5.0, help="VARD's value lr / policy lr")
+    p.add_argument("--value-warmup", type=int, default=None, help="VARD's value-only steps first (default: VARD's)")
+    p.add_argument("--policy-updates", type=int, default=None, help="VARD's policy steps per value step (default: "
+                                                                    "VARD's)")
+    p.add_argument("--value-lr-scale", type=float, default=None, help="VARD's value lr / policy lr (default: "
+                                                                      "VARD's)")
     p.add_argument("--value-hidden", type=int, default=128)
-    p.add_argument("--value-target", default="soft", choices=("reward", "soft"), help="what VARD's value "
-                                                                                         "regresses on")
+    p.add_argument("--value-target", default=None, choices=VALUE_TARGETS, help="what VARD's value regresses on "
+                                                                                "(default: VARD's)")
     p.add_argument("--draft-truncate", type=int, default=None, help="DRaFT's K (default: all steps)")
     p.add_argument("--n-eval", type=int, default=512, help="samples per evaluation")
     p.add_argument("--n-kl", type=int, default=256, help="trajectories of the KL estimate")
@@ -117,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny run to a temporary folder (tests the script)")
     p.add_argument("--out", default=None, help=f"results folder (default {RESULTS}; --quick: a temporary one)")
     args = p.parse_args(argv)
+    vard_defaults = inspect.signature(VARD).parameters  # what a user gets
+    for name in ("value_warmup", "policy_updates", "value_lr_scale", "value_target"):
+        if getattr(args, name) is None:
+            setattr(args, name, vard_defaults[name].default)
     if args.quick:
         args.hidden, args.depth, args.pretrain_steps, args.steps = 64, 1, 200, 6
         args.queries, args.eval_every, args.batch_size, args.n_eval, args.n_kl = 256, 128, 32, 128, 64

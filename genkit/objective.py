@@ -21,8 +21,9 @@ Everything else is optional and read by :class:`genkit.train.Trainer`:
   state that is not weights and may change size (a replay buffer, the modes found so far), saved with the
   resume state and handed back on resume (an empty dict when the checkpoint has none), so a resumed run goes
   on as the uninterrupted one. Under several processes each rank's run state is gathered to the main process
-  and saved (rank ``r >= 1`` under ``run_state.rank{r}.``), and each rank resumes from its own; a rank the
-  checkpoint holds none for (a run resumed on more processes) resumes from the main process's.
+  and saved (rank ``r >= 1`` under ``run_state.rank{r}.``; the trainer state records how many ranks'), and each
+  rank resumes from its own; a rank the checkpoint holds none for (a run resumed on more processes, or one saved
+  before each rank's was kept) resumes from the main process's.
 - frozen parts (teacher, reference, reward) in a :class:`genkit.frozen.Frozen` holder attribute.
 
 A **batch source** replaces a dataset: ``source.batch(step, rank, generator) -> batch``, where ``generator``
@@ -177,20 +178,18 @@ def split_run_state(saved: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[s
             {k: v for k, v in saved.items() if k.startswith(_RUN_STATE)})
 
 
-def load_run_state(objective: nn.Module, model: nn.Module, saved: dict[str, Tensor], rank: int = 0) -> bool:
-    """Hand rank ``rank``'s ``run_state`` tensors of ``saved`` (an :func:`objective_state`) to their owners'
-    ``load_run_state`` (an empty dict to an owner the checkpoint holds none for). A rank ``>= 1`` the checkpoint
-    holds no state for gets the main process's; returns whether the state was this rank's own."""
-    own = _rank_prefix(rank)
-    mine = rank == 0 or any(k.startswith(own) for k in saved)
-    if rank and mine:
+def load_run_state(objective: nn.Module, model: nn.Module, saved: dict[str, Tensor], rank: int = 0) -> None:
+    """Hand the ``run_state`` tensors ``saved`` (an :func:`objective_state`) holds for rank ``rank`` (the main
+    process's for 0, those under ``run_state.rank{rank}.`` otherwise) to their owners' ``load_run_state`` (an
+    empty dict to an owner it holds none for)."""
+    if rank:
+        own = _rank_prefix(rank)
         saved = {_RUN_STATE + k[len(own):]: v for k, v in saved.items() if k.startswith(own)}
     else:
         saved = {k: v for k, v in saved.items() if not k.startswith(f"{_RUN_STATE}rank")}
     for owner, module in _run_state_owners(objective, model).items():
         prefix = RUN_STATE_PREFIXES[owner]
         module.load_run_state({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
-    return mine
 
 
 def objective_config(objective: nn.Module, model: nn.Module) -> dict[str, Any] | None:

@@ -426,7 +426,8 @@ class Trainer:
                      "accelerate_version": accelerate.__version__,
                      "frozen": frozen_records(*self._modules_with_parts()),
                      "objective_config": objective_config(self.objective, self.model),
-                     "optimizer_groups": self._opts.specs()}
+                     "optimizer_groups": self._opts.specs(),
+                     "run_state_ranks": 1 if ranks is None else len(ranks)}  # whose run state the checkpoint holds
             single = not self._multi
             checkpoint.save(ckpt, self.model, ema=self.ema.state_dict() if self.ema is not None else None,
                             optimizer=self.optimizer if single else self.optimizers,

@@ -115,7 +115,7 @@ def restore(trainer: Any, source: Path, allow_new_settings: bool = False,
     state = checkpoint.load_training_state(source, trainer.model, next(iter(opts.raw.values())) if single
                                            else opts.raw, next(iter(opts.schedulers.values())) if single
                                            else opts.schedulers)
-    _load_objective_state(trainer, state.pop("objective_state", None), source)
+    _load_objective_state(trainer, state.pop("objective_state", None), source, int(state.get("run_state_ranks", 1)))
     step, saved_lr = int(state["step"]), trainer.optimizer.param_groups[0]["lr"]
     if changes or regrouped:  # the loaded optimizer and schedule carry the old values: put the new ones in
         log.warning("resuming %s with new settings: %s", source,
@@ -146,7 +146,11 @@ def restore(trainer: Any, source: Path, allow_new_settings: bool = False,
     return {"step": step, "skipped": int(state["skipped"]), "window": window, "streak": int(state.get("streak", 0))}
 
 
-def _load_objective_state(trainer: Any, saved: dict[str, torch.Tensor] | None, source: Path) -> None:
+def _load_objective_state(trainer: Any, saved: dict[str, torch.Tensor] | None, source: Path,
+                          saved_ranks: int = 1) -> None:
+    """The objective's own weights, and to each rank the run state saved for it: its own when the checkpoint holds
+    ``saved_ranks`` > its rank (an empty one included), else the main process's (a run resumed on more
+    processes, or saved before each rank's was kept)."""
     ours = objective_weights(trainer.objective, trainer.model)
     weights, run_state = split_run_state(saved or {})
     if set(weights) != set(ours):
@@ -156,6 +160,8 @@ def _load_objective_state(trainer: Any, saved: dict[str, torch.Tensor] | None, s
     with torch.no_grad():
         for key, value in weights.items():
             ours[key].copy_(value)
-    rank = trainer.accelerator.process_index  # the run state (replay buffers) to its owners, this rank's own
-    if not load_run_state(trainer.objective, trainer.model, run_state, rank) and run_state:
+    rank = trainer.accelerator.process_index
+    source_rank = rank if rank < saved_ranks else 0
+    if source_rank != rank and run_state:
         log.info("rank %d resumes from the main process's run state: %s holds none of its own", rank, source)
+    load_run_state(trainer.objective, trainer.model, run_state, source_rank)

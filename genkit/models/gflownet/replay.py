@@ -7,8 +7,8 @@ It holds up to ``capacity`` trajectories, padded to the environment's ``max_acti
 ``R(x)`` (so high-reward objects are revisited more often). The buffer lives in memory on the device its
 trajectories come from; :meth:`ReplayBuffer.state_dict` / :meth:`ReplayBuffer.load_state_dict` give and take its
 contents as tensors, which the GFlowNet family saves with a checkpoint's resume state (so a resumed run replays
-what the uninterrupted one would). Each process of a multi-process run keeps its own; a resumed one restarts
-every rank from the main process's.
+what the uninterrupted one would). Each process of a multi-process run keeps its own, and each resumes from
+its own.
 
 >>> from genkit.models.gflownet import HyperGrid, Policy, sample_trajectories
 >>> env = HyperGrid(ndim=2, height=4)
