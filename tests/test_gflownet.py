@@ -658,6 +658,32 @@ def test_each_rank_takes_the_run_state_saved_for_it() -> None:
     assert not torch.equal(m0.buffer.state(), m1.buffer.state())
 
 
+# --- 8. metric conventions -----------------------------------------------------------------------------------
+def test_l1_conventions() -> None:
+    """"sum" = sum_x |p - q| is in [0, 2] (2 for disjoint supports, 0 for equal); "mean" = sum / the number of
+    terminal objects (16 on the 4x4 grid, 2^4 for 4-bit sequences, whose partial states are not objects)."""
+    env = HyperGrid(ndim=2, height=4)
+    g = gen(0)
+    p = torch.rand(16, generator=g, dtype=torch.float64)
+    q = torch.rand(16, generator=g, dtype=torch.float64)
+    p, q = p / p.sum(), q / q.sum()
+    s = l1(p, q)
+    assert 0 < s <= 2 and l1(p, p) == 0
+    assert abs(l1(p, q, env, convention="mean") - s / 16) < 1e-15
+    a, b = torch.zeros(16, dtype=torch.float64), torch.zeros(16, dtype=torch.float64)
+    a[:8], b[8:] = 1 / 8, 1 / 8
+    assert abs(l1(a, b) - 2) < 1e-12
+    bits = BitSequence(length=4, word=1, order="any", n_modes=2)
+    t = true_distribution(bits)
+    u = bits.terminating(bits.all_states()).double()
+    u /= u.sum()
+    assert abs(l1(t, u, bits, convention="mean") - l1(t, u) / 16) < 1e-15
+    with pytest.raises(ConfigError):
+        l1(p, q, convention="max")
+    with pytest.raises(ConfigError):
+        l1(p, q, convention="mean")  # needs env
+
+
 def test_jsd_bounds() -> None:
     """JSD (nats) is symmetric, 0 for equal distributions, log 2 for disjoint supports, in between otherwise."""
     g = gen(1)
