@@ -86,7 +86,11 @@ def test_the_jvp_runs_in_float32_under_bf16_autocast():
     torch.manual_seed(0)
     model = MeanFlow(random_two_time_mlp(), sample_shape=(2,))
     z, v, t, r = torch.randn(8, 2), torch.randn(8, 2), torch.full((8,), 0.7), torch.full((8,), 0.2)
+    u_own, d_own = model.time_derivative(z, r, t, v)  # the net's own JVP rules, float32, no autocast
+    model.jvp = "torch"
     u_ref, d_ref = model.time_derivative(z, r, t, v)
+    torch.testing.assert_close(d_own, d_ref, rtol=1e-5, atol=1e-6)  # two exact methods, float32 rounding apart
+    model.jvp = "auto"  # under autocast "auto" runs torch.func.jvp in float32 (the own rules would run in bf16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.net(z, t, r).dtype == torch.bfloat16  # autocast is on for the plain forward
         u, d = model.time_derivative(z, r, t, v)
@@ -193,6 +197,28 @@ def test_modulation_zero_is_meanflow_and_one_is_the_unstopped_residual():
         torch.testing.assert_close(c, (2 * a + b) / 3, rtol=1e-10, atol=1e-15)
     losses = {m: build(modulation=m).loss(x, generator=gen(7))[0] for m in (0.0, 1.0)}
     assert torch.equal(losses[0.0], losses[1.0])  # lambda moves the gradient only
+
+
+@pytest.mark.parametrize("modulation", [0.0, 1.0])
+def test_the_nets_own_jvp_gives_torch_func_jvps_loss_and_gradient(modulation):
+    """``jvp="auto"`` (TwoTimeMLP's own JVP rules, one pass whose output is the prediction) and ``jvp="torch"``
+    (torch.func.jvp plus a separate forward) give the same loss and parameter gradient in float64, for MeanFlow
+    and for Modular MeanFlow's double backward, with dropout on (the same mask in every pass)."""
+    x = torch.randn(32, 2, generator=gen(2), dtype=torch.float64)
+
+    def build(jvp: str) -> MeanFlow:
+        torch.manual_seed(0)
+        net = TwoTimeMLP(2, hidden=16, depth=2, time_dim=8, dropout=0.2)
+        nn.init.normal_(net.gap_embed[-1].weight, std=0.5)
+        return MeanFlow(net, sample_shape=(2,), frac_r_neq_t=0.75, modulation=modulation, jvp=jvp).double()
+
+    own, ref = build("auto"), build("torch")
+    losses = [m.loss(x, generator=gen(7))[0] for m in (own, ref)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
+    for a, b in zip(_grads(own, x), _grads(ref, x)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ConfigError, match="jvp must be"):
+        MeanFlow(TwoTimeMLP(2, hidden=8, depth=1, time_dim=8), sample_shape=(2,), jvp="forward")
 
 
 def test_the_warmup_step_is_saved_with_the_weights(tmp_path):

@@ -209,3 +209,58 @@ def test_unet_dropout_reaches_the_two_time_unet():
         two.train()
         assert torch.equal(same_mask(two, x, 0.5, 0.2, y), same_mask(two, x, 0.5, 0.2, y))
         assert not torch.allclose(same_mask(two, x, 0.5, 0.2, y), same_mask(two, x, 0.5, 0.2, y, seed=2))
+
+
+# --- a network's own JVP rules (forward_jvp) -----------------------------------------------------------------
+OWN_JVP = [name for name in TWO_TIME_NETS.names() if callable(getattr(TWO_TIME_NETS.get(name), "forward_jvp", None))]
+
+
+def test_the_mlp_has_its_own_jvp_rules():
+    assert "two_time_mlp" in OWN_JVP  # the list below is not empty by accident
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name", OWN_JVP)
+def test_own_jvp_equals_torch_func_jvp_and_its_gradients_in_float64(name, variant):
+    """``forward_jvp`` gives torch.func.jvp's output and tangent to 1e-12 (float64, dropout with the same mask),
+    its output the ordinary forward's bit for bit, and the parameter gradients of a loss of both outputs
+    (the tangent kept on the graph: Modular MeanFlow's double backward) equal to those through torch.func.jvp;
+    without ``tangent_graph`` the tangent carries no graph and the output still does."""
+    dropout, k = VARIANTS[variant]
+    torch.manual_seed(0)
+    net, shape = tiny(name, dropout, k)
+    net = net.double().train(dropout > 0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    b = shape[0]
+    x, dx = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
+    t, s = torch.rand(b, dtype=torch.float64), torch.rand(b, dtype=torch.float64)
+    dt, ds = torch.randn(b, dtype=torch.float64), torch.randn(b, dtype=torch.float64)
+    cond = {} if k is None else {"y": torch.arange(b) % k}
+    w1, w2 = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
+
+    def grads(out, tangent):
+        loss = (w1 * out).sum() + (w2 * tangent).sum()
+        return torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)
+
+    ref = same_mask(lambda: torch.func.jvp(lambda a, b_, c: net(a, b_, c, **cond), (x, t, s), (dx, dt, ds)))
+    own = same_mask(lambda: net.forward_jvp((x, t, s), (dx, dt, ds), tangent_graph=True, **cond))
+    torch.testing.assert_close(own[0], ref[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(own[1], ref[1], rtol=1e-12, atol=1e-12)
+    assert torch.equal(own[0], same_mask(lambda: net(x, t, s, **cond)))
+    for g_own, g_ref in zip(grads(*own), grads(*ref)):
+        if g_ref is None:
+            assert g_own is None or not g_own.any()
+        else:
+            torch.testing.assert_close(g_own, g_ref, rtol=1e-10, atol=1e-12)
+    out, tangent = same_mask(lambda: net.forward_jvp((x, t, s), (dx, dt, ds), **cond))
+    assert out.requires_grad and not tangent.requires_grad
+    torch.testing.assert_close(tangent, ref[1], rtol=1e-12, atol=1e-12)
+    forward = same_mask(lambda: net(x, t, s, **cond))  # the output's graph is the forward's, every parameter
+    for g_own, g_ref in zip(grads(out, 0 * w2), grads(forward, 0 * w2)):
+        assert (g_own is None) == (g_ref is None)
+        if g_ref is not None:
+            torch.testing.assert_close(g_own, g_ref, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ShapeError, match="tangent"):
+        net.forward_jvp((x, t, s), (dx[:, :-1], dt, ds), **cond)

@@ -12,8 +12,13 @@ The network is a two-time net read as genkit's flow map, ``u(z, r, t) = net(z, t
 **The MeanFlow identity** ``u = v - (t - r) du/dt`` with the total derivative ``du/dt = v . d_z u + d_t u``
 gives the target ``u_tgt = sg(v - (t - r) JVP)``, the JVP of ``(z, t, r) -> net(z, t, r)`` along the tangents
 ``(v, 1, 0)`` (genkit's argument order ``(z, t, r)``: the ``1`` belongs to ``t``, the ``0`` to ``r``; a swapped
-order silently computes ``d_r u``), computed by :func:`genkit.jvp.jvp` in float32 with autocast off and the
-math attention kernel. ``v`` is the path's conditional velocity (``e - x`` on the linear path) or, when a
+order silently computes ``d_r u``). **How the JVP is computed** (``jvp=``; the same derivative either way, so
+it is not part of the saved config): ``"auto"`` (default) runs the network's own JVP rules where it has them
+(:meth:`genkit.nets.TwoTimeMLP.forward_jvp`: one pass whose output is also the prediction ``u``, the tangent
+without a graph under stop-gradient; about twice a forward, where ``torch.func.jvp`` on a small CPU MLP costs
+about 3x a forward and backward), provided no autocast is active and the inputs are float32 / float64; otherwise,
+and always with ``jvp="torch"``, :func:`genkit.jvp.jvp` (``torch.func.jvp``) in float32 with autocast off and the
+math attention kernel, plus an ordinary forward for ``u``. ``v`` is the path's conditional velocity (``e - x`` on the linear path) or, when a
 frozen teacher is attached (:meth:`MeanFlow.from_teacher`), the teacher's marginal velocity ``v(z_t, t)``.
 
 **Loss** per sample: ``w ||Delta||^2`` with the squared error *summed* over dimensions, ``Delta = u - u_tgt``,
@@ -71,7 +76,8 @@ guidance is in the weights); with ``sampler="ode"`` it guides the velocity view 
 - Precision: the JVP runs in float32 with autocast disabled; the primal forward (``u_pred``) keeps the
   caller's autocast.
 - Attention: the JVP runs under ``sdpa_kernel(SDPBackend.MATH)``.
-- ``u_pred`` comes from a separate ordinary forward (same dropout mask), not from the JVP's primal output: with
+- With ``torch.func.jvp`` (``jvp="torch"``, autocast, or a net without JVP rules), ``u_pred`` comes from a
+  separate ordinary forward (same dropout mask), not from the JVP's primal output: with
   ``modulation = 0`` the JVP runs under ``no_grad`` (its output is stop-gradiented), so no graph of the JVP pass
   is kept (py-meanflow's memory advice for uncompiled models), at the price of one more forward. The forward-mode
   kernels also compute the primal by other routes (e.g. ``mm`` then ``add`` for ``addmm``), so the JVP's primal
@@ -102,7 +108,7 @@ from ..errors import ConfigError, ShapeError
 from ..fields import Field, as_velocity, check_field
 from ..frozen import Frozen
 from ..guidance import Guidance
-from ..jvp import jvp, seeded_rng
+from ..jvp import network_jvp, seeded_rng
 from ..nets.two_time import build as build_net
 from ..nets.two_time import to_two_time
 from ..paths import Path, path_from_config
@@ -160,7 +166,10 @@ class MeanFlow(FlowMapModel):
                  kappa: float = 0.0, guidance_interval: Sequence[float] | None = None,
                  num_classes: int | None = None, class_names: Sequence[str] | None = None,
                  null_label: int | None = None, class_dropout: float = 0.0, teacher: Field | None = None,
-                 t_min: float | None = None, t_max: float | None = None):
+                 t_min: float | None = None, t_max: float | None = None, jvp: str = "auto"):
+        if jvp not in ("auto", "torch"):
+            raise ConfigError(f"jvp must be 'auto' (the network's own JVP rules where it has them, else "
+                              f"torch.func.jvp) or 'torch' (torch.func.jvp always); got {jvp!r}")
         if teacher is not None:
             check_field(teacher)
             path = teacher.path if path is None else path  # set_teacher checks that they agree
@@ -195,6 +204,7 @@ class MeanFlow(FlowMapModel):
             Guidance(1.0, tuple(guidance_interval))  # the same checks: a pair 0 <= t_lo < t_hi <= 1
             guidance_interval = tuple(float(v) for v in guidance_interval)
         self.guidance_interval = guidance_interval
+        self.jvp = jvp  # how du/dt is computed (the same derivative either way): not part of the saved config
         if self.guided or guidance_interval is not None:
             given = ", ".join(f"{k}={v}" for k, v in (("omega", self.omega), ("kappa", self.kappa),
                                                         ("guidance_interval", guidance_interval))
@@ -300,8 +310,10 @@ class MeanFlow(FlowMapModel):
         precision and with the math attention kernel (:func:`genkit.jvp.jvp`). ``cond`` goes to the network
         as is (``y=`` labels)."""
         t, r = self._check(z, t, r)
-        return jvp(lambda z_, t_, r_: self.net(z_, t_, r_, **cond), (z, t, r),
-                   (v, torch.ones_like(t), torch.zeros_like(r)), create_graph=create_graph)
+        with torch.enable_grad() if create_graph else torch.no_grad():
+            u, dudt, _ = network_jvp(self.net, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)),
+                                     create_graph=create_graph, mode=self.jvp, **cond)
+        return u, dudt
 
     def modulation_at(self, step: int) -> float:
         """Modular MeanFlow's ``lambda`` at training step ``step``: ``modulation * min(1, step / warmup)``."""
@@ -376,12 +388,15 @@ class MeanFlow(FlowMapModel):
         training = self.training and torch.is_grad_enabled()
         lam = self.modulation_at(int(self.loss_steps))
         graph = lam > 0 and torch.is_grad_enabled()  # lambda = 0 (the warm-up's start): MeanFlow's own path
+        t, r = self._check(z, t, r)
         with seeded_rng(seed, device):
-            u, dudt = self.time_derivative(z, r, t, v, create_graph=graph, **cond)
+            u, dudt, is_forward = network_jvp(self.net, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)),
+                                              create_graph=graph, mode=self.jvp, **cond)
         if graph:  # SG_lambda[du/dt]
             dudt = lam * dudt + (1.0 - lam) * dudt.detach()
-        with seeded_rng(seed, device):  # u from an ordinary forward with the JVP pass's dropout mask
-            u = self.net(z, t, r, **cond)
+        if not is_forward:  # u from an ordinary forward with the JVP pass's dropout mask
+            with seeded_rng(seed, device):
+                u = self.net(z, t, r, **cond)
         gap = (t - r).reshape((-1,) + (1,) * (x0.ndim - 1))
         target = v - gap * dudt
         err = (u - target).flatten(1).pow(2).sum(1)

@@ -20,6 +20,45 @@ from ..paths import broadcast_time
 __all__ = ["MLP", "FourierTimeEmbedding", "check_labels"]
 
 
+# ---------------------------------------------------------------------------------------------- JVP rules
+# Forward-mode derivatives of the layers these nets are made of, written with ordinary (reverse-mode
+# differentiable) ops: ``(y, dy)`` for an input ``x`` and its tangent ``dx``. The primal ``y`` is computed as
+# the layer's own forward does (same graph); the tangent under ``tangent_grad(keep)``, so that a stop-gradient
+# JVP records no graph for it. TwoTimeMLP.forward_jvp chains them: one pass gives the output with its graph
+# and its JVP, about twice a forward's work, where torch.func.jvp pays PyTorch's forward-mode overhead per op.
+
+
+def tangent_grad(keep: bool) -> torch.autograd.grad_mode.set_grad_enabled:
+    """The grad mode of a tangent computation: recorded only when ``keep`` and grad mode is on."""
+    return torch.set_grad_enabled(keep and torch.is_grad_enabled())
+
+
+def linear_jvp(layer: nn.Linear, x: Tensor, dx: Tensor, keep: bool) -> tuple[Tensor, Tensor]:
+    """``y = x W^T + b``, ``dy = dx W^T``."""
+    y = layer(x)
+    with tangent_grad(keep):
+        return y, F.linear(dx, layer.weight)
+
+
+def silu_jvp(x: Tensor, dx: Tensor, keep: bool) -> tuple[Tensor, Tensor]:
+    """``y = x sigmoid(x)``, ``dy = dx s (1 + x (1 - s))`` with ``s = sigmoid(x)``."""
+    y = F.silu(x)
+    with tangent_grad(keep):
+        s = torch.sigmoid(x)
+        return y, dx * s * (1 + x * (1 - s))
+
+
+def layer_norm_jvp(layer: nn.LayerNorm, x: Tensor, dx: Tensor, keep: bool) -> tuple[Tensor, Tensor]:
+    """``n = (x - mean) r`` with ``r = (var + eps)^(-1/2)`` over the last axis, ``y = n gamma + beta``;
+    ``dn = r (dxc - n mean(n dxc))`` with ``dxc = dx - mean(dx)``, ``dy = dn gamma``."""
+    y, mean, rstd = torch.native_layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+    with tangent_grad(keep):
+        n = (x - mean) * rstd
+        dxc = dx - dx.mean(-1, keepdim=True)
+        dn = rstd * (dxc - n * (n * dxc).mean(-1, keepdim=True))
+        return y, dn if layer.weight is None else dn * layer.weight
+
+
 def check_labels(y: Tensor | None, x: Tensor, num_classes: int | None, net: str) -> None:
     """Check class labels ``y`` of shape ``[B]`` against a net built with ``num_classes``."""
     if num_classes is None:
@@ -62,6 +101,15 @@ class FourierTimeEmbedding(nn.Module):
         arg = t.to(torch.promote_types(t.dtype, torch.float32))[:, None] * self.freqs
         return torch.cat([arg.sin(), arg.cos()], dim=-1)
 
+    def forward_jvp(self, t: Tensor, dt: Tensor, keep: bool) -> tuple[Tensor, Tensor]:
+        """``(features, d features)`` for times ``t [B]`` with tangent ``dt [B]``."""
+        arg = t.to(torch.promote_types(t.dtype, torch.float32))[:, None] * self.freqs
+        sin, cos = arg.sin(), arg.cos()
+        out = torch.cat([sin, cos], dim=-1)
+        with tangent_grad(keep):
+            darg = dt.to(arg.dtype)[:, None] * self.freqs
+            return out, torch.cat([cos * darg, -sin * darg], dim=-1)
+
 
 def _check_dropout(dropout: Any) -> float:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
@@ -86,6 +134,21 @@ class _ResidualBlock(nn.Module):
     def forward(self, h: Tensor, temb: Tensor) -> Tensor:
         z = self.lin1(F.silu(self.norm(h))) + self.time(temb)
         return h + self.lin2(self.dropout(F.silu(z)))
+
+    def forward_jvp(self, h: Tensor, dh: Tensor, temb: Tensor, dtemb: Tensor,
+                    keep: bool) -> tuple[Tensor, Tensor]:
+        """``(block(h, temb), its JVP along (dh, dtemb))``; dropout (train mode) applies one mask to both."""
+        a, da = silu_jvp(*layer_norm_jvp(self.norm, h, dh, keep), keep)
+        z, dz = linear_jvp(self.lin1, a, da, keep)
+        zt, dzt = linear_jvp(self.time, temb, dtemb, keep)
+        a, da = silu_jvp(z + zt, dz + dzt, keep)
+        if self.dropout.p and self.training:
+            mask = F.dropout(torch.ones_like(a), self.dropout.p, training=True)  # the scaled keep mask, 0 or 1/(1-p)
+            a = a * mask
+            with tangent_grad(keep):
+                da = da * mask
+        out, dout = linear_jvp(self.lin2, a, da, keep)
+        return h + out, dh + dout  # a tangent without a graph records none here
 
 
 class MLP(nn.Module):
