@@ -18,8 +18,9 @@ it is not part of the saved config): ``"auto"`` (default) runs the network's own
 without a graph under stop-gradient; about twice a forward, where ``torch.func.jvp`` on a small CPU MLP costs
 about 3x a forward and backward), provided no autocast is active and the inputs are float32 / float64; otherwise,
 and always with ``jvp="torch"``, :func:`genkit.jvp.jvp` (``torch.func.jvp``) in float32 with autocast off and the
-math attention kernel, plus an ordinary forward for ``u``. ``v`` is the path's conditional velocity (``e - x`` on the linear path) or, when a
-frozen teacher is attached (:meth:`MeanFlow.from_teacher`), the teacher's marginal velocity ``v(z_t, t)``.
+math attention kernel, plus an ordinary forward for ``u``. ``v`` is the path's conditional velocity (``e - x`` on
+the linear path) or, when a frozen teacher is attached (:meth:`MeanFlow.from_teacher`), the teacher's marginal
+velocity ``v(z_t, t)``.
 
 **Loss** per sample: ``w ||Delta||^2`` with the squared error *summed* over dimensions, ``Delta = u - u_tgt``,
 and the adaptive weight ``w = sg(1 / (||Delta||^2 + norm_eps)^norm_p)`` (``norm_p = 0`` is plain L2, 0.5
@@ -306,9 +307,10 @@ class MeanFlow(FlowMapModel):
     def time_derivative(self, z: Tensor, r: Tensor, t: Tensor, v: Tensor, *, create_graph: bool = False,
                         **cond: Any) -> tuple[Tensor, Tensor]:
         """``(u(z, r, t), du/dt)`` with the total derivative ``du/dt = v . d_z u + d_t u`` along the path
-        (``dr/dt = 0``): one JVP of ``(z, t, r) -> net(z, t, r, **cond)`` with tangents ``(v, 1, 0)``, in full
-        precision and with the math attention kernel (:func:`genkit.jvp.jvp`). ``cond`` goes to the network
-        as is (``y=`` labels)."""
+        (``dr/dt = 0``): one JVP of ``(z, t, r) -> net(z, t, r, **cond)`` with tangents ``(v, 1, 0)`` by
+        :func:`genkit.jvp.network_jvp` in this model's ``jvp`` mode (the net's own rules, or ``torch.func.jvp``
+        in full precision with the math attention kernel); both outputs carry a graph only with
+        ``create_graph``. ``cond`` goes to the network as is (``y=`` labels)."""
         t, r = self._check(z, t, r)
         with torch.enable_grad() if create_graph else torch.no_grad():
             u, dudt, _ = network_jvp(self.net, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)),
