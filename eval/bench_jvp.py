@@ -190,7 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("hidden", "depth", "batch_size", "calls", "repeats", "threads",
                                               "device")}
     lines = [
-        "# bench_jvp", "",
         f"Settings: genkit's two-time MLP {args.hidden} x {args.depth} on 2-D data, batch {b}, {args.threads} "
         f"torch thread(s), device {device}; ms per call, median of {args.repeats} repeats of {args.calls} calls "
         f"({'CUDA events' if device.type == 'cuda' else 'process CPU time'}).", "",
