@@ -41,18 +41,28 @@ def linear_jvp(layer: nn.Linear, x: Tensor, dx: Tensor, keep: bool) -> tuple[Ten
 
 
 def silu_jvp(x: Tensor, dx: Tensor, keep: bool) -> tuple[Tensor, Tensor]:
-    """``y = x sigmoid(x)``, ``dy = dx s (1 + x (1 - s))`` with ``s = sigmoid(x)``."""
+    """``y = x sigmoid(x)``, ``dy = dx s (1 + x (1 - s))`` with ``s = sigmoid(x)``. SiLU's Jacobian is diagonal,
+    so without a tangent graph ``dy`` is its backward kernel applied to ``dx`` (one fused op; that kernel has
+    no derivative of its own, so a recorded tangent takes the formula)."""
     y = F.silu(x)
     with tangent_grad(keep):
+        if not torch.is_grad_enabled():
+            return y, torch.ops.aten.silu_backward(dx, x)
         s = torch.sigmoid(x)
         return y, dx * s * (1 + x * (1 - s))
 
 
 def layer_norm_jvp(layer: nn.LayerNorm, x: Tensor, dx: Tensor, keep: bool) -> tuple[Tensor, Tensor]:
     """``n = (x - mean) r`` with ``r = (var + eps)^(-1/2)`` over the last axis, ``y = n gamma + beta``;
-    ``dn = r (dxc - n mean(n dxc))`` with ``dxc = dx - mean(dx)``, ``dy = dn gamma``."""
+    ``dn = r (dxc - n mean(n dxc))`` with ``dxc = dx - mean(dx)``, ``dy = dn gamma``. The normalisation's
+    Jacobian ``r (I - 11^T / N - n n^T / N)`` is symmetric, so without a tangent graph ``dn`` is its backward
+    kernel applied to ``dx`` (one fused op)."""
     y, mean, rstd = torch.native_layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
     with tangent_grad(keep):
+        if not torch.is_grad_enabled():
+            dn = torch.ops.aten.native_layer_norm_backward(dx, x, layer.normalized_shape, mean, rstd, None, None,
+                                                           [True, False, False])[0]
+            return y, dn if layer.weight is None else dn * layer.weight
         n = (x - mean) * rstd
         dxc = dx - dx.mean(-1, keepdim=True)
         dn = rstd * (dxc - n * (n * dxc).mean(-1, keepdim=True))
