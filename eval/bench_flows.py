@@ -4,15 +4,17 @@ Contenders (same architecture on every side: 3 transforms, 8 bins, spline on ``[
 boundary derivatives 1, minimum derivative 1e-3, conditioners with two hidden layers of 64 ReLU units, a standard
 Normal base; the same Adam, lr, batch size, steps, batches and seeds):
 
-- **coupling**: genkit ``CouplingSpline`` x 3 (parity alternating) against ``zuko.flows.NSF(passes=2)`` (zuko's
-  coupling setting: a two-class MADE, the order flipped every transform) and nflows'
-  ``PiecewiseRationalQuadraticCouplingTransform`` (mask alternating);
+- **coupling**: genkit's ``nsf`` family with ``mixing="none"`` (its default ``MaskedCouplingSpline`` x 3, parity
+  alternating: the first ``ceil(D/2)`` features condition, then the last, and get splines of their own) against
+  ``zuko.flows.NSF(passes=2)`` (zuko's coupling setting: a two-class MADE, the order flipped every transform: the
+  same structure) and nflows' ``PiecewiseRationalQuadraticCouplingTransform`` (mask alternating; the conditioning
+  half passes unchanged);
 - **autoregressive**: genkit ``AutoregressiveSpline`` x 3 with ``Permutation.reverse`` between them against
   ``zuko.flows.NSF`` (fully autoregressive, the order flipped every transform: the same thing) and nflows'
   ``MaskedPiecewiseRationalQuadraticAutoregressiveTransform`` (``num_blocks=1``, no residual blocks) with
   ``ReversePermutation``;
 - **coupling+lu**: genkit's ``nsf`` family as a user builds it (``NeuralSplineFlow(D, layers=3, bins=8,
-  bound=5.0, hidden=64, depth=2)``: coupling layers with its default ``mixing="lu"``, an ``LULinear``
+  bound=5.0, hidden=64, depth=2)``: masked coupling layers with its default ``mixing="lu"``, an ``LULinear``
   ``y = P L U x + b`` between them, as the NSF paper's coupling flows alternate LU-linear layers with couplings)
   against zuko's coupling setting with the same mixing between its transforms (``LULinearTransform`` from the
   identity, then ``PermutationTransform`` with genkit's permutation) and nflows' coupling with ``LULinear``
@@ -37,16 +39,16 @@ Rows:
    speed (target >= 10x) and NLL on the 32-D mixture (target: within 0.05 nats); the plain coupling flow and the
    ``nsf`` family's default (``coupling+lu``).
 
-Diagnostic contender ``zuko-plain`` (on ``--diagnostic-sets``): zuko's ``GeneralCouplingTransform`` with zuko's
-spline, split like genkit's coupling, to tell the spline parameterisation from zuko's coupling structure; and
-``genkit masked_coupling`` (same sets): genkit's ``MaskedCouplingSpline``, zuko's coupling structure with genkit's
-spline, against zuko's ``NSF(passes=2)`` (a summary row of its own).
+Diagnostic contenders (on ``--diagnostic-sets``): ``genkit half_coupling``, genkit's ``CouplingSpline`` x 3 (nsf
+``transform="coupling"``: the conditioning half, ``D // 2`` features, passes unchanged), and ``zuko-plain``,
+zuko's ``GeneralCouplingTransform`` with zuko's spline split the same way: the two side by side tell the spline
+parameterisation and initialisation from the coupling structure.
 
 Differences that remain (each library's own definitions, listed in the results): the spline parameterisation
 (genkit: floored softmax bins, ``1e-3 + softplus`` interior derivatives; zuko: softmax of soft-clamped logits,
 ``exp`` of soft-clamped derivatives), the conditioners' initialisation (genkit starts at the exact identity; zuko
-and nflows keep torch's default), and zuko's coupling setting, which also gives the conditioning half an
-input-independent spline in every transform and computes its parameters through a masked MLP over all features.
+and nflows keep torch's default), the mixing layer's parameterisation, and nflows' coupling split (its
+conditioning half passes unchanged).
 
     python eval/bench_flows.py            # ~10-15 min on a shared 2-core machine (1 torch thread)
     python eval/bench_flows.py --quick    # ~1 min smoke run (tiny step counts; writes to a temporary folder)
@@ -78,7 +80,6 @@ from genkit.models.flows import (  # noqa: E402
     CouplingSpline,
     Flow,
     LULinear,
-    MaskedCouplingSpline,
     NeuralSplineFlow,
     Permutation,
     half_swap_permutation,
@@ -115,31 +116,33 @@ class Contender:
 
 def lu_permutation(d: int, i: int, seed: int, conditioning: int) -> torch.Tensor:
     """The fixed permutation ``P`` of the ``i``-th mixing layer ``W = P L U`` of the nsf family built with ``seed``
-    (``half_swap_permutation(d, d // 2, seed + i)``: what the coupling before transformed moves to the half the
-    next conditions on): the zuko and nflows flows of kind "coupling+lu" use the same rule for their own split
-    (``conditioning`` features: ``d // 2`` for genkit and nflows, ``ceil(d / 2)`` for zuko's ``passes=2``)."""
+    (``half_swap_permutation(d, ceil(d / 2), seed + i)``: what the coupling before transformed moves to the half
+    the next conditions on): the zuko and nflows flows of kind "coupling+lu" use the same rule for their own split
+    (``conditioning`` features: ``ceil(d / 2)`` for genkit's masked coupling and zuko's ``passes=2``, ``d // 2``
+    for nflows)."""
     return half_swap_permutation(d, conditioning, seed + i)
 
 
 def build_genkit(kind: str, d: int, n_transforms: int = TRANSFORMS, seed: int = 0) -> Contender:
-    """``kind`` "coupling", "autoregressive", "coupling+lu": the ``nsf`` family as a user builds it
-    (``NeuralSplineFlow(d, layers=3, bins=8, bound=5.0, hidden=64, depth=2, seed=seed)``: its default
-    ``mixing="lu"`` puts an ``LULinear`` between coupling layers, as the NSF paper's coupling flows do; a fixed
-    half split alone never models the dependencies within a half), or "masked_coupling":
-    ``MaskedCouplingSpline``, zuko's ``NSF(passes=2)`` structure (both halves get splines)."""
-    if kind == "coupling+lu":
+    """``kind`` "coupling+lu": the ``nsf`` family as a user builds it (``NeuralSplineFlow(d, layers=3, bins=8,
+    bound=5.0, hidden=64, depth=2, seed=seed)``: its default masked coupling layers, zuko's ``NSF(passes=2)``
+    structure, with its default ``mixing="lu"``, an ``LULinear`` between them as the NSF paper's coupling flows
+    have; a fixed split alone never models the dependencies within the conditioning half); "coupling": the same
+    with ``mixing="none"`` (the layers alternate their halves); "autoregressive"; or "half_coupling" (a
+    diagnostic): ``CouplingSpline`` x 3, nsf ``transform="coupling"`` (the conditioning half passes unchanged)."""
+    if kind in ("coupling+lu", "coupling"):
+        mixing = "lu" if kind == "coupling+lu" else "none"
         family = NeuralSplineFlow(d, layers=n_transforms, bins=BINS, bound=BOUND, hidden=HIDDEN, depth=LAYERS,
-                                  seed=seed)
-        assert family.mixing == "lu" and family.transform == "coupling"  # the defaults this row stands for
+                                  seed=seed, **({} if mixing == "lu" else {"mixing": mixing}))
+        assert family.mixing == mixing and family.transform == "masked_coupling"  # the defaults this row stands for
         flow = family.flow
-        mixing = [t for t in flow.transforms if isinstance(t, LULinear)]
-        assert all(torch.equal(t.perm, lu_permutation(d, i + 1, seed, d // 2)) for i, t in enumerate(mixing))
+        lus = [t for t in flow.transforms if isinstance(t, LULinear)]
+        assert all(torch.equal(t.perm, lu_permutation(d, i + 1, seed, (d + 1) // 2)) for i, t in enumerate(lus))
         return Contender(flow, flow.log_prob, lambda n: flow.sample(n))
     transforms: list = []
     for i in range(n_transforms):
-        if kind in ("coupling", "masked_coupling"):
-            layer = MaskedCouplingSpline if kind == "masked_coupling" else CouplingSpline
-            transforms.append(layer(d, bins=BINS, bound=BOUND, hidden=HIDDEN, layers=LAYERS, parity=i % 2))
+        if kind == "half_coupling":
+            transforms.append(CouplingSpline(d, bins=BINS, bound=BOUND, hidden=HIDDEN, layers=LAYERS, parity=i % 2))
         else:
             if i:
                 transforms.append(Permutation.reverse(d))
@@ -443,17 +446,19 @@ DIFFERENCES = [
     "Initialisation: genkit starts every spline at the exact identity (its conditioners' last layer zeroed, the "
     "derivative biases at softplus^-1(1 - 1e-3)); zuko and nflows keep torch's default Linear init (a random "
     "spline at the start).",
-    "zuko's coupling setting (NSF(passes=2)) is a MADE with two degree classes: the conditioning half also gets an "
-    "input-independent spline in every transform (outputs that see no input: their biases), and the conditioner "
-    "reads all D inputs through a mask and outputs parameters for all D features. genkit's (and nflows') coupling "
-    "passes the conditioning half unchanged and runs its MLP on that half only. For odd D (wine, 13) zuko "
-    "conditions on ceil(D/2) = 7 features, genkit and nflows on D // 2 = 6.",
+    "Coupling structure: zuko's coupling setting (NSF(passes=2)) is a MADE with two degree classes: the "
+    "conditioning half also gets an input-independent spline in every transform (outputs that see no input: their "
+    "biases), and the conditioner reads all D inputs through a mask. genkit's default MaskedCouplingSpline is the "
+    "same structure (the conditioning half's splines from learned constants; its MLP reads that half, before its "
+    "spline, only); both condition on the first ceil(D/2) features (7 of wine's 13). nflows' coupling passes the "
+    "conditioning half (D // 2) unchanged, as genkit's CouplingSpline (transform='coupling', the diagnostic "
+    "half_coupling) does.",
     "coupling+lu: the mixing layer is y = P L U x + b on genkit's (LULinear: diag U = 1e-3 + softplus) and "
     "nflows' side (LULinear, the same positive diagonal) and y = P L U x on zuko's (LULinearTransform: no bias, an "
     "unconstrained diagonal of L); all three start at the identity times a permutation P of the same rule, the nsf "
     "family's half_swap_permutation (the features a coupling transformed move, in a seeded random order, to the "
-    "half the next conditions on), each for its own split (genkit and nflows condition on the first D // 2, zuko's "
-    "NSF(passes=2) transforms, all in the order 0..D-1 here, on the first ceil(D/2)). Behind a mixing layer every "
+    "half the next conditions on), each for its own split (genkit and zuko's NSF(passes=2) transforms, all in the "
+    "order 0..D-1 here, condition on the first ceil(D/2), nflows on the first D // 2). Behind a mixing layer every "
     "side's couplings transform the same half (P alternates them).",
     "Sampling: genkit's Flow.sample also computes the samples' log-density (one pass); zuko's and nflows' sample "
     "only invert. genkit's autoregressive inverse takes D passes evaluating only feature i's MADE output block and "
@@ -492,24 +497,20 @@ def build_report(payload: dict[str, Any], args: argparse.Namespace, libs: list[s
     for name, row in payload["nll"].items():
         med = row["median_test_nll"]
         if "zuko-plain coupling" in med:
-            per_seed = "/".join(f"{r['genkit coupling']['test_nll'] - r['zuko-plain coupling']['test_nll']:+.3f}"
-                                for r in row["runs"].values())
-            gap = med["genkit coupling"] - med["zuko-plain coupling"]
-            masked = med.get("genkit masked_coupling", math.nan)
+            half, plain = "genkit half_coupling", "zuko-plain coupling"
+            per_seed = "/".join(f"{r[half]['test_nll'] - r[plain]['test_nll']:+.3f}" for r in row["runs"].values())
             diag_rows.append([name, row["dim"], fmt(med["genkit coupling"]), fmt(med["zuko coupling"]),
-                              fmt(med["zuko-plain coupling"]), f"{gap:+.3f}", per_seed, fmt(masked),
-                              f"{masked - med['zuko coupling']:+.3f}"])
+                              fmt(med[half]), fmt(med[plain]), f"{med[half] - med[plain]:+.3f}", per_seed,
+                              f"{med[half] - med['genkit coupling']:+.3f}"])
     diagnostics = [] if not diag_rows else [
-        "### Diagnostic: zuko with genkit's coupling structure", "",
+        "### Diagnostic: the half-split coupling on both sides", "",
+        "`genkit half_coupling`: genkit's `CouplingSpline` (nsf `transform=\"coupling\"`: the conditioning half, "
+        "D // 2 features, passes unchanged; the default was this until the masked coupling replaced it). "
         "`zuko-plain`: zuko's `GeneralCouplingTransform` with zuko's spline (`MonotonicRQSTransform`, slope 1e-3), "
-        "split like genkit's coupling (the conditioning half passes unchanged, the MLP reads that half only; the same "
-        "parameter count as genkit's). Against genkit it isolates the spline parameterisation and initialisation; "
-        "against zuko's `NSF(passes=2)` it isolates that setting's extra unconditional splines. `genkit masked "
-        "coupling`: genkit's `MaskedCouplingSpline` (nsf `transform=\"masked_coupling\"`), zuko's `NSF(passes=2)` "
-        "structure (the first ceil(D/2) features condition and get splines from the context alone) with genkit's "
-        "spline and initialisation.", "",
-        markdown_table(["set", "D", "genkit coupling", "zuko NSF(passes=2)", "zuko-plain coupling",
-                        "genkit - zuko-plain", "per seed", "genkit masked coupling", "masked - zuko"], diag_rows),
+        "split the same way (the same parameter count). Side by side they isolate the spline parameterisation and "
+        "initialisation; against the masked coupling the half split's cost.", "",
+        markdown_table(["set", "D", "genkit coupling (masked)", "zuko NSF(passes=2)", "genkit half_coupling",
+                        "zuko-plain coupling", "half - zuko-plain", "per seed", "half - masked"], diag_rows),
         ""]
     sample_rows = []
     for d, row in payload["sampling"].items():
@@ -527,8 +528,9 @@ def build_report(payload: dict[str, Any], args: argparse.Namespace, libs: list[s
         "",
         "## Summary",
         "",
-        "Kinds: `coupling` is genkit's coupling layers alone (parity alternating) against zuko's `NSF(passes=2)`; "
-        "`coupling+lu` is the `nsf` family's default (an `LULinear` between coupling layers) against zuko's "
+        "Kinds: `coupling` is the `nsf` family's masked coupling layers alone (`mixing=\"none\"`, parity "
+        "alternating) against zuko's `NSF(passes=2)`; `coupling+lu` is the `nsf` family's default (an `LULinear` "
+        "between its masked coupling layers) against zuko's "
         "`NSF(passes=2)` with the same mixing between its transforms; `autoregressive` is MADE splines against "
         "zuko's `NSF`.",
         "",
@@ -608,7 +610,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nflows-sets", nargs="*", default=["moons"],
                    help="sets on which nflows also trains (it is in every sampling row)")
     p.add_argument("--diagnostic-sets", nargs="*", default=["moons", "wine"],
-                   help="sets on which zuko's GeneralCouplingTransform with genkit's coupling split also trains")
+                   help="sets on which genkit's half-split CouplingSpline and zuko's GeneralCouplingTransform "
+                        "split the same way also train")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda: every library's flows and data run there (step "
                                                     "times: CPU process time on cpu, synchronised wall clock on cuda)")
@@ -645,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
         row_libs = [lib for lib in libs if lib != "nflows" or name in args.nflows_sets]
         names = [(lib, kind, TRANSFORMS) for kind in KINDS for lib in row_libs]  # each kind's side by side
         if name in args.diagnostic_sets:
-            names += [("zuko-plain", "coupling", TRANSFORMS), ("genkit", "masked_coupling", TRANSFORMS)]
+            names += [("zuko-plain", "coupling", TRANSFORMS), ("genkit", "half_coupling", TRANSFORMS)]
         runs = {}
         for seed in range(seeds):
             t0 = time.perf_counter()
@@ -683,11 +686,6 @@ def main(argv: list[str] | None = None) -> None:
             diff = row["median_test_nll"][f"genkit {kind}"] - row["median_test_nll"][f"zuko {kind}"]
             rows.append([f"NLL {name} {kind}: genkit <= zuko + 0.01", f"{diff:+.3f} nats",
                          "met" if diff <= 0.01 else "missed"])
-        masked = row["median_test_nll"].get("genkit masked_coupling")
-        if masked is not None:  # zuko's coupling structure on genkit's side (--diagnostic-sets)
-            diff = masked - row["median_test_nll"]["zuko coupling"]
-            rows.append([f"NLL {name} masked coupling (zuko's NSF(passes=2) structure): genkit <= zuko + 0.01",
-                         f"{diff:+.3f} nats", "met" if diff <= 0.01 else "missed"])
     for name, row in payload["nll"].items():
         for kind in KINDS:
             r = row["step_time"][kind]["paired_ratio_cpu"]

@@ -73,7 +73,7 @@ _NO_DENSITY = ("an snf has no exact density: its samples' marginal q(x) integrat
 class StochasticNSF(FlowFamily):
     """Stochastic normalizing flow: ``StochasticNSF(features, *, energy, blocks="metropolis", block_steps=1,
     step_size=None, objective="kl", w_ml=0.5, layers=4, bins=8, bound=3.0, hidden=64, depth=2,
-    transform="coupling", mixing="lu", seed=0, batch_size=256)``.
+    transform="masked_coupling", mixing="lu", seed=0, batch_size=256)``.
 
     ``energy`` (required: a :data:`genkit.energies.ENERGIES` name, its config ``{"name": ..., **kwargs}`` or an
     Energy; recorded in the config) is the target the blocks interpolate to. ``blocks`` picks the stochastic
@@ -93,7 +93,8 @@ class StochasticNSF(FlowFamily):
 
     def __init__(self, features: int, *, energy: Any = None, blocks: str = "metropolis", block_steps: int = 1,
                  step_size: float | None = None, objective: str = "kl", w_ml: float | None = None,
-                 bins: int = 8, bound: float = 3.0, transform: str = "coupling", **options: Any):
+                 bins: int = 8, bound: float = 3.0, transform: str = "masked_coupling",
+                 **options: Any):
         if energy is None:
             raise ConfigError("an snf needs energy=: its stochastic blocks run on the interpolated energy to the "
                               "target; pass a genkit.energies name (energy='double_well'), its config "
