@@ -142,6 +142,10 @@ class CouplingSpline(Transform, _SplineOptions):
         cond = idx < n_cond if self.parity == 0 else idx >= features - n_cond
         self.register_buffer("cond_idx", idx[cond], persistent=False)
         self.register_buffer("trans_idx", idx[~cond], persistent=False)
+        # both halves are contiguous: slices (views) instead of index gathers and scatters
+        n_trans = features - n_cond
+        self._cond = slice(0, n_cond) if self.parity == 0 else slice(n_trans, features)
+        self._trans = slice(n_cond, features) if self.parity == 0 else slice(0, n_trans)
         self.net = _mlp(len(self.cond_idx) + context_features, len(self.trans_idx) * (3 * bins - 1), hidden, layers)
         self._start_at_identity(self.net[-1])
         if self.free_half:  # the conditioning half's own splines: an affine map of the context (a constant)
@@ -151,24 +155,30 @@ class CouplingSpline(Transform, _SplineOptions):
             self._start_at_identity(self.free)
 
     def _free_params(self, x: Tensor, context: Tensor | None) -> Tensor:
-        inp = context if self.context_features else x.new_zeros(x.shape[0], 1)
-        return self.free(inp).view(x.shape[0], len(self.cond_idx), 3 * self.bins - 1)
+        shape = (x.shape[0], len(self.cond_idx), 3 * self.bins - 1)
+        if self.context_features:
+            return self.free(context).view(shape)
+        # free(0): the learned constants, computed once and broadcast (the weight stays on the graph, zero grad)
+        return self.free(x.new_zeros(1, 1)).view(1, *shape[1:]).expand(shape)
+
+    def _halves(self, cond: Tensor, trans: Tensor) -> Tensor:
+        """Join a conditioning-half and a transformed-half tensor along dim 1, in feature order."""
+        return torch.cat([cond, trans] if self.parity == 0 else [trans, cond], dim=1)
 
     def _run(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         self._check(x, context)
-        xc, ld_c = x[:, self.cond_idx], 0.0
-        out = x.clone()
+        xc, xt = x[:, self._cond], x[:, self._trans]
+        ld_c: Tensor | float = 0.0
         if self.free_half and inverse:  # undo the conditioning half's spline first: the MLP reads its input
             xc, ld_c = self._spline(xc, self._free_params(x, context), True)
-            out[:, self.cond_idx] = xc
         inp = xc if context is None or not self.context_features else torch.cat([xc, context], dim=1)
         params = self.net(inp).view(x.shape[0], len(self.trans_idx), 3 * self.bins - 1)
-        z, ld = self._spline(x[:, self.trans_idx], params, inverse)
-        out[:, self.trans_idx] = z
+        if self.free_half and not inverse:  # one spline call over every feature: its parameters in feature order
+            y, ld = self._spline(x, self._halves(self._free_params(x, context), params), False)
+            return y, ld.sum(1)
+        z, ld = self._spline(xt, params, inverse)
         ld = ld.sum(1)
-        if self.free_half and not inverse:
-            out[:, self.cond_idx], ld_c = self._spline(xc, self._free_params(x, context), False)
-        return out, ld + (ld_c.sum(1) if torch.is_tensor(ld_c) else ld_c)
+        return self._halves(xc, z), ld + (ld_c.sum(1) if torch.is_tensor(ld_c) else ld_c)
 
     @classmethod
     def example(cls) -> tuple[CouplingSpline, Tensor, Tensor | None]:
