@@ -604,6 +604,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every set's step count")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..n-1 on every set (default: each set's own, "
+                                                            "the table's `seeds` column)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sample-dims", type=int, nargs="+", default=[2, 8, 32])
     p.add_argument("--sample-repeats", type=int, default=5)
@@ -643,6 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.sets:
         steps, batch, seeds, n_train, n_eval, eval_every = table[name]
         steps = max(1, round(steps * args.steps_scale))
+        seeds = seeds if args.seeds is None else args.seeds
         data = load_split(name, n_train, n_eval)
         data.train, data.validation, data.test = (t.to(DEVICE) for t in (data.train, data.validation, data.test))
         row_libs = [lib for lib in libs if lib != "nflows" or name in args.nflows_sets]
