@@ -256,6 +256,8 @@ def test_own_jvp_equals_torch_func_jvp_and_its_gradients_in_float64(name, varian
             torch.testing.assert_close(g_own, g_ref, rtol=1e-10, atol=1e-12)
     out, tangent = same_mask(lambda: net.forward_jvp((x, t, s), (dx, dt, ds), **cond))
     assert out.requires_grad and not tangent.requires_grad
+    needy = [v.clone().requires_grad_() for v in (dx, dt, ds)]  # tangents on a graph of their own: still none kept
+    assert not same_mask(lambda: net.forward_jvp((x, t, s), tuple(needy), **cond))[1].requires_grad
     torch.testing.assert_close(tangent, ref[1], rtol=1e-12, atol=1e-12)
     forward = same_mask(lambda: net(x, t, s, **cond))  # the output's graph is the forward's, every parameter
     for g_own, g_ref in zip(grads(out, 0 * w2), grads(forward, 0 * w2)):

@@ -151,14 +151,19 @@ class _ResidualBlock(nn.Module):
         a, da = silu_jvp(*layer_norm_jvp(self.norm, h, dh, keep), keep)
         z, dz = linear_jvp(self.lin1, a, da, keep)
         zt, dzt = linear_jvp(self.time, temb, dtemb, keep)
-        a, da = silu_jvp(z + zt, dz + dzt, keep)
+        zz = z + zt
+        with tangent_grad(keep):
+            dzz = dz + dzt
+        a, da = silu_jvp(zz, dzz, keep)
         if self.dropout.p and self.training:
             mask = F.dropout(torch.ones_like(a), self.dropout.p, training=True)  # the scaled keep mask, 0 or 1/(1-p)
             a = a * mask
             with tangent_grad(keep):
                 da = da * mask
         out, dout = linear_jvp(self.lin2, a, da, keep)
-        return h + out, dh + dout  # a tangent without a graph records none here
+        y = h + out
+        with tangent_grad(keep):  # a tangent without a graph records none here, even from tangents that need grad
+            return y, dh + dout
 
 
 class MLP(nn.Module):

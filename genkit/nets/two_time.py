@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, ShapeError
 from ..paths import broadcast_time
 from ..registry import Registry
-from .mlp import MLP, FourierTimeEmbedding, check_labels, layer_norm_jvp, linear_jvp, silu_jvp
+from .mlp import MLP, FourierTimeEmbedding, check_labels, layer_norm_jvp, linear_jvp, silu_jvp, tangent_grad
 from .unet import UNet
 
 __all__ = ["TWO_TIME_NETS", "TwoTimeMLP", "TwoTimeUNet", "build", "to_two_time", "is_two_time"]
@@ -127,8 +127,12 @@ class TwoTimeMLP(nn.Module):
             return linear_jvp(lin2, *silu_jvp(*linear_jvp(lin1, e, de, keep), keep), keep)
 
         e1, de1 = embed(b.time_embed, t, dt)
-        e2, de2 = embed(self.gap_embed, t - s, dt - ds)
-        temb, dtemb = (e1 + e2).to(x.dtype), (de1 + de2).to(x.dtype)
+        with tangent_grad(keep):
+            dgap = dt - ds
+        e2, de2 = embed(self.gap_embed, t - s, dgap)
+        temb = (e1 + e2).to(x.dtype)
+        with tangent_grad(keep):
+            dtemb = (de1 + de2).to(x.dtype)
         if b.label_embed is not None:
             temb = temb + b.label_embed(y)
         h, dh = linear_jvp(b.inp, x, dx, keep)
