@@ -98,6 +98,21 @@ def test_masked_coupling_is_zuko_two_pass_structure(parity: int) -> None:
     assert not torch.allclose(torch.diagonal(jac[cond][:, cond]), torch.ones(3, dtype=F64))  # a spline, not id
 
 
+@pytest.mark.parametrize("features, context", [(5, 0), (13, 3)])
+def test_masked_coupling_first_layer_starts_at_the_scale_of_all_inputs(features: int, context: int) -> None:
+    """Like zuko's masked conditioner, which reads every feature: the first layer's weights and biases are
+    U(+-1/sqrt(D + C)) (torch's default for D + C inputs), not U(+-1/sqrt(ceil(D/2) + C)) of the inputs it reads."""
+    from genkit.models.flows import CouplingSpline, MaskedCouplingSpline
+
+    torch.manual_seed(0)
+    first = MaskedCouplingSpline(features, context, hidden=256, layers=2).net[0]
+    plain = CouplingSpline(features, context, hidden=256, layers=2).net[0]
+    bound = 1 / math.sqrt(features + context)
+    for p in (first.weight, first.bias):
+        assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound
+    assert plain.weight.abs().max() > 1.1 * bound  # the half-split layer keeps the scale of what it reads
+
+
 def _randomise_all(module: torch.nn.Module) -> None:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -127,7 +127,11 @@ class CouplingSpline(Transform, _SplineOptions):
     With ``free_half=True`` (:class:`MaskedCouplingSpline`) the conditioning half is the first ``ceil(features /
     2)`` (``parity`` 1: the last) and gets a spline of its own whose parameters depend on the context alone
     (learned constants without one); the MLP still reads that half *before* its spline. This is the coupling
-    layer of a MADE with two degree classes, what ``zuko.flows.NSF(passes=2)`` builds."""
+    layer of a MADE with two degree classes, what ``zuko.flows.NSF(passes=2)`` builds; as there (a masked layer
+    reading every feature), the MLP's first layer starts at torch's default scale for ``features +
+    context_features`` inputs, ``U(+-1 / sqrt(features + context_features))``, not for the half it reads. That
+    smaller start trains to a better held-out NLL on wine, digits64 and the 32-D mixture at the same budget
+    (eval/bench_flows.py) and changes nothing on the 2-D sets."""
 
     free_half: bool = False
 
@@ -148,6 +152,12 @@ class CouplingSpline(Transform, _SplineOptions):
         self._trans = slice(n_cond, features) if self.parity == 0 else slice(0, n_trans)
         self.net = _mlp(len(self.cond_idx) + context_features, len(self.trans_idx) * (3 * bins - 1), hidden, layers)
         self._start_at_identity(self.net[-1])
+        if self.free_half and layers:  # rescale U(+-1/sqrt(n_in)) to U(+-1/sqrt(D + C)): the same draws
+            first = self.net[0]
+            with torch.no_grad():
+                scale = math.sqrt(first.in_features / (features + context_features))
+                first.weight.mul_(scale)
+                first.bias.mul_(scale)
         if self.free_half:  # the conditioning half's own splines: an affine map of the context (a constant)
             self.free = nn.Linear(max(context_features, 1), n_cond * (3 * bins - 1))
             nn.init.zeros_(self.free.weight)
