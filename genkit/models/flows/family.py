@@ -493,7 +493,7 @@ class NeuralSplineFlow(FlowFamily):
       the layer of ``zuko.flows.NSF(passes=2)``);
     - ``"coupling"``: the conditioning half (``features // 2``) passes unchanged
       (:class:`~genkit.models.flows.CouplingSpline`, the NSF paper's coupling layer). On small tabular data it
-      trails the masked layer (wine, ``eval/bench_flows.py --seeds 24``: by 0.19 nats of test NLL);
+      trails the masked layer (wine, ``eval/bench_flows.py --seeds 24``: by 0.37 nats of test NLL);
     - ``"autoregressive"``: a MADE (:class:`~genkit.models.flows.AutoregressiveSpline`: density in one pass,
       sampling in ``features`` passes).
     """

@@ -130,8 +130,9 @@ class CouplingSpline(Transform, _SplineOptions):
     layer of a MADE with two degree classes, what ``zuko.flows.NSF(passes=2)`` builds; as there (a masked layer
     reading every feature), the MLP's first layer starts at torch's default scale for ``features +
     context_features`` inputs, ``U(+-1 / sqrt(features + context_features))``, not for the half it reads. That
-    smaller start trains to a better held-out NLL on wine, digits64 and the 32-D mixture at the same budget
-    (eval/bench_flows.py) and changes nothing on the 2-D sets."""
+    smaller start trains to a better held-out NLL on wine (0.06-0.18 nats over 24 seeds), digits64 (0.2-0.6)
+    and the 32-D mixture (up to 0.05) at eval/bench_flows.py's budget, and costs up to 0.02 on its 2-D sets
+    (3 seeds, inside their seed spread)."""
 
     free_half: bool = False
 
