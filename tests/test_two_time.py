@@ -266,3 +266,27 @@ def test_own_jvp_equals_torch_func_jvp_and_its_gradients_in_float64(name, varian
             torch.testing.assert_close(g_own, g_ref, rtol=1e-12, atol=1e-14)
     with pytest.raises(ShapeError, match="tangent"):
         net.forward_jvp((x, t, s), (dx[:, :-1], dt, ds), **cond)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("shape, normalized", [((4, 7), (7,)), ((3, 5, 7), (5, 7))])
+def test_layer_norm_jvp_rule_equals_torch_func_jvp(shape, normalized, keep):
+    """Both paths of the LayerNorm rule (the backward kernel without a tangent graph, the formula with one)
+    give torch.func.jvp's tangent in float64, over every normalised axis; under CPU bf16 autocast (bf16 inputs,
+    fp32 statistics) the rule still runs."""
+    from genkit.nets.mlp import layer_norm_jvp
+
+    torch.manual_seed(0)
+    ln = torch.nn.LayerNorm(normalized).double()
+    with torch.no_grad():
+        ln.weight.add_(torch.randn_like(ln.weight))
+        ln.bias.add_(torch.randn_like(ln.bias))
+    x, dx = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
+    y, dy = layer_norm_jvp(ln, x, dx, keep)
+    ref = torch.func.jvp(ln, (x,), (dx,))
+    torch.testing.assert_close(y, ref[0], rtol=0, atol=1e-14)
+    torch.testing.assert_close(dy, ref[1], rtol=1e-12, atol=1e-13)
+    ln32 = torch.nn.LayerNorm(normalized)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, d16 = layer_norm_jvp(ln32, x.float().bfloat16(), dx.float().bfloat16(), keep)
+    assert torch.isfinite(d16).all()

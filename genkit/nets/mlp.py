@@ -53,19 +53,21 @@ def silu_jvp(x: Tensor, dx: Tensor, keep: bool) -> tuple[Tensor, Tensor]:
 
 
 def layer_norm_jvp(layer: nn.LayerNorm, x: Tensor, dx: Tensor, keep: bool) -> tuple[Tensor, Tensor]:
-    """``n = (x - mean) r`` with ``r = (var + eps)^(-1/2)`` over the last axis, ``y = n gamma + beta``;
+    """``n = (x - mean) r`` with ``r = (var + eps)^(-1/2)`` over the normalised axes, ``y = n gamma + beta``;
     ``dn = r (dxc - n mean(n dxc))`` with ``dxc = dx - mean(dx)``, ``dy = dn gamma``. The normalisation's
     Jacobian ``r (I - 11^T / N - n n^T / N)`` is symmetric, so without a tangent graph ``dn`` is its backward
-    kernel applied to ``dx`` (one fused op)."""
+    kernel applied to ``dx`` (one fused op; where that kernel's dtypes would mix, e.g. bf16 inputs with fp32
+    statistics under CPU autocast, the formula)."""
     y, mean, rstd = torch.native_layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
     with tangent_grad(keep):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and mean.dtype == x.dtype == dx.dtype:
             dn = torch.ops.aten.native_layer_norm_backward(dx, x, layer.normalized_shape, mean, rstd, None, None,
                                                            [True, False, False])[0]
             return y, dn if layer.weight is None else dn * layer.weight
+        axes = tuple(range(-len(layer.normalized_shape), 0))
         n = (x - mean) * rstd
-        dxc = dx - dx.mean(-1, keepdim=True)
-        dn = rstd * (dxc - n * (n * dxc).mean(-1, keepdim=True))
+        dxc = dx - dx.mean(axes, keepdim=True)
+        dn = rstd * (dxc - n * (n * dxc).mean(axes, keepdim=True))
         return y, dn if layer.weight is None else dn * layer.weight
 
 
