@@ -42,11 +42,11 @@ def linear_jvp(layer: nn.Linear, x: Tensor, dx: Tensor, keep: bool) -> tuple[Ten
 
 def silu_jvp(x: Tensor, dx: Tensor, keep: bool) -> tuple[Tensor, Tensor]:
     """``y = x sigmoid(x)``, ``dy = dx s (1 + x (1 - s))`` with ``s = sigmoid(x)``. SiLU's Jacobian is diagonal,
-    so without a tangent graph ``dy`` is its backward kernel applied to ``dx`` (one fused op; that kernel has
-    no derivative of its own, so a recorded tangent takes the formula)."""
+    so without a tangent graph ``dy`` is its backward kernel applied to ``dx`` (one fused op, for one dtype; that
+    kernel has no derivative of its own, so a recorded tangent takes the formula)."""
     y = F.silu(x)
     with tangent_grad(keep):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and x.dtype == dx.dtype:
             return y, torch.ops.aten.silu_backward(dx, x)
         s = torch.sigmoid(x)
         return y, dx * s * (1 + x * (1 - s))

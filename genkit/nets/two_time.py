@@ -82,12 +82,15 @@ class TwoTimeMLP(nn.Module):
         two.base.load_state_dict(net.state_dict())
         return two
 
+    def _check_x(self, x: Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.base.dim:
+            raise ShapeError(f"TwoTimeMLP expects x of shape [B, {self.base.dim}], got {list(x.shape)}; flatten x "
+                             "or build TwoTimeMLP(dim=...)")
+
     def forward(self, x: Tensor, t: Tensor | float, s: Tensor | float, y: Tensor | None = None) -> Tensor:
         """``x [B, dim]``, ``t [B]``, ``s [B]``, labels ``y [B]`` -> ``[B, dim]``."""
         b = self.base
-        if x.ndim != 2 or x.shape[1] != b.dim:
-            raise ShapeError(f"TwoTimeMLP expects x of shape [B, {b.dim}], got {list(x.shape)}; flatten x or "
-                             "build TwoTimeMLP(dim=...)")
+        self._check_x(x)
         t, s = broadcast_time(t, x), broadcast_time(s, x)
         check_labels(y, x, b.num_classes, "TwoTimeMLP")
         # MLP.forward with one more term in the embedding; the layers are MLP's own, so from_net copies them 1:1.
@@ -109,9 +112,7 @@ class TwoTimeMLP(nn.Module):
         ``y`` have no tangent. In ``train()`` mode with dropout, output and tangent share one mask."""
         b = self.base
         (x, t, s), (dx, dt, ds) = primals, tangents
-        if x.ndim != 2 or x.shape[1] != b.dim:
-            raise ShapeError(f"TwoTimeMLP expects x of shape [B, {b.dim}], got {list(x.shape)}; flatten x or "
-                             "build TwoTimeMLP(dim=...)")
+        self._check_x(x)
         t, s = broadcast_time(t, x), broadcast_time(s, x)
         dt, ds = broadcast_time(dt, x), broadcast_time(ds, x)
         if dx.shape != x.shape or dt.shape != t.shape or ds.shape != s.shape:
@@ -228,6 +229,11 @@ class TwoTimeUNet(nn.Module):
             raise ConfigError(f"UNet weights do not fit TwoTimeUNet (missing {missing[:4]}, unexpected "
                               f"{unexpected[:4]}); rebuild the UNet with genkit.nets.UNet")
         return two
+
+    def _check_x(self, x: Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.base.dim:
+            raise ShapeError(f"TwoTimeMLP expects x of shape [B, {self.base.dim}], got {list(x.shape)}; flatten x "
+                             "or build TwoTimeMLP(dim=...)")
 
     def forward(self, x: Tensor, t: Tensor | float, s: Tensor | float, y: Tensor | None = None) -> Tensor:
         """``x [B, C, H, W]``, ``t [B]``, ``s [B]``, labels ``y [B]`` (class-conditional only) ->
