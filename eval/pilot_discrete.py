@@ -2,7 +2,9 @@
 several KL weights, each followed over its fine-tuning by what a user can watch (the *fine-tuning* oracle's median
 and the 3-mer correlation with held-out data), never by the evaluation oracle. bench_discrete's target rows take
 the weight this pilot picks: the largest fine-tuning-oracle median at the end of the run among the weights whose
-final model keeps a 3-mer correlation >= 0.8 (the model a user takes away; the table also shows the lowest 3-mer
+final model keeps a 3-mer correlation >= ``--kmer3-floor`` (0.85: the target's 0.8 plus a margin for the sampling
+noise of a correlation measured on 128 samples; the pretrained model's reads 0.981 here and 0.970 on
+bench_discrete's draw). The final model is the one a user takes away; the table also shows the lowest 3-mer
 correlation on the way: the KL's pull builds up with the drift, so the reward often overshoots early and the run
 comes back toward the pretrained model's spectrum).
 
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weights", type=float, nargs="+", required=True, help="KL weights (DRAKES alpha / SEPO kl)")
     p.add_argument("--every", type=int, default=20, help="fine-tuning steps between evaluations")
     p.add_argument("--pilot-n", type=int, default=128, help="samples per evaluation")
+    p.add_argument("--kmer3-floor", type=float, default=0.85, help="the final 3-mer correlation a pick keeps")
     p.add_argument("--out", default=None)
     pa, rest = p.parse_known_args(argv)
     args = bd.parse_args(rest)  # bench_discrete's settings, its defaults unless given
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                                  grad_clip=1.0, min_lr_ratio=1.0, checkpoint_every=None, log_every=pa.every,
                                  out_dir=tmp, progress=False, cpu=True)
             bd.Trainer(obj, cfg, callbacks=[log]).fit(None)
-        runs[f"{w:g}"] = {"weight": w, "lr": lr, "curve": curve, "kmer3_ok": curve[-1]["kmer3_corr"] >= 0.8,
+        runs[f"{w:g}"] = {"weight": w, "lr": lr, "curve": curve,
+                          "kmer3_ok": curve[-1]["kmer3_corr"] >= pa.kmer3_floor,
                           "kmer3_min": min(c["kmer3_corr"] for c in curve)}
     eligible = [r for r in runs.values() if r["kmer3_ok"]]
     pick = max(eligible, key=lambda r: r["curve"][-1]["finetune_oracle_median"])["weight"] if eligible else None
@@ -103,8 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     md = (f"Pilot for bench_discrete's {pa.method.upper()} row: fine-tuning-oracle median / 3-mer correlation of "
           f"{pa.pilot_n} samples (S = {s}) over fine-tuning (lr {lr:g}, {args.finetune_steps} steps; never the "
           f"evaluation oracle). Command: `{command}`. Whole run {wall / 60:.1f} min.\n\n"
-          + markdown_table(["weight"] + [f"step {k}" for k in steps] + ["lowest 3-mer", "final 3-mer >= 0.8"], rows)
-          + f"\n\nPick (the largest final fine-tuning-oracle median whose final 3-mer correlation is >= 0.8): "
+          + markdown_table(["weight", *(f"step {k}" for k in steps), "lowest 3-mer",
+                            f"final 3-mer >= {pa.kmer3_floor:g}"], rows)
+          + f"\n\nPick (the largest final fine-tuning-oracle median whose final 3-mer correlation is >= "
+          f"{pa.kmer3_floor:g}): "
           f"**{pick}**.\n")
     out = Path(pa.out) if pa.out else RESULTS
     write_results(f"pilot_discrete_{pa.method}", res, md, out)
