@@ -106,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                     "VARD's)")
     p.add_argument("--value-lr-scale", type=float, default=None, help="VARD's value lr / policy lr (default: "
                                                                       "VARD's)")
+    p.add_argument("--value-replay", type=int, default=None, help="VARD's value steps per round on stored rollouts "
+                                                                  "(default: VARD's)")
+    p.add_argument("--replay-batches", type=int, default=None, help="VARD's stored value batches (default: VARD's)")
     p.add_argument("--value-hidden", type=int, default=128)
     p.add_argument("--value-target", default=None, choices=VALUE_TARGETS, help="what VARD's value regresses on "
                                                                                 "(default: VARD's)")
@@ -122,7 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help=f"results folder (default {RESULTS}; --quick: a temporary one)")
     args = p.parse_args(argv)
     vard_defaults = inspect.signature(VARD).parameters  # what a user gets
-    for name in ("value_warmup", "policy_updates", "value_lr_scale", "value_target"):
+    for name in ("value_warmup", "policy_updates", "value_lr_scale", "value_target", "value_replay",
+                 "replay_batches"):
         if getattr(args, name) is None:
             setattr(args, name, vard_defaults[name].default)
     if args.quick:
@@ -289,7 +293,8 @@ def build(method: str, pre: nn.Module, reward: Reward, args: argparse.Namespace)
         value = FlatValue(ValueNetwork(MLP(64, hidden=args.value_hidden, depth=2))).to(args.device)
         return VARD(model, pre, reward, value, value_warmup=args.value_warmup, value_updates=1,
                     policy_updates=args.policy_updates, value_lr_scale=args.value_lr_scale,
-                    value_target=args.value_target, **kw)
+                    value_target=args.value_target, value_replay=args.value_replay,
+                    replay_batches=args.replay_batches, **kw)
     if method == "draft":
         return DRaFT(model, pre, reward, truncate=args.draft_truncate or args.steps, **kw)
     if method == "ddpo":
@@ -306,7 +311,7 @@ def trainer_steps(method: str, args: argparse.Namespace) -> int:
     """Trainer steps that spend exactly ``--queries`` reward queries."""
     rounds = args.queries // args.batch_size
     if method == "vard":
-        return args.value_warmup + (rounds - args.value_warmup) * (1 + args.policy_updates)
+        return args.value_warmup + (rounds - args.value_warmup) * (1 + args.value_replay + args.policy_updates)
     return rounds
 
 

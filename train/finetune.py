@@ -105,7 +105,7 @@ METHOD_FLAGS = {
     "drakes": ("truncate", "tau", "alpha", "alpha_warmup", "kl", "states"),
     "sepo": ("group", "inner", "clip", "snis", "kl_weight", "reduction"),
     "vard": (*CHAIN_FLAGS, "value_warmup", "value_updates", "policy_updates", "value_lr_scale", "value_hidden",
-             "value_target"),
+             "value_target", "value_replay", "replay_batches"),
     "draft": (*CHAIN_FLAGS, "truncate"),
     "ddpo": (*CHAIN_FLAGS, "clip", "reuse", "advantages"),
 }
@@ -170,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--value-warmup", type=int, metavar="N", help="vard: value-only steps before the first policy "
                                                                  "step (10)")
     g.add_argument("--value-updates", type=int, metavar="N", help="vard: value steps per round (1)")
-    g.add_argument("--policy-updates", type=int, metavar="N", help="vard: policy steps per round (4)")
+    g.add_argument("--policy-updates", type=int, metavar="N", help="vard: policy steps per round (8)")
     g.add_argument("--value-lr-scale", type=float, metavar="S", help="vard: value learning rate / --lr (5.0)")
     g.add_argument("--value-hidden", type=int, metavar="H", help="vard: width of the value network: its MLP's "
                                                                  "hidden size for vectors (128), its UNet's first "
@@ -178,6 +178,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--value-target", metavar="WHAT", help="vard: what the value regresses on: soft (the "
                                                           "KL-regularised return to go) or reward (the final reward, "
                                                           "as in the paper) (soft)")
+    g.add_argument("--value-replay", type=int, metavar="N", help="vard: value steps per round on the stored "
+                                                                 "rollouts of earlier value steps, no reward queries "
+                                                                 "(4)")
+    g.add_argument("--replay-batches", type=int, metavar="N", help="vard: value batches the replay keeps (4)")
     g.add_argument("--reuse", type=int, metavar="N", help="ddpo: loss calls per rollout (1)")
     g.add_argument("--advantages", metavar="HOW", help="ddpo: batch or per_prompt (per class) (batch)")
     g = p.add_argument_group("training")
