@@ -178,8 +178,9 @@ def oracles(args: argparse.Namespace) -> dict[str, nn.Module]:
 
 # --- training --------------------------------------------------------------------------------------------------
 def fit(obj: nn.Module, data: Tensor | None, steps: int, lr: float, batch_size: int, seed: int,
-        schedule_floor: float = 0.0) -> dict[str, Any]:
-    """Train ``obj`` through genkit's Trainer (raw weights, no EMA); the wall time and the logged curve."""
+        schedule_floor: float = 0.0, log_every: int | None = None, callbacks: Any = ()) -> dict[str, Any]:
+    """Train ``obj`` through genkit's Trainer (raw weights, no EMA); the wall time and the logged curve, logged
+    every ``log_every`` steps (default a tenth of the run), where ``callbacks`` run too."""
     curve: list[dict[str, Any]] = []
     t0 = time.perf_counter()
 
@@ -188,9 +189,9 @@ def fit(obj: nn.Module, data: Tensor | None, steps: int, lr: float, batch_size: 
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_decay=None, grad_clip=1.0,
-                          min_lr_ratio=schedule_floor, checkpoint_every=None, log_every=max(1, steps // 10),
-                          out_dir=tmp, progress=False, cpu=True)
-        Trainer(obj, cfg, callbacks=[log]).fit(data)
+                          min_lr_ratio=schedule_floor, checkpoint_every=None,
+                          log_every=log_every or max(1, steps // 10), out_dir=tmp, progress=False, cpu=True)
+        Trainer(obj, cfg, callbacks=[log, *callbacks]).fit(data)
     wall = time.perf_counter() - t0
     return {"steps": steps, "wall_s": wall, "s_per_step": wall / steps, "curve": curve}
 

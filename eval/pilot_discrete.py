@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -88,11 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         def log(_trainer: Any, rec: Any, obj: Any = obj, curve: list[dict[str, Any]] = curve) -> None:
             watch(obj.model, rec.step, curve, {"loss": rec.loss, **rec.logs})
 
-        with tempfile.TemporaryDirectory() as tmp:  # bench_discrete's fit settings, evaluated every --every steps
-            cfg = bd.TrainConfig(steps=args.finetune_steps, batch_size=batch, lr=lr, seed=args.seed, ema_decay=None,
-                                 grad_clip=1.0, min_lr_ratio=1.0, checkpoint_every=None, log_every=pa.every,
-                                 out_dir=tmp, progress=False, cpu=True)
-            bd.Trainer(obj, cfg, callbacks=[log]).fit(None)
+        bd.fit(obj, None, args.finetune_steps, lr, batch, args.seed, 1.0, log_every=pa.every, callbacks=[log])
         runs[f"{w:g}"] = {"weight": w, "lr": lr, "curve": curve,
                           "kmer3_ok": curve[-1]["kmer3_corr"] >= pa.kmer3_floor,
                           "kmer3_min": min(c["kmer3_corr"] for c in curve)}

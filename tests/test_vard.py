@@ -592,6 +592,10 @@ def test_a_deterministic_chain_and_other_misuse_get_genkit_errors():
         ok.loss(torch.zeros(4, 2), torch.Generator().manual_seed(0))
     with pytest.raises(ConfigError, match="update must be one of"):
         ok.loss(None, torch.Generator().manual_seed(0), update="critic")
+    with pytest.raises(ConfigError, match="value_replay.*stored rollouts"):
+        VARD(model, pre, reward, value, steps=STEPS, grid=GRID, value_replay=-1)
+    with pytest.raises(ConfigError, match="replay_batches.*batches the replay keeps"):
+        VARD(model, pre, reward, value, steps=STEPS, grid=GRID, replay_batches=0)
     cmodel, cpre = conditional_pair()
     with pytest.raises(ConfigError, match="class-conditional.*labels="):
         DDPO(cmodel, cpre, reward)
