@@ -7,7 +7,8 @@ genkit's ``Trainer`` with the same ``TrainConfig`` (AdamW, ``--lr``, cosine sche
 ``--batch-size``) and each family's library defaults; the budget is ``B = --steps`` optimizer steps:
 
 - ``flow_matching`` (the teacher): ``FlowMatching``, B steps.
-- ``meanflow``: ``MeanFlow`` from scratch, B steps.
+- ``meanflow``: ``MeanFlow`` from scratch, B steps (every MeanFlow contender's MLP has ``max_freq=5``, the
+  smooth time features of ``MeanFlow.net_options``, what ``train/train.py --family meanflow`` builds).
 - ``modular_meanflow``: ``MeanFlow(modulation=1, modulation_warmup=B * --modulation-warmup-frac)``, B steps.
 - ``smt``: ``SMT`` from scratch, B *generator* updates: ``warmup_steps = B * --smt-warmup-frac`` denoising
   warm-up steps, then (B - warm-up) SMT generator updates, each after ``score_updates`` (5, the default) score
@@ -15,7 +16,8 @@ genkit's ``Trainer`` with the same ``TrainConfig`` (AdamW, ``--lr``, cosine sche
   evaluations are reported.
 - ``smd``: ``SMD.from_teacher(teacher)`` (data-free: real = teacher samples, the default), ``B * --distill-frac``
   generator updates (again each after 5 score updates).
-- ``meanflow_distilled``: ``MeanFlow.from_teacher(teacher)`` on the data, ``B * --distill-frac`` steps.
+- ``meanflow_distilled``: ``MeanFlow.from_teacher(teacher, net=...)`` (a fresh MLP with ``max_freq=5``,
+  not the teacher's weights, whose time features reach 1000) on the data, ``B * --distill-frac`` steps.
 
 Quality (the EMA weights, as ``genkit.load`` gives them): one-step models at 1 and 2 NFE
 (``model.sample(n, steps=k)``: k learned jumps; the score-of-mixture models also with the restart sampler at 2);
@@ -220,6 +222,8 @@ def build(name: str, teacher: torch.nn.Module | None, dim: int, args: argparse.N
     shape = (dim,)
     if name == "flow_matching":
         return FlowMatching(net, sample_shape=shape), b, b
+    if name in ("meanflow", "modular_meanflow", "meanflow_distilled"):  # smooth time features (max_freq 5)
+        net = MLP(dim, hidden=args.hidden, depth=args.depth, **MeanFlow.net_options(args, "mlp"))
     if name == "meanflow":
         return MeanFlow(net, sample_shape=shape), b, b
     if name == "modular_meanflow":
@@ -234,7 +238,7 @@ def build(name: str, teacher: torch.nn.Module | None, dim: int, args: argparse.N
         model = SMD.from_teacher(teacher, batch_size=args.batch_size)
         return model, (model.score_updates + 1) * k, k
     if name == "meanflow_distilled":
-        return MeanFlow.from_teacher(teacher), k, k
+        return MeanFlow.from_teacher(teacher, net=net), k, k
     raise ValueError(name)
 
 

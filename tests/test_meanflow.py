@@ -490,3 +490,36 @@ def test_train_script_flags_build_the_family():
     args.guidance_interval = "0.1"
     with pytest.raises(ConfigError, match="--guidance-interval must be two times"):
         MeanFlow.from_args(args, MLP(2, hidden=8), (2,))
+
+
+# --- smooth time features --------------------------------------------------------------------------------------
+def test_meanflow_nets_get_smooth_time_features_and_fine_ones_warn():
+    """MeanFlow's target holds d_t u: its MLPs use max_freq 5 (train.py builds them so), an MLP with genkit's
+    default features (up to 1000) warns, and max_freq survives the config round trip (old configs mean 1000)."""
+    from genkit.nets import build as build_net
+    from genkit.nets.two_time import build as build_two_time
+    from train.train import build_model, build_parser
+
+    with pytest.warns(UserWarning, match="max_freq=5"):
+        MeanFlow(MLP(2, hidden=8), sample_shape=(2,))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = MeanFlow(MLP(2, hidden=8, max_freq=5), sample_shape=(2,))
+    assert float(model.net.base.time_embed[0].freqs.max()) == pytest.approx(5.0)
+    assert float(model.net.gap_embed[0].freqs.max()) == pytest.approx(5.0)
+    rebuilt = build_two_time(model.net.config())
+    assert rebuilt.base.max_freq == 5.0 and "max_freq" not in MLP(2, hidden=8).config()
+    assert build_net({k: v for k, v in MLP(2, hidden=8).config().items()}).max_freq == 1000.0
+    with pytest.raises(ConfigError, match="max_freq must be a number >= 1"):
+        MLP(2, max_freq=0.5)
+    args = build_parser().parse_args(["--family", "meanflow"])
+    for key, value in MeanFlow.cli_defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.num_classes = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        built = build_model(args, torch.Size([2]))
+    assert built.net.base.max_freq == 5.0 and FlowMatching.net_options(args, "mlp") == {}

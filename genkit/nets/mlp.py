@@ -182,6 +182,12 @@ class MLP(nn.Module):
             ``train()`` mode only; 0 (the default) adds nothing. A JVP or finite difference of a net with
             dropout needs the same mask in every pass: fork and reset the RNG around each
             (``torch.random.fork_rng``).
+        max_freq: the highest frequency of the Fourier time features (log-spaced from 1). The default 1000
+            resolves fine differences of ``t``, which a velocity / noise net can use; a loss that
+            differentiates the net in ``t`` (MeanFlow's target holds ``d_t u``) wants smooth time features:
+            there the derivative of a feature of frequency ``w`` is ``w`` times larger, and with ``w = 1000``
+            the target is dominated by it (measured in :class:`~genkit.models.MeanFlow`'s docstring), so
+            MeanFlow's nets use 5.
 
     >>> net = MLP(2, hidden=32, depth=2)
     >>> net(torch.randn(5, 2), torch.rand(5)).shape
@@ -191,16 +197,21 @@ class MLP(nn.Module):
     name: ClassVar[str] = "mlp"
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_dim: int = 64, num_classes: int | None = None,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, max_freq: float = 1000.0):
         super().__init__()
         _check_positive(dim=dim, hidden=hidden, depth=depth)
+        if isinstance(max_freq, bool) or not isinstance(max_freq, (int, float)) or not 1.0 <= max_freq < math.inf:
+            raise ConfigError(f"max_freq must be a number >= 1 (the highest frequency of the time features; 1000 "
+                              f"is the default, 5 MeanFlow's); got {max_freq!r}")
+        self.max_freq = float(max_freq)
         self.dropout = _check_dropout(dropout)
         if num_classes is not None:
             _check_positive(num_classes=num_classes)
         self.dim, self.hidden, self.depth, self.time_dim = dim, hidden, depth, time_dim
         self.num_classes = num_classes
         self.time_embed = nn.Sequential(
-            FourierTimeEmbedding(time_dim), nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
+            FourierTimeEmbedding(time_dim, max_freq=self.max_freq), nn.Linear(time_dim, hidden), nn.SiLU(),
+            nn.Linear(hidden, hidden)
         )
         self.label_embed = nn.Embedding(num_classes, hidden) if num_classes is not None else None
         self.inp = nn.Linear(dim, hidden)
@@ -226,7 +237,8 @@ class MLP(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments; ``genkit.nets.build(net.config())`` rebuilds the net.
-        ``dropout`` appears only when it is not 0, so configs written before it existed are unchanged."""
+        ``dropout`` (``max_freq``) appears only when it is not 0 (1000), so configs written before it existed are
+        unchanged."""
         config = {
             "name": self.name,
             "dim": self.dim,
@@ -237,4 +249,6 @@ class MLP(nn.Module):
         }
         if self.dropout:
             config["dropout"] = self.dropout
+        if self.max_freq != 1000.0:
+            config["max_freq"] = self.max_freq
         return config

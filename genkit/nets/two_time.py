@@ -51,8 +51,9 @@ def is_two_time(net: Any) -> bool:
 
 
 class TwoTimeMLP(nn.Module):
-    """``net(x, t, s, y=None) -> [B, dim]``: :class:`~genkit.nets.MLP` (same arguments, ``num_classes`` and
-    ``dropout`` included) whose time embedding gains a zero-initialised embedding of ``t - s``; shapes
+    """``net(x, t, s, y=None) -> [B, dim]``: :class:`~genkit.nets.MLP` (same arguments, ``num_classes``,
+    ``dropout`` and ``max_freq`` included; the gap's Fourier features share ``max_freq``) whose time embedding
+    gains a zero-initialised embedding of ``t - s``; shapes
     ``x [B, dim]``, ``t, s [B]`` (or scalars), labels ``y [B]`` for a class-conditional net.
 
     >>> net = TwoTimeMLP(2, hidden=32, depth=1)
@@ -64,10 +65,11 @@ class TwoTimeMLP(nn.Module):
     two_times: ClassVar[bool] = True
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_dim: int = 64, num_classes: int | None = None,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, max_freq: float = 1000.0):
         super().__init__()
-        self.base = MLP(dim, hidden, depth, time_dim, num_classes, dropout)
-        self.gap_embed = nn.Sequential(FourierTimeEmbedding(time_dim), nn.Linear(time_dim, hidden), nn.SiLU(),
+        self.base = MLP(dim, hidden, depth, time_dim, num_classes, dropout, max_freq)
+        self.gap_embed = nn.Sequential(FourierTimeEmbedding(time_dim, max_freq=self.base.max_freq),
+                                       nn.Linear(time_dim, hidden), nn.SiLU(),
                                        nn.Linear(hidden, hidden))
         nn.init.zeros_(self.gap_embed[-1].weight)
         nn.init.zeros_(self.gap_embed[-1].bias)
