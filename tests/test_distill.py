@@ -113,23 +113,27 @@ def test_meanflow_student_starts_as_the_teacher_and_resumes(teacher_dir, tmp_pat
     with pytest.raises(ConfigError, match="different"):
         script()["main"](["--teacher", str(teacher_dir), "--method", "meanflow", "--out", str(out), "--no-eval",
                           *TINY, "--frac-r-neq-t", "0.5"])
-    # --init auto: the network is a two-time copy of the teacher's, so u(z, t, t) is the teacher's velocity at step 0
+    # --init teacher: the network is a two-time copy of the teacher's, so u(z, t, t) is the teacher's velocity at
+    # step 0; --init auto (and scratch) on this MLP teacher: a fresh MLP of its size with smooth time features
     teacher = genkit.load(teacher_dir / "checkpoint")
-    args = script()["parse_args"](["--teacher", str(teacher_dir), "--method", "meanflow", "--out", str(tmp_path / "x")])
-    student = script()["build_student"](args, teacher)
+    flags = ["--teacher", str(teacher_dir), "--method", "meanflow", "--out", str(tmp_path / "x")]
+    student = script()["build_student"](script()["parse_args"]([*flags, "--init", "teacher"]), teacher)
     z, t = torch.randn(16, 2), torch.rand(16)
     with torch.no_grad():
         torch.testing.assert_close(student.average_velocity(z, t, t), teacher(z, t), rtol=1e-5, atol=1e-6)
-    scratch = script()["parse_args"](["--teacher", str(teacher_dir), "--method", "meanflow", "--out", "o",
-                                      "--init", "scratch"])
-    with torch.no_grad():
-        assert not torch.allclose(script()["build_student"](scratch, teacher).average_velocity(z, t, t), teacher(z, t))
+    for init in ([], ["--init", "scratch"]):
+        fresh = script()["build_student"](script()["parse_args"]([*flags, *init]), teacher)
+        assert fresh.net.base.max_freq == 5.0 and teacher.net.max_freq == 1000.0
+        assert fresh.net.base.hidden == teacher.net.hidden and fresh.net.base.depth == teacher.net.depth
+        with torch.no_grad():
+            assert not torch.allclose(fresh.average_velocity(z, t, t), teacher(z, t))
 
 
 def test_meanflow_with_the_conditional_velocity_keeps_the_teachers_weights_but_not_its_velocity(teacher_dir):
     s = script()
     teacher = genkit.load(teacher_dir / "checkpoint")
-    flags = ["--teacher", str(teacher_dir), "--method", "meanflow", "--out", "o", "--frac-r-neq-t", "0"]
+    flags = ["--teacher", str(teacher_dir), "--method", "meanflow", "--out", "o", "--frac-r-neq-t", "0", "--init",
+             "teacher"]
     args = s["parse_args"]([*flags, "--velocity", "conditional"])
     student = s["build_meanflow"](args, teacher)
     assert student.teacher is None and (student.t_min, student.t_max) == (0.0, 1.0)
