@@ -134,7 +134,8 @@ def test_dropout_uses_one_mask_in_both_passes_drawn_from_the_generator():
 
     def build(modulation: float) -> MeanFlow:
         torch.manual_seed(0)
-        return MeanFlow(Tiny(dropout=0.5), sample_shape=(1,), frac_r_neq_t=1.0, modulation=modulation)
+        return MeanFlow(Tiny(dropout=0.5), sample_shape=(1,), frac_r_neq_t=1.0, modulation=modulation,
+                        tangent="target")  # one loss for every lambda (the model tangent is another loss)
 
     a, b = build(0.0), build(1.0)
     state = torch.get_rng_state()
@@ -165,7 +166,8 @@ def test_modulation_zero_is_meanflow_and_one_is_the_unstopped_residual():
 
     def build(**kw) -> MeanFlow:  # all float64 (genkit's MLP embeds times in float32)
         torch.manual_seed(0)
-        kw = {"norm_p": 1.0, **kw}  # the reference below is the p = 1 weight err / (err + 0.01)
+        # the reference below is the p = 1 weight err / (err + 0.01) along MeanFlow's own tangent v
+        kw = {"norm_p": 1.0, "tangent": "target", **kw}
         return MeanFlow(Tiny(dim=2, hidden=16), sample_shape=(2,), frac_r_neq_t=0.75, **kw).double()
 
     mf = _grads(build(), x)
@@ -526,3 +528,45 @@ def test_meanflow_nets_get_smooth_time_features_and_fine_ones_warn():
         warnings.simplefilter("error")
         built = build_model(args, torch.Size([2]))
     assert built.net.base.max_freq == 5.0 and FlowMatching.net_options(args, "mlp") == {}
+
+
+def test_the_model_tangent_is_the_nets_own_velocity_and_auto_takes_it_under_modulation(tmp_path):
+    """tangent="model" (improved MeanFlow): the JVP runs along net(z, t, t) (eval mode, no gradient) while the
+    target keeps e - x; "auto" is "model" exactly where modulation > 0; a teacher's velocity stays the tangent;
+    the choice is saved (old configs load as "target")."""
+    x = torch.randn(32, 2, generator=gen(2), dtype=torch.float64)
+
+    def build(**kw) -> MeanFlow:
+        torch.manual_seed(0)
+        return MeanFlow(Tiny(dim=2, hidden=16), sample_shape=(2,), frac_r_neq_t=0.75, **kw).double()
+
+    model = build(tangent="model")
+    loss, logs = model.loss(x, generator=gen(5))
+    g = gen(5)
+    eps = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    t, r = model.sample_times(32, generator=g, dtype=x.dtype)
+    z, v = (1 - t[:, None]) * x + t[:, None] * eps, eps - x
+    net = model.net
+    with torch.no_grad():
+        own = net(z, t, t)
+        u, dudt = jvp(lambda z_, t_, r_: net(z_, t_, r_), (z, t, r), (own, torch.ones_like(t), torch.zeros_like(r)))
+        _, dudt_v = jvp(lambda z_, t_, r_: net(z_, t_, r_), (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    err = (u - (v - (t - r)[:, None] * dudt)).pow(2).sum(1)
+    torch.testing.assert_close(logs["mse"], err.mean(), rtol=1e-10, atol=0)
+    err_v = (u - (v - (t - r)[:, None] * dudt_v)).pow(2).sum(1)
+    assert not torch.allclose(err, err_v)  # it is another loss than MeanFlow's own
+    assert build().tangent_mode == "target" and build(modulation=0.5).tangent_mode == "model"
+    assert build(modulation=0.5, tangent="target").tangent_mode == "target"
+    teacher = Gaussian(torch.tensor([0.0, 0.0]), torch.eye(2), get_path("linear"))
+    with_teacher = build(tangent="model", teacher=teacher)
+    reference = build(tangent="target", teacher=teacher)
+    a, b = with_teacher.loss(x, generator=gen(3))[1]["mse"], reference.loss(x, generator=gen(3))[1]["mse"]
+    assert torch.equal(a, b)  # the teacher's velocity is the tangent either way
+    saved = MeanFlow(TwoTimeMLP(2, hidden=8, max_freq=5), sample_shape=(2,), tangent="model")
+    genkit.save(tmp_path / "m", saved)
+    assert genkit.load(tmp_path / "m").tangent == "model"
+    config = saved.config()
+    del config["tangent"]
+    assert MeanFlow.from_config(config).tangent == "target"
+    with pytest.raises(ConfigError, match="tangent must be"):
+        build(tangent="marginal")
