@@ -293,7 +293,7 @@ def onestep_check(data: torch.Tensor, args: argparse.Namespace, device: torch.de
         if name == "flow_matching":
             model = FlowMatching(UNet(8), sample_shape=(1, 8, 8))
         elif name == "meanflow":
-            model = MeanFlow(UNet(8), sample_shape=(1, 8, 8))
+            model = MeanFlow(UNet(8, **MeanFlow.net_options(args, "unet")), sample_shape=(1, 8, 8))  # time_scale 5
         else:
             model = SMD.from_teacher(models["flow_matching"], batch_size=args.batch_size)
         records: list = []

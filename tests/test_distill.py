@@ -230,3 +230,25 @@ def test_two_processes_under_accelerate(teacher_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 8
     assert genkit.load(out / "checkpoint", expect_family="smd").sample(4).shape == (4, 2)
+
+
+def test_meanflow_student_of_a_unet_teacher_has_smooth_time_features(teacher_dir):
+    """A UNet teacher's time features reach its time_scale (999, or 1000 on the ddpm path): the MeanFlow student
+    is a fresh UNet of its channels with time_scale 5 (MeanFlow.net_options), the teacher's copy only on request."""
+    from genkit.models import Diffusion
+    from genkit.nets import UNet
+
+    s = script()
+    small = {"block_out_channels": (8, 16), "norm_num_groups": 4, "layers_per_block": 1}
+    torch.manual_seed(0)
+    fm = FlowMatching(UNet(8, **small), sample_shape=(1, 8, 8))
+    ddpm = Diffusion(UNet(8, time_scale=1000, time_shift=-1, **small), path="ddpm", prediction="eps",
+                     sample_shape=(1, 8, 8))
+    flags = ["--teacher", str(teacher_dir), "--method", "meanflow", "--out", "o"]
+    for teacher in (fm, ddpm):
+        student = s["build_student"](s["parse_args"](flags), teacher)
+        base = student.net.base
+        assert (base.time_scale, base.time_shift) == (5.0, 0.0)
+        assert base.config()["block_out_channels"] == [8, 16]
+    copy = s["build_student"](s["parse_args"]([*flags, "--init", "teacher"]), fm)
+    assert copy.net.base.time_scale == 999.0

@@ -528,6 +528,16 @@ def test_meanflow_nets_get_smooth_time_features_and_fine_ones_warn():
         warnings.simplefilter("error")
         built = build_model(args, torch.Size([2]))
     assert built.net.base.max_freq == 5.0 and FlowMatching.net_options(args, "mlp") == {}
+    # a UNet's features reach time_scale (diffusers' projection of t * time_scale): 999 warns, 5 does not
+    from genkit.nets import UNet
+
+    with pytest.warns(UserWarning, match="time_scale=5"):
+        MeanFlow(UNet(8, block_out_channels=(8, 16), norm_num_groups=4), sample_shape=(1, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unet = MeanFlow(UNet(8, block_out_channels=(8, 16), norm_num_groups=4, **MeanFlow.net_options(args, "unet")),
+                        sample_shape=(1, 8, 8))
+    assert unet.net.base.time_scale == 5.0
 
 
 def test_the_model_tangent_is_the_nets_own_velocity_and_auto_takes_it_under_modulation(tmp_path):

@@ -104,8 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--modulation-warmup", type=int, metavar="N", help="linear warm-up steps of lambda (0)")
     g.add_argument("--norm-p", type=float, metavar="P", help="adaptive loss weight power (1)")
     g.add_argument("--init", metavar="HOW", help="meanflow, secant: auto (the teacher's weights when they are a "
-                                                 "velocity net; meanflow from an MLP teacher: scratch, an MLP with "
-                                                 "smooth time features, max_freq 5), teacher, or scratch (auto)")
+                                                 "velocity net; meanflow from an MLP or UNet teacher: scratch, with "
+                                                 "smooth time features), teacher, or scratch (auto)")
     g.add_argument("--velocity", metavar="V",
                    help="meanflow: the velocity of the JVP tangent and the target: 'teacher' (its marginal velocity "
                         "v(z_t, t)) or 'conditional' (e - x of the training pair, as MeanFlow from scratch; the "
@@ -190,15 +190,16 @@ def student_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_student(args: argparse.Namespace, teacher: Any) -> torch.nn.Module:
     """The student of ``--method`` for ``teacher``: from the teacher's weights where they fit (``--init auto``),
-    else a fresh network of the teacher's size (seeded by ``--seed``); a MeanFlow student of an MLP teacher is a
-    fresh MLP with smooth time features (``MeanFlow.net_options``: the teacher's reach frequency 1000, which fills
-    MeanFlow's ``d_t u`` target with noise) unless ``--init teacher``."""
+    else a fresh network of the teacher's size (seeded by ``--seed``); a MeanFlow student of an MLP or UNet teacher
+    is a fresh one with smooth time features (``MeanFlow.net_options``: the teacher's reach frequency 1000, which
+    fills MeanFlow's ``d_t u`` target with noise) unless ``--init teacher``."""
     kw = student_kwargs(args)
     if args.method == "smd":
         return SMD.from_teacher(teacher, **kw)
     cls = MeanFlow if args.method == "meanflow" else Secant
     config = teacher.net.config() if callable(getattr(getattr(teacher, "net", None), "config", None)) else {}
-    smooth = args.method == "meanflow" and config.get("name") == "mlp"  # MeanFlow wants smooth time features
+    kind = config.get("name")
+    smooth = args.method == "meanflow" and kind in ("mlp", "unet")  # MeanFlow wants smooth time features
     if args.init == "teacher" or (args.init != "scratch" and not smooth):
         try:
             return cls.from_teacher(teacher, **kw)
@@ -206,8 +207,8 @@ def build_student(args: argparse.Namespace, teacher: Any) -> torch.nn.Module:
             if args.init == "teacher":
                 raise
     torch.manual_seed(args.seed)  # a from-scratch network: the same on every rank and every re-run
-    # the teacher's architecture, fresh weights (from_teacher makes it two-time); MeanFlow's MLP with max_freq 5
-    net = build_net({**config, **MeanFlow.net_options(args, "mlp")} if smooth else teacher.net.config())
+    # the teacher's architecture, fresh weights (from_teacher makes it two-time); MeanFlow's with smooth features
+    net = build_net({**config, **MeanFlow.net_options(args, kind)} if smooth else teacher.net.config())
     return cls.from_teacher(teacher, net=net, **kw)
 
 
