@@ -99,10 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: see above)")
     p.add_argument("--n-data", type=int, default=20000, metavar="N", help="--data NAME: samples of a toy set")
     g = p.add_argument_group("meanflow (--method meanflow)")
-    g.add_argument("--frac-r-neq-t", type=float, metavar="F", help="share of training pairs with r != t (0.25)")
+    g.add_argument("--frac-r-neq-t", type=float, metavar="F", help="share of training pairs with r != t (0.75)")
     g.add_argument("--modulation", type=float, metavar="L", help="Modular MeanFlow's lambda in [0, 1] (0)")
     g.add_argument("--modulation-warmup", type=int, metavar="N", help="linear warm-up steps of lambda (0)")
-    g.add_argument("--norm-p", type=float, metavar="P", help="adaptive loss weight power (1)")
+    g.add_argument("--norm-p", type=float, metavar="P", help="adaptive loss weight power (0, plain L2)")
     g.add_argument("--init", metavar="HOW", help="meanflow, secant: auto (the teacher's weights when they are a "
                                                  "velocity net; meanflow from an MLP or UNet teacher: scratch, with "
                                                  "smooth time features), teacher, or scratch (auto)")
@@ -190,17 +190,19 @@ def student_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_student(args: argparse.Namespace, teacher: Any) -> torch.nn.Module:
     """The student of ``--method`` for ``teacher``: from the teacher's weights where they fit (``--init auto``),
-    else a fresh network of the teacher's size (seeded by ``--seed``); a MeanFlow student of an MLP or UNet teacher
-    is a fresh one with smooth time features (``MeanFlow.net_options``: the teacher's reach frequency 1000, which
-    fills MeanFlow's ``d_t u`` target with noise) unless ``--init teacher``."""
+    else a fresh network of the teacher's size (seeded by ``--seed``); where the student's family asks for network
+    options of its own (``net_options``: MeanFlow's smooth time features, since the teacher's reach frequency 1000
+    and fill MeanFlow's ``d_t u`` target with noise) the student is such a fresh network unless ``--init
+    teacher``."""
     kw = student_kwargs(args)
     if args.method == "smd":
         return SMD.from_teacher(teacher, **kw)
     cls = MeanFlow if args.method == "meanflow" else Secant
     config = teacher.net.config() if callable(getattr(getattr(teacher, "net", None), "config", None)) else {}
     kind = config.get("name")
-    smooth = args.method == "meanflow" and kind in ("mlp", "unet")  # MeanFlow wants smooth time features
-    if args.init == "teacher" or (args.init != "scratch" and not smooth):
+    # the family's own network options (MeanFlow's smooth time features); a net that needs them is built fresh
+    options = cls.net_options(args, kind) if kind in ("mlp", "unet") else {}
+    if args.init == "teacher" or (args.init != "scratch" and not options):
         try:
             return cls.from_teacher(teacher, **kw)
         except ConfigError:
@@ -208,7 +210,7 @@ def build_student(args: argparse.Namespace, teacher: Any) -> torch.nn.Module:
                 raise
     torch.manual_seed(args.seed)  # a from-scratch network: the same on every rank and every re-run
     # the teacher's architecture, fresh weights (from_teacher makes it two-time); MeanFlow's with smooth features
-    net = build_net({**config, **MeanFlow.net_options(args, kind)} if smooth else teacher.net.config())
+    net = build_net({**config, **options} if options else teacher.net.config())
     return cls.from_teacher(teacher, net=net, **kw)
 
 

@@ -143,10 +143,11 @@ guidance is in the weights); with ``sampler="ode"`` it guides the velocity view 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -158,8 +159,10 @@ from ..fields import Field, as_velocity, check_field
 from ..frozen import Frozen
 from ..guidance import Guidance
 from ..jvp import network_jvp, seeded_rng
+from ..nets.mlp import MLP
 from ..nets.two_time import build as build_net
 from ..nets.two_time import to_two_time
+from ..nets.unet import UNet
 from ..paths import Path, path_from_config
 from ..sampling import Sampler
 from ..solvers import Solution
@@ -170,7 +173,8 @@ from .teachers import check_teacher, refuse_one_step_teacher, teacher_range, tea
 
 __all__ = ["MeanFlow"]
 
-#: the highest time-feature frequency of an MLP that MeanFlow takes without a warning (genkit's default is 1000)
+#: the highest time-feature frequency of an MLP / UNet that MeanFlow takes without a warning (genkit's default is
+#: 1000 / 999)
 SMOOTH_FREQ = 50.0
 
 
@@ -284,18 +288,25 @@ class MeanFlow(FlowMapModel):
         self.register_buffer("loss_steps", torch.zeros((), dtype=torch.int64))
         self.frozen = Frozen()
         self.tangent = tangent
-        #: the tangent in effect: "model" or "target" (a teacher's velocity is always its own tangent)
-        self.tangent_mode = ("model" if self.modulation > 0 else "target") if tangent == "auto" else tangent
         if teacher is not None:
             self.set_teacher(teacher)
-        base = getattr(self.net, "base", None)
-        for attr, kind in (("max_freq", "MLP"), ("time_scale", "UNet")):  # their highest time frequency
-            freq = getattr(base, attr, None) if type(base).__name__ == kind else None
-            if freq is not None and freq > SMOOTH_FREQ:
-                warnings.warn(f"MeanFlow's target holds the network's time derivative d_t u, and this {kind}'s time "
-                              f"features reach frequency {freq:g} ({attr}), which fills it with high-frequency terms "
-                              f"(the one-step samples can get worse with training; see the MeanFlow docstring); "
-                              f"build the net with {kind}(..., {attr}=5)", stacklevel=2)
+        base = getattr(self.net, "base", None)  # the one-time net inside TwoTimeMLP / TwoTimeUNet
+        attr = "max_freq" if isinstance(base, MLP) else "time_scale" if isinstance(base, UNet) else None
+        freq = None if attr is None else getattr(base, attr)  # the highest frequency of its time features
+        if freq is not None and freq > SMOOTH_FREQ:
+            warnings.warn(f"MeanFlow's target holds the network's time derivative d_t u, and this "
+                          f"{type(base).__name__}'s time features reach frequency {freq:g} ({attr}), which fills it "
+                          f"with high-frequency terms (the one-step samples can get worse with training; see the "
+                          f"MeanFlow docstring); build the net with {type(base).__name__}(..., {attr}=5)",
+                          stacklevel=2)
+
+    @property
+    def tangent_mode(self) -> str:
+        """The tangent in effect, ``"model"`` or ``"target"`` (``"auto"``: model where ``modulation > 0``); with a
+        teacher its velocity is the tangent whatever this says."""
+        if self.tangent != "auto":
+            return self.tangent
+        return "model" if self.modulation > 0 else "target"
 
     @classmethod
     def net_options(cls, args: argparse.Namespace, kind: str) -> dict[str, Any]:
@@ -424,15 +435,22 @@ class MeanFlow(FlowMapModel):
                              "trained on samples of this model's sample_shape")
         return v.to(z.dtype)
 
-    def _own_velocity(self, z: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
-        """The JVP tangent of ``tangent="model"``: the network's own velocity ``net(z, t, t)`` (eval mode, no
-        gradient; with labels, the conditional one, which has learned any guidance folded into the target)."""
+    @contextlib.contextmanager
+    def _eval_net(self) -> Iterator[None]:
+        """The network in eval mode (no dropout) for the block, then back in its own mode."""
         was = self.net.training
         self.net.eval()
         try:
-            return self.net(z, t, t, **cond)
+            yield
         finally:
             self.net.train(was)
+
+    def _own_velocity(self, z: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
+        """The JVP tangent of ``tangent="model"``: the network's own velocity ``net(z, t, t)`` (eval mode; the
+        caller holds no_grad; with labels, the conditional one, which has learned any guidance folded into the
+        target)."""
+        with self._eval_net():
+            return self.net(z, t, t, **cond)
 
     def _guide(self, z: Tensor, t: Tensor, v: Tensor, labels: Tensor, y: Tensor) -> Tensor:
         """``omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null)`` where guided (inside the
@@ -441,13 +459,9 @@ class MeanFlow(FlowMapModel):
         if self.guidance_interval is not None:
             lo, hi = self.guidance_interval
             apply = apply & (t >= lo) & (t <= hi)
-        was = self.net.training
-        self.net.eval()
-        try:
+        with self._eval_net():
             both = self.net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]),
                             y=torch.cat([labels, torch.full_like(labels, self.null_label)]))
-        finally:
-            self.net.train(was)
         u_c, u_null = both.to(v.dtype).chunk(2)
         guided = self.omega * v + self.kappa * u_c + (1.0 - self.omega - self.kappa) * u_null
         return torch.where(apply.reshape((-1,) + (1,) * (v.ndim - 1)), guided, v)
